@@ -1,0 +1,416 @@
+//! Images: a content-addressed layer cache on disk plus image records in the local store.
+//!
+//! Layout under the images directory:
+//! - `layers/sha256/<hex>/` — one unpacked layer per blob digest, shared by every image that
+//!   uses it; it appears (by rename) only once fully unpacked and digest-verified.
+//! - `tmp/` — downloads and half-unpacked layers; cleared at open.
+//!
+//! Images are read-only: containers stack these directories as overlayfs lower layers.
+
+mod pull;
+mod unpack;
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::fsutil;
+use crate::store::{LocalStore, StoreError, Table};
+pub use pull::{PullConfig, RegistryAuth};
+pub use unpack::Compression;
+
+/// What an image's config says about how to run it (the OCI image config's `config`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `KEY=VALUE` pairs.
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// A named image: its layers (bottom first) and run config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    /// Manifest digest for pulled images; digest of the imported tarball otherwise.
+    pub digest: String,
+    /// Where it came from: the registry reference, or `import:<path>`.
+    pub source: String,
+    /// Layer blob digests (`sha256:<hex>`), bottom layer first.
+    pub layers: Vec<String>,
+    pub config: ImageConfig,
+    /// Unix seconds when this record was written.
+    pub created: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(
+        "image `{name}` is not on this host; pull it (`gantry-agent image pull REF`) or import it (`gantry-agent image import DIR --name NAME`)"
+    )]
+    NotFound { name: String },
+    #[error(
+        "`{reference}` is not a valid image reference ({reason}); use e.g. `registry.example.com/team/train:v1`"
+    )]
+    BadReference { reference: String, reason: String },
+    #[error(
+        "image name `{name}` is not valid: use letters, digits, `.`, `_`, `-`, `/` and an optional `:tag`"
+    )]
+    BadName { name: String },
+    #[error(
+        "cannot reach registry for `{reference}`: {message}; check the address, network and credentials"
+    )]
+    Registry { reference: String, message: String },
+    #[error(
+        "layer {digest} of `{reference}` does not match its digest (got {actual}); the registry served corrupt or tampered data — nothing was stored, fix the registry and pull again"
+    )]
+    DigestMismatch {
+        reference: String,
+        digest: String,
+        actual: String,
+    },
+    #[error(
+        "layer {digest} of `{reference}` has media type `{media_type}`, which Gantry cannot unpack; supported: OCI/Docker tar, tar+gzip and tar+zstd layers"
+    )]
+    UnsupportedMediaType {
+        reference: String,
+        digest: String,
+        media_type: String,
+    },
+    #[error("image config of `{reference}` is invalid: {source}")]
+    BadConfig {
+        reference: String,
+        source: serde_json::Error,
+    },
+    #[error("cannot import {path}: {reason}")]
+    Import { path: PathBuf, reason: String },
+    #[error("cannot unpack layer {path}: {source}")]
+    Unpack { path: PathBuf, source: io::Error },
+    #[error(
+        "layer tarball {blob} has an entry `{entry}` outside the layer (absolute path or `..`); refusing to unpack it"
+    )]
+    UnsafePath { blob: PathBuf, entry: PathBuf },
+    #[error("image store I/O error at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The image cache. Cheap to clone; all clones share the layer locks, so two pulls of the
+/// same layer at once download it once.
+#[derive(Clone)]
+pub struct ImageStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    table: Table,
+    pull: PullConfig,
+    /// One async lock per layer digest being fetched (single flight).
+    layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Layer blobs fetched from registries since open (tests and metrics read it).
+    downloads: AtomicU64,
+}
+
+impl ImageStore {
+    pub fn open(root: &Path, store: &LocalStore, pull: PullConfig) -> Result<Self, ImageError> {
+        let tmp = root.join("tmp");
+        fsutil::remove_dir_all_if_exists(&tmp).map_err(io_err(&tmp))?;
+        for dir in [root.join("layers/sha256"), tmp] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root: root.to_owned(),
+                table: store.table("images")?,
+                pull,
+                layer_locks: Mutex::default(),
+                downloads: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Looks an image up by the name it was imported or pulled under. Short names also
+    /// match with `:latest`, and the normalized registry form (`docker.io/library/…`).
+    pub fn get(&self, name: &str) -> Result<ImageRecord, ImageError> {
+        let mut candidates = vec![name.to_owned(), with_default_tag(name)];
+        if let Ok(r) = name.parse::<oci_client::Reference>() {
+            candidates.push(r.whole());
+        }
+        for key in candidates {
+            if let Some(rec) = self.inner.table.get::<ImageRecord>(&key)? {
+                return Ok(rec);
+            }
+        }
+        Err(ImageError::NotFound {
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<ImageRecord>, ImageError> {
+        Ok(self
+            .inner
+            .table
+            .list()?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Unpacked layer directories of `image`, bottom layer first.
+    pub fn layer_dirs(&self, image: &ImageRecord) -> Result<Vec<PathBuf>, ImageError> {
+        image
+            .layers
+            .iter()
+            .map(|d| {
+                let dir = self.layer_dir(d)?;
+                if dir.is_dir() {
+                    Ok(dir)
+                } else {
+                    Err(ImageError::Import {
+                        path: dir,
+                        reason: format!("layer {d} of image `{}` is missing from the cache; pull or import the image again", image.name),
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// Layer blobs fetched from registries since this store was opened.
+    pub fn downloads(&self) -> u64 {
+        self.inner.downloads.load(Ordering::Relaxed)
+    }
+
+    fn layer_dir(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| ImageError::BadReference {
+                reference: digest.to_owned(),
+                reason: "only sha256 layer digests are supported".into(),
+            })?;
+        Ok(self.inner.root.join("layers/sha256").join(hex))
+    }
+
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = gantry_shared::ContainerId::generate();
+        self.inner.root.join("tmp").join(format!("{what}-{n}"))
+    }
+
+    fn layer_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .layer_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        locks.entry(digest.to_owned()).or_default().clone()
+    }
+
+    /// Unpacks an already-verified blob into the cache under `digest` (idempotent).
+    async fn install_layer(
+        &self,
+        digest: &str,
+        blob: PathBuf,
+        compression: Compression,
+    ) -> Result<(), ImageError> {
+        let dest = self.layer_dir(digest)?;
+        if dest.is_dir() {
+            return Ok(());
+        }
+        let staging = self.tmp_path("layer");
+        let work = staging.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
+            std::fs::create_dir_all(&work).map_err(io_err(&work))?;
+            unpack::unpack_layer(&blob, compression, &work)?;
+            std::fs::rename(&work, &dest).map_err(io_err(&dest))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ImageError::Io {
+                path: staging.clone(),
+                source: io::Error::other(e),
+            })
+        });
+        if result.is_err() {
+            let _ = fsutil::remove_dir_all_if_exists(&staging);
+        }
+        result
+    }
+
+    fn put_record(&self, rec: &ImageRecord) -> Result<(), ImageError> {
+        self.inner.table.put(&rec.name, rec)?;
+        Ok(())
+    }
+
+    /// Imports a root filesystem (a directory, or a tarball optionally gzip/zstd
+    /// compressed) as a one-layer image called `name` with run defaults `config`
+    /// (PATH is added when `config.env` lacks it).
+    pub async fn import(
+        &self,
+        source: &Path,
+        name: &str,
+        config: ImageConfig,
+    ) -> Result<ImageRecord, ImageError> {
+        let name = validate_name(name)?;
+        let meta = std::fs::metadata(source).map_err(|e| ImageError::Import {
+            path: source.to_owned(),
+            reason: format!("{e}; pass an existing directory or tarball"),
+        })?;
+        let (blob, compression, owned_blob) = if meta.is_dir() {
+            let blob = self.tmp_path("import.tar");
+            let (src, dst) = (source.to_owned(), blob.clone());
+            tokio::task::spawn_blocking(move || tar_directory(&src, &dst))
+                .await
+                .map_err(|e| ImageError::Io {
+                    path: blob.clone(),
+                    source: io::Error::other(e),
+                })?
+                .map_err(|e| ImageError::Import {
+                    path: source.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            (blob, Compression::None, true)
+        } else {
+            let c = Compression::sniff(source).map_err(io_err(source))?;
+            (source.to_owned(), c, false)
+        };
+        let result = self
+            .import_blob(&blob, compression, &name, source, config)
+            .await;
+        if owned_blob {
+            let _ = std::fs::remove_file(&blob);
+        }
+        result
+    }
+
+    async fn import_blob(
+        &self,
+        blob: &Path,
+        compression: Compression,
+        name: &str,
+        source: &Path,
+        mut config: ImageConfig,
+    ) -> Result<ImageRecord, ImageError> {
+        let digest = {
+            let blob = blob.to_owned();
+            tokio::task::spawn_blocking(move || sha256_file(&blob))
+                .await
+                .map_err(|e| ImageError::Io {
+                    path: source.to_owned(),
+                    source: io::Error::other(e),
+                })?
+                .map_err(io_err(source))?
+        };
+        let lock = self.layer_lock(&digest);
+        let _guard = lock.lock().await;
+        self.install_layer(&digest, blob.to_owned(), compression)
+            .await?;
+        let rec = ImageRecord {
+            name: name.to_owned(),
+            digest: digest.clone(),
+            source: format!("import:{}", source.display()),
+            layers: vec![digest],
+            config: {
+                if !config.env.iter().any(|e| e.starts_with("PATH=")) {
+                    config
+                        .env
+                        .insert(0, format!("PATH={}", crate::runtime::DEFAULT_PATH));
+                }
+                config
+            },
+            created: unix_now(),
+        };
+        self.put_record(&rec)?;
+        Ok(rec)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `name` plus `:latest` when it has neither a tag nor a digest.
+fn with_default_tag(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || last.contains('@') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+fn validate_name(name: &str) -> Result<String, ImageError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with(['/', '.', '-', ':'])
+        && !name.contains("..")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c));
+    if ok {
+        Ok(with_default_tag(name))
+    } else {
+        Err(ImageError::BadName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h)?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Writes `dir` as an uncompressed tarball (owners, modes and mtimes kept).
+fn tar_directory(dir: &Path, out: &Path) -> io::Result<()> {
+    let file = std::fs::File::create(out)?;
+    let mut b = tar::Builder::new(io::BufWriter::new(file));
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Complete);
+    b.append_dir_all(".", dir)?;
+    b.into_inner()?.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_tag() {
+        assert_eq!(with_default_tag("busybox"), "busybox:latest");
+        assert_eq!(with_default_tag("busybox:1"), "busybox:1");
+        assert_eq!(
+            with_default_tag("127.0.0.1:5000/x"),
+            "127.0.0.1:5000/x:latest"
+        );
+        assert_eq!(with_default_tag("r/x@sha256:ab"), "r/x@sha256:ab");
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("team/train:v1").is_ok());
+        for bad in ["", "../x", "/abs", "a b", "x;rm"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

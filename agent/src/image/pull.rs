@@ -1,0 +1,256 @@
+//! Pulling images from OCI/Docker registries with `oci-client`: manifest lists resolved to
+//! linux/amd64, layers downloaded once per digest (single flight), digests verified by the
+//! client before anything is unpacked into the cache.
+
+use std::path::PathBuf;
+
+use futures_util::{StreamExt, TryStreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
+use oci_client::errors::{DigestError, OciDistributionError};
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+
+use super::{Compression, ImageConfig, ImageError, ImageRecord, ImageStore, unix_now};
+
+pub use oci_client::secrets::RegistryAuth;
+
+/// How the agent talks to registries.
+#[derive(Debug, Clone)]
+pub struct PullConfig {
+    /// Registries (`host:port`) spoken to over plain HTTP. Loopback registries
+    /// (`localhost`, `127.x.x.x`, `[::1]`) always are, as Docker does.
+    pub insecure_registries: Vec<String>,
+    /// Layers downloaded at once per pull.
+    pub max_concurrent_downloads: usize,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        Self {
+            insecure_registries: Vec::new(),
+            max_concurrent_downloads: 3,
+        }
+    }
+}
+
+fn is_loopback(registry: &str) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(registry);
+    host == "localhost" || host.starts_with("127.") || host == "[::1]"
+}
+
+/// The parts of an OCI image config file Gantry uses.
+#[derive(Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    config: Option<RunConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RunConfig {
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    env: Option<Vec<String>>,
+    working_dir: Option<String>,
+    user: Option<String>,
+}
+
+impl From<Option<RunConfig>> for ImageConfig {
+    fn from(c: Option<RunConfig>) -> Self {
+        let Some(c) = c else {
+            return ImageConfig::default();
+        };
+        ImageConfig {
+            entrypoint: c.entrypoint.unwrap_or_default(),
+            cmd: c.cmd.unwrap_or_default(),
+            env: c.env.unwrap_or_default(),
+            workdir: c.working_dir.filter(|w| !w.is_empty()),
+            user: c.user.filter(|u| !u.is_empty()),
+        }
+    }
+}
+
+impl ImageStore {
+    fn client(&self, registry: &str) -> Client {
+        let cfg = &self.inner.pull;
+        let mut insecure = cfg.insecure_registries.clone();
+        if is_loopback(registry) {
+            insecure.push(registry.to_owned());
+        }
+        Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure),
+            platform_resolver: Some(Box::new(linux_amd64_resolver)),
+            max_concurrent_download: cfg.max_concurrent_downloads.max(1),
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            ..ClientConfig::default()
+        })
+    }
+
+    /// Pulls `reference` and records it under its full name (`registry/repo:tag`).
+    pub async fn pull(
+        &self,
+        reference: &str,
+        auth: &RegistryAuth,
+    ) -> Result<ImageRecord, ImageError> {
+        let image: Reference =
+            reference
+                .parse()
+                .map_err(|e: oci_client::ParseError| ImageError::BadReference {
+                    reference: reference.to_owned(),
+                    reason: e.to_string(),
+                })?;
+        let client = self.client(image.resolve_registry());
+        let registry_err = |e: OciDistributionError| registry_error(reference, e);
+        let (manifest, digest, config) = client
+            .pull_manifest_and_config(&image, auth)
+            .await
+            .map_err(registry_err)?;
+        let config: ConfigFile =
+            serde_json::from_str(&config).map_err(|source| ImageError::BadConfig {
+                reference: reference.to_owned(),
+                source,
+            })?;
+        // Refuse unsupported layers before downloading anything.
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| {
+                Compression::from_media_type(&l.media_type)
+                    .map(|c| (l.clone(), c))
+                    .ok_or_else(|| ImageError::UnsupportedMediaType {
+                        reference: reference.to_owned(),
+                        digest: l.digest.clone(),
+                        media_type: l.media_type.clone(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        futures_util::stream::iter(layers.iter().map(|(layer, compression)| {
+            self.fetch_layer(&client, &image, reference, layer, *compression)
+        }))
+        .buffer_unordered(self.inner.pull.max_concurrent_downloads.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+        let rec = ImageRecord {
+            name: image.whole(),
+            digest,
+            source: reference.to_owned(),
+            layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            config: config.config.into(),
+            created: unix_now(),
+        };
+        self.put_record(&rec)?;
+        Ok(rec)
+    }
+
+    async fn fetch_layer(
+        &self,
+        client: &Client,
+        image: &Reference,
+        reference: &str,
+        layer: &oci_client::manifest::OciDescriptor,
+        compression: Compression,
+    ) -> Result<(), ImageError> {
+        let dest = self.layer_dir(&layer.digest)?;
+        let lock = self.layer_lock(&layer.digest);
+        let _guard = lock.lock().await;
+        if dest.is_dir() {
+            return Ok(());
+        }
+        let blob: PathBuf = self.tmp_path("blob");
+        let result = async {
+            let file = tokio::fs::File::create(&blob)
+                .await
+                .map_err(|source| ImageError::Io {
+                    path: blob.clone(),
+                    source,
+                })?;
+            let mut out = tokio::io::BufWriter::new(file);
+            self.inner
+                .downloads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            client
+                .pull_blob(image, layer, &mut out)
+                .await
+                .map_err(|e| match e {
+                    OciDistributionError::DigestError(DigestError::VerificationError {
+                        actual,
+                        ..
+                    }) => ImageError::DigestMismatch {
+                        reference: reference.to_owned(),
+                        digest: layer.digest.clone(),
+                        actual,
+                    },
+                    e => registry_error(reference, e),
+                })?;
+            self.install_layer(&layer.digest, blob.clone(), compression)
+                .await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&blob).await;
+        result
+    }
+}
+
+fn registry_error(reference: &str, e: OciDistributionError) -> ImageError {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFound {
+            name: reference.to_owned(),
+        },
+        OciDistributionError::RegistryError { ref envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                matches!(
+                    e.code,
+                    oci_client::errors::OciErrorCode::ManifestUnknown
+                        | oci_client::errors::OciErrorCode::NameUnknown
+                )
+            }) =>
+        {
+            ImageError::NotFound {
+                name: reference.to_owned(),
+            }
+        }
+        e => {
+            // reqwest hides the root cause (connection refused, DNS) in its source chain.
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message = format!("{message}: {s}");
+                source = s.source();
+            }
+            ImageError::Registry {
+                reference: reference.to_owned(),
+                message,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries_are_plain_http() {
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("localhost:5000"));
+        assert!(is_loopback("localhost"));
+        assert!(!is_loopback("registry.example.com:5000"));
+        assert!(!is_loopback("10.0.0.1:5000"));
+    }
+
+    #[test]
+    fn image_config_is_extracted() {
+        let json = r#"{"architecture":"amd64","config":{"Env":["PATH=/bin","A=b"],"Cmd":["sh"],"WorkingDir":"/w","User":"1000:1000"}}"#;
+        let c: ConfigFile = serde_json::from_str(json).expect("parse");
+        let c: ImageConfig = c.config.into();
+        assert_eq!(c.cmd, vec!["sh"]);
+        assert_eq!(c.env, vec!["PATH=/bin", "A=b"]);
+        assert_eq!(c.workdir.as_deref(), Some("/w"));
+        assert_eq!(c.user.as_deref(), Some("1000:1000"));
+        assert!(c.entrypoint.is_empty());
+    }
+}

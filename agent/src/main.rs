@@ -1,0 +1,430 @@
+//! `gantry-agent`: parses flags, sets up logging and calls into the library. Shim mode is
+//! dispatched before any async runtime exists, because the shim forks (via libcontainer)
+//! and must stay single-threaded.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gantry_agent::image::{ImageConfig, ImageStore, PullConfig, RegistryAuth};
+use gantry_agent::runtime::{
+    self, ContainerRequest, ContainerState, NetworkMode, Runtime, RuntimeConfig, RuntimeError,
+    Stream,
+};
+use gantry_agent::store::LocalStore;
+use gantry_shared::{ContainerId, CpuMillis, parse_memory};
+
+#[derive(Parser)]
+#[command(
+    name = "gantry-agent",
+    version,
+    about = "Gantry's per-host agent: runs containers on this GPU host"
+)]
+struct Cli {
+    /// Where the agent keeps images, containers and its database.
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_STATE_DIR",
+        default_value = "/var/lib/gantry/agent"
+    )]
+    state_dir: PathBuf,
+    /// Log filter (tracing syntax), e.g. `info` or `gantry_agent=debug`.
+    #[arg(long, global = true, env = "GANTRY_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one container in the foreground, like `podman run`, and exit with its code.
+    Run(RunArgs),
+    /// Manage images on this host.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// List containers on this host.
+    Ps,
+    /// Print a container's output.
+    Logs {
+        id: ContainerId,
+        /// Keep printing until the container exits.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Stop a container: SIGTERM, then SIGKILL after the grace period.
+    Stop {
+        id: ContainerId,
+        #[arg(long, short = 't', default_value = "10s", value_parser = humantime::parse_duration)]
+        time: Duration,
+    },
+    /// Wait for a container to exit and exit with its code.
+    Wait { id: ContainerId },
+    /// Remove an exited container and its logs.
+    Rm { id: ContainerId },
+    /// (internal) Supervise one container; started by the agent.
+    #[command(hide = true)]
+    Shim {
+        /// Tear down after a lost shim instead of starting a container.
+        #[arg(long)]
+        cleanup: bool,
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import a root filesystem (directory or tarball, optionally gzip/zstd) as an image.
+    Import {
+        source: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Default command of the image (`--cmd sh --cmd -c …`), like Dockerfile CMD.
+        #[arg(long, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+        /// Default environment, `KEY=VALUE`, repeatable.
+        #[arg(long, short, value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Default working directory.
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Default user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Pull an image from an OCI/Docker registry.
+    Pull {
+        reference: String,
+        /// Registry user (basic auth, or exchanged for a bearer token when the registry asks).
+        #[arg(long, env = "GANTRY_REGISTRY_USER")]
+        username: Option<String>,
+        /// Registry password.
+        #[arg(long, env = "GANTRY_REGISTRY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// A registry (`host:port`) to reach over plain HTTP; loopback registries always are.
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+    },
+    /// List images on this host.
+    List,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long)]
+    image: String,
+    /// Container id (default: generated).
+    #[arg(long)]
+    name: Option<ContainerId>,
+    /// Memory limit, e.g. `256M`, `2G`.
+    #[arg(long, default_value = "512M", value_parser = parse_memory)]
+    memory: u64,
+    /// CPU limit in cores (`0.5`) or millicores (`500m`).
+    #[arg(long, default_value = "1")]
+    cpus: CpuMillis,
+    /// Maximum number of processes and threads.
+    #[arg(long, default_value_t = gantry_shared::Resources::DEFAULT_PIDS)]
+    pids: u64,
+    /// `KEY=VALUE`, repeatable.
+    #[arg(long, short, value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    #[arg(long, short)]
+    workdir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid` inside the image.
+    #[arg(long, short)]
+    user: Option<String>,
+    /// Replace the image's entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Host GPU indices to give the container, e.g. `0,1`.
+    #[arg(long, value_delimiter = ',')]
+    gpus: Vec<u32>,
+    /// `host` (default) or `isolated` (own network namespace, loopback only).
+    #[arg(long, default_value = "host", value_parser = parse_network)]
+    network: NetworkMode,
+    /// Size of /dev/shm.
+    #[arg(long, default_value = "64M", value_parser = parse_memory)]
+    shm_size: u64,
+    /// Stop the container after this long, e.g. `30s`, `2h`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Grace between SIGTERM and SIGKILL on timeout or Ctrl-C.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    stop_grace: Duration,
+    /// Start it and print its id instead of waiting (it is kept until `rm`).
+    #[arg(long, short)]
+    detach: bool,
+    /// Command and arguments (replace the image's cmd).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn parse_network(s: &str) -> Result<NetworkMode, String> {
+    match s {
+        "host" => Ok(NetworkMode::Host),
+        "isolated" | "none" => Ok(NetworkMode::Isolated),
+        _ => Err(format!(
+            "`{s}` is not a network mode; use `host` or `isolated`"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Shim { cleanup, dir } = &cli.command {
+        init_shim_tracing(dir);
+        let code = if *cleanup {
+            runtime::shim::cleanup_lost(dir)
+        } else {
+            runtime::shim::main(dir)
+        };
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    init_tracing(&cli.log);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gantry-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("gantry-agent: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+/// The shim logs to `shim.log` through its own descriptor, never through fd 2: processes
+/// libcontainer forks from the shim inherit fd 2 replaced by the container's stderr, and
+/// their messages must not land in the user's output.
+fn init_shim_tracing(dir: &std::path::Path) {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("shim.log"))
+    else {
+        return;
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .init();
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+struct Host {
+    images: ImageStore,
+    runtime: Runtime,
+}
+
+async fn open_host(state_dir: &std::path::Path, pull: PullConfig) -> anyhow::Result<Host> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let store = LocalStore::open(&state_dir.join("db"))?;
+    let images = ImageStore::open(&state_dir.join("images"), &store, pull)?;
+    let exe = std::env::current_exe().context("locating the gantry-agent binary for shims")?;
+    let runtime = Runtime::open(RuntimeConfig::new(state_dir, exe), images.clone(), &store).await?;
+    Ok(Host { images, runtime })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let pull = match &cli.command {
+        Command::Image(ImageCommand::Pull {
+            insecure_registries,
+            ..
+        }) => PullConfig {
+            insecure_registries: insecure_registries.clone(),
+            ..PullConfig::default()
+        },
+        _ => PullConfig::default(),
+    };
+    let host = open_host(&cli.state_dir, pull).await?;
+    match cli.command {
+        Command::Run(args) => run_container(&host, args).await,
+        Command::Image(ImageCommand::Import {
+            source,
+            name,
+            cmd,
+            env,
+            workdir,
+            user,
+        }) => {
+            let mut config = ImageConfig {
+                cmd,
+                workdir,
+                user,
+                ..ImageConfig::default()
+            };
+            config.env = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let rec = host.images.import(&source, &name, config).await?;
+            println!("{} {}", rec.name, rec.digest);
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Pull {
+            reference,
+            username,
+            password,
+            ..
+        }) => {
+            let auth = match (username, password) {
+                (Some(u), Some(p)) => RegistryAuth::Basic(u, p),
+                (None, None) => RegistryAuth::Anonymous,
+                _ => anyhow::bail!(
+                    "give both --username and --password (or neither, for anonymous access)"
+                ),
+            };
+            let rec = host.images.pull(&reference, &auth).await?;
+            println!("{} {}", rec.name, rec.digest);
+            Ok(0)
+        }
+        Command::Image(ImageCommand::List) => {
+            println!("{:<50} {:<20} LAYERS", "NAME", "DIGEST");
+            for i in host.images.list()? {
+                println!(
+                    "{:<50} {:<20} {}",
+                    i.name,
+                    &i.digest[..i.digest.len().min(19)],
+                    i.layers.len()
+                );
+            }
+            Ok(0)
+        }
+        Command::Ps => {
+            println!("{:<24} {:<30} {:<10} EXIT", "ID", "IMAGE", "STATE");
+            for c in host.runtime.list() {
+                let (state, exit) = match &c.state {
+                    ContainerState::Running { .. } => ("running".to_owned(), String::new()),
+                    ContainerState::Exited(e) => (
+                        format!("{:?}", e.reason).to_lowercase(),
+                        e.code().to_string(),
+                    ),
+                };
+                println!("{:<24} {:<30} {:<10} {}", c.id, c.image, state, exit);
+            }
+            Ok(0)
+        }
+        Command::Logs { id, follow } => {
+            if follow {
+                follow_both(&host.runtime, &id).await?;
+            } else {
+                use std::io::Write;
+                std::io::stdout().write_all(&host.runtime.logs(&id, Stream::Stdout)?)?;
+                std::io::stderr().write_all(&host.runtime.logs(&id, Stream::Stderr)?)?;
+            }
+            Ok(0)
+        }
+        Command::Stop { id, time } => {
+            let exit = host.runtime.stop(&id, time).await?;
+            println!("{id} {:?} {}", exit.reason, exit.code());
+            Ok(0)
+        }
+        Command::Wait { id } => {
+            let exit = host.runtime.wait(&id).await?;
+            println!("{}", serde_json::to_string(&exit)?);
+            Ok(exit.code())
+        }
+        Command::Rm { id } => {
+            host.runtime.remove(&id)?;
+            Ok(0)
+        }
+        Command::Shim { .. } => unreachable!("dispatched before the async runtime"),
+    }
+}
+
+async fn follow_both(rt: &Runtime, id: &ContainerId) -> Result<(), RuntimeError> {
+    use std::io::Write;
+    let out = rt.follow(id, Stream::Stdout, |b| {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(b);
+        let _ = o.flush();
+    });
+    let err = rt.follow(id, Stream::Stderr, |b| {
+        let _ = std::io::stderr().write_all(b);
+    });
+    let (a, b) = tokio::join!(out, err);
+    a.and(b)
+}
+
+async fn run_container(host: &Host, a: RunArgs) -> anyhow::Result<i32> {
+    let mut req = ContainerRequest::new(a.image);
+    req.id = a.name;
+    req.resources = gantry_shared::Resources {
+        cpu: a.cpus,
+        memory_bytes: a.memory,
+        pids: a.pids,
+    };
+    req.env = a.env;
+    req.workdir = a.workdir;
+    req.user = a.user;
+    req.entrypoint = a.entrypoint.map(|e| vec![e]);
+    req.command = (!a.command.is_empty()).then_some(a.command);
+    req.gpus = a.gpus;
+    req.network = a.network;
+    req.shm_bytes = a.shm_size;
+    req.timeout = a.timeout;
+    req.stop_grace = a.stop_grace;
+    let status = match host.runtime.start(req).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gantry-agent: {e}");
+            return Ok(125);
+        }
+    };
+    let id = status.id;
+    if a.detach {
+        println!("{id}");
+        return Ok(0);
+    }
+    let rt = host.runtime.clone();
+    let stopper = {
+        let (rt, id, grace) = (rt.clone(), id.clone(), a.stop_grace);
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            eprintln!("gantry-agent: stopping {id} (grace {grace:?}; Ctrl-C again to kill)");
+            let second = tokio::spawn({
+                let (rt, id) = (rt.clone(), id.clone());
+                async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    let _ = rt.stop(&id, Duration::ZERO).await;
+                }
+            });
+            let _ = rt.stop(&id, grace).await;
+            second.abort();
+        })
+    };
+    follow_both(&rt, &id).await?;
+    let exit = rt.wait(&id).await?;
+    stopper.abort();
+    rt.remove(&id)?;
+    if exit.oom_killed {
+        eprintln!(
+            "gantry-agent: container {id} was killed by the OOM killer at its memory limit; raise --memory"
+        );
+    }
+    Ok(exit.code())
+}

@@ -1,0 +1,645 @@
+//! The container runtime API the rest of the agent calls: start, stop, wait, status, list,
+//! logs and remove, plus re-adoption of running containers after an agent restart.
+//!
+//! Each container is run by its own shim process (`shim.rs`), which outlives the agent.
+//! The agent side is async and never calls libcontainer: it prepares the container
+//! directory (OCI spec, shim config), starts the shim and waits for its ready line, then
+//! watches the shim through a pidfd and reads the exit record the shim leaves behind.
+//! Records of containers live in the local store (sled); exit status lives in the
+//! container directory because the shim writes it.
+
+pub mod cgroup;
+pub mod logs;
+pub mod shim;
+pub mod spec;
+mod types;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gantry_shared::ContainerId;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+pub use logs::Stream;
+pub use shim::files;
+pub use spec::DEFAULT_PATH;
+pub use types::*;
+
+use crate::fsutil;
+use crate::gpu::{self, GpuError, HostPaths};
+use crate::image::{ImageError, ImageStore};
+use crate::store::{LocalStore, StoreError, Table};
+
+/// Settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Holds `containers/<id>/` and libcontainer's state (`libcontainer/`).
+    pub state_dir: PathBuf,
+    /// The binary run in shim mode (the agent binary itself).
+    pub shim_binary: PathBuf,
+    /// Per-stream log size at which a container's log rotates.
+    pub log_cap_bytes: u64,
+    /// How long to wait for a shim to report the container started.
+    pub start_timeout: Duration,
+    /// Where to find NVIDIA devices and driver files.
+    pub gpu_host: HostPaths,
+}
+
+impl RuntimeConfig {
+    pub fn new(state_dir: impl Into<PathBuf>, shim_binary: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            shim_binary: shim_binary.into(),
+            log_cap_bytes: 64 << 20,
+            start_timeout: Duration::from_secs(60),
+            gpu_host: HostPaths::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("container `{id}` already exists; pick another id or remove it first")]
+    Exists { id: ContainerId },
+    #[error("no container `{id}` on this host")]
+    NotFound { id: ContainerId },
+    #[error("container `{id}` is still running; stop it before removing it")]
+    StillRunning { id: ContainerId },
+    #[error("container `{id}` failed to start: {message}")]
+    StartFailed {
+        id: ContainerId,
+        message: String,
+        user_error: bool,
+    },
+    #[error("runtime I/O error at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The persistent record of a container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ContainerRecord {
+    id: ContainerId,
+    image: String,
+    image_digest: String,
+    gpus: Vec<u32>,
+    /// Set once the shim reported; `None` while starting.
+    started_at_ms: Option<u64>,
+    exit: Option<ExitRecord>,
+}
+
+impl ContainerRecord {
+    fn status(&self) -> ContainerStatus {
+        let state = match &self.exit {
+            Some(e) => ContainerState::Exited(e.clone()),
+            None => ContainerState::Running {
+                started_at_ms: self.started_at_ms.unwrap_or(0),
+            },
+        };
+        ContainerStatus {
+            id: self.id.clone(),
+            image: self.image.clone(),
+            image_digest: self.image_digest.clone(),
+            gpus: self.gpus.clone(),
+            state,
+        }
+    }
+}
+
+/// A live container the runtime tracks: its record and a channel that fires on exit.
+struct Tracked {
+    record: Mutex<ContainerRecord>,
+    exit: watch::Sender<Option<ExitRecord>>,
+}
+
+/// The runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RuntimeConfig,
+    images: ImageStore,
+    table: Table,
+    host: spec::HostFacts,
+    containers: Mutex<HashMap<ContainerId, Arc<Tracked>>>,
+}
+
+impl Runtime {
+    /// Opens the runtime and re-adopts every container a previous agent left: running
+    /// ones are watched again, ones that exited meanwhile get their exit collected, and
+    /// ones whose shim vanished are torn down and recorded as `shim_lost`.
+    pub async fn open(
+        cfg: RuntimeConfig,
+        images: ImageStore,
+        store: &LocalStore,
+    ) -> Result<Self, RuntimeError> {
+        for d in [
+            cfg.state_dir.join("containers"),
+            cfg.state_dir.join("libcontainer"),
+        ] {
+            std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        let nofile_hard =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(_, hard)| hard)
+                .unwrap_or(1024);
+        let resolv_files = ["/etc/resolv.conf", "/etc/hosts"]
+            .into_iter()
+            .filter(|f| Path::new(f).is_file())
+            .collect();
+        let rt = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                images,
+                table: store.table("containers")?,
+                host: spec::HostFacts {
+                    nofile_hard,
+                    resolv_files,
+                },
+                containers: Mutex::default(),
+            }),
+        };
+        rt.readopt().await?;
+        Ok(rt)
+    }
+
+    fn container_dir(&self, id: &ContainerId) -> PathBuf {
+        self.inner
+            .cfg
+            .state_dir
+            .join("containers")
+            .join(id.as_str())
+    }
+
+    fn tracked(&self, id: &ContainerId) -> Result<Arc<Tracked>, RuntimeError> {
+        self.lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RuntimeError::NotFound { id: id.clone() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ContainerId, Arc<Tracked>>> {
+        self.inner
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a container and returns once its process runs (or failed to start, in which
+    /// case nothing of it is left on the host).
+    pub async fn start(&self, req: ContainerRequest) -> Result<ContainerStatus, RuntimeError> {
+        let id = req.id.clone().unwrap_or_else(ContainerId::generate);
+        let image = self.inner.images.get(&req.image)?;
+        let layers = self.inner.images.layer_dirs(&image)?;
+        let gpus = gpu::injection(&req.gpus, &self.inner.cfg.gpu_host)?;
+        let dir = self.container_dir(&id);
+        let built = spec::build(&spec::SpecInput {
+            id: &id,
+            rootfs: &dir.join(files::ROOTFS),
+            image_name: &image.name,
+            image: &image.config,
+            request: &req,
+            gpus: &gpus,
+            host: &self.inner.host,
+        })?;
+        if !built.stripped_env.is_empty() {
+            tracing::warn!(container = %id, vars = ?built.stripped_env, "dropped user-set GPU visibility variables; Gantry sets them from the assigned GPUs");
+        }
+        let record = ContainerRecord {
+            id: id.clone(),
+            image: image.name.clone(),
+            image_digest: image.digest.clone(),
+            gpus: req.gpus.clone(),
+            started_at_ms: None,
+            exit: None,
+        };
+        let tracked = {
+            let mut map = self.lock();
+            if map.contains_key(&id) || dir.exists() {
+                return Err(RuntimeError::Exists { id });
+            }
+            let t = Arc::new(Tracked {
+                record: Mutex::new(record.clone()),
+                exit: watch::channel(None).0,
+            });
+            map.insert(id.clone(), t.clone());
+            t
+        };
+        let shim_cfg = ShimConfig {
+            id: id.clone(),
+            layers,
+            libcontainer_root: self.inner.cfg.state_dir.join("libcontainer"),
+            log_cap_bytes: self.inner.cfg.log_cap_bytes,
+            timeout: req.timeout,
+            stop_grace: req.stop_grace,
+            user: req.user.clone().or_else(|| image.config.user.clone()),
+        };
+        let result = self.launch(&dir, &record, &built.spec, &shim_cfg).await;
+        match result {
+            Ok(ready) => {
+                let mut rec = lock_record(&tracked);
+                rec.started_at_ms = Some(ready.started_at_ms);
+                self.inner.table.put(id.as_str(), &*rec)?;
+                let status = rec.status();
+                drop(rec);
+                self.watch(tracked, ready.pidfd, dir);
+                Ok(status)
+            }
+            Err(e) => {
+                self.lock().remove(&id);
+                let _ = self.inner.table.remove(id.as_str());
+                let _ = fsutil::remove_dir_all_if_exists(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch(
+        &self,
+        dir: &Path,
+        record: &ContainerRecord,
+        spec: &oci_spec::runtime::Spec,
+        shim_cfg: &ShimConfig,
+    ) -> Result<Launched, RuntimeError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        fsutil::write_json_atomic(&dir.join(files::SPEC), spec).map_err(io_err(dir))?;
+        fsutil::write_json_atomic(&dir.join(files::SHIM_CONFIG), shim_cfg).map_err(io_err(dir))?;
+        self.inner.table.put(record.id.as_str(), record)?;
+        let (ready_r, ready_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io_err(dir)(e.into()))?;
+        let shim_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("shim.log"))
+            .map_err(io_err(dir))?;
+        let mut cmd = tokio::process::Command::new(&self.inner.cfg.shim_binary);
+        cmd.arg("shim")
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(shim_log.try_clone().map_err(io_err(dir))?)
+            .stderr(shim_log);
+        let raw_w = ready_w.as_raw_fd();
+        // SAFETY: between fork and exec we only call async-signal-safe dup2.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw_w, shim::READY_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(io_err(&self.inner.cfg.shim_binary))?;
+        drop(ready_w);
+        // The first shim process exits right after forking the real shim.
+        let _ = child.wait().await;
+        let timeout = self.inner.cfg.start_timeout;
+        let line = tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || read_line(ready_r)),
+        )
+        .await
+        .map_err(|_| RuntimeError::StartFailed {
+            id: record.id.clone(),
+            message: format!(
+                "shim did not report within {timeout:?}; see {}/shim.log",
+                dir.display()
+            ),
+            user_error: false,
+        })?
+        .map_err(|e| io_err(dir)(std::io::Error::other(e)))?;
+        let ready: ShimReady =
+            serde_json::from_str(&line).map_err(|_| RuntimeError::StartFailed {
+                id: record.id.clone(),
+                message: format!(
+                    "shim exited without reporting; see {}/shim.log",
+                    dir.display()
+                ),
+                user_error: false,
+            })?;
+        match ready {
+            ShimReady::Started {
+                shim,
+                started_at_ms,
+                ..
+            } => {
+                let pidfd = open_shim(shim).ok_or_else(|| RuntimeError::StartFailed {
+                    id: record.id.clone(),
+                    message: "shim vanished right after starting the container".into(),
+                    user_error: false,
+                })?;
+                Ok(Launched {
+                    pidfd,
+                    started_at_ms,
+                })
+            }
+            ShimReady::Failed { error, user_error } => Err(RuntimeError::StartFailed {
+                id: record.id.clone(),
+                message: error,
+                user_error,
+            }),
+        }
+    }
+
+    /// Waits on the shim's pidfd in a task; on exit, collects the exit record.
+    fn watch(&self, tracked: Arc<Tracked>, pidfd: OwnedFd, dir: PathBuf) {
+        let rt = self.clone();
+        tokio::spawn(async move {
+            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until
+            // the AsyncFd is dropped at the end of this task.
+            match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
+                Ok(fd) => {
+                    let _ = fd.readable().await;
+                }
+                Err(e) => tracing::warn!(error = %e, "pidfd not pollable; polling for exit"),
+            }
+            // Bounded wait for the exit record in case a pidfd could not be polled.
+            let mut exit = None;
+            for _ in 0..200 {
+                if let Ok(Some(e)) = fsutil::read_json::<ExitRecord>(&dir.join(files::EXIT)) {
+                    exit = Some(e);
+                    break;
+                }
+                if open_shim_from(&dir).is_some() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                break;
+            }
+            let exit = match exit {
+                Some(e) => e,
+                None => rt.cleanup_lost(&dir).await,
+            };
+            rt.finish(&tracked, exit);
+        });
+    }
+
+    fn finish(&self, tracked: &Tracked, exit: ExitRecord) {
+        let mut rec = lock_record(tracked);
+        rec.exit = Some(exit.clone());
+        if let Err(e) = self.inner.table.put(rec.id.as_str(), &*rec) {
+            tracing::error!(container = %rec.id, error = %e, "cannot persist exit");
+        }
+        drop(rec);
+        tracked.exit.send_replace(Some(exit));
+    }
+
+    /// Runs `shim --cleanup` for a container whose shim died without an exit record.
+    async fn cleanup_lost(&self, dir: &Path) -> ExitRecord {
+        tracing::warn!(dir = %dir.display(), "shim lost; tearing the container down");
+        let status = tokio::process::Command::new(&self.inner.cfg.shim_binary)
+            .arg("shim")
+            .arg("--cleanup")
+            .arg(dir)
+            .status()
+            .await;
+        if let Err(e) = status {
+            tracing::error!(error = %e, "cannot run shim --cleanup");
+        }
+        fsutil::read_json(&dir.join(files::EXIT))
+            .ok()
+            .flatten()
+            .unwrap_or(ExitRecord {
+                reason: ExitReason::ShimLost,
+                exit_code: None,
+                signal: None,
+                oom_killed: false,
+                started_at_ms: 0,
+                finished_at_ms: now_ms(),
+                cleanup_error: Some("shim --cleanup did not complete".into()),
+            })
+    }
+
+    async fn readopt(&self) -> Result<(), RuntimeError> {
+        let records: Vec<(String, ContainerRecord)> = self.inner.table.list()?;
+        let known: std::collections::HashSet<String> =
+            records.iter().map(|(k, _)| k.clone()).collect();
+        for (_, mut rec) in records {
+            let dir = self.container_dir(&rec.id);
+            let tracked = Arc::new(Tracked {
+                record: Mutex::new(rec.clone()),
+                exit: watch::channel(rec.exit.clone()).0,
+            });
+            self.lock().insert(rec.id.clone(), tracked.clone());
+            if rec.exit.is_some() {
+                continue;
+            }
+            if let Ok(Some(exit)) = fsutil::read_json::<ExitRecord>(&dir.join(files::EXIT)) {
+                tracing::info!(container = %rec.id, "collected exit that happened while the agent was down");
+                if rec.started_at_ms.is_none() {
+                    rec.started_at_ms = Some(exit.started_at_ms);
+                    lock_record(&tracked).started_at_ms = Some(exit.started_at_ms);
+                }
+                self.finish(&tracked, exit);
+            } else if let Some(pidfd) = open_shim_from(&dir) {
+                tracing::info!(container = %rec.id, "re-adopted running container");
+                self.watch(tracked, pidfd, dir);
+            } else {
+                let exit = self.cleanup_lost(&dir).await;
+                self.finish(&tracked, exit);
+            }
+        }
+        // Directories without a record: a crash between mkdir and the first store write.
+        let containers = self.inner.cfg.state_dir.join("containers");
+        for e in std::fs::read_dir(&containers)
+            .map_err(io_err(&containers))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                tracing::warn!(dir = %e.path().display(), "removing container directory with no record");
+                if open_shim_from(&e.path()).is_none() {
+                    self.cleanup_lost(&e.path()).await;
+                    let _ = fsutil::remove_dir_all_if_exists(&e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the container to stop: SIGTERM, then SIGKILL after `grace` (zero: SIGKILL
+    /// now). Returns once it has exited.
+    pub async fn stop(
+        &self,
+        id: &ContainerId,
+        grace: Duration,
+    ) -> Result<ExitRecord, RuntimeError> {
+        let tracked = self.tracked(id)?;
+        if tracked.exit.borrow().is_none() {
+            self.control(id, &format!("stop {}\n", grace.as_millis()))?;
+        }
+        self.wait(id).await
+    }
+
+    /// Sends a signal to the container's main process.
+    pub fn signal(&self, id: &ContainerId, signal: i32) -> Result<(), RuntimeError> {
+        self.control(id, &format!("signal {signal}\n"))
+    }
+
+    fn control(&self, id: &ContainerId, cmd: &str) -> Result<(), RuntimeError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.container_dir(id).join(files::CONTROL);
+        // Non-blocking open fails with ENXIO when no shim reads the FIFO: already exited.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(mut f) => f.write_all(cmd.as_bytes()).map_err(io_err(&path)),
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    || e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Waits for the container to exit.
+    pub async fn wait(&self, id: &ContainerId) -> Result<ExitRecord, RuntimeError> {
+        let mut rx = self.tracked(id)?.exit.subscribe();
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| RuntimeError::NotFound { id: id.clone() })?;
+        Ok(exit.clone().unwrap_or_else(|| unreachable_exit()))
+    }
+
+    pub fn status(&self, id: &ContainerId) -> Result<ContainerStatus, RuntimeError> {
+        let tracked = self.tracked(id)?;
+        let status = lock_record(&tracked).status();
+        Ok(status)
+    }
+
+    pub fn list(&self) -> Vec<ContainerStatus> {
+        let mut all: Vec<ContainerStatus> = self
+            .lock()
+            .values()
+            .map(|t| lock_record(t).status())
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// The container's directory (logs live there).
+    pub fn log_dir(&self, id: &ContainerId) -> Result<PathBuf, RuntimeError> {
+        self.tracked(id)?;
+        Ok(self.container_dir(id))
+    }
+
+    /// All retained output of one stream.
+    pub fn logs(&self, id: &ContainerId, stream: Stream) -> Result<Vec<u8>, RuntimeError> {
+        let dir = self.log_dir(id)?;
+        logs::read_all(&dir, stream).map_err(io_err(&dir))
+    }
+
+    /// Follows a stream: calls `sink` with each new chunk until the container has exited
+    /// and its output is drained.
+    pub async fn follow(
+        &self,
+        id: &ContainerId,
+        stream: Stream,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), RuntimeError> {
+        let dir = self.log_dir(id)?;
+        let mut rx = self.tracked(id)?.exit.subscribe();
+        let mut f = logs::Follower::new(&dir, stream);
+        let mut buf = Vec::new();
+        loop {
+            let done = rx.borrow_and_update().is_some();
+            f.poll(&mut buf).await.map_err(io_err(&dir))?;
+            if !buf.is_empty() {
+                sink(&buf);
+                buf.clear();
+            }
+            if done {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+            }
+        }
+    }
+
+    /// Removes an exited container's directory and record.
+    pub fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError> {
+        let tracked = self.tracked(id)?;
+        if tracked.exit.borrow().is_none() {
+            return Err(RuntimeError::StillRunning { id: id.clone() });
+        }
+        let dir = self.container_dir(id);
+        fsutil::remove_dir_all_if_exists(&dir).map_err(io_err(&dir))?;
+        self.inner.table.remove(id.as_str())?;
+        self.lock().remove(id);
+        Ok(())
+    }
+}
+
+struct Launched {
+    pidfd: OwnedFd,
+    started_at_ms: u64,
+}
+
+fn lock_record(t: &Tracked) -> std::sync::MutexGuard<'_, ContainerRecord> {
+    t.record.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unreachable_exit() -> ExitRecord {
+    ExitRecord {
+        reason: ExitReason::ShimLost,
+        exit_code: None,
+        signal: None,
+        oom_killed: false,
+        started_at_ms: 0,
+        finished_at_ms: 0,
+        cleanup_error: None,
+    }
+}
+
+fn read_line(fd: OwnedFd) -> String {
+    let mut line = String::new();
+    let _ = BufReader::new(std::fs::File::from(fd)).read_line(&mut line);
+    line
+}
+
+/// A pidfd on the shim named by `shim`, if that exact process is still alive.
+fn open_shim(shim: ShimPid) -> Option<OwnedFd> {
+    let fd = fsutil::pidfd_open(shim.pid).ok()?;
+    // Opened first, checked second: if the start time still matches, the pidfd refers to
+    // the shim and not to a process that reused its pid.
+    (fsutil::process_start_time(shim.pid).ok()? == shim.start_time).then_some(fd)
+}
+
+fn open_shim_from(dir: &Path) -> Option<OwnedFd> {
+    let shim: ShimPid = fsutil::read_json(&dir.join(files::SHIM_PID))
+        .ok()
+        .flatten()?;
+    open_shim(shim)
+}

@@ -1,0 +1,615 @@
+//! The shim: `gantry-agent shim DIR`, one per container, single-threaded, no tokio.
+//!
+//! It is the only code that calls libcontainer (which forks). Started by the agent with a
+//! ready pipe on fd 3, it forks once and lets its parent exit, so it belongs to no agent
+//! process and survives agent restarts; then it mounts the overlay rootfs, creates and
+//! starts the container, reports on the ready pipe, and supervises: copies stdout/stderr
+//! into capped log files, takes stop requests from the `control` FIFO, enforces the
+//! timeout, reaps the container, records OOM kills, tears everything down and finally
+//! writes `exit.json` atomically. `shim --cleanup DIR` tears down after a lost shim.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::fcntl::OFlag;
+use nix::mount::{MntFlags, MsFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+
+use super::cgroup;
+use super::logs::{CappedLog, Stream};
+use super::spec::resolve_user;
+use super::types::{ExitReason, ExitRecord, ShimConfig, ShimPid, ShimReady, now_ms};
+use crate::fsutil;
+
+/// The fd on which the agent hands the shim its ready pipe.
+pub const READY_FD: i32 = 3;
+
+/// Files in a container directory.
+pub mod files {
+    pub const SHIM_CONFIG: &str = "shim.json";
+    pub const SHIM_PID: &str = "shim.pid";
+    pub const EXIT: &str = "exit.json";
+    pub const CONTROL: &str = "control";
+    pub const SPEC: &str = "config.json";
+    pub const ROOTFS: &str = "rootfs";
+    pub const UPPER: &str = "upper";
+    pub const WORK: &str = "work";
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ShimError {
+    /// Something the request got wrong (bad user, missing command): the user can fix it.
+    #[error("{0}")]
+    User(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys { what: String, source: nix::Error },
+    #[error("container runtime: {0}")]
+    Container(#[from] libcontainer::error::LibcontainerError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShimError {
+    let what = what.into();
+    move |source| ShimError::Io { what, source }
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ShimError {
+    let what = what.into();
+    move |source| ShimError::Sys { what, source }
+}
+
+/// Entry point of shim mode. Returns the process exit code.
+pub fn main(dir: &Path) -> i32 {
+    // SAFETY: fd 3 is the ready pipe the agent passed us; we take ownership once.
+    let ready = unsafe { OwnedFd::from_raw_fd(READY_FD) };
+    if nix::fcntl::fcntl(
+        ready.as_raw_fd(),
+        nix::fcntl::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .is_err()
+    {
+        eprintln!(
+            "gantry-agent shim: no ready pipe on fd {READY_FD}; the shim is started by the agent, not by hand"
+        );
+        return 2;
+    }
+    // Detach: the parent returns at once (the agent reaps it); the child carries on in its
+    // own session, so signals to the agent's process group never reach it.
+    // SAFETY: the shim is single-threaded here; the child only continues this code.
+    match unsafe { nix::unistd::fork() } {
+        Ok(ForkResult::Parent { .. }) => return 0,
+        Ok(ForkResult::Child) => {}
+        Err(e) => {
+            report(
+                ready,
+                &ShimReady::Failed {
+                    error: format!("fork: {e}"),
+                    user_error: false,
+                },
+            );
+            return 1;
+        }
+    }
+    let _ = nix::unistd::setsid();
+    // Orphaned helpers (libcontainer's intermediate) are reparented to us, not to init.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let started = match start(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "container failed to start");
+            if let Err(cleanup) = teardown(dir, None) {
+                tracing::error!(error = %cleanup, "cleanup after failed start");
+            }
+            let _ = fs::remove_file(dir.join(files::SHIM_PID));
+            let user_error = matches!(e, ShimError::User(_)) || is_user_error(&e);
+            report(
+                ready,
+                &ShimReady::Failed {
+                    error: describe(&e),
+                    user_error,
+                },
+            );
+            return 1;
+        }
+    };
+    report(
+        ready,
+        &ShimReady::Started {
+            shim: started.shim,
+            init_pid: started.init_pid.as_raw(),
+            started_at_ms: started.started_at_ms,
+        },
+    );
+    let record = supervise(dir, started);
+    if let Err(e) = fsutil::write_json_atomic(&dir.join(files::EXIT), &record) {
+        tracing::error!(error = %e, "cannot write exit record");
+        return 1;
+    }
+    0
+}
+
+/// libcontainer reports a missing executable as a validation error; that is the user's.
+fn is_user_error(e: &ShimError) -> bool {
+    let s = e.to_string();
+    s.contains("not found in $PATH") || s.contains("does not have correct permissions")
+}
+
+fn describe(e: &ShimError) -> String {
+    let s = e.to_string();
+    // libcontainer says "... executable 'NAME' not found in $PATH"; keep the useful part.
+    match s.find("executable '") {
+        Some(i) if s.contains("not found in $PATH") => format!(
+            "{}: the command does not exist in the image; check the image's contents and the command you passed",
+            &s[i..]
+        ),
+        _ => s,
+    }
+}
+
+fn report(ready: OwnedFd, msg: &ShimReady) {
+    let mut f = File::from(ready);
+    let mut line = serde_json::to_vec(msg).unwrap_or_default();
+    line.push(b'\n');
+    let _ = f.write_all(&line);
+}
+
+struct Started {
+    shim: ShimPid,
+    container: Container,
+    init_pid: Pid,
+    started_at_ms: u64,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    control: File,
+    cfg: ShimConfig,
+}
+
+fn start(dir: &Path) -> Result<Started, ShimError> {
+    let cfg: ShimConfig = fsutil::read_json(&dir.join(files::SHIM_CONFIG))
+        .map_err(io("reading shim.json"))?
+        .ok_or_else(|| ShimError::User(format!("{} has no shim.json", dir.display())))?;
+    let me = nix::unistd::getpid().as_raw();
+    let shim = ShimPid {
+        pid: me,
+        start_time: fsutil::process_start_time(me).map_err(io("reading own start time"))?,
+    };
+    fsutil::write_json_atomic(&dir.join(files::SHIM_PID), &shim).map_err(io("writing shim.pid"))?;
+
+    let rootfs = dir.join(files::ROOTFS);
+    mount_rootfs(dir, &cfg.layers)?;
+    if let Some(user) = &cfg.user {
+        set_user(dir, &rootfs, user)?;
+    }
+
+    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+    let devnull = File::open("/dev/null").map_err(io("opening /dev/null"))?;
+    let control_path = dir.join(files::CONTROL);
+    let _ = fs::remove_file(&control_path);
+    nix::unistd::mkfifo(
+        &control_path,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .map_err(sys("mkfifo control"))?;
+    // Read-write so the FIFO never reports EOF when a writer goes away.
+    let control = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&control_path)
+        .map_err(io("opening control fifo"))?;
+
+    let mut container = ContainerBuilder::new(cfg.id.to_string(), SyscallType::Linux)
+        .with_root_path(&cfg.libcontainer_root)?
+        .with_stdin(OwnedFd::from(devnull))
+        .with_stdout(out_w)
+        .with_stderr(err_w)
+        .validate_id()?
+        .as_init(dir)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()?;
+    container.start()?;
+    let started_at_ms = now_ms();
+    let init_pid = container
+        .pid()
+        .ok_or_else(|| ShimError::User("container started but reported no pid".into()))?;
+    tracing::info!(id = %cfg.id, pid = init_pid.as_raw(), "container started");
+    Ok(Started {
+        shim,
+        container,
+        init_pid,
+        started_at_ms,
+        stdout: out_r,
+        stderr: err_r,
+        control,
+        cfg,
+    })
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Mounts the overlay: image layers as lower dirs (top layer first), the container's own
+/// upper and work dirs. Lower dirs are given relative to their common parent (we chdir
+/// there) so images with many layers fit in the one-page mount data limit.
+fn mount_rootfs(dir: &Path, layers: &[PathBuf]) -> Result<(), ShimError> {
+    for d in [files::ROOTFS, files::UPPER, files::WORK] {
+        fs::create_dir_all(dir.join(d)).map_err(io(format!("creating {d}")))?;
+    }
+    let parent = layers.first().and_then(|l| l.parent()).map(Path::to_owned);
+    let relative = parent
+        .as_ref()
+        .is_some_and(|p| layers.iter().all(|l| l.parent() == Some(p)));
+    let lower: Vec<String> = layers
+        .iter()
+        .rev()
+        .map(|l| {
+            if relative {
+                l.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            } else {
+                l.display().to_string()
+            }
+        })
+        .collect();
+    if lower.is_empty() {
+        return Err(ShimError::User("image has no layers".into()));
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        dir.join(files::UPPER).display(),
+        dir.join(files::WORK).display()
+    );
+    let cwd = std::env::current_dir().map_err(io("getcwd"))?;
+    if let (true, Some(p)) = (relative, &parent) {
+        nix::unistd::chdir(p).map_err(sys(format!("chdir {}", p.display())))?;
+    }
+    let r = nix::mount::mount(
+        Some("overlay"),
+        &dir.join(files::ROOTFS),
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    );
+    let _ = nix::unistd::chdir(&cwd);
+    r.map_err(sys("mounting overlay rootfs"))
+}
+
+fn set_user(dir: &Path, rootfs: &Path, user: &str) -> Result<(), ShimError> {
+    let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
+    let resolved = resolve_user(user, &read("etc/passwd"), &read("etc/group"))
+        .map_err(|e| ShimError::User(e.to_string()))?;
+    let spec_path = dir.join(files::SPEC);
+    let mut spec: serde_json::Value = fsutil::read_json(&spec_path)
+        .map_err(io("reading config.json"))?
+        .ok_or_else(|| ShimError::User("config.json missing".into()))?;
+    spec["process"]["user"] = serde_json::json!({
+        "uid": resolved.uid, "gid": resolved.gid, "additionalGids": resolved.additional_gids,
+    });
+    fsutil::write_json_atomic(&spec_path, &spec).map_err(io("writing config.json"))
+}
+
+/// What the supervision loop is waiting for besides output.
+struct Deadlines {
+    timeout_at: Option<Instant>,
+    kill_at: Option<Instant>,
+    reason: Option<ExitReason>,
+}
+
+fn supervise(dir: &Path, s: Started) -> ExitRecord {
+    let cap = s.cfg.log_cap_bytes;
+    let mut logs = [
+        CappedLog::create(dir.join(Stream::Stdout.file_name()), cap),
+        CappedLog::create(dir.join(Stream::Stderr.file_name()), cap),
+    ];
+    let pidfd = fsutil::pidfd_open(s.init_pid.as_raw()).ok();
+    let mut dl = Deadlines {
+        timeout_at: s.cfg.timeout.map(|t| Instant::now() + t),
+        kill_at: None,
+        reason: None,
+    };
+    let mut open = [true, true];
+    let mut control_buf = Vec::new();
+    let status = loop {
+        let now = Instant::now();
+        if dl.timeout_at.is_some_and(|t| now >= t) && dl.reason.is_none() {
+            tracing::info!("timeout reached; stopping container");
+            request_stop(&s, &mut dl, s.cfg.stop_grace, ExitReason::TimedOut);
+        }
+        if dl.kill_at.is_some_and(|t| now >= t) {
+            let _ = nix::sys::signal::kill(s.init_pid, Signal::SIGKILL);
+            dl.kill_at = None;
+        }
+        let next = [dl.timeout_at.filter(|_| dl.reason.is_none()), dl.kill_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait_ms = next
+            .map(|t| t.saturating_duration_since(now).as_millis().min(60_000) as u16)
+            .unwrap_or(u16::MAX);
+        let mut fds = vec![
+            PollFd::new(s.control.as_fd(), PollFlags::POLLIN),
+            PollFd::new(
+                s.stdout.as_fd(),
+                if open[0] {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            ),
+            PollFd::new(
+                s.stderr.as_fd(),
+                if open[1] {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            ),
+        ];
+        if let Some(p) = &pidfd {
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
+        match nix::poll::poll(&mut fds, PollTimeout::from(wait_ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => tracing::warn!(error = %e, "poll"),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[0] {
+            for cmd in read_commands(&s.control, &mut control_buf) {
+                handle_command(&s, &mut dl, &cmd);
+            }
+        }
+        for (i, fd) in [&s.stdout, &s.stderr].into_iter().enumerate() {
+            if ready[i + 1] && open[i] {
+                open[i] = copy_once(fd.as_fd(), logs[i].as_mut().ok());
+            }
+        }
+        let exited = if pidfd.is_some() {
+            ready.get(3).copied().unwrap_or(false)
+        } else {
+            true
+        };
+        if exited {
+            match waitpid(s.init_pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(status) => break Some(status),
+                Err(e) => {
+                    tracing::error!(error = %e, "waitpid on container init");
+                    break None;
+                }
+            }
+            if pidfd.is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    drain(&s, &mut open, &mut logs);
+    let oom_kills = cgroup::oom_kills(s.cfg.id.as_str()).unwrap_or(0);
+    let (exit_code, signal) = match status {
+        Some(WaitStatus::Exited(_, code)) => (Some(code), None),
+        Some(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
+        _ => (None, None),
+    };
+    let failed = signal == Some(libc::SIGKILL) || exit_code.is_some_and(|c| c != 0);
+    let reason = match dl.reason {
+        Some(r) => r,
+        None if oom_kills > 0 && failed => ExitReason::OomKilled,
+        None if signal.is_some() => ExitReason::Signaled,
+        None => ExitReason::Exited,
+    };
+    let started_at_ms = s.started_at_ms;
+    let cleanup_error = teardown(dir, Some(s.container)).err();
+    tracing::info!(?reason, ?exit_code, ?signal, oom_kills, "container exited");
+    ExitRecord {
+        reason,
+        exit_code,
+        signal,
+        oom_killed: oom_kills > 0,
+        started_at_ms,
+        finished_at_ms: now_ms(),
+        cleanup_error,
+    }
+}
+
+fn request_stop(s: &Started, dl: &mut Deadlines, grace: Duration, reason: ExitReason) {
+    if dl.reason.is_none() {
+        dl.reason = Some(reason);
+    }
+    if grace.is_zero() {
+        let _ = nix::sys::signal::kill(s.init_pid, Signal::SIGKILL);
+        return;
+    }
+    let _ = nix::sys::signal::kill(s.init_pid, Signal::SIGTERM);
+    let kill_at = Instant::now() + grace;
+    dl.kill_at = Some(dl.kill_at.map_or(kill_at, |k| k.min(kill_at)));
+}
+
+/// Control protocol, one command per line: `stop <grace-ms>` or `signal <number>`.
+fn handle_command(s: &Started, dl: &mut Deadlines, cmd: &str) {
+    let mut parts = cmd.split_whitespace();
+    match (
+        parts.next(),
+        parts.next().and_then(|n| n.parse::<u64>().ok()),
+    ) {
+        (Some("stop"), Some(ms)) => {
+            request_stop(s, dl, Duration::from_millis(ms), ExitReason::Stopped)
+        }
+        (Some("signal"), Some(n)) => match Signal::try_from(n as i32) {
+            Ok(sig) => {
+                let _ = nix::sys::signal::kill(s.init_pid, sig);
+            }
+            Err(_) => tracing::warn!(cmd, "unknown signal"),
+        },
+        _ => tracing::warn!(cmd, "unknown control command"),
+    }
+}
+
+fn read_commands(control: &File, buf: &mut Vec<u8>) -> Vec<String> {
+    let mut chunk = [0u8; 512];
+    loop {
+        match (&*control).read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+    }
+    let mut out = Vec::new();
+    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=pos).collect();
+        out.push(String::from_utf8_lossy(&line).trim().to_owned());
+    }
+    out
+}
+
+/// Copies what is readable now into the log. Returns false at EOF.
+fn copy_once(fd: BorrowedFd<'_>, log: Option<&mut CappedLog>) -> bool {
+    let mut buf = [0u8; 64 * 1024];
+    match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+        Ok(0) => false,
+        Ok(n) => {
+            if let Some(log) = log
+                && let Err(e) = log.write(&buf[..n])
+            {
+                tracing::warn!(error = %e, "writing container log");
+            }
+            true
+        }
+        Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => true,
+        Err(_) => false,
+    }
+}
+
+/// After the container's init is gone: collect the rest of its output (bounded).
+fn drain(s: &Started, open: &mut [bool; 2], logs: &mut [std::io::Result<CappedLog>; 2]) {
+    let until = Instant::now() + Duration::from_secs(2);
+    while open.iter().any(|o| *o) && Instant::now() < until {
+        let pipes = [&s.stdout, &s.stderr];
+        let mut fds: Vec<PollFd> = pipes
+            .iter()
+            .zip(open.iter())
+            .map(|(fd, o)| {
+                PollFd::new(
+                    fd.as_fd(),
+                    if *o {
+                        PollFlags::POLLIN
+                    } else {
+                        PollFlags::empty()
+                    },
+                )
+            })
+            .collect();
+        if nix::poll::poll(&mut fds, PollTimeout::from(100u16)).unwrap_or(0) == 0 {
+            break;
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        for (i, fd) in [&s.stdout, &s.stderr].into_iter().enumerate() {
+            if ready[i] && open[i] {
+                open[i] = copy_once(fd.as_fd(), logs[i].as_mut().ok());
+            }
+        }
+    }
+}
+
+/// Removes everything the container held on the host: libcontainer state and cgroups,
+/// the rootfs mount, the writable layer and the control FIFO. Idempotent.
+fn teardown(dir: &Path, container: Option<Container>) -> Result<(), String> {
+    let mut errors = Vec::new();
+    let cfg: Option<ShimConfig> = fsutil::read_json(&dir.join(files::SHIM_CONFIG))
+        .ok()
+        .flatten();
+    let container = container.or_else(|| {
+        let c = cfg.as_ref()?;
+        Container::load(c.libcontainer_root.join(c.id.as_str())).ok()
+    });
+    if let Some(mut c) = container
+        && let Err(e) = c.delete(true)
+    {
+        errors.push(format!("deleting container: {e}"));
+    }
+    if let Some(cfg) = &cfg {
+        // A lost shim's container may still have processes; libcontainer's delete kills
+        // them when its state exists, this catches the rest.
+        for pid in cgroup::pids(cfg.id.as_str()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        for d in cgroup::existing_dirs(cfg.id.as_str()) {
+            let _ = fs::remove_dir(&d);
+        }
+        let _ = fsutil::remove_dir_all_if_exists(&cfg.libcontainer_root.join(cfg.id.as_str()));
+    }
+    let rootfs = dir.join(files::ROOTFS);
+    if is_mountpoint(&rootfs) {
+        if let Err(e) = nix::mount::umount2(&rootfs, MntFlags::MNT_DETACH) {
+            errors.push(format!("unmounting {}: {e}", rootfs.display()));
+        }
+    }
+    for d in [files::ROOTFS, files::UPPER, files::WORK] {
+        if let Err(e) = fsutil::remove_dir_all_if_exists(&dir.join(d)) {
+            errors.push(format!("removing {d}: {e}"));
+        }
+    }
+    let _ = fs::remove_file(dir.join(files::CONTROL));
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// True when `path` is a mount point in this mount namespace.
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(f) = File::open("/proc/self/mountinfo") else {
+        return false;
+    };
+    let target = path.to_string_lossy();
+    BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.split(' ').nth(4) == Some(&*target))
+}
+
+/// `gantry-agent shim --cleanup DIR`: tear down after a shim that died without recording
+/// an exit, and record the loss. Run by the agent; never calls into a running shim.
+pub fn cleanup_lost(dir: &Path) -> i32 {
+    let cleanup_error = teardown(dir, None).err();
+    let record = ExitRecord {
+        reason: ExitReason::ShimLost,
+        exit_code: None,
+        signal: None,
+        oom_killed: false,
+        started_at_ms: 0,
+        finished_at_ms: now_ms(),
+        cleanup_error,
+    };
+    match fsutil::write_json_atomic(&dir.join(files::EXIT), &record) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("gantry-agent shim --cleanup: cannot write exit record: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The runtime's records: what a caller asks for, what the shim is told, and what the shim
+//! reports back on disk. All of it is plain serde data so it can be written atomically and
+//! read by a restarted agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gantry_shared::{ContainerId, Resources};
+use serde::{Deserialize, Serialize};
+
+/// Which network namespace a container gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// The host's network (what multi-node NCCL jobs need today).
+    #[default]
+    Host,
+    /// A fresh network namespace with only loopback.
+    Isolated,
+}
+
+/// A request to run one container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerRequest {
+    /// Chosen by the caller (the coordinator names containers after attempts) or generated.
+    pub id: Option<ContainerId>,
+    /// Image name as imported or pulled.
+    pub image: String,
+    /// Replaces the image's entrypoint (and then its cmd too, as Docker does).
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's cmd.
+    pub command: Option<Vec<String>>,
+    /// `(KEY, VALUE)` pairs layered over the image's env. `NVIDIA_*` keys are stripped.
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`, resolved inside the image.
+    pub user: Option<String>,
+    pub resources: Resources,
+    /// Host GPU indices assigned to this container.
+    pub gpus: Vec<u32>,
+    pub network: NetworkMode,
+    /// Size of the container's /dev/shm (NCCL and dataloaders use it heavily).
+    pub shm_bytes: u64,
+    /// Wall-clock limit; the shim stops the container (SIGTERM, grace, SIGKILL) after it.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Grace between SIGTERM and SIGKILL when the timeout fires.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+impl ContainerRequest {
+    pub const DEFAULT_SHM: u64 = 64 << 20;
+
+    pub fn new(image: impl Into<String>) -> Self {
+        Self {
+            id: None,
+            image: image.into(),
+            entrypoint: None,
+            command: None,
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            resources: Resources::default(),
+            gpus: Vec::new(),
+            network: NetworkMode::Host,
+            shm_bytes: Self::DEFAULT_SHM,
+            timeout: None,
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The process exited by itself (any code).
+    Exited,
+    /// A signal killed it that nobody at Gantry sent.
+    Signaled,
+    /// The kernel's OOM killer killed it at the memory limit.
+    OomKilled,
+    /// Stopped on request.
+    Stopped,
+    /// Stopped because it ran past its timeout.
+    TimedOut,
+    /// Its shim disappeared without recording an exit (killed, host trouble); the
+    /// container was torn down by the agent.
+    ShimLost,
+}
+
+/// What the shim writes to `exit.json` when the container is gone and cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub reason: ExitReason,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    /// Unix milliseconds.
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    /// Set when tearing down (cgroup, mount) failed; the agent retries cleanup.
+    pub cleanup_error: Option<String>,
+}
+
+impl ExitRecord {
+    /// The shell convention: the exit code, or 128 + signal.
+    pub fn code(&self) -> i32 {
+        self.exit_code
+            .unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
+    }
+}
+
+/// The shim's instructions, written by the agent to `shim.json` before it starts the shim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShimConfig {
+    pub id: ContainerId,
+    /// Unpacked image layers, bottom first (overlay lower dirs).
+    pub layers: Vec<PathBuf>,
+    /// libcontainer's state root.
+    pub libcontainer_root: PathBuf,
+    /// Log file size at which it is rotated (one rotated file is kept).
+    pub log_cap_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Unresolved user spec from the request or image, resolved by the shim against the
+    /// image's /etc/passwd and /etc/group.
+    pub user: Option<String>,
+}
+
+/// What the shim writes to `shim.pid` once it has detached: enough to find it again and
+/// know it is still the same process after an agent restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimPid {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+/// The shim's one-line answer on its ready pipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShimReady {
+    Started {
+        shim: ShimPid,
+        init_pid: i32,
+        started_at_ms: u64,
+    },
+    Failed {
+        error: String,
+        user_error: bool,
+    },
+}
+
+/// A container's state as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum ContainerState {
+    Running { started_at_ms: u64 },
+    Exited(ExitRecord),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    pub id: ContainerId,
+    pub image: String,
+    pub image_digest: String,
+    pub gpus: Vec<u32>,
+    pub state: ContainerState,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
