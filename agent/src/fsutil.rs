@@ -77,13 +77,28 @@ pub fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> io::Result<()> {
 /// The kernel's start time of `pid` (field 22 of /proc/PID/stat, clock ticks since boot).
 /// A pid plus its start time names one process for good, surviving pid reuse.
 pub fn process_start_time(pid: i32) -> io::Result<u64> {
+    stat_fields(pid)?
+        .get(19)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad /proc/{pid}/stat")))
+}
+
+/// True when `pid` is the process that started at `start_time` and has not exited
+/// (a zombie waiting to be reaped counts as exited).
+pub fn process_alive_since(pid: i32, start_time: u64) -> bool {
+    let Ok(fields) = stat_fields(pid) else {
+        return false;
+    };
+    let running = !matches!(fields.first().map(String::as_str), Some("Z" | "X" | "x"));
+    running && fields.get(19).and_then(|f| f.parse::<u64>().ok()) == Some(start_time)
+}
+
+/// Fields of /proc/PID/stat after the command name: index 0 is the state (field 3).
+fn stat_fields(pid: i32) -> io::Result<Vec<String>> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|f| f.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad /proc/{pid}/stat")))
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// Removes a directory tree, treating "already gone" as success.
@@ -126,5 +141,7 @@ mod tests {
         let a = process_start_time(me).expect("stat");
         assert_eq!(a, process_start_time(me).expect("stat"));
         assert!(process_start_time(i32::MAX).is_err());
+        assert!(process_alive_since(me, a));
+        assert!(!process_alive_since(me, a + 1));
     }
 }

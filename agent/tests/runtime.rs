@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::{TestHost, eventually, leftovers, sh_request};
 use gantry_agent::image::ImageConfig;
-use gantry_agent::runtime::{ContainerRequest, ContainerState, ExitReason, NetworkMode, RuntimeError, Stream, cgroup};
+use gantry_agent::runtime::{
+    ContainerRequest, ContainerState, ExitReason, NetworkMode, RuntimeError, Stream, cgroup,
+};
 use gantry_shared::ContainerId;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -28,13 +30,20 @@ async fn env_workdir_and_user_come_from_the_image_config() {
     let h = TestHost::new().await;
     let rootfs = common::busybox_rootfs(&h.state_dir().join("second"));
     let config = ImageConfig {
-        cmd: vec!["sh".into(), "-c".into(), "echo $GREETING $MODE; pwd; id -u; id -g".into()],
+        cmd: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo $GREETING $MODE; pwd; id -u; id -g".into(),
+        ],
         env: vec!["GREETING=hi".into(), "MODE=image".into()],
         workdir: Some("/home/user".into()),
         user: Some("user".into()),
         ..ImageConfig::default()
     };
-    h.images.import(&rootfs, "configured", config).await.expect("import");
+    h.images
+        .import(&rootfs, "configured", config)
+        .await
+        .expect("import");
     let mut req = ContainerRequest::new("configured");
     let id = h.runtime.start(req.clone()).await.expect("start").id;
     assert_eq!(h.runtime.wait(&id).await.expect("wait").code(), 0);
@@ -54,7 +63,12 @@ async fn env_workdir_and_user_come_from_the_image_config() {
 #[tokio::test(flavor = "multi_thread")]
 async fn security_defaults_seen_from_inside() {
     let h = TestHost::new().await;
-    assert!(!std::fs::read("/proc/timer_list").expect("host timer_list").is_empty(), "host /proc/timer_list has content");
+    assert!(
+        !std::fs::read("/proc/timer_list")
+            .expect("host timer_list")
+            .is_empty(),
+        "host /proc/timer_list has content"
+    );
     let (exit, out, err) = h
         .run(
             "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
@@ -67,16 +81,26 @@ async fn security_defaults_seen_from_inside() {
     assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
     assert!(out.contains("CapBnd:\t00000000a80425fb"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
-    assert!(out.contains("/proc/timer_list 0\n"), "timer_list must be masked: {out}");
+    assert!(
+        out.contains("/proc/timer_list 0\n"),
+        "timer_list must be masked: {out}"
+    );
     for line in out.lines().filter(|l| l.starts_with("/proc/")) {
         assert!(line.ends_with(" 0"), "masked path readable: {line}");
     }
     assert!(!out.contains("proc-sys-writable"), "{out}");
-    assert!(out.trim_end().ends_with(&exit_hostname(&h)), "hostname is the container id: {out}");
+    assert!(
+        out.trim_end().ends_with(&exit_hostname(&h)),
+        "hostname is the container id: {out}"
+    );
 }
 
 fn exit_hostname(h: &TestHost) -> String {
-    h.runtime.list().last().map(|c| c.id.to_string()).unwrap_or_default()
+    h.runtime
+        .list()
+        .last()
+        .map(|c| c.id.to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,7 +110,10 @@ async fn isolated_network_has_only_loopback() {
     req.network = NetworkMode::Isolated;
     let id = h.runtime.start(req).await.expect("start").id;
     assert_eq!(h.runtime.wait(&id).await.expect("wait").code(), 0);
-    assert_eq!(String::from_utf8_lossy(&h.runtime.logs(&id, Stream::Stdout).expect("logs")), "lo\n");
+    assert_eq!(
+        String::from_utf8_lossy(&h.runtime.logs(&id, Stream::Stdout).expect("logs")),
+        "lo\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,7 +122,10 @@ async fn memory_hog_is_oom_killed_and_reported() {
     let mut req = sh_request("tail /dev/zero");
     req.resources.memory_bytes = 32 << 20;
     let id = h.runtime.start(req).await.expect("start").id;
-    let exit = tokio::time::timeout(Duration::from_secs(60), h.runtime.wait(&id)).await.expect("oom within 60s").expect("wait");
+    let exit = tokio::time::timeout(Duration::from_secs(60), h.runtime.wait(&id))
+        .await
+        .expect("oom within 60s")
+        .expect("wait");
     assert_eq!(exit.reason, ExitReason::OomKilled, "{exit:?}");
     assert!(exit.oom_killed);
     assert_eq!(exit.signal, Some(9));
@@ -109,45 +139,92 @@ async fn fork_bomb_stops_at_the_pids_limit_and_neighbours_are_fine() {
     req.resources.pids = 64;
     req.resources.cpu = gantry_shared::CpuMillis(500);
     let bomb = h.runtime.start(req).await.expect("start").id;
-    let pids_dir = cgroup::existing_dirs(bomb.as_str()).into_iter().find(|d| d.join("pids.max").exists()).expect("pids cgroup");
-    assert_eq!(std::fs::read_to_string(pids_dir.join("pids.max")).expect("pids.max").trim(), "64");
+    let pids_dir = cgroup::existing_dirs(bomb.as_str())
+        .into_iter()
+        .find(|d| d.join("pids.max").exists())
+        .expect("pids cgroup");
+    assert_eq!(
+        std::fs::read_to_string(pids_dir.join("pids.max"))
+            .expect("pids.max")
+            .trim(),
+        "64"
+    );
     // The bomb reaches its limit ...
     let hit = eventually(Duration::from_secs(20), || {
-        std::fs::read_to_string(pids_dir.join("pids.current")).ok().and_then(|s| s.trim().parse::<u64>().ok()).is_some_and(|n| n >= 60)
+        std::fs::read_to_string(pids_dir.join("pids.current"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|n| n >= 60)
     })
     .await;
     assert!(hit, "fork bomb never approached its pids limit");
     // ... never passes it, and a neighbour container still starts and runs normally.
     let (exit, out, _) = h.run("echo neighbour ok").await;
     assert_eq!((exit.code(), out.as_str()), (0, "neighbour ok\n"));
-    let current: u64 = std::fs::read_to_string(pids_dir.join("pids.current")).expect("pids.current").trim().parse().expect("number");
+    let current: u64 = std::fs::read_to_string(pids_dir.join("pids.current"))
+        .expect("pids.current")
+        .trim()
+        .parse()
+        .expect("number");
     assert!(current <= 64, "pids.current = {current}");
     let exit = h.runtime.stop(&bomb, Duration::ZERO).await.expect("stop");
     assert_eq!(exit.reason, ExitReason::Stopped);
-    assert!(eventually(Duration::from_secs(10), || leftovers(h.state_dir(), std::slice::from_ref(&bomb)).is_empty()).await, "{:?}", leftovers(h.state_dir(), &[bomb]));
+    assert!(
+        eventually(Duration::from_secs(10), || leftovers(
+            h.state_dir(),
+            std::slice::from_ref(&bomb)
+        )
+        .is_empty())
+        .await,
+        "{:?}",
+        leftovers(h.state_dir(), &[bomb])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_with_grace_lets_the_handler_finish() {
     let h = TestHost::new().await;
-    let id = h.sh("trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done").await;
-    let ready = eventually(Duration::from_secs(10), || h.runtime.logs(&id, Stream::Stdout).is_ok_and(|b| b.starts_with(b"ready"))).await;
+    let id = h
+        .sh("trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done")
+        .await;
+    let ready = eventually(Duration::from_secs(10), || {
+        h.runtime
+            .logs(&id, Stream::Stdout)
+            .is_ok_and(|b| b.starts_with(b"ready"))
+    })
+    .await;
     assert!(ready);
-    let exit = h.runtime.stop(&id, Duration::from_secs(20)).await.expect("stop");
+    let exit = h
+        .runtime
+        .stop(&id, Duration::from_secs(20))
+        .await
+        .expect("stop");
     assert_eq!(exit.reason, ExitReason::Stopped);
-    assert_eq!(exit.exit_code, Some(3), "the TERM handler's exit code: {exit:?}");
-    assert_eq!(h.runtime.logs(&id, Stream::Stdout).expect("logs"), b"ready\ngot-term\n");
+    assert_eq!(
+        exit.exit_code,
+        Some(3),
+        "the TERM handler's exit code: {exit:?}"
+    );
+    assert_eq!(
+        h.runtime.logs(&id, Stream::Stdout).expect("logs"),
+        b"ready\ngot-term\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_without_grace_kills_at_once() {
     let h = TestHost::new().await;
-    let id = h.sh("trap 'echo ignoring' TERM; while true; do sleep 0.1; done").await;
+    let id = h
+        .sh("trap 'echo ignoring' TERM; while true; do sleep 0.1; done")
+        .await;
     let t = std::time::Instant::now();
     let exit = h.runtime.stop(&id, Duration::ZERO).await.expect("stop");
     assert_eq!((exit.reason, exit.signal), (ExitReason::Stopped, Some(9)));
     assert!(t.elapsed() < Duration::from_secs(10));
-    assert!(!String::from_utf8_lossy(&h.runtime.logs(&id, Stream::Stdout).expect("logs")).contains("ignoring"));
+    assert!(
+        !String::from_utf8_lossy(&h.runtime.logs(&id, Stream::Stdout).expect("logs"))
+            .contains("ignoring")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -157,9 +234,16 @@ async fn timeout_stops_the_container() {
     req.timeout = Some(Duration::from_millis(500));
     req.stop_grace = Duration::from_millis(200);
     let id = h.runtime.start(req).await.expect("start").id;
-    let exit = tokio::time::timeout(Duration::from_secs(30), h.runtime.wait(&id)).await.expect("timeout enforced").expect("wait");
+    let exit = tokio::time::timeout(Duration::from_secs(30), h.runtime.wait(&id))
+        .await
+        .expect("timeout enforced")
+        .expect("wait");
     assert_eq!(exit.reason, ExitReason::TimedOut);
-    assert_eq!(exit.signal, Some(9), "sleep as PID 1 ignores SIGTERM, so SIGKILL ends it");
+    assert_eq!(
+        exit.signal,
+        Some(9),
+        "sleep as PID 1 ignores SIGTERM, so SIGKILL ends it"
+    );
     assert!(exit.finished_at_ms - exit.started_at_ms >= 500);
 }
 
@@ -171,15 +255,30 @@ async fn bad_input_fails_clearly_and_leaves_nothing() {
         req
     };
     // Unknown image.
-    let err = h.runtime.start(named("bad-image", ContainerRequest::new("nope"))).await.expect_err("unknown image");
-    assert!(err.to_string().contains("image `nope` is not on this host"), "{err}");
+    let err = h
+        .runtime
+        .start(named("bad-image", ContainerRequest::new("nope")))
+        .await
+        .expect_err("unknown image");
+    assert!(
+        err.to_string().contains("image `nope` is not on this host"),
+        "{err}"
+    );
     // Command that does not exist in the image.
     let mut req = named("bad-cmd", ContainerRequest::new("busybox"));
     req.command = Some(vec!["no-such-binary".into()]);
     match h.runtime.start(req).await {
-        Err(RuntimeError::StartFailed { message, user_error, .. }) => {
+        Err(RuntimeError::StartFailed {
+            message,
+            user_error,
+            ..
+        }) => {
             assert!(user_error);
-            assert!(message.contains("no-such-binary") && message.contains("does not exist in the image"), "{message}");
+            assert!(
+                message.contains("no-such-binary")
+                    && message.contains("does not exist in the image"),
+                "{message}"
+            );
         }
         other => panic!("expected StartFailed, got {other:?}"),
     }
@@ -187,7 +286,11 @@ async fn bad_input_fails_clearly_and_leaves_nothing() {
     let mut req = named("bad-mem", sh_request("true"));
     req.resources.memory_bytes = 0;
     let err = h.runtime.start(req).await.expect_err("zero memory");
-    assert!(err.to_string().contains("memory limit must be greater than zero"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("memory limit must be greater than zero"),
+        "{err}"
+    );
     let mut req = named("bad-pids", sh_request("true"));
     req.resources.pids = 0;
     assert!(h.runtime.start(req).await.is_err());
@@ -201,12 +304,31 @@ async fn bad_input_fails_clearly_and_leaves_nothing() {
         let mut req = named("bad-gpu", sh_request("true"));
         req.gpus = vec![0];
         let err = h.runtime.start(req).await.expect_err("no GPUs here");
-        assert!(err.to_string().contains("/dev/nvidia0 does not exist"), "{err}");
+        assert!(
+            err.to_string().contains("/dev/nvidia0 does not exist"),
+            "{err}"
+        );
     }
-    let ids: Vec<ContainerId> = ["bad-image", "bad-cmd", "bad-mem", "bad-pids", "bad-user", "bad-gpu"].iter().map(|n| ContainerId::new(*n).expect("id")).collect();
+    let ids: Vec<ContainerId> = [
+        "bad-image",
+        "bad-cmd",
+        "bad-mem",
+        "bad-pids",
+        "bad-user",
+        "bad-gpu",
+    ]
+    .iter()
+    .map(|n| ContainerId::new(*n).expect("id"))
+    .collect();
     assert_eq!(leftovers(h.state_dir(), &ids), Vec::<String>::new());
-    assert!(h.runtime.list().is_empty(), "no records: {:?}", h.runtime.list());
-    let dirs: Vec<_> = std::fs::read_dir(h.state_dir().join("containers")).expect("ls").collect();
+    assert!(
+        h.runtime.list().is_empty(),
+        "no records: {:?}",
+        h.runtime.list()
+    );
+    let dirs: Vec<_> = std::fs::read_dir(h.state_dir().join("containers"))
+        .expect("ls")
+        .collect();
     assert!(dirs.is_empty(), "no container directories: {dirs:?}");
 }
 
@@ -216,12 +338,21 @@ async fn duplicate_ids_are_refused() {
     let mut req = sh_request("sleep 1000");
     req.id = Some(ContainerId::new("twice").expect("id"));
     h.runtime.start(req.clone()).await.expect("first");
-    assert!(matches!(h.runtime.start(req.clone()).await, Err(RuntimeError::Exists { .. })));
+    assert!(matches!(
+        h.runtime.start(req.clone()).await,
+        Err(RuntimeError::Exists { .. })
+    ));
     let id = req.id.expect("id");
-    assert!(matches!(h.runtime.remove(&id), Err(RuntimeError::StillRunning { .. })));
+    assert!(matches!(
+        h.runtime.remove(&id),
+        Err(RuntimeError::StillRunning { .. })
+    ));
     h.runtime.stop(&id, Duration::ZERO).await.expect("stop");
     h.runtime.remove(&id).expect("remove");
-    assert!(matches!(h.runtime.status(&id), Err(RuntimeError::NotFound { .. })));
+    assert!(matches!(
+        h.runtime.status(&id),
+        Err(RuntimeError::NotFound { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -232,53 +363,106 @@ async fn logs_are_capped_and_keep_the_newest_output() {
     drop(images);
     // Reopen with a small cap.
     let store = gantry_agent::store::LocalStore::open(&dir.path().join("db")).expect("store");
-    let images = gantry_agent::image::ImageStore::open(&dir.path().join("images"), &store, Default::default()).expect("images");
+    let images = gantry_agent::image::ImageStore::open(
+        &dir.path().join("images"),
+        &store,
+        Default::default(),
+    )
+    .expect("images");
     let rootfs = common::busybox_rootfs(dir.path());
-    images.import(&rootfs, "busybox", ImageConfig::default()).await.expect("import");
+    images
+        .import(&rootfs, "busybox", ImageConfig::default())
+        .await
+        .expect("import");
     let mut cfg = gantry_agent::runtime::RuntimeConfig::new(dir.path(), common::AGENT);
     cfg.log_cap_bytes = 4096;
-    let rt = gantry_agent::runtime::Runtime::open(cfg, images, &store).await.expect("runtime");
-    let id = rt.start(sh_request("i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done")).await.expect("start").id;
+    let rt = gantry_agent::runtime::Runtime::open(cfg, images, &store)
+        .await
+        .expect("runtime");
+    let id = rt
+        .start(sh_request(
+            "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done",
+        ))
+        .await
+        .expect("start")
+        .id;
     rt.wait(&id).await.expect("wait");
     let out = rt.logs(&id, Stream::Stdout).expect("logs");
-    assert!(out.len() <= 2 * 4096, "at most two files of the cap: {}", out.len());
+    assert!(
+        out.len() <= 2 * 4096,
+        "at most two files of the cap: {}",
+        out.len()
+    );
     assert!(String::from_utf8_lossy(&out).ends_with("line-1999\n"));
-    let dir_size: u64 = std::fs::read_dir(rt.log_dir(&id).expect("dir")).expect("ls").flatten().filter(|e| e.file_name().to_string_lossy().starts_with("stdout")).map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).sum();
+    let dir_size: u64 = std::fs::read_dir(rt.log_dir(&id).expect("dir"))
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("stdout"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
     assert!(dir_size <= 2 * 4096);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn many_start_stop_cycles_leave_nothing_behind() {
     let h = TestHost::new().await;
-    let cycles: usize = std::env::var("GANTRY_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let cycles: usize = std::env::var("GANTRY_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
     let mut ids = Vec::new();
     for i in 0..cycles {
         // Alternate: stopped while running, and exited by itself.
         let script = if i % 2 == 0 { "sleep 1000" } else { "true" };
         let id = h.sh(script).await;
-        let exit = if i % 2 == 0 { h.runtime.stop(&id, Duration::ZERO).await } else { h.runtime.wait(&id).await }.expect("exit");
+        let exit = if i % 2 == 0 {
+            h.runtime.stop(&id, Duration::ZERO).await
+        } else {
+            h.runtime.wait(&id).await
+        }
+        .expect("exit");
         assert_eq!(exit.cleanup_error, None, "cycle {i}");
         h.runtime.remove(&id).expect("remove");
         ids.push(id);
     }
     assert_eq!(leftovers(h.state_dir(), &ids), Vec::<String>::new());
     assert!(h.runtime.list().is_empty());
-    let left: Vec<_> = std::fs::read_dir(h.state_dir().join("containers")).expect("ls").flatten().map(|e| e.path()).collect();
+    let left: Vec<_> = std::fs::read_dir(h.state_dir().join("containers"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert!(left.is_empty(), "{left:?}");
     // No shim outlived its container.
-    let shims = std::process::Command::new("pgrep").args(["-f", &format!("gantry-agent shim {}", h.state_dir().display())]).output().expect("pgrep");
-    assert!(shims.stdout.is_empty(), "shims still running: {}", String::from_utf8_lossy(&shims.stdout));
+    let shims = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("gantry-agent shim {}", h.state_dir().display()),
+        ])
+        .output()
+        .expect("pgrep");
+    assert!(
+        shims.stdout.is_empty(),
+        "shims still running: {}",
+        String::from_utf8_lossy(&shims.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_and_list_report_running_then_exited() {
     let h = TestHost::new().await;
     let id = h.sh("sleep 1000").await;
-    assert!(matches!(h.runtime.status(&id).expect("status").state, ContainerState::Running { .. }));
+    assert!(matches!(
+        h.runtime.status(&id).expect("status").state,
+        ContainerState::Running { .. }
+    ));
     // The leak check sees a live container's mount, cgroups, process and state.
     let live = leftovers(h.state_dir(), std::slice::from_ref(&id));
     for kind in ["mount", "cgroup", "process", "libcontainer state"] {
-        assert!(live.iter().any(|l| l.starts_with(kind)), "no {kind} in {live:?}");
+        assert!(
+            live.iter().any(|l| l.starts_with(kind)),
+            "no {kind} in {live:?}"
+        );
     }
     h.runtime.stop(&id, Duration::ZERO).await.expect("stop");
     match h.runtime.status(&id).expect("status").state {

@@ -528,7 +528,9 @@ impl Runtime {
             .wait_for(Option::is_some)
             .await
             .map_err(|_| RuntimeError::NotFound { id: id.clone() })?;
-        Ok(exit.clone().unwrap_or_else(|| unreachable_exit()))
+        // `wait_for` returned, so the value is `Some`.
+        exit.clone()
+            .ok_or_else(|| RuntimeError::NotFound { id: id.clone() })
     }
 
     pub fn status(&self, id: &ContainerId) -> Result<ContainerStatus, RuntimeError> {
@@ -611,18 +613,6 @@ fn lock_record(t: &Tracked) -> std::sync::MutexGuard<'_, ContainerRecord> {
     t.record.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn unreachable_exit() -> ExitRecord {
-    ExitRecord {
-        reason: ExitReason::ShimLost,
-        exit_code: None,
-        signal: None,
-        oom_killed: false,
-        started_at_ms: 0,
-        finished_at_ms: 0,
-        cleanup_error: None,
-    }
-}
-
 fn read_line(fd: OwnedFd) -> String {
     let mut line = String::new();
     let _ = BufReader::new(std::fs::File::from(fd)).read_line(&mut line);
@@ -634,7 +624,7 @@ fn open_shim(shim: ShimPid) -> Option<OwnedFd> {
     let fd = fsutil::pidfd_open(shim.pid).ok()?;
     // Opened first, checked second: if the start time still matches, the pidfd refers to
     // the shim and not to a process that reused its pid.
-    (fsutil::process_start_time(shim.pid).ok()? == shim.start_time).then_some(fd)
+    fsutil::process_alive_since(shim.pid, shim.start_time).then_some(fd)
 }
 
 fn open_shim_from(dir: &Path) -> Option<OwnedFd> {

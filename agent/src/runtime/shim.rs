@@ -562,10 +562,10 @@ fn teardown(dir: &Path, container: Option<Container>) -> Result<(), String> {
         let _ = fsutil::remove_dir_all_if_exists(&cfg.libcontainer_root.join(cfg.id.as_str()));
     }
     let rootfs = dir.join(files::ROOTFS);
-    if is_mountpoint(&rootfs) {
-        if let Err(e) = nix::mount::umount2(&rootfs, MntFlags::MNT_DETACH) {
-            errors.push(format!("unmounting {}: {e}", rootfs.display()));
-        }
+    if is_mountpoint(&rootfs)
+        && let Err(e) = nix::mount::umount2(&rootfs, MntFlags::MNT_DETACH)
+    {
+        errors.push(format!("unmounting {}: {e}", rootfs.display()));
     }
     for d in [files::ROOTFS, files::UPPER, files::WORK] {
         if let Err(e) = fsutil::remove_dir_all_if_exists(&dir.join(d)) {

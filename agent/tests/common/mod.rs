@@ -17,8 +17,15 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_gantry-agent");
 pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("busybox-rootfs");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
-    let out = Command::new(script).arg(&root).output().expect("run make-busybox-rootfs");
-    assert!(out.status.success(), "make-busybox-rootfs failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(script)
+        .arg(&root)
+        .output()
+        .expect("run make-busybox-rootfs");
+    assert!(
+        out.status.success(),
+        "make-busybox-rootfs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     root
 }
 
@@ -35,8 +42,16 @@ impl TestHost {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, images, runtime) = open(dir.path()).await;
         let rootfs = busybox_rootfs(dir.path());
-        images.import(&rootfs, "busybox", ImageConfig::default()).await.expect("import busybox");
-        Self { dir, store, images, runtime }
+        images
+            .import(&rootfs, "busybox", ImageConfig::default())
+            .await
+            .expect("import busybox");
+        Self {
+            dir,
+            store,
+            images,
+            runtime,
+        }
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -52,17 +67,35 @@ impl TestHost {
     /// Runs `sh -c SCRIPT` to completion; returns (exit, stdout, stderr).
     pub async fn run(&self, script: &str) -> (runtime::ExitRecord, String, String) {
         let id = self.sh(script).await;
-        let exit = tokio::time::timeout(Duration::from_secs(60), self.runtime.wait(&id)).await.expect("exit within 60s").expect("wait");
-        let out = String::from_utf8_lossy(&self.runtime.logs(&id, runtime::Stream::Stdout).expect("logs")).into_owned();
-        let err = String::from_utf8_lossy(&self.runtime.logs(&id, runtime::Stream::Stderr).expect("logs")).into_owned();
+        let exit = tokio::time::timeout(Duration::from_secs(60), self.runtime.wait(&id))
+            .await
+            .expect("exit within 60s")
+            .expect("wait");
+        let out = String::from_utf8_lossy(
+            &self
+                .runtime
+                .logs(&id, runtime::Stream::Stdout)
+                .expect("logs"),
+        )
+        .into_owned();
+        let err = String::from_utf8_lossy(
+            &self
+                .runtime
+                .logs(&id, runtime::Stream::Stderr)
+                .expect("logs"),
+        )
+        .into_owned();
         (exit, out, err)
     }
 }
 
 pub async fn open(state: &Path) -> (LocalStore, ImageStore, Runtime) {
     let store = LocalStore::open(&state.join("db")).expect("store");
-    let images = ImageStore::open(&state.join("images"), &store, PullConfig::default()).expect("images");
-    let runtime = Runtime::open(RuntimeConfig::new(state, AGENT), images.clone(), &store).await.expect("runtime");
+    let images =
+        ImageStore::open(&state.join("images"), &store, PullConfig::default()).expect("images");
+    let runtime = Runtime::open(RuntimeConfig::new(state, AGENT), images.clone(), &store)
+        .await
+        .expect("runtime");
     (store, images, runtime)
 }
 
