@@ -61,6 +61,10 @@ pub enum ImageError {
     )]
     BadReference { reference: String, reason: String },
     #[error(
+        "registry refused access to `{reference}` ({message}); pass credentials that may pull it (`--username` and `--password`, or GANTRY_REGISTRY_USER / GANTRY_REGISTRY_PASSWORD)"
+    )]
+    Unauthorized { reference: String, message: String },
+    #[error(
         "image name `{name}` is not valid: use letters, digits, `.`, `_`, `-`, `/` and an optional `:tag`"
     )]
     BadName { name: String },

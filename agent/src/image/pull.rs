@@ -200,6 +200,25 @@ fn registry_error(reference: &str, e: OciDistributionError) -> ImageError {
         OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFound {
             name: reference.to_owned(),
         },
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => ImageError::Unauthorized {
+            reference: reference.to_owned(),
+            message: e.to_string(),
+        },
+        OciDistributionError::RegistryError { ref envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                matches!(
+                    e.code,
+                    oci_client::errors::OciErrorCode::Unauthorized
+                        | oci_client::errors::OciErrorCode::Denied
+                )
+            }) =>
+        {
+            ImageError::Unauthorized {
+                reference: reference.to_owned(),
+                message: e.to_string(),
+            }
+        }
         OciDistributionError::RegistryError { ref envelope, .. }
             if envelope.errors.iter().any(|e| {
                 matches!(
