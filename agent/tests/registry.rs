@@ -371,7 +371,7 @@ async fn a_corrupt_layer_is_rejected_and_nothing_is_stored() {
     );
     let manifest = layout.manifest(
         json!({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["true"]}}),
-        &[layer.clone()],
+        std::slice::from_ref(&layer),
     );
     layout.tag(&manifest, "v1");
     layout.push("v1", &registry, "team/corrupt:v1", None);
@@ -419,7 +419,7 @@ async fn unsupported_media_types_unknown_images_and_dead_registries_fail_clearly
     );
     let manifest = layout.manifest(
         json!({"architecture": "amd64", "os": "linux", "config": {}}),
-        &[odd.clone()],
+        std::slice::from_ref(&odd),
     );
     layout.tag(&manifest, "v1");
     layout.push("v1", &registry, "team/odd:v1", None);
