@@ -471,3 +471,79 @@ async fn status_and_list_report_running_then_exited() {
     }
     assert_eq!(h.runtime.list().len(), 1);
 }
+
+/// GPU injection end to end without NVIDIA hardware: the host paths point at device nodes
+/// made here with the numbers of harmless kernel devices (`/dev/zero` as GPU 0, `/dev/full`
+/// as GPU 1, `/dev/null` as nvidiactl). The container must get exactly its assigned
+/// "GPU", the visibility variables, and a device cgroup that refuses everything else.
+#[tokio::test(flavor = "multi_thread")]
+async fn assigned_gpu_devices_are_injected_and_nothing_else() {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = dir.path().join("fake-dev");
+    std::fs::create_dir_all(&dev).expect("mkdir");
+    for (name, major, minor) in [("nvidia0", 1, 5), ("nvidia1", 1, 7), ("nvidiactl", 1, 3)] {
+        mknod(
+            &dev.join(name),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .expect("mknod");
+    }
+    let state = dir.path().join("state");
+    let store = gantry_agent::store::LocalStore::open(&state.join("db")).expect("store");
+    let images =
+        gantry_agent::image::ImageStore::open(&state.join("images"), &store, Default::default())
+            .expect("images");
+    images
+        .import(
+            &common::busybox_rootfs(dir.path()),
+            "busybox",
+            ImageConfig::default(),
+        )
+        .await
+        .expect("import");
+    let mut cfg = gantry_agent::runtime::RuntimeConfig::new(&state, common::AGENT);
+    cfg.gpu_host = gantry_agent::gpu::HostPaths {
+        dev,
+        lib_dirs: vec![],
+        bin_dirs: vec![],
+    };
+    let rt = gantry_agent::runtime::Runtime::open(cfg, images, &store)
+        .await
+        .expect("runtime");
+
+    let mut req = sh_request(
+        "ls /dev | grep nvidia | tr '\\n' ' '; echo; \
+         echo NVIDIA=$NVIDIA_VISIBLE_DEVICES CUDA=$CUDA_VISIBLE_DEVICES; \
+         head -c 4 /dev/nvidia1 | od -An -tx1; \
+         mknod /tmp/mem c 1 1 && (head -c 1 /tmp/mem >/dev/null 2>&1 && echo mem-readable || echo mem-denied)",
+    );
+    req.gpus = vec![1];
+    req.env = vec![("NVIDIA_VISIBLE_DEVICES".into(), "all".into())];
+    let id = rt.start(req).await.expect("start").id;
+    let exit = rt.wait(&id).await.expect("wait");
+    let out = String::from_utf8_lossy(&rt.logs(&id, Stream::Stdout).expect("logs")).into_owned();
+    let err = String::from_utf8_lossy(&rt.logs(&id, Stream::Stderr).expect("logs")).into_owned();
+    assert_eq!(exit.code(), 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0].trim(),
+        "nvidia1 nvidiactl",
+        "only the assigned GPU and the control device"
+    );
+    assert_eq!(
+        lines[1], "NVIDIA=1 CUDA=0",
+        "the user's NVIDIA_VISIBLE_DEVICES=all is overridden"
+    );
+    assert_eq!(
+        lines[2].trim(),
+        "00 00 00 00",
+        "the assigned device is usable (here /dev/full reads zeros)"
+    );
+    assert_eq!(
+        lines[3], "mem-denied",
+        "the device cgroup refuses unassigned devices"
+    );
+}

@@ -1,1 +1,367 @@
-fn main() {}
+//! `gantry-bench`: Gantry's benchmarks. Never run from `cargo test`; `bench/run` drives it.
+//!
+//! `cold-start` measures, for one cached root filesystem, the time from the start call to
+//! the container's first instruction of user code: the container runs a static program
+//! that prints the wall clock in nanoseconds, and the benchmark subtracts the wall clock
+//! it read just before starting. The same program and rootfs run under Gantry's runtime
+//! API, under the `gantry-agent run` command, and under `runc run`, `crun run` and
+//! `podman run --rm`, interleaved round by round so machine noise hits all alike.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use gantry_agent::image::{ImageConfig, ImageStore, PullConfig};
+use gantry_agent::runtime::{ContainerRequest, Runtime, RuntimeConfig, Stream};
+use gantry_agent::store::LocalStore;
+
+#[derive(Parser)]
+#[command(
+    name = "gantry-bench",
+    about = "Gantry benchmarks (see bench/README.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Container cold start with a cached image, side by side with runc, crun and podman.
+    ColdStart {
+        /// The gantry-agent binary (shims are started from it).
+        #[arg(long)]
+        agent: PathBuf,
+        /// A root filesystem containing the static `/stamp` program.
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Starts per runtime.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// Starts for podman (slow; at least 20).
+        #[arg(long, default_value_t = 50)]
+        podman_runs: usize,
+        /// Scratch directory (state dirs, bundles).
+        #[arg(long, default_value = "/tmp/gantry-bench")]
+        work: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::ColdStart {
+            agent,
+            rootfs,
+            runs,
+            podman_runs,
+            work,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(cold_start(
+                &agent,
+                &rootfs,
+                runs,
+                podman_runs.max(20),
+                &work,
+            ))
+        }
+    }
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// Parses the stamp the container printed and returns the latency in milliseconds.
+fn latency_ms(t0: i128, output: &[u8]) -> anyhow::Result<f64> {
+    let text = String::from_utf8_lossy(output);
+    let stamp: i128 = text
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .with_context(|| format!("container printed no stamp: {text:?}"))?;
+    Ok((stamp - t0) as f64 / 1e6)
+}
+
+struct Series {
+    name: String,
+    samples: Vec<f64>,
+    error: Option<String>,
+}
+
+impl Series {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            samples: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn percentile(&self, p: f64) -> Option<f64> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut s = self.samples.clone();
+        s.sort_by(f64::total_cmp);
+        let idx = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+        Some(s[idx.min(s.len() - 1)])
+    }
+
+    fn record(&mut self, r: anyhow::Result<f64>) {
+        match r {
+            Ok(ms) => self.samples.push(ms),
+            Err(e) if self.error.is_none() => self.error = Some(format!("{e:#}")),
+            Err(_) => {}
+        }
+    }
+}
+
+/// An OCI bundle for runc/crun over the same rootfs: `runc spec`, then our args.
+fn make_bundle(work: &Path, rootfs: &Path) -> anyhow::Result<PathBuf> {
+    let bundle = work.join("bundle");
+    std::fs::create_dir_all(&bundle)?;
+    let _ = std::fs::remove_file(bundle.join("config.json"));
+    let st = Command::new("runc")
+        .arg("spec")
+        .current_dir(&bundle)
+        .status()
+        .context("runc spec (apt-get install runc)")?;
+    if !st.success() {
+        bail!("runc spec failed");
+    }
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+    spec["root"]["path"] = serde_json::json!(rootfs);
+    spec["root"]["readonly"] = serde_json::json!(true);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["process"]["args"] = serde_json::json!(["/stamp"]);
+    // Same rule as Gantry: never raise an rlimit above the current hard limit.
+    let hard = nix_hard_nofile();
+    spec["process"]["rlimits"] =
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": hard, "soft": hard}]);
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(&spec)?,
+    )?;
+    Ok(bundle)
+}
+
+fn nix_hard_nofile() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_max.min(1 << 20)
+    } else {
+        1024
+    }
+}
+
+fn run_oci_cli(bin: &str, root: &Path, bundle: &Path, id: &str) -> anyhow::Result<f64> {
+    let t0 = now_ns();
+    let out = Command::new(bin)
+        .arg("--root")
+        .arg(root)
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {bin}"))?;
+    if !out.status.success() {
+        let _ = Command::new(bin)
+            .arg("--root")
+            .arg(root)
+            .args(["delete", "-f", id])
+            .output();
+        bail!(
+            "{bin} run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    latency_ms(t0, &out.stdout)
+}
+
+fn run_podman(rootfs: &Path) -> anyhow::Result<f64> {
+    let t0 = now_ns();
+    let out = Command::new("podman")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=4096:4096",
+            "--rootfs",
+        ])
+        .arg(rootfs)
+        .arg("/stamp")
+        .stdin(Stdio::null())
+        .output()
+        .context("running podman (apt-get install podman)")?;
+    if !out.status.success() {
+        bail!(
+            "podman run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    latency_ms(t0, &out.stdout)
+}
+
+async fn run_gantry(rt: &Runtime) -> anyhow::Result<f64> {
+    let mut req = ContainerRequest::new("bench");
+    req.command = Some(vec!["/stamp".into()]);
+    let t0 = now_ns();
+    let id = rt.start(req).await?.id;
+    let exit = rt.wait(&id).await?;
+    let out = rt.logs(&id, Stream::Stdout)?;
+    rt.remove(&id)?;
+    if exit.code() != 0 {
+        bail!("stamp exited with {}", exit.code());
+    }
+    latency_ms(t0, &out)
+}
+
+fn run_gantry_cli(agent: &Path, state: &Path) -> anyhow::Result<f64> {
+    let t0 = now_ns();
+    let out = Command::new(agent)
+        .env("GANTRY_STATE_DIR", state)
+        .args(["run", "--image", "bench", "--", "/stamp"])
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "gantry-agent run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    latency_ms(t0, &out.stdout)
+}
+
+async fn cold_start(
+    agent: &Path,
+    rootfs: &Path,
+    runs: usize,
+    podman_runs: usize,
+    work: &Path,
+) -> anyhow::Result<()> {
+    if !rootfs.join("stamp").is_file() {
+        bail!("{} has no /stamp; bench/run builds it", rootfs.display());
+    }
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work)?;
+    // Gantry, in process: the runtime API as the agent daemon will call it.
+    let api_state = work.join("api-state");
+    let store = LocalStore::open(&api_state.join("db"))?;
+    let images = ImageStore::open(&api_state.join("images"), &store, PullConfig::default())?;
+    images
+        .import(rootfs, "bench", ImageConfig::default())
+        .await?;
+    let runtime = Runtime::open(RuntimeConfig::new(&api_state, agent), images, &store).await?;
+    // Gantry through its operator command (a new agent process per start).
+    let cli_state = work.join("cli-state");
+    let st = Command::new(agent)
+        .env("GANTRY_STATE_DIR", &cli_state)
+        .args(["image", "import"])
+        .arg(rootfs)
+        .args(["--name", "bench"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("gantry-agent image import failed");
+    }
+    let bundle = make_bundle(work, rootfs)?;
+    let runc_root = work.join("runc-root");
+    let crun_root = work.join("crun-root");
+
+    let mut api = Series::new("Gantry runtime API (`Runtime::start`)");
+    let mut cli = Series::new("`gantry-agent run` (new agent process per start)");
+    let mut runc = Series::new("`runc run`");
+    let mut crun = Series::new("`crun run`");
+    let mut podman = Series::new("`podman run --rm`");
+    // Warm-up: page cache, binaries.
+    for _ in 0..5 {
+        let _ = run_gantry(&runtime).await;
+        let _ = run_oci_cli("runc", &runc_root, &bundle, "warm");
+    }
+    for i in 0..runs {
+        api.record(run_gantry(&runtime).await);
+        cli.record(run_gantry_cli(agent, &cli_state));
+        runc.record(run_oci_cli("runc", &runc_root, &bundle, &format!("b{i}")));
+        if crun.error.is_none() {
+            crun.record(run_oci_cli("crun", &crun_root, &bundle, &format!("b{i}")));
+        }
+        if i < podman_runs && podman.error.is_none() {
+            podman.record(run_podman(rootfs));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    print_table(&[&api, &cli, &runc, &crun, &podman], &runc, runs);
+    Ok(())
+}
+
+fn print_table(all: &[&Series], baseline: &Series, runs: usize) {
+    let base = baseline.percentile(50.0);
+    println!("| runtime | starts | p50 (ms) | p99 (ms) | p50 vs `runc run` |");
+    println!("|---|---|---|---|---|");
+    for s in all {
+        match (s.percentile(50.0), s.percentile(99.0)) {
+            (Some(p50), Some(p99)) => {
+                let ratio = base
+                    .map(|b| {
+                        format!(
+                            "{:.2}× {}",
+                            if p50 < b { b / p50 } else { p50 / b },
+                            if p50 < b { "faster" } else { "slower" }
+                        )
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "| {} | {} | {:.1} | {:.1} | {} |",
+                    s.name,
+                    s.samples.len(),
+                    p50,
+                    p99,
+                    ratio
+                );
+            }
+            _ => println!(
+                "| {} | 0 | — | — | did not run: {} |",
+                s.name,
+                s.error
+                    .as_deref()
+                    .unwrap_or("no samples")
+                    .replace('|', "/")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            ),
+        }
+        if let (Some(e), false) = (&s.error, s.samples.is_empty()) {
+            eprintln!("{}: some starts failed: {e}", s.name);
+        }
+    }
+    println!();
+    println!(
+        "{runs} rounds, interleaved; latency = wall clock printed by the container's first instruction minus the wall clock just before the start call."
+    );
+}
