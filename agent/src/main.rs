@@ -216,8 +216,10 @@ fn init_shim_tracing(dir: &std::path::Path) {
     else {
         return;
     };
+    // A plain level, not an EnvFilter: parsing filter directives compiles regexes, which
+    // costs milliseconds on every container start.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_max_level(tracing::Level::INFO)
         .with_ansi(false)
         .with_writer(std::sync::Mutex::new(file))
         .init();

@@ -203,6 +203,8 @@ fn run_podman(rootfs: &Path) -> anyhow::Result<f64> {
         .args([
             "run",
             "--rm",
+            "--runtime",
+            "runc",
             "--network",
             "host",
             "--cgroup-manager",
@@ -227,13 +229,34 @@ fn run_podman(rootfs: &Path) -> anyhow::Result<f64> {
     latency_ms(t0, &out.stdout)
 }
 
-async fn run_gantry(rt: &Runtime) -> anyhow::Result<f64> {
+/// Where a Gantry start spends its time, from the shim's "container started" log line.
+#[derive(Default)]
+struct Breakdown {
+    mount: Vec<f64>,
+    create: Vec<f64>,
+}
+
+fn shim_phase_ms(log: &str, key: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains("container started"))?;
+    let v = line.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+    v.parse::<f64>().ok().map(|us| us / 1000.0)
+}
+
+async fn run_gantry(rt: &Runtime, breakdown: &mut Breakdown) -> anyhow::Result<f64> {
     let mut req = ContainerRequest::new("bench");
     req.command = Some(vec!["/stamp".into()]);
     let t0 = now_ns();
     let id = rt.start(req).await?.id;
     let exit = rt.wait(&id).await?;
     let out = rt.logs(&id, Stream::Stdout)?;
+    let shim_log = std::fs::read_to_string(rt.log_dir(&id)?.join("shim.log")).unwrap_or_default();
+    if let (Some(m), Some(c)) = (
+        shim_phase_ms(&shim_log, "mount_us="),
+        shim_phase_ms(&shim_log, "create_us="),
+    ) {
+        breakdown.mount.push(m);
+        breakdown.create.push(c - m);
+    }
     rt.remove(&id)?;
     if exit.code() != 0 {
         bail!("stamp exited with {}", exit.code());
@@ -299,12 +322,13 @@ async fn cold_start(
     let mut crun = Series::new("`crun run`");
     let mut podman = Series::new("`podman run --rm`");
     // Warm-up: page cache, binaries.
+    let mut breakdown = Breakdown::default();
     for _ in 0..5 {
-        let _ = run_gantry(&runtime).await;
+        let _ = run_gantry(&runtime, &mut Breakdown::default()).await;
         let _ = run_oci_cli("runc", &runc_root, &bundle, "warm");
     }
     for i in 0..runs {
-        api.record(run_gantry(&runtime).await);
+        api.record(run_gantry(&runtime, &mut breakdown).await);
         cli.record(run_gantry_cli(agent, &cli_state));
         runc.record(run_oci_cli("runc", &runc_root, &bundle, &format!("b{i}")));
         if crun.error.is_none() {
@@ -316,6 +340,22 @@ async fn cold_start(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     print_table(&[&api, &cli, &runc, &crun, &podman], &runc, runs);
+    let median = |v: &[f64]| {
+        Series {
+            name: String::new(),
+            samples: v.to_vec(),
+            error: None,
+        }
+        .percentile(50.0)
+        .unwrap_or(f64::NAN)
+    };
+    println!();
+    println!(
+        "Inside a Gantry start (medians, from the shim's log): overlay mount {:.1} ms, libcontainer create (cgroups, namespaces, rootfs, init up to exec wait) {:.1} ms; the rest of the {:.1} ms p50 is the agent's preparation, the shim's exec and `start`.",
+        median(&breakdown.mount),
+        median(&breakdown.create),
+        api.percentile(50.0).unwrap_or(f64::NAN)
+    );
     Ok(())
 }
 

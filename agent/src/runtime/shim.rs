@@ -189,8 +189,10 @@ fn start(dir: &Path) -> Result<Started, ShimError> {
     };
     fsutil::write_json_atomic(&dir.join(files::SHIM_PID), &shim).map_err(io("writing shim.pid"))?;
 
+    let t0 = Instant::now();
     let rootfs = dir.join(files::ROOTFS);
     mount_rootfs(dir, &cfg.layers)?;
+    let mounted = t0.elapsed();
     if let Some(user) = &cfg.user {
         set_user(dir, &rootfs, user)?;
     }
@@ -223,12 +225,20 @@ fn start(dir: &Path) -> Result<Started, ShimError> {
         .with_systemd(false)
         .with_detach(true)
         .build()?;
+    let created = t0.elapsed();
     container.start()?;
     let started_at_ms = now_ms();
     let init_pid = container
         .pid()
         .ok_or_else(|| ShimError::User("container started but reported no pid".into()))?;
-    tracing::info!(id = %cfg.id, pid = init_pid.as_raw(), "container started");
+    tracing::info!(
+        id = %cfg.id,
+        pid = init_pid.as_raw(),
+        mount_us = mounted.as_micros() as u64,
+        create_us = created.as_micros() as u64,
+        start_us = t0.elapsed().as_micros() as u64,
+        "container started"
+    );
     Ok(Started {
         shim,
         container,
