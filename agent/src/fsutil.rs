@@ -6,9 +6,19 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename,
-/// fsync of the directory. Readers see the old content or the new, never a prefix.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// How much a write must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Survives a process crash (rename is atomic), not a host crash. For files that only
+    /// matter while the host stays up: a host crash takes the containers with it.
+    Process,
+    /// Also survives power loss: fsync of the file and of its directory.
+    Host,
+}
+
+/// Writes `bytes` to `path` atomically: a temp file in the same directory, then rename.
+/// Readers see the old content or the new, never a prefix.
+pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -17,16 +27,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if durability == Durability::Host {
+        f.sync_all()?;
+    }
     drop(f);
     fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    if durability == Durability::Host {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Serializes `value` as JSON and writes it atomically.
-pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> io::Result<()> {
+pub fn write_json_atomic<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    durability: Durability,
+) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &bytes, durability)
 }
 
 /// Reads a JSON file; `Ok(None)` when it does not exist.
@@ -117,8 +136,8 @@ mod tests {
     fn atomic_write_replaces_content() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("x.json");
-        write_json_atomic(&p, &vec![1, 2]).expect("write");
-        write_json_atomic(&p, &vec![3]).expect("write");
+        write_json_atomic(&p, &vec![1, 2], Durability::Host).expect("write");
+        write_json_atomic(&p, &vec![3], Durability::Process).expect("write");
         let v: Option<Vec<i32>> = read_json(&p).expect("read");
         assert_eq!(v, Some(vec![3]));
         assert_eq!(

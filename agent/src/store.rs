@@ -99,6 +99,20 @@ impl Table {
         Ok(())
     }
 
+    /// Inserts without waiting for disk; pair with [`Table::flush`].
+    pub fn put_unflushed<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|source| StoreError::Decode { tree: self.name, key: key.to_owned(), source })?;
+        self.tree.insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Waits until everything inserted so far is on disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
     pub fn remove(&self, key: &str) -> Result<(), StoreError> {
         self.tree.remove(key)?;
         self.tree.flush()?;

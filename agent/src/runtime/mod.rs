@@ -16,7 +16,7 @@ mod types;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +31,7 @@ pub use shim::files;
 pub use spec::DEFAULT_PATH;
 pub use types::*;
 
-use crate::fsutil;
+use crate::fsutil::{self, Durability};
 use crate::gpu::{self, GpuError, HostPaths};
 use crate::image::{ImageError, ImageStore};
 use crate::store::{LocalStore, StoreError, Table};
@@ -287,9 +287,15 @@ impl Runtime {
         shim_cfg: &ShimConfig,
     ) -> Result<Launched, RuntimeError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        fsutil::write_json_atomic(&dir.join(files::SPEC), spec).map_err(io_err(dir))?;
-        fsutil::write_json_atomic(&dir.join(files::SHIM_CONFIG), shim_cfg).map_err(io_err(dir))?;
-        self.inner.table.put(record.id.as_str(), record)?;
+        // Process durability is enough: after a host crash there is no container to find.
+        fsutil::write_json_atomic(&dir.join(files::SPEC), spec, Durability::Process)
+            .map_err(io_err(dir))?;
+        fsutil::write_json_atomic(&dir.join(files::SHIM_CONFIG), shim_cfg, Durability::Process)
+            .map_err(io_err(dir))?;
+        // Recorded before the shim exists and flushed while it starts: if the agent dies
+        // before the flush lands, the restarted agent finds a directory without a record
+        // and rolls the never-acknowledged start back (see `readopt`).
+        self.inner.table.put_unflushed(record.id.as_str(), record)?;
         let (ready_r, ready_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io_err(dir)(e.into()))?;
         let shim_log = std::fs::OpenOptions::new()
@@ -297,26 +303,19 @@ impl Runtime {
             .append(true)
             .open(dir.join("shim.log"))
             .map_err(io_err(dir))?;
-        let mut cmd = tokio::process::Command::new(&self.inner.cfg.shim_binary);
-        cmd.arg("shim")
+        // No pre_exec hook, so std can spawn with vfork semantics (cheap from a large,
+        // multi-threaded agent); the ready pipe travels as the shim's stdout.
+        let mut child = tokio::process::Command::new(&self.inner.cfg.shim_binary)
+            .arg("shim")
             .arg(dir)
             .stdin(std::process::Stdio::null())
-            .stdout(shim_log.try_clone().map_err(io_err(dir))?)
-            .stderr(shim_log);
-        let raw_w = ready_w.as_raw_fd();
-        // SAFETY: between fork and exec we only call async-signal-safe dup2.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(raw_w, shim::READY_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(io_err(&self.inner.cfg.shim_binary))?;
-        drop(ready_w);
+            .stdout(std::fs::File::from(ready_w))
+            .stderr(shim_log)
+            .spawn()
+            .map_err(io_err(&self.inner.cfg.shim_binary))?;
         // The first shim process exits right after forking the real shim.
-        let _ = child.wait().await;
+        let (_, flushed) = tokio::join!(child.wait(), self.inner.table.flush());
+        flushed?;
         let timeout = self.inner.cfg.start_timeout;
         let line = tokio::time::timeout(
             timeout,
@@ -369,30 +368,11 @@ impl Runtime {
     fn watch(&self, tracked: Arc<Tracked>, pidfd: OwnedFd, dir: PathBuf) {
         let rt = self.clone();
         tokio::spawn(async move {
-            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until
-            // the AsyncFd is dropped at the end of this task.
-            match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
-                Ok(fd) => {
-                    let _ = fd.readable().await;
-                }
-                Err(e) => tracing::warn!(error = %e, "pidfd not pollable; polling for exit"),
-            }
-            // Bounded wait for the exit record in case a pidfd could not be polled.
-            let mut exit = None;
-            for _ in 0..200 {
-                if let Ok(Some(e)) = fsutil::read_json::<ExitRecord>(&dir.join(files::EXIT)) {
-                    exit = Some(e);
-                    break;
-                }
-                if open_shim_from(&dir).is_some() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                break;
-            }
-            let exit = match exit {
-                Some(e) => e,
-                None => rt.cleanup_lost(&dir).await,
+            exited(pidfd).await;
+            // The shim writes exit.json before it exits; without one it died abnormally.
+            let exit = match fsutil::read_json::<ExitRecord>(&dir.join(files::EXIT)) {
+                Ok(Some(e)) => e,
+                _ => rt.cleanup_lost(&dir).await,
             };
             rt.finish(&tracked, exit);
         });
@@ -463,7 +443,8 @@ impl Runtime {
                 self.finish(&tracked, exit);
             }
         }
-        // Directories without a record: a crash between mkdir and the first store write.
+        // Directories without a record: the agent died inside `start`, before the record
+        // reached disk, so nobody was ever told this container exists. Roll it back.
         let containers = self.inner.cfg.state_dir.join("containers");
         for e in std::fs::read_dir(&containers)
             .map_err(io_err(&containers))?
@@ -471,14 +452,25 @@ impl Runtime {
         {
             let name = e.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {
-                tracing::warn!(dir = %e.path().display(), "removing container directory with no record");
-                if open_shim_from(&e.path()).is_none() {
-                    self.cleanup_lost(&e.path()).await;
-                    let _ = fsutil::remove_dir_all_if_exists(&e.path());
-                }
+                tracing::warn!(dir = %e.path().display(), "rolling back a container whose start was never acknowledged");
+                self.roll_back(&e.path()).await;
             }
         }
         Ok(())
+    }
+
+    /// Kills whatever an unrecorded container directory still runs and removes it.
+    async fn roll_back(&self, dir: &Path) {
+        if let Some(pidfd) = open_shim_from(dir) {
+            let _ = write_control(&dir.join(files::CONTROL), "stop 0\n");
+            let _ = tokio::time::timeout(Duration::from_secs(30), exited(pidfd)).await;
+        }
+        if !dir.join(files::EXIT).exists() {
+            self.cleanup_lost(dir).await;
+        }
+        if let Err(e) = fsutil::remove_dir_all_if_exists(dir) {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot remove rolled-back container");
+        }
     }
 
     /// Asks the container to stop: SIGTERM, then SIGKILL after `grace` (zero: SIGKILL
@@ -501,24 +493,8 @@ impl Runtime {
     }
 
     fn control(&self, id: &ContainerId, cmd: &str) -> Result<(), RuntimeError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self.container_dir(id).join(files::CONTROL);
-        // Non-blocking open fails with ENXIO when no shim reads the FIFO: already exited.
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-        {
-            Ok(mut f) => f.write_all(cmd.as_bytes()).map_err(io_err(&path)),
-            Err(e)
-                if e.raw_os_error() == Some(libc::ENXIO)
-                    || e.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        write_control(&path, cmd).map_err(io_err(&path))
     }
 
     /// Waits for the container to exit.
@@ -611,6 +587,49 @@ struct Launched {
 
 fn lock_record(t: &Tracked) -> std::sync::MutexGuard<'_, ContainerRecord> {
     t.record.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Resolves once the process behind `pidfd` has exited (a pidfd polls readable then).
+async fn exited(pidfd: OwnedFd) {
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until the
+    // AsyncFd is dropped at the end of this function.
+    match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(e) => {
+            let (fd, error) = e.into_parts();
+            tracing::warn!(%error, "pidfd cannot be registered; polling it");
+            loop {
+                let mut fds = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+                if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Writes one command to a shim's control FIFO. A FIFO nobody reads (ENXIO on a
+/// non-blocking open) or a missing one means the shim is gone: nothing to tell it.
+fn write_control(path: &Path, cmd: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(mut f) => f.write_all(cmd.as_bytes()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENXIO)
+                || e.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn read_line(fd: OwnedFd) -> String {

@@ -28,10 +28,11 @@ use super::cgroup;
 use super::logs::{CappedLog, Stream};
 use super::spec::resolve_user;
 use super::types::{ExitReason, ExitRecord, ShimConfig, ShimPid, ShimReady, now_ms};
-use crate::fsutil;
+use crate::fsutil::{self, Durability};
 
-/// The fd on which the agent hands the shim its ready pipe.
-pub const READY_FD: i32 = 3;
+/// The shim reports on its stdout (as containerd's shims print their address there),
+/// which the agent connects to a pipe; afterwards stdout points at /dev/null.
+const READY_FD: i32 = libc::STDOUT_FILENO;
 
 /// Files in a container directory.
 pub mod files {
@@ -73,19 +74,17 @@ fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ShimError {
 
 /// Entry point of shim mode. Returns the process exit code.
 pub fn main(dir: &Path) -> i32 {
-    // SAFETY: fd 3 is the ready pipe the agent passed us; we take ownership once.
-    let ready = unsafe { OwnedFd::from_raw_fd(READY_FD) };
-    if nix::fcntl::fcntl(
-        ready.as_raw_fd(),
-        nix::fcntl::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .is_err()
-    {
-        eprintln!(
-            "gantry-agent shim: no ready pipe on fd {READY_FD}; the shim is started by the agent, not by hand"
-        );
-        return 2;
-    }
+    // Take the ready pipe off stdout and leave /dev/null there, so nothing else (the
+    // container's helpers, a panic) can write into it.
+    let ready = match take_ready_pipe() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!(
+                "gantry-agent shim: stdout is not the agent's ready pipe ({e}); the shim is started by the agent, not by hand"
+            );
+            return 2;
+        }
+    };
     // Detach: the parent returns at once (the agent reaps it); the child carries on in its
     // own session, so signals to the agent's process group never reach it.
     // SAFETY: the shim is single-threaded here; the child only continues this code.
@@ -135,11 +134,24 @@ pub fn main(dir: &Path) -> i32 {
         },
     );
     let record = supervise(dir, started);
-    if let Err(e) = fsutil::write_json_atomic(&dir.join(files::EXIT), &record) {
+    if let Err(e) = fsutil::write_json_atomic(&dir.join(files::EXIT), &record, Durability::Host) {
         tracing::error!(error = %e, "cannot write exit record");
         return 1;
     }
     0
+}
+
+fn take_ready_pipe() -> nix::Result<OwnedFd> {
+    let is_pipe = nix::sys::stat::fstat(READY_FD).map(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)?;
+    if !is_pipe {
+        return Err(nix::errno::Errno::ENOTSUP);
+    }
+    let ready = nix::fcntl::fcntl(READY_FD, nix::fcntl::F_DUPFD_CLOEXEC(3))?;
+    let null = nix::fcntl::open("/dev/null", OFlag::O_WRONLY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+    nix::unistd::dup2(null, READY_FD)?;
+    let _ = nix::unistd::close(null);
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ready) })
 }
 
 /// libcontainer reports a missing executable as a validation error; that is the user's.
@@ -187,7 +199,7 @@ fn start(dir: &Path) -> Result<Started, ShimError> {
         pid: me,
         start_time: fsutil::process_start_time(me).map_err(io("reading own start time"))?,
     };
-    fsutil::write_json_atomic(&dir.join(files::SHIM_PID), &shim).map_err(io("writing shim.pid"))?;
+    fsutil::write_json_atomic(&dir.join(files::SHIM_PID), &shim, Durability::Process).map_err(io("writing shim.pid"))?;
 
     let t0 = Instant::now();
     let rootfs = dir.join(files::ROOTFS);
@@ -312,7 +324,7 @@ fn set_user(dir: &Path, rootfs: &Path, user: &str) -> Result<(), ShimError> {
     spec["process"]["user"] = serde_json::json!({
         "uid": resolved.uid, "gid": resolved.gid, "additionalGids": resolved.additional_gids,
     });
-    fsutil::write_json_atomic(&spec_path, &spec).map_err(io("writing config.json"))
+    fsutil::write_json_atomic(&spec_path, &spec, Durability::Process).map_err(io("writing config.json"))
 }
 
 /// What the supervision loop is waiting for besides output.
@@ -615,7 +627,7 @@ pub fn cleanup_lost(dir: &Path) -> i32 {
         finished_at_ms: now_ms(),
         cleanup_error,
     };
-    match fsutil::write_json_atomic(&dir.join(files::EXIT), &record) {
+    match fsutil::write_json_atomic(&dir.join(files::EXIT), &record, Durability::Host) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("gantry-agent shim --cleanup: cannot write exit record: {e}");
