@@ -68,9 +68,13 @@ enum Command {
     #[command(hide = true)]
     Shim {
         /// Tear down after a lost shim instead of starting a container.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pooled")]
         cleanup: bool,
-        dir: PathBuf,
+        /// Start now and wait for a container directory on stdin (the agent's shim pool).
+        #[arg(long)]
+        pooled: bool,
+        #[arg(required_unless_present = "pooled")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -179,12 +183,17 @@ fn parse_network(s: &str) -> Result<NetworkMode, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Shim { cleanup, dir } = &cli.command {
-        init_shim_tracing(dir);
-        let code = if *cleanup {
-            runtime::shim::cleanup_lost(dir)
-        } else {
-            runtime::shim::main(dir)
+    if let Command::Shim {
+        cleanup,
+        pooled,
+        dir,
+    } = &cli.command
+    {
+        use runtime::shim::{self, Assignment};
+        let code = match (dir, *cleanup, *pooled) {
+            (Some(dir), true, _) => shim::cleanup_lost(dir),
+            (Some(dir), false, false) => shim::main(Assignment::Now(dir)),
+            _ => shim::main(Assignment::Later),
         };
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
@@ -203,26 +212,6 @@ fn main() -> ExitCode {
             ExitCode::from(125)
         }
     }
-}
-
-/// The shim logs to `shim.log` through its own descriptor, never through fd 2: processes
-/// libcontainer forks from the shim inherit fd 2 replaced by the container's stderr, and
-/// their messages must not land in the user's output.
-fn init_shim_tracing(dir: &std::path::Path) {
-    let Ok(file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("shim.log"))
-    else {
-        return;
-    };
-    // A plain level, not an EnvFilter: parsing filter directives compiles regexes, which
-    // costs milliseconds on every container start.
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(file))
-        .init();
 }
 
 fn init_tracing(filter: &str) {
@@ -245,7 +234,12 @@ async fn open_host(state_dir: &std::path::Path, pull: PullConfig) -> anyhow::Res
     let store = LocalStore::open(&state_dir.join("db"))?;
     let images = ImageStore::open(&state_dir.join("images"), &store, pull)?;
     let exe = std::env::current_exe().context("locating the gantry-agent binary for shims")?;
-    let runtime = Runtime::open(RuntimeConfig::new(state_dir, exe), images.clone(), &store).await?;
+    // One-shot commands: a pool of pre-started shims would only be started to exit again.
+    let config = RuntimeConfig {
+        shim_pool: 0,
+        ..RuntimeConfig::new(state_dir, exe)
+    };
+    let runtime = Runtime::open(config, images.clone(), &store).await?;
     Ok(Host { images, runtime })
 }
 

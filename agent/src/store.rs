@@ -101,8 +101,11 @@ impl Table {
 
     /// Inserts without waiting for disk; pair with [`Table::flush`].
     pub fn put_unflushed<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value)
-            .map_err(|source| StoreError::Decode { tree: self.name, key: key.to_owned(), source })?;
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
+            tree: self.name,
+            key: key.to_owned(),
+            source,
+        })?;
         self.tree.insert(key, bytes)?;
         Ok(())
     }

@@ -317,18 +317,34 @@ fn a_lost_shim_is_torn_down_and_reported() {
 fn a_start_that_was_never_recorded_is_rolled_back() {
     let dir = setup();
     let state = dir.path().join("state");
-    let out = agent(&state, &["run", "--detach", "--name", "unacked", "--image", "busybox", "--", "sleep", "1000"]);
+    let out = agent(
+        &state,
+        &[
+            "run", "--detach", "--name", "unacked", "--image", "busybox", "--", "sleep", "1000",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = ContainerId::new("unacked").expect("id");
-    assert!(!leftovers(&state, std::slice::from_ref(&id)).is_empty(), "running");
+    assert!(
+        !leftovers(&state, std::slice::from_ref(&id)).is_empty(),
+        "running"
+    );
     // What an agent crash between spawning the shim and flushing the record leaves behind.
     {
         let store = gantry_agent::store::LocalStore::open(&state.join("db")).expect("store");
-        store.table("containers").expect("table").remove("unacked").expect("remove record");
+        store
+            .table("containers")
+            .expect("table")
+            .remove("unacked")
+            .expect("remove record");
     }
     let ps = agent(&state, &["ps"]);
     assert!(ps.status.success(), "{}", text(&ps.stderr));
-    assert!(!text(&ps.stdout).contains("unacked"), "{}", text(&ps.stdout));
+    assert!(
+        !text(&ps.stdout).contains("unacked"),
+        "{}",
+        text(&ps.stdout)
+    );
     assert!(!state.join("containers/unacked").exists());
     assert_eq!(leftovers(&state, &[id]), Vec::<String>::new());
 }

@@ -358,10 +358,6 @@ async fn duplicate_ids_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_are_capped_and_keep_the_newest_output() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, images, _) = common::open(dir.path()).await;
-    drop(store);
-    drop(images);
-    // Reopen with a small cap.
     let store = gantry_agent::store::LocalStore::open(&dir.path().join("db")).expect("store");
     let images = gantry_agent::image::ImageStore::open(
         &dir.path().join("images"),
@@ -545,5 +541,83 @@ async fn assigned_gpu_devices_are_injected_and_nothing_else() {
     assert_eq!(
         lines[3], "mem-denied",
         "the device cgroup refuses unassigned devices"
+    );
+}
+
+/// Pre-started shims: a start uses one (no exec on the start path), the pool refills, and
+/// idle shims exit once the runtime that owns them is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_shims_serve_starts_and_exit_with_their_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A private copy of the binary, so this test's shims can be told from other tests'.
+    let binary = dir.path().join("bin/gantry-agent");
+    std::fs::create_dir_all(binary.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(common::AGENT, &binary).expect("copy agent binary");
+    let pooled = || -> Vec<i32> {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", &format!("^{} shim --pooled", binary.display())])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let state = dir.path().join("state");
+    let store = gantry_agent::store::LocalStore::open(&state.join("db")).expect("store");
+    let images =
+        gantry_agent::image::ImageStore::open(&state.join("images"), &store, Default::default())
+            .expect("images");
+    images
+        .import(
+            &common::busybox_rootfs(dir.path()),
+            "busybox",
+            ImageConfig::default(),
+        )
+        .await
+        .expect("import");
+    let mut cfg = gantry_agent::runtime::RuntimeConfig::new(&state, &binary);
+    cfg.shim_pool = 2;
+    let rt = gantry_agent::runtime::Runtime::open(cfg, images, &store)
+        .await
+        .expect("runtime");
+    assert!(
+        eventually(Duration::from_secs(10), || pooled().len() == 2).await,
+        "pool never filled: {:?}",
+        pooled()
+    );
+    let idle = pooled();
+
+    let id = rt.start(sh_request("sleep 1000")).await.expect("start").id;
+    let shim: gantry_agent::runtime::ShimPid = serde_json::from_slice(
+        &std::fs::read(
+            rt.log_dir(&id)
+                .expect("dir")
+                .join(gantry_agent::runtime::files::SHIM_PID),
+        )
+        .expect("shim.pid"),
+    )
+    .expect("json");
+    assert!(
+        idle.contains(&shim.pid),
+        "the container runs under a pre-started shim ({} not in {idle:?})",
+        shim.pid
+    );
+    // The assigned shim keeps its `--pooled` command line; the others are idle.
+    let idle_now = || pooled().into_iter().filter(|p| *p != shim.pid).count();
+    assert!(
+        eventually(Duration::from_secs(10), || idle_now() == 2).await,
+        "pool never refilled: {:?} (assigned: {})",
+        pooled(),
+        shim.pid
+    );
+
+    let exit = rt.stop(&id, Duration::ZERO).await.expect("stop");
+    assert_eq!(exit.reason, ExitReason::Stopped);
+    drop(rt);
+    assert!(
+        eventually(Duration::from_secs(10), || pooled().is_empty()).await,
+        "idle shims outlived their runtime: {:?}",
+        pooled()
     );
 }

@@ -10,12 +10,12 @@
 
 pub mod cgroup;
 pub mod logs;
+mod pool;
 pub mod shim;
 pub mod spec;
 mod types;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,6 +49,9 @@ pub struct RuntimeConfig {
     pub start_timeout: Duration,
     /// Where to find NVIDIA devices and driver files.
     pub gpu_host: HostPaths,
+    /// Shims kept started ahead of time to cut container start latency (0: none, which
+    /// suits one-shot processes such as the operator commands).
+    pub shim_pool: usize,
 }
 
 impl RuntimeConfig {
@@ -59,6 +62,7 @@ impl RuntimeConfig {
             log_cap_bytes: 64 << 20,
             start_timeout: Duration::from_secs(60),
             gpu_host: HostPaths::default(),
+            shim_pool: 2,
         }
     }
 }
@@ -147,6 +151,7 @@ struct Inner {
     table: Table,
     host: spec::HostFacts,
     containers: Mutex<HashMap<ContainerId, Arc<Tracked>>>,
+    pool: Arc<pool::ShimPool>,
 }
 
 impl Runtime {
@@ -172,6 +177,7 @@ impl Runtime {
             .into_iter()
             .filter(|f| Path::new(f).is_file())
             .collect();
+        let pool = pool::ShimPool::new(cfg.shim_binary.clone(), cfg.shim_pool);
         let rt = Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -182,9 +188,11 @@ impl Runtime {
                     resolv_files,
                 },
                 containers: Mutex::default(),
+                pool,
             }),
         };
         rt.readopt().await?;
+        rt.inner.pool.refill();
         Ok(rt)
     }
 
@@ -260,6 +268,7 @@ impl Runtime {
             user: req.user.clone().or_else(|| image.config.user.clone()),
         };
         let result = self.launch(&dir, &record, &built.spec, &shim_cfg).await;
+        self.inner.pool.refill();
         match result {
             Ok(ready) => {
                 let mut rec = lock_record(&tracked);
@@ -296,41 +305,28 @@ impl Runtime {
         // before the flush lands, the restarted agent finds a directory without a record
         // and rolls the never-acknowledged start back (see `readopt`).
         self.inner.table.put_unflushed(record.id.as_str(), record)?;
-        let (ready_r, ready_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io_err(dir)(e.into()))?;
-        let shim_log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("shim.log"))
-            .map_err(io_err(dir))?;
-        // No pre_exec hook, so std can spawn with vfork semantics (cheap from a large,
-        // multi-threaded agent); the ready pipe travels as the shim's stdout.
-        let mut child = tokio::process::Command::new(&self.inner.cfg.shim_binary)
-            .arg("shim")
-            .arg(dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::from(ready_w))
-            .stderr(shim_log)
-            .spawn()
-            .map_err(io_err(&self.inner.cfg.shim_binary))?;
-        // The first shim process exits right after forking the real shim.
-        let (_, flushed) = tokio::join!(child.wait(), self.inner.table.flush());
-        flushed?;
+        let binary = &self.inner.cfg.shim_binary;
+        let ready_r = match self.inner.pool.take().map(|idle| idle.assign(dir)) {
+            Some(Ok(ready)) => ready,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pre-started shim died while idle; spawning one");
+                pool::spawn_for(binary, dir).await.map_err(io_err(binary))?
+            }
+            None => pool::spawn_for(binary, dir).await.map_err(io_err(binary))?,
+        };
+        self.inner.table.flush().await?;
         let timeout = self.inner.cfg.start_timeout;
-        let line = tokio::time::timeout(
-            timeout,
-            tokio::task::spawn_blocking(move || read_line(ready_r)),
-        )
-        .await
-        .map_err(|_| RuntimeError::StartFailed {
-            id: record.id.clone(),
-            message: format!(
-                "shim did not report within {timeout:?}; see {}/shim.log",
-                dir.display()
-            ),
-            user_error: false,
-        })?
-        .map_err(|e| io_err(dir)(std::io::Error::other(e)))?;
+        let line = tokio::time::timeout(timeout, read_line(ready_r))
+            .await
+            .map_err(|_| RuntimeError::StartFailed {
+                id: record.id.clone(),
+                message: format!(
+                    "shim did not report within {timeout:?}; see {}/shim.log",
+                    dir.display()
+                ),
+                user_error: false,
+            })?
+            .map_err(io_err(dir))?;
         let ready: ShimReady =
             serde_json::from_str(&line).map_err(|_| RuntimeError::StartFailed {
                 id: record.id.clone(),
@@ -601,7 +597,10 @@ async fn exited(pidfd: OwnedFd) {
             let (fd, error) = e.into_parts();
             tracing::warn!(%error, "pidfd cannot be registered; polling it");
             loop {
-                let mut fds = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+                let mut fds = [nix::poll::PollFd::new(
+                    fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
                 if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
                     return;
                 }
@@ -632,10 +631,13 @@ fn write_control(path: &Path, cmd: &str) -> std::io::Result<()> {
     }
 }
 
-fn read_line(fd: OwnedFd) -> String {
+/// Reads the shim's one-line report (empty if it exited without one).
+async fn read_line(fd: OwnedFd) -> std::io::Result<String> {
+    use tokio::io::AsyncBufReadExt;
+    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
     let mut line = String::new();
-    let _ = BufReader::new(std::fs::File::from(fd)).read_line(&mut line);
-    line
+    tokio::io::BufReader::new(pipe).read_line(&mut line).await?;
+    Ok(line)
 }
 
 /// A pidfd on the shim named by `shim`, if that exact process is still alive.

@@ -73,7 +73,17 @@ fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ShimError {
 }
 
 /// Entry point of shim mode. Returns the process exit code.
-pub fn main(dir: &Path) -> i32 {
+/// Where a shim learns its container directory.
+pub enum Assignment<'a> {
+    /// Given on the command line: the agent started this shim for one container.
+    Now(&'a Path),
+    /// Read from stdin once the agent needs a shim: a pre-started (pooled) shim. EOF on
+    /// stdin means the agent no longer needs it (or died), and the shim exits.
+    Later,
+}
+
+/// Entry point of shim mode. Returns the process exit code.
+pub fn main(assignment: Assignment<'_>) -> i32 {
     // Take the ready pipe off stdout and leave /dev/null there, so nothing else (the
     // container's helpers, a panic) can write into it.
     let ready = match take_ready_pipe() {
@@ -106,6 +116,18 @@ pub fn main(dir: &Path) -> i32 {
     // Orphaned helpers (libcontainer's intermediate) are reparented to us, not to init.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let assigned;
+    let dir = match assignment {
+        Assignment::Now(dir) => dir,
+        Assignment::Later => match wait_for_assignment() {
+            Some(d) => {
+                assigned = d;
+                assigned.as_path()
+            }
+            None => return 0,
+        },
+    };
+    init_tracing(dir);
     let started = match start(dir) {
         Ok(s) => s,
         Err(e) => {
@@ -141,13 +163,50 @@ pub fn main(dir: &Path) -> i32 {
     0
 }
 
+/// A pooled shim blocks here until the agent writes a container directory and closes its
+/// end of stdin. `None`: the agent closed stdin without assigning anything.
+fn wait_for_assignment() -> Option<PathBuf> {
+    let mut line = String::new();
+    let n = std::io::stdin().read_line(&mut line).ok()?;
+    let dir = PathBuf::from(line.trim_end_matches('\n'));
+    (n > 0 && dir.is_absolute()).then_some(dir)
+}
+
+/// The shim logs to `shim.log` in the container directory, through its own descriptor
+/// and through fd 2 (for panics). Processes libcontainer forks from the shim get fd 2
+/// replaced by the container's stderr, so their messages would otherwise reach the user;
+/// the tracing writer's own descriptor is closed in them at exec.
+/// A plain level, not an EnvFilter: parsing filter directives compiles regexes, which
+/// costs milliseconds on every container start.
+fn init_tracing(dir: &Path) {
+    let Ok(file) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dir.join("shim.log"))
+    else {
+        return;
+    };
+    let _ = nix::unistd::dup2(file.as_raw_fd(), libc::STDERR_FILENO);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+}
+
 fn take_ready_pipe() -> nix::Result<OwnedFd> {
-    let is_pipe = nix::sys::stat::fstat(READY_FD).map(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)?;
+    let is_pipe =
+        nix::sys::stat::fstat(READY_FD).map(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)?;
     if !is_pipe {
         return Err(nix::errno::Errno::ENOTSUP);
     }
     let ready = nix::fcntl::fcntl(READY_FD, nix::fcntl::F_DUPFD_CLOEXEC(3))?;
-    let null = nix::fcntl::open("/dev/null", OFlag::O_WRONLY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+    let null = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
     nix::unistd::dup2(null, READY_FD)?;
     let _ = nix::unistd::close(null);
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
@@ -199,7 +258,8 @@ fn start(dir: &Path) -> Result<Started, ShimError> {
         pid: me,
         start_time: fsutil::process_start_time(me).map_err(io("reading own start time"))?,
     };
-    fsutil::write_json_atomic(&dir.join(files::SHIM_PID), &shim, Durability::Process).map_err(io("writing shim.pid"))?;
+    fsutil::write_json_atomic(&dir.join(files::SHIM_PID), &shim, Durability::Process)
+        .map_err(io("writing shim.pid"))?;
 
     let t0 = Instant::now();
     let rootfs = dir.join(files::ROOTFS);
@@ -324,7 +384,8 @@ fn set_user(dir: &Path, rootfs: &Path, user: &str) -> Result<(), ShimError> {
     spec["process"]["user"] = serde_json::json!({
         "uid": resolved.uid, "gid": resolved.gid, "additionalGids": resolved.additional_gids,
     });
-    fsutil::write_json_atomic(&spec_path, &spec, Durability::Process).map_err(io("writing config.json"))
+    fsutil::write_json_atomic(&spec_path, &spec, Durability::Process)
+        .map_err(io("writing config.json"))
 }
 
 /// What the supervision loop is waiting for besides output.
@@ -617,6 +678,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
 /// `gantry-agent shim --cleanup DIR`: tear down after a shim that died without recording
 /// an exit, and record the loss. Run by the agent; never calls into a running shim.
 pub fn cleanup_lost(dir: &Path) -> i32 {
+    init_tracing(dir);
     let cleanup_error = teardown(dir, None).err();
     let record = ExitRecord {
         reason: ExitReason::ShimLost,
