@@ -351,7 +351,7 @@ async fn cold_start(
     };
     println!();
     println!(
-        "Inside a Gantry start (medians, from the shim's log): overlay mount {:.1} ms, libcontainer create (cgroups, namespaces, rootfs, init up to exec wait) {:.1} ms; the rest of the {:.1} ms p50 is the agent's preparation, the shim's exec and `start`.",
+        "Inside a Gantry start (medians, from the shim's log): overlay mount {:.1} ms, libcontainer create (cgroups, namespaces, rootfs, init up to exec wait) {:.1} ms; the rest of the {:.1} ms p50 is the agent's preparation, handing the container to a pre-started shim, `start` and the exec of /stamp.",
         median(&breakdown.mount),
         median(&breakdown.create),
         api.percentile(50.0).unwrap_or(f64::NAN)
@@ -365,6 +365,15 @@ fn print_table(all: &[&Series], baseline: &Series, runs: usize) {
     println!("|---|---|---|---|---|");
     for s in all {
         match (s.percentile(50.0), s.percentile(99.0)) {
+            (Some(p50), Some(p99)) if std::ptr::eq(*s, baseline) => {
+                println!(
+                    "| {} | {} | {:.1} | {:.1} | baseline |",
+                    s.name,
+                    s.samples.len(),
+                    p50,
+                    p99
+                );
+            }
             (Some(p50), Some(p99)) => {
                 let ratio = base
                     .map(|b| {
