@@ -8,6 +8,7 @@
 //! Records of containers live in the local store (sled); exit status lives in the
 //! container directory because the shim writes it.
 
+mod adopt;
 pub mod cgroup;
 pub mod logs;
 mod pool;
@@ -382,91 +383,6 @@ impl Runtime {
         }
         drop(rec);
         tracked.exit.send_replace(Some(exit));
-    }
-
-    /// Runs `shim --cleanup` for a container whose shim died without an exit record.
-    async fn cleanup_lost(&self, dir: &Path) -> ExitRecord {
-        tracing::warn!(dir = %dir.display(), "shim lost; tearing the container down");
-        let status = tokio::process::Command::new(&self.inner.cfg.shim_binary)
-            .arg("shim")
-            .arg("--cleanup")
-            .arg(dir)
-            .status()
-            .await;
-        if let Err(e) = status {
-            tracing::error!(error = %e, "cannot run shim --cleanup");
-        }
-        fsutil::read_json(&dir.join(files::EXIT))
-            .ok()
-            .flatten()
-            .unwrap_or(ExitRecord {
-                reason: ExitReason::ShimLost,
-                exit_code: None,
-                signal: None,
-                oom_killed: false,
-                started_at_ms: 0,
-                finished_at_ms: now_ms(),
-                cleanup_error: Some("shim --cleanup did not complete".into()),
-            })
-    }
-
-    async fn readopt(&self) -> Result<(), RuntimeError> {
-        let records: Vec<(String, ContainerRecord)> = self.inner.table.list()?;
-        let known: std::collections::HashSet<String> =
-            records.iter().map(|(k, _)| k.clone()).collect();
-        for (_, mut rec) in records {
-            let dir = self.container_dir(&rec.id);
-            let tracked = Arc::new(Tracked {
-                record: Mutex::new(rec.clone()),
-                exit: watch::channel(rec.exit.clone()).0,
-            });
-            self.lock().insert(rec.id.clone(), tracked.clone());
-            if rec.exit.is_some() {
-                continue;
-            }
-            if let Ok(Some(exit)) = fsutil::read_json::<ExitRecord>(&dir.join(files::EXIT)) {
-                tracing::info!(container = %rec.id, "collected exit that happened while the agent was down");
-                if rec.started_at_ms.is_none() {
-                    rec.started_at_ms = Some(exit.started_at_ms);
-                    lock_record(&tracked).started_at_ms = Some(exit.started_at_ms);
-                }
-                self.finish(&tracked, exit);
-            } else if let Some(pidfd) = open_shim_from(&dir) {
-                tracing::info!(container = %rec.id, "re-adopted running container");
-                self.watch(tracked, pidfd, dir);
-            } else {
-                let exit = self.cleanup_lost(&dir).await;
-                self.finish(&tracked, exit);
-            }
-        }
-        // Directories without a record: the agent died inside `start`, before the record
-        // reached disk, so nobody was ever told this container exists. Roll it back.
-        let containers = self.inner.cfg.state_dir.join("containers");
-        for e in std::fs::read_dir(&containers)
-            .map_err(io_err(&containers))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !known.contains(&name) {
-                tracing::warn!(dir = %e.path().display(), "rolling back a container whose start was never acknowledged");
-                self.roll_back(&e.path()).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// Kills whatever an unrecorded container directory still runs and removes it.
-    async fn roll_back(&self, dir: &Path) {
-        if let Some(pidfd) = open_shim_from(dir) {
-            let _ = write_control(&dir.join(files::CONTROL), "stop 0\n");
-            let _ = tokio::time::timeout(Duration::from_secs(30), exited(pidfd)).await;
-        }
-        if !dir.join(files::EXIT).exists() {
-            self.cleanup_lost(dir).await;
-        }
-        if let Err(e) = fsutil::remove_dir_all_if_exists(dir) {
-            tracing::error!(dir = %dir.display(), error = %e, "cannot remove rolled-back container");
-        }
     }
 
     /// Asks the container to stop: SIGTERM, then SIGKILL after `grace` (zero: SIGKILL

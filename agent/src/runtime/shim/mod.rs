@@ -1,33 +1,32 @@
-//! The shim: `gantry-agent shim DIR`, one per container, single-threaded, no tokio.
+//! The shim: `gantry-agent shim DIR` (or `shim --pooled`, which waits for DIR on stdin),
+//! one per container, single-threaded, no tokio.
 //!
 //! It is the only code that calls libcontainer (which forks). Started by the agent with a
-//! ready pipe on fd 3, it forks once and lets its parent exit, so it belongs to no agent
-//! process and survives agent restarts; then it mounts the overlay rootfs, creates and
-//! starts the container, reports on the ready pipe, and supervises: copies stdout/stderr
-//! into capped log files, takes stop requests from the `control` FIFO, enforces the
-//! timeout, reaps the container, records OOM kills, tears everything down and finally
-//! writes `exit.json` atomically. `shim --cleanup DIR` tears down after a lost shim.
+//! ready pipe as its stdout, it forks once and lets its parent exit, so it belongs to no
+//! agent process and survives agent restarts; then it mounts the overlay rootfs, creates
+//! and starts the container, and reports one JSON line on the ready pipe. `supervise`
+//! then runs the container to its end and `teardown` removes what it held; the exit record
+//! is written last. `shim --cleanup DIR` tears down after a lost shim.
+
+mod supervise;
+mod teardown;
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::fcntl::OFlag;
-use nix::mount::{MntFlags, MsFlags};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::Signal;
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::mount::MsFlags;
 use nix::unistd::{ForkResult, Pid};
 
-use super::cgroup;
-use super::logs::{CappedLog, Stream};
 use super::spec::resolve_user;
-use super::types::{ExitReason, ExitRecord, ShimConfig, ShimPid, ShimReady, now_ms};
+use super::types::{ShimConfig, ShimPid, ShimReady, now_ms};
 use crate::fsutil::{self, Durability};
 
 /// The shim reports on its stdout (as containerd's shims print their address there),
@@ -72,7 +71,6 @@ fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ShimError {
     move |source| ShimError::Sys { what, source }
 }
 
-/// Entry point of shim mode. Returns the process exit code.
 /// Where a shim learns its container directory.
 pub enum Assignment<'a> {
     /// Given on the command line: the agent started this shim for one container.
@@ -176,6 +174,7 @@ fn wait_for_assignment() -> Option<PathBuf> {
 /// and through fd 2 (for panics). Processes libcontainer forks from the shim get fd 2
 /// replaced by the container's stderr, so their messages would otherwise reach the user;
 /// the tracing writer's own descriptor is closed in them at exec.
+///
 /// A plain level, not an EnvFilter: parsing filter directives compiles regexes, which
 /// costs milliseconds on every container start.
 fn init_tracing(dir: &Path) {
@@ -323,8 +322,6 @@ fn start(dir: &Path) -> Result<Started, ShimError> {
     })
 }
 
-use std::os::unix::fs::OpenOptionsExt;
-
 /// Mounts the overlay: image layers as lower dirs (top layer first), the container's own
 /// upper and work dirs. Lower dirs are given relative to their common parent (we chdir
 /// there) so images with many layers fit in the one-page mount data limit.
@@ -388,312 +385,6 @@ fn set_user(dir: &Path, rootfs: &Path, user: &str) -> Result<(), ShimError> {
         .map_err(io("writing config.json"))
 }
 
-/// What the supervision loop is waiting for besides output.
-struct Deadlines {
-    timeout_at: Option<Instant>,
-    kill_at: Option<Instant>,
-    reason: Option<ExitReason>,
-}
-
-fn supervise(dir: &Path, s: Started) -> ExitRecord {
-    let cap = s.cfg.log_cap_bytes;
-    let mut logs = [
-        CappedLog::create(dir.join(Stream::Stdout.file_name()), cap),
-        CappedLog::create(dir.join(Stream::Stderr.file_name()), cap),
-    ];
-    let pidfd = fsutil::pidfd_open(s.init_pid.as_raw()).ok();
-    let mut dl = Deadlines {
-        timeout_at: s.cfg.timeout.map(|t| Instant::now() + t),
-        kill_at: None,
-        reason: None,
-    };
-    let mut open = [true, true];
-    let mut control_buf = Vec::new();
-    let status = loop {
-        let now = Instant::now();
-        if dl.timeout_at.is_some_and(|t| now >= t) && dl.reason.is_none() {
-            tracing::info!("timeout reached; stopping container");
-            request_stop(&s, &mut dl, s.cfg.stop_grace, ExitReason::TimedOut);
-        }
-        if dl.kill_at.is_some_and(|t| now >= t) {
-            let _ = nix::sys::signal::kill(s.init_pid, Signal::SIGKILL);
-            dl.kill_at = None;
-        }
-        let next = [dl.timeout_at.filter(|_| dl.reason.is_none()), dl.kill_at]
-            .into_iter()
-            .flatten()
-            .min();
-        let wait_ms = next
-            .map(|t| t.saturating_duration_since(now).as_millis().min(60_000) as u16)
-            .unwrap_or(u16::MAX);
-        let mut fds = vec![
-            PollFd::new(s.control.as_fd(), PollFlags::POLLIN),
-            PollFd::new(
-                s.stdout.as_fd(),
-                if open[0] {
-                    PollFlags::POLLIN
-                } else {
-                    PollFlags::empty()
-                },
-            ),
-            PollFd::new(
-                s.stderr.as_fd(),
-                if open[1] {
-                    PollFlags::POLLIN
-                } else {
-                    PollFlags::empty()
-                },
-            ),
-        ];
-        if let Some(p) = &pidfd {
-            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
-        }
-        match nix::poll::poll(&mut fds, PollTimeout::from(wait_ms)) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => tracing::warn!(error = %e, "poll"),
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        drop(fds);
-        if ready[0] {
-            for cmd in read_commands(&s.control, &mut control_buf) {
-                handle_command(&s, &mut dl, &cmd);
-            }
-        }
-        for (i, fd) in [&s.stdout, &s.stderr].into_iter().enumerate() {
-            if ready[i + 1] && open[i] {
-                open[i] = copy_once(fd.as_fd(), logs[i].as_mut().ok());
-            }
-        }
-        let exited = if pidfd.is_some() {
-            ready.get(3).copied().unwrap_or(false)
-        } else {
-            true
-        };
-        if exited {
-            match waitpid(s.init_pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {}
-                Ok(status) => break Some(status),
-                Err(e) => {
-                    tracing::error!(error = %e, "waitpid on container init");
-                    break None;
-                }
-            }
-            if pidfd.is_none() {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    };
-    drain(&s, &mut open, &mut logs);
-    let oom_kills = cgroup::oom_kills(s.cfg.id.as_str()).unwrap_or(0);
-    let (exit_code, signal) = match status {
-        Some(WaitStatus::Exited(_, code)) => (Some(code), None),
-        Some(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
-        _ => (None, None),
-    };
-    let failed = signal == Some(libc::SIGKILL) || exit_code.is_some_and(|c| c != 0);
-    let reason = match dl.reason {
-        Some(r) => r,
-        None if oom_kills > 0 && failed => ExitReason::OomKilled,
-        None if signal.is_some() => ExitReason::Signaled,
-        None => ExitReason::Exited,
-    };
-    let started_at_ms = s.started_at_ms;
-    let cleanup_error = teardown(dir, Some(s.container)).err();
-    tracing::info!(?reason, ?exit_code, ?signal, oom_kills, "container exited");
-    ExitRecord {
-        reason,
-        exit_code,
-        signal,
-        oom_killed: oom_kills > 0,
-        started_at_ms,
-        finished_at_ms: now_ms(),
-        cleanup_error,
-    }
-}
-
-fn request_stop(s: &Started, dl: &mut Deadlines, grace: Duration, reason: ExitReason) {
-    if dl.reason.is_none() {
-        dl.reason = Some(reason);
-    }
-    if grace.is_zero() {
-        let _ = nix::sys::signal::kill(s.init_pid, Signal::SIGKILL);
-        return;
-    }
-    let _ = nix::sys::signal::kill(s.init_pid, Signal::SIGTERM);
-    let kill_at = Instant::now() + grace;
-    dl.kill_at = Some(dl.kill_at.map_or(kill_at, |k| k.min(kill_at)));
-}
-
-/// Control protocol, one command per line: `stop <grace-ms>` or `signal <number>`.
-fn handle_command(s: &Started, dl: &mut Deadlines, cmd: &str) {
-    let mut parts = cmd.split_whitespace();
-    match (
-        parts.next(),
-        parts.next().and_then(|n| n.parse::<u64>().ok()),
-    ) {
-        (Some("stop"), Some(ms)) => {
-            request_stop(s, dl, Duration::from_millis(ms), ExitReason::Stopped)
-        }
-        (Some("signal"), Some(n)) => match Signal::try_from(n as i32) {
-            Ok(sig) => {
-                let _ = nix::sys::signal::kill(s.init_pid, sig);
-            }
-            Err(_) => tracing::warn!(cmd, "unknown signal"),
-        },
-        _ => tracing::warn!(cmd, "unknown control command"),
-    }
-}
-
-fn read_commands(control: &File, buf: &mut Vec<u8>) -> Vec<String> {
-    let mut chunk = [0u8; 512];
-    loop {
-        match (&*control).read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => break,
-        }
-    }
-    let mut out = Vec::new();
-    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-        let line: Vec<u8> = buf.drain(..=pos).collect();
-        out.push(String::from_utf8_lossy(&line).trim().to_owned());
-    }
-    out
-}
-
-/// Copies what is readable now into the log. Returns false at EOF.
-fn copy_once(fd: BorrowedFd<'_>, log: Option<&mut CappedLog>) -> bool {
-    let mut buf = [0u8; 64 * 1024];
-    match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-        Ok(0) => false,
-        Ok(n) => {
-            if let Some(log) = log
-                && let Err(e) = log.write(&buf[..n])
-            {
-                tracing::warn!(error = %e, "writing container log");
-            }
-            true
-        }
-        Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => true,
-        Err(_) => false,
-    }
-}
-
-/// After the container's init is gone: collect the rest of its output (bounded).
-fn drain(s: &Started, open: &mut [bool; 2], logs: &mut [std::io::Result<CappedLog>; 2]) {
-    let until = Instant::now() + Duration::from_secs(2);
-    while open.iter().any(|o| *o) && Instant::now() < until {
-        let pipes = [&s.stdout, &s.stderr];
-        let mut fds: Vec<PollFd> = pipes
-            .iter()
-            .zip(open.iter())
-            .map(|(fd, o)| {
-                PollFd::new(
-                    fd.as_fd(),
-                    if *o {
-                        PollFlags::POLLIN
-                    } else {
-                        PollFlags::empty()
-                    },
-                )
-            })
-            .collect();
-        if nix::poll::poll(&mut fds, PollTimeout::from(100u16)).unwrap_or(0) == 0 {
-            break;
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        drop(fds);
-        for (i, fd) in [&s.stdout, &s.stderr].into_iter().enumerate() {
-            if ready[i] && open[i] {
-                open[i] = copy_once(fd.as_fd(), logs[i].as_mut().ok());
-            }
-        }
-    }
-}
-
-/// Removes everything the container held on the host: libcontainer state and cgroups,
-/// the rootfs mount, the writable layer and the control FIFO. Idempotent.
-fn teardown(dir: &Path, container: Option<Container>) -> Result<(), String> {
-    let mut errors = Vec::new();
-    let cfg: Option<ShimConfig> = fsutil::read_json(&dir.join(files::SHIM_CONFIG))
-        .ok()
-        .flatten();
-    let container = container.or_else(|| {
-        let c = cfg.as_ref()?;
-        Container::load(c.libcontainer_root.join(c.id.as_str())).ok()
-    });
-    if let Some(mut c) = container
-        && let Err(e) = c.delete(true)
-    {
-        errors.push(format!("deleting container: {e}"));
-    }
-    if let Some(cfg) = &cfg {
-        // A lost shim's container may still have processes; libcontainer's delete kills
-        // them when its state exists, this catches the rest.
-        for pid in cgroup::pids(cfg.id.as_str()) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        for d in cgroup::existing_dirs(cfg.id.as_str()) {
-            let _ = fs::remove_dir(&d);
-        }
-        let _ = fsutil::remove_dir_all_if_exists(&cfg.libcontainer_root.join(cfg.id.as_str()));
-    }
-    let rootfs = dir.join(files::ROOTFS);
-    if is_mountpoint(&rootfs)
-        && let Err(e) = nix::mount::umount2(&rootfs, MntFlags::MNT_DETACH)
-    {
-        errors.push(format!("unmounting {}: {e}", rootfs.display()));
-    }
-    for d in [files::ROOTFS, files::UPPER, files::WORK] {
-        if let Err(e) = fsutil::remove_dir_all_if_exists(&dir.join(d)) {
-            errors.push(format!("removing {d}: {e}"));
-        }
-    }
-    let _ = fs::remove_file(dir.join(files::CONTROL));
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
-}
-
-/// True when `path` is a mount point in this mount namespace.
-pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(f) = File::open("/proc/self/mountinfo") else {
-        return false;
-    };
-    let target = path.to_string_lossy();
-    BufReader::new(f)
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| l.split(' ').nth(4) == Some(&*target))
-}
-
-/// `gantry-agent shim --cleanup DIR`: tear down after a shim that died without recording
-/// an exit, and record the loss. Run by the agent; never calls into a running shim.
-pub fn cleanup_lost(dir: &Path) -> i32 {
-    init_tracing(dir);
-    let cleanup_error = teardown(dir, None).err();
-    let record = ExitRecord {
-        reason: ExitReason::ShimLost,
-        exit_code: None,
-        signal: None,
-        oom_killed: false,
-        started_at_ms: 0,
-        finished_at_ms: now_ms(),
-        cleanup_error,
-    };
-    match fsutil::write_json_atomic(&dir.join(files::EXIT), &record, Durability::Host) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("gantry-agent shim --cleanup: cannot write exit record: {e}");
-            1
-        }
-    }
-}
+use supervise::supervise;
+use teardown::teardown;
+pub use teardown::{cleanup_lost, is_mountpoint};
