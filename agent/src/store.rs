@@ -89,12 +89,7 @@ impl Table {
 
     /// Inserts and flushes: a record is durable when this returns.
     pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
-            tree: self.name,
-            key: key.to_owned(),
-            source,
-        })?;
-        self.tree.insert(key, bytes)?;
+        self.put_unflushed(key, value)?;
         self.tree.flush()?;
         Ok(())
     }

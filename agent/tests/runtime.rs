@@ -357,24 +357,8 @@ async fn duplicate_ids_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_are_capped_and_keep_the_newest_output() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = gantry_agent::store::LocalStore::open(&dir.path().join("db")).expect("store");
-    let images = gantry_agent::image::ImageStore::open(
-        &dir.path().join("images"),
-        &store,
-        Default::default(),
-    )
-    .expect("images");
-    let rootfs = common::busybox_rootfs(dir.path());
-    images
-        .import(&rootfs, "busybox", ImageConfig::default())
-        .await
-        .expect("import");
-    let mut cfg = gantry_agent::runtime::RuntimeConfig::new(dir.path(), common::AGENT);
-    cfg.log_cap_bytes = 4096;
-    let rt = gantry_agent::runtime::Runtime::open(cfg, images, &store)
-        .await
-        .expect("runtime");
+    let h = TestHost::with(|cfg| cfg.log_cap_bytes = 4096).await;
+    let rt = &h.runtime;
     let id = rt
         .start(sh_request(
             "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done",
@@ -487,28 +471,15 @@ async fn assigned_gpu_devices_are_injected_and_nothing_else() {
         )
         .expect("mknod");
     }
-    let state = dir.path().join("state");
-    let store = gantry_agent::store::LocalStore::open(&state.join("db")).expect("store");
-    let images =
-        gantry_agent::image::ImageStore::open(&state.join("images"), &store, Default::default())
-            .expect("images");
-    images
-        .import(
-            &common::busybox_rootfs(dir.path()),
-            "busybox",
-            ImageConfig::default(),
-        )
-        .await
-        .expect("import");
-    let mut cfg = gantry_agent::runtime::RuntimeConfig::new(&state, common::AGENT);
-    cfg.gpu_host = gantry_agent::gpu::HostPaths {
-        dev,
-        lib_dirs: vec![],
-        bin_dirs: vec![],
-    };
-    let rt = gantry_agent::runtime::Runtime::open(cfg, images, &store)
-        .await
-        .expect("runtime");
+    let h = TestHost::with(|cfg| {
+        cfg.gpu_host = gantry_agent::gpu::HostPaths {
+            dev,
+            lib_dirs: vec![],
+            bin_dirs: vec![],
+        }
+    })
+    .await;
+    let rt = &h.runtime;
 
     let mut req = sh_request(
         "ls /dev | grep nvidia | tr '\\n' ' '; echo; \
@@ -563,24 +534,12 @@ async fn pooled_shims_serve_starts_and_exit_with_their_runtime() {
             .filter_map(|l| l.trim().parse().ok())
             .collect()
     };
-    let state = dir.path().join("state");
-    let store = gantry_agent::store::LocalStore::open(&state.join("db")).expect("store");
-    let images =
-        gantry_agent::image::ImageStore::open(&state.join("images"), &store, Default::default())
-            .expect("images");
-    images
-        .import(
-            &common::busybox_rootfs(dir.path()),
-            "busybox",
-            ImageConfig::default(),
-        )
-        .await
-        .expect("import");
-    let mut cfg = gantry_agent::runtime::RuntimeConfig::new(&state, &binary);
-    cfg.shim_pool = 2;
-    let rt = gantry_agent::runtime::Runtime::open(cfg, images, &store)
-        .await
-        .expect("runtime");
+    let h = TestHost::with(|cfg| {
+        cfg.shim_binary = binary.clone();
+        cfg.shim_pool = 2;
+    })
+    .await;
+    let rt = h.runtime.clone();
     assert!(
         eventually(Duration::from_secs(10), || pooled().len() == 2).await,
         "pool never filled: {:?}",
@@ -615,6 +574,7 @@ async fn pooled_shims_serve_starts_and_exit_with_their_runtime() {
     let exit = rt.stop(&id, Duration::ZERO).await.expect("stop");
     assert_eq!(exit.reason, ExitReason::Stopped);
     drop(rt);
+    drop(h);
     assert!(
         eventually(Duration::from_secs(10), || pooled().is_empty()).await,
         "idle shims outlived their runtime: {:?}",

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
-use oci_client::errors::{DigestError, OciDistributionError};
+use oci_client::errors::{DigestError, OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 
@@ -195,6 +195,10 @@ impl ImageStore {
     }
 }
 
+fn has_code(envelope: &OciEnvelope, codes: &[OciErrorCode]) -> bool {
+    envelope.errors.iter().any(|e| codes.contains(&e.code))
+}
+
 fn registry_error(reference: &str, e: OciDistributionError) -> ImageError {
     match e {
         OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotFound {
@@ -206,13 +210,10 @@ fn registry_error(reference: &str, e: OciDistributionError) -> ImageError {
             message: e.to_string(),
         },
         OciDistributionError::RegistryError { ref envelope, .. }
-            if envelope.errors.iter().any(|e| {
-                matches!(
-                    e.code,
-                    oci_client::errors::OciErrorCode::Unauthorized
-                        | oci_client::errors::OciErrorCode::Denied
-                )
-            }) =>
+            if has_code(
+                envelope,
+                &[OciErrorCode::Unauthorized, OciErrorCode::Denied],
+            ) =>
         {
             ImageError::Unauthorized {
                 reference: reference.to_owned(),
@@ -220,13 +221,10 @@ fn registry_error(reference: &str, e: OciDistributionError) -> ImageError {
             }
         }
         OciDistributionError::RegistryError { ref envelope, .. }
-            if envelope.errors.iter().any(|e| {
-                matches!(
-                    e.code,
-                    oci_client::errors::OciErrorCode::ManifestUnknown
-                        | oci_client::errors::OciErrorCode::NameUnknown
-                )
-            }) =>
+            if has_code(
+                envelope,
+                &[OciErrorCode::ManifestUnknown, OciErrorCode::NameUnknown],
+            ) =>
         {
             ImageError::NotFound {
                 name: reference.to_owned(),

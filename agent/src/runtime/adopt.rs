@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{
-    ContainerRecord, ExitReason, ExitRecord, Runtime, RuntimeError, Tracked, exited, files, io_err,
-    lock_record, now_ms, open_shim_from, write_control,
+    ContainerRecord, ExitRecord, Runtime, RuntimeError, Tracked, exited, files, io_err,
+    lock_record, open_shim_from, write_control,
 };
 use crate::fsutil;
 
@@ -31,14 +31,8 @@ impl Runtime {
         fsutil::read_json(&dir.join(files::EXIT))
             .ok()
             .flatten()
-            .unwrap_or(ExitRecord {
-                reason: ExitReason::ShimLost,
-                exit_code: None,
-                signal: None,
-                oom_killed: false,
-                started_at_ms: 0,
-                finished_at_ms: now_ms(),
-                cleanup_error: Some("shim --cleanup did not complete".into()),
+            .unwrap_or_else(|| {
+                ExitRecord::shim_lost(Some("shim --cleanup did not complete".into()))
             })
     }
 

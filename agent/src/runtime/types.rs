@@ -105,6 +105,19 @@ pub struct ExitRecord {
 }
 
 impl ExitRecord {
+    /// The record for a container whose shim vanished without writing one.
+    pub fn shim_lost(cleanup_error: Option<String>) -> Self {
+        Self {
+            reason: ExitReason::ShimLost,
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            started_at_ms: 0,
+            finished_at_ms: now_ms(),
+            cleanup_error,
+        }
+    }
+
     /// The shell convention: the exit code, or 128 + signal.
     pub fn code(&self) -> i32 {
         self.exit_code

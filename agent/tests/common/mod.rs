@@ -39,13 +39,26 @@ pub struct TestHost {
 
 impl TestHost {
     pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// A host whose runtime config is adjusted by `configure` first.
+    pub async fn with(configure: impl FnOnce(&mut RuntimeConfig)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, images, runtime) = open(dir.path()).await;
+        let state = dir.path();
+        let store = LocalStore::open(&state.join("db")).expect("store");
+        let images =
+            ImageStore::open(&state.join("images"), &store, PullConfig::default()).expect("images");
         let rootfs = busybox_rootfs(dir.path());
         images
             .import(&rootfs, "busybox", ImageConfig::default())
             .await
             .expect("import busybox");
+        let mut config = RuntimeConfig::new(state, AGENT);
+        configure(&mut config);
+        let runtime = Runtime::open(config, images.clone(), &store)
+            .await
+            .expect("runtime");
         Self {
             dir,
             store,
@@ -87,16 +100,6 @@ impl TestHost {
         .into_owned();
         (exit, out, err)
     }
-}
-
-pub async fn open(state: &Path) -> (LocalStore, ImageStore, Runtime) {
-    let store = LocalStore::open(&state.join("db")).expect("store");
-    let images =
-        ImageStore::open(&state.join("images"), &store, PullConfig::default()).expect("images");
-    let runtime = Runtime::open(RuntimeConfig::new(state, AGENT), images.clone(), &store)
-        .await
-        .expect("runtime");
-    (store, images, runtime)
 }
 
 pub fn sh_request(script: &str) -> ContainerRequest {

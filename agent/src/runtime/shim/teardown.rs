@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::super::cgroup;
-use super::super::types::{ExitReason, ExitRecord, ShimConfig, now_ms};
+use super::super::types::{ExitRecord, ShimConfig};
 use super::{files, init_tracing};
 use crate::fsutil::{self, Durability};
 
@@ -77,15 +77,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
 pub fn cleanup_lost(dir: &Path) -> i32 {
     init_tracing(dir);
     let cleanup_error = teardown(dir, None).err();
-    let record = ExitRecord {
-        reason: ExitReason::ShimLost,
-        exit_code: None,
-        signal: None,
-        oom_killed: false,
-        started_at_ms: 0,
-        finished_at_ms: now_ms(),
-        cleanup_error,
-    };
+    let record = ExitRecord::shim_lost(cleanup_error);
     match fsutil::write_json_atomic(&dir.join(files::EXIT), &record, Durability::Host) {
         Ok(()) => 0,
         Err(e) => {
