@@ -26,8 +26,17 @@ struct Registry {
     _dir: tempfile::TempDir,
 }
 
+/// How the test registry authenticates.
+enum Auth<'a> {
+    None,
+    /// HTTP basic auth against an htpasswd file.
+    Basic(&'a str, &'a str),
+    /// Bearer tokens from `TokenServer` (distribution's token auth).
+    Token(&'a TokenServer),
+}
+
 impl Registry {
-    fn start(htpasswd: Option<(&str, &str)>) -> Self {
+    fn start(auth: Auth<'_>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = TcpListener::bind("127.0.0.1:0")
             .expect("bind")
@@ -40,7 +49,14 @@ impl Registry {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             storage.display()
         );
-        if let Some((user, pass)) = htpasswd {
+        if let Auth::Token(ts) = auth {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: http://{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                ts.addr,
+                ts.cert_file.display()
+            ));
+        }
+        if let Auth::Basic(user, pass) = auth {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, pass])
                 .output()
@@ -276,7 +292,7 @@ fn layer_count(images_dir: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_and_run_an_image_with_whiteouts_zstd_and_config() {
-    let registry = Registry::start(None);
+    let registry = Registry::start(Auth::None);
     let work = tempfile::tempdir().expect("tempdir");
     let layout = Layout::new(&work.path().join("layout"));
     let manifest = build_test_image(&layout, work.path());
@@ -343,7 +359,7 @@ async fn pull_and_run_an_image_with_whiteouts_zstd_and_config() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_pulls_of_one_image_download_each_layer_once() {
-    let registry = Registry::start(None);
+    let registry = Registry::start(Auth::None);
     let work = tempfile::tempdir().expect("tempdir");
     let layout = Layout::new(&work.path().join("layout"));
     let manifest = build_test_image(&layout, work.path());
@@ -362,7 +378,7 @@ async fn concurrent_pulls_of_one_image_download_each_layer_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_layer_is_rejected_and_nothing_is_stored() {
-    let registry = Registry::start(None);
+    let registry = Registry::start(Auth::None);
     let work = tempfile::tempdir().expect("tempdir");
     let layout = Layout::new(&work.path().join("layout"));
     let layer = layout.blob(
@@ -410,7 +426,7 @@ async fn a_corrupt_layer_is_rejected_and_nothing_is_stored() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unsupported_media_types_unknown_images_and_dead_registries_fail_clearly() {
-    let registry = Registry::start(None);
+    let registry = Registry::start(Auth::None);
     let work = tempfile::tempdir().expect("tempdir");
     let layout = Layout::new(&work.path().join("layout"));
     let odd = layout.blob(
@@ -468,7 +484,7 @@ async fn unsupported_media_types_unknown_images_and_dead_registries_fail_clearly
 
 #[tokio::test(flavor = "multi_thread")]
 async fn basic_auth_registries_need_credentials() {
-    let registry = Registry::start(Some(("gantry", "s3cret")));
+    let registry = Registry::start(Auth::Basic("gantry", "s3cret"));
     let work = tempfile::tempdir().expect("tempdir");
     let layout = Layout::new(&work.path().join("layout"));
     let layer = layout.blob(GZ, &gzip(&tarball(&[Entry::File("hello.txt", b"hi")])));
@@ -504,4 +520,212 @@ async fn basic_auth_registries_need_credentials() {
         .await
         .expect("pull with credentials");
     assert_eq!(rec.layers.len(), 1);
+}
+
+const SERVICE: &str = "gantry-test-registry";
+const ISSUER: &str = "gantry-test-issuer";
+
+/// A Docker-style token server on loopback, as registries behind Docker Hub-style auth
+/// use: it checks basic credentials and answers with an ES256 JWT whose `x5c` header
+/// carries the signing certificate, which the registry trusts through `rootcertbundle`.
+struct TokenServer {
+    addr: String,
+    cert_file: PathBuf,
+    key: jsonwebtoken::EncodingKey,
+    cert_b64: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    fn start(user: &'static str, pass: &'static str) -> Self {
+        use base64::Engine;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certified = rcgen::generate_simple_self_signed(vec![ISSUER.to_owned()]).expect("cert");
+        let cert_file = dir.path().join("token-ca.pem");
+        std::fs::write(&cert_file, certified.cert.pem()).expect("write cert");
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(
+            certified.signing_key.serialize_pem().as_bytes(),
+        )
+        .expect("ec key");
+        let cert_b64 = base64::engine::general_purpose::STANDARD.encode(certified.cert.der());
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut server = Self {
+            addr,
+            cert_file,
+            key,
+            cert_b64,
+            stop,
+            thread: None,
+            _dir: dir,
+        };
+        let (key, cert_b64, stop) = (
+            server.key.clone(),
+            server.cert_b64.clone(),
+            server.stop.clone(),
+        );
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        );
+        server.thread = Some(std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match std::io::Read::read(&mut conn, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).into_owned();
+                let authorized = req.lines().any(|l| {
+                    l.split_once(':').is_some_and(|(k, v)| {
+                        k.eq_ignore_ascii_case("authorization") && v.trim() == expected
+                    })
+                });
+                let response = if authorized {
+                    let token = issue(&key, &cert_b64, &scopes(&req));
+                    let body = serde_json::json!({"token": token, "access_token": token, "expires_in": 300}).to_string();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_owned()
+                };
+                let _ = conn.write_all(response.as_bytes());
+            }
+        }));
+        server
+    }
+
+    /// A token granting `actions` on `repo`, as the server would issue it.
+    fn token_for(&self, repo: &str, actions: &[&str]) -> String {
+        issue(
+            &self.key,
+            &self.cert_b64,
+            &[(
+                repo.to_owned(),
+                actions.iter().map(|a| a.to_string()).collect(),
+            )],
+        )
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(&self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `scope=repository:NAME:ACTIONS` parameters of a token request (percent-decoded).
+fn scopes(request: &str) -> Vec<(String, Vec<String>)> {
+    let target = request.split_whitespace().nth(1).unwrap_or("");
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("scope="))
+        .map(|v| {
+            v.replace("%3A", ":")
+                .replace("%3a", ":")
+                .replace("%2F", "/")
+                .replace("%2f", "/")
+                .replace("%2C", ",")
+                .replace("%2c", ",")
+                .replace('+', " ")
+        })
+        .flat_map(|v| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|scope| {
+            let mut parts = scope.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            (kind == "repository").then(|| {
+                (
+                    name.to_owned(),
+                    actions.split(',').map(str::to_owned).collect(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn issue(
+    key: &jsonwebtoken::EncodingKey,
+    cert_b64: &str,
+    access: &[(String, Vec<String>)],
+) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.x5c = Some(vec![cert_b64.to_owned()]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = json!({
+        "iss": ISSUER, "sub": "gantry", "aud": SERVICE,
+        "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", access.len()),
+        "access": access.iter().map(|(name, actions)| json!({"type": "repository", "name": name, "actions": actions})).collect::<Vec<_>>(),
+    });
+    jsonwebtoken::encode(&header, &claims, key).expect("sign token")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_token_registries_work_through_the_token_exchange_and_with_a_token() {
+    let tokens = TokenServer::start("gantry", "s3cret");
+    let registry = Registry::start(Auth::Token(&tokens));
+    let work = tempfile::tempdir().expect("tempdir");
+    let layout = Layout::new(&work.path().join("layout"));
+    let layer = layout.blob(GZ, &gzip(&tarball(&[Entry::File("hello.txt", b"hi")])));
+    let manifest = layout.manifest(
+        json!({"architecture": "amd64", "os": "linux", "config": {}}),
+        &[layer],
+    );
+    layout.tag(&manifest, "v1");
+    layout.push("v1", &registry, "secure/img:v1", Some("gantry:s3cret"));
+    let reference = format!("{}/secure/img:v1", registry.addr);
+
+    // No credentials: the token server refuses, so the registry does too.
+    let store = fresh_store(&work.path().join("a"));
+    let err = store
+        .pull(&reference, &RegistryAuth::Anonymous)
+        .await
+        .expect_err("anonymous refused");
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err}");
+    // Credentials exchanged for a bearer token at the registry's realm.
+    let rec = store
+        .pull(
+            &reference,
+            &RegistryAuth::Basic("gantry".into(), "s3cret".into()),
+        )
+        .await
+        .expect("pull via token exchange");
+    assert_eq!(rec.digest, manifest.digest);
+    // A bearer token obtained out of band.
+    let store = fresh_store(&work.path().join("b"));
+    let token = tokens.token_for("secure/img", &["pull"]);
+    let rec = store
+        .pull(&reference, &RegistryAuth::Bearer(token))
+        .await
+        .expect("pull with a bearer token");
+    assert_eq!(rec.digest, manifest.digest);
+    // A token for another repository does not open this one.
+    let store = fresh_store(&work.path().join("c"));
+    let wrong = tokens.token_for("other/img", &["pull"]);
+    let err = store
+        .pull(&reference, &RegistryAuth::Bearer(wrong))
+        .await
+        .expect_err("wrong scope");
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err}");
 }
