@@ -107,6 +107,9 @@ enum ImageCommand {
         /// Registry password.
         #[arg(long, env = "GANTRY_REGISTRY_PASSWORD", hide_env_values = true)]
         password: Option<String>,
+        /// A bearer token obtained elsewhere (instead of a user and password).
+        #[arg(long, env = "GANTRY_REGISTRY_TOKEN", hide_env_values = true, conflicts_with_all = ["username", "password"])]
+        token: Option<String>,
         /// A registry (`host:port`) to reach over plain HTTP; loopback registries always are.
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
@@ -280,11 +283,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             reference,
             username,
             password,
+            token,
             ..
         }) => {
-            let auth = match (username, password) {
-                (Some(u), Some(p)) => RegistryAuth::Basic(u, p),
-                (None, None) => RegistryAuth::Anonymous,
+            let auth = match (username, password, token) {
+                (_, _, Some(t)) => RegistryAuth::Bearer(t),
+                (Some(u), Some(p), None) => RegistryAuth::Basic(u, p),
+                (None, None, None) => RegistryAuth::Anonymous,
                 _ => anyhow::bail!(
                     "give both --username and --password (or neither, for anonymous access)"
                 ),

@@ -729,3 +729,62 @@ async fn bearer_token_registries_work_through_the_token_exchange_and_with_a_toke
         .expect_err("wrong scope");
     assert!(matches!(err, ImageError::Unauthorized { .. }), "{err}");
 }
+
+#[test]
+fn operator_commands_pull_list_and_run_a_registry_image() {
+    let registry = Registry::start(Auth::Basic("gantry", "s3cret"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let layout = Layout::new(&work.path().join("layout"));
+    let manifest = build_test_image(&layout, work.path());
+    layout.tag(&manifest, "v1");
+    layout.push("v1", &registry, "team/cli:v1", Some("gantry:s3cret"));
+    let state = work.path().join("state");
+    let agent = |args: &[&str]| {
+        Command::new(common::AGENT)
+            .env("GANTRY_STATE_DIR", &state)
+            .env_remove("GANTRY_REGISTRY_PASSWORD")
+            .args(args)
+            .output()
+            .expect("gantry-agent")
+    };
+    let reference = format!("{}/team/cli:v1", registry.addr);
+    let denied = agent(&["image", "pull", &reference]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("registry refused access"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let pulled = agent(&[
+        "image",
+        "pull",
+        &reference,
+        "--username",
+        "gantry",
+        "--password",
+        "s3cret",
+    ]);
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    assert!(String::from_utf8_lossy(&pulled.stdout).contains(&manifest.digest));
+    let list = agent(&["image", "list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains(&reference),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    let run = agent(&["run", "--image", &reference]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "added.txt\nkeep.txt\nnew.txt\nfrom-registry\n/data\n1000\n"
+    );
+}

@@ -61,7 +61,7 @@ pub enum ImageError {
     )]
     BadReference { reference: String, reason: String },
     #[error(
-        "registry refused access to `{reference}` ({message}); pass credentials that may pull it (`--username` and `--password`, or GANTRY_REGISTRY_USER / GANTRY_REGISTRY_PASSWORD)"
+        "registry refused access to `{reference}` ({message}); pass credentials that may pull it (`--username` and `--password`, or `--token`; or GANTRY_REGISTRY_USER / GANTRY_REGISTRY_PASSWORD / GANTRY_REGISTRY_TOKEN)"
     )]
     Unauthorized { reference: String, message: String },
     #[error(
