@@ -581,3 +581,22 @@ async fn pooled_shims_serve_starts_and_exit_with_their_runtime() {
         pooled()
     );
 }
+
+/// A shim that does not report in time is rolled back: whatever it had started is
+/// stopped and torn down, and the failed start leaves nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_that_times_out_is_rolled_back() {
+    let h = TestHost::with(|cfg| cfg.start_timeout = Duration::from_millis(1)).await;
+    let mut req = sh_request("sleep 1000");
+    req.id = Some(ContainerId::new("too-slow").expect("id"));
+    let err = h
+        .runtime
+        .start(req)
+        .await
+        .expect_err("1 ms is too short to start");
+    assert!(err.to_string().contains("did not report"), "{err}");
+    let id = ContainerId::new("too-slow").expect("id");
+    assert_eq!(leftovers(h.state_dir(), &[id]), Vec::<String>::new());
+    assert!(!h.state_dir().join("containers/too-slow").exists());
+    assert!(h.runtime.list().is_empty());
+}

@@ -81,11 +81,23 @@ impl Runtime {
         Ok(())
     }
 
-    /// Kills whatever an unrecorded container directory still runs and removes it.
-    async fn roll_back(&self, dir: &Path) {
+    /// Kills whatever a container directory still runs and removes it: for starts that
+    /// were never acknowledged, and for starts that failed after the shim was launched.
+    pub(super) async fn roll_back(&self, dir: &Path) {
         if let Some(pidfd) = open_shim_from(dir) {
+            // A supervising shim stops its container on request; a shim still inside
+            // libcontainer's create does not read the FIFO yet and is killed.
             let _ = write_control(&dir.join(files::CONTROL), "stop 0\n");
-            let _ = tokio::time::timeout(Duration::from_secs(30), exited(pidfd)).await;
+            let stopped = match pidfd.try_clone() {
+                Ok(fd) => tokio::time::timeout(Duration::from_secs(10), exited(fd))
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            if !stopped {
+                let _ = fsutil::pidfd_send_signal(&pidfd, libc::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(10), exited(pidfd)).await;
+            }
         }
         if !dir.join(files::EXIT).exists() {
             self.cleanup_lost(dir).await;

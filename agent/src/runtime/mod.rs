@@ -37,6 +37,10 @@ use crate::gpu::{self, GpuError, HostPaths};
 use crate::image::{ImageError, ImageStore};
 use crate::store::{LocalStore, StoreError, Table};
 
+/// How long a shim that missed `start_timeout` still gets to finish its attempt before
+/// the start is rolled back.
+const REPORT_GRACE: Duration = Duration::from_secs(10);
+
 /// Settings of the runtime.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -274,16 +278,25 @@ impl Runtime {
             Ok(ready) => {
                 let mut rec = lock_record(&tracked);
                 rec.started_at_ms = Some(ready.started_at_ms);
-                self.inner.table.put(id.as_str(), &*rec)?;
+                // The container runs whatever happens here; its exit is persisted later.
+                if let Err(e) = self.inner.table.put(id.as_str(), &*rec) {
+                    tracing::error!(container = %id, error = %e, "cannot record start time");
+                }
                 let status = rec.status();
                 drop(rec);
                 self.watch(tracked, ready.pidfd, dir);
                 Ok(status)
             }
             Err(e) => {
+                // A shim that reported failure has cleaned up and removed its shim.pid;
+                // one that timed out or vanished may have left a container behind.
+                if dir.join(files::SHIM_PID).exists() {
+                    self.roll_back(&dir).await;
+                } else if let Err(rm) = fsutil::remove_dir_all_if_exists(&dir) {
+                    tracing::error!(dir = %dir.display(), error = %rm, "cannot remove failed container");
+                }
                 self.lock().remove(&id);
                 let _ = self.inner.table.remove(id.as_str());
-                let _ = fsutil::remove_dir_all_if_exists(&dir);
                 Err(e)
             }
         }
@@ -317,17 +330,23 @@ impl Runtime {
         };
         self.inner.table.flush().await?;
         let timeout = self.inner.cfg.start_timeout;
-        let line = tokio::time::timeout(timeout, read_line(ready_r))
-            .await
-            .map_err(|_| RuntimeError::StartFailed {
-                id: record.id.clone(),
-                message: format!(
-                    "shim did not report within {timeout:?}; see {}/shim.log",
-                    dir.display()
-                ),
-                user_error: false,
-            })?
-            .map_err(io_err(dir))?;
+        let mut report = std::pin::pin!(read_line(ready_r));
+        let line = match tokio::time::timeout(timeout, &mut report).await {
+            Ok(line) => line.map_err(io_err(dir))?,
+            Err(_) => {
+                // Let the shim finish its attempt (report or die) before the caller rolls
+                // the start back, so the roll-back does not race a shim still mounting.
+                let _ = tokio::time::timeout(REPORT_GRACE, &mut report).await;
+                return Err(RuntimeError::StartFailed {
+                    id: record.id.clone(),
+                    message: format!(
+                        "shim did not report within {timeout:?}; see {}/shim.log",
+                        dir.display()
+                    ),
+                    user_error: false,
+                });
+            }
+        };
         let ready: ShimReady =
             serde_json::from_str(&line).map_err(|_| RuntimeError::StartFailed {
                 id: record.id.clone(),
