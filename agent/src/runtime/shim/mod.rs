@@ -47,9 +47,15 @@ pub mod files {
 
 #[derive(Debug, thiserror::Error)]
 enum ShimError {
-    /// Something the request got wrong (bad user, missing command): the user can fix it.
-    #[error("{0}")]
-    User(String),
+    /// The image's user database has no such user or group: the user can fix the request.
+    #[error(transparent)]
+    User(#[from] super::spec::UserError),
+    #[error("{path} is missing; the agent writes it before starting the shim")]
+    Missing { path: PathBuf },
+    #[error("image has no layers; pull or import it again")]
+    NoLayers,
+    #[error("libcontainer started the container but reported no pid")]
+    NoPid,
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -251,7 +257,9 @@ struct Started {
 fn start(dir: &Path) -> Result<Started, ShimError> {
     let cfg: ShimConfig = fsutil::read_json(&dir.join(files::SHIM_CONFIG))
         .map_err(io("reading shim.json"))?
-        .ok_or_else(|| ShimError::User(format!("{} has no shim.json", dir.display())))?;
+        .ok_or_else(|| ShimError::Missing {
+            path: dir.join(files::SHIM_CONFIG),
+        })?;
     let me = nix::unistd::getpid().as_raw();
     let shim = ShimPid {
         pid: me,
@@ -299,9 +307,7 @@ fn start(dir: &Path) -> Result<Started, ShimError> {
     let created = t0.elapsed();
     container.start()?;
     let started_at_ms = now_ms();
-    let init_pid = container
-        .pid()
-        .ok_or_else(|| ShimError::User("container started but reported no pid".into()))?;
+    let init_pid = container.pid().ok_or(ShimError::NoPid)?;
     tracing::info!(
         id = %cfg.id,
         pid = init_pid.as_raw(),
@@ -347,7 +353,7 @@ fn mount_rootfs(dir: &Path, layers: &[PathBuf]) -> Result<(), ShimError> {
         })
         .collect();
     if lower.is_empty() {
-        return Err(ShimError::User("image has no layers".into()));
+        return Err(ShimError::NoLayers);
     }
     let data = format!(
         "lowerdir={},upperdir={},workdir={}",
@@ -372,12 +378,13 @@ fn mount_rootfs(dir: &Path, layers: &[PathBuf]) -> Result<(), ShimError> {
 
 fn set_user(dir: &Path, rootfs: &Path, user: &str) -> Result<(), ShimError> {
     let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
-    let resolved = resolve_user(user, &read("etc/passwd"), &read("etc/group"))
-        .map_err(|e| ShimError::User(e.to_string()))?;
+    let resolved = resolve_user(user, &read("etc/passwd"), &read("etc/group"))?;
     let spec_path = dir.join(files::SPEC);
     let mut spec: serde_json::Value = fsutil::read_json(&spec_path)
         .map_err(io("reading config.json"))?
-        .ok_or_else(|| ShimError::User("config.json missing".into()))?;
+        .ok_or_else(|| ShimError::Missing {
+            path: spec_path.clone(),
+        })?;
     spec["process"]["user"] = serde_json::json!({
         "uid": resolved.uid, "gid": resolved.gid, "additionalGids": resolved.additional_gids,
     });
