@@ -348,3 +348,42 @@ fn a_start_that_was_never_recorded_is_rolled_back() {
     assert!(!state.join("containers/unacked").exists());
     assert_eq!(leftovers(&state, &[id]), Vec::<String>::new());
 }
+
+#[test]
+fn a_compressed_rootfs_tarball_imports_and_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = common::busybox_rootfs(dir.path());
+    let tarball = dir.path().join("rootfs.tar.gz");
+    let tar = Command::new("tar")
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&rootfs)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(tar.success());
+    let state = dir.path().join("state");
+    let out = agent(
+        &state,
+        &[
+            "image",
+            "import",
+            tarball.to_str().expect("utf8"),
+            "--name",
+            "from-tar:v2",
+            "--cmd",
+            "sh",
+            "--cmd",
+            "-c",
+            "--cmd",
+            "echo from tarball",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = agent(&state, &["run", "--image", "from-tar:v2"]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    assert_eq!(text(&run.stdout), "from tarball\n");
+    let list = text(&agent(&state, &["image", "list"]).stdout);
+    assert!(list.contains("from-tar:v2"), "{list}");
+}

@@ -600,3 +600,44 @@ async fn a_start_that_times_out_is_rolled_back() {
     assert!(!h.state_dir().join("containers/too-slow").exists());
     assert!(h.runtime.list().is_empty());
 }
+
+/// Every limit in the request reaches the kernel: the container's cgroups and its /dev/shm.
+#[tokio::test(flavor = "multi_thread")]
+async fn requested_limits_are_enforced_by_the_kernel() {
+    let h = TestHost::new().await;
+    let mut req = sh_request("df -k /dev/shm | tail -n 1 | awk '{print $2}'; sleep 1000");
+    req.resources.memory_bytes = 64 << 20;
+    req.resources.cpu = gantry_shared::CpuMillis(500);
+    req.resources.pids = 100;
+    req.shm_bytes = 32 << 20;
+    let id = h.runtime.start(req).await.expect("start").id;
+    let read = |controller: &str, file: &str| {
+        let dir = cgroup::existing_dirs(id.as_str())
+            .into_iter()
+            .find(|d| d.join(file).exists())
+            .unwrap_or_else(|| panic!("no cgroup with {file} ({controller})"));
+        std::fs::read_to_string(dir.join(file))
+            .expect("read")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        read("memory", "memory.limit_in_bytes"),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
+    assert_eq!(read("cpu", "cpu.cfs_period_us"), "100000");
+    assert_eq!(read("pids", "pids.max"), "100");
+    let shm = eventually(Duration::from_secs(10), || {
+        h.runtime
+            .logs(&id, Stream::Stdout)
+            .is_ok_and(|b| b == b"32768\n")
+    })
+    .await;
+    assert!(
+        shm,
+        "/dev/shm is 32 MiB: {:?}",
+        String::from_utf8_lossy(&h.runtime.logs(&id, Stream::Stdout).expect("logs"))
+    );
+    h.runtime.stop(&id, Duration::ZERO).await.expect("stop");
+}
