@@ -53,6 +53,86 @@ impl ContainerId {
     }
 }
 
+/// A host in the cluster, named by its operator (`gpu-node-17`). The node's certificate
+/// carries it as a DNS name, so it obeys DNS label rules (max 63).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeId(String);
+
+impl NodeId {
+    pub const MAX_LEN: usize = 63;
+
+    pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
+        let id = id.into();
+        validate_label("node", &id, Self::MAX_LEN)?;
+        Ok(Self(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Names one cluster; every control-plane handshake carries it so an agent can never
+/// join the wrong cluster by a typo in an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ClusterId(String);
+
+impl ClusterId {
+    pub const MAX_LEN: usize = 63;
+
+    pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
+        let id = id.into();
+        validate_label("cluster", &id, Self::MAX_LEN)?;
+        Ok(Self(id))
+    }
+
+    /// A fresh id (`gantry-` plus 16 hex digits).
+    pub fn generate() -> Self {
+        Self(format!("gantry-{:016x}", random_u64()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Generates `Display`, `FromStr` and the string conversions serde uses for an id type.
+macro_rules! string_id {
+    ($t:ty) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(&self.0)
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $t {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(id: $t) -> Self {
+                id.0
+            }
+        }
+    };
+}
+
+string_id!(ContainerId);
+string_id!(NodeId);
+string_id!(ClusterId);
+
 fn validate_label(kind: &'static str, id: &str, max: usize) -> Result<(), IdError> {
     if id.is_empty() {
         return Err(IdError::Empty { kind, max });
@@ -95,32 +175,6 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-impl fmt::Display for ContainerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(&self.0)
-    }
-}
-
-impl FromStr for ContainerId {
-    type Err = IdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-impl TryFrom<String> for ContainerId {
-    type Error = IdError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::new(s)
-    }
-}
-
-impl From<ContainerId> for String {
-    fn from(id: ContainerId) -> Self {
-        id.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +198,14 @@ mod tests {
         let b = ContainerId::generate();
         assert_ne!(a, b);
         assert!(ContainerId::new(a.as_str()).is_ok());
+    }
+
+    #[test]
+    fn node_and_cluster_ids_are_labels() {
+        assert!(NodeId::new("gpu-node-17").is_ok());
+        assert!(NodeId::new("gpu_node").is_err());
+        let c = ClusterId::generate();
+        assert_eq!(ClusterId::new(c.as_str()), Ok(c));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! every role can depend on it and every type can be tested as plain data.
 
 pub mod ids;
+pub mod protocol;
 pub mod resources;
 
-pub use ids::{ContainerId, IdError};
+pub use ids::{ClusterId, ContainerId, IdError, NodeId};
 pub use resources::{CpuMillis, ResourceError, Resources, parse_memory};

@@ -1,0 +1,259 @@
+//! The control protocol between agents and the coordinator (over QUIC, mutual TLS).
+//!
+//! Each request is one bidirectional QUIC stream carrying one request frame and one
+//! response frame. A frame is a 4-byte big-endian length followed by that many bytes of
+//! JSON; frames above [`MAX_FRAME`] are refused before their body is read. Every first
+//! exchange names the protocol version and the cluster, and a mismatch gets a
+//! [`Refusal`] that says what is wrong instead of a decode error.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClusterId, NodeId};
+
+/// Bumped on any incompatible change to the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// TLS application protocol name of the control plane.
+pub const ALPN: &[u8] = b"gantry-control/1";
+
+/// Largest frame either side accepts (1 MiB): a certificate request, a job spec or a batch
+/// of events fit easily; anything bigger is a bug or an attack.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// The DNS name in a node's certificate: `<node-id>.node.gantry`. The coordinator
+/// accepts a connection as node N only if its certificate is valid for N's name.
+pub fn node_dns_name(node: &NodeId) -> String {
+    format!("{node}.node.gantry")
+}
+
+/// The DNS name the coordinator's certificate carries; agents verify it.
+pub const COORDINATOR_DNS_NAME: &str = "coordinator.gantry";
+
+/// A request from an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Request {
+    /// First contact, without a client certificate: trade a one-time join token and a
+    /// certificate signing request for a certificate naming `node`.
+    Join {
+        protocol_version: u32,
+        token: String,
+        node: NodeId,
+        csr_pem: String,
+    },
+    /// Opening of a session, with the node's certificate.
+    Hello {
+        protocol_version: u32,
+        cluster: ClusterId,
+        node: NodeId,
+    },
+}
+
+/// The coordinator's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Response {
+    Joined {
+        cluster: ClusterId,
+        certificate_pem: String,
+        ca_pem: String,
+    },
+    Welcome {
+        cluster: ClusterId,
+        node: NodeId,
+    },
+    Refused(Refusal),
+}
+
+/// Why the coordinator refused a request; `message` says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// The peer speaks another protocol version.
+    ProtocolVersion,
+    /// The peer belongs to another cluster.
+    Cluster,
+    /// The join token is unknown, used or expired.
+    JoinToken,
+    /// The certificate signing request is malformed.
+    Csr,
+    /// A request that needs a client certificate came without one.
+    NotAuthenticated,
+    /// The client certificate does not name the node the peer claims to be.
+    Identity,
+}
+
+impl Refusal {
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge { len: usize },
+    #[error("frame is not a valid message: {reason}")]
+    Malformed { reason: String },
+}
+
+/// Encodes one frame: 4-byte big-endian length, then JSON.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed {
+        reason: e.to_string(),
+    })?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge { len: body.len() });
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Reads the body length from a frame header, refusing oversized frames before any of
+/// their body is read.
+pub fn body_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge { len });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| FrameError::Malformed {
+        reason: e.to_string(),
+    })
+}
+
+/// A one-time join token as the operator handles it: `gjt1.<id>.<secret>.<ca-hash>`.
+///
+/// The id finds the token in the coordinator's store, which keeps only a hash of the
+/// secret; the CA hash (SHA-256 of the cluster CA certificate, hex) lets a joining agent
+/// verify it talks to the right coordinator before it has the CA (as kubeadm's
+/// `--discovery-token-ca-cert-hash`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret: String,
+    pub ca_sha256: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "join token is malformed; expected `gjt1.<id>.<secret>.<ca-hash>` as printed by `gantry-coordinator token create`"
+)]
+pub struct BadJoinToken;
+
+impl JoinToken {
+    const PREFIX: &'static str = "gjt1";
+
+    pub fn parse(s: &str) -> Result<Self, BadJoinToken> {
+        let mut parts = s.trim().split('.');
+        let (Some(Self::PREFIX), Some(id), Some(secret), Some(ca), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(BadJoinToken);
+        };
+        let hex = |v: &str, len: usize| v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit());
+        if !(hex(id, 16) && hex(secret, 32) && hex(ca, 64)) {
+            return Err(BadJoinToken);
+        }
+        Ok(Self {
+            id: id.into(),
+            secret: secret.into(),
+            ca_sha256: ca.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}.{}",
+            Self::PREFIX,
+            self.id,
+            self.secret,
+            self.ca_sha256
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_roundtrip() {
+        let msg = Request::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: ClusterId::new("c1").expect("id"),
+            node: NodeId::new("n1").expect("id"),
+        };
+        let frame = encode(&msg).expect("encode");
+        let len = body_len(frame[..4].try_into().expect("header")).expect("len");
+        assert_eq!(len, frame.len() - 4);
+        assert_eq!(decode::<Request>(&frame[4..]).expect("decode"), msg);
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_refused() {
+        assert_eq!(
+            body_len(((MAX_FRAME + 1) as u32).to_be_bytes()),
+            Err(FrameError::TooLarge { len: MAX_FRAME + 1 })
+        );
+        assert!(matches!(
+            decode::<Request>(b"\x00\xffnot json"),
+            Err(FrameError::Malformed { .. })
+        ));
+        // A well-formed frame of an unknown message type is malformed, not a panic.
+        assert!(matches!(
+            decode::<Request>(br#"{"type":"launch_missiles"}"#),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn join_tokens_roundtrip_and_reject_garbage() {
+        let t = JoinToken {
+            id: "0123456789abcdef".into(),
+            secret: "0123456789abcdef0123456789abcdef".into(),
+            ca_sha256: "a".repeat(64),
+        };
+        assert_eq!(JoinToken::parse(&t.to_string()), Ok(t));
+        for bad in [
+            "",
+            "gjt1.x.y.z",
+            "gjt2.0123456789abcdef.0123456789abcdef0123456789abcdef.aa",
+            "gjt1.0123456789abcdef.short.aa",
+        ] {
+            assert_eq!(JoinToken::parse(bad), Err(BadJoinToken), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn node_names_are_dns_names() {
+        assert_eq!(
+            node_dns_name(&NodeId::new("gpu-3").expect("id")),
+            "gpu-3.node.gantry"
+        );
+    }
+}
