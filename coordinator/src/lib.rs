@@ -1,2 +1,5 @@
-//! gantry-coordinator: placement, reconciliation and the HTTP API. Not built yet: this
-//! crate holds the binaries' entry points so the workspace layout is final.
+//! gantry-coordinator: the cluster's control plane. Today: the cluster CA, one-time join
+//! tokens and the QUIC control endpoint with mutual TLS. Placement, the job store, the
+//! HTTP API and the embedded registry are not built yet.
+
+pub mod ca;
