@@ -3,3 +3,4 @@
 //! HTTP API and the embedded registry are not built yet.
 
 pub mod ca;
+pub mod join;
