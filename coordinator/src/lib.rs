@@ -3,4 +3,5 @@
 //! HTTP API and the embedded registry are not built yet.
 
 pub mod ca;
+pub mod control;
 pub mod join;

@@ -1,0 +1,346 @@
+//! The agent's side of the control plane: joining a cluster with a one-time token, and
+//! opening mutually authenticated QUIC sessions to the coordinator.
+//!
+//! Before it has the cluster CA, a joining agent trusts the coordinator only if the CA
+//! certificate the coordinator presents hashes to the value pinned in the join token.
+//! Afterwards it trusts exactly that CA and presents its own node certificate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_shared::protocol::{
+    self, ALPN, COORDINATOR_DNS_NAME, JoinToken, PROTOCOL_VERSION, Refusal, Request, Response,
+};
+use gantry_shared::{ClusterId, NodeId};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::fsutil::{self, Durability};
+
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Token(#[from] protocol::BadJoinToken),
+    #[error("coordinator refused: {0}")]
+    Refused(Refusal),
+    #[error(
+        "cannot reach the coordinator at {addr}: {message}; check the address and that it runs"
+    )]
+    Connect { addr: SocketAddr, message: String },
+    #[error("control stream to the coordinator failed: {0}")]
+    Stream(String),
+    #[error("unexpected answer from the coordinator: {0:?}")]
+    Unexpected(Box<Response>),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("certificate or key is unreadable: {0}")]
+    Pem(String),
+    #[error("cannot create a key or certificate request: {0}")]
+    Csr(#[from] rcgen::Error),
+    #[error("node identity in {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "this agent has not joined a cluster (no identity in {dir}); run `gantry-agent join --coordinator ADDR --token TOKEN`"
+    )]
+    NotJoined { dir: PathBuf },
+}
+
+/// What a joined node keeps: its name, its cluster, its certificate and key, the CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    pub node: NodeId,
+    pub cluster: ClusterId,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl NodeIdentity {
+    const FILE: &'static str = "identity.json";
+
+    /// Loads the identity `join` stored in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, ControlError> {
+        let path = dir.join(Self::FILE);
+        fsutil::read_json(&path)
+            .map_err(|source| ControlError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .ok_or_else(|| ControlError::NotJoined {
+                dir: dir.to_owned(),
+            })
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), ControlError> {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ControlError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        let path = dir.join(Self::FILE);
+        fsutil::write_json_atomic(&path, self, Durability::Host).map_err(io(&path))
+    }
+}
+
+/// How the agent decides to trust the coordinator's certificate.
+pub enum Trust<'a> {
+    /// Before joining: the CA the coordinator presents must hash to this (hex SHA-256).
+    Pinned(&'a str),
+    /// After joining: the cluster CA.
+    Ca(&'a str),
+}
+
+/// One QUIC connection to the coordinator.
+#[derive(Debug)]
+pub struct Session {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Session {
+    /// Opens a connection, presenting `client` (certificate and key PEM) if given.
+    pub async fn open(
+        addr: SocketAddr,
+        trust: Trust<'_>,
+        client: Option<(&str, &str)>,
+    ) -> Result<Self, ControlError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let builder = match trust {
+            Trust::Pinned(hash) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCa {
+                    ca_sha256: hash.to_ascii_lowercase(),
+                    provider,
+                })),
+            Trust::Ca(ca_pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(parse_cert(ca_pem)?)?;
+                builder.with_root_certificates(roots)
+            }
+        };
+        let mut tls = match client {
+            Some((cert, key)) => {
+                builder.with_client_auth_cert(vec![parse_cert(cert)?], parse_key(key)?)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ControlError::Tls(rustls::Error::General(e.to_string())))?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|e: std::net::AddrParseError| ControlError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ControlError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let conn = endpoint
+            .connect(addr, COORDINATOR_DNS_NAME)
+            .map_err(|e| ControlError::Connect {
+                addr,
+                message: e.to_string(),
+            })?
+            .await
+            .map_err(|e| ControlError::Connect {
+                addr,
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            conn,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// One request, one answer, on a fresh stream.
+    pub async fn request(&self, request: &Request) -> Result<Response, ControlError> {
+        let stream = |e: String| ControlError::Stream(e);
+        let exchange = async {
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| stream(e.to_string()))?;
+            let frame = protocol::encode(request).map_err(|e| stream(e.to_string()))?;
+            send.write_all(&frame)
+                .await
+                .map_err(|e| stream(e.to_string()))?;
+            let _ = send.finish();
+            let mut header = [0u8; 4];
+            recv.read_exact(&mut header)
+                .await
+                .map_err(|e| stream(e.to_string()))?;
+            let mut body =
+                vec![0u8; protocol::body_len(header).map_err(|e| stream(e.to_string()))?];
+            recv.read_exact(&mut body)
+                .await
+                .map_err(|e| stream(e.to_string()))?;
+            protocol::decode(&body).map_err(|e| stream(e.to_string()))
+        };
+        tokio::time::timeout(FRAME_TIMEOUT, exchange)
+            .await
+            .map_err(|_| stream(format!("no answer within {FRAME_TIMEOUT:?}")))?
+    }
+
+    /// The underlying connection (for streams of the protocols built on this session).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
+
+/// Joins the cluster: trades the one-time `token` and a fresh key's CSR for a certificate
+/// naming `node`, and stores the identity in `dir`.
+pub async fn join(
+    addr: SocketAddr,
+    token: &str,
+    node: NodeId,
+    dir: &Path,
+) -> Result<NodeIdentity, ControlError> {
+    let token = JoinToken::parse(token)?;
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::new(vec![protocol::node_dns_name(&node)])?
+        .serialize_request(&key)?;
+    let session = Session::open(addr, Trust::Pinned(&token.ca_sha256), None).await?;
+    let request = Request::Join {
+        protocol_version: PROTOCOL_VERSION,
+        token: token.to_string(),
+        node: node.clone(),
+        csr_pem: csr.pem()?,
+    };
+    match session.request(&request).await? {
+        Response::Joined {
+            cluster,
+            certificate_pem,
+            ca_pem,
+        } => {
+            let identity = NodeIdentity {
+                node,
+                cluster,
+                cert_pem: certificate_pem,
+                key_pem: key.serialize_pem(),
+                ca_pem,
+            };
+            identity.save(dir)?;
+            Ok(identity)
+        }
+        Response::Refused(r) => Err(ControlError::Refused(r)),
+        other => Err(ControlError::Unexpected(Box::new(other))),
+    }
+}
+
+/// Opens an authenticated session as `identity` and says hello.
+pub async fn connect(addr: SocketAddr, identity: &NodeIdentity) -> Result<Session, ControlError> {
+    let session = Session::open(
+        addr,
+        Trust::Ca(&identity.ca_pem),
+        Some((&identity.cert_pem, &identity.key_pem)),
+    )
+    .await?;
+    let hello = Request::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        cluster: identity.cluster.clone(),
+        node: identity.node.clone(),
+    };
+    match session.request(&hello).await? {
+        Response::Welcome { .. } => Ok(session),
+        Response::Refused(r) => Err(ControlError::Refused(r)),
+        other => Err(ControlError::Unexpected(Box::new(other))),
+    }
+}
+
+fn parse_cert(pem: &str) -> Result<CertificateDer<'static>, ControlError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| ControlError::Pem(e.to_string()))
+}
+
+fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, ControlError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| ControlError::Pem(e.to_string()))
+}
+
+/// Trusts a server whose chain includes a CA certificate with the pinned hash, verifying
+/// the server certificate against that CA as the only root.
+#[derive(Debug)]
+struct PinnedCa {
+    ca_sha256: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.ca_sha256)
+            .ok_or_else(|| rustls::Error::General("the coordinator's CA does not match the join token's CA hash; the token is for another cluster or the address is wrong".into()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

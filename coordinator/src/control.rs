@@ -1,0 +1,311 @@
+//! The control endpoint: QUIC (quinn) with mutual TLS against the cluster CA.
+//!
+//! Client certificates are optional at the TLS layer so a node without one can join;
+//! everything else requires one. Each request is one bidirectional stream: one frame in,
+//! one frame out (`gantry_shared::protocol`). Frames are bounded in size and time; a peer
+//! that sends an oversized or undecodable frame has its connection closed, with the reason
+//! logged, while every other connection carries on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_shared::protocol::{
+    self, ALPN, FrameError, JoinToken, PROTOCOL_VERSION, Refusal, RefusalCode, Request, Response,
+};
+use gantry_shared::{ClusterId, NodeId};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ca::{CaError, ClusterCa};
+use crate::join::JoinTokens;
+
+/// Settings of the control endpoint.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+    /// Time allowed to receive or send one frame.
+    pub frame_timeout: Duration,
+    /// QUIC idle timeout: a silent peer is dropped after it.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            frame_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+    #[error("cannot listen on {addr}: {source}; pick a free port or stop what uses it")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Why a stream was abandoned.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("peer sent a bad frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("frame timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("stream closed early: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("cannot answer: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+struct State {
+    ca: Arc<ClusterCa>,
+    tokens: JoinTokens,
+    cfg: ControlConfig,
+}
+
+/// A bound control endpoint; `serve` runs it until cancelled.
+pub struct ControlServer {
+    endpoint: quinn::Endpoint,
+    state: Arc<State>,
+}
+
+impl ControlServer {
+    pub fn bind(
+        cfg: ControlConfig,
+        ca: Arc<ClusterCa>,
+        tokens: JoinTokens,
+    ) -> Result<Self, ControlError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.ca_der().clone())?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()?;
+        let identity = ca.server_identity()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(identity.chain, identity.key)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| ControlError::Quic(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(
+            cfg.idle_timeout
+                .try_into()
+                .map_err(|e: quinn::VarIntBoundsExceeded| ControlError::Quic(e.to_string()))?,
+        ));
+        transport.max_concurrent_bidi_streams(64u32.into());
+        server.transport_config(Arc::new(transport));
+        let endpoint =
+            quinn::Endpoint::server(server, cfg.listen).map_err(|source| ControlError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Self {
+            endpoint,
+            state: Arc::new(State { ca, tokens, cfg }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Accepts connections until `cancel` fires, then closes them and waits for their tasks.
+    pub async fn serve(self, cancel: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tasks.spawn(connection(incoming, self.state.clone(), cancel.clone()));
+                }
+            }
+        }
+        self.endpoint
+            .close(0u32.into(), b"coordinator shutting down");
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+async fn connection(incoming: quinn::Incoming, state: Arc<State>, cancel: CancellationToken) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "control handshake refused");
+            return;
+        }
+    };
+    let peer_cert: Option<CertificateDer<'static>> = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned());
+    let streams = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            stream = conn.accept_bi() => {
+                let Ok((send, recv)) = stream else { break };
+                let (state, conn, cert) = (state.clone(), conn.clone(), peer_cert.clone());
+                streams.spawn(async move {
+                    if let Err(e) = exchange(send, recv, &state, cert.as_ref()).await {
+                        tracing::warn!(%remote, error = %e, "closing control connection");
+                        conn.close(1u32.into(), e.to_string().as_bytes());
+                    }
+                });
+            }
+        }
+    }
+    streams.close();
+    streams.wait().await;
+}
+
+async fn exchange(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    state: &State,
+    peer_cert: Option<&CertificateDer<'static>>,
+) -> Result<(), StreamError> {
+    let t = state.cfg.frame_timeout;
+    let request: Request = tokio::time::timeout(t, read_frame(&mut recv))
+        .await
+        .map_err(|_| StreamError::Timeout(t))??;
+    let response = state.handle(request, peer_cert);
+    if let Response::Refused(r) = &response {
+        tracing::warn!(code = ?r.code, reason = %r.message, "control request refused");
+    }
+    let frame = protocol::encode(&response)?;
+    tokio::time::timeout(t, send.write_all(&frame))
+        .await
+        .map_err(|_| StreamError::Timeout(t))??;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, StreamError> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await?;
+    let mut body = vec![0u8; protocol::body_len(header)?];
+    recv.read_exact(&mut body).await?;
+    Ok(protocol::decode(&body)?)
+}
+
+impl State {
+    /// The protocol's decisions, apart from I/O.
+    fn handle(&self, request: Request, peer_cert: Option<&CertificateDer<'static>>) -> Response {
+        match self.decide(request, peer_cert) {
+            Ok(r) => r,
+            Err(refusal) => Response::Refused(refusal),
+        }
+    }
+
+    fn decide(
+        &self,
+        request: Request,
+        peer_cert: Option<&CertificateDer<'static>>,
+    ) -> Result<Response, Refusal> {
+        match request {
+            Request::Join {
+                protocol_version,
+                token,
+                node,
+                csr_pem,
+            } => {
+                check_version(protocol_version)?;
+                let token = JoinToken::parse(&token)
+                    .map_err(|e| Refusal::new(RefusalCode::JoinToken, e.to_string()))?;
+                self.tokens
+                    .redeem(&token)
+                    .map_err(|e| Refusal::new(RefusalCode::JoinToken, e.to_string()))?;
+                let certificate_pem = self
+                    .ca
+                    .sign_node(&csr_pem, &node)
+                    .map_err(|e| Refusal::new(RefusalCode::Csr, e.to_string()))?;
+                tracing::info!(%node, "node joined");
+                Ok(Response::Joined {
+                    cluster: self.ca.cluster().clone(),
+                    certificate_pem,
+                    ca_pem: self.ca.ca_pem().to_owned(),
+                })
+            }
+            Request::Hello {
+                protocol_version,
+                cluster,
+                node,
+            } => {
+                check_version(protocol_version)?;
+                self.check_cluster(&cluster)?;
+                let cert = peer_cert.ok_or_else(|| {
+                    Refusal::new(RefusalCode::NotAuthenticated, "no client certificate; connect with the node certificate that `gantry-agent join` obtained")
+                })?;
+                check_identity(cert, &node)?;
+                Ok(Response::Welcome { cluster, node })
+            }
+        }
+    }
+
+    fn check_cluster(&self, cluster: &ClusterId) -> Result<(), Refusal> {
+        if cluster == self.ca.cluster() {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            RefusalCode::Cluster,
+            format!(
+                "this coordinator runs cluster `{}`, the agent belongs to `{cluster}`; point the agent at its own coordinator or join this one",
+                self.ca.cluster()
+            ),
+        ))
+    }
+}
+
+fn check_version(v: u32) -> Result<(), Refusal> {
+    if v == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        RefusalCode::ProtocolVersion,
+        format!(
+            "the coordinator speaks control protocol {PROTOCOL_VERSION}, the peer {v}; run matching gantry versions"
+        ),
+    ))
+}
+
+/// The certificate (already verified against the cluster CA by rustls) must name `node`.
+fn check_identity(cert: &CertificateDer<'static>, node: &NodeId) -> Result<(), Refusal> {
+    let mismatch = || {
+        Refusal::new(
+            RefusalCode::Identity,
+            format!(
+                "the client certificate does not name node `{node}`; each node connects with its own certificate"
+            ),
+        )
+    };
+    let name = ServerName::try_from(protocol::node_dns_name(node)).map_err(|_| mismatch())?;
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|_| mismatch())?;
+    ee.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| mismatch())
+}

@@ -1,0 +1,263 @@
+//! The control plane end to end on loopback: a real coordinator endpoint (QUIC, mutual
+//! TLS, cluster CA, join tokens) and the agent's client. Covers the join flow and every
+//! way a peer must be refused, and that bad frames close only the offending connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_agent::control::{self, ControlError, NodeIdentity, Session, Trust};
+use gantry_coordinator::ca::ClusterCa;
+use gantry_coordinator::control::{ControlConfig, ControlServer};
+use gantry_coordinator::join::JoinTokens;
+use gantry_shared::protocol::{MAX_FRAME, PROTOCOL_VERSION, RefusalCode, Request, Response};
+use gantry_shared::{ClusterId, NodeId};
+use tokio_util::sync::CancellationToken;
+
+struct Cluster {
+    addr: SocketAddr,
+    tokens: JoinTokens,
+    ca_pem: String,
+    cancel: CancellationToken,
+    dir: tempfile::TempDir,
+    _db: sled::Db,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ClusterCa::load_or_create(&dir.path().join("ca")).expect("ca");
+        let db = sled::open(dir.path().join("db")).expect("db");
+        let tokens = JoinTokens::open(&db, ca.ca_sha256()).expect("tokens");
+        let ca_pem = ca.ca_pem().to_owned();
+        let cfg = ControlConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..ControlConfig::default()
+        };
+        let server = ControlServer::bind(cfg, Arc::new(ca), tokens.clone()).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let cancel = CancellationToken::new();
+        tokio::spawn(server.serve(cancel.clone()));
+        Self {
+            addr,
+            tokens,
+            ca_pem,
+            cancel,
+            dir,
+            _db: db,
+        }
+    }
+
+    fn token(&self) -> String {
+        self.tokens
+            .create(Duration::from_secs(3600))
+            .expect("token")
+            .to_string()
+    }
+
+    async fn join(&self, node: &str) -> NodeIdentity {
+        let node = NodeId::new(node).expect("id");
+        let dir = self.dir.path().join(format!("agent-{node}"));
+        control::join(self.addr, &self.token(), node, &dir)
+            .await
+            .expect("join")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn refusal(r: Result<impl std::fmt::Debug, ControlError>) -> (RefusalCode, String) {
+    match r {
+        Err(ControlError::Refused(r)) => (r.code, r.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_joins_once_and_then_connects_with_its_certificate() {
+    let c = Cluster::start().await;
+    let dir = c.dir.path().join("agent");
+    let token = c.token();
+    let identity = control::join(c.addr, &token, NodeId::new("gpu-1").expect("id"), &dir)
+        .await
+        .expect("join");
+    assert_eq!(
+        NodeIdentity::load(&dir).expect("stored").node.as_str(),
+        "gpu-1"
+    );
+    control::connect(c.addr, &identity)
+        .await
+        .expect("authenticated session");
+    // The token was one-time.
+    let (code, message) = refusal(
+        control::join(
+            c.addr,
+            &token,
+            NodeId::new("gpu-2").expect("id"),
+            &c.dir.path().join("again"),
+        )
+        .await,
+    );
+    assert_eq!(code, RefusalCode::JoinToken);
+    assert!(message.contains("already used"), "{message}");
+}
+
+#[tokio::test]
+async fn expired_and_foreign_join_tokens_are_refused() {
+    let c = Cluster::start().await;
+    let expired = c.tokens.create(Duration::ZERO).expect("token").to_string();
+    let (code, message) = refusal(
+        control::join(
+            c.addr,
+            &expired,
+            NodeId::new("n1").expect("id"),
+            &c.dir.path().join("a"),
+        )
+        .await,
+    );
+    assert_eq!(code, RefusalCode::JoinToken);
+    assert!(message.contains("expired"), "{message}");
+    // A token pinning another CA: the agent refuses the coordinator before sending it.
+    let other = Cluster::start().await;
+    let foreign = other.token();
+    match control::join(
+        c.addr,
+        &foreign,
+        NodeId::new("n2").expect("id"),
+        &c.dir.path().join("b"),
+    )
+    .await
+    {
+        Err(ControlError::Connect { message, .. }) => assert!(message.contains("CA"), "{message}"),
+        other => panic!("expected the pinned CA check to fail, got {other:?}"),
+    }
+    let err = control::join(
+        c.addr,
+        "not-a-token",
+        NodeId::new("n3").expect("id"),
+        &c.dir.path().join("c"),
+    )
+    .await;
+    assert!(matches!(err, Err(ControlError::Token(_))), "{err:?}");
+}
+
+#[tokio::test]
+async fn hello_needs_a_certificate_that_names_the_node_of_this_cluster() {
+    let c = Cluster::start().await;
+    let identity = c.join("gpu-a").await;
+    // No client certificate.
+    let anon = Session::open(c.addr, Trust::Ca(&c.ca_pem), None)
+        .await
+        .expect("tls");
+    let hello = |node: &NodeId, cluster: &ClusterId, v: u32| Request::Hello {
+        protocol_version: v,
+        cluster: cluster.clone(),
+        node: node.clone(),
+    };
+    let (code, _) = refusal(
+        anon.request(&hello(&identity.node, &identity.cluster, PROTOCOL_VERSION))
+            .await
+            .and_then(into_result),
+    );
+    assert_eq!(code, RefusalCode::NotAuthenticated);
+    // A valid certificate for gpu-a claiming to be gpu-b.
+    let mut impostor = identity.clone();
+    impostor.node = NodeId::new("gpu-b").expect("id");
+    let (code, message) = refusal(control::connect(c.addr, &impostor).await);
+    assert_eq!(code, RefusalCode::Identity);
+    assert!(message.contains("gpu-b"), "{message}");
+    // The right certificate, another cluster's id.
+    let mut lost = identity.clone();
+    lost.cluster = ClusterId::new("some-other-cluster").expect("id");
+    assert_eq!(
+        refusal(control::connect(c.addr, &lost).await).0,
+        RefusalCode::Cluster
+    );
+    // Another protocol version.
+    let session = Session::open(
+        c.addr,
+        Trust::Ca(&c.ca_pem),
+        Some((&identity.cert_pem, &identity.key_pem)),
+    )
+    .await
+    .expect("tls");
+    let (code, message) = refusal(
+        session
+            .request(&hello(
+                &identity.node,
+                &identity.cluster,
+                PROTOCOL_VERSION + 1,
+            ))
+            .await
+            .and_then(into_result),
+    );
+    assert_eq!(code, RefusalCode::ProtocolVersion);
+    assert!(message.contains("protocol"), "{message}");
+}
+
+#[tokio::test]
+async fn certificates_from_another_ca_are_refused_at_the_handshake() {
+    let c = Cluster::start().await;
+    let other = Cluster::start().await;
+    let stranger = other.join("gpu-x").await;
+    // Trusting our CA for the server, presenting the other cluster's node certificate.
+    let result = async {
+        let s = Session::open(
+            c.addr,
+            Trust::Ca(&c.ca_pem),
+            Some((&stranger.cert_pem, &stranger.key_pem)),
+        )
+        .await?;
+        s.request(&Request::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: stranger.cluster.clone(),
+            node: stranger.node.clone(),
+        })
+        .await
+    }
+    .await;
+    assert!(
+        matches!(
+            result,
+            Err(ControlError::Connect { .. } | ControlError::Stream(_))
+        ),
+        "must not get an answer: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_close_only_their_connection() {
+    let c = Cluster::start().await;
+    let identity = c.join("gpu-f").await;
+    for frame in [
+        ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec(),
+        [&8u32.to_be_bytes()[..], b"\xff\xfegarbage"].concat(),
+    ] {
+        let bad = control::connect(c.addr, &identity).await.expect("session");
+        let (mut send, _recv) = bad.connection().open_bi().await.expect("stream");
+        send.write_all(&frame).await.expect("write");
+        let _ = send.finish();
+        let closed = tokio::time::timeout(Duration::from_secs(10), bad.connection().closed())
+            .await
+            .expect("closed in time");
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+            "{closed:?}"
+        );
+        // Everyone else is still served.
+        control::connect(c.addr, &identity)
+            .await
+            .expect("a fresh session works");
+    }
+}
+
+fn into_result(r: Response) -> Result<Response, ControlError> {
+    match r {
+        Response::Refused(r) => Err(ControlError::Refused(r)),
+        other => Ok(other),
+    }
+}
