@@ -2,9 +2,10 @@
 //! cross process boundaries. No I/O lives here (no tokio, quinn, sled or libcontainer), so
 //! every role can depend on it and every type can be tested as plain data.
 
+pub mod api;
 pub mod ids;
 pub mod protocol;
 pub mod resources;
 
-pub use ids::{ClusterId, ContainerId, IdError, NodeId};
+pub use ids::{ClusterId, ContainerId, IdError, JobId, NodeId};
 pub use resources::{CpuMillis, ResourceError, Resources, parse_memory};

@@ -1,0 +1,277 @@
+//! The HTTP API's request and response bodies (`/v1`). The coordinator serves them and
+//! the CLI sends them; the OpenAPI document is generated from these types.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::ids::{JobId, NodeId};
+use crate::resources::{CpuMillis, ResourceError, parse_memory};
+
+/// What a user submits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A human name; not unique.
+    pub name: String,
+    /// Image reference: unqualified names resolve to the cluster's registry.
+    pub image: String,
+    /// Command and arguments; empty runs the image's default.
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Per node of the job.
+    #[serde(default)]
+    pub resources: JobResources,
+    /// Gang size: nodes that run the job together (1 for a plain job).
+    #[serde(default = "one")]
+    pub nodes: u32,
+    /// May run on spot (preemptible) nodes.
+    #[serde(default)]
+    pub spot: bool,
+    /// Restarts after a failure of the job's own making.
+    #[serde(default)]
+    pub retries: u32,
+    /// Wall-clock limit, e.g. `30m`, `12h`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobResources {
+    /// Cores (`0.5`, `2`) or millicores (`500m`).
+    pub cpu: String,
+    /// Bytes with an optional binary unit (`256M`, `2G`).
+    pub memory: String,
+    /// GPUs per node.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Acceptable GPU models in order of preference (empty: any).
+    #[serde(default)]
+    pub gpu_types: Vec<String>,
+}
+
+impl Default for JobResources {
+    fn default() -> Self {
+        Self {
+            cpu: "1".into(),
+            memory: "512M".into(),
+            gpus: 0,
+            gpu_types: Vec::new(),
+        }
+    }
+}
+
+/// A field of a spec that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl JobSpec {
+    pub const MAX_NODES: u32 = 1024;
+    pub const MAX_RETRIES: u32 = 100;
+
+    /// Checks everything a spec can get wrong on its own (not against cluster capacity).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let err = |field, message: &str| {
+            Err(FieldError {
+                field,
+                message: message.to_owned(),
+            })
+        };
+        if self.name.trim().is_empty() || self.name.len() > 128 {
+            return err("name", "must be 1 to 128 characters");
+        }
+        if self.image.trim().is_empty() {
+            return err(
+                "image",
+                "must name an image, e.g. `busybox` or `registry.example.com/team/train:v1`",
+            );
+        }
+        if self.nodes == 0 || self.nodes > Self::MAX_NODES {
+            return err("nodes", "must be between 1 and 1024");
+        }
+        if self.retries > Self::MAX_RETRIES {
+            return err("retries", "must be at most 100");
+        }
+        if let Some((k, _)) = self.env.iter().find(|(k, _)| !valid_env_name(k)) {
+            return Err(FieldError {
+                field: "env",
+                message: format!("`{k}` is not a valid variable name"),
+            });
+        }
+        let resource = |field, e: ResourceError| FieldError {
+            field,
+            message: e.to_string(),
+        };
+        self.resources
+            .cpu
+            .parse::<CpuMillis>()
+            .map_err(|e| resource("resources.cpu", e))?;
+        parse_memory(&self.resources.memory).map_err(|e| resource("resources.memory", e))?;
+        if let Some(t) = &self.timeout
+            && !valid_duration(t)
+        {
+            return err("timeout", "must be a duration such as `30m` or `12h`");
+        }
+        Ok(())
+    }
+}
+
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `<number><unit>` pairs with units s, m, h, d (what humantime's common forms use).
+fn valid_duration(s: &str) -> bool {
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return false;
+        }
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if !matches!(rest[..unit].trim(), "s" | "m" | "h" | "d" | "ms") {
+            return false;
+        }
+        rest = rest[unit..].trim_start();
+    }
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Accepted, waiting for capacity.
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// One placement of a job on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Attempt {
+    /// Only ever increases for a job; agents refuse commands with older generations.
+    pub generation: u64,
+    #[schema(value_type = String)]
+    pub node: NodeId,
+    pub gpus: Vec<u32>,
+    pub rank: u32,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    #[schema(value_type = String)]
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Why the job is in its state (why it waits, how it ended).
+    pub reason: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+    /// Pass as `page_token` to get the next page; absent on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Every error the API returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable (`invalid_spec`, `not_found`, …).
+    pub code: String,
+    /// What was wrong and what to do.
+    pub message: String,
+    /// The offending field, when one is to blame.
+    pub field: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        serde_json::from_str(r#"{"name":"t","image":"busybox","command":["true"]}"#).expect("spec")
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = spec();
+        assert_eq!((s.nodes, s.retries, s.resources.gpus), (1, 0, 0));
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut s = spec();
+        s.resources.memory = "0".into();
+        assert_eq!(s.validate().map_err(|e| e.field), Err("resources.memory"));
+        let mut s = spec();
+        s.nodes = 0;
+        assert_eq!(s.validate().map_err(|e| e.field), Err("nodes"));
+        let mut s = spec();
+        s.timeout = Some("soon".into());
+        assert_eq!(s.validate().map_err(|e| e.field), Err("timeout"));
+        let mut s = spec();
+        s.env.insert("1X".into(), "y".into());
+        assert_eq!(s.validate().map_err(|e| e.field), Err("env"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<JobSpec, _> = serde_json::from_str(r#"{"name":"t","image":"x","gpus":1}"#);
+        assert!(r.is_err_and(|e| e.to_string().contains("unknown field `gpus`")));
+    }
+
+    #[test]
+    fn durations() {
+        for ok in ["30m", "12h", "1h30m", "45s", "2d"] {
+            assert!(valid_duration(ok), "{ok}");
+        }
+        for bad in ["", "soon", "5", "m5", "-1h"] {
+            assert!(!valid_duration(bad), "{bad}");
+        }
+    }
+}
