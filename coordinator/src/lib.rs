@@ -5,3 +5,4 @@
 pub mod ca;
 pub mod control;
 pub mod join;
+pub mod store;

@@ -1,0 +1,283 @@
+//! The coordinator's durable state in sled: jobs, idempotency keys and API tokens (join
+//! tokens live in `join.rs`). Every write that the API acknowledges is flushed first.
+//! The layout is versioned; an incompatible database is refused at open.
+
+use std::path::{Path, PathBuf};
+
+use gantry_shared::JobId;
+use gantry_shared::api::{Job, JobSpec, JobState};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+/// Bumped when keys or values change incompatibly.
+pub const LAYOUT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open the coordinator database at {path}: {source}; if another coordinator uses this state directory, stop it or pass another --state-dir"
+    )]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "coordinator database at {path} has layout version {found}, this coordinator understands {LAYOUT_VERSION}; run a matching version or restore a backup"
+    )]
+    Layout { path: PathBuf, found: u32 },
+    #[error("database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error(
+        "idempotency key `{key}` was used with a different request body; use a new key for a new job"
+    )]
+    IdempotencyMismatch { key: String },
+    #[error("job `{id}` not found")]
+    NotFound { id: JobId },
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdempotencyRecord {
+    job: JobId,
+    body_sha256: String,
+}
+
+/// The coordinator's database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    jobs: sled::Tree,
+    idempotency: sled::Tree,
+}
+
+/// Which jobs to list.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    /// Start after this job id (the page token).
+    pub after: Option<JobId>,
+    pub limit: usize,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        match db.get("layout_version")? {
+            None => {
+                db.insert("layout_version", &LAYOUT_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = v.as_ref().try_into().map(u32::from_be_bytes).unwrap_or(0);
+                if found != LAYOUT_VERSION {
+                    return Err(StoreError::Layout {
+                        path: path.to_owned(),
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            jobs: db.open_tree("jobs")?,
+            idempotency: db.open_tree("idempotency")?,
+            db,
+        })
+    }
+
+    /// The database, for the parts of the coordinator that keep their own trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Records a new job, durably. With an idempotency key, a replay of the same body
+    /// returns the job created first (`false`); a different body is refused.
+    pub fn create_job(
+        &self,
+        spec: JobSpec,
+        now_ms: u64,
+        idempotency: Option<(&str, &str)>,
+    ) -> Result<(Job, bool), StoreError> {
+        let id = JobId::from_sequence(self.db.generate_id()?);
+        let job = Job {
+            id,
+            spec,
+            state: JobState::Pending,
+            reason: Some("waiting for capacity".into()),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            attempts: Vec::new(),
+        };
+        let job_bytes = serde_json::to_vec(&job)?;
+        let idem = idempotency
+            .map(|(key, body_sha256)| {
+                let rec = IdempotencyRecord {
+                    job: job.id.clone(),
+                    body_sha256: body_sha256.to_owned(),
+                };
+                serde_json::to_vec(&rec).map(|bytes| (key, bytes))
+            })
+            .transpose()?;
+        // One transaction: either the job and its key are both stored, or (a replay) the
+        // key's earlier record comes back and nothing is written.
+        let earlier: Option<sled::IVec> = (&self.jobs, &self.idempotency)
+            .transaction(|(jobs, keys)| {
+                if let Some((key, bytes)) = &idem {
+                    if let Some(earlier) = keys.get(key)? {
+                        return Ok(Some(earlier));
+                    }
+                    keys.insert(*key, bytes.clone())?;
+                }
+                jobs.insert(job.id.as_str(), job_bytes.clone())?;
+                Ok(None)
+            })
+            .map_err(
+                |e: sled::transaction::TransactionError<std::convert::Infallible>| match e {
+                    sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+                    sled::transaction::TransactionError::Abort(never) => match never {},
+                },
+            )?;
+        match (earlier, idempotency) {
+            (Some(bytes), Some((key, body_sha256))) => {
+                let rec: IdempotencyRecord = serde_json::from_slice(&bytes)?;
+                if rec.body_sha256 != body_sha256 {
+                    return Err(StoreError::IdempotencyMismatch {
+                        key: key.to_owned(),
+                    });
+                }
+                Ok((self.job(&rec.job)?, false))
+            }
+            _ => {
+                self.db.flush()?;
+                Ok((job, true))
+            }
+        }
+    }
+
+    pub fn job(&self, id: &JobId) -> Result<Job, StoreError> {
+        let bytes = self
+            .jobs
+            .get(id.as_str())?
+            .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// Jobs in submission order, starting after `filter.after`; returns the page and
+    /// whether more follow.
+    pub fn jobs(&self, filter: &JobFilter) -> Result<(Vec<Job>, bool), StoreError> {
+        let start = filter
+            .after
+            .as_ref()
+            .map(|a| format!("{}\u{0}", a.as_str()))
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for kv in self.jobs.range(start.as_bytes()..) {
+            let (_, v) = kv?;
+            let job: Job = serde_json::from_slice(&v)?;
+            if filter.state.is_some_and(|s| s != job.state) {
+                continue;
+            }
+            if out.len() == filter.limit {
+                return Ok((out, true));
+            }
+            out.push(job);
+        }
+        Ok((out, false))
+    }
+
+    /// Applies `change` to a job atomically and durably.
+    pub fn update_job(&self, id: &JobId, change: impl Fn(&mut Job)) -> Result<Job, StoreError> {
+        loop {
+            let old = self
+                .jobs
+                .get(id.as_str())?
+                .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
+            let mut job: Job = serde_json::from_slice(&old)?;
+            change(&mut job);
+            let new = serde_json::to_vec(&job)?;
+            if self
+                .jobs
+                .compare_and_swap(id.as_str(), Some(old), Some(new))?
+                .is_ok()
+            {
+                self.jobs.flush()?;
+                return Ok(job);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> JobSpec {
+        serde_json::from_value(serde_json::json!({"name": name, "image": "busybox"})).expect("spec")
+    }
+
+    #[test]
+    fn jobs_survive_reopen_and_page_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids: Vec<JobId> = {
+            let s = Store::open(dir.path()).expect("open");
+            (0..5)
+                .map(|i| {
+                    s.create_job(spec(&format!("j{i}")), 1, None)
+                        .expect("create")
+                        .0
+                        .id
+                })
+                .collect()
+        };
+        let s = Store::open(dir.path()).expect("reopen");
+        let (page, more) = s
+            .jobs(&JobFilter {
+                limit: 2,
+                ..Default::default()
+            })
+            .expect("list");
+        assert_eq!(
+            page.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+            ids[..2]
+        );
+        assert!(more);
+        let (page, more) = s
+            .jobs(&JobFilter {
+                limit: 10,
+                after: Some(ids[1].clone()),
+                ..Default::default()
+            })
+            .expect("list");
+        assert_eq!(page.len(), 3);
+        assert!(!more);
+    }
+
+    #[test]
+    fn idempotency_keys_replay_or_refuse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        let (a, created) = s
+            .create_job(spec("a"), 1, Some(("k1", "hash-a")))
+            .expect("create");
+        assert!(created);
+        let (b, created) = s
+            .create_job(spec("a"), 2, Some(("k1", "hash-a")))
+            .expect("replay");
+        assert!(!created);
+        assert_eq!(a, b);
+        assert!(matches!(
+            s.create_job(spec("other"), 3, Some(("k1", "hash-b"))),
+            Err(StoreError::IdempotencyMismatch { .. })
+        ));
+        let (all, _) = s
+            .jobs(&JobFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .expect("list");
+        assert_eq!(all.len(), 1, "nothing half-written by the refused request");
+    }
+}
