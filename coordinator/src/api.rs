@@ -1,0 +1,457 @@
+//! The HTTP API (axum) under `/v1`, with its OpenAPI document at `/v1/openapi.json`,
+//! `/healthz` and Prometheus `/metrics`. Handlers only parse, authorize and call the
+//! store; every error becomes an HTTP status in one place (`ApiError`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State,
+};
+use axum::http::{HeaderMap, StatusCode, header, request::Parts};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gantry_shared::JobId;
+use gantry_shared::api::{ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+use crate::auth::{ApiTokens, Role};
+use crate::store::{JobFilter, Store, StoreError};
+
+/// Settings of the HTTP API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest page `GET /v1/jobs` returns.
+    pub max_page: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            max_body_bytes: 1 << 20,
+            max_page: 500,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    store: Store,
+    tokens: ApiTokens,
+    metrics: Arc<Metrics>,
+    cfg: ApiConfig,
+}
+
+impl ApiState {
+    pub fn new(store: Store, tokens: ApiTokens, cfg: ApiConfig) -> Self {
+        Self {
+            store,
+            tokens,
+            metrics: Arc::new(Metrics::new()),
+            cfg,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    /// The route template (`/v1/jobs/{id}`), never a concrete id.
+    route: String,
+    status: u16,
+}
+
+struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    jobs_submitted: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("gantry");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "HTTP API requests by route and status",
+            requests.clone(),
+        );
+        let jobs_submitted = Counter::default();
+        registry.register(
+            "jobs_submitted",
+            "Jobs accepted by the API",
+            jobs_submitted.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            jobs_submitted,
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Gantry API",
+        description = "Self-hosted serverless GPU compute. Authenticate with `Authorization: Bearer <token>`."
+    ),
+    paths(submit_job, list_jobs, get_job, cancel_job),
+    components(schemas(JobSpec, Job, JobList, ErrorBody))
+)]
+struct ApiDoc;
+
+/// The API's routes.
+pub fn router(state: ApiState) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { Json(ApiDoc::openapi()) }),
+        )
+        .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `cancel` fires, finishing in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+async fn count_requests(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(req).await;
+    let labels = RequestLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
+    response
+}
+
+async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &state.metrics.registry)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Submit a job. With an `Idempotency-Key` header, a retried request returns the job the
+/// first one created (with `Idempotent-Replayed: true`); the same key with another body is 422.
+#[utoipa::path(post, path = "/v1/jobs", request_body = JobSpec,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses((status = 201, body = Job), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn submit_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Spec(spec): Spec,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Submitter)?;
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 128)
+                .map(str::to_owned)
+                .ok_or(ApiError::BadRequest {
+                    field: Some("Idempotency-Key".into()),
+                    message: "must be 1 to 128 visible ASCII characters".into(),
+                })
+        })
+        .transpose()?;
+    // Compare what the spec means, not its bytes: reformatted JSON is the same request.
+    let canonical = hex::encode(Sha256::digest(
+        serde_json::to_vec(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
+    ));
+    let now = now_ms();
+    let store = state.store.clone();
+    let (job, created) = tokio::task::spawn_blocking(move || {
+        store.create_job(spec, now, key.as_deref().map(|k| (k, canonical.as_str())))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    if created {
+        state.metrics.jobs_submitted.inc();
+    }
+    let mut response = (StatusCode::CREATED, Json(job)).into_response();
+    if !created {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only jobs in this state.
+    state: Option<JobState>,
+    /// From the previous page's `next_page_token`.
+    page_token: Option<String>,
+    /// Page size (default 100, at most the server's limit).
+    limit: Option<usize>,
+}
+
+/// List jobs in submission order, a page at a time.
+#[utoipa::path(get, path = "/v1/jobs", params(ListQuery),
+    responses((status = 200, body = JobList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_jobs(
+    State(state): State<ApiState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    caller.require(Role::Reader)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: e.body_text(),
+    })?;
+    let after = q
+        .page_token
+        .map(|t| {
+            JobId::new(t).map_err(|_| ApiError::BadRequest {
+                field: Some("page_token".into()),
+                message: "not a page token from this API".into(),
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, state.cfg.max_page);
+    let (jobs, more) = state.store.jobs(&JobFilter {
+        state: q.state,
+        after,
+        limit,
+    })?;
+    let next_page_token = more
+        .then(|| jobs.last().map(|j| j.id.to_string()))
+        .flatten();
+    Ok(Json(JobList {
+        jobs,
+        next_page_token,
+    }))
+}
+
+/// One job: its state, attempts and why it is where it is.
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    caller.require(Role::Reader)?;
+    Ok(Json(state.store.job(&job_id(id)?)?))
+}
+
+/// Cancel a job. Cancelling a finished job changes nothing and returns it.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn cancel_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    caller.require(Role::Submitter)?;
+    let now = now_ms();
+    let job = state.store.update_job(&job_id(id)?, |job| {
+        if !job.state.is_terminal() {
+            job.state = JobState::Cancelled;
+            job.reason = Some("cancelled by request".into());
+            job.updated_at_ms = now;
+        }
+    })?;
+    Ok(Json(job))
+}
+
+fn job_id(raw: String) -> Result<JobId, ApiError> {
+    JobId::new(raw.clone()).map_err(|_| ApiError::NotFound {
+        what: format!("job `{raw}`"),
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The authenticated caller's role.
+pub struct Caller(Role);
+
+impl Caller {
+    fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.0.allows(role) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden { required: role })
+        }
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthenticated { message: "missing `Authorization: Bearer <token>`; use the admin token printed at the coordinator's first start, or one created from it" })?;
+        let tokens = state.tokens.clone();
+        let token = token.trim().to_owned();
+        let role = tokio::task::spawn_blocking(move || tokens.role(&token))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        role.map(Caller).ok_or(ApiError::Unauthenticated {
+            message: "token not recognized; check GANTRY_TOKEN or create a new token",
+        })
+    }
+}
+
+/// A `JobSpec` body: parsed with the failing field's path, then validated.
+pub struct Spec(JobSpec);
+
+impl FromRequest<ApiState> for Spec {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge {
+                    limit: state.cfg.max_body_bytes,
+                }
+            } else {
+                ApiError::BadRequest {
+                    field: None,
+                    message: e.body_text(),
+                }
+            }
+        })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::BadRequest {
+                field: (path != ".").then_some(path),
+                message: e.inner().to_string(),
+            }
+        })?;
+        spec.validate().map_err(|e| ApiError::InvalidSpec {
+            field: e.field,
+            message: e.message,
+        })?;
+        Ok(Spec(spec))
+    }
+}
+
+/// Every error the API can return, mapped to a status here and nowhere else.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest {
+        field: Option<String>,
+        message: String,
+    },
+    #[error("{field}: {message}")]
+    InvalidSpec {
+        field: &'static str,
+        message: String,
+    },
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("{message}")]
+    Unauthenticated { message: &'static str },
+    #[error("this needs the {required:?} role or higher; ask an admin for a token with it")]
+    Forbidden { required: Role },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = match &self {
+            ApiError::BadRequest { field, .. } => {
+                (StatusCode::BAD_REQUEST, "bad_request", field.clone())
+            }
+            ApiError::InvalidSpec { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_spec",
+                Some((*field).to_owned()),
+            ),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+            ApiError::Unauthenticated { .. } => (StatusCode::UNAUTHORIZED, "unauthenticated", None),
+            ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::NotFound { .. } | ApiError::Store(StoreError::NotFound { .. }) => {
+                (StatusCode::NOT_FOUND, "not_found", None)
+            }
+            ApiError::Store(StoreError::IdempotencyMismatch { .. }) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                Some("Idempotency-Key".into()),
+            ),
+            ApiError::Store(_) | ApiError::Internal(_) => {
+                tracing::error!(error = %self, "API request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
+            }
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: self.to_string(),
+                field,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,324 @@
+//! The HTTP API through its router (no network): auth and roles, validation with field
+//! names, size limits, idempotency, paging, cancel, OpenAPI and metrics.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use gantry_coordinator::api::{self, ApiConfig, ApiState};
+use gantry_coordinator::auth::{ApiTokens, Role};
+use gantry_coordinator::store::Store;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Api {
+    router: axum::Router,
+    admin: String,
+    submitter: String,
+    reader: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let tokens = ApiTokens::open(store.db()).expect("tokens");
+        let admin = tokens.bootstrap_admin().expect("bootstrap").expect("admin");
+        let submitter = tokens.create(Role::Submitter, "ci").expect("token");
+        let reader = tokens.create(Role::Reader, "dashboard").expect("token");
+        let cfg = ApiConfig {
+            max_body_bytes: 4096,
+            ..ApiConfig::default()
+        };
+        let router = api::router(ApiState::new(store, tokens, cfg));
+        Self {
+            router,
+            admin,
+            submitter,
+            reader,
+            _dir: dir,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .header("content-type", "application/json")
+            .body(body.map(Body::from).unwrap_or_else(Body::empty))
+            .expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("response");
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
+            .await
+            .expect("body");
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, headers, value)
+    }
+
+    async fn submit(&self, spec: Value) -> (StatusCode, Value) {
+        let (s, _, v) = self
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(&self.submitter),
+                Some(spec.to_string()),
+                &[],
+            )
+            .await;
+        (s, v)
+    }
+}
+
+fn spec(name: &str) -> Value {
+    json!({"name": name, "image": "busybox", "command": ["echo", "hi"], "resources": {"cpu": "0.5", "memory": "256M"}})
+}
+
+#[tokio::test]
+async fn health_and_openapi_need_no_token() {
+    let api = Api::new();
+    let (s, _, v) = api.call("GET", "/healthz", None, None, &[]).await;
+    assert_eq!((s, v), (StatusCode::OK, Value::String("ok".into())));
+    let (s, _, doc) = api.call("GET", "/v1/openapi.json", None, None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(doc["paths"]["/v1/jobs"]["post"].is_object(), "{doc}");
+    assert!(doc["components"]["schemas"]["JobSpec"].is_object());
+}
+
+#[tokio::test]
+async fn tokens_and_roles_are_enforced() {
+    let api = Api::new();
+    let body = Some(spec("a").to_string());
+    assert_eq!(
+        api.call("POST", "/v1/jobs", None, body.clone(), &[])
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.call("POST", "/v1/jobs", Some("gat_wrong"), body.clone(), &[])
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, _, v) = api
+        .call("POST", "/v1/jobs", Some(&api.reader), body.clone(), &[])
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(v["error"]["code"], "forbidden");
+    let (s, _, job) = api
+        .call("POST", "/v1/jobs", Some(&api.admin), body, &[])
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(job["state"], "pending");
+    let path = format!("/v1/jobs/{}", job["id"].as_str().expect("id"));
+    assert_eq!(
+        api.call("GET", &path, Some(&api.reader), None, &[]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.call(
+            "POST",
+            &format!("{path}/cancel"),
+            Some(&api.reader),
+            None,
+            &[]
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_name_the_field() {
+    let api = Api::new();
+    let cases = [
+        ("{not json".to_owned(), None),
+        (json!({"name": "x", "image": "busybox", "gpus": 2}).to_string(), None),
+        (json!({"name": "x", "image": "busybox", "resources": {"cpu": "1", "memory": "1G", "gpus": "two"}}).to_string(), Some("resources.gpus")),
+        (json!({"name": "x", "image": "busybox", "resources": {"cpu": "1", "memory": "0"}}).to_string(), Some("resources.memory")),
+        (json!({"name": "x", "image": "", "nodes": 1}).to_string(), Some("image")),
+        (json!({"name": "x", "image": "busybox", "timeout": "soon"}).to_string(), Some("timeout")),
+    ];
+    for (body, field) in cases {
+        let (s, _, v) = api
+            .call(
+                "POST",
+                "/v1/jobs",
+                Some(&api.submitter),
+                Some(body.clone()),
+                &[],
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(!v["error"]["message"].as_str().unwrap_or("").is_empty());
+        if let Some(f) = field {
+            assert_eq!(v["error"]["field"], f, "{body}: {v}");
+        }
+    }
+    // The unknown field is named in the message.
+    let (_, _, v) = api
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(&api.submitter),
+            Some(json!({"name": "x", "image": "b", "gpus": 2}).to_string()),
+            &[],
+        )
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gpus"),
+        "{v}"
+    );
+    // Over the body limit (4 KiB in this test).
+    let big = json!({"name": "x", "image": "busybox", "command": ["x".repeat(8192)]}).to_string();
+    let (s, _, v) = api
+        .call("POST", "/v1/jobs", Some(&api.submitter), Some(big), &[])
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+    );
+    // Nothing was stored by any of them.
+    let (_, _, list) = api
+        .call("GET", "/v1/jobs", Some(&api.reader), None, &[])
+        .await;
+    assert_eq!(list["jobs"].as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test]
+async fn idempotency_keys_make_retries_safe() {
+    let api = Api::new();
+    let key = [("idempotency-key", "retry-me")];
+    let body = Some(spec("a").to_string());
+    let (s1, h1, j1) = api
+        .call("POST", "/v1/jobs", Some(&api.submitter), body.clone(), &key)
+        .await;
+    // Same meaning, different formatting: still a replay.
+    let reformatted = Some(serde_json::to_string_pretty(&spec("a")).expect("json"));
+    let (s2, h2, j2) = api
+        .call("POST", "/v1/jobs", Some(&api.submitter), reformatted, &key)
+        .await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(j1["id"], j2["id"]);
+    assert!(h1.get("idempotent-replayed").is_none());
+    assert_eq!(
+        h2.get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("true")
+    );
+    let (s3, _, v) = api
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(&api.submitter),
+            Some(spec("b").to_string()),
+            &key,
+        )
+        .await;
+    assert_eq!(s3, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["error"]["code"], "idempotency_key_reused");
+}
+
+#[tokio::test]
+async fn jobs_page_filter_and_cancel() {
+    let api = Api::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (s, job) = api.submit(spec(&format!("j{i}"))).await;
+        assert_eq!(s, StatusCode::CREATED);
+        ids.push(job["id"].as_str().expect("id").to_owned());
+    }
+    let (_, _, page1) = api
+        .call("GET", "/v1/jobs?limit=2", Some(&api.reader), None, &[])
+        .await;
+    assert_eq!(page1["jobs"].as_array().map(Vec::len), Some(2));
+    let token = page1["next_page_token"]
+        .as_str()
+        .expect("more pages")
+        .to_owned();
+    let (_, _, page2) = api
+        .call(
+            "GET",
+            &format!("/v1/jobs?limit=2&page_token={token}"),
+            Some(&api.reader),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(page2["jobs"][0]["id"], ids[2].as_str());
+    assert!(page2["next_page_token"].is_null());
+
+    let (s, _, job) = api
+        .call(
+            "POST",
+            &format!("/v1/jobs/{}/cancel", ids[0]),
+            Some(&api.submitter),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (s, job["state"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    let (_, _, pending) = api
+        .call(
+            "GET",
+            "/v1/jobs?state=pending",
+            Some(&api.reader),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(pending["jobs"].as_array().map(Vec::len), Some(2));
+    let (s, _, _) = api
+        .call("GET", "/v1/jobs?state=bogus", Some(&api.reader), None, &[])
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    for missing in ["/v1/jobs/j-ffffffffffffffff", "/v1/jobs/NOT_AN_ID"] {
+        let (s, _, v) = api.call("GET", missing, Some(&api.reader), None, &[]).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{missing}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_without_ids() {
+    let api = Api::new();
+    let (_, job) = api.submit(spec("m")).await;
+    let id = job["id"].as_str().expect("id").to_owned();
+    api.call(
+        "GET",
+        &format!("/v1/jobs/{id}"),
+        Some(&api.reader),
+        None,
+        &[],
+    )
+    .await;
+    let (s, _, text) = api.call("GET", "/metrics", None, None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = text.as_str().expect("text").to_owned();
+    assert!(text.contains("gantry_jobs_submitted_total 1"), "{text}");
+    assert!(text.contains(r#"route="/v1/jobs/{id}""#), "{text}");
+    assert!(!text.contains(&id), "no job ids in metrics: {text}");
+}
