@@ -14,7 +14,7 @@ use gantry_agent::runtime::{
     Stream,
 };
 use gantry_agent::store::LocalStore;
-use gantry_shared::{ContainerId, CpuMillis, parse_memory};
+use gantry_shared::{ContainerId, CpuMillis, NodeId, parse_memory};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +59,18 @@ enum Command {
         id: ContainerId,
         #[arg(long, short = 't', default_value = "10s", value_parser = humantime::parse_duration)]
         time: Duration,
+    },
+    /// Join a cluster: trade a one-time token for this node's certificate.
+    Join {
+        /// The coordinator's control address, `host:port`.
+        #[arg(long)]
+        coordinator: String,
+        /// The token from `gantry-coordinator token create`.
+        #[arg(long, env = "GANTRY_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// This node's name in the cluster (default: the host name).
+        #[arg(long)]
+        node: Option<NodeId>,
     },
     /// Wait for a container to exit and exit with its code.
     Wait { id: ContainerId },
@@ -201,6 +213,18 @@ fn main() -> ExitCode {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     init_tracing(&cli.log);
+    if let Command::Join {
+        coordinator,
+        token,
+        node,
+    } = cli.command
+    {
+        return block_on(join(cli.state_dir, coordinator, token, node));
+    }
+    block_on(run(cli))
+}
+
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -208,13 +232,48 @@ fn main() -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(f) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("gantry-agent: {e:#}");
             ExitCode::from(125)
         }
     }
+}
+
+/// `gantry-agent join`: needs no local store, only the identity directory.
+async fn join(
+    state_dir: PathBuf,
+    coordinator: String,
+    token: String,
+    node: Option<NodeId>,
+) -> anyhow::Result<i32> {
+    let addr = tokio::net::lookup_host(&coordinator)
+        .await
+        .with_context(|| {
+            format!("resolving the coordinator address `{coordinator}` (use host:port)")
+        })?
+        .next()
+        .with_context(|| format!("`{coordinator}` resolves to no address"))?;
+    let node = match node {
+        Some(n) => n,
+        None => {
+            let host = nix::unistd::gethostname()
+                .context("reading the host name")?
+                .to_string_lossy()
+                .to_lowercase();
+            NodeId::new(host.clone()).with_context(|| {
+                format!("the host name `{host}` is not a valid node name; pass --node")
+            })?
+        }
+    };
+    let identity =
+        gantry_agent::control::join(addr, &token, node, &state_dir.join("identity")).await?;
+    println!(
+        "joined cluster {} as node {}",
+        identity.cluster, identity.node
+    );
+    Ok(0)
 }
 
 fn init_tracing(filter: &str) {
@@ -348,7 +407,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             host.runtime.remove(&id)?;
             Ok(0)
         }
-        Command::Shim { .. } => unreachable!("dispatched before the async runtime"),
+        Command::Shim { .. } | Command::Join { .. } => {
+            unreachable!("dispatched before the store is opened")
+        }
     }
 }
 

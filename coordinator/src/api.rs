@@ -15,7 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gantry_shared::JobId;
-use gantry_shared::api::{ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState};
+use gantry_shared::api::{
+    ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState, JoinTokenRequest, JoinTokenResponse,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 use crate::auth::{ApiTokens, Role};
+use crate::join::JoinTokens;
 use crate::store::{JobFilter, Store, StoreError};
 
 /// Settings of the HTTP API.
@@ -52,15 +55,17 @@ impl Default for ApiConfig {
 pub struct ApiState {
     store: Store,
     tokens: ApiTokens,
+    join: JoinTokens,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
 
 impl ApiState {
-    pub fn new(store: Store, tokens: ApiTokens, cfg: ApiConfig) -> Self {
+    pub fn new(store: Store, tokens: ApiTokens, join: JoinTokens, cfg: ApiConfig) -> Self {
         Self {
             store,
             tokens,
+            join,
             metrics: Arc::new(Metrics::new()),
             cfg,
         }
@@ -110,8 +115,8 @@ impl Metrics {
         title = "Gantry API",
         description = "Self-hosted serverless GPU compute. Authenticate with `Authorization: Bearer <token>`."
     ),
-    paths(submit_job, list_jobs, get_job, cancel_job),
-    components(schemas(JobSpec, Job, JobList, ErrorBody))
+    paths(submit_job, list_jobs, get_job, cancel_job, create_join_token),
+    components(schemas(JobSpec, Job, JobList, ErrorBody, JoinTokenRequest, JoinTokenResponse))
 )]
 struct ApiDoc;
 
@@ -128,6 +133,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/join-tokens", post(create_join_token))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -306,6 +312,43 @@ async fn cancel_job(
         }
     })?;
     Ok(Json(job))
+}
+
+/// Create a one-time join token for a new node (admin).
+#[utoipa::path(post, path = "/v1/join-tokens", request_body = JoinTokenRequest,
+    responses((status = 201, body = JoinTokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn create_join_token(
+    State(state): State<ApiState>,
+    caller: Caller,
+    body: Result<Json<JoinTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<JoinTokenResponse>), ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(req) = body.map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: e.body_text(),
+    })?;
+    let ttl = humantime::parse_duration(&req.ttl).map_err(|e| ApiError::BadRequest {
+        field: Some("ttl".into()),
+        message: format!("{e}; use e.g. `1h` or `15m`"),
+    })?;
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(7 * 24 * 3600) {
+        return Err(ApiError::BadRequest {
+            field: Some("ttl".into()),
+            message: "must be more than zero and at most 7 days".into(),
+        });
+    }
+    let join = state.join.clone();
+    let token = tokio::task::spawn_blocking(move || join.create(ttl))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinTokenResponse {
+            token: token.to_string(),
+            expires_in_seconds: ttl.as_secs(),
+        }),
+    ))
 }
 
 fn job_id(raw: String) -> Result<JobId, ApiError> {

@@ -5,6 +5,8 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod client;
 pub mod control;
 pub mod join;
+pub mod server;
 pub mod store;

@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
 use gantry_coordinator::auth::{ApiTokens, Role};
+use gantry_coordinator::join::JoinTokens;
 use gantry_coordinator::store::Store;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -29,7 +30,8 @@ impl Api {
             max_body_bytes: 4096,
             ..ApiConfig::default()
         };
-        let router = api::router(ApiState::new(store, tokens, cfg));
+        let join = JoinTokens::open(store.db(), "ab".repeat(32)).expect("join tokens");
+        let router = api::router(ApiState::new(store, tokens, join, cfg));
         Self {
             router,
             admin,
@@ -321,4 +323,44 @@ async fn metrics_count_requests_by_route_without_ids() {
     assert!(text.contains("gantry_jobs_submitted_total 1"), "{text}");
     assert!(text.contains(r#"route="/v1/jobs/{id}""#), "{text}");
     assert!(!text.contains(&id), "no job ids in metrics: {text}");
+}
+
+#[tokio::test]
+async fn admins_create_join_tokens() {
+    let api = Api::new();
+    let body = Some(json!({"ttl": "1h"}).to_string());
+    assert_eq!(
+        api.call(
+            "POST",
+            "/v1/join-tokens",
+            Some(&api.submitter),
+            body.clone(),
+            &[]
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    let (s, _, v) = api
+        .call("POST", "/v1/join-tokens", Some(&api.admin), body, &[])
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let token = v["token"].as_str().expect("token");
+    assert!(
+        gantry_shared::protocol::JoinToken::parse(token).is_ok(),
+        "{token}"
+    );
+    let (s, _, v) = api
+        .call(
+            "POST",
+            "/v1/join-tokens",
+            Some(&api.admin),
+            Some(json!({"ttl": "forever"}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("ttl"))
+    );
 }

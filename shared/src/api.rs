@@ -212,6 +212,21 @@ pub struct JobList {
     pub next_page_token: Option<String>,
 }
 
+/// `POST /v1/join-tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    /// How long the token stays valid, e.g. `1h` (at most 7 days).
+    pub ttl: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenResponse {
+    /// `gjt1.…`: give it to `gantry-agent join --token`. Shown once.
+    pub token: String,
+    pub expires_in_seconds: u64,
+}
+
 /// Every error the API returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

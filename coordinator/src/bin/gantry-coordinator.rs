@@ -1,21 +1,139 @@
-//! `gantry-coordinator`: the cluster's coordinator. Not implemented in this version; see
-//! README.md for what Gantry does today.
+//! `gantry-coordinator`: parses flags, sets up logging and calls into the library.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gantry_coordinator::api::ApiConfig;
+use gantry_coordinator::client::ApiClient;
+use gantry_coordinator::control::ControlConfig;
+use gantry_coordinator::server::{self, CoordinatorConfig};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
     name = "gantry-coordinator",
     version,
-    about = "Gantry's coordinator (not implemented yet)"
+    about = "Gantry's coordinator: HTTP API, cluster CA and control plane"
 )]
-struct Cli {}
+struct Cli {
+    /// Log filter, e.g. `info` or `gantry_coordinator=debug`.
+    #[arg(long, global = true, env = "GANTRY_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> std::process::ExitCode {
-    let _ = Cli::parse();
-    eprintln!(
-        "gantry-coordinator: the coordinator is not implemented in this version. \
-         Run containers on a host directly with `gantry-agent run` (see README.md)."
-    );
-    std::process::ExitCode::from(2)
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator in the foreground.
+    Serve {
+        #[arg(
+            long,
+            env = "GANTRY_STATE_DIR",
+            default_value = "/var/lib/gantry/coordinator"
+        )]
+        state_dir: PathBuf,
+        /// HTTP API address.
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        api_listen: SocketAddr,
+        /// QUIC control-plane address (agents connect here).
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        control_listen: SocketAddr,
+    },
+    /// Manage join tokens (through the running coordinator's API, as an admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a one-time join token for a new node.
+    Create {
+        /// How long it stays valid.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long, env = "GANTRY_ADDR", default_value = "127.0.0.1:7080")]
+        api: String,
+        /// An admin token.
+        #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gantry-coordinator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gantry-coordinator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            state_dir,
+            api_listen,
+            control_listen,
+        } => {
+            let cfg = CoordinatorConfig {
+                state_dir,
+                api: ApiConfig {
+                    listen: api_listen,
+                    ..ApiConfig::default()
+                },
+                control: ControlConfig {
+                    listen: control_listen,
+                    ..ControlConfig::default()
+                },
+            };
+            let cancel = CancellationToken::new();
+            let signals = cancel.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                tracing::info!("shutting down");
+                signals.cancel();
+            });
+            server::run(cfg, cancel, |bound, admin| {
+                // Machine-readable lines on stdout: tools and tests read the addresses here.
+                println!("api listening on {}", bound.api);
+                println!("control listening on {}", bound.control);
+                if let Some(token) = admin {
+                    println!("admin token (shown once, store it safely): {token}");
+                }
+            })
+            .await
+        }
+        Command::Token(TokenCommand::Create { ttl, api, token }) => {
+            let created = ApiClient::new(&api, &token).create_join_token(&ttl).await?;
+            println!("{}", created.token);
+            eprintln!(
+                "valid for {}s; join a node with: gantry-agent join --coordinator CONTROL_ADDR --token <token>",
+                created.expires_in_seconds
+            );
+            Ok(())
+        }
+    }
 }

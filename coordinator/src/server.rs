@@ -1,0 +1,66 @@
+//! Running a coordinator: opens its state directory (database, cluster CA), prints the
+//! admin token on first start, serves the HTTP API and the QUIC control endpoint until
+//! cancelled, then drains both.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiConfig, ApiState};
+use crate::auth::ApiTokens;
+use crate::ca::ClusterCa;
+use crate::control::{ControlConfig, ControlServer};
+use crate::join::JoinTokens;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub state_dir: PathBuf,
+    pub api: ApiConfig,
+    pub control: ControlConfig,
+}
+
+/// Where a started coordinator listens, reported once both endpoints are bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub api: std::net::SocketAddr,
+    pub control: std::net::SocketAddr,
+}
+
+/// Runs the coordinator until `cancel` fires. `on_bound` is called once it serves (with
+/// the admin token on the very first start).
+pub async fn run(
+    cfg: CoordinatorConfig,
+    cancel: CancellationToken,
+    on_bound: impl FnOnce(Bound, Option<String>),
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    let store = Store::open(&cfg.state_dir.join("db"))?;
+    let ca = Arc::new(ClusterCa::load_or_create(&cfg.state_dir.join("ca"))?);
+    let tokens = ApiTokens::open(store.db())?;
+    let admin = tokens.bootstrap_admin()?;
+    let join = JoinTokens::open(store.db(), ca.ca_sha256())?;
+    let control = ControlServer::bind(cfg.control.clone(), ca.clone(), join.clone())?;
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} for the API: {e}; pick a free port",
+                cfg.api.listen
+            )
+        })?;
+    let bound = Bound {
+        api: listener.local_addr()?,
+        control: control.local_addr()?,
+    };
+    tracing::info!(cluster = %ca.cluster(), api = %bound.api, control = %bound.control, "coordinator serving");
+    on_bound(bound, admin);
+    let router = api::router(ApiState::new(store.clone(), tokens, join, cfg.api.clone()));
+    let control_task = tokio::spawn(control.serve(cancel.clone()));
+    api::serve(listener, router, cancel.clone()).await?;
+    control_task.await?;
+    store.db().flush()?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! The join flow with real processes: a coordinator, its token command and an agent's
+//! `join`, and a coordinator restart after kill -9 keeping its CA, tokens and jobs.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use gantry_agent::control::{self, NodeIdentity};
+use gantry_tests::{Proc, binary};
+
+fn coordinator(state: &std::path::Path) -> Proc {
+    let mut cmd = Command::new(binary("gantry-coordinator"));
+    cmd.args([
+        "serve",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
+        "--state-dir",
+    ])
+    .arg(state);
+    Proc::spawn(cmd)
+}
+
+fn token_create(api: &str, admin: &str) -> std::process::Output {
+    Command::new(binary("gantry-coordinator"))
+        .args([
+            "token", "create", "--ttl", "10m", "--api", api, "--token", admin,
+        ])
+        .output()
+        .expect("token create")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_join_through_the_binaries_and_survive_a_coordinator_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("coordinator");
+    let mut coord = coordinator(&state);
+    let api = coord.line_after("api listening on");
+    let control_addr = coord.line_after("control listening on");
+    let admin = coord.line_after("admin token (shown once, store it safely):");
+
+    let out = token_create(&api, &admin);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let denied = token_create(&api, "gat_not-a-token");
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("token not recognized"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+
+    let agent_state = dir.path().join("agent");
+    let join = |node: &str| {
+        Command::new(binary("gantry-agent"))
+            .env("GANTRY_STATE_DIR", &agent_state)
+            .args([
+                "join",
+                "--coordinator",
+                &control_addr,
+                "--token",
+                &token,
+                "--node",
+                node,
+            ])
+            .output()
+            .expect("join")
+    };
+    let out = join("gpu-e2e");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("as node gpu-e2e"));
+    let again = join("gpu-other");
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already used"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // kill -9 and restart on the same state: same CA (the node's certificate still
+    // works), the admin token is not printed again but still valid.
+    coord.kill9();
+    let mut coord = coordinator(&state);
+    let api = coord.line_after("api listening on");
+    let control_addr: SocketAddr = coord
+        .line_after("control listening on")
+        .parse()
+        .expect("addr");
+    let identity = NodeIdentity::load(&agent_state.join("identity")).expect("identity");
+    control::connect(control_addr, &identity)
+        .await
+        .expect("the node's certificate survives the restart");
+    let out = token_create(&api, &admin);
+    assert!(
+        out.status.success(),
+        "the admin token survives: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
