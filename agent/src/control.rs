@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_shared::protocol::{
-    self, ALPN, COORDINATOR_DNS_NAME, JoinToken, PROTOCOL_VERSION, Refusal, Request, Response,
+    self, ALPN, COORDINATOR_DNS_NAME, JoinToken, NodeCapacity, PROTOCOL_VERSION, Refusal, Request,
+    Response,
 };
 use gantry_shared::{ClusterId, NodeId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -250,8 +251,12 @@ pub async fn join(
     }
 }
 
-/// Opens an authenticated session as `identity` and says hello.
-pub async fn connect(addr: SocketAddr, identity: &NodeIdentity) -> Result<Session, ControlError> {
+/// Opens an authenticated session as `identity` and says hello, offering `capacity`.
+pub async fn connect(
+    addr: SocketAddr,
+    identity: &NodeIdentity,
+    capacity: NodeCapacity,
+) -> Result<Session, ControlError> {
     let session = Session::open(
         addr,
         Trust::Ca(&identity.ca_pem),
@@ -262,6 +267,7 @@ pub async fn connect(addr: SocketAddr, identity: &NodeIdentity) -> Result<Sessio
         protocol_version: PROTOCOL_VERSION,
         cluster: identity.cluster.clone(),
         node: identity.node.clone(),
+        capacity,
     };
     match session.request(&hello).await? {
         Response::Welcome { .. } => Ok(session),

@@ -3,6 +3,7 @@
 //! outlive the agent), GPU device injection and the local store.
 
 pub mod control;
+pub mod daemon;
 pub mod fsutil;
 pub mod gpu;
 pub mod image;

@@ -60,6 +60,22 @@ enum Command {
         #[arg(long, short = 't', default_value = "10s", value_parser = humantime::parse_duration)]
         time: Duration,
     },
+    /// Run as a cluster member: take attempts from the coordinator and report on them.
+    /// Containers keep running when the agent stops.
+    Serve {
+        /// The coordinator's control address, `host:port`.
+        #[arg(long)]
+        coordinator: String,
+        /// CPU offered to jobs (default: all cores).
+        #[arg(long)]
+        cpus: Option<CpuMillis>,
+        /// Memory offered to jobs (default: all of it).
+        #[arg(long, value_parser = parse_memory)]
+        memory: Option<u64>,
+        /// GPUs offered to jobs (their indices are 0..N).
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+    },
     /// Join a cluster: trade a one-time token for this node's certificate.
     Join {
         /// The coordinator's control address, `host:port`.
@@ -241,6 +257,69 @@ fn block_on(f: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCo
     }
 }
 
+async fn serve(
+    state_dir: &std::path::Path,
+    host: &Host,
+    coordinator: &str,
+    cpus: Option<CpuMillis>,
+    memory: Option<u64>,
+    gpus: u32,
+) -> anyhow::Result<i32> {
+    let addr = resolve(coordinator).await?;
+    let cpu_millis = cpus.map(|c| c.0).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u64 * 1000)
+            .unwrap_or(1000)
+    });
+    let memory_bytes = match memory {
+        Some(m) => m,
+        None => host_memory().context("reading /proc/meminfo (pass --memory)")?,
+    };
+    let cfg = gantry_agent::daemon::DaemonConfig {
+        coordinator: addr,
+        identity_dir: state_dir.join("identity"),
+        capacity: gantry_shared::protocol::NodeCapacity {
+            cpu_millis,
+            memory_bytes,
+            gpus,
+        },
+        max_backoff: Duration::from_secs(10),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let signals = cancel.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        signals.cancel();
+    });
+    println!("agent serving; coordinator {addr}");
+    gantry_agent::daemon::run(cfg, host.runtime.clone(), &host.store, cancel).await?;
+    Ok(0)
+}
+
+fn host_memory() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no MemTotal in /proc/meminfo")?;
+    Ok(kb * 1024)
+}
+
+async fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolving the coordinator address `{addr}` (use host:port)"))?
+        .next()
+        .with_context(|| format!("`{addr}` resolves to no address"))
+}
+
 /// `gantry-agent join`: needs no local store, only the identity directory.
 async fn join(
     state_dir: PathBuf,
@@ -248,13 +327,7 @@ async fn join(
     token: String,
     node: Option<NodeId>,
 ) -> anyhow::Result<i32> {
-    let addr = tokio::net::lookup_host(&coordinator)
-        .await
-        .with_context(|| {
-            format!("resolving the coordinator address `{coordinator}` (use host:port)")
-        })?
-        .next()
-        .with_context(|| format!("`{coordinator}` resolves to no address"))?;
+    let addr = resolve(&coordinator).await?;
     let node = match node {
         Some(n) => n,
         None => {
@@ -288,21 +361,29 @@ fn init_tracing(filter: &str) {
 struct Host {
     images: ImageStore,
     runtime: Runtime,
+    store: LocalStore,
 }
 
-async fn open_host(state_dir: &std::path::Path, pull: PullConfig) -> anyhow::Result<Host> {
+async fn open_host(
+    state_dir: &std::path::Path,
+    pull: PullConfig,
+    shim_pool: usize,
+) -> anyhow::Result<Host> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let store = LocalStore::open(&state_dir.join("db"))?;
     let images = ImageStore::open(&state_dir.join("images"), &store, pull)?;
     let exe = std::env::current_exe().context("locating the gantry-agent binary for shims")?;
-    // One-shot commands: a pool of pre-started shims would only be started to exit again.
     let config = RuntimeConfig {
-        shim_pool: 0,
+        shim_pool,
         ..RuntimeConfig::new(state_dir, exe)
     };
     let runtime = Runtime::open(config, images.clone(), &store).await?;
-    Ok(Host { images, runtime })
+    Ok(Host {
+        images,
+        runtime,
+        store,
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -316,7 +397,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         },
         _ => PullConfig::default(),
     };
-    let host = open_host(&cli.state_dir, pull).await?;
+    // The daemon keeps pre-started shims; one-shot commands would only start them to exit.
+    let pool = if matches!(cli.command, Command::Serve { .. }) {
+        2
+    } else {
+        0
+    };
+    let host = open_host(&cli.state_dir, pull, pool).await?;
     match cli.command {
         Command::Run(args) => run_container(&host, args).await,
         Command::Image(ImageCommand::Import {
@@ -407,6 +494,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             host.runtime.remove(&id)?;
             Ok(0)
         }
+        Command::Serve {
+            coordinator,
+            cpus,
+            memory,
+            gpus,
+        } => serve(&cli.state_dir, &host, &coordinator, cpus, memory, gpus).await,
         Command::Shim { .. } | Command::Join { .. } => {
             unreachable!("dispatched before the store is opened")
         }

@@ -20,6 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::ca::{CaError, ClusterCa};
 use crate::join::JoinTokens;
+use crate::nodes::{Nodes, Session};
+use crate::store::Store;
 
 /// Settings of the control endpoint.
 #[derive(Debug, Clone)]
@@ -74,7 +76,17 @@ enum StreamError {
 struct State {
     ca: Arc<ClusterCa>,
     tokens: JoinTokens,
+    store: Store,
+    nodes: Nodes,
     cfg: ControlConfig,
+}
+
+/// What one connection has established: its verified certificate, and the node it said
+/// hello as (events on it are that node's).
+struct Peer {
+    cert: Option<CertificateDer<'static>>,
+    node: std::sync::Mutex<Option<NodeId>>,
+    conn: quinn::Connection,
 }
 
 /// A bound control endpoint; `serve` runs it until cancelled.
@@ -88,6 +100,8 @@ impl ControlServer {
         cfg: ControlConfig,
         ca: Arc<ClusterCa>,
         tokens: JoinTokens,
+        store: Store,
+        nodes: Nodes,
     ) -> Result<Self, ControlError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -122,7 +136,13 @@ impl ControlServer {
             })?;
         Ok(Self {
             endpoint,
-            state: Arc::new(State { ca, tokens, cfg }),
+            state: Arc::new(State {
+                ca,
+                tokens,
+                store,
+                nodes,
+                cfg,
+            }),
         })
     }
 
@@ -158,41 +178,56 @@ async fn connection(incoming: quinn::Incoming, state: Arc<State>, cancel: Cancel
             return;
         }
     };
-    let peer_cert: Option<CertificateDer<'static>> = conn
+    let cert: Option<CertificateDer<'static>> = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().cloned());
+    let peer = Arc::new(Peer {
+        cert,
+        node: std::sync::Mutex::new(None),
+        conn: conn.clone(),
+    });
     let streams = TaskTracker::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             stream = conn.accept_bi() => {
                 let Ok((send, recv)) = stream else { break };
-                let (state, conn, cert) = (state.clone(), conn.clone(), peer_cert.clone());
+                let (state, peer) = (state.clone(), peer.clone());
                 streams.spawn(async move {
-                    if let Err(e) = exchange(send, recv, &state, cert.as_ref()).await {
+                    if let Err(e) = exchange(send, recv, &state, &peer).await {
                         tracing::warn!(%remote, error = %e, "closing control connection");
-                        conn.close(1u32.into(), e.to_string().as_bytes());
+                        peer.conn.close(1u32.into(), e.to_string().as_bytes());
                     }
                 });
             }
         }
     }
+    if let Some(node) = peer.node() {
+        tracing::info!(%node, "node session ended");
+        state.nodes.disconnect(&node, &conn);
+    }
     streams.close();
     streams.wait().await;
+}
+
+impl Peer {
+    fn node(&self) -> Option<NodeId> {
+        self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 async fn exchange(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     state: &State,
-    peer_cert: Option<&CertificateDer<'static>>,
+    peer: &Peer,
 ) -> Result<(), StreamError> {
     let t = state.cfg.frame_timeout;
     let request: Request = tokio::time::timeout(t, read_frame(&mut recv))
         .await
         .map_err(|_| StreamError::Timeout(t))??;
-    let response = state.handle(request, peer_cert);
+    let response = state.handle(request, peer);
     if let Response::Refused(r) = &response {
         tracing::warn!(code = ?r.code, reason = %r.message, "control request refused");
     }
@@ -215,19 +250,15 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
 }
 
 impl State {
-    /// The protocol's decisions, apart from I/O.
-    fn handle(&self, request: Request, peer_cert: Option<&CertificateDer<'static>>) -> Response {
-        match self.decide(request, peer_cert) {
+    /// The protocol's decisions (the store calls are the only I/O).
+    fn handle(&self, request: Request, peer: &Peer) -> Response {
+        match self.decide(request, peer) {
             Ok(r) => r,
             Err(refusal) => Response::Refused(refusal),
         }
     }
 
-    fn decide(
-        &self,
-        request: Request,
-        peer_cert: Option<&CertificateDer<'static>>,
-    ) -> Result<Response, Refusal> {
+    fn decide(&self, request: Request, peer: &Peer) -> Result<Response, Refusal> {
         match request {
             Request::Join {
                 protocol_version,
@@ -256,14 +287,39 @@ impl State {
                 protocol_version,
                 cluster,
                 node,
+                capacity,
             } => {
                 check_version(protocol_version)?;
                 self.check_cluster(&cluster)?;
-                let cert = peer_cert.ok_or_else(|| {
+                let cert = peer.cert.as_ref().ok_or_else(|| {
                     Refusal::new(RefusalCode::NotAuthenticated, "no client certificate; connect with the node certificate that `gantry-agent join` obtained")
                 })?;
                 check_identity(cert, &node)?;
+                *peer.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.clone());
+                self.nodes.connect(
+                    node.clone(),
+                    Session {
+                        conn: peer.conn.clone(),
+                        capacity,
+                    },
+                );
+                tracing::info!(%node, ?capacity, "node session opened");
                 Ok(Response::Welcome { cluster, node })
+            }
+            Request::Events { events } => {
+                let node = peer.node().ok_or_else(|| {
+                    Refusal::new(RefusalCode::NoSession, "say hello before sending events")
+                })?;
+                let now = now_ms();
+                let upto = self
+                    .store
+                    .apply_node_events(&node, &events, |job, event| crate::jobs::apply(job, event, now))
+                    .map_err(|e| {
+                        tracing::error!(%node, error = %e, "cannot record events");
+                        Refusal::new(RefusalCode::Unavailable, format!("the coordinator cannot record events now ({e}); they stay buffered and are sent again"))
+                    })?;
+                self.nodes.changed.notify_one();
+                Ok(Response::EventsAck { upto })
             }
         }
     }
@@ -280,6 +336,13 @@ impl State {
             ),
         ))
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn check_version(v: u32) -> Result<(), Refusal> {

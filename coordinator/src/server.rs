@@ -12,6 +12,8 @@ use crate::auth::ApiTokens;
 use crate::ca::ClusterCa;
 use crate::control::{ControlConfig, ControlServer};
 use crate::join::JoinTokens;
+use crate::nodes::Nodes;
+use crate::scheduler;
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -41,7 +43,14 @@ pub async fn run(
     let tokens = ApiTokens::open(store.db())?;
     let admin = tokens.bootstrap_admin()?;
     let join = JoinTokens::open(store.db(), ca.ca_sha256())?;
-    let control = ControlServer::bind(cfg.control.clone(), ca.clone(), join.clone())?;
+    let nodes = Nodes::default();
+    let control = ControlServer::bind(
+        cfg.control.clone(),
+        ca.clone(),
+        join.clone(),
+        store.clone(),
+        nodes.clone(),
+    )?;
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .map_err(|e| {
@@ -58,8 +67,10 @@ pub async fn run(
     on_bound(bound, admin);
     let router = api::router(ApiState::new(store.clone(), tokens, join, cfg.api.clone()));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
+    let scheduler = tokio::spawn(scheduler::run(store.clone(), nodes, cancel.clone()));
     api::serve(listener, router, cancel.clone()).await?;
     control_task.await?;
+    scheduler.await?;
     store.db().flush()?;
     tracing::info!("coordinator stopped");
     Ok(())

@@ -188,6 +188,53 @@ impl Store {
         Ok((out, false))
     }
 
+    /// Applies a node's events at most once each: in one transaction per event, the job
+    /// changes and the node's applied sequence number advances. Returns the highest
+    /// sequence number now applied (what to acknowledge).
+    pub fn apply_node_events(
+        &self,
+        node: &gantry_shared::NodeId,
+        events: &[gantry_shared::protocol::SequencedEvent],
+        apply: impl Fn(&mut Job, &gantry_shared::protocol::Event),
+    ) -> Result<u64, StoreError> {
+        let seqs = self.db.open_tree("node_event_seq")?;
+        let key = node.as_str().as_bytes();
+        let mut applied = seqs
+            .get(key)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        for e in events {
+            if e.seq <= applied {
+                continue; // a replay of something already applied
+            }
+            let job_key = e.event.job().as_str().as_bytes().to_vec();
+            (&self.jobs, &seqs)
+                .transaction(|(jobs, seqs)| {
+                    if let Some(bytes) = jobs.get(&job_key)? {
+                        let mut job: Job = serde_json::from_slice(&bytes).map_err(|err| {
+                            sled::transaction::ConflictableTransactionError::Abort(err.to_string())
+                        })?;
+                        apply(&mut job, &e.event);
+                        let bytes = serde_json::to_vec(&job).map_err(|err| {
+                            sled::transaction::ConflictableTransactionError::Abort(err.to_string())
+                        })?;
+                        jobs.insert(job_key.clone(), bytes)?;
+                    }
+                    seqs.insert(key, &e.seq.to_be_bytes())?;
+                    Ok(())
+                })
+                .map_err(|err| match err {
+                    sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+                    sled::transaction::TransactionError::Abort(reason) => {
+                        StoreError::Corrupt(serde_json::Error::io(std::io::Error::other(reason)))
+                    }
+                })?;
+            applied = e.seq;
+        }
+        self.db.flush()?;
+        Ok(applied)
+    }
+
     /// Applies `change` to a job atomically and durably.
     pub fn update_job(&self, id: &JobId, change: impl Fn(&mut Job)) -> Result<Job, StoreError> {
         loop {

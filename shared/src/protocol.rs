@@ -9,7 +9,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, NodeId};
+use crate::ids::{ClusterId, JobId, NodeId};
 
 /// Bumped on any incompatible change to the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -47,7 +47,124 @@ pub enum Request {
         protocol_version: u32,
         cluster: ClusterId,
         node: NodeId,
+        /// What the node offers to jobs.
+        capacity: NodeCapacity,
     },
+    /// Events the agent has not yet seen acknowledged, oldest first. Sequence numbers
+    /// only grow per node; the coordinator applies each at most once and acknowledges
+    /// the highest it has applied.
+    Events { events: Vec<SequencedEvent> },
+}
+
+/// A node's resources for jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCapacity {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequencedEvent {
+    pub seq: u64,
+    pub event: Event,
+}
+
+/// Something that happened to an attempt on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Event {
+    Started {
+        job: JobId,
+        generation: u64,
+        at_ms: u64,
+    },
+    /// The container could not be started (bad image, missing command, …).
+    StartFailed {
+        job: JobId,
+        generation: u64,
+        message: String,
+        user_error: bool,
+    },
+    Exited {
+        job: JobId,
+        generation: u64,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        /// The runtime's reason (`exited`, `oom_killed`, `timed_out`, `stopped`, …).
+        reason: String,
+        at_ms: u64,
+    },
+}
+
+impl Event {
+    pub fn job(&self) -> &JobId {
+        match self {
+            Event::Started { job, .. }
+            | Event::StartFailed { job, .. }
+            | Event::Exited { job, .. } => job,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        match self {
+            Event::Started { generation, .. }
+            | Event::StartFailed { generation, .. }
+            | Event::Exited { generation, .. } => *generation,
+        }
+    }
+}
+
+/// What the coordinator tells an agent, on a stream the coordinator opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Command {
+    Start(AttemptSpec),
+    Stop {
+        job: JobId,
+        generation: u64,
+        grace_ms: u64,
+    },
+}
+
+impl Command {
+    pub fn job(&self) -> &JobId {
+        match self {
+            Command::Start(a) => &a.job,
+            Command::Stop { job, .. } => job,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        match self {
+            Command::Start(a) => a.generation,
+            Command::Stop { generation, .. } => *generation,
+        }
+    }
+}
+
+/// One attempt of a job on one node, as the agent needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptSpec {
+    pub job: JobId,
+    /// Only ever increases per job; agents refuse commands older than what they saw.
+    pub generation: u64,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    /// Host GPU indices on this node.
+    pub gpus: Vec<u32>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// An agent's answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum CommandReply {
+    Accepted,
+    Refused(Refusal),
 }
 
 /// The coordinator's answer.
@@ -62,6 +179,10 @@ pub enum Response {
     Welcome {
         cluster: ClusterId,
         node: NodeId,
+    },
+    /// Events up to and including `upto` are applied; the agent may forget them.
+    EventsAck {
+        upto: u64,
     },
     Refused(Refusal),
 }
@@ -89,6 +210,12 @@ pub enum RefusalCode {
     NotAuthenticated,
     /// The client certificate does not name the node the peer claims to be.
     Identity,
+    /// A command for a generation older than one the agent has already seen.
+    StaleGeneration,
+    /// A request that needs an open session (hello first).
+    NoSession,
+    /// The coordinator could not act on it now (storage trouble); retry later.
+    Unavailable,
 }
 
 impl Refusal {
@@ -207,6 +334,11 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             cluster: ClusterId::new("c1").expect("id"),
             node: NodeId::new("n1").expect("id"),
+            capacity: NodeCapacity {
+                cpu_millis: 2000,
+                memory_bytes: 1 << 30,
+                gpus: 0,
+            },
         };
         let frame = encode(&msg).expect("encode");
         let len = body_len(frame[..4].try_into().expect("header")).expect("len");

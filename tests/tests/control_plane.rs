@@ -10,7 +10,17 @@ use gantry_agent::control::{self, ControlError, NodeIdentity, Session, Trust};
 use gantry_coordinator::ca::ClusterCa;
 use gantry_coordinator::control::{ControlConfig, ControlServer};
 use gantry_coordinator::join::JoinTokens;
-use gantry_shared::protocol::{MAX_FRAME, PROTOCOL_VERSION, RefusalCode, Request, Response};
+use gantry_coordinator::nodes::Nodes;
+use gantry_coordinator::store::Store;
+use gantry_shared::protocol::{
+    MAX_FRAME, NodeCapacity, PROTOCOL_VERSION, RefusalCode, Request, Response,
+};
+
+const CAPACITY: NodeCapacity = NodeCapacity {
+    cpu_millis: 2000,
+    memory_bytes: 1 << 30,
+    gpus: 0,
+};
 use gantry_shared::{ClusterId, NodeId};
 use tokio_util::sync::CancellationToken;
 
@@ -20,21 +30,28 @@ struct Cluster {
     ca_pem: String,
     cancel: CancellationToken,
     dir: tempfile::TempDir,
-    _db: sled::Db,
+    _store_db: Store,
 }
 
 impl Cluster {
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = ClusterCa::load_or_create(&dir.path().join("ca")).expect("ca");
-        let db = sled::open(dir.path().join("db")).expect("db");
-        let tokens = JoinTokens::open(&db, ca.ca_sha256()).expect("tokens");
+        let store = Store::open(&dir.path().join("db")).expect("store");
+        let tokens = JoinTokens::open(store.db(), ca.ca_sha256()).expect("tokens");
         let ca_pem = ca.ca_pem().to_owned();
         let cfg = ControlConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             ..ControlConfig::default()
         };
-        let server = ControlServer::bind(cfg, Arc::new(ca), tokens.clone()).expect("bind");
+        let server = ControlServer::bind(
+            cfg,
+            Arc::new(ca),
+            tokens.clone(),
+            store.clone(),
+            Nodes::default(),
+        )
+        .expect("bind");
         let addr = server.local_addr().expect("addr");
         let cancel = CancellationToken::new();
         tokio::spawn(server.serve(cancel.clone()));
@@ -44,7 +61,7 @@ impl Cluster {
             ca_pem,
             cancel,
             dir,
-            _db: db,
+            _store_db: store,
         }
     }
 
@@ -89,7 +106,7 @@ async fn an_agent_joins_once_and_then_connects_with_its_certificate() {
         NodeIdentity::load(&dir).expect("stored").node.as_str(),
         "gpu-1"
     );
-    control::connect(c.addr, &identity)
+    control::connect(c.addr, &identity, CAPACITY)
         .await
         .expect("authenticated session");
     // The token was one-time.
@@ -157,6 +174,7 @@ async fn hello_needs_a_certificate_that_names_the_node_of_this_cluster() {
         protocol_version: v,
         cluster: cluster.clone(),
         node: node.clone(),
+        capacity: CAPACITY,
     };
     let (code, _) = refusal(
         anon.request(&hello(&identity.node, &identity.cluster, PROTOCOL_VERSION))
@@ -167,14 +185,14 @@ async fn hello_needs_a_certificate_that_names_the_node_of_this_cluster() {
     // A valid certificate for gpu-a claiming to be gpu-b.
     let mut impostor = identity.clone();
     impostor.node = NodeId::new("gpu-b").expect("id");
-    let (code, message) = refusal(control::connect(c.addr, &impostor).await);
+    let (code, message) = refusal(control::connect(c.addr, &impostor, CAPACITY).await);
     assert_eq!(code, RefusalCode::Identity);
     assert!(message.contains("gpu-b"), "{message}");
     // The right certificate, another cluster's id.
     let mut lost = identity.clone();
     lost.cluster = ClusterId::new("some-other-cluster").expect("id");
     assert_eq!(
-        refusal(control::connect(c.addr, &lost).await).0,
+        refusal(control::connect(c.addr, &lost, CAPACITY).await).0,
         RefusalCode::Cluster
     );
     // Another protocol version.
@@ -216,6 +234,7 @@ async fn certificates_from_another_ca_are_refused_at_the_handshake() {
             protocol_version: PROTOCOL_VERSION,
             cluster: stranger.cluster.clone(),
             node: stranger.node.clone(),
+            capacity: CAPACITY,
         })
         .await
     }
@@ -237,7 +256,9 @@ async fn bad_frames_close_only_their_connection() {
         ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec(),
         [&8u32.to_be_bytes()[..], b"\xff\xfegarbage"].concat(),
     ] {
-        let bad = control::connect(c.addr, &identity).await.expect("session");
+        let bad = control::connect(c.addr, &identity, CAPACITY)
+            .await
+            .expect("session");
         let (mut send, _recv) = bad.connection().open_bi().await.expect("stream");
         send.write_all(&frame).await.expect("write");
         let _ = send.finish();
@@ -249,7 +270,7 @@ async fn bad_frames_close_only_their_connection() {
             "{closed:?}"
         );
         // Everyone else is still served.
-        control::connect(c.addr, &identity)
+        control::connect(c.addr, &identity, CAPACITY)
             .await
             .expect("a fresh session works");
     }

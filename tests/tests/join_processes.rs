@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use gantry_agent::control::{self, NodeIdentity};
+use gantry_shared::protocol::NodeCapacity;
 use gantry_tests::{Proc, binary};
 
 fn coordinator(state: &std::path::Path) -> Proc {
@@ -95,9 +96,17 @@ async fn agents_join_through_the_binaries_and_survive_a_coordinator_crash() {
         .parse()
         .expect("addr");
     let identity = NodeIdentity::load(&agent_state.join("identity")).expect("identity");
-    control::connect(control_addr, &identity)
-        .await
-        .expect("the node's certificate survives the restart");
+    control::connect(
+        control_addr,
+        &identity,
+        NodeCapacity {
+            cpu_millis: 1000,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+        },
+    )
+    .await
+    .expect("the node's certificate survives the restart");
     let out = token_create(&api, &admin);
     assert!(
         out.status.success(),

@@ -1,0 +1,437 @@
+//! `gantry-agent serve`: the agent as a cluster member. It keeps one control session to
+//! the coordinator (reconnecting with backoff), runs the attempts it is told to start,
+//! refuses commands for generations older than one it has seen, and reports what happens
+//! through an outbox in sled: events survive agent restarts and disconnections and are
+//! sent until the coordinator acknowledges them. Containers keep running while the
+//! coordinator or the agent is away; a restarted agent re-adopts them and reports their
+//! exits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_shared::protocol::{
+    self, AttemptSpec, Command, CommandReply, Event, NodeCapacity, Refusal, RefusalCode, Request,
+    Response, SequencedEvent,
+};
+use gantry_shared::{ContainerId, CpuMillis, JobId, Resources};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{self, ControlError, NodeIdentity, Session};
+use crate::runtime::{ContainerRequest, ContainerState, ExitRecord, Runtime, RuntimeError};
+use crate::store::{LocalStore, StoreError, Table};
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub coordinator: SocketAddr,
+    /// Where `gantry-agent join` stored this node's identity.
+    pub identity_dir: PathBuf,
+    pub capacity: NodeCapacity,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Events waiting for the coordinator's acknowledgement, in sequence order.
+#[derive(Clone)]
+struct Outbox {
+    table: Table,
+    meta: Table,
+    notify: Arc<Notify>,
+    /// Serializes pushes: a sequence number is read, used and advanced under it.
+    push_lock: Arc<std::sync::Mutex<()>>,
+}
+
+impl Outbox {
+    fn push(&self, event: Event) -> Result<(), StoreError> {
+        let _guard = self.push_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = self.meta.get::<u64>("next_seq")?.unwrap_or(1);
+        self.table
+            .put(&format!("{seq:020}"), &SequencedEvent { seq, event })?;
+        self.meta.put("next_seq", &(seq + 1))?;
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    fn pending(&self, max: usize) -> Result<Vec<SequencedEvent>, StoreError> {
+        Ok(self
+            .table
+            .list::<SequencedEvent>()?
+            .into_iter()
+            .take(max)
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    fn ack(&self, upto: u64) -> Result<(), StoreError> {
+        for (key, e) in self.table.list::<SequencedEvent>()? {
+            if e.seq <= upto {
+                self.table.remove(&key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Agent {
+    runtime: Runtime,
+    outbox: Outbox,
+    /// Highest generation seen per job: commands for older ones are refused.
+    generations: Table,
+}
+
+/// The container id of an attempt: `<job>-g<generation>`.
+fn container_id(job: &JobId, generation: u64) -> Option<ContainerId> {
+    ContainerId::new(format!("{job}-g{generation}")).ok()
+}
+
+fn parse_container_id(id: &ContainerId) -> Option<(JobId, u64)> {
+    let (job, generation) = id.as_str().rsplit_once("-g")?;
+    Some((JobId::new(job).ok()?, generation.parse().ok()?))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the daemon until `cancel` fires. Containers are left running.
+pub async fn run(
+    cfg: DaemonConfig,
+    runtime: Runtime,
+    store: &LocalStore,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
+    let identity = NodeIdentity::load(&cfg.identity_dir)?;
+    let agent = Arc::new(Agent {
+        runtime,
+        outbox: Outbox {
+            table: store.table("outbox")?,
+            meta: store.table("outbox_meta")?,
+            notify: Arc::new(Notify::new()),
+            push_lock: Arc::default(),
+        },
+        generations: store.table("generations")?,
+    });
+    agent.resume();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let session = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            s = control::connect(cfg.coordinator, &identity, cfg.capacity) => s,
+        };
+        match session {
+            Ok(session) => {
+                tracing::info!(coordinator = %cfg.coordinator, node = %identity.node, "control session open");
+                backoff = Duration::from_millis(200);
+                agent.clone().serve(&session, &cancel).await;
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
+                tracing::warn!("control session lost; reconnecting");
+            }
+            Err(ControlError::Refused(r))
+                if matches!(
+                    r.code,
+                    RefusalCode::Cluster | RefusalCode::Identity | RefusalCode::ProtocolVersion
+                ) =>
+            {
+                return Err(ControlError::Refused(r).into());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the coordinator")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+impl Agent {
+    /// After a restart: watch re-adopted attempts again and report exits that happened
+    /// while no agent ran.
+    fn resume(self: &Arc<Self>) {
+        for c in self.runtime.list() {
+            let Some((job, generation)) = parse_container_id(&c.id) else {
+                continue;
+            };
+            match c.state {
+                ContainerState::Running { .. } => self.clone().watch(c.id, job, generation),
+                ContainerState::Exited(exit) => self.report_exit(&c.id, job, generation, &exit),
+            }
+        }
+    }
+
+    /// Serves one session: commands from the coordinator, events to it.
+    async fn serve(self: Arc<Self>, session: &Session, cancel: &CancellationToken) {
+        let conn = session.connection().clone();
+        let commands = async {
+            loop {
+                let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
+                    return;
+                };
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let reply = match read_command(&mut rx).await {
+                        Ok(cmd) => agent.handle(cmd).await,
+                        Err(e) => CommandReply::Refused(Refusal::new(RefusalCode::NoSession, e)),
+                    };
+                    if let Ok(frame) = protocol::encode(&reply) {
+                        let _ = tx.write_all(&frame).await;
+                        let _ = tx.finish();
+                    }
+                });
+            }
+        };
+        let events = async {
+            loop {
+                match self.outbox.pending(256) {
+                    Ok(batch) if !batch.is_empty() => {
+                        match session.request(&Request::Events { events: batch }).await {
+                            Ok(Response::EventsAck { upto }) => {
+                                if let Err(e) = self.outbox.ack(upto) {
+                                    tracing::error!(error = %e, "cannot trim the event outbox");
+                                }
+                                continue;
+                            }
+                            Ok(other) => {
+                                tracing::warn!(answer = ?other, "events not acknowledged; will resend")
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "sending events failed");
+                                return;
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot read the event outbox"),
+                }
+                tokio::select! {
+                    _ = self.outbox.notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => conn.close(0u32.into(), b"agent shutting down"),
+            _ = commands => {}
+            _ = events => {}
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, cmd: Command) -> CommandReply {
+        let (job, generation) = (cmd.job().clone(), cmd.generation());
+        let known = match self.generations.get::<u64>(job.as_str()) {
+            Ok(g) => g.unwrap_or(0),
+            Err(e) => {
+                return CommandReply::Refused(Refusal::new(
+                    RefusalCode::Unavailable,
+                    e.to_string(),
+                ));
+            }
+        };
+        if generation < known {
+            return CommandReply::Refused(Refusal::new(
+                RefusalCode::StaleGeneration,
+                format!(
+                    "job {job} is at generation {known} on this node; generation {generation} is stale"
+                ),
+            ));
+        }
+        match cmd {
+            Command::Start(spec) => {
+                let Some(id) = container_id(&job, generation) else {
+                    return CommandReply::Refused(Refusal::new(
+                        RefusalCode::Unavailable,
+                        format!("job id {job} does not fit a container id"),
+                    ));
+                };
+                if generation == known && self.runtime.status(&id).is_ok() {
+                    return CommandReply::Accepted; // a re-delivered start
+                }
+                if let Err(e) = self.generations.put(job.as_str(), &generation) {
+                    return CommandReply::Refused(Refusal::new(
+                        RefusalCode::Unavailable,
+                        e.to_string(),
+                    ));
+                }
+                // Fence older generations of the same job still running here.
+                for old in 1..generation {
+                    if let Some(old_id) =
+                        container_id(&job, old).filter(|i| self.runtime.status(i).is_ok())
+                    {
+                        let rt = self.runtime.clone();
+                        tokio::spawn(async move { rt.stop(&old_id, Duration::ZERO).await });
+                    }
+                }
+                let agent = self.clone();
+                tokio::spawn(async move { agent.start(id, spec).await });
+                CommandReply::Accepted
+            }
+            Command::Stop { grace_ms, .. } => {
+                if let Some(id) =
+                    container_id(&job, generation).filter(|i| self.runtime.status(i).is_ok())
+                {
+                    let rt = self.runtime.clone();
+                    tokio::spawn(
+                        async move { rt.stop(&id, Duration::from_millis(grace_ms)).await },
+                    );
+                }
+                CommandReply::Accepted
+            }
+        }
+    }
+
+    async fn start(self: Arc<Self>, id: ContainerId, spec: AttemptSpec) {
+        let mut req = ContainerRequest::new(spec.image.clone());
+        req.id = Some(id.clone());
+        req.command = (!spec.command.is_empty()).then(|| spec.command.clone());
+        req.env = spec.env.clone();
+        req.resources = Resources {
+            cpu: CpuMillis(spec.cpu_millis),
+            memory_bytes: spec.memory_bytes,
+            pids: Resources::DEFAULT_PIDS,
+        };
+        req.gpus = spec.gpus.clone();
+        req.timeout = spec.timeout_ms.map(Duration::from_millis);
+        let event = match self.runtime.start(req).await {
+            Ok(_) => {
+                self.clone()
+                    .watch(id.clone(), spec.job.clone(), spec.generation);
+                Event::Started {
+                    job: spec.job,
+                    generation: spec.generation,
+                    at_ms: now_ms(),
+                }
+            }
+            Err(e) => {
+                let user_error = match &e {
+                    RuntimeError::StartFailed { user_error, .. } => *user_error,
+                    RuntimeError::Image(_) | RuntimeError::Spec(_) | RuntimeError::Gpu(_) => true,
+                    _ => false,
+                };
+                Event::StartFailed {
+                    job: spec.job,
+                    generation: spec.generation,
+                    message: e.to_string(),
+                    user_error,
+                }
+            }
+        };
+        if let Err(e) = self.outbox.push(event) {
+            tracing::error!(container = %id, error = %e, "cannot record an event");
+        }
+    }
+
+    fn watch(self: Arc<Self>, id: ContainerId, job: JobId, generation: u64) {
+        tokio::spawn(async move {
+            if let Ok(exit) = self.runtime.wait(&id).await {
+                self.report_exit(&id, job, generation, &exit);
+            }
+        });
+    }
+
+    /// Queues the exit, then forgets the container (its logs go with it).
+    fn report_exit(&self, id: &ContainerId, job: JobId, generation: u64, exit: &ExitRecord) {
+        let reason = serde_json::to_value(exit.reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let event = Event::Exited {
+            job,
+            generation,
+            exit_code: exit.exit_code,
+            signal: exit.signal,
+            reason,
+            at_ms: exit.finished_at_ms,
+        };
+        match self.outbox.push(event) {
+            Ok(()) => {
+                if let Err(e) = self.runtime.remove(id) {
+                    tracing::warn!(container = %id, error = %e, "cannot remove a reported container");
+                }
+            }
+            Err(e) => {
+                tracing::error!(container = %id, error = %e, "cannot record an exit; it is reported after the next restart")
+            }
+        }
+    }
+}
+
+async fn read_command(rx: &mut quinn::RecvStream) -> Result<Command, String> {
+    let mut header = [0u8; 4];
+    rx.read_exact(&mut header)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; protocol::body_len(header).map_err(|e| e.to_string())?];
+    rx.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    protocol::decode(&body).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_container_ids_roundtrip() {
+        let job = JobId::from_sequence(42);
+        let id = container_id(&job, 7).expect("fits");
+        assert_eq!(parse_container_id(&id), Some((job, 7)));
+        assert_eq!(
+            parse_container_id(&ContainerId::new("c-123").expect("id")),
+            None
+        );
+    }
+
+    #[test]
+    fn the_outbox_keeps_order_and_trims_on_ack() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open(dir.path()).expect("store");
+        let outbox = Outbox {
+            table: store.table("outbox").expect("t"),
+            meta: store.table("meta").expect("t"),
+            notify: Arc::new(Notify::new()),
+            push_lock: Arc::default(),
+        };
+        for g in 1..=3 {
+            outbox
+                .push(Event::Started {
+                    job: JobId::from_sequence(1),
+                    generation: g,
+                    at_ms: 0,
+                })
+                .expect("push");
+        }
+        let seqs: Vec<u64> = outbox
+            .pending(10)
+            .expect("pending")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        outbox.ack(2).expect("ack");
+        assert_eq!(
+            outbox
+                .pending(10)
+                .expect("pending")
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            [3]
+        );
+    }
+}

@@ -1,0 +1,63 @@
+//! The nodes with an open control session: who is connected, what they offer, and the
+//! connection to send them commands on. Rebuilt from sessions, never persisted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use gantry_shared::NodeId;
+use gantry_shared::protocol::NodeCapacity;
+use tokio::sync::Notify;
+
+#[derive(Clone)]
+pub struct Session {
+    pub conn: quinn::Connection,
+    pub capacity: NodeCapacity,
+}
+
+/// Connected nodes. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Nodes {
+    inner: Arc<Mutex<HashMap<NodeId, Session>>>,
+    /// Fires when a node connects or events change jobs: the scheduler should look again.
+    pub changed: Arc<Notify>,
+}
+
+impl Nodes {
+    /// Registers `node`'s session, replacing (and closing) an older one.
+    pub fn connect(&self, node: NodeId, session: Session) {
+        let old = self.lock().insert(node, session);
+        if let Some(old) = old {
+            old.conn.close(2u32.into(), b"replaced by a newer session");
+        }
+        self.changed.notify_one();
+    }
+
+    /// Forgets `node` if `conn` is still its session.
+    pub fn disconnect(&self, node: &NodeId, conn: &quinn::Connection) {
+        let mut map = self.lock();
+        if map
+            .get(node)
+            .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
+        {
+            map.remove(node);
+        }
+    }
+
+    pub fn get(&self, node: &NodeId) -> Option<Session> {
+        self.lock().get(node).cloned()
+    }
+
+    pub fn snapshot(&self) -> Vec<(NodeId, NodeCapacity)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.capacity))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Session>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

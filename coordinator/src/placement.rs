@@ -1,0 +1,200 @@
+//! Placement: which node runs an attempt, and on which of its GPUs. Pure: the view of
+//! nodes and what is already reserved on them go in, a decision or a reason comes out.
+//! This is the single-node fit the first control plane needs; the full engine (models,
+//! topology, gangs, queue fairness) replaces it behind the same function.
+
+use std::collections::BTreeSet;
+
+use gantry_shared::NodeId;
+use gantry_shared::protocol::NodeCapacity;
+
+/// What one attempt needs on its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+}
+
+/// A connected node and what the coordinator's own ledger has reserved on it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub capacity: NodeCapacity,
+    pub reserved_cpu_millis: u64,
+    pub reserved_memory_bytes: u64,
+    pub reserved_gpus: BTreeSet<u32>,
+}
+
+impl NodeView {
+    fn free(&self) -> (u64, u64, u32) {
+        (
+            self.capacity
+                .cpu_millis
+                .saturating_sub(self.reserved_cpu_millis),
+            self.capacity
+                .memory_bytes
+                .saturating_sub(self.reserved_memory_bytes),
+            self.capacity
+                .gpus
+                .saturating_sub(self.reserved_gpus.len() as u32),
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub node: NodeId,
+    pub gpus: Vec<u32>,
+}
+
+/// Why nothing fits now, in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unplaceable {
+    /// Larger than any node even when empty: it will never run.
+    #[error(
+        "no node is large enough: the largest offers {cpu_millis}m cpu, {memory_bytes} bytes of memory and {gpus} GPUs"
+    )]
+    TooLarge {
+        cpu_millis: u64,
+        memory_bytes: u64,
+        gpus: u32,
+    },
+    #[error("no connected node")]
+    NoNodes,
+    #[error(
+        "waiting for capacity: no node has {need_cpu}m cpu, {need_memory} bytes and {need_gpus} GPUs free"
+    )]
+    Busy {
+        need_cpu: u64,
+        need_memory: u64,
+        need_gpus: u32,
+    },
+}
+
+/// Best fit: among the nodes with room, the one with the least free resources left, so
+/// large nodes stay free for large jobs. Ties break by node id, so the same input always
+/// gives the same decision. GPUs are the lowest free indices.
+pub fn place(need: Need, nodes: &[NodeView]) -> Result<Placement, Unplaceable> {
+    if nodes.is_empty() {
+        return Err(Unplaceable::NoNodes);
+    }
+    let fits_empty = |n: &NodeView| {
+        n.capacity.cpu_millis >= need.cpu_millis
+            && n.capacity.memory_bytes >= need.memory_bytes
+            && n.capacity.gpus >= need.gpus
+    };
+    if !nodes.iter().any(fits_empty) {
+        let max = |f: fn(&NodeView) -> u64| nodes.iter().map(f).max().unwrap_or(0);
+        return Err(Unplaceable::TooLarge {
+            cpu_millis: max(|n| n.capacity.cpu_millis),
+            memory_bytes: max(|n| n.capacity.memory_bytes),
+            gpus: max(|n| u64::from(n.capacity.gpus)) as u32,
+        });
+    }
+    let best = nodes
+        .iter()
+        .filter(|n| {
+            let (cpu, mem, gpus) = n.free();
+            cpu >= need.cpu_millis && mem >= need.memory_bytes && gpus >= need.gpus
+        })
+        .min_by_key(|n| {
+            let (cpu, mem, gpus) = n.free();
+            (
+                gpus - need.gpus,
+                cpu - need.cpu_millis,
+                mem - need.memory_bytes,
+                n.id.clone(),
+            )
+        })
+        .ok_or(Unplaceable::Busy {
+            need_cpu: need.cpu_millis,
+            need_memory: need.memory_bytes,
+            need_gpus: need.gpus,
+        })?;
+    let gpus = (0..best.capacity.gpus)
+        .filter(|g| !best.reserved_gpus.contains(g))
+        .take(need.gpus as usize)
+        .collect();
+    Ok(Placement {
+        node: best.id.clone(),
+        gpus,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, cpu: u64, gpus: u32, used_cpu: u64, used_gpus: &[u32]) -> NodeView {
+        NodeView {
+            id: NodeId::new(id).expect("id"),
+            capacity: NodeCapacity {
+                cpu_millis: cpu,
+                memory_bytes: 64 << 30,
+                gpus,
+            },
+            reserved_cpu_millis: used_cpu,
+            reserved_memory_bytes: 0,
+            reserved_gpus: used_gpus.iter().copied().collect(),
+        }
+    }
+
+    fn need(cpu: u64, gpus: u32) -> Need {
+        Need {
+            cpu_millis: cpu,
+            memory_bytes: 1 << 30,
+            gpus,
+        }
+    }
+
+    #[test]
+    fn packs_onto_the_fullest_node_that_fits() {
+        let nodes = [
+            node("a", 8000, 8, 0, &[]),
+            node("b", 8000, 8, 6000, &[0, 1, 2]),
+        ];
+        let p = place(need(1000, 2), &nodes).expect("fits");
+        assert_eq!(p.node.as_str(), "b");
+        assert_eq!(p.gpus, vec![3, 4], "lowest free GPUs");
+    }
+
+    #[test]
+    fn never_oversubscribes() {
+        let nodes = [node("a", 2000, 1, 1500, &[0])];
+        assert!(matches!(
+            place(need(1000, 0), &nodes),
+            Err(Unplaceable::Busy { .. })
+        ));
+        assert!(matches!(
+            place(need(100, 1), &nodes),
+            Err(Unplaceable::Busy { .. })
+        ));
+    }
+
+    #[test]
+    fn too_large_is_distinguished_from_busy() {
+        let nodes = [node("a", 2000, 1, 0, &[])];
+        let err = place(need(4000, 0), &nodes).expect_err("too big");
+        assert!(
+            matches!(
+                err,
+                Unplaceable::TooLarge {
+                    cpu_millis: 2000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(place(need(1, 0), &[]), Err(Unplaceable::NoNodes));
+    }
+
+    #[test]
+    fn same_input_same_decision() {
+        let nodes = [node("b", 4000, 0, 0, &[]), node("a", 4000, 0, 0, &[])];
+        assert_eq!(
+            place(need(1000, 0), &nodes).expect("fits").node.as_str(),
+            "a"
+        );
+    }
+}

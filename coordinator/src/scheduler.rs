@@ -1,0 +1,220 @@
+//! The scheduling loop: places pending jobs on connected nodes (through the pure
+//! `placement::place`), records each attempt with a new generation before telling the
+//! node, and asks nodes to stop attempts of cancelled jobs. It wakes when nodes connect or
+//! events arrive, and every half second.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use gantry_shared::api::{Attempt, Job, JobState};
+use gantry_shared::protocol::{self, AttemptSpec, Command, CommandReply};
+use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
+use tokio_util::sync::CancellationToken;
+
+use crate::nodes::Nodes;
+use crate::placement::{self, Need, NodeView};
+use crate::store::{JobFilter, Store, StoreError};
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Grace between SIGTERM and SIGKILL when a job is cancelled.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+pub async fn run(store: Store, nodes: Nodes, cancel: CancellationToken) {
+    let mut stopping: HashSet<(JobId, u64)> = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = nodes.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if let Err(e) = tick(&store, &nodes, &mut stopping).await {
+            tracing::error!(error = %e, "scheduling pass failed");
+        }
+    }
+}
+
+/// An attempt still holds its node's resources until it is known to have ended.
+fn live_attempt(job: &Job) -> Option<&Attempt> {
+    job.attempts.last().filter(|a| a.reason.is_none())
+}
+
+fn need(job: &Job) -> Need {
+    let r = &job.spec.resources;
+    // Validated at submission; a parse failure here would be a bug, so reserve a core.
+    Need {
+        cpu_millis: r.cpu.parse::<CpuMillis>().map(|c| c.0).unwrap_or(1000),
+        memory_bytes: parse_memory(&r.memory).unwrap_or(512 << 20),
+        gpus: r.gpus,
+    }
+}
+
+async fn tick(
+    store: &Store,
+    nodes: &Nodes,
+    stopping: &mut HashSet<(JobId, u64)>,
+) -> Result<(), StoreError> {
+    let all = |state| {
+        store
+            .jobs(&JobFilter {
+                state: Some(state),
+                after: None,
+                limit: usize::MAX,
+            })
+            .map(|(jobs, _)| jobs)
+    };
+    let (running, cancelled, mut pending) = (
+        all(JobState::Running)?,
+        all(JobState::Cancelled)?,
+        all(JobState::Pending)?,
+    );
+    let mut views: Vec<NodeView> = nodes
+        .snapshot()
+        .into_iter()
+        .map(|(id, capacity)| NodeView {
+            id,
+            capacity,
+            reserved_cpu_millis: 0,
+            reserved_memory_bytes: 0,
+            reserved_gpus: BTreeSet::new(),
+        })
+        .collect();
+    for job in running.iter().chain(&cancelled) {
+        if let Some(a) = live_attempt(job)
+            && let Some(v) = views.iter_mut().find(|v| v.id == a.node)
+        {
+            let n = need(job);
+            v.reserved_cpu_millis += n.cpu_millis;
+            v.reserved_memory_bytes += n.memory_bytes;
+            v.reserved_gpus.extend(a.gpus.iter().copied());
+        }
+    }
+    for job in &cancelled {
+        if let Some(a) = live_attempt(job)
+            && stopping.insert((job.id.clone(), a.generation))
+        {
+            let stop = Command::Stop {
+                job: job.id.clone(),
+                generation: a.generation,
+                grace_ms: CANCEL_GRACE.as_millis() as u64,
+            };
+            if let Err(e) = send(nodes, &a.node, &stop).await {
+                tracing::warn!(job = %job.id, node = %a.node, error = %e, "could not ask the node to stop a cancelled job");
+                stopping.remove(&(job.id.clone(), a.generation));
+            }
+        }
+    }
+    pending.sort_by(|a, b| {
+        b.spec
+            .priority
+            .cmp(&a.spec.priority)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    for job in pending {
+        let n = need(&job);
+        let placed = match placement::place(n, &views) {
+            Ok(p) => p,
+            Err(why) => {
+                let reason = format!("waiting: {why}");
+                if job.reason.as_deref() != Some(reason.as_str()) {
+                    store.update_job(&job.id, |j| {
+                        if j.state == JobState::Pending {
+                            j.reason = Some(reason.clone());
+                        }
+                    })?;
+                }
+                continue;
+            }
+        };
+        let generation = job.attempts.last().map_or(1, |a| a.generation + 1);
+        let attempt = Attempt {
+            generation,
+            node: placed.node.clone(),
+            gpus: placed.gpus.clone(),
+            rank: 0,
+            exit_code: None,
+            reason: None,
+        };
+        // Recorded before the node hears of it: the ledger is authoritative.
+        let job = store.update_job(&job.id, |j| {
+            if j.state == JobState::Pending {
+                j.attempts.push(attempt.clone());
+                j.state = JobState::Running;
+                j.reason = Some(format!("starting on {}", attempt.node));
+            }
+        })?;
+        if job.attempts.last().map(|a| a.generation) != Some(generation) {
+            continue; // cancelled meanwhile
+        }
+        if let Some(v) = views.iter_mut().find(|v| v.id == placed.node) {
+            v.reserved_cpu_millis += n.cpu_millis;
+            v.reserved_memory_bytes += n.memory_bytes;
+            v.reserved_gpus.extend(placed.gpus.iter().copied());
+        }
+        let start = Command::Start(AttemptSpec {
+            job: job.id.clone(),
+            generation,
+            image: job.spec.image.clone(),
+            command: job.spec.command.clone(),
+            env: job
+                .spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            cpu_millis: n.cpu_millis,
+            memory_bytes: n.memory_bytes,
+            gpus: placed.gpus.clone(),
+            timeout_ms: job
+                .spec
+                .timeout
+                .as_deref()
+                .and_then(|t| humantime::parse_duration(t).ok())
+                .map(|d| d.as_millis() as u64),
+        });
+        if let Err(e) = send(nodes, &placed.node, &start).await {
+            tracing::warn!(job = %job.id, node = %placed.node, error = %e, "start not delivered; the job waits again");
+            store.update_job(&job.id, |j| {
+                if let Some(a) = j
+                    .attempts
+                    .last_mut()
+                    .filter(|a| a.generation == generation && a.reason.is_none())
+                {
+                    a.reason = Some(format!("not delivered to {}: {e}", a.node));
+                    if j.state == JobState::Running {
+                        j.state = JobState::Pending;
+                        j.reason = Some("waiting: the chosen node did not take the job".into());
+                    }
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends one command to a node on a stream of its session and reads the reply.
+async fn send(nodes: &Nodes, node: &NodeId, command: &Command) -> Result<(), String> {
+    let session = nodes
+        .get(node)
+        .ok_or_else(|| format!("node {node} is not connected"))?;
+    let exchange = async {
+        let (mut tx, mut rx) = session.conn.open_bi().await.map_err(|e| e.to_string())?;
+        tx.write_all(&protocol::encode(command).map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tx.finish();
+        let mut header = [0u8; 4];
+        rx.read_exact(&mut header)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = vec![0u8; protocol::body_len(header).map_err(|e| e.to_string())?];
+        rx.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        protocol::decode::<CommandReply>(&body).map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(COMMAND_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no reply within {COMMAND_TIMEOUT:?}"))??
+    {
+        CommandReply::Accepted => Ok(()),
+        CommandReply::Refused(r) => Err(r.message),
+    }
+}
