@@ -25,6 +25,10 @@ use sha2::{Digest, Sha256};
 use crate::fsutil::{self, Durability};
 
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an idle session sends a keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// A session with no traffic (keep-alives included) for this long is considered lost.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -157,7 +161,18 @@ impl Session {
             addr,
             message: e.to_string(),
         })?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        // Keep-alives make a lost coordinator (or network) show within IDLE_TIMEOUT.
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(
+            |e: quinn::VarIntBoundsExceeded| ControlError::Connect {
+                addr,
+                message: e.to_string(),
+            },
+        )?));
+        client.transport_config(Arc::new(transport));
+        endpoint.set_default_client_config(client);
         let conn = endpoint
             .connect(addr, COORDINATOR_DNS_NAME)
             .map_err(|e| ControlError::Connect {

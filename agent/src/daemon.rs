@@ -85,8 +85,17 @@ impl Outbox {
 struct Agent {
     runtime: Runtime,
     outbox: Outbox,
-    /// Highest generation seen per job: commands for older ones are refused.
+    /// Highest generation taken per job: commands for older ones are refused, and a
+    /// repeated start of the same one is a no-op.
     generations: Table,
+}
+
+/// The newest generation of a job this node has taken, and whether its end (exit or start
+/// failure) is recorded in the outbox.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct Mark {
+    generation: u64,
+    done: bool,
 }
 
 /// The container id of an attempt: `<job>-g<generation>`.
@@ -174,6 +183,42 @@ impl Agent {
                 ContainerState::Exited(exit) => self.report_exit(&c.id, job, generation, &exit),
             }
         }
+        // Starts taken by an agent that died before the container existed.
+        let marks = self.generations.list::<Mark>().unwrap_or_default();
+        for (job, mark) in marks.into_iter().filter(|(_, m)| !m.done) {
+            let Ok(job) = JobId::new(job) else { continue };
+            let exists = container_id(&job, mark.generation)
+                .is_some_and(|id| self.runtime.status(&id).is_ok());
+            if !exists {
+                tracing::warn!(%job, generation = mark.generation, "start lost while the agent was down");
+                self.finish(Event::StartFailed {
+                    job,
+                    generation: mark.generation,
+                    message: "the agent stopped while starting it".into(),
+                    user_error: false,
+                });
+            }
+        }
+    }
+
+    /// Records the end of an attempt: its event goes to the outbox and its mark is done.
+    /// False if the event could not be recorded (it is found again after a restart).
+    fn finish(&self, event: Event) -> bool {
+        let (job, generation) = (event.job().clone(), event.generation());
+        if let Err(e) = self.outbox.push(event) {
+            tracing::error!(%job, error = %e, "cannot record an event");
+            return false;
+        }
+        if let Err(e) = self.generations.put(
+            job.as_str(),
+            &Mark {
+                generation,
+                done: true,
+            },
+        ) {
+            tracing::warn!(%job, error = %e, "cannot mark an attempt done");
+        }
+        true
     }
 
     /// Serves one session: commands from the coordinator, events to it.
@@ -235,15 +280,14 @@ impl Agent {
 
     async fn handle(self: &Arc<Self>, cmd: Command) -> CommandReply {
         let (job, generation) = (cmd.job().clone(), cmd.generation());
-        let known = match self.generations.get::<u64>(job.as_str()) {
-            Ok(g) => g.unwrap_or(0),
-            Err(e) => {
-                return CommandReply::Refused(Refusal::new(
-                    RefusalCode::Unavailable,
-                    e.to_string(),
-                ));
-            }
+        let unavailable = |e: StoreError| {
+            CommandReply::Refused(Refusal::new(RefusalCode::Unavailable, e.to_string()))
         };
+        let mark = match self.generations.get::<Mark>(job.as_str()) {
+            Ok(m) => m,
+            Err(e) => return unavailable(e),
+        };
+        let known = mark.map_or(0, |m| m.generation);
         if generation < known {
             return CommandReply::Refused(Refusal::new(
                 RefusalCode::StaleGeneration,
@@ -253,6 +297,9 @@ impl Agent {
             ));
         }
         match cmd {
+            // This generation was taken before (running, starting or finished): its
+            // events tell the coordinator what became of it.
+            Command::Start(_) if generation == known => CommandReply::Accepted,
             Command::Start(spec) => {
                 let Some(id) = container_id(&job, generation) else {
                     return CommandReply::Refused(Refusal::new(
@@ -260,14 +307,14 @@ impl Agent {
                         format!("job id {job} does not fit a container id"),
                     ));
                 };
-                if generation == known && self.runtime.status(&id).is_ok() {
-                    return CommandReply::Accepted; // a re-delivered start
-                }
-                if let Err(e) = self.generations.put(job.as_str(), &generation) {
-                    return CommandReply::Refused(Refusal::new(
-                        RefusalCode::Unavailable,
-                        e.to_string(),
-                    ));
+                if let Err(e) = self.generations.put(
+                    job.as_str(),
+                    &Mark {
+                        generation,
+                        done: false,
+                    },
+                ) {
+                    return unavailable(e);
                 }
                 // Fence older generations of the same job still running here.
                 for old in 1..generation {
@@ -308,15 +355,18 @@ impl Agent {
         };
         req.gpus = spec.gpus.clone();
         req.timeout = spec.timeout_ms.map(Duration::from_millis);
-        let event = match self.runtime.start(req).await {
+        match self.runtime.start(req).await {
             Ok(_) => {
-                self.clone()
-                    .watch(id.clone(), spec.job.clone(), spec.generation);
-                Event::Started {
-                    job: spec.job,
+                // Started goes out before anything the watcher reports.
+                let started = Event::Started {
+                    job: spec.job.clone(),
                     generation: spec.generation,
                     at_ms: now_ms(),
+                };
+                if let Err(e) = self.outbox.push(started) {
+                    tracing::error!(container = %id, error = %e, "cannot record an event");
                 }
+                self.watch(id, spec.job, spec.generation);
             }
             Err(e) => {
                 let user_error = match &e {
@@ -324,16 +374,13 @@ impl Agent {
                     RuntimeError::Image(_) | RuntimeError::Spec(_) | RuntimeError::Gpu(_) => true,
                     _ => false,
                 };
-                Event::StartFailed {
+                self.finish(Event::StartFailed {
                     job: spec.job,
                     generation: spec.generation,
                     message: e.to_string(),
                     user_error,
-                }
+                });
             }
-        };
-        if let Err(e) = self.outbox.push(event) {
-            tracing::error!(container = %id, error = %e, "cannot record an event");
         }
     }
 
@@ -359,15 +406,10 @@ impl Agent {
             reason,
             at_ms: exit.finished_at_ms,
         };
-        match self.outbox.push(event) {
-            Ok(()) => {
-                if let Err(e) = self.runtime.remove(id) {
-                    tracing::warn!(container = %id, error = %e, "cannot remove a reported container");
-                }
-            }
-            Err(e) => {
-                tracing::error!(container = %id, error = %e, "cannot record an exit; it is reported after the next restart")
-            }
+        if self.finish(event)
+            && let Err(e) = self.runtime.remove(id)
+        {
+            tracing::warn!(container = %id, error = %e, "cannot remove a reported container");
         }
     }
 }

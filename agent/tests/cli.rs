@@ -226,7 +226,11 @@ async fn containers_survive_kill_9_of_the_agent_and_are_readopted() {
     assert!(alive(shim.pid), "the shim outlived the agent");
     let long = ContainerId::new("long").expect("id");
     assert!(
-        !gantry_agent::runtime::cgroup::pids("long").is_empty(),
+        !gantry_agent::runtime::cgroup::pids(&gantry_agent::runtime::cgroup::container_path(
+            &gantry_agent::runtime::cgroup::parent_for(&state),
+            "long"
+        ))
+        .is_empty(),
         "the container kept running"
     );
     assert!(!long_dir.join(files::EXIT).exists());

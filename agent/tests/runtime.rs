@@ -139,7 +139,7 @@ async fn fork_bomb_stops_at_the_pids_limit_and_neighbours_are_fine() {
     req.resources.pids = 64;
     req.resources.cpu = gantry_shared::CpuMillis(500);
     let bomb = h.runtime.start(req).await.expect("start").id;
-    let pids_dir = cgroup::existing_dirs(bomb.as_str())
+    let pids_dir = cgroup::existing_dirs(&h.runtime.cgroup_path(&bomb))
         .into_iter()
         .find(|d| d.join("pids.max").exists())
         .expect("pids cgroup");
@@ -612,7 +612,7 @@ async fn requested_limits_are_enforced_by_the_kernel() {
     req.shm_bytes = 32 << 20;
     let id = h.runtime.start(req).await.expect("start").id;
     let read = |controller: &str, file: &str| {
-        let dir = cgroup::existing_dirs(id.as_str())
+        let dir = cgroup::existing_dirs(&h.runtime.cgroup_path(&id))
             .into_iter()
             .find(|d| d.join(file).exists())
             .unwrap_or_else(|| panic!("no cgroup with {file} ({controller})"));

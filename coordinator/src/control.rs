@@ -38,7 +38,7 @@ impl Default for ControlConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             frame_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -3,6 +3,9 @@
 use gantry_shared::api::{Job, JobState};
 use gantry_shared::protocol::Event;
 
+/// Start failures that are not the job's fault before the job is given up.
+const MAX_NODE_START_FAILURES: usize = 3;
+
 /// Applies `event` to `job`. Events for another generation than the job's current
 /// attempt, and repeats of an event already applied, change nothing (agents replay
 /// events after reconnecting; exactly-once is per node sequence number, and this makes a
@@ -16,7 +19,8 @@ pub fn apply(job: &mut Job, event: &Event, now_ms: u64) {
         return;
     }
     match event {
-        Event::Started { .. } => {
+        Event::Started { at_ms, .. } => {
+            attempt.started_at_ms = Some(*at_ms);
             if job.state == JobState::Pending || job.state == JobState::Running {
                 job.state = JobState::Running;
                 job.reason = Some(format!("running on {}", attempt.node));
@@ -28,12 +32,29 @@ pub fn apply(job: &mut Job, event: &Event, now_ms: u64) {
             ..
         } => {
             attempt.reason = Some(format!("start failed: {message}"));
-            if !job.state.is_terminal() {
+            let node = attempt.node.clone();
+            // The node's fault (not the job's): place it again, up to a limit, without
+            // counting against the job's retries.
+            let node_failures = job
+                .attempts
+                .iter()
+                .filter(|a| {
+                    a.started_at_ms.is_none()
+                        && a.reason
+                            .as_deref()
+                            .is_some_and(|r| r.starts_with("start failed"))
+                })
+                .count();
+            if job.state.is_terminal() {
+            } else if !*user_error && node_failures < MAX_NODE_START_FAILURES {
+                job.state = JobState::Pending;
+                job.reason = Some(format!("re-placing: start failed on {node}: {message}"));
+            } else {
                 job.state = JobState::Failed;
                 job.reason = Some(if *user_error {
                     format!("start failed: {message}")
                 } else {
-                    format!("start failed on {}: {message}", attempt.node)
+                    format!("start failed on {node}: {message}")
                 });
             }
         }
@@ -101,6 +122,7 @@ mod tests {
                 node: NodeId::new("n").expect("id"),
                 gpus: vec![],
                 rank: 0,
+                started_at_ms: None,
                 exit_code: None,
                 reason: None,
             }],

@@ -21,13 +21,16 @@ const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 pub async fn run(store: Store, nodes: Nodes, cancel: CancellationToken) {
     let mut stopping: HashSet<(JobId, u64)> = HashSet::new();
+    // Starts sent, per node session: a node that reconnects gets unconfirmed starts again
+    // (agents treat a repeated start of the same generation as a no-op).
+    let mut delivered: HashSet<(JobId, u64, usize)> = HashSet::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = nodes.changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        if let Err(e) = tick(&store, &nodes, &mut stopping).await {
+        if let Err(e) = tick(&store, &nodes, &mut stopping, &mut delivered).await {
             tracing::error!(error = %e, "scheduling pass failed");
         }
     }
@@ -52,6 +55,7 @@ async fn tick(
     store: &Store,
     nodes: &Nodes,
     stopping: &mut HashSet<(JobId, u64)>,
+    delivered: &mut HashSet<(JobId, u64, usize)>,
 ) -> Result<(), StoreError> {
     let all = |state| {
         store
@@ -86,6 +90,26 @@ async fn tick(
             v.reserved_cpu_millis += n.cpu_millis;
             v.reserved_memory_bytes += n.memory_bytes;
             v.reserved_gpus.extend(a.gpus.iter().copied());
+        }
+    }
+    for job in &running {
+        let Some(a) = live_attempt(job).filter(|a| a.started_at_ms.is_none()) else {
+            continue;
+        };
+        let Some(session) = nodes.get(&a.node) else {
+            continue;
+        };
+        if delivered.insert((job.id.clone(), a.generation, session.conn.stable_id())) {
+            tracing::info!(job = %job.id, node = %a.node, generation = a.generation, "sending an unconfirmed start again");
+            if let Err(e) = send(
+                nodes,
+                &a.node,
+                &start_command(job, a.generation, &a.gpus, need(job)),
+            )
+            .await
+            {
+                tracing::warn!(job = %job.id, error = %e, "start not delivered");
+            }
         }
     }
     for job in &cancelled {
@@ -131,6 +155,7 @@ async fn tick(
             node: placed.node.clone(),
             gpus: placed.gpus.clone(),
             rank: 0,
+            started_at_ms: None,
             exit_code: None,
             reason: None,
         };
@@ -150,27 +175,10 @@ async fn tick(
             v.reserved_memory_bytes += n.memory_bytes;
             v.reserved_gpus.extend(placed.gpus.iter().copied());
         }
-        let start = Command::Start(AttemptSpec {
-            job: job.id.clone(),
-            generation,
-            image: job.spec.image.clone(),
-            command: job.spec.command.clone(),
-            env: job
-                .spec
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            cpu_millis: n.cpu_millis,
-            memory_bytes: n.memory_bytes,
-            gpus: placed.gpus.clone(),
-            timeout_ms: job
-                .spec
-                .timeout
-                .as_deref()
-                .and_then(|t| humantime::parse_duration(t).ok())
-                .map(|d| d.as_millis() as u64),
-        });
+        let start = start_command(&job, generation, &placed.gpus, n);
+        if let Some(session) = nodes.get(&placed.node) {
+            delivered.insert((job.id.clone(), generation, session.conn.stable_id()));
+        }
         if let Err(e) = send(nodes, &placed.node, &start).await {
             tracing::warn!(job = %job.id, node = %placed.node, error = %e, "start not delivered; the job waits again");
             store.update_job(&job.id, |j| {
@@ -189,6 +197,30 @@ async fn tick(
         }
     }
     Ok(())
+}
+
+fn start_command(job: &Job, generation: u64, gpus: &[u32], n: Need) -> Command {
+    Command::Start(AttemptSpec {
+        job: job.id.clone(),
+        generation,
+        image: job.spec.image.clone(),
+        command: job.spec.command.clone(),
+        env: job
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        cpu_millis: n.cpu_millis,
+        memory_bytes: n.memory_bytes,
+        gpus: gpus.to_vec(),
+        timeout_ms: job
+            .spec
+            .timeout
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .map(|d| d.as_millis() as u64),
+    })
 }
 
 /// Sends one command to a node on a stream of its session and reads the reply.

@@ -188,7 +188,11 @@ pub struct Attempt {
     pub node: NodeId,
     pub gpus: Vec<u32>,
     pub rank: u32,
+    /// When the node reported the container running (unix ms); absent while starting.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
     pub exit_code: Option<i32>,
+    /// How the attempt ended; absent while it is live.
     pub reason: Option<String>,
 }
 

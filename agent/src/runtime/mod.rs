@@ -54,6 +54,8 @@ pub struct RuntimeConfig {
     pub start_timeout: Duration,
     /// Where to find NVIDIA devices and driver files.
     pub gpu_host: HostPaths,
+    /// Parent of the containers' cgroups (`gantry/<hash of the state directory>`).
+    pub cgroup_parent: String,
     /// Shims kept started ahead of time to cut container start latency (0: none, which
     /// suits one-shot processes such as the operator commands).
     pub shim_pool: usize,
@@ -61,8 +63,10 @@ pub struct RuntimeConfig {
 
 impl RuntimeConfig {
     pub fn new(state_dir: impl Into<PathBuf>, shim_binary: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
         Self {
-            state_dir: state_dir.into(),
+            cgroup_parent: cgroup::parent_for(&state_dir),
+            state_dir,
             shim_binary: shim_binary.into(),
             log_cap_bytes: 64 << 20,
             start_timeout: Duration::from_secs(60),
@@ -201,6 +205,11 @@ impl Runtime {
         Ok(rt)
     }
 
+    /// The container's cgroup path, relative to the hierarchy roots.
+    pub fn cgroup_path(&self, id: &ContainerId) -> String {
+        cgroup::container_path(&self.inner.cfg.cgroup_parent, id.as_str())
+    }
+
     fn container_dir(&self, id: &ContainerId) -> PathBuf {
         self.inner
             .cfg
@@ -231,6 +240,7 @@ impl Runtime {
         let layers = self.inner.images.layer_dirs(&image)?;
         let gpus = gpu::injection(&req.gpus, &self.inner.cfg.gpu_host)?;
         let dir = self.container_dir(&id);
+        let cgroup_path = self.cgroup_path(&id);
         let built = spec::build(&spec::SpecInput {
             id: &id,
             rootfs: &dir.join(files::ROOTFS),
@@ -239,6 +249,7 @@ impl Runtime {
             request: &req,
             gpus: &gpus,
             host: &self.inner.host,
+            cgroup_path: &cgroup_path,
         })?;
         if !built.stripped_env.is_empty() {
             tracing::warn!(container = %id, vars = ?built.stripped_env, "dropped user-set GPU visibility variables; Gantry sets them from the assigned GPUs");
@@ -267,6 +278,7 @@ impl Runtime {
             id: id.clone(),
             layers,
             libcontainer_root: self.inner.cfg.state_dir.join("libcontainer"),
+            cgroup_path: cgroup_path.clone(),
             log_cap_bytes: self.inner.cfg.log_cap_bytes,
             timeout: req.timeout,
             stop_grace: req.stop_grace,

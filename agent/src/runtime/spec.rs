@@ -100,6 +100,8 @@ pub struct SpecInput<'a> {
     pub request: &'a ContainerRequest,
     pub gpus: &'a GpuInjection,
     pub host: &'a HostFacts,
+    /// The container's cgroup, relative to the hierarchy roots.
+    pub cgroup_path: &'a str,
 }
 
 /// What building the spec decided besides the spec itself.
@@ -244,7 +246,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<BuiltSpec, SpecError> {
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,
-            "cgroupsPath": format!("/gantry/{}", input.id),
+            "cgroupsPath": format!("/{}", input.cgroup_path),
             "resources": {
                 "devices": device_rules,
                 "memory": {"limit": req.resources.memory_bytes},
@@ -363,6 +365,7 @@ mod tests {
             request: req,
             gpus,
             host: &host(),
+            cgroup_path: "gantry/test/c1",
         })
     }
 

@@ -133,6 +133,8 @@ pub struct ShimConfig {
     pub layers: Vec<PathBuf>,
     /// libcontainer's state root.
     pub libcontainer_root: PathBuf,
+    /// The container's cgroup, relative to the hierarchy roots.
+    pub cgroup_path: String,
     /// Log file size at which it is rotated (one rotated file is kept).
     pub log_cap_bytes: u64,
     #[serde(with = "humantime_serde")]

@@ -122,10 +122,11 @@ pub fn leftovers(state: &Path, ids: &[ContainerId]) -> Vec<String> {
         }
     }
     for id in ids {
-        for d in runtime::cgroup::existing_dirs(id.as_str()) {
+        let rel = runtime::cgroup::container_path(&runtime::cgroup::parent_for(state), id.as_str());
+        for d in runtime::cgroup::existing_dirs(&rel) {
             found.push(format!("cgroup {}", d.display()));
         }
-        for p in runtime::cgroup::pids(id.as_str()) {
+        for p in runtime::cgroup::pids(&rel) {
             found.push(format!("process {p} of {id}"));
         }
     }

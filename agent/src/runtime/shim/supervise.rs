@@ -118,7 +118,7 @@ pub(super) fn supervise(dir: &Path, s: Started) -> ExitRecord {
         }
     };
     drain(&s, &mut open, &mut logs);
-    let oom_kills = cgroup::oom_kills(s.cfg.id.as_str()).unwrap_or(0);
+    let oom_kills = cgroup::oom_kills(&s.cfg.cgroup_path).unwrap_or(0);
     let (exit_code, signal) = match status {
         Some(WaitStatus::Exited(_, code)) => (Some(code), None),
         Some(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),

@@ -33,10 +33,10 @@ pub(super) fn teardown(dir: &Path, container: Option<Container>) -> Result<(), S
     if let Some(cfg) = &cfg {
         // A lost shim's container may still have processes; libcontainer's delete kills
         // them when its state exists, this catches the rest.
-        for pid in cgroup::pids(cfg.id.as_str()) {
+        for pid in cgroup::pids(&cfg.cgroup_path) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        for d in cgroup::existing_dirs(cfg.id.as_str()) {
+        for d in cgroup::existing_dirs(&cfg.cgroup_path) {
             let _ = fs::remove_dir(&d);
         }
         let _ = fsutil::remove_dir_all_if_exists(&cfg.libcontainer_root.join(cfg.id.as_str()));

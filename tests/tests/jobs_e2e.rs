@@ -1,0 +1,244 @@
+//! Jobs through the whole path with real processes on loopback: HTTP API → coordinator →
+//! QUIC → agent → shim → container, and back as events. Includes kill -9 of the agent
+//! and of the coordinator while a job runs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use gantry_tests::{Proc, binary};
+use serde_json::{Value, json};
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    coordinator: Proc,
+    api: String,
+    control: String,
+    admin: String,
+    agent: Option<Proc>,
+}
+
+/// Fixed ports (free now), so a restarted coordinator is where its agent looks for it.
+fn free_ports() -> (String, String) {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    (
+        tcp.local_addr().expect("addr").to_string(),
+        udp.local_addr().expect("addr").to_string(),
+    )
+}
+
+fn start_coordinator(state: &Path, api: &str, control: &str) -> Proc {
+    let mut cmd = Command::new(binary("gantry-coordinator"));
+    cmd.args([
+        "serve",
+        "--api-listen",
+        api,
+        "--control-listen",
+        control,
+        "--state-dir",
+    ])
+    .arg(state);
+    let mut p = Proc::spawn(cmd);
+    p.line_after("api listening on");
+    p.line_after("control listening on");
+    p
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (api, control) = free_ports();
+        let mut coordinator = start_coordinator(&dir.path().join("coordinator"), &api, &control);
+        let admin = coordinator.line_after("admin token (shown once, store it safely):");
+        let mut c = Self {
+            dir,
+            coordinator,
+            api,
+            control,
+            admin,
+            agent: None,
+        };
+        // An agent with the busybox image, joined with a fresh token.
+        let rootfs = c.dir.path().join("rootfs");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
+        assert!(
+            Command::new(script)
+                .arg(&rootfs)
+                .status()
+                .expect("rootfs")
+                .success()
+        );
+        let import = c
+            .agent_cmd()
+            .args(["image", "import"])
+            .arg(&rootfs)
+            .args(["--name", "busybox"])
+            .output()
+            .expect("import");
+        assert!(
+            import.status.success(),
+            "{}",
+            String::from_utf8_lossy(&import.stderr)
+        );
+        let token = Command::new(binary("gantry-coordinator"))
+            .args(["token", "create", "--api", &c.api, "--token", &c.admin])
+            .output()
+            .expect("token");
+        let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+        let join = c
+            .agent_cmd()
+            .args([
+                "join",
+                "--coordinator",
+                &c.control,
+                "--token",
+                &token,
+                "--node",
+                "e2e-node",
+            ])
+            .output()
+            .expect("join");
+        assert!(
+            join.status.success(),
+            "{}",
+            String::from_utf8_lossy(&join.stderr)
+        );
+        c.start_agent();
+        c
+    }
+
+    fn agent_cmd(&self) -> Command {
+        let mut cmd = Command::new(binary("gantry-agent"));
+        cmd.env("GANTRY_STATE_DIR", self.dir.path().join("agent"))
+            .env("GANTRY_LOG", "info");
+        cmd
+    }
+
+    fn start_agent(&mut self) {
+        let mut cmd = self.agent_cmd();
+        cmd.args([
+            "serve",
+            "--coordinator",
+            &self.control,
+            "--cpus",
+            "2",
+            "--memory",
+            "2G",
+        ]);
+        let mut p = Proc::spawn(cmd);
+        p.line_after("agent serving");
+        self.agent = Some(p);
+    }
+
+    async fn submit(&self, script: &str) -> String {
+        let body = json!({"name": "e2e", "image": "busybox", "command": ["sh", "-c", script], "resources": {"cpu": "0.5", "memory": "128M"}});
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/jobs", self.api))
+            .bearer_auth(&self.admin)
+            .json(&body)
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(resp.status().as_u16(), 201);
+        let job: Value = resp.json().await.expect("job");
+        job["id"].as_str().expect("id").to_owned()
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("http://{}/v1/jobs/{id}", self.api))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("job")
+    }
+
+    /// Polls until the job is in `state` (bounded).
+    async fn wait_state(&self, id: &str, states: &[&str]) -> Value {
+        for _ in 0..300 {
+            let job = self.job(id).await;
+            if states.iter().any(|s| job["state"] == *s) {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} never reached {states:?}: {}", self.job(id).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_run_and_report_their_exit_codes() {
+    let c = Cluster::start().await;
+    let ok = c.submit("echo hi").await;
+    let bad = c.submit("exit 3").await;
+    let job = c.wait_state(&ok, &["succeeded", "failed"]).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"][0]["exit_code"], 0);
+    assert_eq!(job["attempts"][0]["node"], "e2e-node");
+    let job = c.wait_state(&bad, &["succeeded", "failed"]).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"][0]["exit_code"], 3);
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exited with 3"),
+        "{job}"
+    );
+    let missing = c.submit_image("no-such-image").await;
+    let job = c.wait_state(&missing, &["failed"]).await;
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not on this host"),
+        "{job}"
+    );
+}
+
+impl Cluster {
+    async fn submit_image(&self, image: &str) -> String {
+        let body = json!({"name": "e2e", "image": image, "command": ["true"]});
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/jobs", self.api))
+            .bearer_auth(&self.admin)
+            .json(&body)
+            .send()
+            .await
+            .expect("submit");
+        let job: Value = resp.json().await.expect("job");
+        job["id"].as_str().expect("id").to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_job_survives_kill_9_of_the_agent_and_of_the_coordinator() {
+    let mut c = Cluster::start().await;
+    let id = c.submit("sleep 3; exit 7").await;
+    // Wait until the node reports the container running (not merely placed).
+    for _ in 0..300 {
+        if !c.job(&id).await["attempts"][0]["started_at_ms"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent dies; its container keeps running; a new agent re-adopts and reports.
+    c.agent.take().expect("agent").kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.start_agent();
+    // The coordinator dies too, and comes back on the same state.
+    c.coordinator.kill9();
+    c.coordinator = start_coordinator(&c.dir.path().join("coordinator"), &c.api, &c.control);
+    let job = c.wait_state(&id, &["succeeded", "failed"]).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(
+        job["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "one attempt, reported once: {job}"
+    );
+    assert_eq!(job["attempts"][0]["exit_code"], 7, "{job}");
+}
