@@ -17,6 +17,7 @@ use axum::{Json, Router};
 use gantry_shared::JobId;
 use gantry_shared::api::{
     ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState, JoinTokenRequest, JoinTokenResponse,
+    Node,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -29,6 +30,8 @@ use utoipa::OpenApi;
 
 use crate::auth::{ApiTokens, Role};
 use crate::join::JoinTokens;
+use crate::nodes::Nodes;
+use crate::placement;
 use crate::store::{JobFilter, Store, StoreError};
 
 /// Settings of the HTTP API.
@@ -56,16 +59,24 @@ pub struct ApiState {
     store: Store,
     tokens: ApiTokens,
     join: JoinTokens,
+    nodes: Nodes,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
 
 impl ApiState {
-    pub fn new(store: Store, tokens: ApiTokens, join: JoinTokens, cfg: ApiConfig) -> Self {
+    pub fn new(
+        store: Store,
+        tokens: ApiTokens,
+        join: JoinTokens,
+        nodes: Nodes,
+        cfg: ApiConfig,
+    ) -> Self {
         Self {
             store,
             tokens,
             join,
+            nodes,
             metrics: Arc::new(Metrics::new()),
             cfg,
         }
@@ -115,8 +126,24 @@ impl Metrics {
         title = "Gantry API",
         description = "Self-hosted serverless GPU compute. Authenticate with `Authorization: Bearer <token>`."
     ),
-    paths(submit_job, list_jobs, get_job, cancel_job, create_join_token),
-    components(schemas(JobSpec, Job, JobList, ErrorBody, JoinTokenRequest, JoinTokenResponse))
+    paths(
+        submit_job,
+        list_jobs,
+        get_job,
+        cancel_job,
+        create_join_token,
+        list_nodes,
+        get_node
+    ),
+    components(schemas(
+        JobSpec,
+        Job,
+        JobList,
+        ErrorBody,
+        JoinTokenRequest,
+        JoinTokenResponse,
+        Node
+    ))
 )]
 struct ApiDoc;
 
@@ -134,6 +161,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/join-tokens", post(create_join_token))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", get(get_node))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -349,6 +378,65 @@ async fn create_join_token(
             expires_in_seconds: ttl.as_secs(),
         }),
     ))
+}
+
+/// Nodes with a control session, with what the coordinator has reserved on each.
+#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = Vec<Node>), (status = 401, body = ErrorBody)))]
+async fn list_nodes(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<Node>>, ApiError> {
+    caller.require(Role::Reader)?;
+    Ok(Json(nodes_view(&state)?))
+}
+
+/// One node.
+#[utoipa::path(get, path = "/v1/nodes/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Node), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_node(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    caller.require(Role::Reader)?;
+    nodes_view(&state)?
+        .into_iter()
+        .find(|n| n.id.as_str() == id)
+        .map(Json)
+        .ok_or(ApiError::NotFound {
+            what: format!("node `{id}` (nodes appear while connected)"),
+        })
+}
+
+fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
+    let all = |s| {
+        state
+            .store
+            .jobs(&JobFilter {
+                state: Some(s),
+                after: None,
+                limit: usize::MAX,
+            })
+            .map(|(j, _)| j)
+    };
+    let jobs: Vec<Job> = all(JobState::Running)?
+        .into_iter()
+        .chain(all(JobState::Cancelled)?)
+        .collect();
+    Ok(placement::ledger(&state.nodes.snapshot(), &jobs)
+        .into_iter()
+        .map(|v| Node {
+            id: v.id,
+            state: "ready".into(),
+            cpu_millis: v.capacity.cpu_millis,
+            memory_bytes: v.capacity.memory_bytes,
+            gpus: v.capacity.gpus,
+            reserved_cpu_millis: v.reserved_cpu_millis,
+            reserved_memory_bytes: v.reserved_memory_bytes,
+            reserved_gpus: v.reserved_gpus.into_iter().collect(),
+            jobs: v.jobs,
+        })
+        .collect())
 }
 
 fn job_id(raw: String) -> Result<JobId, ApiError> {

@@ -5,8 +5,9 @@
 
 use std::collections::BTreeSet;
 
-use gantry_shared::NodeId;
+use gantry_shared::api::{Attempt, Job};
 use gantry_shared::protocol::NodeCapacity;
+use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
 
 /// What one attempt needs on its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,55 @@ pub struct NodeView {
     pub reserved_cpu_millis: u64,
     pub reserved_memory_bytes: u64,
     pub reserved_gpus: BTreeSet<u32>,
+    /// Jobs holding the reservations.
+    pub jobs: Vec<JobId>,
+}
+
+/// An attempt holds its node's resources until it is known to have ended.
+pub fn live_attempt(job: &Job) -> Option<&Attempt> {
+    job.attempts.last().filter(|a| a.reason.is_none())
+}
+
+/// What a job's spec asks of each node.
+pub fn need(job: &Job) -> Need {
+    let r = &job.spec.resources;
+    // Validated at submission; should a stored spec not parse, reserve a core and 512 MiB.
+    Need {
+        cpu_millis: r.cpu.parse::<CpuMillis>().map(|c| c.0).unwrap_or(1000),
+        memory_bytes: parse_memory(&r.memory).unwrap_or(512 << 20),
+        gpus: r.gpus,
+    }
+}
+
+/// The coordinator's ledger: each connected node with what the live attempts of `jobs`
+/// reserve on it.
+pub fn ledger<'a>(
+    nodes: &[(NodeId, NodeCapacity)],
+    jobs: impl IntoIterator<Item = &'a Job>,
+) -> Vec<NodeView> {
+    let mut views: Vec<NodeView> = nodes
+        .iter()
+        .map(|(id, capacity)| NodeView {
+            id: id.clone(),
+            capacity: *capacity,
+            reserved_cpu_millis: 0,
+            reserved_memory_bytes: 0,
+            reserved_gpus: BTreeSet::new(),
+            jobs: Vec::new(),
+        })
+        .collect();
+    for job in jobs {
+        if let Some(a) = live_attempt(job)
+            && let Some(v) = views.iter_mut().find(|v| v.id == a.node)
+        {
+            let n = need(job);
+            v.reserved_cpu_millis += n.cpu_millis;
+            v.reserved_memory_bytes += n.memory_bytes;
+            v.reserved_gpus.extend(a.gpus.iter().copied());
+            v.jobs.push(job.id.clone());
+        }
+    }
+    views
 }
 
 impl NodeView {
@@ -137,6 +187,7 @@ mod tests {
             reserved_cpu_millis: used_cpu,
             reserved_memory_bytes: 0,
             reserved_gpus: used_gpus.iter().copied().collect(),
+            jobs: Vec::new(),
         }
     }
 

@@ -3,16 +3,16 @@
 //! node, and asks nodes to stop attempts of cancelled jobs. It wakes when nodes connect or
 //! events arrive, and every half second.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::protocol::{self, AttemptSpec, Command, CommandReply};
-use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
+use gantry_shared::{JobId, NodeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::nodes::Nodes;
-use crate::placement::{self, Need, NodeView};
+use crate::placement::{self, Need, live_attempt, need};
 use crate::store::{JobFilter, Store, StoreError};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,21 +36,6 @@ pub async fn run(store: Store, nodes: Nodes, cancel: CancellationToken) {
     }
 }
 
-/// An attempt still holds its node's resources until it is known to have ended.
-fn live_attempt(job: &Job) -> Option<&Attempt> {
-    job.attempts.last().filter(|a| a.reason.is_none())
-}
-
-fn need(job: &Job) -> Need {
-    let r = &job.spec.resources;
-    // Validated at submission; a parse failure here would be a bug, so reserve a core.
-    Need {
-        cpu_millis: r.cpu.parse::<CpuMillis>().map(|c| c.0).unwrap_or(1000),
-        memory_bytes: parse_memory(&r.memory).unwrap_or(512 << 20),
-        gpus: r.gpus,
-    }
-}
-
 async fn tick(
     store: &Store,
     nodes: &Nodes,
@@ -71,27 +56,7 @@ async fn tick(
         all(JobState::Cancelled)?,
         all(JobState::Pending)?,
     );
-    let mut views: Vec<NodeView> = nodes
-        .snapshot()
-        .into_iter()
-        .map(|(id, capacity)| NodeView {
-            id,
-            capacity,
-            reserved_cpu_millis: 0,
-            reserved_memory_bytes: 0,
-            reserved_gpus: BTreeSet::new(),
-        })
-        .collect();
-    for job in running.iter().chain(&cancelled) {
-        if let Some(a) = live_attempt(job)
-            && let Some(v) = views.iter_mut().find(|v| v.id == a.node)
-        {
-            let n = need(job);
-            v.reserved_cpu_millis += n.cpu_millis;
-            v.reserved_memory_bytes += n.memory_bytes;
-            v.reserved_gpus.extend(a.gpus.iter().copied());
-        }
-    }
+    let mut views = placement::ledger(&nodes.snapshot(), running.iter().chain(&cancelled));
     for job in &running {
         let Some(a) = live_attempt(job).filter(|a| a.started_at_ms.is_none()) else {
             continue;

@@ -65,7 +65,13 @@ pub async fn run(
     };
     tracing::info!(cluster = %ca.cluster(), api = %bound.api, control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
-    let router = api::router(ApiState::new(store.clone(), tokens, join, cfg.api.clone()));
+    let router = api::router(ApiState::new(
+        store.clone(),
+        tokens,
+        join,
+        nodes.clone(),
+        cfg.api.clone(),
+    ));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
     let scheduler = tokio::spawn(scheduler::run(store.clone(), nodes, cancel.clone()));
     api::serve(listener, router, cancel.clone()).await?;

@@ -6,6 +6,7 @@ use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
 use gantry_coordinator::auth::{ApiTokens, Role};
 use gantry_coordinator::join::JoinTokens;
+use gantry_coordinator::nodes::Nodes;
 use gantry_coordinator::store::Store;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -31,7 +32,7 @@ impl Api {
             ..ApiConfig::default()
         };
         let join = JoinTokens::open(store.db(), "ab".repeat(32)).expect("join tokens");
-        let router = api::router(ApiState::new(store, tokens, join, cfg));
+        let router = api::router(ApiState::new(store, tokens, join, Nodes::default(), cfg));
         Self {
             router,
             admin,

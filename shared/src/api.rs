@@ -216,6 +216,25 @@ pub struct JobList {
     pub next_page_token: Option<String>,
 }
 
+/// A node as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    #[schema(value_type = String)]
+    pub id: NodeId,
+    /// `ready` while the node has a control session.
+    pub state: String,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    /// Reserved by attempts the coordinator placed there.
+    pub reserved_cpu_millis: u64,
+    pub reserved_memory_bytes: u64,
+    pub reserved_gpus: Vec<u32>,
+    /// Jobs with a live attempt on the node.
+    #[schema(value_type = Vec<String>)]
+    pub jobs: Vec<JobId>,
+}
+
 /// `POST /v1/join-tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

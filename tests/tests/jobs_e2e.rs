@@ -189,6 +189,17 @@ async fn jobs_run_and_report_their_exit_codes() {
             .contains("exited with 3"),
         "{job}"
     );
+    let nodes: Value = reqwest::Client::new()
+        .get(format!("http://{}/v1/nodes", c.api))
+        .bearer_auth(&c.admin)
+        .send()
+        .await
+        .expect("nodes")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(nodes[0]["id"], "e2e-node", "{nodes}");
+    assert_eq!(nodes[0]["cpu_millis"], 2000);
     let missing = c.submit_image("no-such-image").await;
     let job = c.wait_state(&missing, &["failed"]).await;
     assert!(
