@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, ControlError, NodeIdentity, Session};
+use crate::image::{ImageError, ImageStore, RegistryAuth};
 use crate::runtime::{ContainerRequest, ContainerState, ExitRecord, Runtime, RuntimeError};
 use crate::store::{LocalStore, StoreError, Table};
 
@@ -84,6 +85,7 @@ impl Outbox {
 
 struct Agent {
     runtime: Runtime,
+    images: ImageStore,
     outbox: Outbox,
     /// Highest generation taken per job: commands for older ones are refused, and a
     /// repeated start of the same one is a no-op.
@@ -119,12 +121,14 @@ fn now_ms() -> u64 {
 pub async fn run(
     cfg: DaemonConfig,
     runtime: Runtime,
+    images: ImageStore,
     store: &LocalStore,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
     let identity = NodeIdentity::load(&cfg.identity_dir)?;
     let agent = Arc::new(Agent {
         runtime,
+        images,
         outbox: Outbox {
             table: store.table("outbox")?,
             meta: store.table("outbox_meta")?,
@@ -355,6 +359,16 @@ impl Agent {
         };
         req.gpus = spec.gpus.clone();
         req.timeout = spec.timeout_ms.map(Duration::from_millis);
+        // Fully qualified images not on this host yet are pulled from their registry.
+        if let Err(ImageError::NotFound { .. }) = self.images.get(&spec.image)
+            && is_qualified(&spec.image)
+            && let Err(e) = self
+                .images
+                .pull(&spec.image, &RegistryAuth::Anonymous)
+                .await
+        {
+            tracing::warn!(image = %spec.image, error = %e, "pull failed");
+        }
         match self.runtime.start(req).await {
             Ok(_) => {
                 // Started goes out before anything the watcher reports.
@@ -414,6 +428,13 @@ impl Agent {
     }
 }
 
+/// `registry.example.com/x`, `localhost:5000/x`: names a registry, as Docker reads it.
+fn is_qualified(image: &str) -> bool {
+    image.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    })
+}
+
 async fn read_command(rx: &mut quinn::RecvStream) -> Result<Command, String> {
     let mut header = [0u8; 4];
     rx.read_exact(&mut header)
@@ -427,6 +448,15 @@ async fn read_command(rx: &mut quinn::RecvStream) -> Result<Command, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qualified_image_names() {
+        assert!(is_qualified("127.0.0.1:5000/team/x:v1"));
+        assert!(is_qualified("registry.example.com/x"));
+        assert!(is_qualified("localhost/x"));
+        assert!(!is_qualified("busybox"));
+        assert!(!is_qualified("team/x"));
+    }
 
     #[test]
     fn attempt_container_ids_roundtrip() {

@@ -297,7 +297,14 @@ async fn serve(
         signals.cancel();
     });
     println!("agent serving; coordinator {addr}");
-    gantry_agent::daemon::run(cfg, host.runtime.clone(), &host.store, cancel).await?;
+    gantry_agent::daemon::run(
+        cfg,
+        host.runtime.clone(),
+        host.images.clone(),
+        &host.store,
+        cancel,
+    )
+    .await?;
     Ok(0)
 }
 

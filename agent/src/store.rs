@@ -152,7 +152,16 @@ mod tests {
             t.put("b", &2u32).expect("put");
             t.remove("a").expect("remove");
         }
-        let s = LocalStore::open(dir.path()).expect("reopen");
+        // sled releases its file lock from a background thread after the drop; a real
+        // restart is a new process, here we wait for the lock (bounded).
+        let s = (0..100)
+            .find_map(|_| {
+                LocalStore::open(dir.path()).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("reopen");
         let t = s.table("things").expect("tree");
         assert_eq!(t.get::<u32>("a").expect("get"), None);
         assert_eq!(t.list::<u32>().expect("list"), vec![("b".to_owned(), 2)]);

@@ -1,6 +1,8 @@
 //! A client of the HTTP API, for the CLIs.
 
-use gantry_shared::api::{ErrorBody, JoinTokenRequest, JoinTokenResponse};
+use gantry_shared::api::{
+    ErrorBody, Job, JobList, JobSpec, JoinTokenRequest, JoinTokenResponse, Node,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -51,6 +53,57 @@ impl ApiClient {
         .await
     }
 
+    pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ClientError> {
+        self.post("/v1/jobs", spec).await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Job, ClientError> {
+        self.get(&format!("/v1/jobs/{id}")).await
+    }
+
+    pub async fn jobs(
+        &self,
+        state: Option<&str>,
+        page_token: Option<&str>,
+    ) -> Result<JobList, ClientError> {
+        let mut path = "/v1/jobs?limit=100".to_owned();
+        if let Some(s) = state {
+            path.push_str(&format!("&state={s}"));
+        }
+        if let Some(t) = page_token {
+            path.push_str(&format!("&page_token={t}"));
+        }
+        self.get(&path).await
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<Job, ClientError> {
+        self.post(&format!("/v1/jobs/{id}/cancel"), &serde_json::json!({}))
+            .await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<Node>, ClientError> {
+        self.get("/v1/nodes").await
+    }
+
+    pub async fn node(&self, id: &str) -> Result<Node, ClientError> {
+        self.get(&format!("/v1/nodes/{id}")).await
+    }
+
+    async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: url.clone(),
+                source,
+            })?;
+        Self::decode(resp).await
+    }
+
     async fn post<B: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,
@@ -68,6 +121,10 @@ impl ApiClient {
                 url: url.clone(),
                 source,
             })?;
+        Self::decode(resp).await
+    }
+
+    async fn decode<R: DeserializeOwned>(resp: reqwest::Response) -> Result<R, ClientError> {
         let status = resp.status();
         if !status.is_success() {
             let err: Option<ErrorBody> = resp.json().await.ok();

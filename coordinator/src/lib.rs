@@ -5,8 +5,10 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod cli;
 pub mod client;
 pub mod control;
+pub mod dev;
 pub mod jobs;
 pub mod join;
 pub mod nodes;

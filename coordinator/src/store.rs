@@ -279,7 +279,16 @@ mod tests {
                 })
                 .collect()
         };
-        let s = Store::open(dir.path()).expect("reopen");
+        // sled releases its file lock from a background thread after the drop; a real
+        // restart is a new process, here we wait for the lock (bounded).
+        let s = (0..100)
+            .find_map(|_| {
+                Store::open(dir.path()).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("reopen");
         let (page, more) = s
             .jobs(&JobFilter {
                 limit: 2,

@@ -50,9 +50,69 @@ impl Proc {
         }
     }
 
+    /// Reads stdout lines up to and including the one starting with `prefix`.
+    pub fn lines_until(&mut self, prefix: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.stdout.read_line(&mut line).expect("read stdout");
+            assert!(
+                n > 0,
+                "process exited before printing `{prefix}`; it printed {lines:?}"
+            );
+            let line = line.trim_end().to_owned();
+            let done = line.starts_with(prefix);
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The rest of the first line in `lines` that starts with `prefix`.
+pub fn field(lines: &[String], prefix: &str) -> Option<String> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map(|r| r.trim().to_owned())
+}
+
+/// A started `gantry-coordinator serve`: its process and what it printed.
+pub struct Coordinator {
+    pub proc: Proc,
+    pub api: String,
+    pub control: String,
+    /// Printed on the first start only.
+    pub admin: Option<String>,
+}
+
+impl Coordinator {
+    pub fn start(state: &std::path::Path, api: &str, control: &str) -> Self {
+        let mut cmd = Command::new(binary("gantry-coordinator"));
+        cmd.args([
+            "serve",
+            "--api-listen",
+            api,
+            "--control-listen",
+            control,
+            "--state-dir",
+        ])
+        .arg(state);
+        let mut proc = Proc::spawn(cmd);
+        let lines = proc.lines_until("control listening on");
+        let get = |p| field(&lines, p);
+        Self {
+            api: get("api listening on").expect("api address"),
+            control: get("control listening on").expect("control address"),
+            admin: get("admin token (shown once, store it safely):"),
+            proc,
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use gantry_tests::{Proc, binary};
+use gantry_tests::{Coordinator, Proc, binary};
 use serde_json::{Value, json};
 
 struct Cluster {
@@ -28,29 +28,16 @@ fn free_ports() -> (String, String) {
     )
 }
 
-fn start_coordinator(state: &Path, api: &str, control: &str) -> Proc {
-    let mut cmd = Command::new(binary("gantry-coordinator"));
-    cmd.args([
-        "serve",
-        "--api-listen",
-        api,
-        "--control-listen",
-        control,
-        "--state-dir",
-    ])
-    .arg(state);
-    let mut p = Proc::spawn(cmd);
-    p.line_after("api listening on");
-    p.line_after("control listening on");
-    p
-}
-
 impl Cluster {
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (api, control) = free_ports();
-        let mut coordinator = start_coordinator(&dir.path().join("coordinator"), &api, &control);
-        let admin = coordinator.line_after("admin token (shown once, store it safely):");
+        let coordinator = Coordinator::start(&dir.path().join("coordinator"), &api, &control);
+        let admin = coordinator
+            .admin
+            .clone()
+            .expect("first start prints the admin token");
+        let coordinator = coordinator.proc;
         let mut c = Self {
             dir,
             coordinator,
@@ -243,7 +230,7 @@ async fn a_running_job_survives_kill_9_of_the_agent_and_of_the_coordinator() {
     c.start_agent();
     // The coordinator dies too, and comes back on the same state.
     c.coordinator.kill9();
-    c.coordinator = start_coordinator(&c.dir.path().join("coordinator"), &c.api, &c.control);
+    c.coordinator = Coordinator::start(&c.dir.path().join("coordinator"), &c.api, &c.control).proc;
     let job = c.wait_state(&id, &["succeeded", "failed"]).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(

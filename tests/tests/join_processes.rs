@@ -6,21 +6,7 @@ use std::process::Command;
 
 use gantry_agent::control::{self, NodeIdentity};
 use gantry_shared::protocol::NodeCapacity;
-use gantry_tests::{Proc, binary};
-
-fn coordinator(state: &std::path::Path) -> Proc {
-    let mut cmd = Command::new(binary("gantry-coordinator"));
-    cmd.args([
-        "serve",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--control-listen",
-        "127.0.0.1:0",
-        "--state-dir",
-    ])
-    .arg(state);
-    Proc::spawn(cmd)
-}
+use gantry_tests::{Coordinator, binary};
 
 fn token_create(api: &str, admin: &str) -> std::process::Output {
     Command::new(binary("gantry-coordinator"))
@@ -35,10 +21,12 @@ fn token_create(api: &str, admin: &str) -> std::process::Output {
 async fn agents_join_through_the_binaries_and_survive_a_coordinator_crash() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("coordinator");
-    let mut coord = coordinator(&state);
-    let api = coord.line_after("api listening on");
-    let control_addr = coord.line_after("control listening on");
-    let admin = coord.line_after("admin token (shown once, store it safely):");
+    let mut coord = Coordinator::start(&state, "127.0.0.1:0", "127.0.0.1:0");
+    let (api, control_addr) = (coord.api.clone(), coord.control.clone());
+    let admin = coord
+        .admin
+        .clone()
+        .expect("first start prints the admin token");
 
     let out = token_create(&api, &admin);
     assert!(
@@ -88,13 +76,11 @@ async fn agents_join_through_the_binaries_and_survive_a_coordinator_crash() {
 
     // kill -9 and restart on the same state: same CA (the node's certificate still
     // works), the admin token is not printed again but still valid.
-    coord.kill9();
-    let mut coord = coordinator(&state);
-    let api = coord.line_after("api listening on");
-    let control_addr: SocketAddr = coord
-        .line_after("control listening on")
-        .parse()
-        .expect("addr");
+    coord.proc.kill9();
+    let coord = Coordinator::start(&state, "127.0.0.1:0", "127.0.0.1:0");
+    assert_eq!(coord.admin, None, "the admin token is shown once");
+    let api = coord.api.clone();
+    let control_addr: SocketAddr = coord.control.parse().expect("addr");
     let identity = NodeIdentity::load(&agent_state.join("identity")).expect("identity");
     control::connect(
         control_addr,

@@ -128,8 +128,19 @@ impl ImageStore {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        futures_util::stream::iter(layers.iter().map(|(layer, compression)| {
-            self.fetch_layer(&client, &image, reference, layer, *compression)
+        // Owned per-layer futures: borrowing closures here would not be provably `Send`
+        // for every lifetime when the pull runs inside a spawned task.
+        futures_util::stream::iter(layers.into_iter().map(|(layer, compression)| {
+            let (this, client, image, reference) = (
+                self.clone(),
+                client.clone(),
+                image.clone(),
+                reference.to_owned(),
+            );
+            async move {
+                this.fetch_layer(&client, &image, &reference, &layer, compression)
+                    .await
+            }
         }))
         .buffer_unordered(self.inner.pull.max_concurrent_downloads.max(1))
         .try_collect::<Vec<()>>()

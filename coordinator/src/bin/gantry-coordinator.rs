@@ -117,12 +117,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 signals.cancel();
             });
             server::run(cfg, cancel, |bound, admin| {
-                // Machine-readable lines on stdout: tools and tests read the addresses here.
-                println!("api listening on {}", bound.api);
-                println!("control listening on {}", bound.control);
+                // Machine-readable lines on stdout: tools and tests read them. The admin
+                // token (first start only) comes first, so readers can stop at `control`.
                 if let Some(token) = admin {
                     println!("admin token (shown once, store it safely): {token}");
                 }
+                println!("api listening on {}", bound.api);
+                println!("control listening on {}", bound.control);
             })
             .await
         }

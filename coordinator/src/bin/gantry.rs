@@ -1,16 +1,201 @@
-//! `gantry`: the user CLI. Not implemented in this version; see README.md.
+//! `gantry`: the user CLI. Parses flags and calls `gantry_coordinator::cli` / `dev`.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gantry_coordinator::cli::{self, CliConfig, RunArgs};
+use gantry_coordinator::dev::{self, DevConfig};
 
 #[derive(Parser)]
-#[command(name = "gantry", version, about = "Gantry's CLI (not implemented yet)")]
-struct Cli {}
+#[command(
+    name = "gantry",
+    version,
+    about = "Gantry: run jobs on your own GPU hosts"
+)]
+struct Cli {
+    /// Print data as JSON.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    output: String,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> std::process::ExitCode {
-    let _ = Cli::parse();
-    eprintln!(
-        "gantry: the cluster CLI is not implemented in this version. \
-         Run containers on a host directly with `gantry-agent run` (see README.md)."
-    );
-    std::process::ExitCode::from(2)
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator and one agent on this machine until Ctrl-C.
+    Dev {
+        #[arg(long, env = "GANTRY_DEV_DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        api_listen: String,
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        control_listen: String,
+        /// The agent's node name.
+        #[arg(long, default_value = "dev-node")]
+        node: String,
+    },
+    /// Submit a job; without --detach, wait for it and exit with its exit code.
+    Run {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Cores (`0.5`) or millicores (`500m`).
+        #[arg(long, default_value = "1")]
+        cpu: String,
+        #[arg(long, default_value = "512M")]
+        memory: String,
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        /// `KEY=VALUE`, repeatable.
+        #[arg(long, short, value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
+        /// e.g. `30m`.
+        #[arg(long)]
+        timeout: Option<String>,
+        #[arg(long, short)]
+        detach: bool,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List, show or cancel jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// List or show nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    List {
+        /// Only jobs in this state (pending, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    List,
+    Show { id: String },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gantry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("gantry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let json = cli.output == "json";
+    match cli.command {
+        Command::Dev {
+            state_dir,
+            api_listen,
+            control_listen,
+            node,
+        } => {
+            let state_dir = state_dir.unwrap_or_else(|| {
+                std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/var/lib"))
+                    .join(".local/share/gantry/dev")
+            });
+            dev::run(DevConfig {
+                state_dir,
+                api_listen,
+                control_listen,
+                node,
+            })
+            .await
+        }
+        Command::Run {
+            image,
+            name,
+            cpu,
+            memory,
+            gpus,
+            env,
+            retries,
+            timeout,
+            detach,
+            command,
+        } => {
+            let cfg = CliConfig::load()?;
+            cli::run(
+                &cfg,
+                RunArgs {
+                    image,
+                    name,
+                    cpu,
+                    memory,
+                    gpus,
+                    env,
+                    retries,
+                    timeout,
+                    command,
+                    detach,
+                },
+                json,
+            )
+            .await
+        }
+        Command::Jobs(cmd) => {
+            let client = CliConfig::load()?.client();
+            match cmd {
+                JobsCommand::List { state } => {
+                    let mut jobs = Vec::new();
+                    let mut token: Option<String> = None;
+                    loop {
+                        let page = client.jobs(state.as_deref(), token.as_deref()).await?;
+                        jobs.extend(page.jobs);
+                        match page.next_page_token {
+                            Some(t) => token = Some(t),
+                            None => break,
+                        }
+                    }
+                    cli::print_jobs(&jobs, json)?;
+                }
+                JobsCommand::Show { id } => cli::print_job(&client.job(&id).await?, json)?,
+                JobsCommand::Cancel { id } => cli::print_job(&client.cancel(&id).await?, json)?,
+            }
+            Ok(0)
+        }
+        Command::Nodes(cmd) => {
+            let client = CliConfig::load()?.client();
+            match cmd {
+                NodesCommand::List => cli::print_nodes(&client.nodes().await?, json)?,
+                NodesCommand::Show { id } => cli::print_nodes(&[client.node(&id).await?], json)?,
+            }
+            Ok(0)
+        }
+    }
 }

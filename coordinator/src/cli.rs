@@ -1,0 +1,247 @@
+//! The `gantry` command line: a client of the HTTP API, plus `gantry dev`, which runs a
+//! coordinator and one agent on this machine as child processes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use gantry_shared::api::{Job, JobResources, JobSpec, JobState, Node};
+use serde::{Deserialize, Serialize};
+
+use crate::client::ApiClient;
+
+/// Where the CLI finds the coordinator: `gantry dev` writes it; GANTRY_ADDR and
+/// GANTRY_TOKEN override it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CliConfig {
+    pub addr: String,
+    pub token: String,
+}
+
+impl CliConfig {
+    pub fn path() -> PathBuf {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .unwrap_or_else(|| PathBuf::from("/etc"));
+        base.join("gantry").join("config.json")
+    }
+
+    /// The file (if any) overridden by the environment.
+    pub fn load() -> anyhow::Result<Self> {
+        let file: Option<CliConfig> = match std::fs::read(Self::path()) {
+            Ok(b) => Some(serde_json::from_slice(&b).with_context(|| {
+                format!(
+                    "{} is not valid; delete it or rerun `gantry dev`",
+                    Self::path().display()
+                )
+            })?),
+            Err(_) => None,
+        };
+        let addr = std::env::var("GANTRY_ADDR")
+            .ok()
+            .or_else(|| file.as_ref().map(|f| f.addr.clone()));
+        let token = std::env::var("GANTRY_TOKEN")
+            .ok()
+            .or_else(|| file.as_ref().map(|f| f.token.clone()));
+        match (addr, token) {
+            (Some(addr), Some(token)) => Ok(Self { addr, token }),
+            _ => bail!(
+                "no coordinator configured: start one with `gantry dev`, or set GANTRY_ADDR and GANTRY_TOKEN"
+            ),
+        }
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = Self::path();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::new(&self.addr, &self.token)
+    }
+}
+
+/// What `gantry run` submits.
+pub struct RunArgs {
+    pub image: String,
+    pub name: Option<String>,
+    pub cpu: String,
+    pub memory: String,
+    pub gpus: u32,
+    pub env: Vec<(String, String)>,
+    pub retries: u32,
+    pub timeout: Option<String>,
+    pub command: Vec<String>,
+    pub detach: bool,
+}
+
+/// Submits a job; unless detached, waits for it and returns its exit code.
+pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i32> {
+    let spec = JobSpec {
+        name: args.name.unwrap_or_else(|| args.image.clone()),
+        image: args.image,
+        command: args.command,
+        env: args.env.into_iter().collect(),
+        resources: JobResources {
+            cpu: args.cpu,
+            memory: args.memory,
+            gpus: args.gpus,
+            gpu_types: Vec::new(),
+        },
+        nodes: 1,
+        spot: false,
+        retries: args.retries,
+        timeout: args.timeout,
+        priority: 0,
+    };
+    let client = cfg.client();
+    let job = client.submit(&spec).await?;
+    if args.detach {
+        print_job(&job, json)?;
+        return Ok(0);
+    }
+    if !json {
+        eprintln!("submitted {}; waiting for it to finish", job.id);
+    }
+    let mut last_reason = None;
+    loop {
+        let job = client.job(job.id.as_str()).await?;
+        if !json && job.reason != last_reason {
+            if let Some(r) = &job.reason {
+                eprintln!("{}: {r}", job.id);
+            }
+            last_reason = job.reason.clone();
+        }
+        if job.state.is_terminal() {
+            let code = crate::jobs::exit_code(&job).unwrap_or(match job.state {
+                JobState::Succeeded => 0,
+                _ => 1,
+            });
+            if json {
+                print_job(&job, true)?;
+            }
+            return Ok(code);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn print_job(job: &Job, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(job)?);
+        return Ok(());
+    }
+    println!("id:      {}", job.id);
+    println!("name:    {}", job.spec.name);
+    println!("image:   {}", job.spec.image);
+    println!("state:   {}", state_name(job.state));
+    if let Some(r) = &job.reason {
+        println!("reason:  {r}");
+    }
+    for a in &job.attempts {
+        let exit = a
+            .exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "attempt: generation {} on {} gpus {:?} exit {} {}",
+            a.generation,
+            a.node,
+            a.gpus,
+            exit,
+            a.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub fn print_jobs(jobs: &[Job], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(jobs)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<10} {:<24} {:<6} REASON",
+        "ID", "STATE", "NAME", "EXIT"
+    );
+    for j in jobs {
+        let exit = crate::jobs::exit_code(j)
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<10} {:<24} {:<6} {}",
+            j.id,
+            state_name(j.state),
+            j.spec.name,
+            exit,
+            j.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub fn print_nodes(nodes: &[Node], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(nodes)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<7} {:>12} {:>14} {:>5} JOBS",
+        "NODE", "STATE", "CPU (free)", "MEMORY (free)", "GPUS"
+    );
+    for n in nodes {
+        println!(
+            "{:<24} {:<7} {:>12} {:>14} {:>5} {}",
+            n.id,
+            n.state,
+            format!("{}m", n.cpu_millis.saturating_sub(n.reserved_cpu_millis)),
+            format!(
+                "{}Mi",
+                n.memory_bytes.saturating_sub(n.reserved_memory_bytes) >> 20
+            ),
+            n.gpus - n.reserved_gpus.len() as u32,
+            n.jobs.len()
+        );
+    }
+    Ok(())
+}
+
+fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Pending => "pending",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// A sibling binary of the running one (`gantry-coordinator`, `gantry-agent`), else PATH.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Reads the admin token `gantry dev` kept from the coordinator's first start.
+pub fn read_secret(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}

@@ -1,0 +1,163 @@
+//! `gantry dev` and the `gantry` CLI as a user runs them: one command starts a coordinator
+//! and an agent; `gantry run` returns the job's exit code; `--output json` is parseable;
+//! SIGTERM stops everything.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use gantry_tests::{Proc, binary};
+
+fn free_port_tcp() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("tcp")
+        .local_addr()
+        .expect("addr")
+        .to_string()
+}
+
+fn free_port_udp() -> String {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("udp")
+        .local_addr()
+        .expect("addr")
+        .to_string()
+}
+
+fn gantry(home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary("gantry"))
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("GANTRY_ADDR")
+        .env_remove("GANTRY_TOKEN")
+        .args(args)
+        .output()
+        .expect("gantry")
+}
+
+#[test]
+fn gantry_dev_runs_jobs_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let state = dir.path().join("dev");
+    // The dev agent's image store gets busybox before the agent starts (it holds the store).
+    let rootfs = dir.path().join("rootfs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
+    assert!(
+        Command::new(script)
+            .arg(&rootfs)
+            .status()
+            .expect("rootfs")
+            .success()
+    );
+    let import = Command::new(binary("gantry-agent"))
+        .env("GANTRY_STATE_DIR", state.join("agent"))
+        .args(["image", "import"])
+        .arg(&rootfs)
+        .args(["--name", "busybox"])
+        .output()
+        .expect("import");
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+
+    // Without a cluster the CLI says what to do.
+    let none = gantry(&home, &["jobs", "list"]);
+    assert!(!none.status.success());
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("gantry dev"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
+
+    let mut cmd = Command::new(binary("gantry"));
+    cmd.env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .args([
+            "dev",
+            "--node",
+            "dev-test",
+            "--api-listen",
+            &free_port_tcp(),
+            "--control-listen",
+            &free_port_udp(),
+            "--state-dir",
+        ])
+        .arg(&state);
+    let mut dev = Proc::spawn(cmd);
+    dev.line_after("gantry dev is running");
+
+    let run = gantry(
+        &home,
+        &[
+            "run", "--image", "busybox", "--cpu", "0.5", "--memory", "64M", "--", "sh", "-c",
+            "exit 4",
+        ],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ok = gantry(&home, &["run", "--image", "busybox", "--", "true"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let list = gantry(&home, &["--output", "json", "jobs", "list"]);
+    let jobs: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json job list");
+    assert_eq!(jobs.as_array().map(Vec::len), Some(2), "{jobs}");
+    assert_eq!(jobs[0]["state"], "failed");
+    assert_eq!(jobs[1]["state"], "succeeded");
+    let nodes = gantry(&home, &["nodes", "list"]);
+    assert!(
+        String::from_utf8_lossy(&nodes.stdout).contains("dev-test"),
+        "{}",
+        String::from_utf8_lossy(&nodes.stdout)
+    );
+    let bad = gantry(
+        &home,
+        &["run", "--image", "busybox", "--memory", "0", "--", "true"],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("resources.memory"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // SIGTERM stops gantry dev and its children.
+    nix_kill(dev.child.id() as i32);
+    let status = wait_exit(&mut dev.child, Duration::from_secs(20)).expect("gantry dev stops");
+    assert!(status.success(), "{status:?}");
+}
+
+fn nix_kill(pid: i32) {
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+}
+
+fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let until = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < until {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
