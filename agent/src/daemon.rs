@@ -21,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, ControlError, NodeIdentity, Session};
 use crate::image::{ImageError, ImageStore, RegistryAuth};
-use crate::runtime::{ContainerRequest, ContainerState, ExitRecord, Runtime, RuntimeError};
+use crate::runtime::{ContainerRequest, ContainerState, ExitRecord, Runtime, RuntimeError, Stream};
 use crate::store::{LocalStore, StoreError, Table};
+
+/// Exited attempts whose output is kept on the node.
+const KEEP_EXITED: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -184,7 +187,17 @@ impl Agent {
             };
             match c.state {
                 ContainerState::Running { .. } => self.clone().watch(c.id, job, generation),
-                ContainerState::Exited(exit) => self.report_exit(&c.id, job, generation, &exit),
+                ContainerState::Exited(exit) => {
+                    let done = self
+                        .generations
+                        .get::<Mark>(job.as_str())
+                        .ok()
+                        .flatten()
+                        .is_some_and(|m| m.done && m.generation >= generation);
+                    if !done {
+                        self.report_exit(job, generation, &exit);
+                    }
+                }
             }
         }
         // Starts taken by an agent that died before the container existed.
@@ -201,6 +214,28 @@ impl Agent {
                     message: "the agent stopped while starting it".into(),
                     user_error: false,
                 });
+            }
+        }
+    }
+
+    /// Keeps the output of the newest exited attempts (for `gantry logs`) and removes the
+    /// containers beyond [`KEEP_EXITED`].
+    fn collect_garbage(&self) {
+        let mut exited: Vec<(u64, ContainerId)> = self
+            .runtime
+            .list()
+            .into_iter()
+            .filter(|c| parse_container_id(&c.id).is_some())
+            .filter_map(|c| match c.state {
+                ContainerState::Exited(e) => Some((e.finished_at_ms, c.id)),
+                ContainerState::Running { .. } => None,
+            })
+            .collect();
+        exited.sort();
+        let excess = exited.len().saturating_sub(KEEP_EXITED);
+        for (_, id) in exited.into_iter().take(excess) {
+            if let Err(e) = self.runtime.remove(&id) {
+                tracing::warn!(container = %id, error = %e, "cannot remove an old container");
             }
         }
     }
@@ -235,14 +270,25 @@ impl Agent {
                 };
                 let agent = self.clone();
                 tokio::spawn(async move {
-                    let reply = match read_command(&mut rx).await {
-                        Ok(cmd) => agent.handle(cmd).await,
-                        Err(e) => CommandReply::Refused(Refusal::new(RefusalCode::NoSession, e)),
+                    let (reply, logs) = match read_command(&mut rx).await {
+                        Ok(Command::Logs {
+                            job,
+                            generation,
+                            follow,
+                        }) => agent.logs(&job, generation, follow),
+                        Ok(cmd) => (agent.handle(cmd).await, None),
+                        Err(e) => (
+                            CommandReply::Refused(Refusal::new(RefusalCode::NoSession, e)),
+                            None,
+                        ),
                     };
                     if let Ok(frame) = protocol::encode(&reply) {
                         let _ = tx.write_all(&frame).await;
-                        let _ = tx.finish();
                     }
+                    if let Some((id, follow)) = logs {
+                        agent.stream_logs(&mut tx, &id, follow).await;
+                    }
+                    let _ = tx.finish();
                 });
             }
         };
@@ -333,6 +379,10 @@ impl Agent {
                 tokio::spawn(async move { agent.start(id, spec).await });
                 CommandReply::Accepted
             }
+            Command::Logs { .. } => CommandReply::Refused(Refusal::new(
+                RefusalCode::Unavailable,
+                "logs are served on their own stream",
+            )),
             Command::Stop { grace_ms, .. } => {
                 if let Some(id) =
                     container_id(&job, generation).filter(|i| self.runtime.status(i).is_ok())
@@ -343,6 +393,58 @@ impl Agent {
                     );
                 }
                 CommandReply::Accepted
+            }
+        }
+    }
+
+    /// Whether this attempt's output can be served.
+    fn logs(
+        &self,
+        job: &JobId,
+        generation: u64,
+        follow: bool,
+    ) -> (CommandReply, Option<(ContainerId, bool)>) {
+        match container_id(job, generation).filter(|id| self.runtime.status(id).is_ok()) {
+            Some(id) => (CommandReply::Accepted, Some((id, follow))),
+            None => (
+                CommandReply::Refused(Refusal::new(
+                    RefusalCode::Unavailable,
+                    format!("no output of job {job} generation {generation} is kept on this node"),
+                )),
+                None,
+            ),
+        }
+    }
+
+    /// Writes the attempt's output as log chunks: what is retained, and with `follow`
+    /// everything until the container has exited.
+    async fn stream_logs(&self, tx: &mut quinn::SendStream, id: &ContainerId, follow: bool) {
+        let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<(u8, Vec<u8>)>(64);
+        for (stream, tag) in [
+            (Stream::Stdout, protocol::LOG_STDOUT),
+            (Stream::Stderr, protocol::LOG_STDERR),
+        ] {
+            let (rt, id, sender) = (self.runtime.clone(), id.clone(), chunks_tx.clone());
+            tokio::spawn(async move {
+                if follow {
+                    // Bounded channel: a slow reader makes the follower wait.
+                    let _ = rt
+                        .follow(&id, stream, |b| {
+                            let sender = sender.clone();
+                            async move { sender.send((tag, b)).await.is_ok() }
+                        })
+                        .await;
+                } else if let Ok(bytes) = rt.logs(&id, stream) {
+                    let _ = sender.send((tag, bytes)).await;
+                }
+            });
+        }
+        drop(chunks_tx);
+        while let Some((tag, bytes)) = chunks.recv().await {
+            for part in bytes.chunks(protocol::MAX_FRAME) {
+                if tx.write_all(&protocol::log_chunk(tag, part)).await.is_err() {
+                    return; // the reader went away
+                }
             }
         }
     }
@@ -401,13 +503,13 @@ impl Agent {
     fn watch(self: Arc<Self>, id: ContainerId, job: JobId, generation: u64) {
         tokio::spawn(async move {
             if let Ok(exit) = self.runtime.wait(&id).await {
-                self.report_exit(&id, job, generation, &exit);
+                self.report_exit(job, generation, &exit);
             }
         });
     }
 
-    /// Queues the exit, then forgets the container (its logs go with it).
-    fn report_exit(&self, id: &ContainerId, job: JobId, generation: u64, exit: &ExitRecord) {
+    /// Queues the exit; the container (and its output) stays until garbage collection.
+    fn report_exit(&self, job: JobId, generation: u64, exit: &ExitRecord) {
         let reason = serde_json::to_value(exit.reason)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -420,10 +522,8 @@ impl Agent {
             reason,
             at_ms: exit.finished_at_ms,
         };
-        if self.finish(event)
-            && let Err(e) = self.runtime.remove(id)
-        {
-            tracing::warn!(container = %id, error = %e, "cannot remove a reported container");
+        if self.finish(event) {
+            self.collect_garbage();
         }
     }
 }

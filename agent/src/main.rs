@@ -517,11 +517,11 @@ async fn follow_both(rt: &Runtime, id: &ContainerId) -> Result<(), RuntimeError>
     use std::io::Write;
     let out = rt.follow(id, Stream::Stdout, |b| {
         let mut o = std::io::stdout().lock();
-        let _ = o.write_all(b);
-        let _ = o.flush();
+        let ok = o.write_all(&b).and_then(|()| o.flush()).is_ok();
+        std::future::ready(ok)
     });
     let err = rt.follow(id, Stream::Stderr, |b| {
-        let _ = std::io::stderr().write_all(b);
+        std::future::ready(std::io::stderr().write_all(&b).is_ok())
     });
     let (a, b) = tokio::join!(out, err);
     a.and(b)

@@ -586,14 +586,31 @@ async fn pooled_shims_serve_starts_and_exit_with_their_runtime() {
 /// stopped and torn down, and the failed start leaves nothing behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_start_that_times_out_is_rolled_back() {
-    let h = TestHost::with(|cfg| cfg.start_timeout = Duration::from_millis(1)).await;
+    // A shim that is slow to start (it waits 500 ms, then runs the real one): it misses
+    // the 100 ms report deadline, creates the container anyway, and reports within the
+    // grace, which is exactly when the roll-back must stop and remove it.
+    let scripts = tempfile::tempdir().expect("tempdir");
+    let slow = scripts.path().join("slow-shim");
+    std::fs::write(
+        &slow,
+        format!("#!/bin/sh\nsleep 0.5\nexec {} \"$@\"\n", common::AGENT),
+    )
+    .expect("script");
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let h = TestHost::with(|cfg| {
+        cfg.shim_binary = slow.clone();
+        cfg.shim_pool = 0;
+        cfg.start_timeout = Duration::from_millis(100);
+    })
+    .await;
     let mut req = sh_request("sleep 1000");
     req.id = Some(ContainerId::new("too-slow").expect("id"));
     let err = h
         .runtime
         .start(req)
         .await
-        .expect_err("1 ms is too short to start");
+        .expect_err("100 ms is too short for this shim");
     assert!(err.to_string().contains("did not report"), "{err}");
     let id = ContainerId::new("too-slow").expect("id");
     assert_eq!(leftovers(h.state_dir(), &[id]), Vec::<String>::new());

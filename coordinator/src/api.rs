@@ -160,6 +160,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/join-tokens", post(create_join_token))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
@@ -380,6 +381,109 @@ async fn create_join_token(
     ))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    /// Keep streaming until the attempt's container exits.
+    follow: Option<bool>,
+    /// Which attempt (default: the latest).
+    generation: Option<u64>,
+}
+
+/// A job's output (stdout and stderr interleaved as they arrive), fetched from the node
+/// that ran it. With `follow=true` the response streams until the container exits.
+#[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("id" = String, Path), LogsQuery),
+    responses((status = 200, description = "the output", content_type = "text/plain"), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn job_logs(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Reader)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: e.body_text(),
+    })?;
+    let job = state.store.job(&job_id(id)?)?;
+    let attempt = match q.generation {
+        Some(g) => job.attempts.iter().find(|a| a.generation == g),
+        None => job.attempts.last(),
+    }
+    .ok_or_else(|| ApiError::NotFound {
+        what: format!(
+            "output of job {} (no such attempt yet: {})",
+            job.id,
+            job.reason.clone().unwrap_or_default()
+        ),
+    })?;
+    let session = state
+        .nodes
+        .get(&attempt.node)
+        .ok_or_else(|| ApiError::Unavailable {
+            message: format!(
+                "node {} is not connected; its output is on it",
+                attempt.node
+            ),
+        })?;
+    let unavailable = |e: String| ApiError::Unavailable {
+        message: format!("cannot fetch output from {}: {e}", attempt.node),
+    };
+    let (mut tx, mut rx) = session
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let cmd = gantry_shared::protocol::Command::Logs {
+        job: job.id.clone(),
+        generation: attempt.generation,
+        follow: q.follow.unwrap_or(false),
+    };
+    tx.write_all(&gantry_shared::protocol::encode(&cmd).map_err(|e| unavailable(e.to_string()))?)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let _ = tx.finish();
+    let mut header = [0u8; 4];
+    rx.read_exact(&mut header)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut body = vec![
+        0u8;
+        gantry_shared::protocol::body_len(header)
+            .map_err(|e| unavailable(e.to_string()))?
+    ];
+    rx.read_exact(&mut body)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    match gantry_shared::protocol::decode::<gantry_shared::protocol::CommandReply>(&body)
+        .map_err(|e| unavailable(e.to_string()))?
+    {
+        gantry_shared::protocol::CommandReply::Accepted => {}
+        gantry_shared::protocol::CommandReply::Refused(r) => {
+            return Err(ApiError::NotFound {
+                what: format!("output of job {} (the node says: {})", job.id, r.message),
+            });
+        }
+    }
+    // Log chunks: a stream byte, a 4-byte length, the bytes; the body carries the bytes.
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        let mut head = [0u8; 5];
+        rx.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > gantry_shared::protocol::MAX_FRAME {
+            return None;
+        }
+        let mut data = vec![0u8; len];
+        rx.read_exact(&mut data).await.ok()?;
+        Some((Ok::<_, std::io::Error>(Bytes::from(data)), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
+}
+
 /// Nodes with a control session, with what the coordinator has reserved on each.
 #[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = Vec<Node>), (status = 401, body = ErrorBody)))]
 async fn list_nodes(
@@ -543,6 +647,8 @@ pub enum ApiError {
     Forbidden { required: Role },
     #[error("{what} not found")]
     NotFound { what: String },
+    #[error("{message}")]
+    Unavailable { message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -561,6 +667,7 @@ impl IntoResponse for ApiError {
                 Some((*field).to_owned()),
             ),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+            ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Unauthenticated { .. } => (StatusCode::UNAUTHORIZED, "unauthenticated", None),
             ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", None),
             ApiError::NotFound { .. } | ApiError::Store(StoreError::NotFound { .. }) => {

@@ -114,9 +114,10 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
         return Ok(0);
     }
     if !json {
-        eprintln!("submitted {}; waiting for it to finish", job.id);
+        eprintln!("submitted {}", job.id);
     }
     let mut last_reason = None;
+    let mut followed = 0;
     loop {
         let job = client.job(job.id.as_str()).await?;
         if !json && job.reason != last_reason {
@@ -124,6 +125,21 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
                 eprintln!("{}: {r}", job.id);
             }
             last_reason = job.reason.clone();
+        }
+        // Stream each attempt's output once it runs (attempts after a retry too).
+        if !json
+            && let Some(a) = job.attempts.last()
+            && a.generation > followed
+            && (a.started_at_ms.is_some() || a.exit_code.is_some())
+        {
+            followed = a.generation;
+            if let Err(e) = client
+                .logs(job.id.as_str(), true, &mut std::io::stdout())
+                .await
+            {
+                eprintln!("{}: output unavailable: {e}", job.id);
+            }
+            continue;
         }
         if job.state.is_terminal() {
             let code = crate::jobs::exit_code(&job).unwrap_or(match job.state {
@@ -135,7 +151,7 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
             }
             return Ok(code);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

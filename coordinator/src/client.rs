@@ -81,6 +81,37 @@ impl ApiClient {
             .await
     }
 
+    /// Copies a job's output to `out` as it arrives (until the container exits, with
+    /// `follow`).
+    pub async fn logs(
+        &self,
+        id: &str,
+        follow: bool,
+        out: &mut (impl std::io::Write + ?Sized),
+    ) -> Result<(), ClientError> {
+        use futures_util::StreamExt;
+        let url = format!("{}/v1/jobs/{id}/logs?follow={follow}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: url.clone(),
+                source,
+            })?;
+        let resp = Self::check(resp).await?;
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(ClientError::Decode)?;
+            if out.write_all(&chunk).and_then(|()| out.flush()).is_err() {
+                break; // our reader went away
+            }
+        }
+        Ok(())
+    }
+
     pub async fn nodes(&self) -> Result<Vec<Node>, ClientError> {
         self.get("/v1/nodes").await
     }
@@ -125,6 +156,15 @@ impl ApiClient {
     }
 
     async fn decode<R: DeserializeOwned>(resp: reqwest::Response) -> Result<R, ClientError> {
+        Self::check(resp)
+            .await?
+            .json()
+            .await
+            .map_err(ClientError::Decode)
+    }
+
+    /// Turns an error status into the API's error message.
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
         let status = resp.status();
         if !status.is_success() {
             let err: Option<ErrorBody> = resp.json().await.ok();
@@ -137,6 +177,6 @@ impl ApiClient {
                 message,
             });
         }
-        resp.json().await.map_err(ClientError::Decode)
+        Ok(resp)
     }
 }

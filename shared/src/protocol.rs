@@ -125,22 +125,43 @@ pub enum Command {
         generation: u64,
         grace_ms: u64,
     },
+    /// Send the attempt's output: after an `accepted` reply the agent writes log chunks
+    /// (see [`log_chunk`]) and finishes the stream at the end of the retained output, or,
+    /// with `follow`, once the container has exited and its output is drained.
+    Logs {
+        job: JobId,
+        generation: u64,
+        follow: bool,
+    },
 }
 
 impl Command {
     pub fn job(&self) -> &JobId {
         match self {
             Command::Start(a) => &a.job,
-            Command::Stop { job, .. } => job,
+            Command::Stop { job, .. } | Command::Logs { job, .. } => job,
         }
     }
 
     pub fn generation(&self) -> u64 {
         match self {
             Command::Start(a) => a.generation,
-            Command::Stop { generation, .. } => *generation,
+            Command::Stop { generation, .. } | Command::Logs { generation, .. } => *generation,
         }
     }
+}
+
+/// Which stream a log chunk carries.
+pub const LOG_STDOUT: u8 = 1;
+pub const LOG_STDERR: u8 = 2;
+
+/// A log chunk on the wire: the stream byte, a 4-byte big-endian length, the bytes.
+pub fn log_chunk(stream: u8, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + data.len());
+    out.push(stream);
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out
 }
 
 /// One attempt of a job on one node, as the agent needs it.

@@ -92,9 +92,23 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     let run = gantry(
         &home,
         &[
-            "run", "--image", "busybox", "--cpu", "0.5", "--memory", "64M", "--", "sh", "-c",
-            "exit 4",
+            "run",
+            "--image",
+            "busybox",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "64M",
+            "--",
+            "sh",
+            "-c",
+            "echo hello-from-the-job; sleep 0.3; echo second-line; exit 4",
         ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "hello-from-the-job\nsecond-line\n",
+        "the job's output streams to stdout"
     );
     assert_eq!(
         run.status.code(),
@@ -115,6 +129,16 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     assert_eq!(jobs.as_array().map(Vec::len), Some(2), "{jobs}");
     assert_eq!(jobs[0]["state"], "failed");
     assert_eq!(jobs[1]["state"], "succeeded");
+    let first = jobs[0]["id"].as_str().expect("id");
+    let logs = gantry(&home, &["logs", first]);
+    assert_eq!(
+        String::from_utf8_lossy(&logs.stdout),
+        "hello-from-the-job\nsecond-line\n",
+        "{}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    let missing = gantry(&home, &["logs", "j-ffffffffffffffff"]);
+    assert!(!missing.status.success());
     let nodes = gantry(&home, &["nodes", "list"]);
     assert!(
         String::from_utf8_lossy(&nodes.stdout).contains("dev-test"),

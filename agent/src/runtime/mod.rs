@@ -336,9 +336,9 @@ impl Runtime {
             Some(Ok(ready)) => ready,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "pre-started shim died while idle; spawning one");
-                pool::spawn_for(binary, dir).await.map_err(io_err(binary))?
+                pool::spawn_for(binary, dir).map_err(io_err(binary))?
             }
-            None => pool::spawn_for(binary, dir).await.map_err(io_err(binary))?,
+            None => pool::spawn_for(binary, dir).map_err(io_err(binary))?,
         };
         self.inner.table.flush().await?;
         let timeout = self.inner.cfg.start_timeout;
@@ -480,13 +480,13 @@ impl Runtime {
         logs::read_all(&dir, stream).map_err(io_err(&dir))
     }
 
-    /// Follows a stream: calls `sink` with each new chunk until the container has exited
-    /// and its output is drained.
-    pub async fn follow(
+    /// Follows a stream: awaits `sink` with each new chunk until the container has exited
+    /// and its output is drained, or until `sink` returns false.
+    pub async fn follow<F: std::future::Future<Output = bool>>(
         &self,
         id: &ContainerId,
         stream: Stream,
-        mut sink: impl FnMut(&[u8]),
+        mut sink: impl FnMut(Vec<u8>) -> F,
     ) -> Result<(), RuntimeError> {
         let dir = self.log_dir(id)?;
         let mut rx = self.tracked(id)?.exit.subscribe();
@@ -495,9 +495,9 @@ impl Runtime {
         loop {
             let done = rx.borrow_and_update().is_some();
             f.poll(&mut buf).await.map_err(io_err(&dir))?;
-            if !buf.is_empty() {
-                sink(&buf);
-                buf.clear();
+            // The sink may wait (backpressure) and may end the follow (false).
+            if !buf.is_empty() && !sink(std::mem::take(&mut buf)).await {
+                return Ok(());
             }
             if done {
                 return Ok(());

@@ -77,13 +77,14 @@ impl ShimPool {
     }
 }
 
-/// Spawns a shim for `dir` and returns the pipe its ready line arrives on, once the
-/// first shim process (which only forks the detached one) has exited.
-pub(super) async fn spawn_for(binary: &Path, dir: &Path) -> std::io::Result<OwnedFd> {
+/// Spawns a shim for `dir` and returns the pipe its ready line arrives on. The first
+/// shim process (which only forks the detached one) is reaped in the background, so the
+/// caller's report deadline covers the whole start.
+pub(super) fn spawn_for(binary: &Path, dir: &Path) -> std::io::Result<OwnedFd> {
     let (ready, child) = spawn(binary, |cmd| {
         cmd.arg(dir).stdin(Stdio::null());
     })?;
-    wait(child).await;
+    tokio::spawn(wait(child));
     Ok(ready)
 }
 

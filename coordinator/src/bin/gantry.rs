@@ -64,6 +64,13 @@ enum Command {
     /// List, show or cancel jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Print a job's output (of its latest attempt).
+    Logs {
+        id: String,
+        /// Keep printing until the attempt's container exits.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// List or show nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
@@ -187,6 +194,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 JobsCommand::Show { id } => cli::print_job(&client.job(&id).await?, json)?,
                 JobsCommand::Cancel { id } => cli::print_job(&client.cancel(&id).await?, json)?,
             }
+            Ok(0)
+        }
+        Command::Logs { id, follow } => {
+            let client = CliConfig::load()?.client();
+            client.logs(&id, follow, &mut std::io::stdout()).await?;
             Ok(0)
         }
         Command::Nodes(cmd) => {
