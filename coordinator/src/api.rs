@@ -240,6 +240,15 @@ async fn submit_job(
                 })
         })
         .transpose()?;
+    // Larger than every connected node even when empty: it would never run.
+    let views = placement::ledger(&state.nodes.snapshot(), std::iter::empty());
+    if let Err(why @ placement::Unplaceable::TooLarge { .. }) =
+        placement::place(placement::need(&spec), &views)
+    {
+        return Err(ApiError::TooLargeForCluster {
+            message: why.to_string(),
+        });
+    }
     // Compare what the spec means, not its bytes: reformatted JSON is the same request.
     let canonical = hex::encode(Sha256::digest(
         serde_json::to_vec(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
@@ -649,6 +658,8 @@ pub enum ApiError {
     NotFound { what: String },
     #[error("{message}")]
     Unavailable { message: String },
+    #[error("the job can never run here: {message}; ask for less or add a larger node")]
+    TooLargeForCluster { message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -668,6 +679,11 @@ impl IntoResponse for ApiError {
             ),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::TooLargeForCluster { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_large_for_cluster",
+                Some("resources".into()),
+            ),
             ApiError::Unauthenticated { .. } => (StatusCode::UNAUTHORIZED, "unauthenticated", None),
             ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", None),
             ApiError::NotFound { .. } | ApiError::Store(StoreError::NotFound { .. }) => {

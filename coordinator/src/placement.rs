@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use gantry_shared::api::{Attempt, Job};
+use gantry_shared::api::{Attempt, Job, JobSpec};
 use gantry_shared::protocol::NodeCapacity;
 use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
 
@@ -35,8 +35,8 @@ pub fn live_attempt(job: &Job) -> Option<&Attempt> {
 }
 
 /// What a job's spec asks of each node.
-pub fn need(job: &Job) -> Need {
-    let r = &job.spec.resources;
+pub fn need(spec: &JobSpec) -> Need {
+    let r = &spec.resources;
     // Validated at submission; should a stored spec not parse, reserve a core and 512 MiB.
     Need {
         cpu_millis: r.cpu.parse::<CpuMillis>().map(|c| c.0).unwrap_or(1000),
@@ -66,7 +66,7 @@ pub fn ledger<'a>(
         if let Some(a) = live_attempt(job)
             && let Some(v) = views.iter_mut().find(|v| v.id == a.node)
         {
-            let n = need(job);
+            let n = need(&job.spec);
             v.reserved_cpu_millis += n.cpu_millis;
             v.reserved_memory_bytes += n.memory_bytes;
             v.reserved_gpus.extend(a.gpus.iter().copied());

@@ -69,7 +69,7 @@ async fn tick(
             if let Err(e) = send(
                 nodes,
                 &a.node,
-                &start_command(job, a.generation, &a.gpus, need(job)),
+                &start_command(job, a.generation, &a.gpus, need(&job.spec)),
             )
             .await
             {
@@ -99,7 +99,7 @@ async fn tick(
             .then_with(|| a.id.cmp(&b.id))
     });
     for job in pending {
-        let n = need(&job);
+        let n = need(&job.spec);
         let placed = match placement::place(n, &views) {
             Ok(p) => p,
             Err(why) => {

@@ -187,6 +187,25 @@ async fn jobs_run_and_report_their_exit_codes() {
         .expect("json");
     assert_eq!(nodes[0]["id"], "e2e-node", "{nodes}");
     assert_eq!(nodes[0]["cpu_millis"], 2000);
+    // Larger than any node (2 cores here): refused at submission, saying why.
+    let huge =
+        json!({"name": "huge", "image": "busybox", "resources": {"cpu": "64", "memory": "1G"}});
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/jobs", c.api))
+        .bearer_auth(&c.admin)
+        .json(&huge)
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(resp.status().as_u16(), 422);
+    let body: Value = resp.json().await.expect("error body");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no node is large enough"),
+        "{body}"
+    );
     let missing = c.submit_image("no-such-image").await;
     let job = c.wait_state(&missing, &["failed"]).await;
     assert!(
