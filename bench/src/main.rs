@@ -12,6 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+mod submit;
 use clap::{Parser, Subcommand};
 use gantry_agent::image::{ImageConfig, ImageStore, PullConfig};
 use gantry_agent::runtime::{ContainerRequest, Runtime, RuntimeConfig, Stream};
@@ -29,6 +31,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole path with real processes: durable submissions per second and
+    /// submit-to-running latency.
+    Submit {
+        #[arg(long)]
+        coordinator: PathBuf,
+        #[arg(long)]
+        agent: PathBuf,
+        /// A root filesystem containing the static `/stamp` program.
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Jobs run one after another for the latency.
+        #[arg(long, default_value_t = 100)]
+        jobs: usize,
+        /// Submissions for the throughput.
+        #[arg(long, default_value_t = 1000)]
+        burst: usize,
+        #[arg(long, default_value = "/tmp/gantry-bench-submit")]
+        work: PathBuf,
+    },
     /// Container cold start with a cached image, side by side with runc, crun and podman.
     ColdStart {
         /// The gantry-agent binary (shims are started from it).
@@ -55,6 +76,24 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Cmd::Submit {
+            coordinator,
+            agent,
+            rootfs,
+            jobs,
+            burst,
+            work,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(submit::run(
+                &coordinator,
+                &agent,
+                &rootfs,
+                jobs.max(1),
+                burst.max(1),
+                &work,
+            ))
+        }
         Cmd::ColdStart {
             agent,
             rootfs,

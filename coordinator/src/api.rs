@@ -262,6 +262,8 @@ async fn submit_job(
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     if created {
         state.metrics.jobs_submitted.inc();
+        // Let the scheduler place it now rather than at its next pass.
+        state.nodes.changed.notify_one();
     }
     let mut response = (StatusCode::CREATED, Json(job)).into_response();
     if !created {

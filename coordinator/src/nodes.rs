@@ -18,7 +18,8 @@ pub struct Session {
 #[derive(Clone, Default)]
 pub struct Nodes {
     inner: Arc<Mutex<HashMap<NodeId, Session>>>,
-    /// Fires when a node connects or events change jobs: the scheduler should look again.
+    /// Fires when a node connects, a job is submitted or events change jobs: the
+    /// scheduler should look again.
     pub changed: Arc<Notify>,
 }
 

@@ -1,0 +1,236 @@
+//! `gantry-bench submit`: the whole path with real processes — HTTP API → coordinator →
+//! QUIC → agent → shim → container — on loopback. Measures durable submissions per second
+//! (the API answers 201 only once the job is in sled) and submit-to-running latency: from
+//! just before the POST to the first instruction of the job's `/stamp` program, which
+//! prints the wall clock.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lines_until(child: &mut Child, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let out = child.stdout.take().context("stdout")?;
+    let mut reader = BufReader::new(out);
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("process exited before `{prefix}`: {lines:?}");
+        }
+        let line = line.trim_end().to_owned();
+        let done = line.starts_with(prefix);
+        lines.push(line);
+        if done {
+            // Keep draining so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in reader.lines() {});
+            return Ok(lines);
+        }
+    }
+}
+
+fn field(lines: &[String], prefix: &str) -> Option<String> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map(|s| s.trim().to_owned())
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(((p / 100.0) * (s.len().saturating_sub(1)) as f64).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+pub async fn run(
+    coordinator_bin: &Path,
+    agent_bin: &Path,
+    rootfs: &Path,
+    jobs: usize,
+    burst: usize,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work)?;
+    let agent_state = work.join("agent");
+    let st = Command::new(agent_bin)
+        .env("GANTRY_STATE_DIR", &agent_state)
+        .args(["image", "import"])
+        .arg(rootfs)
+        .args(["--name", "bench"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("image import failed");
+    }
+    let mut coordinator = Kill(
+        Command::new(coordinator_bin)
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--control-listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
+            .arg(work.join("coordinator"))
+            .env("GANTRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let lines = lines_until(&mut coordinator.0, "control listening on")?;
+    let api = field(&lines, "api listening on").context("api address")?;
+    let control = field(&lines, "control listening on").context("control address")?;
+    let admin =
+        field(&lines, "admin token (shown once, store it safely):").context("admin token")?;
+    let http = reqwest::Client::new();
+    let token: Value = http
+        .post(format!("http://{api}/v1/join-tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({"ttl": "10m"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let join = Command::new(agent_bin)
+        .env("GANTRY_STATE_DIR", &agent_state)
+        .args([
+            "join",
+            "--coordinator",
+            &control,
+            "--node",
+            "bench-node",
+            "--token",
+            token["token"].as_str().context("token")?,
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    if !join.success() {
+        bail!("join failed");
+    }
+    let mut agent = Kill(
+        Command::new(agent_bin)
+            .env("GANTRY_STATE_DIR", &agent_state)
+            .args(["serve", "--coordinator", &control])
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    lines_until(&mut agent.0, "agent serving")?;
+    // Wait for the node's session.
+    for _ in 0..100 {
+        let nodes: Value = http
+            .get(format!("http://{api}/v1/nodes"))
+            .bearer_auth(&admin)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if nodes.as_array().is_some_and(|n| !n.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let spec = json!({"name": "stamp", "image": "bench", "command": ["/stamp"], "resources": {"cpu": "0.1", "memory": "32M"}});
+    let mut submit_ms = Vec::new();
+    let mut running_ms = Vec::new();
+    for _ in 0..jobs {
+        let t0 = now_ns();
+        let started = Instant::now();
+        let job: Value = http
+            .post(format!("http://{api}/v1/jobs"))
+            .bearer_auth(&admin)
+            .json(&spec)
+            .send()
+            .await?
+            .json()
+            .await?;
+        submit_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        let id = job["id"].as_str().context("job id")?.to_owned();
+        loop {
+            let job: Value = http
+                .get(format!("http://{api}/v1/jobs/{id}"))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if matches!(
+                job["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let out = http
+            .get(format!("http://{api}/v1/jobs/{id}/logs"))
+            .bearer_auth(&admin)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let stamp: i128 = out
+            .trim()
+            .parse()
+            .with_context(|| format!("job printed no stamp: {out:?}"))?;
+        running_ms.push((stamp - t0) as f64 / 1e6);
+    }
+
+    // Durable submissions per second: a burst of POSTs, each answered only once in sled.
+    let quick = json!({"name": "burst", "image": "bench", "command": ["true"], "resources": {"cpu": "0.01", "memory": "16M"}});
+    let started = Instant::now();
+    for _ in 0..burst {
+        let r = http
+            .post(format!("http://{api}/v1/jobs"))
+            .bearer_auth(&admin)
+            .json(&quick)
+            .send()
+            .await?;
+        if r.status().as_u16() != 201 {
+            bail!("submission refused: {}", r.text().await?);
+        }
+    }
+    let per_sec = burst as f64 / started.elapsed().as_secs_f64();
+
+    println!("| metric | p50 | p99 | runs |");
+    println!("|---|---|---|---|");
+    println!(
+        "| `POST /v1/jobs` round trip (durable) | {:.1} ms | {:.1} ms | {} |",
+        percentile(&submit_ms, 50.0),
+        percentile(&submit_ms, 99.0),
+        submit_ms.len()
+    );
+    println!(
+        "| submit → container's first instruction | {:.1} ms | {:.1} ms | {} |",
+        percentile(&running_ms, 50.0),
+        percentile(&running_ms, 99.0),
+        running_ms.len()
+    );
+    println!();
+    println!(
+        "Durable submissions, one client, sequential: **{per_sec:.0} jobs/s** ({burst} submissions)."
+    );
+    Ok(())
+}
