@@ -204,16 +204,7 @@ impl Session {
                 .await
                 .map_err(|e| stream(e.to_string()))?;
             let _ = send.finish();
-            let mut header = [0u8; 4];
-            recv.read_exact(&mut header)
-                .await
-                .map_err(|e| stream(e.to_string()))?;
-            let mut body =
-                vec![0u8; protocol::body_len(header).map_err(|e| stream(e.to_string()))?];
-            recv.read_exact(&mut body)
-                .await
-                .map_err(|e| stream(e.to_string()))?;
-            protocol::decode(&body).map_err(|e| stream(e.to_string()))
+            read_frame(&mut recv).await.map_err(stream)
         };
         tokio::time::timeout(FRAME_TIMEOUT, exchange)
             .await
@@ -289,6 +280,21 @@ pub async fn connect(
         Response::Refused(r) => Err(ControlError::Refused(r)),
         other => Err(ControlError::Unexpected(Box::new(other))),
     }
+}
+
+/// Reads one frame (4-byte length, JSON) from a stream.
+pub(crate) async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, String> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; protocol::body_len(header).map_err(|e| e.to_string())?];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    protocol::decode(&body).map_err(|e| e.to_string())
 }
 
 fn parse_cert(pem: &str) -> Result<CertificateDer<'static>, ControlError> {

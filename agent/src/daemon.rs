@@ -270,7 +270,7 @@ impl Agent {
                 };
                 let agent = self.clone();
                 tokio::spawn(async move {
-                    let (reply, logs) = match read_command(&mut rx).await {
+                    let (reply, logs) = match control::read_frame::<Command>(&mut rx).await {
                         Ok(Command::Logs {
                             job,
                             generation,
@@ -533,16 +533,6 @@ fn is_qualified(image: &str) -> bool {
     image.split_once('/').is_some_and(|(first, _)| {
         first.contains('.') || first.contains(':') || first == "localhost"
     })
-}
-
-async fn read_command(rx: &mut quinn::RecvStream) -> Result<Command, String> {
-    let mut header = [0u8; 4];
-    rx.read_exact(&mut header)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; protocol::body_len(header).map_err(|e| e.to_string())?];
-    rx.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-    protocol::decode(&body).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -288,12 +288,7 @@ async fn serve(
     let cancel = tokio_util::sync::CancellationToken::new();
     let signals = cancel.clone();
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
+        terminated().await;
         signals.cancel();
     });
     println!("agent serving; coordinator {addr}");
@@ -306,6 +301,20 @@ async fn serve(
     )
     .await?;
     Ok(0)
+}
+
+/// Resolves at Ctrl-C or SIGTERM.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending().await,
+            }
+        } => {}
+    }
 }
 
 fn host_memory() -> anyhow::Result<u64> {
@@ -561,12 +570,7 @@ async fn run_container(host: &Host, a: RunArgs) -> anyhow::Result<i32> {
     let stopper = {
         let (rt, id, grace) = (rt.clone(), id.clone(), a.stop_grace);
         tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
+            terminated().await;
             eprintln!("gantry-agent: stopping {id} (grace {grace:?}; Ctrl-C again to kill)");
             let second = tokio::spawn({
                 let (rt, id) = (rt.clone(), id.clone());

@@ -113,7 +113,15 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn now_ns() -> i128 {
+/// The `p`th percentile (nearest rank) of `samples`; `None` when there are none.
+pub(crate) fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(((p / 100.0) * s.len().saturating_sub(1) as f64).round() as usize)
+        .copied()
+}
+
+pub(crate) fn now_ns() -> i128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
@@ -150,13 +158,7 @@ impl Series {
     }
 
     fn percentile(&self, p: f64) -> Option<f64> {
-        if self.samples.is_empty() {
-            return None;
-        }
-        let mut s = self.samples.clone();
-        s.sort_by(f64::total_cmp);
-        let idx = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
-        Some(s[idx.min(s.len() - 1)])
+        percentile(&self.samples, p)
     }
 
     fn record(&mut self, r: anyhow::Result<f64>) {
@@ -379,15 +381,7 @@ async fn cold_start(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     print_table(&[&api, &cli, &runc, &crun, &podman], &runc, runs);
-    let median = |v: &[f64]| {
-        Series {
-            name: String::new(),
-            samples: v.to_vec(),
-            error: None,
-        }
-        .percentile(50.0)
-        .unwrap_or(f64::NAN)
-    };
+    let median = |v: &[f64]| percentile(v, 50.0).unwrap_or(f64::NAN);
     println!();
     println!(
         "Inside a Gantry start (medians, from the shim's log): overlay mount {:.1} ms, libcontainer create (cgroups, namespaces, rootfs, init up to exec wait) {:.1} ms; the rest of the {:.1} ms p50 is the agent's preparation, handing the container to a pre-started shim, `start` and the exec of /stamp.",

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use crate::{now_ns, percentile};
+
 struct Kill(Child);
 
 impl Drop for Kill {
@@ -46,21 +48,6 @@ fn field(lines: &[String], prefix: &str) -> Option<String> {
         .iter()
         .find_map(|l| l.strip_prefix(prefix))
         .map(|s| s.trim().to_owned())
-}
-
-fn now_ns() -> i128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0)
-}
-
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(((p / 100.0) * (s.len().saturating_sub(1)) as f64).round() as usize)
-        .copied()
-        .unwrap_or(f64::NAN)
 }
 
 pub async fn run(
@@ -218,14 +205,14 @@ pub async fn run(
     println!("|---|---|---|---|");
     println!(
         "| `POST /v1/jobs` round trip (durable) | {:.1} ms | {:.1} ms | {} |",
-        percentile(&submit_ms, 50.0),
-        percentile(&submit_ms, 99.0),
+        percentile(&submit_ms, 50.0).unwrap_or(f64::NAN),
+        percentile(&submit_ms, 99.0).unwrap_or(f64::NAN),
         submit_ms.len()
     );
     println!(
         "| submit → container's first instruction | {:.1} ms | {:.1} ms | {} |",
-        percentile(&running_ms, 50.0),
-        percentile(&running_ms, 99.0),
+        percentile(&running_ms, 50.0).unwrap_or(f64::NAN),
+        percentile(&running_ms, 99.0).unwrap_or(f64::NAN),
         running_ms.len()
     );
     println!();

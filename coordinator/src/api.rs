@@ -440,35 +440,15 @@ async fn job_logs(
     let unavailable = |e: String| ApiError::Unavailable {
         message: format!("cannot fetch output from {}: {e}", attempt.node),
     };
-    let (mut tx, mut rx) = session
-        .conn
-        .open_bi()
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
     let cmd = gantry_shared::protocol::Command::Logs {
         job: job.id.clone(),
         generation: attempt.generation,
         follow: q.follow.unwrap_or(false),
     };
-    tx.write_all(&gantry_shared::protocol::encode(&cmd).map_err(|e| unavailable(e.to_string()))?)
+    let (reply, rx) = crate::control::command(&session.conn, &cmd)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    let _ = tx.finish();
-    let mut header = [0u8; 4];
-    rx.read_exact(&mut header)
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    let mut body = vec![
-        0u8;
-        gantry_shared::protocol::body_len(header)
-            .map_err(|e| unavailable(e.to_string()))?
-    ];
-    rx.read_exact(&mut body)
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    match gantry_shared::protocol::decode::<gantry_shared::protocol::CommandReply>(&body)
-        .map_err(|e| unavailable(e.to_string()))?
-    {
+        .map_err(unavailable)?;
+    match reply {
         gantry_shared::protocol::CommandReply::Accepted => {}
         gantry_shared::protocol::CommandReply::Refused(r) => {
             return Err(ApiError::NotFound {

@@ -239,6 +239,7 @@ async fn exchange(
     Ok(())
 }
 
+/// Reads one frame.
 async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, StreamError> {
@@ -247,6 +248,21 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
     let mut body = vec![0u8; protocol::body_len(header)?];
     recv.read_exact(&mut body).await?;
     Ok(protocol::decode(&body)?)
+}
+
+/// Sends `command` to a node on a new stream of its session and reads the reply. The
+/// stream's receiving half is returned for commands that send more (logs).
+pub(crate) async fn command(
+    conn: &quinn::Connection,
+    command: &gantry_shared::protocol::Command,
+) -> Result<(gantry_shared::protocol::CommandReply, quinn::RecvStream), String> {
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    tx.write_all(&protocol::encode(command).map_err(|e| e.to_string())?)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tx.finish();
+    let reply = read_frame(&mut rx).await.map_err(|e| e.to_string())?;
+    Ok((reply, rx))
 }
 
 impl State {

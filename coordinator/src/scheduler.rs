@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use gantry_shared::api::{Attempt, Job, JobState};
-use gantry_shared::protocol::{self, AttemptSpec, Command, CommandReply};
+use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
 use gantry_shared::{JobId, NodeId};
 use tokio_util::sync::CancellationToken;
 
@@ -193,23 +193,11 @@ async fn send(nodes: &Nodes, node: &NodeId, command: &Command) -> Result<(), Str
     let session = nodes
         .get(node)
         .ok_or_else(|| format!("node {node} is not connected"))?;
-    let exchange = async {
-        let (mut tx, mut rx) = session.conn.open_bi().await.map_err(|e| e.to_string())?;
-        tx.write_all(&protocol::encode(command).map_err(|e| e.to_string())?)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = tx.finish();
-        let mut header = [0u8; 4];
-        rx.read_exact(&mut header)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut body = vec![0u8; protocol::body_len(header).map_err(|e| e.to_string())?];
-        rx.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-        protocol::decode::<CommandReply>(&body).map_err(|e| e.to_string())
-    };
+    let exchange = crate::control::command(&session.conn, command);
     match tokio::time::timeout(COMMAND_TIMEOUT, exchange)
         .await
         .map_err(|_| format!("no reply within {COMMAND_TIMEOUT:?}"))??
+        .0
     {
         CommandReply::Accepted => Ok(()),
         CommandReply::Refused(r) => Err(r.message),

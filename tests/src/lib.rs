@@ -75,6 +75,17 @@ impl Proc {
     }
 }
 
+/// Loopback addresses free right now: a TCP one (the API) and a UDP one (QUIC control).
+/// Fixed ports let a restarted coordinator be where its agent looks for it.
+pub fn free_ports() -> (String, String) {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    (
+        tcp.local_addr().expect("addr").to_string(),
+        udp.local_addr().expect("addr").to_string(),
+    )
+}
+
 /// The rest of the first line in `lines` that starts with `prefix`.
 pub fn field(lines: &[String], prefix: &str) -> Option<String> {
     lines

@@ -6,23 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use gantry_tests::{Proc, binary};
-
-fn free_port_tcp() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("tcp")
-        .local_addr()
-        .expect("addr")
-        .to_string()
-}
-
-fn free_port_udp() -> String {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .expect("udp")
-        .local_addr()
-        .expect("addr")
-        .to_string()
-}
+use gantry_tests::{Proc, binary, free_ports};
 
 fn gantry(home: &Path, args: &[&str]) -> std::process::Output {
     Command::new(binary("gantry"))
@@ -72,6 +56,7 @@ fn gantry_dev_runs_jobs_through_the_cli() {
         String::from_utf8_lossy(&none.stderr)
     );
 
+    let (api, control) = free_ports();
     let mut cmd = Command::new(binary("gantry"));
     cmd.env("HOME", &home)
         .env_remove("XDG_CONFIG_HOME")
@@ -80,9 +65,9 @@ fn gantry_dev_runs_jobs_through_the_cli() {
             "--node",
             "dev-test",
             "--api-listen",
-            &free_port_tcp(),
+            &api,
             "--control-listen",
-            &free_port_udp(),
+            &control,
             "--state-dir",
         ])
         .arg(&state);

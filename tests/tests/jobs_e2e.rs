@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use gantry_tests::{Coordinator, Proc, binary};
+use gantry_tests::{Coordinator, Proc, binary, free_ports};
 use serde_json::{Value, json};
 
 struct Cluster {
@@ -16,16 +16,6 @@ struct Cluster {
     control: String,
     admin: String,
     agent: Option<Proc>,
-}
-
-/// Fixed ports (free now), so a restarted coordinator is where its agent looks for it.
-fn free_ports() -> (String, String) {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-    (
-        tcp.local_addr().expect("addr").to_string(),
-        udp.local_addr().expect("addr").to_string(),
-    )
 }
 
 impl Cluster {
