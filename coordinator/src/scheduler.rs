@@ -92,6 +92,21 @@ async fn tick(
             }
         }
     }
+    // Forget what no longer needs remembering, so the sets stay as small as the live work.
+    let unconfirmed: HashSet<(&JobId, u64)> = running
+        .iter()
+        .filter_map(|j| {
+            live_attempt(j)
+                .filter(|a| a.started_at_ms.is_none())
+                .map(|a| (&j.id, a.generation))
+        })
+        .collect();
+    delivered.retain(|(j, g, _)| unconfirmed.contains(&(j, *g)));
+    let stoppable: HashSet<(&JobId, u64)> = cancelled
+        .iter()
+        .filter_map(|j| live_attempt(j).map(|a| (&j.id, a.generation)))
+        .collect();
+    stopping.retain(|(j, g)| stoppable.contains(&(j, *g)));
     pending.sort_by(|a, b| {
         b.spec
             .priority
