@@ -504,20 +504,7 @@ async fn get_node(
 }
 
 fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
-    let all = |s| {
-        state
-            .store
-            .jobs(&JobFilter {
-                state: Some(s),
-                after: None,
-                limit: usize::MAX,
-            })
-            .map(|(j, _)| j)
-    };
-    let jobs: Vec<Job> = all(JobState::Running)?
-        .into_iter()
-        .chain(all(JobState::Cancelled)?)
-        .collect();
+    let jobs = state.store.active_jobs()?;
     Ok(placement::ledger(&state.nodes.snapshot(), &jobs)
         .into_iter()
         .map(|v| Node {

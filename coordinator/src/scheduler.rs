@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nodes::Nodes;
 use crate::placement::{self, Need, live_attempt, need};
-use crate::store::{JobFilter, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace between SIGTERM and SIGKILL when a job is cancelled.
@@ -42,19 +42,18 @@ async fn tick(
     stopping: &mut HashSet<(JobId, u64)>,
     delivered: &mut HashSet<(JobId, u64, usize)>,
 ) -> Result<(), StoreError> {
-    let all = |state| {
-        store
-            .jobs(&JobFilter {
-                state: Some(state),
-                after: None,
-                limit: usize::MAX,
-            })
-            .map(|(jobs, _)| jobs)
+    let active = store.active_jobs()?;
+    let of = |state| {
+        active
+            .iter()
+            .filter(|j| j.state == state)
+            .cloned()
+            .collect::<Vec<Job>>()
     };
     let (running, cancelled, mut pending) = (
-        all(JobState::Running)?,
-        all(JobState::Cancelled)?,
-        all(JobState::Pending)?,
+        of(JobState::Running),
+        of(JobState::Cancelled),
+        of(JobState::Pending),
     );
     let mut views = placement::ledger(&nodes.snapshot(), running.iter().chain(&cancelled));
     for job in &running {

@@ -46,6 +46,18 @@ pub struct Store {
     db: sled::Db,
     jobs: sled::Tree,
     idempotency: sled::Tree,
+    /// Ids of the jobs the scheduler still has work on (see [`needs_scheduler`]), so its
+    /// passes never scan finished jobs. Rebuilt at open, so a crash between a job's write
+    /// and its index update heals itself.
+    active: sled::Tree,
+}
+
+/// A job the scheduler still has to place, watch or stop: not finished, or cancelled with
+/// an attempt that has not ended yet.
+pub fn needs_scheduler(job: &Job) -> bool {
+    !job.state.is_terminal()
+        || (job.state == JobState::Cancelled
+            && job.attempts.last().is_some_and(|a| a.reason.is_none()))
 }
 
 /// Which jobs to list.
@@ -81,11 +93,49 @@ impl Store {
                 }
             }
         }
-        Ok(Self {
+        let store = Self {
             jobs: db.open_tree("jobs")?,
             idempotency: db.open_tree("idempotency")?,
+            active: db.open_tree("active_jobs")?,
             db,
-        })
+        };
+        store.rebuild_active()?;
+        Ok(store)
+    }
+
+    fn rebuild_active(&self) -> Result<(), StoreError> {
+        self.active.clear()?;
+        for kv in self.jobs.iter() {
+            let (k, v) = kv?;
+            if needs_scheduler(&serde_json::from_slice::<Job>(&v)?) {
+                self.active.insert(k, &[])?;
+            }
+        }
+        self.active.flush()?;
+        Ok(())
+    }
+
+    fn index(&self, job: &Job) -> Result<(), StoreError> {
+        if needs_scheduler(job) {
+            self.active.insert(job.id.as_str(), &[])?;
+        } else {
+            self.active.remove(job.id.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// The jobs the scheduler still has work on, in submission order.
+    pub fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.active.iter().keys() {
+            if let Some(v) = self.jobs.get(k?)? {
+                let job: Job = serde_json::from_slice(&v)?;
+                if needs_scheduler(&job) {
+                    out.push(job);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The database, for the parts of the coordinator that keep their own trees.
@@ -151,6 +201,7 @@ impl Store {
                 Ok((self.job(&rec.job)?, false))
             }
             _ => {
+                self.index(&job)?;
                 self.db.flush()?;
                 Ok((job, true))
             }
@@ -230,6 +281,9 @@ impl Store {
                     }
                 })?;
             applied = e.seq;
+            if let Some(v) = self.jobs.get(&job_key)? {
+                self.index(&serde_json::from_slice(&v)?)?;
+            }
         }
         self.db.flush()?;
         Ok(applied)
@@ -250,6 +304,7 @@ impl Store {
                 .compare_and_swap(id.as_str(), Some(old), Some(new))?
                 .is_ok()
             {
+                self.index(&job)?;
                 self.jobs.flush()?;
                 return Ok(job);
             }
@@ -309,6 +364,36 @@ mod tests {
             .expect("list");
         assert_eq!(page.len(), 3);
         assert!(!more);
+    }
+
+    #[test]
+    fn only_live_work_is_in_the_active_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        let a = s.create_job(spec("a"), 1, None).expect("create").0.id;
+        let b = s.create_job(spec("b"), 1, None).expect("create").0.id;
+        s.update_job(&a, |j| j.state = JobState::Succeeded)
+            .expect("update");
+        let ids = |s: &Store| {
+            s.active_jobs()
+                .expect("active")
+                .into_iter()
+                .map(|j| j.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&s), std::slice::from_ref(&b));
+        // A stale index entry (as after a crash between the two writes) is healed at open.
+        s.active.insert(a.as_str(), &[]).expect("insert");
+        drop(s);
+        let s = (0..100)
+            .find_map(|_| {
+                Store::open(dir.path()).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("reopen");
+        assert_eq!(ids(&s), [b]);
     }
 
     #[test]
