@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod join;
 pub mod nodes;
 pub mod placement;
+pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -67,10 +67,13 @@ pub async fn run(
     on_bound(bound, admin);
     let router = api::router(ApiState::new(
         store.clone(),
-        tokens,
+        tokens.clone(),
         join,
         nodes.clone(),
         cfg.api.clone(),
+    ))
+    .merge(crate::registry::router(
+        crate::registry::RegistryState::open(&cfg.state_dir.join("registry"), tokens)?,
     ));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
     let scheduler = tokio::spawn(scheduler::run(store.clone(), nodes, cancel.clone()));

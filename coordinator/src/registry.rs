@@ -1,0 +1,666 @@
+//! The embedded image registry: the OCI distribution API (pull and push) under `/v2/`,
+//! with content-addressed blobs on disk, so a cluster needs no external registry.
+//!
+//! Layout under its directory: `blobs/sha256/<hex>` (layers, configs and manifests alike),
+//! `media-types/<hex>` (a manifest's media type), `tags/<repository>/<tag>` (a digest),
+//! `uploads/<id>` (blob uploads in progress). Blobs appear by rename only after their
+//! digest is verified. Clients authenticate with an API token, as HTTP basic (any user
+//! name, the token as password, which is how `skopeo --creds` and `docker login` send it)
+//! or as a bearer token: reading needs the reader role, pushing the submitter role.
+
+use std::path::{Path, PathBuf};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::auth::{ApiTokens, Role};
+
+/// Manifests are small; anything larger is refused before it is read.
+const MAX_MANIFEST: usize = 4 << 20;
+
+#[derive(Clone)]
+pub struct RegistryState {
+    root: PathBuf,
+    tokens: ApiTokens,
+}
+
+impl RegistryState {
+    pub fn open(root: &Path, tokens: ApiTokens) -> std::io::Result<Self> {
+        for d in ["blobs/sha256", "media-types", "tags", "uploads"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            tokens,
+        })
+    }
+
+    fn blob(&self, hex: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(hex)
+    }
+}
+
+/// The registry's routes; blobs stream, so the API's body limit does not apply here.
+pub fn router(state: RegistryState) -> Router {
+    Router::new()
+        .route("/v2/", get(|| async { axum::Json(serde_json::json!({})) }))
+        .route("/v2/{*path}", any(dispatch))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// An OCI distribution error: status, code and message.
+struct OciError(StatusCode, &'static str, String);
+
+impl IntoResponse for OciError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"errors": [{"code": self.1, "message": self.2}]});
+        let mut resp = (self.0, axum::Json(body)).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"gantry\""),
+            );
+        }
+        resp
+    }
+}
+
+fn io_error(e: std::io::Error) -> OciError {
+    tracing::error!(error = %e, "registry storage");
+    OciError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "UNKNOWN",
+        "storage error".into(),
+    )
+}
+
+async fn authenticate(
+    State(state): State<RegistryState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let required = if matches!(*req.method(), Method::GET | Method::HEAD) {
+        Role::Reader
+    } else {
+        Role::Submitter
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            if let Some(t) = v.strip_prefix("Bearer ") {
+                Some(t.trim().to_owned())
+            } else {
+                use base64::Engine;
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(v.strip_prefix("Basic ")?.trim())
+                    .ok()?;
+                let decoded = String::from_utf8(decoded).ok()?;
+                decoded
+                    .split_once(':')
+                    .map(|(_, password)| password.to_owned())
+            }
+        });
+    let Some(token) = presented else {
+        return OciError(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "authenticate with an API token (as the password)".into(),
+        )
+        .into_response();
+    };
+    let tokens = state.tokens.clone();
+    let role = tokio::task::spawn_blocking(move || tokens.role(&token))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    match role {
+        Some(r) if r.allows(required) => next.run(req).await,
+        Some(_) => OciError(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            format!("this needs the {required:?} role"),
+        )
+        .into_response(),
+        None => OciError(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "token not recognized".into(),
+        )
+        .into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct UploadQuery {
+    digest: Option<String>,
+}
+
+/// What a `/v2/...` path names.
+enum Target<'a> {
+    Tags { repo: &'a str },
+    Upload { repo: &'a str, id: Option<&'a str> },
+    Blob { digest: &'a str },
+    Manifest { repo: &'a str, reference: &'a str },
+}
+
+fn parse(path: &str) -> Option<Target<'_>> {
+    let valid_repo = |r: &str| {
+        !r.is_empty()
+            && !r.starts_with('/')
+            && !r.ends_with('/')
+            && !r.contains("..")
+            && !r.contains("//")
+            && r.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c))
+    };
+    let path = path.trim_start_matches('/');
+    let (repo, target) = if let Some(repo) = path.strip_suffix("/tags/list") {
+        (repo, Target::Tags { repo })
+    } else if let Some((repo, id)) = path.split_once("/blobs/uploads") {
+        let id = id.trim_start_matches('/');
+        (
+            repo,
+            Target::Upload {
+                repo,
+                id: (!id.is_empty()).then_some(id),
+            },
+        )
+    } else if let Some((repo, digest)) = path.rsplit_once("/blobs/") {
+        (repo, Target::Blob { digest })
+    } else if let Some((repo, reference)) = path.rsplit_once("/manifests/") {
+        (repo, Target::Manifest { repo, reference })
+    } else {
+        return None;
+    };
+    valid_repo(repo).then_some(target)
+}
+
+fn hex_of(digest: &str) -> Result<&str, OciError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        })
+        .ok_or_else(|| {
+            OciError(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                format!("`{digest}` is not a sha256 digest"),
+            )
+        })
+}
+
+fn valid_tag(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && !t.starts_with(['.', '-'])
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+async fn dispatch(
+    State(state): State<RegistryState>,
+    method: Method,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OciError> {
+    let not_found = || {
+        OciError(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            format!("no such registry path `/v2/{path}`"),
+        )
+    };
+    let target = parse(&path).ok_or_else(not_found)?;
+    match (method, target) {
+        (Method::GET, Target::Tags { repo }) => tags(&state, repo).await,
+        (Method::POST, Target::Upload { repo, id: None }) => {
+            start_upload(&state, repo, query.digest.as_deref(), body).await
+        }
+        (Method::PATCH, Target::Upload { repo, id: Some(id) }) => {
+            append(&state, repo, id, body).await
+        }
+        (Method::PUT, Target::Upload { repo, id: Some(id) }) => {
+            finish_upload(&state, repo, id, query.digest.as_deref(), body).await
+        }
+        (Method::GET, Target::Upload { repo, id: Some(id) }) => {
+            upload_status(&state, repo, id).await
+        }
+        (Method::DELETE, Target::Upload { id: Some(id), .. }) => {
+            let _ = tokio::fs::remove_file(state.root.join("uploads").join(upload_name(id)?)).await;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (m @ (Method::GET | Method::HEAD), Target::Blob { digest, .. }) => {
+            get_blob(
+                &state,
+                digest,
+                m == Method::HEAD,
+                "application/octet-stream",
+            )
+            .await
+        }
+        (m @ (Method::GET | Method::HEAD), Target::Manifest { repo, reference }) => {
+            get_manifest(&state, repo, reference, m == Method::HEAD).await
+        }
+        (Method::PUT, Target::Manifest { repo, reference }) => {
+            put_manifest(&state, repo, reference, &headers, body).await
+        }
+        _ => Err(OciError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!("this registry does not support that on `/v2/{path}`"),
+        )),
+    }
+}
+
+fn upload_name(id: &str) -> Result<&str, OciError> {
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id)
+    } else {
+        Err(OciError(
+            StatusCode::NOT_FOUND,
+            "BLOB_UPLOAD_UNKNOWN",
+            format!("no upload `{id}`"),
+        ))
+    }
+}
+
+fn new_upload_id() -> Result<String, OciError> {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(io_error)?,
+        &mut b,
+    )
+    .map_err(io_error)?;
+    Ok(hex::encode(b))
+}
+
+async fn write_body(file: &Path, body: Body, append: bool) -> Result<u64, OciError> {
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(file)
+        .await
+        .map_err(io_error)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            OciError(
+                StatusCode::BAD_REQUEST,
+                "BLOB_UPLOAD_INVALID",
+                e.to_string(),
+            )
+        })?;
+        f.write_all(&chunk).await.map_err(io_error)?;
+    }
+    f.flush().await.map_err(io_error)?;
+    Ok(f.metadata().await.map_err(io_error)?.len())
+}
+
+fn upload_response(status: StatusCode, repo: &str, id: &str, size: u64) -> Response {
+    let mut r = status.into_response();
+    let h = r.headers_mut();
+    let set = |h: &mut HeaderMap, k: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    set(h, "location", format!("/v2/{repo}/blobs/uploads/{id}"));
+    set(h, "docker-upload-uuid", id.to_owned());
+    set(h, "range", format!("0-{}", size.saturating_sub(1)));
+    set(h, "content-length", "0".into());
+    r
+}
+
+async fn start_upload(
+    state: &RegistryState,
+    repo: &str,
+    digest: Option<&str>,
+    body: Body,
+) -> Result<Response, OciError> {
+    let id = new_upload_id()?;
+    let file = state.root.join("uploads").join(&id);
+    let size = write_body(&file, body, false).await?;
+    match digest {
+        Some(d) => commit(state, repo, &file, d).await,
+        None => Ok(upload_response(StatusCode::ACCEPTED, repo, &id, size)),
+    }
+}
+
+async fn append(
+    state: &RegistryState,
+    repo: &str,
+    id: &str,
+    body: Body,
+) -> Result<Response, OciError> {
+    let file = state.root.join("uploads").join(upload_name(id)?);
+    if !file.exists() {
+        return Err(OciError(
+            StatusCode::NOT_FOUND,
+            "BLOB_UPLOAD_UNKNOWN",
+            format!("no upload `{id}`"),
+        ));
+    }
+    let size = write_body(&file, body, true).await?;
+    Ok(upload_response(StatusCode::ACCEPTED, repo, id, size))
+}
+
+async fn upload_status(state: &RegistryState, repo: &str, id: &str) -> Result<Response, OciError> {
+    let file = state.root.join("uploads").join(upload_name(id)?);
+    let size = tokio::fs::metadata(&file)
+        .await
+        .map_err(|_| {
+            OciError(
+                StatusCode::NOT_FOUND,
+                "BLOB_UPLOAD_UNKNOWN",
+                format!("no upload `{id}`"),
+            )
+        })?
+        .len();
+    Ok(upload_response(StatusCode::NO_CONTENT, repo, id, size))
+}
+
+async fn finish_upload(
+    state: &RegistryState,
+    repo: &str,
+    id: &str,
+    digest: Option<&str>,
+    body: Body,
+) -> Result<Response, OciError> {
+    let file = state.root.join("uploads").join(upload_name(id)?);
+    if !file.exists() {
+        return Err(OciError(
+            StatusCode::NOT_FOUND,
+            "BLOB_UPLOAD_UNKNOWN",
+            format!("no upload `{id}`"),
+        ));
+    }
+    write_body(&file, body, true).await?;
+    let digest = digest.ok_or_else(|| {
+        OciError(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            "finishing an upload needs `?digest=`".into(),
+        )
+    })?;
+    commit(state, repo, &file, digest).await
+}
+
+/// Verifies an uploaded file against `digest` and moves it into the blob store.
+async fn commit(
+    state: &RegistryState,
+    repo: &str,
+    file: &Path,
+    digest: &str,
+) -> Result<Response, OciError> {
+    let hex = hex_of(digest)?.to_owned();
+    let path = file.to_owned();
+    let actual = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut h = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&path)?, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(|e| io_error(std::io::Error::other(e)))?
+    .map_err(io_error)?;
+    if actual != hex {
+        let _ = tokio::fs::remove_file(file).await;
+        return Err(OciError(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("uploaded content is sha256:{actual}, not {digest}"),
+        ));
+    }
+    tokio::fs::rename(file, state.blob(&hex))
+        .await
+        .map_err(io_error)?;
+    let mut r = StatusCode::CREATED.into_response();
+    if let (Ok(loc), Ok(d)) = (
+        HeaderValue::from_str(&format!("/v2/{repo}/blobs/{digest}")),
+        HeaderValue::from_str(digest),
+    ) {
+        r.headers_mut().insert(header::LOCATION, loc);
+        r.headers_mut().insert("docker-content-digest", d);
+    }
+    Ok(r)
+}
+
+async fn get_blob(
+    state: &RegistryState,
+    digest: &str,
+    head: bool,
+    content_type: &str,
+) -> Result<Response, OciError> {
+    let hex = hex_of(digest)?;
+    let path = state.blob(hex);
+    let file = tokio::fs::File::open(&path).await.map_err(|_| {
+        OciError(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            format!("no blob {digest}"),
+        )
+    })?;
+    let len = file.metadata().await.map_err(io_error)?.len();
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from_stream(tokio_util::io::ReaderStream::new(file))
+    };
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let (Ok(ct), Ok(d)) = (
+        HeaderValue::from_str(content_type),
+        HeaderValue::from_str(digest),
+    ) {
+        h.insert(header::CONTENT_TYPE, ct);
+        h.insert("docker-content-digest", d);
+    }
+    Ok(r)
+}
+
+async fn get_manifest(
+    state: &RegistryState,
+    repo: &str,
+    reference: &str,
+    head: bool,
+) -> Result<Response, OciError> {
+    let unknown = || {
+        OciError(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!("no manifest `{reference}` in `{repo}`"),
+        )
+    };
+    let digest = if reference.starts_with("sha256:") {
+        reference.to_owned()
+    } else if valid_tag(reference) {
+        tokio::fs::read_to_string(state.root.join("tags").join(repo).join(reference))
+            .await
+            .map_err(|_| unknown())?
+            .trim()
+            .to_owned()
+    } else {
+        return Err(unknown());
+    };
+    let hex = hex_of(&digest)?;
+    let media = tokio::fs::read_to_string(state.root.join("media-types").join(hex))
+        .await
+        .map_err(|_| unknown())?;
+    get_blob(state, &digest, head, media.trim()).await
+}
+
+async fn put_manifest(
+    state: &RegistryState,
+    repo: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, OciError> {
+    let bytes = axum::body::to_bytes(body, MAX_MANIFEST)
+        .await
+        .map_err(|_| {
+            OciError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "MANIFEST_INVALID",
+                format!("manifests are limited to {MAX_MANIFEST} bytes"),
+            )
+        })?;
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+        .to_owned();
+    // Every blob the manifest names must already be here.
+    let parsed: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| OciError(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string()))?;
+    let named = parsed["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&parsed["config"]))
+        .chain(parsed["manifests"].as_array().into_iter().flatten());
+    for d in named.filter_map(|d| d["digest"].as_str()) {
+        if !state.blob(hex_of(d)?).exists() {
+            return Err(OciError(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_BLOB_UNKNOWN",
+                format!("the manifest names {d}, which was not pushed"),
+            ));
+        }
+    }
+    let hex = hex::encode(Sha256::digest(&bytes));
+    let digest = format!("sha256:{hex}");
+    if reference.starts_with("sha256:") && reference != digest {
+        return Err(OciError(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("the manifest is {digest}, not {reference}"),
+        ));
+    }
+    let tmp = state.root.join("uploads").join(format!("manifest-{hex}"));
+    tokio::fs::write(&tmp, &bytes).await.map_err(io_error)?;
+    tokio::fs::write(state.root.join("media-types").join(&hex), media.as_bytes())
+        .await
+        .map_err(io_error)?;
+    tokio::fs::rename(&tmp, state.blob(&hex))
+        .await
+        .map_err(io_error)?;
+    if !reference.starts_with("sha256:") {
+        if !valid_tag(reference) {
+            return Err(OciError(
+                StatusCode::BAD_REQUEST,
+                "TAG_INVALID",
+                format!("`{reference}` is not a valid tag"),
+            ));
+        }
+        let dir = state.root.join("tags").join(repo);
+        tokio::fs::create_dir_all(&dir).await.map_err(io_error)?;
+        let tmp = dir.join(format!(".{reference}.tmp"));
+        tokio::fs::write(&tmp, digest.as_bytes())
+            .await
+            .map_err(io_error)?;
+        tokio::fs::rename(&tmp, dir.join(reference))
+            .await
+            .map_err(io_error)?;
+    }
+    let mut r = StatusCode::CREATED.into_response();
+    if let (Ok(loc), Ok(d)) = (
+        HeaderValue::from_str(&format!("/v2/{repo}/manifests/{digest}")),
+        HeaderValue::from_str(&digest),
+    ) {
+        r.headers_mut().insert(header::LOCATION, loc);
+        r.headers_mut().insert("docker-content-digest", d);
+    }
+    Ok(r)
+}
+
+async fn tags(state: &RegistryState, repo: &str) -> Result<Response, OciError> {
+    let dir = state.root.join("tags").join(repo);
+    let mut tags = Vec::new();
+    let mut entries = tokio::fs::read_dir(&dir).await.map_err(|_| {
+        OciError(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            format!("no repository `{repo}`"),
+        )
+    })?;
+    while let Some(e) = entries.next_entry().await.map_err(io_error)? {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            tags.push(name);
+        }
+    }
+    tags.sort();
+    Ok(axum::Json(serde_json::json!({"name": repo, "tags": tags})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse_and_unsafe_names_are_refused() {
+        assert!(matches!(
+            parse("team/x/blobs/uploads/"),
+            Some(Target::Upload {
+                repo: "team/x",
+                id: None
+            })
+        ));
+        assert!(matches!(
+            parse("team/x/blobs/uploads/abc"),
+            Some(Target::Upload {
+                id: Some("abc"),
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("x/blobs/sha256:ab"),
+            Some(Target::Blob {
+                digest: "sha256:ab"
+            })
+        ));
+        assert!(matches!(
+            parse("a/b/c/manifests/v1"),
+            Some(Target::Manifest {
+                repo: "a/b/c",
+                reference: "v1"
+            })
+        ));
+        assert!(matches!(
+            parse("x/tags/list"),
+            Some(Target::Tags { repo: "x" })
+        ));
+        for bad in [
+            "../etc/manifests/v1",
+            "X/manifests/v1",
+            "x//y/manifests/v1",
+            "nothing",
+        ] {
+            assert!(parse(bad).is_none(), "{bad}");
+        }
+    }
+}
