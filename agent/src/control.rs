@@ -69,6 +69,9 @@ pub struct NodeIdentity {
     pub cert_pem: String,
     pub key_pem: String,
     pub ca_pem: String,
+    /// Reader token for the cluster's embedded registry.
+    #[serde(default)]
+    pub registry_token: String,
 }
 
 impl NodeIdentity {
@@ -112,6 +115,8 @@ pub enum Trust<'a> {
 #[derive(Debug)]
 pub struct Session {
     conn: quinn::Connection,
+    /// The embedded registry's address, from the coordinator's welcome.
+    registry: std::sync::Mutex<Option<String>>,
     _endpoint: quinn::Endpoint,
 }
 
@@ -186,6 +191,7 @@ impl Session {
             })?;
         Ok(Self {
             conn,
+            registry: std::sync::Mutex::new(None),
             _endpoint: endpoint,
         })
     }
@@ -209,6 +215,14 @@ impl Session {
         tokio::time::timeout(FRAME_TIMEOUT, exchange)
             .await
             .map_err(|_| stream(format!("no answer within {FRAME_TIMEOUT:?}")))?
+    }
+
+    /// The embedded registry's address the coordinator announced, if any.
+    pub fn registry(&self) -> Option<String> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The underlying connection (for streams of the protocols built on this session).
@@ -241,6 +255,7 @@ pub async fn join(
             cluster,
             certificate_pem,
             ca_pem,
+            registry_token,
         } => {
             let identity = NodeIdentity {
                 node,
@@ -248,6 +263,7 @@ pub async fn join(
                 cert_pem: certificate_pem,
                 key_pem: key.serialize_pem(),
                 ca_pem,
+                registry_token,
             };
             identity.save(dir)?;
             Ok(identity)
@@ -276,7 +292,10 @@ pub async fn connect(
         capacity,
     };
     match session.request(&hello).await? {
-        Response::Welcome { .. } => Ok(session),
+        Response::Welcome { registry, .. } => {
+            *session.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+            Ok(session)
+        }
         Response::Refused(r) => Err(ControlError::Refused(r)),
         other => Err(ControlError::Unexpected(Box::new(other))),
     }

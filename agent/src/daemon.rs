@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, ControlError, NodeIdentity, Session};
-use crate::image::{ImageError, ImageStore, RegistryAuth};
+use crate::image::{ImageStore, RegistryAuth};
 use crate::runtime::{ContainerRequest, ContainerState, ExitRecord, Runtime, RuntimeError, Stream};
 use crate::store::{LocalStore, StoreError, Table};
 
@@ -89,6 +89,9 @@ impl Outbox {
 struct Agent {
     runtime: Runtime,
     images: ImageStore,
+    /// The cluster registry (address, token) from the current session, for unqualified
+    /// image names.
+    registry: std::sync::Mutex<Option<(String, String)>>,
     outbox: Outbox,
     /// Highest generation taken per job: commands for older ones are refused, and a
     /// repeated start of the same one is a no-op.
@@ -132,6 +135,7 @@ pub async fn run(
     let agent = Arc::new(Agent {
         runtime,
         images,
+        registry: std::sync::Mutex::new(None),
         outbox: Outbox {
             table: store.table("outbox")?,
             meta: store.table("outbox_meta")?,
@@ -151,6 +155,9 @@ pub async fn run(
             Ok(session) => {
                 tracing::info!(coordinator = %cfg.coordinator, node = %identity.node, "control session open");
                 backoff = Duration::from_millis(200);
+                *agent.registry.lock().unwrap_or_else(|e| e.into_inner()) = session
+                    .registry()
+                    .map(|addr| (addr, identity.registry_token.clone()));
                 agent.clone().serve(&session, &cancel).await;
                 if cancel.is_cancelled() {
                     return Ok(());
@@ -449,8 +456,51 @@ impl Agent {
         }
     }
 
+    /// The image name to run: a local image as is; a fully qualified one pulled from its
+    /// registry if missing; an unqualified one from the cluster's embedded registry.
+    async fn resolve_image(&self, name: &str) -> Result<String, String> {
+        if self.images.get(name).is_ok() {
+            return Ok(name.to_owned());
+        }
+        let (reference, auth) = if is_qualified(name) {
+            (name.to_owned(), RegistryAuth::Anonymous)
+        } else {
+            let registry = self
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            match registry {
+                Some((addr, token)) => (
+                    format!("{addr}/{name}"),
+                    RegistryAuth::Basic("node".into(), token),
+                ),
+                None => return Ok(name.to_owned()), // the start reports it missing
+            }
+        };
+        if self.images.get(&reference).is_err() {
+            self.images
+                .pull(&reference, &auth)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(reference)
+    }
+
     async fn start(self: Arc<Self>, id: ContainerId, spec: AttemptSpec) {
-        let mut req = ContainerRequest::new(spec.image.clone());
+        let image = match self.resolve_image(&spec.image).await {
+            Ok(image) => image,
+            Err(message) => {
+                self.finish(Event::StartFailed {
+                    job: spec.job,
+                    generation: spec.generation,
+                    message,
+                    user_error: true,
+                });
+                return;
+            }
+        };
+        let mut req = ContainerRequest::new(image);
         req.id = Some(id.clone());
         req.command = (!spec.command.is_empty()).then(|| spec.command.clone());
         req.env = spec.env.clone();
@@ -461,16 +511,6 @@ impl Agent {
         };
         req.gpus = spec.gpus.clone();
         req.timeout = spec.timeout_ms.map(Duration::from_millis);
-        // Fully qualified images not on this host yet are pulled from their registry.
-        if let Err(ImageError::NotFound { .. }) = self.images.get(&spec.image)
-            && is_qualified(&spec.image)
-            && let Err(e) = self
-                .images
-                .pull(&spec.image, &RegistryAuth::Anonymous)
-                .await
-        {
-            tracing::warn!(image = %spec.image, error = %e, "pull failed");
-        }
         match self.runtime.start(req).await {
             Ok(_) => {
                 // Started goes out before anything the watcher reports.

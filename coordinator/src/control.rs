@@ -18,6 +18,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{ApiTokens, Role};
 use crate::ca::{CaError, ClusterCa};
 use crate::join::JoinTokens;
 use crate::nodes::{Nodes, Session};
@@ -31,6 +32,9 @@ pub struct ControlConfig {
     pub frame_timeout: Duration,
     /// QUIC idle timeout: a silent peer is dropped after it.
     pub idle_timeout: Duration,
+    /// The embedded registry's address as nodes reach it (`host:port`), told to each node
+    /// at hello; `None` if nodes should not use it.
+    pub registry: Option<String>,
 }
 
 impl Default for ControlConfig {
@@ -39,6 +43,7 @@ impl Default for ControlConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
+            registry: None,
         }
     }
 }
@@ -78,6 +83,7 @@ struct State {
     tokens: JoinTokens,
     store: Store,
     nodes: Nodes,
+    api_tokens: ApiTokens,
     cfg: ControlConfig,
 }
 
@@ -100,6 +106,7 @@ impl ControlServer {
         cfg: ControlConfig,
         ca: Arc<ClusterCa>,
         tokens: JoinTokens,
+        api_tokens: ApiTokens,
         store: Store,
         nodes: Nodes,
     ) -> Result<Self, ControlError> {
@@ -141,6 +148,7 @@ impl ControlServer {
                 tokens,
                 store,
                 nodes,
+                api_tokens,
                 cfg,
             }),
         })
@@ -292,11 +300,16 @@ impl State {
                     .ca
                     .sign_node(&csr_pem, &node)
                     .map_err(|e| Refusal::new(RefusalCode::Csr, e.to_string()))?;
+                let registry_token = self
+                    .api_tokens
+                    .create(Role::Reader, &format!("node {node} (registry pulls)"))
+                    .map_err(|e| Refusal::new(RefusalCode::Unavailable, e.to_string()))?;
                 tracing::info!(%node, "node joined");
                 Ok(Response::Joined {
                     cluster: self.ca.cluster().clone(),
                     certificate_pem,
                     ca_pem: self.ca.ca_pem().to_owned(),
+                    registry_token,
                 })
             }
             Request::Hello {
@@ -320,7 +333,11 @@ impl State {
                     },
                 );
                 tracing::info!(%node, ?capacity, "node session opened");
-                Ok(Response::Welcome { cluster, node })
+                Ok(Response::Welcome {
+                    cluster,
+                    node,
+                    registry: self.cfg.registry.clone(),
+                })
             }
             Request::Events { events } => {
                 let node = peer.node().ok_or_else(|| {

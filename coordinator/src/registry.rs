@@ -52,6 +52,7 @@ impl RegistryState {
 pub fn router(state: RegistryState) -> Router {
     Router::new()
         .route("/v2/", get(|| async { axum::Json(serde_json::json!({})) }))
+        .route("/v2/_catalog", get(catalog))
         .route("/v2/{*path}", any(dispatch))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -595,6 +596,33 @@ async fn put_manifest(
         r.headers_mut().insert("docker-content-digest", d);
     }
     Ok(r)
+}
+
+/// `GET /v2/_catalog`: every repository with at least one tag.
+async fn catalog(State(state): State<RegistryState>) -> Result<Response, OciError> {
+    let root = state.root.join("tags");
+    let repos = tokio::task::spawn_blocking(move || {
+        let mut repos = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir)?.flatten() {
+                if e.file_type()?.is_dir() {
+                    stack.push(e.path());
+                } else if let Ok(rel) = dir.strip_prefix(&root) {
+                    let repo = rel.to_string_lossy().into_owned();
+                    if !repo.is_empty() && !repos.contains(&repo) {
+                        repos.push(repo);
+                    }
+                }
+            }
+        }
+        repos.sort();
+        Ok::<_, std::io::Error>(repos)
+    })
+    .await
+    .map_err(|e| io_error(std::io::Error::other(e)))?
+    .map_err(io_error)?;
+    Ok(axum::Json(serde_json::json!({"repositories": repos})).into_response())
 }
 
 async fn tags(state: &RegistryState, repo: &str) -> Result<Response, OciError> {

@@ -21,6 +21,9 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     pub api: ApiConfig,
     pub control: ControlConfig,
+    /// The registry address nodes use (`host:port`); default: the API's bound address
+    /// unless it listens on all interfaces.
+    pub registry_address: Option<String>,
 }
 
 /// Where a started coordinator listens, reported once both endpoints are bound.
@@ -44,13 +47,6 @@ pub async fn run(
     let admin = tokens.bootstrap_admin()?;
     let join = JoinTokens::open(store.db(), ca.ca_sha256())?;
     let nodes = Nodes::default();
-    let control = ControlServer::bind(
-        cfg.control.clone(),
-        ca.clone(),
-        join.clone(),
-        store.clone(),
-        nodes.clone(),
-    )?;
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .map_err(|e| {
@@ -59,6 +55,21 @@ pub async fn run(
                 cfg.api.listen
             )
         })?;
+    // Nodes reach the embedded registry at the API's address, unless told otherwise.
+    let api_addr = listener.local_addr()?;
+    let mut control_cfg = cfg.control.clone();
+    control_cfg.registry = cfg
+        .registry_address
+        .clone()
+        .or_else(|| (!api_addr.ip().is_unspecified()).then(|| api_addr.to_string()));
+    let control = ControlServer::bind(
+        control_cfg,
+        ca.clone(),
+        join.clone(),
+        tokens.clone(),
+        store.clone(),
+        nodes.clone(),
+    )?;
     let bound = Bound {
         api: listener.local_addr()?,
         control: control.local_addr()?,

@@ -196,10 +196,15 @@ pub enum Response {
         cluster: ClusterId,
         certificate_pem: String,
         ca_pem: String,
+        /// An API token (reader) the node pulls images from the embedded registry with.
+        registry_token: String,
     },
     Welcome {
         cluster: ClusterId,
         node: NodeId,
+        /// Where the embedded registry is (`host:port`): unqualified image names resolve
+        /// there.
+        registry: Option<String>,
     },
     /// Events up to and including `upto` are applied; the agent may forget them.
     EventsAck {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_agent::control::{self, ControlError, NodeIdentity, Session, Trust};
+use gantry_coordinator::auth::ApiTokens;
 use gantry_coordinator::ca::ClusterCa;
 use gantry_coordinator::control::{ControlConfig, ControlServer};
 use gantry_coordinator::join::JoinTokens;
@@ -44,10 +45,12 @@ impl Cluster {
             listen: "127.0.0.1:0".parse().expect("addr"),
             ..ControlConfig::default()
         };
+        let api_tokens = ApiTokens::open(store.db()).expect("api tokens");
         let server = ControlServer::bind(
             cfg,
             Arc::new(ca),
             tokens.clone(),
+            api_tokens,
             store.clone(),
             Nodes::default(),
         )

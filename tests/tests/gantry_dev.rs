@@ -124,6 +124,46 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     );
     let missing = gantry(&home, &["logs", "j-ffffffffffffffff"]);
     assert!(!missing.status.success());
+    // An image pushed to the embedded registry runs by its short name.
+    let rootfs_arg = rootfs.to_str().expect("utf8").to_owned();
+    let pushed = gantry(
+        &home,
+        &[
+            "image",
+            "import",
+            &rootfs_arg,
+            "--name",
+            "tools:v1",
+            "--cmd",
+            "sh",
+            "--cmd",
+            "-c",
+            "--cmd",
+            "echo from-the-registry",
+        ],
+    );
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let images = gantry(&home, &["image", "list"]);
+    assert!(
+        String::from_utf8_lossy(&images.stdout).contains("tools:v1"),
+        "{}",
+        String::from_utf8_lossy(&images.stdout)
+    );
+    let from_registry = gantry(&home, &["run", "--image", "tools:v1"]);
+    assert_eq!(
+        from_registry.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&from_registry.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&from_registry.stdout),
+        "from-the-registry\n"
+    );
     let nodes = gantry(&home, &["nodes", "list"]);
     assert!(
         String::from_utf8_lossy(&nodes.stdout).contains("dev-test"),

@@ -41,6 +41,10 @@ enum Command {
         /// QUIC control-plane address (agents connect here).
         #[arg(long, default_value = "0.0.0.0:7443")]
         control_listen: SocketAddr,
+        /// The embedded registry's address as nodes reach it, `host:port` (default: the
+        /// API address, unless it listens on all interfaces).
+        #[arg(long)]
+        registry_address: Option<String>,
     },
     /// Manage join tokens (through the running coordinator's API, as an admin).
     #[command(subcommand)]
@@ -92,6 +96,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             state_dir,
             api_listen,
             control_listen,
+            registry_address,
         } => {
             let cfg = CoordinatorConfig {
                 state_dir,
@@ -103,6 +108,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     listen: control_listen,
                     ..ControlConfig::default()
                 },
+                registry_address,
             };
             let cancel = CancellationToken::new();
             let signals = cancel.clone();

@@ -71,6 +71,9 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Images in the cluster's embedded registry.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// List or show nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
@@ -89,6 +92,20 @@ enum JobsCommand {
     Cancel {
         id: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Push a root filesystem (directory or uncompressed tarball) as an image.
+    Import {
+        source: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Default command (`--cmd sh --cmd -c …`).
+        #[arg(long, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    List,
 }
 
 #[derive(Subcommand)]
@@ -199,6 +216,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Logs { id, follow } => {
             let client = CliConfig::load()?.client();
             client.logs(&id, follow, &mut std::io::stdout()).await?;
+            Ok(0)
+        }
+        Command::Image(ImageCommand::Import { source, name, cmd }) => {
+            let digest = cli::import_image(&CliConfig::load()?, &source, &name, cmd).await?;
+            println!("{name} {digest}");
+            Ok(0)
+        }
+        Command::Image(ImageCommand::List) => {
+            for image in cli::list_images(&CliConfig::load()?).await? {
+                println!("{image}");
+            }
             Ok(0)
         }
         Command::Nodes(cmd) => {
