@@ -52,6 +52,13 @@ impl CliConfig {
         }
     }
 
+    /// The file only, without environment overrides (what `gantry dev` just wrote).
+    pub fn load_from_file() -> anyhow::Result<Self> {
+        let bytes = std::fs::read(Self::path())
+            .with_context(|| format!("reading {}", Self::path().display()))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
     pub fn save(&self) -> anyhow::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;

@@ -20,6 +20,9 @@ pub struct DevConfig {
     pub api_listen: String,
     pub control_listen: String,
     pub node: String,
+    /// Instead of waiting for Ctrl-C: push this root filesystem as image `demo`, run a
+    /// demo job on it, print its output and exit with its exit code.
+    pub demo: Option<PathBuf>,
 }
 
 /// Lines a child printed up to the one starting with `until`; the rest of its output is
@@ -128,9 +131,13 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
         cfg.node,
         cfg.state_dir.display()
     );
-    println!(
-        "try: gantry run --image IMAGE -- CMD   (images come from the agent's store or a registry)"
-    );
+    if let Some(rootfs) = &cfg.demo {
+        let code = demo(&CliConfig::load_from_file()?, rootfs).await;
+        stop(&mut agent).await;
+        stop(&mut coordinator).await;
+        return code;
+    }
+    println!("try: gantry image import DIR --name NAME, then gantry run --image NAME -- CMD");
     println!("Ctrl-C stops it.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let code = tokio::select! {
@@ -141,6 +148,28 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
     };
     stop(&mut agent).await;
     stop(&mut coordinator).await;
+    Ok(code)
+}
+
+/// The demo: push `rootfs` as `demo`, run a job on it through the whole path, return its
+/// exit code.
+async fn demo(cfg: &CliConfig, rootfs: &Path) -> anyhow::Result<i32> {
+    let digest = crate::cli::import_image(cfg, rootfs, "demo", Vec::new()).await?;
+    println!("pushed image demo ({digest}) to the embedded registry");
+    let args = crate::cli::RunArgs {
+        image: "demo".into(),
+        name: Some("demo".into()),
+        cpu: "0.5".into(),
+        memory: "128M".into(),
+        gpus: 0,
+        env: vec![("GREETING".into(), "hello from a Gantry job".into())],
+        retries: 0,
+        timeout: Some("1m".into()),
+        command: vec!["sh".into(), "-c".into(), "echo \"$GREETING on $(hostname)\"; echo CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none} NVIDIA_VISIBLE_DEVICES=$NVIDIA_VISIBLE_DEVICES".into()],
+        detach: false,
+    };
+    let code = crate::cli::run(cfg, args, false).await?;
+    println!("demo job exited with {code}");
     Ok(code)
 }
 

@@ -210,3 +210,45 @@ fn wait_exit(
     }
     None
 }
+
+/// The README's main-job command: `gantry dev --demo ROOTFS` runs a job through the whole
+/// path and exits with its code.
+#[test]
+fn gantry_dev_demo_runs_a_job_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = dir.path().join("rootfs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
+    assert!(
+        Command::new(script)
+            .arg(&rootfs)
+            .status()
+            .expect("rootfs")
+            .success()
+    );
+    let (api, control) = free_ports();
+    let out = Command::new(binary("gantry"))
+        .env("HOME", dir.path().join("home"))
+        .env_remove("XDG_CONFIG_HOME")
+        .args([
+            "dev",
+            "--api-listen",
+            &api,
+            "--control-listen",
+            &control,
+            "--demo",
+        ])
+        .arg(&rootfs)
+        .arg("--state-dir")
+        .arg(dir.path().join("dev"))
+        .output()
+        .expect("gantry dev --demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("hello from a Gantry job on j-"), "{stdout}");
+    assert!(stdout.contains("demo job exited with 0"), "{stdout}");
+}

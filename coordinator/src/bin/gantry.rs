@@ -34,6 +34,10 @@ enum Command {
         /// The agent's node name.
         #[arg(long, default_value = "dev-node")]
         node: String,
+        /// Run the demo instead of waiting: push this root filesystem as image `demo`, run
+        /// a job on it, print its output, stop, and exit with the job's exit code.
+        #[arg(long, value_name = "ROOTFS")]
+        demo: Option<PathBuf>,
     },
     /// Submit a job; without --detach, wait for it and exit with its exit code.
     Run {
@@ -146,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             api_listen,
             control_listen,
             node,
+            demo,
         } => {
             let state_dir = state_dir.unwrap_or_else(|| {
                 std::env::var_os("HOME")
@@ -158,6 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 api_listen,
                 control_listen,
                 node,
+                demo,
             })
             .await
         }
