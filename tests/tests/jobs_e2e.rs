@@ -249,3 +249,60 @@ async fn a_running_job_survives_kill_9_of_the_agent_and_of_the_coordinator() {
     );
     assert_eq!(job["attempts"][0]["exit_code"], 7, "{job}");
 }
+
+/// Cut the agent off (SIGSTOP past the coordinator's idle timeout, so its session drops),
+/// let its job exit meanwhile, restore it: the buffered exit is applied exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_buffered_while_cut_off_are_applied_once_after_reconnecting() {
+    let c = Cluster::start().await;
+    let id = c.submit("sleep 1; exit 5").await;
+    for _ in 0..300 {
+        if !c.job(&id).await["attempts"][0]["started_at_ms"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = c.agent.as_ref().expect("agent").child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    // Past the coordinator's 10 s idle timeout: the session is gone.
+    let mut cut = false;
+    for _ in 0..200 {
+        let nodes: Value = reqwest::Client::new()
+            .get(format!("http://{}/v1/nodes", c.api))
+            .bearer_auth(&c.admin)
+            .send()
+            .await
+            .expect("nodes")
+            .json()
+            .await
+            .expect("json");
+        if nodes.as_array().is_some_and(|n| n.is_empty()) {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    assert!(cut, "the coordinator never noticed the agent was gone");
+    assert_eq!(
+        c.job(&id).await["state"],
+        "running",
+        "the exit cannot have been reported while cut off"
+    );
+    let job = c.wait_state(&id, &["succeeded", "failed"]).await;
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
+    assert_eq!(job["attempts"][0]["exit_code"], 5, "{job}");
+    assert_eq!(job["state"], "failed");
+}
