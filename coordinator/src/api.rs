@@ -399,6 +399,8 @@ struct LogsQuery {
     follow: Option<bool>,
     /// Which attempt (default: the latest).
     generation: Option<u64>,
+    /// Which member of a gang (default 0; every job today has one member per attempt).
+    rank: Option<u32>,
 }
 
 /// A job's output (stdout and stderr interleaved as they arrive), fetched from the node
@@ -417,17 +419,21 @@ async fn job_logs(
         message: e.body_text(),
     })?;
     let job = state.store.job(&job_id(id)?)?;
-    let attempt = match q.generation {
-        Some(g) => job.attempts.iter().find(|a| a.generation == g),
-        None => job.attempts.last(),
-    }
-    .ok_or_else(|| ApiError::NotFound {
-        what: format!(
-            "output of job {} (no such attempt yet: {})",
-            job.id,
-            job.reason.clone().unwrap_or_default()
-        ),
-    })?;
+    let generation = q
+        .generation
+        .or_else(|| job.attempts.last().map(|a| a.generation));
+    let rank = q.rank.unwrap_or(0);
+    let attempt = job
+        .attempts
+        .iter()
+        .find(|a| Some(a.generation) == generation && a.rank == rank)
+        .ok_or_else(|| ApiError::NotFound {
+            what: format!(
+                "output of job {} (no such attempt yet: {})",
+                job.id,
+                job.reason.clone().unwrap_or_default()
+            ),
+        })?;
     let session = state
         .nodes
         .get(&attempt.node)

@@ -141,7 +141,7 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
         {
             followed = a.generation;
             if let Err(e) = client
-                .logs(job.id.as_str(), true, &mut std::io::stdout())
+                .logs(job.id.as_str(), true, None, &mut std::io::stdout())
                 .await
             {
                 eprintln!("{}: output unavailable: {e}", job.id);

@@ -87,10 +87,14 @@ impl ApiClient {
         &self,
         id: &str,
         follow: bool,
+        rank: Option<u32>,
         out: &mut (impl std::io::Write + ?Sized),
     ) -> Result<(), ClientError> {
         use futures_util::StreamExt;
-        let url = format!("{}/v1/jobs/{id}/logs?follow={follow}", self.base);
+        let mut url = format!("{}/v1/jobs/{id}/logs?follow={follow}", self.base);
+        if let Some(r) = rank {
+            url.push_str(&format!("&rank={r}"));
+        }
         let resp = self
             .http
             .get(&url)

@@ -122,6 +122,13 @@ fn gantry_dev_runs_jobs_through_the_cli() {
         "{}",
         String::from_utf8_lossy(&logs.stderr)
     );
+    let rank0 = gantry(&home, &["logs", first, "--rank", "0"]);
+    assert_eq!(
+        String::from_utf8_lossy(&rank0.stdout),
+        "hello-from-the-job\nsecond-line\n"
+    );
+    let rank1 = gantry(&home, &["logs", first, "--rank", "1"]);
+    assert!(!rank1.status.success(), "a job of one member has no rank 1");
     let missing = gantry(&home, &["logs", "j-ffffffffffffffff"]);
     assert!(!missing.status.success());
     // An image pushed to the embedded registry runs by its short name.

@@ -74,6 +74,9 @@ enum Command {
         /// Keep printing until the attempt's container exits.
         #[arg(long, short)]
         follow: bool,
+        /// Which member of a gang.
+        #[arg(long)]
+        rank: Option<u32>,
     },
     /// Images in the cluster's embedded registry.
     #[command(subcommand)]
@@ -219,19 +222,30 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Logs { id, follow } => {
+        Command::Logs { id, follow, rank } => {
             let client = CliConfig::load()?.client();
-            client.logs(&id, follow, &mut std::io::stdout()).await?;
+            client
+                .logs(&id, follow, rank, &mut std::io::stdout())
+                .await?;
             Ok(0)
         }
         Command::Image(ImageCommand::Import { source, name, cmd }) => {
             let digest = cli::import_image(&CliConfig::load()?, &source, &name, cmd).await?;
-            println!("{name} {digest}");
+            if json {
+                println!("{}", serde_json::json!({"name": name, "digest": digest}));
+            } else {
+                println!("{name} {digest}");
+            }
             Ok(0)
         }
         Command::Image(ImageCommand::List) => {
-            for image in cli::list_images(&CliConfig::load()?).await? {
-                println!("{image}");
+            let images = cli::list_images(&CliConfig::load()?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+            } else {
+                for image in images {
+                    println!("{image}");
+                }
             }
             Ok(0)
         }
