@@ -237,9 +237,19 @@ async fn a_running_job_survives_kill_9_of_the_agent_and_of_the_coordinator() {
     c.agent.take().expect("agent").kill9();
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.start_agent();
-    // The coordinator dies too, and comes back on the same state.
+    // More accepted work, then the coordinator dies too and comes back on the same state.
+    let others = [c.submit("sleep 1; exit 0").await, c.submit("exit 2").await];
     c.coordinator.kill9();
     c.coordinator = Coordinator::start(&c.dir.path().join("coordinator"), &c.api, &c.control).proc;
+    // Every accepted job is still there and finishes.
+    let done: Vec<Value> = wait_all(&c, &others).await;
+    assert_eq!(done[0]["state"], "succeeded", "{}", done[0]);
+    let last = done[1]["attempts"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["exit_code"], 2, "{}", done[1]);
     let job = c.wait_state(&id, &["succeeded", "failed"]).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(
@@ -248,6 +258,14 @@ async fn a_running_job_survives_kill_9_of_the_agent_and_of_the_coordinator() {
         "one attempt, reported once: {job}"
     );
     assert_eq!(job["attempts"][0]["exit_code"], 7, "{job}");
+}
+
+async fn wait_all(c: &Cluster, ids: &[String]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(c.wait_state(id, &["succeeded", "failed"]).await);
+    }
+    out
 }
 
 /// Cut the agent off (SIGSTOP past the coordinator's idle timeout, so its session drops),
