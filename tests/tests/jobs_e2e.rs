@@ -108,15 +108,22 @@ impl Cluster {
         self.agent = Some(p);
     }
 
-    async fn submit(&self, script: &str) -> String {
-        let body = json!({"name": "e2e", "image": "busybox", "command": ["sh", "-c", script], "resources": {"cpu": "0.5", "memory": "128M"}});
-        let resp = reqwest::Client::new()
+    /// POSTs a job spec as the admin.
+    async fn post(&self, spec: Value) -> reqwest::Response {
+        reqwest::Client::new()
             .post(format!("http://{}/v1/jobs", self.api))
             .bearer_auth(&self.admin)
-            .json(&body)
+            .json(&spec)
             .send()
             .await
-            .expect("submit");
+            .expect("submit")
+    }
+
+    /// Submits `sh -c SCRIPT` in busybox; returns the job id.
+    async fn submit(&self, script: &str) -> String {
+        let resp = self
+            .post(json!({"name": "e2e", "image": "busybox", "command": ["sh", "-c", script], "resources": {"cpu": "0.5", "memory": "128M"}}))
+            .await;
         assert_eq!(resp.status().as_u16(), 201);
         let job: Value = resp.json().await.expect("job");
         job["id"].as_str().expect("id").to_owned()
@@ -180,13 +187,7 @@ async fn jobs_run_and_report_their_exit_codes() {
     // Larger than any node (2 cores here): refused at submission, saying why.
     let huge =
         json!({"name": "huge", "image": "busybox", "resources": {"cpu": "64", "memory": "1G"}});
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/jobs", c.api))
-        .bearer_auth(&c.admin)
-        .json(&huge)
-        .send()
-        .await
-        .expect("submit");
+    let resp = c.post(huge).await;
     assert_eq!(resp.status().as_u16(), 422);
     let body: Value = resp.json().await.expect("error body");
     assert!(
@@ -196,7 +197,11 @@ async fn jobs_run_and_report_their_exit_codes() {
             .contains("no node is large enough"),
         "{body}"
     );
-    let missing = c.submit_image("no-such-image").await;
+    let missing = c
+        .post(json!({"name": "e2e", "image": "no-such-image", "command": ["true"]}))
+        .await;
+    let missing: Value = missing.json().await.expect("job");
+    let missing = missing["id"].as_str().expect("id").to_owned();
     let job = c.wait_state(&missing, &["failed"]).await;
     assert!(
         job["reason"]
@@ -205,21 +210,6 @@ async fn jobs_run_and_report_their_exit_codes() {
             .contains("not on this host"),
         "{job}"
     );
-}
-
-impl Cluster {
-    async fn submit_image(&self, image: &str) -> String {
-        let body = json!({"name": "e2e", "image": image, "command": ["true"]});
-        let resp = reqwest::Client::new()
-            .post(format!("http://{}/v1/jobs", self.api))
-            .bearer_auth(&self.admin)
-            .json(&body)
-            .send()
-            .await
-            .expect("submit");
-        let job: Value = resp.json().await.expect("job");
-        job["id"].as_str().expect("id").to_owned()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
