@@ -16,8 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use gantry_shared::JobId;
 use gantry_shared::api::{
-    ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState, JoinTokenRequest, JoinTokenResponse,
-    Node,
+    ApiTokenRequest, ApiTokenResponse, ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState,
+    JoinTokenRequest, JoinTokenResponse, Node,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -162,6 +162,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/join-tokens", post(create_join_token))
+        .route("/v1/tokens", post(create_api_token))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .layer(axum::middleware::from_fn_with_state(
@@ -479,6 +480,51 @@ async fn job_logs(
         axum::body::Body::from_stream(chunks),
     )
         .into_response())
+}
+
+/// Create an API token with a role (admin). The token is in the answer only.
+#[utoipa::path(post, path = "/v1/tokens", request_body = ApiTokenRequest,
+    responses((status = 201, body = ApiTokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn create_api_token(
+    State(state): State<ApiState>,
+    caller: Caller,
+    body: Result<Json<ApiTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<ApiTokenResponse>), ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(req) = body.map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: e.body_text(),
+    })?;
+    let role = match req.role.as_str() {
+        "reader" => Role::Reader,
+        "submitter" => Role::Submitter,
+        "admin" => Role::Admin,
+        _ => {
+            return Err(ApiError::BadRequest {
+                field: Some("role".into()),
+                message: "must be `reader`, `submitter` or `admin`".into(),
+            });
+        }
+    };
+    if req.name.trim().is_empty() || req.name.len() > 128 {
+        return Err(ApiError::BadRequest {
+            field: Some("name".into()),
+            message: "must be 1 to 128 characters".into(),
+        });
+    }
+    let tokens = state.tokens.clone();
+    let name = req.name.clone();
+    let token = tokio::task::spawn_blocking(move || tokens.create(role, &name))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ApiTokenResponse {
+            token,
+            role: req.role,
+        }),
+    ))
 }
 
 /// Nodes with a control session, with what the coordinator has reserved on each.

@@ -365,3 +365,55 @@ async fn admins_create_join_tokens() {
         (StatusCode::BAD_REQUEST, Some("ttl"))
     );
 }
+
+#[tokio::test]
+async fn admins_create_role_tokens_that_work() {
+    let api = Api::new();
+    let body = Some(json!({"role": "reader", "name": "grafana"}).to_string());
+    assert_eq!(
+        api.call(
+            "POST",
+            "/v1/tokens",
+            Some(&api.submitter),
+            body.clone(),
+            &[]
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    let (s, _, v) = api
+        .call("POST", "/v1/tokens", Some(&api.admin), body, &[])
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let token = v["token"].as_str().expect("token").to_owned();
+    assert_eq!(
+        api.call("GET", "/v1/jobs", Some(&token), None, &[]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.call(
+            "POST",
+            "/v1/jobs",
+            Some(&token),
+            Some(spec("x").to_string()),
+            &[]
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    let (s, _, v) = api
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(&api.admin),
+            Some(json!({"role": "root", "name": "x"}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("role"))
+    );
+}

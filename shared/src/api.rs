@@ -235,6 +235,23 @@ pub struct Node {
     pub jobs: Vec<JobId>,
 }
 
+/// `POST /v1/tokens`: a new API token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenRequest {
+    /// `reader`, `submitter` or `admin`.
+    pub role: String,
+    /// Who or what it is for (shown nowhere secret; for the operator's records).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiTokenResponse {
+    /// `gat_…`: shown once, stored only as a hash.
+    pub token: String,
+    pub role: String,
+}
+
 /// `POST /v1/join-tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
