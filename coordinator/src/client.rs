@@ -66,14 +66,11 @@ impl ApiClient {
         state: Option<&str>,
         page_token: Option<&str>,
     ) -> Result<JobList, ClientError> {
-        let mut path = "/v1/jobs?limit=100".to_owned();
-        if let Some(s) = state {
-            path.push_str(&format!("&state={s}"));
-        }
-        if let Some(t) = page_token {
-            path.push_str(&format!("&page_token={t}"));
-        }
-        self.get(&path).await
+        let mut query = vec![("limit", "100")];
+        query.extend(state.map(|s| ("state", s)));
+        query.extend(page_token.map(|t| ("page_token", t)));
+        let req = self.http.get(self.url("/v1/jobs")).query(&query);
+        Self::decode(self.send(req).await?).await
     }
 
     pub async fn cancel(&self, id: &str) -> Result<Job, ClientError> {
@@ -91,22 +88,14 @@ impl ApiClient {
         out: &mut (impl std::io::Write + ?Sized),
     ) -> Result<(), ClientError> {
         use futures_util::StreamExt;
-        let mut url = format!("{}/v1/jobs/{id}/logs?follow={follow}", self.base);
-        if let Some(r) = rank {
-            url.push_str(&format!("&rank={r}"));
-        }
-        let resp = self
+        let mut req = self
             .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: url.clone(),
-                source,
-            })?;
-        let resp = Self::check(resp).await?;
-        let mut body = resp.bytes_stream();
+            .get(self.url(&format!("/v1/jobs/{id}/logs")))
+            .query(&[("follow", follow)]);
+        if let Some(r) = rank {
+            req = req.query(&[("rank", r)]);
+        }
+        let mut body = self.send(req).await?.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(ClientError::Decode)?;
             if out.write_all(&chunk).and_then(|()| out.flush()).is_err() {
@@ -124,19 +113,12 @@ impl ApiClient {
         self.get(&format!("/v1/nodes/{id}")).await
     }
 
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: url.clone(),
-                source,
-            })?;
-        Self::decode(resp).await
+        Self::decode(self.send(self.http.get(self.url(path))).await?).await
     }
 
     async fn post<B: Serialize, R: DeserializeOwned>(
@@ -144,27 +126,25 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> Result<R, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .post(&url)
+        let req = self.http.post(self.url(path)).json(body);
+        Self::decode(self.send(req).await?).await
+    }
+
+    /// Sends `req` with the token; an error status becomes the API's error message.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = req
             .bearer_auth(&self.token)
-            .json(body)
             .send()
             .await
             .map_err(|source| ClientError::Connect {
-                url: url.clone(),
+                url: self.base.clone(),
                 source,
             })?;
-        Self::decode(resp).await
+        Self::check(resp).await
     }
 
     async fn decode<R: DeserializeOwned>(resp: reqwest::Response) -> Result<R, ClientError> {
-        Self::check(resp)
-            .await?
-            .json()
-            .await
-            .map_err(ClientError::Decode)
+        resp.json().await.map_err(ClientError::Decode)
     }
 
     /// Turns an error status into the API's error message.

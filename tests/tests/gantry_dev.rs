@@ -115,6 +115,13 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     assert_eq!(jobs[0]["state"], "failed");
     assert_eq!(jobs[1]["state"], "succeeded");
     let first = jobs[0]["id"].as_str().expect("id");
+    let failed = gantry(
+        &home,
+        &["--output", "json", "jobs", "list", "--state", "failed"],
+    );
+    let failed: serde_json::Value = serde_json::from_slice(&failed.stdout).expect("json job list");
+    assert_eq!(failed.as_array().map(Vec::len), Some(1), "{failed}");
+    assert_eq!(failed[0]["id"].as_str(), Some(first));
     let logs = gantry(&home, &["logs", first]);
     assert_eq!(
         String::from_utf8_lossy(&logs.stdout),
