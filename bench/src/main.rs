@@ -171,6 +171,23 @@ impl Series {
 }
 
 /// An OCI bundle for runc/crun over the same rootfs: `runc spec`, then our args.
+/// Imports `rootfs` as image `bench` into the agent state at `state`, through the operator
+/// command.
+pub(crate) fn import_bench_image(agent: &Path, state: &Path, rootfs: &Path) -> anyhow::Result<()> {
+    let st = Command::new(agent)
+        .env("GANTRY_STATE_DIR", state)
+        .args(["image", "import"])
+        .arg(rootfs)
+        .args(["--name", "bench"])
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", agent.display()))?;
+    if !st.success() {
+        bail!("`gantry-agent image import {}` failed", rootfs.display());
+    }
+    Ok(())
+}
+
 fn make_bundle(work: &Path, rootfs: &Path) -> anyhow::Result<PathBuf> {
     let bundle = work.join("bundle");
     std::fs::create_dir_all(&bundle)?;
@@ -343,16 +360,7 @@ async fn cold_start(
     let runtime = Runtime::open(RuntimeConfig::new(&api_state, agent), images, &store).await?;
     // Gantry through its operator command (a new agent process per start).
     let cli_state = work.join("cli-state");
-    let st = Command::new(agent)
-        .env("GANTRY_STATE_DIR", &cli_state)
-        .args(["image", "import"])
-        .arg(rootfs)
-        .args(["--name", "bench"])
-        .stdout(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("gantry-agent image import failed");
-    }
+    import_bench_image(agent, &cli_state, rootfs)?;
     let bundle = make_bundle(work, rootfs)?;
     let runc_root = work.join("runc-root");
     let crun_root = work.join("crun-root");

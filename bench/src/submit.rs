@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::{now_ns, percentile};
+use crate::{import_bench_image, now_ns, percentile};
 
 struct Kill(Child);
 
@@ -61,16 +61,7 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work)?;
     let agent_state = work.join("agent");
-    let st = Command::new(agent_bin)
-        .env("GANTRY_STATE_DIR", &agent_state)
-        .args(["image", "import"])
-        .arg(rootfs)
-        .args(["--name", "bench"])
-        .stdout(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("image import failed");
-    }
+    import_bench_image(agent_bin, &agent_state, rootfs)?;
     let mut coordinator = Kill(
         Command::new(coordinator_bin)
             .args([
