@@ -1,0 +1,444 @@
+//! What cluster members publish about themselves through chitchat gossip, and its compact
+//! encoding as chitchat key-values.
+//!
+//! Every agent publishes its address, labels, state, cpu/memory (total and free) and one
+//! key per GPU; the coordinator publishes its role and endpoints. Values are short JSON
+//! objects with one-letter field names, and each GPU has its own key, so a health change
+//! re-gossips ~150 bytes, not the whole inventory. A node with 8 GPUs encodes to about
+//! 1.5 KB, far below one gossip datagram (64 KB).
+//!
+//! Gossip is advisory: the coordinator places against its own ledger of reservations and
+//! the capacity the node declared on its authenticated control session; gossip adds
+//! liveness, free capacity as the node sees it, labels and GPU health.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Bumped on an incompatible change to the encoding below.
+pub const GOSSIP_VERSION: u32 = 1;
+
+pub const KEY_VERSION: &str = "v";
+pub const KEY_ROLE: &str = "role";
+/// The IP other members and containers reach the node at.
+pub const KEY_ADDR: &str = "addr";
+pub const KEY_STATE: &str = "state";
+pub const KEY_LABELS: &str = "labels";
+pub const KEY_RESOURCES: &str = "res";
+/// Number of GPUs: keys `gpu.0` .. `gpu.<n-1>` are current, any above are stale.
+pub const KEY_GPU_COUNT: &str = "gpus";
+pub const GPU_KEY_PREFIX: &str = "gpu.";
+/// The coordinator's control (QUIC) and API (HTTP) addresses.
+pub const KEY_CONTROL: &str = "control";
+pub const KEY_API: &str = "api";
+
+/// What a member is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Agent,
+    Coordinator,
+}
+
+/// Whether an agent takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    #[default]
+    Ready,
+    /// Finishing its work; takes nothing new.
+    Draining,
+    /// Under a spot-interruption notice; takes nothing new.
+    Preempting,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Preempting => "preempting",
+        }
+    }
+}
+
+/// A GPU's health as its node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum GpuHealth {
+    Healthy,
+    /// Usable but worth a look (thermal or power throttling); still placed.
+    Degraded(String),
+    /// Never placed (critical Xid, double-bit ECC, lost from the bus): `xid_79`, `ecc_dbe`.
+    Unhealthy(String),
+}
+
+impl GpuHealth {
+    pub fn is_unhealthy(&self) -> bool {
+        matches!(self, Self::Unhealthy(_))
+    }
+
+    /// `ok`, `degraded:<reason>` or `unhealthy:<reason>`.
+    pub fn to_compact(&self) -> String {
+        match self {
+            Self::Healthy => "ok".into(),
+            Self::Degraded(r) => format!("degraded:{r}"),
+            Self::Unhealthy(r) => format!("unhealthy:{r}"),
+        }
+    }
+
+    fn from_compact(s: &str) -> Option<Self> {
+        match s.split_once(':') {
+            None if s == "ok" => Some(Self::Healthy),
+            Some(("degraded", r)) => Some(Self::Degraded(r.into())),
+            Some(("unhealthy", r)) => Some(Self::Unhealthy(r.into())),
+            _ => None,
+        }
+    }
+}
+
+/// One GPU of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GpuInfo {
+    /// Host index (`/dev/nvidia<index>`, NVML's index).
+    pub index: u32,
+    pub uuid: String,
+    /// Product name as NVML reports it, or the simulated model (`H100-80GB`).
+    pub model: String,
+    pub memory_bytes: u64,
+    /// PCI bus id (`00000000:1B:00.0`); empty for simulated GPUs.
+    pub pci_bus_id: String,
+    pub numa_node: Option<u32>,
+    /// GPUs with the same group are connected by NVLink (one NVLink domain); `None`
+    /// without NVLink.
+    pub nvlink_group: Option<u32>,
+    pub health: GpuHealth,
+    /// Declared in the agent's configuration, not real hardware: never injected into
+    /// containers as a device.
+    pub simulated: bool,
+}
+
+/// Wire form of a GPU: short field names, health as one string.
+#[derive(Serialize, Deserialize)]
+struct GpuWire {
+    u: String,
+    m: String,
+    /// Memory in MiB.
+    g: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    p: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    l: Option<u32>,
+    h: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    s: bool,
+}
+
+/// cpu and memory as the node sees them: total offered to jobs, and what running
+/// containers leave free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct NodeResources {
+    pub cpu_millis: u64,
+    pub free_cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub free_memory_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResourcesWire {
+    /// cpu millis: total, free.
+    c: [u64; 2],
+    /// memory bytes: total, free.
+    m: [u64; 2],
+    /// Indices of GPUs no container holds.
+    #[serde(default)]
+    f: Vec<u32>,
+}
+
+/// Everything an agent publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentGossip {
+    pub addr: IpAddr,
+    pub state: AgentState,
+    pub labels: BTreeMap<String, String>,
+    pub resources: NodeResources,
+    /// Indices of GPUs not held by a container.
+    pub free_gpus: Vec<u32>,
+    pub gpus: Vec<GpuInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GossipError {
+    #[error("gossip format version {found} is not {GOSSIP_VERSION}; upgrade the older member")]
+    Version { found: String },
+    #[error("gossip key `{key}` is missing")]
+    Missing { key: String },
+    #[error("gossip key `{key}` has a bad value `{value}`")]
+    Bad { key: String, value: String },
+    #[error("member's role is `{found}`, expected `{expected}`")]
+    Role { found: String, expected: &'static str },
+}
+
+fn bad(key: &str, value: &str) -> GossipError {
+    GossipError::Bad {
+        key: key.into(),
+        value: value.into(),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    // Plain structs of strings and numbers always serialize.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// `rack=r1,spot=true`: the form labels take on the command line and in gossip.
+pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses one `key=value` label. Keys and values are 1–63 characters of `a-z A-Z 0-9 . _ -`
+/// (keys may also hold `/`), as Kubernetes labels.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label `{s}` is not KEY=VALUE (e.g. `rack=r1`)"))?;
+    let ok = |t: &str, slash: bool| {
+        (1..=63).contains(&t.len())
+            && t.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || b"._-".contains(&b) || (slash && b == b'/')
+            })
+    };
+    if !ok(k, true) {
+        return Err(format!(
+            "label key `{k}` must be 1-63 characters of letters, digits, `._-/`"
+        ));
+    }
+    if !ok(v, false) {
+        return Err(format!(
+            "label value `{v}` must be 1-63 characters of letters, digits, `._-`"
+        ));
+    }
+    Ok((k.into(), v.into()))
+}
+
+impl AgentGossip {
+    /// The key-values to publish. Keys `gpu.<n>` above the current count stay as stale
+    /// leftovers in chitchat until deleted; [`KEY_GPU_COUNT`] says which are current.
+    pub fn to_key_values(&self) -> Vec<(String, String)> {
+        let mut kv = vec![
+            (KEY_VERSION.into(), GOSSIP_VERSION.to_string()),
+            (KEY_ROLE.into(), "agent".into()),
+            (KEY_ADDR.into(), self.addr.to_string()),
+            (KEY_STATE.into(), self.state.as_str().into()),
+            (KEY_LABELS.into(), format_labels(&self.labels)),
+            (
+                KEY_RESOURCES.into(),
+                json(&ResourcesWire {
+                    c: [self.resources.cpu_millis, self.resources.free_cpu_millis],
+                    m: [self.resources.memory_bytes, self.resources.free_memory_bytes],
+                    f: self.free_gpus.clone(),
+                }),
+            ),
+            (KEY_GPU_COUNT.into(), self.gpus.len().to_string()),
+        ];
+        for (i, g) in self.gpus.iter().enumerate() {
+            kv.push((
+                format!("{GPU_KEY_PREFIX}{i}"),
+                json(&GpuWire {
+                    u: g.uuid.clone(),
+                    m: g.model.clone(),
+                    g: g.memory_bytes >> 20,
+                    p: g.pci_bus_id.clone(),
+                    n: g.numa_node,
+                    l: g.nvlink_group,
+                    h: g.health.to_compact(),
+                    s: g.simulated,
+                }),
+            ));
+        }
+        kv
+    }
+
+    /// Reads what an agent published. `get` looks a key up in the member's state.
+    pub fn decode<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, GossipError> {
+        let need = |key: &str| {
+            get(key).ok_or_else(|| GossipError::Missing { key: key.into() })
+        };
+        let version = need(KEY_VERSION)?;
+        if version != GOSSIP_VERSION.to_string() {
+            return Err(GossipError::Version {
+                found: version.into(),
+            });
+        }
+        let role = need(KEY_ROLE)?;
+        if role != "agent" {
+            return Err(GossipError::Role {
+                found: role.into(),
+                expected: "agent",
+            });
+        }
+        let addr = need(KEY_ADDR)?;
+        let addr = addr.parse().map_err(|_| bad(KEY_ADDR, addr))?;
+        let state = match need(KEY_STATE)? {
+            "ready" => AgentState::Ready,
+            "draining" => AgentState::Draining,
+            "preempting" => AgentState::Preempting,
+            other => return Err(bad(KEY_STATE, other)),
+        };
+        let labels_raw = need(KEY_LABELS)?;
+        let mut labels = BTreeMap::new();
+        for l in labels_raw.split(',').filter(|l| !l.is_empty()) {
+            let (k, v) = parse_label(l).map_err(|_| bad(KEY_LABELS, labels_raw))?;
+            labels.insert(k, v);
+        }
+        let res_raw = need(KEY_RESOURCES)?;
+        let res: ResourcesWire =
+            serde_json::from_str(res_raw).map_err(|_| bad(KEY_RESOURCES, res_raw))?;
+        let count_raw = need(KEY_GPU_COUNT)?;
+        let count: u32 = count_raw
+            .parse()
+            .ok()
+            .filter(|&c| c <= 1024)
+            .ok_or_else(|| bad(KEY_GPU_COUNT, count_raw))?;
+        let mut gpus = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let key = format!("{GPU_KEY_PREFIX}{index}");
+            let raw = need(&key)?;
+            let w: GpuWire = serde_json::from_str(raw).map_err(|_| bad(&key, raw))?;
+            gpus.push(GpuInfo {
+                index,
+                uuid: w.u,
+                model: w.m,
+                memory_bytes: w.g << 20,
+                pci_bus_id: w.p,
+                numa_node: w.n,
+                nvlink_group: w.l,
+                health: GpuHealth::from_compact(&w.h).ok_or_else(|| bad(&key, raw))?,
+                simulated: w.s,
+            });
+        }
+        Ok(Self {
+            addr,
+            state,
+            labels,
+            resources: NodeResources {
+                cpu_millis: res.c[0],
+                free_cpu_millis: res.c[1],
+                memory_bytes: res.m[0],
+                free_memory_bytes: res.m[1],
+            },
+            free_gpus: res.f,
+            gpus,
+        })
+    }
+}
+
+/// What the coordinator publishes.
+pub fn coordinator_key_values(control: &str, api: &str) -> Vec<(String, String)> {
+    vec![
+        (KEY_VERSION.into(), GOSSIP_VERSION.to_string()),
+        (KEY_ROLE.into(), "coordinator".into()),
+        (KEY_CONTROL.into(), control.into()),
+        (KEY_API.into(), api.into()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h100(index: u32) -> GpuInfo {
+        GpuInfo {
+            index,
+            uuid: format!("GPU-5b8e1c4d-8a3f-4e1b-9c2d-7f6a5b4c3d{index:02}"),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            memory_bytes: 81_559 << 20,
+            pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + index),
+            numa_node: Some(index / 4),
+            nvlink_group: Some(0),
+            health: GpuHealth::Healthy,
+            simulated: false,
+        }
+    }
+
+    fn node() -> AgentGossip {
+        let mut gpus: Vec<_> = (0..8).map(h100).collect();
+        gpus[3].health = GpuHealth::Unhealthy("xid_79".into());
+        gpus[5].health = GpuHealth::Degraded("thermal_slowdown".into());
+        AgentGossip {
+            addr: "10.0.3.17".parse().expect("ip"),
+            state: AgentState::Draining,
+            labels: [("rack", "r12"), ("spot", "true")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            resources: NodeResources {
+                cpu_millis: 192_000,
+                free_cpu_millis: 100_000,
+                memory_bytes: 2 << 40,
+                free_memory_bytes: 1 << 40,
+            },
+            free_gpus: vec![0, 1, 2, 4],
+            gpus,
+        }
+    }
+
+    fn roundtrip(n: &AgentGossip) -> Result<AgentGossip, GossipError> {
+        let kv: BTreeMap<_, _> = n.to_key_values().into_iter().collect();
+        AgentGossip::decode(|k| kv.get(k).map(String::as_str))
+    }
+
+    #[test]
+    fn roundtrips() {
+        let n = node();
+        assert_eq!(roundtrip(&n), Ok(n));
+    }
+
+    #[test]
+    fn eight_gpus_fit_comfortably_in_one_datagram() {
+        let bytes: usize = node()
+            .to_key_values()
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        // chitchat adds ~16 bytes of framing per key-value; a datagram holds 65,507.
+        assert!(bytes < 2_000, "{bytes} bytes");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let mut kv: BTreeMap<_, _> = node().to_key_values().into_iter().collect();
+        kv.insert("gpu.2".into(), "{not json".into());
+        let err = AgentGossip::decode(|k| kv.get(k).map(String::as_str)).expect_err("bad gpu");
+        assert!(err.to_string().contains("gpu.2"), "{err}");
+        kv.insert(KEY_VERSION.into(), "7".into());
+        assert!(matches!(
+            AgentGossip::decode(|k| kv.get(k).map(String::as_str)),
+            Err(GossipError::Version { .. })
+        ));
+        kv.remove(KEY_VERSION);
+        assert!(matches!(
+            AgentGossip::decode(|k| kv.get(k).map(String::as_str)),
+            Err(GossipError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn labels_are_checked() {
+        assert_eq!(parse_label("rack=r1"), Ok(("rack".into(), "r1".into())));
+        assert_eq!(
+            parse_label("topology.gantry.dev/block=b2"),
+            Ok(("topology.gantry.dev/block".into(), "b2".into()))
+        );
+        for bad in ["rack", "=x", "rack=", "ra ck=1", "rack=a,b", "k=v/w"] {
+            assert!(parse_label(bad).is_err(), "{bad}");
+        }
+    }
+}
