@@ -25,8 +25,9 @@ use sha2::{Digest, Sha256};
 use crate::fsutil::{self, Durability};
 
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often an idle session sends a keep-alive.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// How often an idle session sends a keep-alive. The coordinator counts a session with
+/// nothing received for 1.5 s as silent (a liveness signal beside gossip).
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// A session with no traffic (keep-alives included) for this long is considered lost.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,6 +118,8 @@ pub struct Session {
     conn: quinn::Connection,
     /// The embedded registry's address, from the coordinator's welcome.
     registry: std::sync::Mutex<Option<String>>,
+    /// The coordinator's gossip address, from its welcome.
+    gossip: std::sync::Mutex<Option<SocketAddr>>,
     _endpoint: quinn::Endpoint,
 }
 
@@ -192,6 +195,7 @@ impl Session {
         Ok(Self {
             conn,
             registry: std::sync::Mutex::new(None),
+            gossip: std::sync::Mutex::new(None),
             _endpoint: endpoint,
         })
     }
@@ -223,6 +227,11 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The coordinator's gossip address it announced, if any.
+    pub fn coordinator_gossip(&self) -> Option<SocketAddr> {
+        *self.gossip.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The underlying connection (for streams of the protocols built on this session).
@@ -273,11 +282,20 @@ pub async fn join(
     }
 }
 
-/// Opens an authenticated session as `identity` and says hello, offering `capacity`.
+/// What an agent says about itself at hello.
+#[derive(Debug, Clone, Copy)]
+pub struct HelloInfo {
+    pub capacity: NodeCapacity,
+    /// This run of the agent (start time, unix ms).
+    pub instance: u64,
+    pub gossip: Option<SocketAddr>,
+}
+
+/// Opens an authenticated session as `identity` and says hello.
 pub async fn connect(
     addr: SocketAddr,
     identity: &NodeIdentity,
-    capacity: NodeCapacity,
+    info: HelloInfo,
 ) -> Result<Session, ControlError> {
     let session = Session::open(
         addr,
@@ -289,11 +307,16 @@ pub async fn connect(
         protocol_version: PROTOCOL_VERSION,
         cluster: identity.cluster.clone(),
         node: identity.node.clone(),
-        capacity,
+        capacity: info.capacity,
+        instance: info.instance,
+        gossip: info.gossip,
     };
     match session.request(&hello).await? {
-        Response::Welcome { registry, .. } => {
+        Response::Welcome {
+            registry, gossip, ..
+        } => {
             *session.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+            *session.gossip.lock().unwrap_or_else(|e| e.into_inner()) = gossip;
             Ok(session)
         }
         Response::Refused(r) => Err(ControlError::Refused(r)),

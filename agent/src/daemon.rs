@@ -19,7 +19,9 @@ use gantry_shared::{ContainerId, CpuMillis, JobId, Resources};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{self, ControlError, NodeIdentity, Session};
+use crate::control::{self, ControlError, HelloInfo, NodeIdentity, Session};
+use crate::gossip::{GossipSettings, Publisher};
+use crate::gpu::inventory::Inventory;
 use crate::image::{ImageStore, RegistryAuth};
 use crate::runtime::{ContainerRequest, ContainerState, ExitRecord, Runtime, RuntimeError, Stream};
 use crate::store::{LocalStore, StoreError, Table};
@@ -35,6 +37,17 @@ pub struct DaemonConfig {
     pub capacity: NodeCapacity,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    pub gossip: GossipConfig,
+}
+
+/// How the agent gossips; the address defaults to the one this host reaches the
+/// coordinator from.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    pub membership: gantry_membership::MembershipConfig,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub addr: Option<std::net::IpAddr>,
+    pub refresh: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +56,16 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("gossip: {0}")]
+    Gossip(#[from] gantry_membership::MembershipError),
+    #[error(
+        "cannot tell which address this host reaches the coordinator {coordinator} from: \
+         {source}; set the node's address explicitly"
+    )]
+    Address {
+        coordinator: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Events waiting for the coordinator's acknowledgement, in sequence order.
@@ -96,6 +119,8 @@ struct Agent {
     /// Highest generation taken per job: commands for older ones are refused, and a
     /// repeated start of the same one is a no-op.
     generations: Table,
+    /// Tells the gossip publisher that containers changed.
+    changed: Arc<Notify>,
 }
 
 /// The newest generation of a job this node has taken, and whether its end (exit or start
@@ -129,11 +154,22 @@ pub async fn run(
     runtime: Runtime,
     images: ImageStore,
     store: &LocalStore,
+    inventory: &Inventory,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
     let identity = NodeIdentity::load(&cfg.identity_dir)?;
+    let instance = now_ms();
+    let addr = match cfg.gossip.addr {
+        Some(a) => a,
+        None => crate::gossip::local_addr_towards(cfg.coordinator).map_err(|source| {
+            DaemonError::Address {
+                coordinator: cfg.coordinator,
+                source,
+            }
+        })?,
+    };
     let agent = Arc::new(Agent {
-        runtime,
+        runtime: runtime.clone(),
         images,
         registry: std::sync::Mutex::new(None),
         outbox: Outbox {
@@ -143,13 +179,52 @@ pub async fn run(
             push_lock: Arc::default(),
         },
         generations: store.table("generations")?,
+        changed: Arc::new(Notify::new()),
     });
     agent.resume();
+    let gossip_cancel = cancel.child_token();
+    let publisher = Publisher::start(
+        &identity.node,
+        &identity.cluster,
+        instance,
+        GossipSettings {
+            membership: cfg.gossip.membership.clone(),
+            labels: cfg.gossip.labels.clone(),
+            addr,
+            refresh: cfg.gossip.refresh,
+            capacity: cfg.capacity,
+        },
+        inventory,
+        runtime,
+        gossip_cancel.clone(),
+    )
+    .await?;
+    let hello = HelloInfo {
+        capacity: cfg.capacity,
+        instance,
+        gossip: Some(publisher.gossip_addr()),
+    };
+    let result = sessions(&cfg, &identity, hello, &publisher, agent, &cancel).await;
+    gossip_cancel.cancel();
+    publisher.shutdown().await;
+    result
+}
+
+/// Keeps a control session open (reconnecting with backoff) until `cancel` fires.
+async fn sessions(
+    cfg: &DaemonConfig,
+    identity: &NodeIdentity,
+    hello: HelloInfo,
+    publisher: &Publisher,
+    agent: Arc<Agent>,
+    cancel: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let changed = agent.changed.clone();
     let mut backoff = Duration::from_millis(200);
     loop {
         let session = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            s = control::connect(cfg.coordinator, &identity, cfg.capacity) => s,
+            s = control::connect(cfg.coordinator, identity, hello) => s,
         };
         match session {
             Ok(session) => {
@@ -158,7 +233,19 @@ pub async fn run(
                 *agent.registry.lock().unwrap_or_else(|e| e.into_inner()) = session
                     .registry()
                     .map(|addr| (addr, identity.registry_token.clone()));
-                agent.clone().serve(&session, &cancel).await;
+                if let Some(addr) = session.coordinator_gossip() {
+                    publisher.contact(addr);
+                }
+                let pokes = async {
+                    loop {
+                        changed.notified().await;
+                        publisher.poke();
+                    }
+                };
+                tokio::select! {
+                    _ = agent.clone().serve(&session, cancel) => {}
+                    _ = pokes => {}
+                }
                 if cancel.is_cancelled() {
                     return Ok(());
                 }
@@ -167,7 +254,10 @@ pub async fn run(
             Err(ControlError::Refused(r))
                 if matches!(
                     r.code,
-                    RefusalCode::Cluster | RefusalCode::Identity | RefusalCode::ProtocolVersion
+                    RefusalCode::Cluster
+                        | RefusalCode::Identity
+                        | RefusalCode::ProtocolVersion
+                        | RefusalCode::DuplicateNode
                 ) =>
             {
                 return Err(ControlError::Refused(r).into());
@@ -336,7 +426,16 @@ impl Agent {
     }
 
     async fn handle(self: &Arc<Self>, cmd: Command) -> CommandReply {
-        let (job, generation) = (cmd.job().clone(), cmd.generation());
+        let (job, generation) = match &cmd {
+            Command::Ping => return CommandReply::Accepted,
+            Command::Start(a) => (a.job.clone(), a.generation),
+            Command::Stop {
+                job, generation, ..
+            }
+            | Command::Logs {
+                job, generation, ..
+            } => (job.clone(), *generation),
+        };
         let unavailable = |e: StoreError| {
             CommandReply::Refused(Refusal::new(RefusalCode::Unavailable, e.to_string()))
         };
@@ -354,6 +453,7 @@ impl Agent {
             ));
         }
         match cmd {
+            Command::Ping => CommandReply::Accepted,
             // This generation was taken before (running, starting or finished): its
             // events tell the coordinator what became of it.
             Command::Start(_) if generation == known => CommandReply::Accepted,
@@ -522,6 +622,7 @@ impl Agent {
                 if let Err(e) = self.outbox.push(started) {
                     tracing::error!(container = %id, error = %e, "cannot record an event");
                 }
+                self.changed.notify_one();
                 self.watch(id, spec.job, spec.generation);
             }
             Err(e) => {
@@ -543,6 +644,7 @@ impl Agent {
     fn watch(self: Arc<Self>, id: ContainerId, job: JobId, generation: u64) {
         tokio::spawn(async move {
             if let Ok(exit) = self.runtime.wait(&id).await {
+                self.changed.notify_one();
                 self.report_exit(job, generation, &exit);
             }
         });

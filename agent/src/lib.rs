@@ -5,6 +5,7 @@
 pub mod control;
 pub mod daemon;
 pub mod fsutil;
+pub mod gossip;
 pub mod gpu;
 pub mod image;
 pub mod runtime;

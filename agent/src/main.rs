@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use gantry_agent::gpu::inventory::{HealthEvent, Inventory, InventoryError};
+use gantry_agent::gpu::nvml::NvmlSource;
+use gantry_agent::gpu::simulated::SimulatedSource;
 use gantry_agent::image::{ImageConfig, ImageStore, PullConfig, RegistryAuth};
 use gantry_agent::runtime::{
     self, ContainerRequest, ContainerState, NetworkMode, Runtime, RuntimeConfig, RuntimeError,
@@ -62,20 +65,10 @@ enum Command {
     },
     /// Run as a cluster member: take attempts from the coordinator and report on them.
     /// Containers keep running when the agent stops.
-    Serve {
-        /// The coordinator's control address, `host:port`.
-        #[arg(long)]
-        coordinator: String,
-        /// CPU offered to jobs (default: all cores).
-        #[arg(long)]
-        cpus: Option<CpuMillis>,
-        /// Memory offered to jobs (default: all of it).
-        #[arg(long, value_parser = parse_memory)]
-        memory: Option<u64>,
-        /// GPUs offered to jobs (their indices are 0..N).
-        #[arg(long, default_value_t = 0)]
-        gpus: u32,
-    },
+    Serve(ServeArgs),
+    /// This host's GPUs (NVML or simulated), and fault injection into simulated ones.
+    #[command(subcommand)]
+    Gpu(GpuCommand),
     /// Join a cluster: trade a one-time token for this node's certificate.
     Join {
         /// The coordinator's control address, `host:port`.
@@ -103,6 +96,73 @@ enum Command {
         pooled: bool,
         #[arg(required_unless_present = "pooled")]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The coordinator's control address, `host:port`.
+    #[arg(long)]
+    coordinator: String,
+    /// CPU offered to jobs (default: all cores).
+    #[arg(long)]
+    cpus: Option<CpuMillis>,
+    /// Memory offered to jobs (default: all of it).
+    #[arg(long, value_parser = parse_memory)]
+    memory: Option<u64>,
+    /// Declare simulated GPUs instead of reading NVML, e.g. `8xH100-80GB,nvlink=4,numa=2`
+    /// (kinds joined with `+`). Reported as simulated everywhere; never injected.
+    #[arg(long, env = "GANTRY_SIMULATE_GPUS")]
+    simulate_gpus: Option<String>,
+    /// A label for placement, `KEY=VALUE` (`spot=true`, `rack=r12`); repeatable.
+    #[arg(long = "label", value_parser = gantry_shared::gossip::parse_label)]
+    labels: Vec<(String, String)>,
+    /// The address other nodes and containers reach this node at (default: the one this
+    /// host reaches the coordinator from).
+    #[arg(long)]
+    address: Option<std::net::IpAddr>,
+    /// UDP address to gossip on (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:7946")]
+    gossip_listen: std::net::SocketAddr,
+    /// Address peers gossip with this node at (default: the node address and the
+    /// listening port).
+    #[arg(long)]
+    gossip_advertise: Option<std::net::SocketAddr>,
+    /// Further gossip members to contact at start (the coordinator's gossip address is
+    /// learned from its welcome); repeatable.
+    #[arg(long = "gossip-seed")]
+    gossip_seeds: Vec<String>,
+    /// How often to gossip.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    gossip_interval: Duration,
+    /// Suspicion (silence over the mean heartbeat interval) at which a peer is dead.
+    #[arg(long, default_value_t = 6.0)]
+    phi_threshold: f64,
+    /// How long a dead peer's state is kept before it is forgotten.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    dead_node_grace: Duration,
+}
+
+#[derive(Subcommand)]
+enum GpuCommand {
+    /// List the GPUs this agent would offer (NVML, or the simulated spec).
+    List {
+        /// Show a simulated inventory instead of NVML's.
+        #[arg(long)]
+        simulate: Option<String>,
+    },
+    /// Inject a fault into a simulated GPU of the agent running on this state directory,
+    /// as NVML would report it.
+    Inject {
+        /// Host index of the GPU.
+        #[arg(long)]
+        index: u32,
+        /// An Xid error code (application Xids 13, 31, 43, 45, 68, 109 leave it healthy).
+        #[arg(long, conflicts_with = "ecc", required_unless_present = "ecc")]
+        xid: Option<u64>,
+        /// A double-bit ECC error.
+        #[arg(long)]
+        ecc: bool,
     },
 }
 
@@ -237,6 +297,15 @@ fn main() -> ExitCode {
     {
         return block_on(join(cli.state_dir, coordinator, token, node));
     }
+    if let Command::Gpu(cmd) = &cli.command {
+        return match gpu_command(&cli.state_dir, cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gantry-agent: {e:#}");
+                ExitCode::from(125)
+            }
+        };
+    }
     block_on(run(cli))
 }
 
@@ -260,18 +329,17 @@ fn block_on(f: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCo
 async fn serve(
     state_dir: &std::path::Path,
     host: &Host,
-    coordinator: &str,
-    cpus: Option<CpuMillis>,
-    memory: Option<u64>,
-    gpus: u32,
+    args: ServeArgs,
+    inventory: Option<Inventory>,
 ) -> anyhow::Result<i32> {
-    let addr = resolve(coordinator).await?;
-    let cpu_millis = cpus.map(|c| c.0).unwrap_or_else(|| {
+    let addr = resolve(&args.coordinator).await?;
+    let inventory = inventory.unwrap_or_else(Inventory::empty);
+    let cpu_millis = args.cpus.map(|c| c.0).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u64 * 1000)
             .unwrap_or(1000)
     });
-    let memory_bytes = match memory {
+    let memory_bytes = match args.memory {
         Some(m) => m,
         None => host_memory().context("reading /proc/meminfo (pass --memory)")?,
     };
@@ -281,9 +349,22 @@ async fn serve(
         capacity: gantry_shared::protocol::NodeCapacity {
             cpu_millis,
             memory_bytes,
-            gpus,
+            gpus: inventory.current().len() as u32,
         },
-        max_backoff: Duration::from_secs(10),
+        max_backoff: Duration::from_secs(5),
+        gossip: gantry_agent::daemon::GossipConfig {
+            membership: gantry_membership::MembershipConfig {
+                listen: args.gossip_listen,
+                advertise: args.gossip_advertise,
+                seeds: args.gossip_seeds,
+                gossip_interval: args.gossip_interval,
+                phi_threshold: args.phi_threshold,
+                dead_node_grace: args.dead_node_grace,
+            },
+            labels: args.labels.into_iter().collect(),
+            addr: args.address,
+            refresh: Duration::from_secs(2),
+        },
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let signals = cancel.clone();
@@ -297,10 +378,85 @@ async fn serve(
         host.runtime.clone(),
         host.images.clone(),
         &host.store,
+        &inventory,
         cancel,
     )
     .await?;
     Ok(0)
+}
+
+/// The GPUs to offer: the simulated spec if given, else NVML's; a host without NVML
+/// offers none and says why.
+fn gpu_inventory(
+    state_dir: &std::path::Path,
+    simulate: Option<&str>,
+    node: &str,
+) -> anyhow::Result<Option<Inventory>> {
+    if let Some(spec) = simulate {
+        let source = SimulatedSource::new(spec, node, state_dir)?;
+        return Ok(Some(Inventory::start(source)?));
+    }
+    match NvmlSource::open() {
+        Ok(source) => Ok(Some(Inventory::start(source)?)),
+        Err(e @ InventoryError::NoNvml { .. }) => {
+            eprintln!("gantry-agent: {e}");
+            tracing::warn!(error = %e, "no real GPUs");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn gpu_command(state_dir: &std::path::Path, cmd: &GpuCommand) -> anyhow::Result<()> {
+    match cmd {
+        GpuCommand::List { simulate } => {
+            let gpus = match simulate {
+                Some(spec) => gantry_agent::gpu::simulated::parse_spec(spec, "local")?,
+                None => {
+                    let mut source = NvmlSource::open()?;
+                    gantry_agent::gpu::inventory::GpuSource::discover(&mut source)?
+                }
+            };
+            println!(
+                "{:<5} {:<40} {:<24} {:>9} {:<16} {:>4} {:>6} {:<10}",
+                "INDEX", "UUID", "MODEL", "MEMORY", "PCI", "NUMA", "NVLINK", "HEALTH"
+            );
+            for g in gpus {
+                let opt = |v: Option<u32>| v.map_or("-".into(), |v| v.to_string());
+                println!(
+                    "{:<5} {:<40} {:<24} {:>8}G {:<16} {:>4} {:>6} {:<10}{}",
+                    g.index,
+                    g.uuid,
+                    g.model,
+                    g.memory_bytes >> 30,
+                    if g.pci_bus_id.is_empty() {
+                        "-"
+                    } else {
+                        &g.pci_bus_id
+                    },
+                    opt(g.numa_node),
+                    opt(g.nvlink_group),
+                    g.health.to_compact(),
+                    if g.simulated { " (simulated)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        GpuCommand::Inject { index, xid, ecc } => {
+            let event = match (xid, ecc) {
+                (Some(x), _) => HealthEvent::Xid(*x),
+                (None, _) => HealthEvent::DoubleBitEcc,
+            };
+            gantry_agent::gpu::simulated::inject(
+                state_dir,
+                gantry_agent::gpu::simulated::Fault {
+                    index: *index,
+                    event,
+                },
+            )?;
+            Ok(())
+        }
+    }
 }
 
 /// Resolves at Ctrl-C or SIGTERM.
@@ -384,6 +540,7 @@ async fn open_host(
     state_dir: &std::path::Path,
     pull: PullConfig,
     shim_pool: usize,
+    simulated_gpus: bool,
 ) -> anyhow::Result<Host> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
@@ -392,6 +549,7 @@ async fn open_host(
     let exe = std::env::current_exe().context("locating the gantry-agent binary for shims")?;
     let config = RuntimeConfig {
         shim_pool,
+        simulated_gpus,
         ..RuntimeConfig::new(state_dir, exe)
     };
     let runtime = Runtime::open(config, images.clone(), &store).await?;
@@ -419,7 +577,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     } else {
         0
     };
-    let host = open_host(&cli.state_dir, pull, pool).await?;
+    // The daemon's GPUs: discovered before the runtime, which must know if they are real.
+    let inventory = match &cli.command {
+        Command::Serve(args) => {
+            let node = gantry_agent::control::NodeIdentity::load(&cli.state_dir.join("identity"))
+                .map(|i| i.node.to_string())
+                .unwrap_or_else(|_| "local".into());
+            gpu_inventory(&cli.state_dir, args.simulate_gpus.as_deref(), &node)?
+        }
+        _ => None,
+    };
+    let simulated = matches!(&cli.command, Command::Serve(a) if a.simulate_gpus.is_some());
+    let host = open_host(&cli.state_dir, pull, pool, simulated).await?;
     match cli.command {
         Command::Run(args) => run_container(&host, args).await,
         Command::Image(ImageCommand::Import {
@@ -510,13 +679,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             host.runtime.remove(&id)?;
             Ok(0)
         }
-        Command::Serve {
-            coordinator,
-            cpus,
-            memory,
-            gpus,
-        } => serve(&cli.state_dir, &host, &coordinator, cpus, memory, gpus).await,
-        Command::Shim { .. } | Command::Join { .. } => {
+        Command::Serve(args) => serve(&cli.state_dir, &host, args, inventory).await,
+        Command::Shim { .. } | Command::Join { .. } | Command::Gpu(_) => {
             unreachable!("dispatched before the store is opened")
         }
     }

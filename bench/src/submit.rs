@@ -66,6 +66,8 @@ pub async fn run(
         Command::new(coordinator_bin)
             .args([
                 "serve",
+                "--gossip-listen",
+                "127.0.0.1:0",
                 "--api-listen",
                 "127.0.0.1:0",
                 "--control-listen",
@@ -110,7 +112,13 @@ pub async fn run(
     let mut agent = Kill(
         Command::new(agent_bin)
             .env("GANTRY_STATE_DIR", &agent_state)
-            .args(["serve", "--coordinator", &control])
+            .args([
+                "serve",
+                "--coordinator",
+                &control,
+                "--gossip-listen",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::piped())
             .spawn()?,
     );

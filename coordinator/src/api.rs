@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 use crate::auth::{ApiTokens, Role};
+use crate::cluster::Cluster;
 use crate::join::JoinTokens;
 use crate::nodes::Nodes;
 use crate::placement;
@@ -60,6 +61,7 @@ pub struct ApiState {
     tokens: ApiTokens,
     join: JoinTokens,
     nodes: Nodes,
+    cluster: Cluster,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
@@ -70,6 +72,7 @@ impl ApiState {
         tokens: ApiTokens,
         join: JoinTokens,
         nodes: Nodes,
+        cluster: Cluster,
         cfg: ApiConfig,
     ) -> Self {
         Self {
@@ -77,6 +80,7 @@ impl ApiState {
             tokens,
             join,
             nodes,
+            cluster,
             metrics: Arc::new(Metrics::new()),
             cfg,
         }
@@ -241,8 +245,8 @@ async fn submit_job(
                 })
         })
         .transpose()?;
-    // Larger than every connected node even when empty: it would never run.
-    let views = placement::ledger(&state.nodes.snapshot(), std::iter::empty());
+    // Larger than every known node even when empty: it would never run.
+    let views = placement::ledger(&state.cluster.all_offers(), std::iter::empty());
     if let Err(why @ placement::Unplaceable::TooLarge { .. }) =
         placement::place(placement::need(&spec), &views)
     {
@@ -551,24 +555,40 @@ async fn get_node(
         .find(|n| n.id.as_str() == id)
         .map(Json)
         .ok_or(ApiError::NotFound {
-            what: format!("node `{id}` (nodes appear while connected)"),
+            what: format!("node `{id}` (it has not joined this cluster)"),
         })
 }
 
 fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
     let jobs = state.store.active_jobs()?;
-    Ok(placement::ledger(&state.nodes.snapshot(), &jobs)
+    let statuses = state.cluster.statuses();
+    let ledger = placement::ledger(&state.cluster.all_offers(), &jobs);
+    Ok(statuses
         .into_iter()
-        .map(|v| Node {
-            id: v.id,
-            state: "ready".into(),
-            cpu_millis: v.capacity.cpu_millis,
-            memory_bytes: v.capacity.memory_bytes,
-            gpus: v.capacity.gpus,
-            reserved_cpu_millis: v.reserved_cpu_millis,
-            reserved_memory_bytes: v.reserved_memory_bytes,
-            reserved_gpus: v.reserved_gpus.into_iter().collect(),
-            jobs: v.jobs,
+        .map(|s| {
+            let reserved = ledger.iter().find(|v| v.id == s.id);
+            let gossip = s.gossip.as_ref();
+            Node {
+                state: s.state().into(),
+                reason: (!s.reason.is_empty()).then(|| s.reason.to_owned()),
+                state_since_ms: s.since_ms,
+                last_seen_ms: s.last_seen_ms,
+                connected: s.connected,
+                address: gossip.map(|g| g.addr.to_string()),
+                labels: gossip.map(|g| g.labels.clone()).unwrap_or_default(),
+                cpu_millis: s.capacity.map_or(0, |c| c.cpu_millis),
+                memory_bytes: s.capacity.map_or(0, |c| c.memory_bytes),
+                free_cpu_millis: gossip.map(|g| g.resources.free_cpu_millis),
+                free_memory_bytes: gossip.map(|g| g.resources.free_memory_bytes),
+                reserved_cpu_millis: reserved.map_or(0, |v| v.reserved_cpu_millis),
+                reserved_memory_bytes: reserved.map_or(0, |v| v.reserved_memory_bytes),
+                reserved_gpus: reserved
+                    .map(|v| v.reserved_gpus.iter().copied().collect())
+                    .unwrap_or_default(),
+                gpus: gossip.map(|g| g.gpus.clone()).unwrap_or_default(),
+                jobs: reserved.map(|v| v.jobs.clone()).unwrap_or_default(),
+                id: s.id,
+            }
         })
         .collect())
 }

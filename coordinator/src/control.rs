@@ -35,6 +35,8 @@ pub struct ControlConfig {
     /// The embedded registry's address as nodes reach it (`host:port`), told to each node
     /// at hello; `None` if nodes should not use it.
     pub registry: Option<String>,
+    /// The coordinator's gossip address, told to each node at hello (its gossip seed).
+    pub gossip: Option<SocketAddr>,
 }
 
 impl Default for ControlConfig {
@@ -44,6 +46,7 @@ impl Default for ControlConfig {
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
             registry: None,
+            gossip: None,
         }
     }
 }
@@ -235,7 +238,14 @@ async fn exchange(
     let request: Request = tokio::time::timeout(t, read_frame(&mut recv))
         .await
         .map_err(|_| StreamError::Timeout(t))??;
-    let response = state.handle(request, peer);
+    let duplicate = match &request {
+        Request::Hello { node, instance, .. } => state.live_duplicate(node, *instance, peer).await,
+        _ => None,
+    };
+    let response = match duplicate {
+        Some(refusal) => Response::Refused(refusal),
+        None => state.handle(request, peer),
+    };
     if let Response::Refused(r) = &response {
         tracing::warn!(code = ?r.code, reason = %r.message, "control request refused");
     }
@@ -274,6 +284,36 @@ pub(crate) async fn command(
 }
 
 impl State {
+    /// Another agent holds a live session as `node`: a hello from a different run of an
+    /// agent (another `instance`) is refused while the existing session still answers a
+    /// ping within a second. A dead or silent old session is replaced (the node restarted).
+    async fn live_duplicate(&self, node: &NodeId, instance: u64, peer: &Peer) -> Option<Refusal> {
+        // Only a peer that proved it is `node` may make the coordinator probe `node`.
+        check_identity(peer.cert.as_ref()?, node).ok()?;
+        let old = self.nodes.get(node)?;
+        if old.conn.stable_id() == peer.conn.stable_id()
+            || old.conn.close_reason().is_some()
+            || old.instance == instance
+        {
+            return None;
+        }
+        let ping = command(&old.conn, &gantry_shared::protocol::Command::Ping);
+        let alive = matches!(
+            tokio::time::timeout(Duration::from_secs(1), ping).await,
+            Ok(Ok((gantry_shared::protocol::CommandReply::Accepted, _)))
+        );
+        alive.then(|| {
+            Refusal::new(
+                RefusalCode::DuplicateNode,
+                format!(
+                    "another agent is connected as node `{node}` (from {}); two hosts must not \
+                     share a node identity: join this host with its own `--node` name",
+                    old.conn.remote_address()
+                ),
+            )
+        })
+    }
+
     /// The protocol's decisions (the store calls are the only I/O).
     fn handle(&self, request: Request, peer: &Peer) -> Response {
         match self.decide(request, peer) {
@@ -293,9 +333,13 @@ impl State {
                 check_version(protocol_version)?;
                 let token = JoinToken::parse(&token)
                     .map_err(|e| Refusal::new(RefusalCode::JoinToken, e.to_string()))?;
-                self.tokens
-                    .redeem(&token)
-                    .map_err(|e| Refusal::new(RefusalCode::JoinToken, e.to_string()))?;
+                self.tokens.redeem(&token, &node).map_err(|e| {
+                    let code = match e {
+                        crate::join::JoinError::NodeTaken { .. } => RefusalCode::DuplicateNode,
+                        _ => RefusalCode::JoinToken,
+                    };
+                    Refusal::new(code, e.to_string())
+                })?;
                 let certificate_pem = self
                     .ca
                     .sign_node(&csr_pem, &node)
@@ -317,6 +361,8 @@ impl State {
                 cluster,
                 node,
                 capacity,
+                instance,
+                gossip,
             } => {
                 check_version(protocol_version)?;
                 self.check_cluster(&cluster)?;
@@ -330,13 +376,16 @@ impl State {
                     Session {
                         conn: peer.conn.clone(),
                         capacity,
+                        instance,
+                        gossip,
                     },
                 );
-                tracing::info!(%node, ?capacity, "node session opened");
+                tracing::info!(%node, ?capacity, instance, "node session opened");
                 Ok(Response::Welcome {
                     cluster,
                     node,
                     registry: self.cfg.registry.clone(),
+                    gossip: self.cfg.gossip,
                 })
             }
             Request::Events { events } => {

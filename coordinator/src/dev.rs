@@ -1,8 +1,9 @@
 //! `gantry dev`: a whole Gantry on this machine. Starts `gantry-coordinator serve` and
-//! `gantry-agent serve` as child processes with a local state directory, joins the agent
-//! on first use, writes the CLI's address and token, and stays in the foreground until
-//! Ctrl-C or SIGTERM, then stops both (the agent's containers stop with their jobs'
-//! cancellation or keep running under their shims, as on a real host).
+//! N `gantry-agent serve` processes (each with its own state directory, node name and
+//! gossip port, optionally with simulated GPUs) as children of a local state directory,
+//! joins the agents on first use, writes the CLI's address and token, and stays in the
+//! foreground until Ctrl-C or SIGTERM, then stops them all (the agents' containers stop
+//! with their jobs' cancellation or keep running under their shims, as on a real host).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,7 +20,12 @@ pub struct DevConfig {
     pub state_dir: PathBuf,
     pub api_listen: String,
     pub control_listen: String,
+    /// The first agent's node name; further agents are `<node>-2`, `<node>-3`, ….
     pub node: String,
+    /// How many agents to run.
+    pub agents: u32,
+    /// Simulated GPUs for every agent (`8xH100-80GB,nvlink=4`); none when absent.
+    pub simulate_gpus: Option<String>,
     /// Instead of waiting for Ctrl-C: push this root filesystem as image `demo`, run a
     /// demo job on it, print its output and exit with its exit code.
     pub demo: Option<PathBuf>,
@@ -68,6 +74,8 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
     let mut coordinator = Command::new(sibling_binary("gantry-coordinator"))
         .args([
             "serve",
+            "--gossip-listen",
+            "127.0.0.1:0",
             "--api-listen",
             &cfg.api_listen,
             "--control-listen",
@@ -90,65 +98,108 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
     let token = read_secret(&token_file).with_context(|| {
         format!("no admin token in {}: this coordinator state was created outside `gantry dev`; set GANTRY_TOKEN or use a fresh --state-dir", token_file.display())
     })?;
-    let agent_state = cfg.state_dir.join("agent");
-    if !agent_state.join("identity").join("identity.json").exists() {
-        let join = ApiClient::new(&api, &token)
-            .create_join_token("10m")
-            .await?;
-        let status = Command::new(sibling_binary("gantry-agent"))
-            .env("GANTRY_STATE_DIR", &agent_state)
-            .args([
-                "join",
-                "--coordinator",
-                &control,
-                "--token",
-                &join.token,
-                "--node",
-                &cfg.node,
-            ])
-            .status()
-            .await
-            .context("starting gantry-agent join")?;
-        if !status.success() {
-            bail!("the agent could not join the dev cluster");
-        }
+    if cfg.agents == 0 {
+        bail!("--agents must be at least 1");
     }
-    let mut agent = Command::new(sibling_binary("gantry-agent"))
-        .env("GANTRY_STATE_DIR", &agent_state)
-        .args(["serve", "--coordinator", &control])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting gantry-agent serve")?;
-    read_until(&mut agent, "agent serving", "the agent").await?;
+    let mut agents = Vec::new();
+    for i in 1..=cfg.agents {
+        // The first agent keeps the layout of a one-agent dev cluster.
+        let (state, node) = if i == 1 {
+            (cfg.state_dir.join("agent"), cfg.node.clone())
+        } else {
+            (
+                cfg.state_dir.join(format!("agent-{i}")),
+                format!("{}-{i}", cfg.node),
+            )
+        };
+        agents.push(start_agent(&cfg, &state, &node, &api, &control, &token).await?);
+    }
     CliConfig {
         addr: api.clone(),
         token,
     }
     .save()?;
     println!(
-        "gantry dev is running: API http://{api}, node `{}`, state in {}",
-        cfg.node,
+        "gantry dev is running: API http://{api}, {} agent(s){}, state in {}",
+        cfg.agents,
+        cfg.simulate_gpus
+            .as_deref()
+            .map(|s| format!(" with simulated GPUs {s}"))
+            .unwrap_or_default(),
         cfg.state_dir.display()
     );
     if let Some(rootfs) = &cfg.demo {
         let code = demo(&CliConfig::load_from_file()?, rootfs).await;
-        stop(&mut agent).await;
+        for agent in &mut agents {
+            stop(agent).await;
+        }
         stop(&mut coordinator).await;
         return code;
     }
     println!("try: gantry image import DIR --name NAME, then gantry run --image NAME -- CMD");
     println!("Ctrl-C stops it.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let any_agent = futures_util::future::select_all(agents.iter_mut().map(|a| Box::pin(a.wait())));
     let code = tokio::select! {
         _ = tokio::signal::ctrl_c() => 0,
         _ = term.recv() => 0,
         s = coordinator.wait() => { eprintln!("gantry dev: the coordinator exited ({s:?}); stopping"); 1 }
-        s = agent.wait() => { eprintln!("gantry dev: the agent exited ({s:?}); stopping"); 1 }
+        (s, i, _) = any_agent => { eprintln!("gantry dev: agent {} exited ({s:?}); stopping", i + 1); 1 }
     };
-    stop(&mut agent).await;
+    for agent in &mut agents {
+        stop(agent).await;
+    }
     stop(&mut coordinator).await;
     Ok(code)
+}
+
+/// Joins (first time only) and starts one agent.
+async fn start_agent(
+    cfg: &DevConfig,
+    state: &Path,
+    node: &str,
+    api: &str,
+    control: &str,
+    token: &str,
+) -> anyhow::Result<Child> {
+    if !state.join("identity").join("identity.json").exists() {
+        let join = ApiClient::new(api, token).create_join_token("10m").await?;
+        let status = Command::new(sibling_binary("gantry-agent"))
+            .env("GANTRY_STATE_DIR", state)
+            .args([
+                "join",
+                "--coordinator",
+                control,
+                "--token",
+                &join.token,
+                "--node",
+                node,
+            ])
+            .status()
+            .await
+            .context("starting gantry-agent join")?;
+        if !status.success() {
+            bail!("agent `{node}` could not join the dev cluster");
+        }
+    }
+    let mut cmd = Command::new(sibling_binary("gantry-agent"));
+    cmd.env("GANTRY_STATE_DIR", state).args([
+        "serve",
+        "--coordinator",
+        control,
+        "--gossip-listen",
+        "127.0.0.1:0",
+    ]);
+    if let Some(spec) = &cfg.simulate_gpus {
+        cmd.args(["--simulate-gpus", spec]);
+    }
+    let mut agent = cmd
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting gantry-agent serve")?;
+    read_until(&mut agent, "agent serving", &format!("agent `{node}`")).await?;
+    Ok(agent)
 }
 
 /// The demo: push `rootfs` as `demo`, run a job on it through the whole path, return its

@@ -1,12 +1,16 @@
-//! One-time, expiring join tokens. The store keeps the token id, a SHA-256 of its secret
-//! and its expiry; redeeming one marks it used in the same atomic step, so a token can
-//! admit exactly one node even when two agents race with it.
+//! One-time, expiring join tokens, and the register of joined nodes. The store keeps the
+//! token id, a SHA-256 of its secret and its expiry; redeeming one marks it used and
+//! registers the node name in one transaction, so a token admits exactly one node even
+//! when two agents race with it, and a node name is never given out twice.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use gantry_shared::NodeId;
 use gantry_shared::protocol::JoinToken;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -22,6 +26,11 @@ pub enum JoinError {
         "join token is for another cluster (its CA hash differs); use a token printed by this cluster's coordinator"
     )]
     OtherCluster,
+    #[error(
+        "node name `{node}` is already joined to this cluster; join this host with another \
+         `--node` name (every host needs its own)"
+    )]
+    NodeTaken { node: NodeId },
     #[error("join token store: {0}")]
     Store(#[from] sled::Error),
     #[error("join token record is corrupt: {0}")]
@@ -37,10 +46,17 @@ struct StoredToken {
     used: bool,
 }
 
-/// Join tokens in the coordinator's sled database.
+/// A node admitted to the cluster.
+#[derive(Debug, Serialize, Deserialize)]
+struct JoinedNode {
+    joined_unix: u64,
+}
+
+/// Join tokens and joined nodes in the coordinator's sled database.
 #[derive(Clone)]
 pub struct JoinTokens {
     tree: sled::Tree,
+    nodes: sled::Tree,
     ca_sha256: String,
 }
 
@@ -48,8 +64,21 @@ impl JoinTokens {
     pub fn open(db: &sled::Db, ca_sha256: String) -> Result<Self, sled::Error> {
         Ok(Self {
             tree: db.open_tree("join_tokens")?,
+            nodes: db.open_tree("nodes")?,
             ca_sha256,
         })
+    }
+
+    /// Every node that ever joined, by name.
+    pub fn joined(&self) -> Result<Vec<NodeId>, JoinError> {
+        let mut out = Vec::new();
+        for kv in self.nodes.iter() {
+            let (k, _) = kv?;
+            if let Ok(id) = NodeId::new(String::from_utf8_lossy(&k).into_owned()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Creates a token valid for `ttl`; durable when this returns.
@@ -70,42 +99,52 @@ impl JoinTokens {
         Ok(token)
     }
 
-    /// Redeems `token` at most once.
-    pub fn redeem(&self, token: &JoinToken) -> Result<(), JoinError> {
-        self.redeem_at(token, now_unix())
+    /// Redeems `token` at most once, registering `node`; a name already joined is
+    /// refused without using the token.
+    pub fn redeem(&self, token: &JoinToken, node: &NodeId) -> Result<(), JoinError> {
+        self.redeem_at(token, node, now_unix())
     }
 
-    fn redeem_at(&self, token: &JoinToken, now: u64) -> Result<(), JoinError> {
+    fn redeem_at(&self, token: &JoinToken, node: &NodeId, now: u64) -> Result<(), JoinError> {
         if token.ca_sha256 != self.ca_sha256 {
             return Err(JoinError::OtherCluster);
         }
-        loop {
-            let Some(old) = self.tree.get(token.id.as_bytes())? else {
-                return Err(JoinError::Unknown);
+        let abort = ConflictableTransactionError::Abort;
+        let result = (&self.tree, &self.nodes).transaction(|(tokens, nodes)| {
+            let Some(old) = tokens.get(token.id.as_bytes())? else {
+                return Err(abort(JoinError::Unknown));
             };
-            let mut stored: StoredToken = serde_json::from_slice(&old)?;
+            let mut stored: StoredToken =
+                serde_json::from_slice(&old).map_err(|e| abort(JoinError::Corrupt(e)))?;
             // Compare hashes, not secrets: the stored side never holds the secret.
             if stored.secret_sha256 != hash(&token.secret) {
-                return Err(JoinError::Unknown);
+                return Err(abort(JoinError::Unknown));
             }
             if stored.used {
-                return Err(JoinError::Used);
+                return Err(abort(JoinError::Used));
             }
             if now >= stored.expires_unix {
-                return Err(JoinError::Expired);
+                return Err(abort(JoinError::Expired));
+            }
+            if nodes.get(node.as_str().as_bytes())?.is_some() {
+                return Err(abort(JoinError::NodeTaken { node: node.clone() }));
             }
             stored.used = true;
-            let new = serde_json::to_vec(&stored)?;
-            match self
-                .tree
-                .compare_and_swap(token.id.as_bytes(), Some(old), Some(new))?
-            {
-                Ok(()) => {
-                    self.tree.flush()?;
-                    return Ok(());
-                }
-                Err(_) => continue, // raced with another redemption: look again
+            let token_bytes =
+                serde_json::to_vec(&stored).map_err(|e| abort(JoinError::Corrupt(e)))?;
+            let node_bytes = serde_json::to_vec(&JoinedNode { joined_unix: now })
+                .map_err(|e| abort(JoinError::Corrupt(e)))?;
+            tokens.insert(token.id.as_bytes(), token_bytes)?;
+            nodes.insert(node.as_str().as_bytes(), node_bytes)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                self.tree.flush()?;
+                Ok(())
             }
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
 }
@@ -132,6 +171,10 @@ fn random<const N: usize>() -> std::io::Result<[u8; N]> {
 mod tests {
     use super::*;
 
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).expect("node id")
+    }
+
     fn tokens() -> (tempfile::TempDir, JoinTokens) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("db");
@@ -143,8 +186,25 @@ mod tests {
         let (_d, t) = tokens();
         let token = t.create(Duration::from_secs(60)).expect("create");
         assert_eq!(JoinToken::parse(&token.to_string()), Ok(token.clone()));
-        assert!(t.redeem(&token).is_ok());
-        assert!(matches!(t.redeem(&token), Err(JoinError::Used)));
+        assert!(t.redeem(&token, &node("n1")).is_ok());
+        assert!(matches!(
+            t.redeem(&token, &node("n2")),
+            Err(JoinError::Used)
+        ));
+        assert_eq!(t.joined().expect("joined"), [node("n1")]);
+    }
+
+    #[test]
+    fn a_node_name_is_given_out_once_and_the_token_survives() {
+        let (_d, t) = tokens();
+        let first = t.create(Duration::from_secs(60)).expect("create");
+        t.redeem(&first, &node("gpu-1")).expect("first");
+        let second = t.create(Duration::from_secs(60)).expect("create");
+        let err = t.redeem(&second, &node("gpu-1")).expect_err("taken");
+        assert!(err.to_string().contains("already joined"), "{err}");
+        // The refused join did not use the token up.
+        t.redeem(&second, &node("gpu-2"))
+            .expect("second token still valid");
     }
 
     #[test]
@@ -152,24 +212,33 @@ mod tests {
         let (_d, t) = tokens();
         let token = t.create(Duration::from_secs(60)).expect("create");
         assert!(matches!(
-            t.redeem_at(&token, now_unix() + 61),
+            t.redeem_at(&token, &node("n"), now_unix() + 61),
             Err(JoinError::Expired)
         ));
         let forged = JoinToken {
             secret: "0".repeat(32),
             ..token.clone()
         };
-        assert!(matches!(t.redeem(&forged), Err(JoinError::Unknown)));
+        assert!(matches!(
+            t.redeem(&forged, &node("n")),
+            Err(JoinError::Unknown)
+        ));
         let foreign = JoinToken {
             ca_sha256: "b".repeat(64),
             ..token.clone()
         };
-        assert!(matches!(t.redeem(&foreign), Err(JoinError::OtherCluster)));
+        assert!(matches!(
+            t.redeem(&foreign, &node("n")),
+            Err(JoinError::OtherCluster)
+        ));
         let unknown = JoinToken {
             id: "f".repeat(16),
             ..token
         };
-        assert!(matches!(t.redeem(&unknown), Err(JoinError::Unknown)));
+        assert!(matches!(
+            t.redeem(&unknown, &node("n")),
+            Err(JoinError::Unknown)
+        ));
     }
 
     #[test]
@@ -177,7 +246,12 @@ mod tests {
         let (_d, t) = tokens();
         let token = t.create(Duration::from_secs(60)).expect("create");
         let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| t.redeem(&token))).collect();
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (t, token) = (&t, &token);
+                    s.spawn(move || t.redeem(token, &node(&format!("n{i}"))))
+                })
+                .collect();
             handles
                 .into_iter()
                 .map(|h| h.join().expect("thread"))

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod ca;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod control;
 pub mod dev;
 pub mod jobs;

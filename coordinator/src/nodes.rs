@@ -12,6 +12,10 @@ use tokio::sync::Notify;
 pub struct Session {
     pub conn: quinn::Connection,
     pub capacity: NodeCapacity,
+    /// The agent run that opened it (its start time, unix ms).
+    pub instance: u64,
+    /// Where the agent gossips.
+    pub gossip: Option<std::net::SocketAddr>,
 }
 
 /// Connected nodes. Cheap to clone.
@@ -48,11 +52,12 @@ impl Nodes {
         self.lock().get(node).cloned()
     }
 
-    pub fn snapshot(&self) -> Vec<(NodeId, NodeCapacity)> {
+    /// Every open session, by node.
+    pub fn sessions(&self) -> Vec<(NodeId, Session)> {
         let mut v: Vec<_> = self
             .lock()
             .iter()
-            .map(|(k, s)| (k.clone(), s.capacity))
+            .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v

@@ -1,7 +1,8 @@
 //! Placement: which node runs an attempt, and on which of its GPUs. Pure: the view of
 //! nodes and what is already reserved on them go in, a decision or a reason comes out.
-//! This is the single-node fit the first control plane needs; the full engine (models,
-//! topology, gangs, queue fairness) replaces it behind the same function.
+//! This is a single-node fit; the full engine (models, topology, gangs, queue fairness)
+//! replaces it behind the same function. Only nodes the cluster view calls placeable are
+//! offered, and GPUs reported unhealthy are never chosen.
 
 use std::collections::BTreeSet;
 
@@ -17,11 +18,21 @@ pub struct Need {
     pub gpus: u32,
 }
 
-/// A connected node and what the coordinator's own ledger has reserved on it.
+/// A node that may take work: its declared capacity and the GPUs never to use.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub id: NodeId,
+    pub capacity: NodeCapacity,
+    pub unhealthy_gpus: BTreeSet<u32>,
+}
+
+/// A node that may take work and what the coordinator's own ledger has reserved on it.
 #[derive(Debug, Clone)]
 pub struct NodeView {
     pub id: NodeId,
     pub capacity: NodeCapacity,
+    /// Reported unhealthy (critical Xid, ECC): never placed on.
+    pub unhealthy_gpus: BTreeSet<u32>,
     pub reserved_cpu_millis: u64,
     pub reserved_memory_bytes: u64,
     pub reserved_gpus: BTreeSet<u32>,
@@ -47,15 +58,13 @@ pub fn need(spec: &JobSpec) -> Need {
 
 /// The coordinator's ledger: each connected node with what the live attempts of `jobs`
 /// reserve on it.
-pub fn ledger<'a>(
-    nodes: &[(NodeId, NodeCapacity)],
-    jobs: impl IntoIterator<Item = &'a Job>,
-) -> Vec<NodeView> {
+pub fn ledger<'a>(nodes: &[Offer], jobs: impl IntoIterator<Item = &'a Job>) -> Vec<NodeView> {
     let mut views: Vec<NodeView> = nodes
         .iter()
-        .map(|(id, capacity)| NodeView {
-            id: id.clone(),
-            capacity: *capacity,
+        .map(|o| NodeView {
+            id: o.id.clone(),
+            capacity: o.capacity,
+            unhealthy_gpus: o.unhealthy_gpus.clone(),
             reserved_cpu_millis: 0,
             reserved_memory_bytes: 0,
             reserved_gpus: BTreeSet::new(),
@@ -77,6 +86,12 @@ pub fn ledger<'a>(
 }
 
 impl NodeView {
+    /// GPUs neither reserved nor unhealthy.
+    fn free_gpus(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.capacity.gpus)
+            .filter(|g| !self.reserved_gpus.contains(g) && !self.unhealthy_gpus.contains(g))
+    }
+
     fn free(&self) -> (u64, u64, u32) {
         (
             self.capacity
@@ -85,9 +100,7 @@ impl NodeView {
             self.capacity
                 .memory_bytes
                 .saturating_sub(self.reserved_memory_bytes),
-            self.capacity
-                .gpus
-                .saturating_sub(self.reserved_gpus.len() as u32),
+            self.free_gpus().count() as u32,
         )
     }
 }
@@ -162,10 +175,7 @@ pub fn place(need: Need, nodes: &[NodeView]) -> Result<Placement, Unplaceable> {
             need_memory: need.memory_bytes,
             need_gpus: need.gpus,
         })?;
-    let gpus = (0..best.capacity.gpus)
-        .filter(|g| !best.reserved_gpus.contains(g))
-        .take(need.gpus as usize)
-        .collect();
+    let gpus = best.free_gpus().take(need.gpus as usize).collect();
     Ok(Placement {
         node: best.id.clone(),
         gpus,
@@ -187,6 +197,7 @@ mod tests {
             reserved_cpu_millis: used_cpu,
             reserved_memory_bytes: 0,
             reserved_gpus: used_gpus.iter().copied().collect(),
+            unhealthy_gpus: BTreeSet::new(),
             jobs: Vec::new(),
         }
     }
@@ -208,6 +219,18 @@ mod tests {
         let p = place(need(1000, 2), &nodes).expect("fits");
         assert_eq!(p.node.as_str(), "b");
         assert_eq!(p.gpus, vec![3, 4], "lowest free GPUs");
+    }
+
+    #[test]
+    fn unhealthy_gpus_are_never_chosen() {
+        let mut a = node("a", 8000, 4, 0, &[0]);
+        a.unhealthy_gpus = [1, 2].into();
+        let p = place(need(100, 1), std::slice::from_ref(&a)).expect("one left");
+        assert_eq!(p.gpus, vec![3]);
+        assert!(matches!(
+            place(need(100, 2), &[a]),
+            Err(Unplaceable::Busy { .. })
+        ));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
 use gantry_shared::{JobId, NodeId};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Cluster;
 use crate::nodes::Nodes;
 use crate::placement::{self, Need, live_attempt, need};
 use crate::store::{Store, StoreError};
@@ -19,7 +20,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace between SIGTERM and SIGKILL when a job is cancelled.
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
-pub async fn run(store: Store, nodes: Nodes, cancel: CancellationToken) {
+pub async fn run(store: Store, nodes: Nodes, cluster: Cluster, cancel: CancellationToken) {
     let mut stopping: HashSet<(JobId, u64)> = HashSet::new();
     // Starts sent, per node session: a node that reconnects gets unconfirmed starts again
     // (agents treat a repeated start of the same generation as a no-op).
@@ -30,7 +31,7 @@ pub async fn run(store: Store, nodes: Nodes, cancel: CancellationToken) {
             _ = nodes.changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        if let Err(e) = tick(&store, &nodes, &mut stopping, &mut delivered).await {
+        if let Err(e) = tick(&store, &nodes, &cluster, &mut stopping, &mut delivered).await {
             tracing::error!(error = %e, "scheduling pass failed");
         }
     }
@@ -39,6 +40,7 @@ pub async fn run(store: Store, nodes: Nodes, cancel: CancellationToken) {
 async fn tick(
     store: &Store,
     nodes: &Nodes,
+    cluster: &Cluster,
     stopping: &mut HashSet<(JobId, u64)>,
     delivered: &mut HashSet<(JobId, u64, usize)>,
 ) -> Result<(), StoreError> {
@@ -55,7 +57,7 @@ async fn tick(
         of(JobState::Cancelled),
         of(JobState::Pending),
     );
-    let mut views = placement::ledger(&nodes.snapshot(), running.iter().chain(&cancelled));
+    let mut views = placement::ledger(&cluster.offers(), running.iter().chain(&cancelled));
     for job in &running {
         let Some(a) = live_attempt(job).filter(|a| a.started_at_ms.is_none()) else {
             continue;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig, ApiState};
 use crate::auth::ApiTokens;
 use crate::ca::ClusterCa;
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::control::{ControlConfig, ControlServer};
 use crate::join::JoinTokens;
 use crate::nodes::Nodes;
@@ -24,13 +25,18 @@ pub struct CoordinatorConfig {
     /// The registry address nodes use (`host:port`); default: the API's bound address
     /// unless it listens on all interfaces.
     pub registry_address: Option<String>,
+    /// Gossip and the node liveness view. A wildcard gossip address without an advertised
+    /// one advertises the control address's IP, or else the host's first non-loopback
+    /// IPv4 address.
+    pub cluster: ClusterConfig,
 }
 
-/// Where a started coordinator listens, reported once both endpoints are bound.
+/// Where a started coordinator listens, reported once every endpoint is bound.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub api: std::net::SocketAddr,
     pub control: std::net::SocketAddr,
+    pub gossip: std::net::SocketAddr,
 }
 
 /// Runs the coordinator until `cancel` fires. `on_bound` is called once it serves (with
@@ -62,6 +68,36 @@ pub async fn run(
         .registry_address
         .clone()
         .or_else(|| (!api_addr.ip().is_unspecified()).then(|| api_addr.to_string()));
+    let mut cluster_cfg = cfg.cluster.clone();
+    if cluster_cfg.membership.advertise.is_none()
+        && cluster_cfg.membership.listen.ip().is_unspecified()
+    {
+        let ip = if cfg.control.listen.ip().is_unspecified() {
+            host_ip().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "gossip listens on {} and this host has no non-loopback IPv4 address to \
+                     advertise; set the gossip advertise address",
+                    cluster_cfg.membership.listen
+                )
+            })?
+        } else {
+            cfg.control.listen.ip()
+        };
+        cluster_cfg.membership.advertise = Some(std::net::SocketAddr::new(
+            ip,
+            cluster_cfg.membership.listen.port(),
+        ));
+    }
+    let cluster = Cluster::start(
+        cluster_cfg,
+        ca.cluster(),
+        (&cfg.control.listen.to_string(), &api_addr.to_string()),
+        nodes.clone(),
+        join.clone(),
+        cancel.clone(),
+    )
+    .await?;
+    control_cfg.gossip = Some(cluster.gossip_addr());
     let control = ControlServer::bind(
         control_cfg,
         ca.clone(),
@@ -73,6 +109,7 @@ pub async fn run(
     let bound = Bound {
         api: listener.local_addr()?,
         control: control.local_addr()?,
+        gossip: cluster.gossip_addr(),
     };
     tracing::info!(cluster = %ca.cluster(), api = %bound.api, control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
@@ -81,17 +118,32 @@ pub async fn run(
         tokens.clone(),
         join,
         nodes.clone(),
+        cluster.clone(),
         cfg.api.clone(),
     ))
     .merge(crate::registry::router(
         crate::registry::RegistryState::open(&cfg.state_dir.join("registry"), tokens)?,
     ));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
-    let scheduler = tokio::spawn(scheduler::run(store.clone(), nodes, cancel.clone()));
+    let scheduler = tokio::spawn(scheduler::run(
+        store.clone(),
+        nodes,
+        cluster,
+        cancel.clone(),
+    ));
     api::serve(listener, router, cancel.clone()).await?;
     control_task.await?;
     scheduler.await?;
     store.db().flush()?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// The host's first non-loopback IPv4 address.
+fn host_ip() -> Option<std::net::IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+        .find(|ip| !ip.is_loopback())
+        .map(std::net::IpAddr::V4)
 }

@@ -5,10 +5,13 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
 use gantry_coordinator::auth::{ApiTokens, Role};
+use gantry_coordinator::cluster::{Cluster, ClusterConfig};
 use gantry_coordinator::join::JoinTokens;
 use gantry_coordinator::nodes::Nodes;
 use gantry_coordinator::store::Store;
+use gantry_shared::ClusterId;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 struct Api {
@@ -20,7 +23,7 @@ struct Api {
 }
 
 impl Api {
-    fn new() -> Self {
+    async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         let tokens = ApiTokens::open(store.db()).expect("tokens");
@@ -32,7 +35,24 @@ impl Api {
             ..ApiConfig::default()
         };
         let join = JoinTokens::open(store.db(), "ab".repeat(32)).expect("join tokens");
-        let router = api::router(ApiState::new(store, tokens, join, Nodes::default(), cfg));
+        let nodes = Nodes::default();
+        let cluster = Cluster::start(
+            ClusterConfig {
+                membership: gantry_membership::MembershipConfig {
+                    listen: "127.0.0.1:0".parse().expect("addr"),
+                    ..Default::default()
+                },
+                ..ClusterConfig::default()
+            },
+            &ClusterId::new("test").expect("id"),
+            ("127.0.0.1:7443", "127.0.0.1:7080"),
+            nodes.clone(),
+            join.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("cluster view");
+        let router = api::router(ApiState::new(store, tokens, join, nodes, cluster, cfg));
         Self {
             router,
             admin,
@@ -91,7 +111,7 @@ fn spec(name: &str) -> Value {
 
 #[tokio::test]
 async fn health_and_openapi_need_no_token() {
-    let api = Api::new();
+    let api = Api::new().await;
     let (s, _, v) = api.call("GET", "/healthz", None, None, &[]).await;
     assert_eq!((s, v), (StatusCode::OK, Value::String("ok".into())));
     let (s, _, doc) = api.call("GET", "/v1/openapi.json", None, None, &[]).await;
@@ -102,7 +122,7 @@ async fn health_and_openapi_need_no_token() {
 
 #[tokio::test]
 async fn tokens_and_roles_are_enforced() {
-    let api = Api::new();
+    let api = Api::new().await;
     let body = Some(spec("a").to_string());
     assert_eq!(
         api.call("POST", "/v1/jobs", None, body.clone(), &[])
@@ -147,7 +167,7 @@ async fn tokens_and_roles_are_enforced() {
 
 #[tokio::test]
 async fn bad_bodies_name_the_field() {
-    let api = Api::new();
+    let api = Api::new().await;
     let cases = [
         ("{not json".to_owned(), None),
         (json!({"name": "x", "image": "busybox", "gpus": 2}).to_string(), None),
@@ -207,7 +227,7 @@ async fn bad_bodies_name_the_field() {
 
 #[tokio::test]
 async fn idempotency_keys_make_retries_safe() {
-    let api = Api::new();
+    let api = Api::new().await;
     let key = [("idempotency-key", "retry-me")];
     let body = Some(spec("a").to_string());
     let (s1, h1, j1) = api
@@ -241,7 +261,7 @@ async fn idempotency_keys_make_retries_safe() {
 
 #[tokio::test]
 async fn jobs_page_filter_and_cancel() {
-    let api = Api::new();
+    let api = Api::new().await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let (s, job) = api.submit(spec(&format!("j{i}"))).await;
@@ -307,7 +327,7 @@ async fn jobs_page_filter_and_cancel() {
 
 #[tokio::test]
 async fn metrics_count_requests_by_route_without_ids() {
-    let api = Api::new();
+    let api = Api::new().await;
     let (_, job) = api.submit(spec("m")).await;
     let id = job["id"].as_str().expect("id").to_owned();
     api.call(
@@ -328,7 +348,7 @@ async fn metrics_count_requests_by_route_without_ids() {
 
 #[tokio::test]
 async fn admins_create_join_tokens() {
-    let api = Api::new();
+    let api = Api::new().await;
     let body = Some(json!({"ttl": "1h"}).to_string());
     assert_eq!(
         api.call(
@@ -368,7 +388,7 @@ async fn admins_create_join_tokens() {
 
 #[tokio::test]
 async fn admins_create_role_tokens_that_work() {
-    let api = Api::new();
+    let api = Api::new().await;
     let body = Some(json!({"role": "reader", "name": "grafana"}).to_string());
     assert_eq!(
         api.call(

@@ -220,8 +220,7 @@ impl Member {
     pub async fn members(&self) -> Vec<MemberView> {
         self.handle
             .with_chitchat(|c| {
-                let live: std::collections::HashSet<ChitchatId> =
-                    c.live_nodes().cloned().collect();
+                let live: std::collections::HashSet<ChitchatId> = c.live_nodes().cloned().collect();
                 c.node_states()
                     .iter()
                     .map(|(id, state)| MemberView {
@@ -339,18 +338,16 @@ mod tests {
         .await;
         a.set(vec![("k".into(), "2".into())]).await;
         wait_for("c to see a's new value", async || {
-            c.members().await.iter().any(|v| {
-                v.node == "a" && v.key_values.get("k").map(String::as_str) == Some("2")
-            })
+            c.members()
+                .await
+                .iter()
+                .any(|v| v.node == "a" && v.key_values.get("k").map(String::as_str) == Some("2"))
         })
         .await;
         assert!(b.traffic().sent.load(Ordering::Relaxed) > 0);
         b.shutdown().await;
         wait_for("c to declare b dead", async || {
-            c.members()
-                .await
-                .iter()
-                .any(|v| v.node == "b" && !v.live)
+            c.members().await.iter().any(|v| v.node == "b" && !v.live)
         })
         .await;
         a.shutdown().await;
@@ -362,9 +359,15 @@ mod tests {
         let a = Member::start("a", 1, "c1", &cfg(vec![]), vec![])
             .await
             .expect("a");
-        let x = Member::start("x", 1, "other", &cfg(vec![a.gossip_addr().to_string()]), vec![])
-            .await
-            .expect("x");
+        let x = Member::start(
+            "x",
+            1,
+            "other",
+            &cfg(vec![a.gossip_addr().to_string()]),
+            vec![],
+        )
+        .await
+        .expect("x");
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(a.members().await.iter().all(|v| v.node != "x"));
         assert!(x.members().await.iter().all(|v| v.node != "a"));

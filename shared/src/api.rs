@@ -221,15 +221,33 @@ pub struct JobList {
 pub struct Node {
     #[schema(value_type = String)]
     pub id: NodeId,
-    /// `ready` while the node has a control session.
+    /// `ready`, `draining` or `preempting` while up; `suspect` when one of gossip and the
+    /// control session has gone quiet; `down` when both have.
     pub state: String,
+    /// Why it is suspect or down.
+    pub reason: Option<String>,
+    /// When it entered its state (unix ms).
+    pub state_since_ms: u64,
+    /// When a heartbeat or control traffic last arrived from it (unix ms).
+    pub last_seen_ms: Option<u64>,
+    /// It has an open control session.
+    pub connected: bool,
+    /// The address it gossips as reachable at.
+    pub address: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Offered to jobs, as declared on its latest control session.
     pub cpu_millis: u64,
     pub memory_bytes: u64,
-    pub gpus: u32,
+    /// Free as the node itself reports it through gossip (advisory; placement uses the
+    /// reservations below).
+    pub free_cpu_millis: Option<u64>,
+    pub free_memory_bytes: Option<u64>,
     /// Reserved by attempts the coordinator placed there.
     pub reserved_cpu_millis: u64,
     pub reserved_memory_bytes: u64,
     pub reserved_gpus: Vec<u32>,
+    /// Its GPUs with their health; each says whether it is simulated.
+    pub gpus: Vec<crate::gossip::GpuInfo>,
     /// Jobs with a live attempt on the node.
     #[schema(value_type = Vec<String>)]
     pub jobs: Vec<JobId>,

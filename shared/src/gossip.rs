@@ -180,7 +180,10 @@ pub enum GossipError {
     #[error("gossip key `{key}` has a bad value `{value}`")]
     Bad { key: String, value: String },
     #[error("member's role is `{found}`, expected `{expected}`")]
-    Role { found: String, expected: &'static str },
+    Role {
+        found: String,
+        expected: &'static str,
+    },
 }
 
 fn bad(key: &str, value: &str) -> GossipError {
@@ -212,9 +215,8 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("label `{s}` is not KEY=VALUE (e.g. `rack=r1`)"))?;
     let ok = |t: &str, slash: bool| {
         (1..=63).contains(&t.len())
-            && t.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || b"._-".contains(&b) || (slash && b == b'/')
-            })
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || (slash && b == b'/'))
     };
     if !ok(k, true) {
         return Err(format!(
@@ -243,7 +245,10 @@ impl AgentGossip {
                 KEY_RESOURCES.into(),
                 json(&ResourcesWire {
                     c: [self.resources.cpu_millis, self.resources.free_cpu_millis],
-                    m: [self.resources.memory_bytes, self.resources.free_memory_bytes],
+                    m: [
+                        self.resources.memory_bytes,
+                        self.resources.free_memory_bytes,
+                    ],
                     f: self.free_gpus.clone(),
                 }),
             ),
@@ -269,9 +274,7 @@ impl AgentGossip {
 
     /// Reads what an agent published. `get` looks a key up in the member's state.
     pub fn decode<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, GossipError> {
-        let need = |key: &str| {
-            get(key).ok_or_else(|| GossipError::Missing { key: key.into() })
-        };
+        let need = |key: &str| get(key).ok_or_else(|| GossipError::Missing { key: key.into() });
         let version = need(KEY_VERSION)?;
         if version != GOSSIP_VERSION.to_string() {
             return Err(GossipError::Version {

@@ -49,6 +49,13 @@ pub enum Request {
         node: NodeId,
         /// What the node offers to jobs.
         capacity: NodeCapacity,
+        /// This run of the agent (its start time, unix ms; also its gossip generation):
+        /// tells a restarted agent from a second agent using the same identity.
+        #[serde(default)]
+        instance: u64,
+        /// Where the agent gossips (`ip:port`), so the coordinator can contact it.
+        #[serde(default)]
+        gossip: Option<std::net::SocketAddr>,
     },
     /// Events the agent has not yet seen acknowledged, oldest first. Sequence numbers
     /// only grow per node; the coordinator applies each at most once and acknowledges
@@ -133,22 +140,9 @@ pub enum Command {
         generation: u64,
         follow: bool,
     },
-}
-
-impl Command {
-    pub fn job(&self) -> &JobId {
-        match self {
-            Command::Start(a) => &a.job,
-            Command::Stop { job, .. } | Command::Logs { job, .. } => job,
-        }
-    }
-
-    pub fn generation(&self) -> u64 {
-        match self {
-            Command::Start(a) => a.generation,
-            Command::Stop { generation, .. } | Command::Logs { generation, .. } => *generation,
-        }
-    }
+    /// Is this session's agent still there? Answered `accepted` at once. Sent when a
+    /// second agent says hello as the same node.
+    Ping,
 }
 
 /// Which stream a log chunk carries.
@@ -205,6 +199,9 @@ pub enum Response {
         /// Where the embedded registry is (`host:port`): unqualified image names resolve
         /// there.
         registry: Option<String>,
+        /// Where the coordinator gossips (`ip:port`): the agent's gossip seed.
+        #[serde(default)]
+        gossip: Option<std::net::SocketAddr>,
     },
     /// Events up to and including `upto` are applied; the agent may forget them.
     EventsAck {
@@ -242,6 +239,9 @@ pub enum RefusalCode {
     NoSession,
     /// The coordinator could not act on it now (storage trouble); retry later.
     Unavailable,
+    /// Another agent is connected as this node right now (or, at join, the node name is
+    /// taken): two hosts must not share a node identity.
+    DuplicateNode,
 }
 
 impl Refusal {
@@ -365,6 +365,8 @@ mod tests {
                 memory_bytes: 1 << 30,
                 gpus: 0,
             },
+            instance: 1,
+            gossip: None,
         };
         let frame = encode(&msg).expect("encode");
         let len = body_len(frame[..4].try_into().expect("header")).expect("len");

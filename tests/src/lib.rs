@@ -1,5 +1,8 @@
 //! gantry-tests: end-to-end tests across real processes, and the helpers they share.
-//! The multi-host harness (network namespaces) arrives with cluster membership.
+//! The multi-host harness: [`netns`] makes test hosts (network namespaces on a bridge), runs
+//! processes in them, does faults to them and cleans up after them.
+
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -108,6 +111,8 @@ impl Coordinator {
         let mut cmd = Command::new(binary("gantry-coordinator"));
         cmd.args([
             "serve",
+            "--gossip-listen",
+            "127.0.0.1:0",
             "--api-listen",
             api,
             "--control-listen",

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_agent::control::{self, ControlError, NodeIdentity, Session, Trust};
+use gantry_agent::control::{self, ControlError, HelloInfo, NodeIdentity, Session, Trust};
 use gantry_coordinator::auth::ApiTokens;
 use gantry_coordinator::ca::ClusterCa;
 use gantry_coordinator::control::{ControlConfig, ControlServer};
@@ -14,7 +14,7 @@ use gantry_coordinator::join::JoinTokens;
 use gantry_coordinator::nodes::Nodes;
 use gantry_coordinator::store::Store;
 use gantry_shared::protocol::{
-    MAX_FRAME, NodeCapacity, PROTOCOL_VERSION, RefusalCode, Request, Response,
+    self, CommandReply, MAX_FRAME, NodeCapacity, PROTOCOL_VERSION, RefusalCode, Request, Response,
 };
 
 const CAPACITY: NodeCapacity = NodeCapacity {
@@ -22,6 +22,15 @@ const CAPACITY: NodeCapacity = NodeCapacity {
     memory_bytes: 1 << 30,
     gpus: 0,
 };
+
+/// What an agent run `instance` says at hello.
+fn hello(instance: u64) -> HelloInfo {
+    HelloInfo {
+        capacity: CAPACITY,
+        instance,
+        gossip: None,
+    }
+}
 use gantry_shared::{ClusterId, NodeId};
 use tokio_util::sync::CancellationToken;
 
@@ -109,7 +118,7 @@ async fn an_agent_joins_once_and_then_connects_with_its_certificate() {
         NodeIdentity::load(&dir).expect("stored").node.as_str(),
         "gpu-1"
     );
-    control::connect(c.addr, &identity, CAPACITY)
+    control::connect(c.addr, &identity, hello(1))
         .await
         .expect("authenticated session");
     // The token was one-time.
@@ -124,6 +133,63 @@ async fn an_agent_joins_once_and_then_connects_with_its_certificate() {
     );
     assert_eq!(code, RefusalCode::JoinToken);
     assert!(message.contains("already used"), "{message}");
+    // A second host cannot join under a name already given out, and the refusal leaves
+    // its (fresh) token usable.
+    let fresh = c.token();
+    let (code, message) = refusal(
+        control::join(
+            c.addr,
+            &fresh,
+            NodeId::new("gpu-1").expect("id"),
+            &c.dir.path().join("twin"),
+        )
+        .await,
+    );
+    assert_eq!(code, RefusalCode::DuplicateNode);
+    assert!(message.contains("already joined"), "{message}");
+    control::join(
+        c.addr,
+        &fresh,
+        NodeId::new("gpu-3").expect("id"),
+        &c.dir.path().join("third"),
+    )
+    .await
+    .expect("the token was not used up by the refused join");
+}
+
+#[tokio::test]
+async fn a_second_live_agent_with_the_same_identity_is_refused() {
+    let c = Cluster::start().await;
+    let identity = c.join("gpu-d").await;
+    let first = control::connect(c.addr, &identity, hello(1))
+        .await
+        .expect("first agent");
+    // The first agent answers pings, as a running agent does.
+    let conn = first.connection().clone();
+    tokio::spawn(async move {
+        while let Ok((mut tx, _rx)) = conn.accept_bi().await {
+            let frame = protocol::encode(&CommandReply::Accepted).expect("encode");
+            let _ = tx.write_all(&frame).await;
+            let _ = tx.finish();
+        }
+    });
+    let (code, message) = refusal(control::connect(c.addr, &identity, hello(2)).await);
+    assert_eq!(code, RefusalCode::DuplicateNode);
+    assert!(
+        message.contains("another agent is connected as node `gpu-d`"),
+        "{message}"
+    );
+    // The same run reconnecting is not a duplicate, and once the first agent is gone a
+    // restarted one (another run) takes over.
+    control::connect(c.addr, &identity, hello(1))
+        .await
+        .expect("the same run reconnects");
+    first.connection().close(0u32.into(), b"agent stopped");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    control::connect(c.addr, &identity, hello(3))
+        .await
+        .expect("a restarted agent takes over");
 }
 
 #[tokio::test]
@@ -173,29 +239,35 @@ async fn hello_needs_a_certificate_that_names_the_node_of_this_cluster() {
     let anon = Session::open(c.addr, Trust::Ca(&c.ca_pem), None)
         .await
         .expect("tls");
-    let hello = |node: &NodeId, cluster: &ClusterId, v: u32| Request::Hello {
+    let raw_hello = |node: &NodeId, cluster: &ClusterId, v: u32| Request::Hello {
         protocol_version: v,
         cluster: cluster.clone(),
         node: node.clone(),
         capacity: CAPACITY,
+        instance: 1,
+        gossip: None,
     };
     let (code, _) = refusal(
-        anon.request(&hello(&identity.node, &identity.cluster, PROTOCOL_VERSION))
-            .await
-            .and_then(into_result),
+        anon.request(&raw_hello(
+            &identity.node,
+            &identity.cluster,
+            PROTOCOL_VERSION,
+        ))
+        .await
+        .and_then(into_result),
     );
     assert_eq!(code, RefusalCode::NotAuthenticated);
     // A valid certificate for gpu-a claiming to be gpu-b.
     let mut impostor = identity.clone();
     impostor.node = NodeId::new("gpu-b").expect("id");
-    let (code, message) = refusal(control::connect(c.addr, &impostor, CAPACITY).await);
+    let (code, message) = refusal(control::connect(c.addr, &impostor, hello(1)).await);
     assert_eq!(code, RefusalCode::Identity);
     assert!(message.contains("gpu-b"), "{message}");
     // The right certificate, another cluster's id.
     let mut lost = identity.clone();
     lost.cluster = ClusterId::new("some-other-cluster").expect("id");
     assert_eq!(
-        refusal(control::connect(c.addr, &lost, CAPACITY).await).0,
+        refusal(control::connect(c.addr, &lost, hello(1)).await).0,
         RefusalCode::Cluster
     );
     // Another protocol version.
@@ -208,7 +280,7 @@ async fn hello_needs_a_certificate_that_names_the_node_of_this_cluster() {
     .expect("tls");
     let (code, message) = refusal(
         session
-            .request(&hello(
+            .request(&raw_hello(
                 &identity.node,
                 &identity.cluster,
                 PROTOCOL_VERSION + 1,
@@ -238,6 +310,8 @@ async fn certificates_from_another_ca_are_refused_at_the_handshake() {
             cluster: stranger.cluster.clone(),
             node: stranger.node.clone(),
             capacity: CAPACITY,
+            instance: 1,
+            gossip: None,
         })
         .await
     }
@@ -259,7 +333,7 @@ async fn bad_frames_close_only_their_connection() {
         ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec(),
         [&8u32.to_be_bytes()[..], b"\xff\xfegarbage"].concat(),
     ] {
-        let bad = control::connect(c.addr, &identity, CAPACITY)
+        let bad = control::connect(c.addr, &identity, hello(1))
             .await
             .expect("session");
         let (mut send, _recv) = bad.connection().open_bi().await.expect("stream");
@@ -273,7 +347,7 @@ async fn bad_frames_close_only_their_connection() {
             "{closed:?}"
         );
         // Everyone else is still served.
-        control::connect(c.addr, &identity, CAPACITY)
+        control::connect(c.addr, &identity, hello(1))
             .await
             .expect("a fresh session works");
     }

@@ -85,10 +85,14 @@ async fn agents_join_through_the_binaries_and_survive_a_coordinator_crash() {
     control::connect(
         control_addr,
         &identity,
-        NodeCapacity {
-            cpu_millis: 1000,
-            memory_bytes: 1 << 30,
-            gpus: 0,
+        control::HelloInfo {
+            capacity: NodeCapacity {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+                gpus: 0,
+            },
+            instance: 1,
+            gossip: None,
         },
     )
     .await

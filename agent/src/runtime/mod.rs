@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gantry_shared::ContainerId;
+use gantry_shared::{ContainerId, Resources};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -54,6 +54,9 @@ pub struct RuntimeConfig {
     pub start_timeout: Duration,
     /// Where to find NVIDIA devices and driver files.
     pub gpu_host: HostPaths,
+    /// This host's GPUs are simulated: assigned indices set the visibility variables but
+    /// no device is injected (there is none).
+    pub simulated_gpus: bool,
     /// Parent of the containers' cgroups (`gantry/<hash of the state directory>`).
     pub cgroup_parent: String,
     /// Shims kept started ahead of time to cut container start latency (0: none, which
@@ -71,6 +74,7 @@ impl RuntimeConfig {
             log_cap_bytes: 64 << 20,
             start_timeout: Duration::from_secs(60),
             gpu_host: HostPaths::default(),
+            simulated_gpus: false,
             shim_pool: 2,
         }
     }
@@ -119,6 +123,9 @@ struct ContainerRecord {
     image: String,
     image_digest: String,
     gpus: Vec<u32>,
+    /// What the container was given (absent in records written before this was kept).
+    #[serde(default)]
+    resources: Option<Resources>,
     /// Set once the shim reported; `None` while starting.
     started_at_ms: Option<u64>,
     exit: Option<ExitRecord>,
@@ -137,6 +144,7 @@ impl ContainerRecord {
             image: self.image.clone(),
             image_digest: self.image_digest.clone(),
             gpus: self.gpus.clone(),
+            resources: self.resources.clone(),
             state,
         }
     }
@@ -238,7 +246,11 @@ impl Runtime {
         let id = req.id.clone().unwrap_or_else(ContainerId::generate);
         let image = self.inner.images.get(&req.image)?;
         let layers = self.inner.images.layer_dirs(&image)?;
-        let gpus = gpu::injection(&req.gpus, &self.inner.cfg.gpu_host)?;
+        let gpus = if self.inner.cfg.simulated_gpus {
+            gpu::inject::simulated(&req.gpus)?
+        } else {
+            gpu::injection(&req.gpus, &self.inner.cfg.gpu_host)?
+        };
         let dir = self.container_dir(&id);
         let cgroup_path = self.cgroup_path(&id);
         let built = spec::build(&spec::SpecInput {
@@ -259,6 +271,7 @@ impl Runtime {
             image: image.name.clone(),
             image_digest: image.digest.clone(),
             gpus: req.gpus.clone(),
+            resources: Some(req.resources.clone()),
             started_at_ms: None,
             exit: None,
         };

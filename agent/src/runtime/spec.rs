@@ -167,6 +167,10 @@ fn env(input: &SpecInput<'_>) -> Result<(Vec<String>, Vec<String>), SpecError> {
         // Inside the container CUDA numbers the visible GPUs from 0.
         let local: Vec<String> = (0..host_indices.len()).map(|i| i.to_string()).collect();
         set("CUDA_VISIBLE_DEVICES", &local.join(","), &mut vars);
+        if input.gpus.simulated {
+            // Nothing real is behind these indices; say so where the workload can see it.
+            set("GANTRY_SIMULATED_GPUS", "1", &mut vars);
+        }
     }
     let env = order.iter().map(|k| format!("{k}={}", vars[k])).collect();
     Ok((env, stripped))
@@ -484,6 +488,7 @@ mod tests {
                 minor: 3,
             }],
             driver_files: vec!["/usr/bin/nvidia-smi".into()],
+            simulated: false,
         };
         let built = build_with(&image(), &r, &gpus).expect("spec");
         assert_eq!(
@@ -511,6 +516,15 @@ mod tests {
         );
     }
 
+    fn env_of(spec: &serde_json::Value) -> Vec<&str> {
+        spec["process"]["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.as_str())
+            .collect()
+    }
+
     #[test]
     fn no_gpus_means_void() {
         let v = to_json(
@@ -522,14 +536,38 @@ mod tests {
             .expect("spec")
             .spec,
         );
-        let env: Vec<&str> = v["process"]["env"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.as_str())
-            .collect();
+        let env = env_of(&v);
         assert!(env.contains(&"NVIDIA_VISIBLE_DEVICES=void"));
         assert!(!env.iter().any(|e| e.starts_with("CUDA_VISIBLE_DEVICES")));
+    }
+
+    #[test]
+    fn simulated_gpus_set_visibility_but_inject_no_device() {
+        let gpus = crate::gpu::inject::simulated(&[6, 7]).expect("simulated");
+        let v = to_json(
+            &build_with(&image(), &ContainerRequest::new("x"), &gpus)
+                .expect("spec")
+                .spec,
+        );
+        let env = env_of(&v);
+        for want in [
+            "NVIDIA_VISIBLE_DEVICES=6,7",
+            "CUDA_VISIBLE_DEVICES=0,1",
+            "GANTRY_SIMULATED_GPUS=1",
+        ] {
+            assert!(env.contains(&want), "{want} in {env:?}");
+        }
+        let devices = v["linux"]["devices"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            devices
+                .iter()
+                .all(|d| !d["path"].as_str().unwrap_or("").contains("nvidia")),
+            "{devices:?}"
+        );
+        assert!(crate::gpu::inject::simulated(&[1, 1]).is_err());
     }
 
     #[test]

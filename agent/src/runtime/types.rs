@@ -183,6 +183,8 @@ pub struct ContainerStatus {
     pub image: String,
     pub image_digest: String,
     pub gpus: Vec<u32>,
+    /// Limits it runs with (`None` for containers recorded by an older agent).
+    pub resources: Option<Resources>,
     pub state: ContainerState,
 }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gantry_coordinator::api::ApiConfig;
 use gantry_coordinator::client::ApiClient;
+use gantry_coordinator::cluster::ClusterConfig;
 use gantry_coordinator::control::ControlConfig;
 use gantry_coordinator::server::{self, CoordinatorConfig};
 use tokio_util::sync::CancellationToken;
@@ -45,10 +46,53 @@ enum Command {
         /// API address, unless it listens on all interfaces).
         #[arg(long)]
         registry_address: Option<String>,
+        #[command(flatten)]
+        gossip: GossipArgs,
     },
     /// Manage join tokens (through the running coordinator's API, as an admin).
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+/// Gossip and node liveness.
+#[derive(clap::Args)]
+struct GossipArgs {
+    /// UDP address to gossip on (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:7946")]
+    gossip_listen: SocketAddr,
+    /// Address agents gossip with the coordinator at (default: the control address's IP,
+    /// or the host's first non-loopback IPv4 address).
+    #[arg(long)]
+    gossip_advertise: Option<SocketAddr>,
+    /// How often to gossip.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    gossip_interval: std::time::Duration,
+    /// Suspicion (silence over the mean heartbeat interval) at which a member is dead.
+    #[arg(long, default_value_t = 6.0)]
+    phi_threshold: f64,
+    /// How long a dead member's state is kept before it is forgotten.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    dead_node_grace: std::time::Duration,
+    /// A control session with nothing received for this long counts as silent.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    session_silence: std::time::Duration,
+}
+
+impl GossipArgs {
+    fn config(self) -> ClusterConfig {
+        ClusterConfig {
+            membership: gantry_membership::MembershipConfig {
+                listen: self.gossip_listen,
+                advertise: self.gossip_advertise,
+                seeds: Vec::new(),
+                gossip_interval: self.gossip_interval,
+                phi_threshold: self.phi_threshold,
+                dead_node_grace: self.dead_node_grace,
+            },
+            session_silence: self.session_silence,
+            ..ClusterConfig::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -97,6 +141,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             api_listen,
             control_listen,
             registry_address,
+            gossip,
         } => {
             let cfg = CoordinatorConfig {
                 state_dir,
@@ -109,6 +154,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     ..ControlConfig::default()
                 },
                 registry_address,
+                cluster: gossip.config(),
             };
             let cancel = CancellationToken::new();
             let signals = cancel.clone();
@@ -129,6 +175,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     println!("admin token (shown once, store it safely): {token}");
                 }
                 println!("api listening on {}", bound.api);
+                println!("gossip listening on {}", bound.gossip);
                 println!("control listening on {}", bound.control);
             })
             .await

@@ -31,9 +31,16 @@ enum Command {
         api_listen: String,
         #[arg(long, default_value = "127.0.0.1:7443")]
         control_listen: String,
-        /// The agent's node name.
+        /// The (first) agent's node name; further agents are `<node>-2`, `<node>-3`, ….
         #[arg(long, default_value = "dev-node")]
         node: String,
+        /// How many agents to run on this machine (own state directories and ports).
+        #[arg(long, default_value_t = 1)]
+        agents: u32,
+        /// Give every agent simulated GPUs, e.g. `8xH100-80GB,nvlink=4` (reported as
+        /// simulated; containers get CUDA_VISIBLE_DEVICES but no devices).
+        #[arg(long, value_name = "SPEC")]
+        simulate_gpus: Option<String>,
         /// Run the demo instead of waiting: push this root filesystem as image `demo`, run
         /// a job on it, print its output, stop, and exit with the job's exit code.
         #[arg(long, value_name = "ROOTFS")]
@@ -153,6 +160,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             api_listen,
             control_listen,
             node,
+            agents,
+            simulate_gpus,
             demo,
         } => {
             let state_dir = state_dir.unwrap_or_else(|| {
@@ -166,6 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 api_listen,
                 control_listen,
                 node,
+                agents,
+                simulate_gpus,
                 demo,
             })
             .await
@@ -253,7 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let client = CliConfig::load()?.client();
             match cmd {
                 NodesCommand::List => cli::print_nodes(&client.nodes().await?, json)?,
-                NodesCommand::Show { id } => cli::print_nodes(&[client.node(&id).await?], json)?,
+                NodesCommand::Show { id } => cli::print_node(&client.node(&id).await?, json)?,
             }
             Ok(0)
         }

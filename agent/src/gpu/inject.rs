@@ -1,6 +1,6 @@
 //! What the host offers to inject an assigned GPU into a container: the NVIDIA device
 //! nodes (numbers read with stat(), never assumed) and the driver's user-space files to
-//! bind-mount read-only. GPU *inventory* (NVML, health) is a separate concern.
+//! bind-mount read-only. Simulated GPUs inject nothing but their indices.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,8 @@ pub struct GpuInjection {
     pub devices: Vec<DeviceNode>,
     /// Host files bind-mounted read-only at the same path (driver libraries, nvidia-smi).
     pub driver_files: Vec<PathBuf>,
+    /// The GPUs are simulated: no devices or driver files, and the container is told so.
+    pub simulated: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,19 @@ const DRIVER_LIB_PREFIXES: &[&str] = &[
 ];
 const DRIVER_BINARIES: &[&str] = &["nvidia-smi", "nvidia-debugdump"];
 
+/// Simulated GPUs: only the indices (checked for repeats), never a device.
+pub fn simulated(indices: &[u32]) -> Result<GpuInjection, GpuError> {
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(&index) = indices.iter().find(|&&i| !seen.insert(i)) {
+        return Err(GpuError::Duplicate { index });
+    }
+    Ok(GpuInjection {
+        indices: indices.to_vec(),
+        simulated: !indices.is_empty(),
+        ..GpuInjection::default()
+    })
+}
+
 /// Resolves what to inject for `indices`. Empty `indices` inject nothing.
 pub fn injection(indices: &[u32], host: &HostPaths) -> Result<GpuInjection, GpuError> {
     if indices.is_empty() {
@@ -130,6 +145,7 @@ pub fn injection(indices: &[u32], host: &HostPaths) -> Result<GpuInjection, GpuE
         indices: indices.to_vec(),
         devices,
         driver_files,
+        simulated: false,
     })
 }
 
