@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+mod gossip;
 mod submit;
 use clap::{Parser, Subcommand};
 use gantry_agent::image::{ImageConfig, ImageStore, PullConfig};
@@ -50,6 +51,34 @@ enum Cmd {
         #[arg(long, default_value = "/tmp/gantry-bench-submit")]
         work: PathBuf,
     },
+    /// Gossip membership, all members in this process on loopback: convergence, change
+    /// propagation, failure detection and bytes per node, per cluster size.
+    Gossip {
+        /// Cluster sizes (agents; an observer named like the coordinator comes on top).
+        #[arg(long, value_delimiter = ',', default_value = "10,50,100,200")]
+        members: Vec<usize>,
+        /// Change and detection trials per cluster size.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Gossip interval of every member (default: Gantry's, 200ms).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+        /// Phi threshold of every member (default: Gantry's, 6).
+        #[arg(long)]
+        phi: Option<f64>,
+        /// Steady-state window for bytes per node and CPU.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        /// Pause after a restarted member is visible again, before the next detection.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+        /// Longest each phase of trials runs per cluster size (fewer trials if reached).
+        #[arg(long, default_value = "150s", value_parser = humantime::parse_duration)]
+        phase_budget: Duration,
+        /// Seed for the choice of members and values (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Container cold start with a cached image, side by side with runc, crun and podman.
     ColdStart {
         /// The gantry-agent binary (shims are started from it).
@@ -72,7 +101,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter("warn")
+        // chitchat warns on every datagram refused by a stopped member, which the gossip
+        // benchmark stops on purpose.
+        .with_env_filter("warn,chitchat=error")
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -93,6 +124,37 @@ fn main() -> anyhow::Result<()> {
                 burst.max(1),
                 &work,
             ))
+        }
+        Cmd::Gossip {
+            members,
+            trials,
+            interval,
+            phi,
+            window,
+            settle,
+            phase_budget,
+            seed,
+        } => {
+            if members.is_empty() || members.iter().any(|&n| n == 0 || n > gossip::MAX_MEMBERS) {
+                bail!("--members takes sizes from 1 to {}", gossip::MAX_MEMBERS);
+            }
+            let defaults = gantry_membership::MembershipConfig::default();
+            let membership = gantry_membership::MembershipConfig {
+                gossip_interval: interval.unwrap_or(defaults.gossip_interval),
+                phi_threshold: phi.unwrap_or(defaults.phi_threshold),
+                ..defaults
+            };
+            let bench = gossip::GossipBench {
+                members,
+                trials: trials.max(1),
+                membership,
+                window: window.max(Duration::from_secs(1)),
+                settle,
+                phase_budget,
+                seed: seed.unwrap_or(now_ns() as u64),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(gossip::run(bench))
         }
         Cmd::ColdStart {
             agent,

@@ -354,8 +354,9 @@ fn observe(
             .max_by_key(|m| m.generation);
         let gossip_signal = match member {
             Some(m) if m.live => GossipSignal::Live,
-            Some(_) => GossipSignal::Dead,
-            None => GossipSignal::Absent,
+            Some(m) if m.dead => GossipSignal::Dead,
+            // Just appeared: not enough heartbeats to judge yet.
+            _ => GossipSignal::Absent,
         };
         if let Some(m) = member {
             let hb = (m.generation, m.heartbeat);

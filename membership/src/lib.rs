@@ -95,6 +95,9 @@ pub struct MemberView {
     pub gossip_addr: SocketAddr,
     /// chitchat's failure detector considers it alive (always true for this member).
     pub live: bool,
+    /// Declared dead by the failure detector. A member that is neither live nor dead has
+    /// just appeared (fewer than two heartbeats seen).
+    pub dead: bool,
     /// Incremented by the member on every gossip round.
     pub heartbeat: u64,
     pub key_values: BTreeMap<String, String>,
@@ -221,6 +224,7 @@ impl Member {
         self.handle
             .with_chitchat(|c| {
                 let live: std::collections::HashSet<ChitchatId> = c.live_nodes().cloned().collect();
+                let dead: std::collections::HashSet<ChitchatId> = c.dead_nodes().cloned().collect();
                 c.node_states()
                     .iter()
                     .map(|(id, state)| MemberView {
@@ -228,6 +232,7 @@ impl Member {
                         generation: id.generation_id,
                         gossip_addr: id.gossip_advertise_addr,
                         live: live.contains(id),
+                        dead: dead.contains(id),
                         heartbeat: state.heartbeat().into(),
                         key_values: state
                             .key_values()

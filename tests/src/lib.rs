@@ -1,7 +1,9 @@
 //! gantry-tests: end-to-end tests across real processes, and the helpers they share.
 //! The multi-host harness: [`netns`] makes test hosts (network namespaces on a bridge), runs
-//! processes in them, does faults to them and cleans up after them.
+//! processes in them, does faults to them and cleans up after them; [`cluster`] starts a
+//! coordinator and agents on such hosts.
 
+pub mod cluster;
 pub mod netns;
 
 use std::io::{BufRead, BufReader};

@@ -266,3 +266,67 @@ fn gantry_dev_demo_runs_a_job_end_to_end() {
     assert!(stdout.contains("hello from a Gantry job on j-"), "{stdout}");
     assert!(stdout.contains("demo job exited with 0"), "{stdout}");
 }
+
+#[test]
+fn gantry_dev_runs_several_agents_with_simulated_gpus() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let state = dir.path().join("dev");
+    let (api, control) = free_ports();
+    let mut cmd = Command::new(binary("gantry"));
+    cmd.env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .args([
+            "dev",
+            "--agents",
+            "3",
+            "--simulate-gpus",
+            "4xH100-80GB,nvlink=2",
+            "--api-listen",
+            &api,
+            "--control-listen",
+            &control,
+            "--state-dir",
+        ])
+        .arg(&state);
+    let mut dev = Proc::spawn(cmd);
+    let line = dev.line_after("gantry dev is running");
+    assert!(line.contains("3 agent(s) with simulated GPUs"), "{line}");
+    let nodes = gantry_tests::netns::wait_until(
+        "three ready nodes with 4 simulated GPUs",
+        Duration::from_secs(30),
+        || {
+            let out = gantry(&home, &["--output", "json", "nodes", "list"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let nodes = v.as_array()?.clone();
+            (nodes.len() == 3
+                && nodes.iter().all(|n| {
+                    n["state"] == "ready"
+                        && n["gpus"].as_array().is_some_and(|g| {
+                            g.len() == 4 && g.iter().all(|g| g["simulated"] == true)
+                        })
+                }))
+            .then_some(nodes)
+        },
+    );
+    let ids: Vec<&str> = nodes.iter().filter_map(|n| n["id"].as_str()).collect();
+    assert_eq!(ids, ["dev-node", "dev-node-2", "dev-node-3"]);
+    assert_eq!(nodes[0]["gpus"][3]["nvlink_group"], 1);
+    // Each agent has its own state directory.
+    for d in ["agent", "agent-2", "agent-3"] {
+        assert!(state.join(d).join("identity").is_dir(), "{d}");
+    }
+    let pid = dev.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status =
+        gantry_tests::netns::wait_until("gantry dev to stop", Duration::from_secs(30), || {
+            dev.child.try_wait().expect("wait")
+        });
+    assert!(status.success(), "{status:?}");
+}

@@ -1,0 +1,338 @@
+//! A Gantry cluster on test hosts: a coordinator in the root namespace, bound to the
+//! bridge address, and N agents, each on its own [`crate::netns`] host with its own state
+//! directory, joined with a real token and started with `gantry-agent serve`.
+//!
+//! Faults are the hosts' ([`TestCluster::kill_host`], `pause`, `partition`, …) plus
+//! [`TestCluster::kill_agent`] (only the agent process, its shims and containers stay) and
+//! [`TestCluster::start_agent`] (a restart). Everything is cleaned up by the [`TestNet`]
+//! when the cluster is dropped, also when a test panics: every agent's state directory is
+//! registered for unmounting and its cgroup parent for removal.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::{Host, TestNet, wait_until};
+use crate::{Proc, binary, field};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub agents: usize,
+    /// `--simulate-gpus` for every agent.
+    pub simulate_gpus: Option<String>,
+    /// cpu and memory each agent offers.
+    pub cpus: String,
+    pub memory: String,
+    /// Import a busybox root filesystem as image `busybox` on every agent.
+    pub busybox: bool,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            agents: 1,
+            simulate_gpus: None,
+            cpus: "4".into(),
+            memory: "4G".into(),
+            busybox: false,
+        }
+    }
+}
+
+/// One agent: its host, node name and state directory, and the process while it runs.
+pub struct TestAgent {
+    pub node: String,
+    pub host: Host,
+    pub state: PathBuf,
+    pub proc: Option<Proc>,
+    /// Extra `serve` flags (labels).
+    pub serve_args: Vec<String>,
+}
+
+/// Fields drop in order: processes first, then the net (kills what is left, unmounts,
+/// removes cgroups and links), then the directories.
+pub struct TestCluster {
+    pub agents: Vec<TestAgent>,
+    pub coordinator: Proc,
+    pub net: TestNet,
+    pub spec: ClusterSpec,
+    pub api: String,
+    pub control: String,
+    pub admin: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts the coordinator and every agent, and waits until the coordinator has every
+    /// node ready.
+    pub fn start(spec: ClusterSpec) -> Self {
+        let mut net = TestNet::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bridge = net.bridge_ip();
+        let mut cmd = Command::new(binary("gantry-coordinator"));
+        cmd.args(["serve", "--state-dir"])
+            .arg(dir.path().join("coordinator"))
+            .args(["--api-listen", &format!("{bridge}:0")])
+            .args(["--control-listen", &format!("{bridge}:0")])
+            .args(["--gossip-listen", &format!("{bridge}:0")]);
+        let mut coordinator = Proc::spawn(cmd);
+        let lines = coordinator.lines_until("control listening on");
+        let api = field(&lines, "api listening on").expect("api address");
+        let control = field(&lines, "control listening on").expect("control address");
+        let admin = field(&lines, "admin token (shown once, store it safely):").expect("admin");
+        let rootfs = dir.path().join("rootfs");
+        if spec.busybox {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
+            let ok = Command::new(script).arg(&rootfs).status().expect("rootfs");
+            assert!(ok.success(), "making the busybox rootfs");
+        }
+        let mut agents = Vec::new();
+        for i in 0..spec.agents {
+            let node = format!("node-{i}");
+            let host = net.add_host(&node);
+            let state = dir.path().join(&node);
+            std::fs::create_dir_all(&state).expect("agent state dir");
+            net.register_cleanup_dir(&state);
+            net.register_cgroup(gantry_agent::runtime::cgroup::parent_for(&state));
+            agents.push(TestAgent {
+                node,
+                host,
+                state,
+                proc: None,
+                serve_args: Vec::new(),
+            });
+        }
+        let mut c = Self {
+            agents,
+            coordinator,
+            net,
+            spec,
+            api,
+            control,
+            admin,
+            dir,
+        };
+        for i in 0..c.agents.len() {
+            if c.spec.busybox {
+                let out = c
+                    .agent_command(i)
+                    .args(["image", "import"])
+                    .arg(&rootfs)
+                    .args(["--name", "busybox"])
+                    .output()
+                    .expect("import");
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            c.join(i);
+            c.start_agent(i);
+        }
+        let names: Vec<String> = c.agents.iter().map(|a| a.node.clone()).collect();
+        c.wait_nodes("every node ready", Duration::from_secs(30), |nodes| {
+            names.iter().all(|n| state_of(nodes, n) == Some("ready"))
+        });
+        c
+    }
+
+    /// `gantry-agent` with agent `i`'s state directory, run on its host.
+    pub fn agent_command(&self, i: usize) -> Command {
+        let a = &self.agents[i];
+        let mut cmd = a.host.command(binary("gantry-agent"));
+        cmd.env("GANTRY_STATE_DIR", &a.state);
+        cmd
+    }
+
+    /// Joins agent `i` with a fresh one-time token.
+    pub fn join(&self, i: usize) {
+        let token: Value = self
+            .http()
+            .post(format!("http://{}/v1/join-tokens", self.api))
+            .bearer_auth(&self.admin)
+            .json(&serde_json::json!({"ttl": "10m"}))
+            .send()
+            .expect("join token")
+            .json()
+            .expect("json");
+        let out = self
+            .agent_command(i)
+            .args(["join", "--coordinator", &self.control, "--node"])
+            .arg(&self.agents[i].node)
+            .args(["--token", token["token"].as_str().expect("token")])
+            .output()
+            .expect("join");
+        assert!(
+            out.status.success(),
+            "join {}: {}",
+            self.agents[i].node,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The `serve` command of agent `i` (not started).
+    pub fn serve_command(&self, i: usize) -> Command {
+        let mut cmd = self.agent_command(i);
+        cmd.args(["serve", "--coordinator", &self.control]).args([
+            "--cpus",
+            &self.spec.cpus,
+            "--memory",
+            &self.spec.memory,
+        ]);
+        if let Some(spec) = &self.spec.simulate_gpus {
+            cmd.args(["--simulate-gpus", spec]);
+        }
+        cmd.args(&self.agents[i].serve_args);
+        cmd
+    }
+
+    /// Starts (or restarts) agent `i` and waits until it serves.
+    pub fn start_agent(&mut self, i: usize) {
+        let mut p = Proc::spawn(self.serve_command(i));
+        p.line_after("agent serving");
+        self.agents[i].proc = Some(p);
+    }
+
+    /// kill -9 of agent `i` only: its shims and containers keep running.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.agents[i].proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// kill -9 of everything on agent `i`'s host: agent, shims, containers.
+    pub fn kill_host(&mut self, i: usize) {
+        self.agents[i].host.kill();
+        if let Some(mut p) = self.agents[i].proc.take() {
+            p.kill9(); // reaps it
+        }
+    }
+
+    pub fn http(&self) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("http client")
+    }
+
+    /// `GET /v1/nodes`.
+    pub fn nodes(&self) -> Vec<Value> {
+        let v: Value = self
+            .http()
+            .get(format!("http://{}/v1/nodes", self.api))
+            .bearer_auth(&self.admin)
+            .send()
+            .expect("nodes")
+            .json()
+            .expect("json");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls `GET /v1/nodes` until `ok` holds; returns the nodes then.
+    pub fn wait_nodes(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let mut last = Vec::new();
+        let started = Instant::now();
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until(what, timeout, || {
+                last = self.nodes();
+                ok(&last).then(|| last.clone())
+            })
+        }));
+        match found {
+            Ok(nodes) => {
+                eprintln!("{what}: after {:?}", started.elapsed());
+                nodes
+            }
+            Err(_) => panic!(
+                "timed out after {timeout:?} waiting for {what}; nodes: {}",
+                serde_json::to_string_pretty(&last).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Waits until node `name` is in `state`; returns how long it took.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        self.wait_nodes(&format!("{name} {state}"), timeout, |n| {
+            state_of(n, name) == Some(state)
+        });
+        started.elapsed()
+    }
+
+    /// `POST /v1/jobs` as the admin; returns the job.
+    pub fn submit(&self, spec: Value) -> Value {
+        let r = self
+            .http()
+            .post(format!("http://{}/v1/jobs", self.api))
+            .bearer_auth(&self.admin)
+            .json(&spec)
+            .send()
+            .expect("submit");
+        assert!(r.status().is_success(), "submit: {}", r.status());
+        r.json().expect("json")
+    }
+
+    pub fn job(&self, id: &str) -> Value {
+        self.http()
+            .get(format!("http://{}/v1/jobs/{id}", self.api))
+            .bearer_auth(&self.admin)
+            .send()
+            .expect("job")
+            .json()
+            .expect("json")
+    }
+
+    /// Waits until job `id` is in one of `states`.
+    pub fn wait_job(&self, id: &str, states: &[&str], timeout: Duration) -> Value {
+        wait_until(&format!("job {id} in {states:?}"), timeout, || {
+            let j = self.job(id);
+            states.iter().any(|s| j["state"] == *s).then_some(j)
+        })
+    }
+
+    /// The job's output (stdout and stderr).
+    pub fn logs(&self, id: &str) -> String {
+        self.http()
+            .get(format!("http://{}/v1/jobs/{id}/logs", self.api))
+            .bearer_auth(&self.admin)
+            .send()
+            .expect("logs")
+            .text()
+            .expect("text")
+    }
+
+    /// The `gantry` CLI against this cluster.
+    pub fn gantry(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("gantry"))
+            .env("GANTRY_ADDR", &self.api)
+            .env("GANTRY_TOKEN", &self.admin)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("gantry")
+    }
+
+    /// The coordinator's control address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control.parse().expect("control address")
+    }
+}
+
+/// The state of node `name` in a `GET /v1/nodes` answer.
+pub fn state_of<'a>(nodes: &'a [Value], name: &str) -> Option<&'a str> {
+    node_of(nodes, name).and_then(|n| n["state"].as_str())
+}
+
+pub fn node_of<'a>(nodes: &'a [Value], name: &str) -> Option<&'a Value> {
+    nodes.iter().find(|n| n["id"] == name)
+}
