@@ -46,6 +46,8 @@ const OBSERVER: &str = "@coordinator";
 const GPU_SPEC: &str = "8xH100-80GB,nvlink=8,numa=2";
 /// How often the observer is polled while a change or a death is awaited.
 const POLL: Duration = Duration::from_millis(5);
+/// How often the observer is polled while its heartbeat updates are counted.
+const HEARTBEAT_POLL: Duration = Duration::from_millis(2);
 /// How often the observer is polled during convergence (it decodes every new member).
 const CONVERGE_POLL: Duration = Duration::from_millis(10);
 /// How often every member is asked whether it sees every other (costly at 200 members).
@@ -82,9 +84,10 @@ pub struct GossipBench {
 #[derive(Debug, Default)]
 struct Row {
     members: usize,
-    /// Observer sees all agents live and decodable, and in how many seconds (or how many
-    /// it saw when the limit passed).
-    convergence: Result<f64, usize>,
+    /// Seconds until the observer saw all agents live and decodable.
+    convergence: Option<f64>,
+    /// How many it saw (all of them, unless the limit passed first).
+    converged: usize,
     all_see_all: Option<f64>,
     change: Trials,
     detection: Trials,
@@ -172,9 +175,12 @@ impl CpuMeter {
     }
 }
 
-/// Counts running agents the observer reports not live (each transition once).
+/// Counts running agents the observer reports not live after having seen them live
+/// (each transition once; a member that just started is not live until its second
+/// heartbeat, which is not counted).
 #[derive(Default)]
 struct FalseDeaths {
+    seen_live: HashSet<(String, u64)>,
     suspected: HashSet<(String, u64)>,
     count: usize,
 }
@@ -188,7 +194,8 @@ impl FalseDeaths {
             }
             if v.live {
                 self.suspected.remove(&key);
-            } else if self.suspected.insert(key) {
+                self.seen_live.insert(key);
+            } else if self.seen_live.contains(&key) && self.suspected.insert(key) {
                 self.count += 1;
             }
         }
@@ -290,13 +297,16 @@ async fn converge(bench: &GossipBench, n: usize, row: &mut Row) -> anyhow::Resul
     .await
     .context("starting the observer")?;
     let cfg = member_config(&bench.membership, vec![observer.gossip_addr().to_string()]);
+    // Agents start spread over one gossip interval, so their rounds are not in lockstep
+    // (real agents start at unrelated times).
+    let spread = bench.membership.gossip_interval;
     let mut agents = Vec::with_capacity(n);
     for i in 0..n {
+        tokio::time::sleep_until((t0 + spread.mul_f64(i as f64 / n as f64)).into()).await;
         agents.push(start_agent(i, 1, &cfg).await?);
     }
     let by_key: HashMap<(String, u64), &Agent> = agents.iter().map(|a| (a.key(), a)).collect();
     let mut seen: HashSet<(String, u64)> = HashSet::new();
-    row.convergence = Err(0);
     while t0.elapsed() < CONVERGE_LIMIT {
         for v in observer.members().await {
             let key = (v.node.clone(), v.generation);
@@ -305,10 +315,12 @@ async fn converge(bench: &GossipBench, n: usize, row: &mut Row) -> anyhow::Resul
             }
         }
         if seen.len() == n {
-            row.convergence = Ok(t0.elapsed().as_secs_f64());
+            row.convergence = Some(t0.elapsed().as_secs_f64());
+        }
+        row.converged = seen.len();
+        if row.convergence.is_some() {
             break;
         }
-        row.convergence = Err(seen.len());
         tokio::time::sleep(CONVERGE_POLL).await;
     }
     // Every member sees every other live with all its keys.
@@ -381,7 +393,7 @@ async fn steady(bench: &GossipBench, c: &Cluster, row: &mut Row, flaps: &mut Fal
                 updates += 1;
             }
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(HEARTBEAT_POLL).await;
     }
     if updates > 0 {
         row.heartbeat_ms = Some(t0.elapsed().as_secs_f64() * 1e3 * n as f64 / updates as f64);
@@ -575,8 +587,13 @@ fn print_table(bench: &GossipBench, rows: &[Row]) {
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
         let convergence = match r.convergence {
-            Ok(s) => format!("{s:.2} s"),
-            Err(k) => format!("not in {} s ({k}/{})", CONVERGE_LIMIT.as_secs(), r.members),
+            Some(s) => format!("{s:.2} s"),
+            None => format!(
+                "not in {} s ({}/{})",
+                CONVERGE_LIMIT.as_secs(),
+                r.converged,
+                r.members
+            ),
         };
         let all = r
             .all_see_all
