@@ -9,7 +9,7 @@
 //! registered for unmounting and its cgroup parent for removal.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,9 +86,7 @@ impl TestCluster {
         let admin = field(&lines, "admin token (shown once, store it safely):").expect("admin");
         let rootfs = dir.path().join("rootfs");
         if spec.busybox {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
-            let ok = Command::new(script).arg(&rootfs).status().expect("rootfs");
-            assert!(ok.success(), "making the busybox rootfs");
+            crate::busybox_rootfs(&rootfs);
         }
         let mut agents = Vec::new();
         for i in 0..spec.agents {
@@ -118,18 +116,7 @@ impl TestCluster {
         };
         for i in 0..c.agents.len() {
             if c.spec.busybox {
-                let out = c
-                    .agent_command(i)
-                    .args(["image", "import"])
-                    .arg(&rootfs)
-                    .args(["--name", "busybox"])
-                    .output()
-                    .expect("import");
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                crate::import_busybox(c.agent_command(i), &rootfs);
             }
             c.join(i);
             c.start_agent(i);

@@ -80,6 +80,38 @@ impl Proc {
     }
 }
 
+/// Builds a busybox root filesystem at `dir` (bench/make-busybox-rootfs; needs
+/// busybox-static).
+pub fn busybox_rootfs(dir: &std::path::Path) {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
+    let ok = Command::new(script)
+        .arg(dir)
+        .status()
+        .expect("rootfs script");
+    assert!(
+        ok.success(),
+        "making the busybox rootfs at {}",
+        dir.display()
+    );
+}
+
+/// Runs `agent` (a `gantry-agent` command with its state directory set) as
+/// `image import ROOTFS --name busybox`.
+pub fn import_busybox(mut agent: Command, rootfs: &std::path::Path) {
+    let out = agent
+        .args(["image", "import"])
+        .arg(rootfs)
+        .args(["--name", "busybox"])
+        .output()
+        .expect("image import");
+    assert!(
+        out.status.success(),
+        "image import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Loopback addresses free right now: a TCP one (the API) and a UDP one (QUIC control).
 /// Fixed ports let a restarted coordinator be where its agent looks for it.
 pub fn free_ports() -> (String, String) {

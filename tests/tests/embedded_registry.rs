@@ -19,8 +19,7 @@ fn run(cmd: &mut Command) -> std::process::Output {
 /// A one-layer OCI image of the busybox rootfs, built with umoci.
 fn busybox_layout(dir: &Path) -> std::path::PathBuf {
     let rootfs = dir.join("rootfs");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
-    run(Command::new(script).arg(&rootfs));
+    gantry_tests::busybox_rootfs(&rootfs);
     let layout = dir.join("layout");
     let bundle = dir.join("bundle");
     run(Command::new("umoci")

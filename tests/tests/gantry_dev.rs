@@ -26,26 +26,10 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     let state = dir.path().join("dev");
     // The dev agent's image store gets busybox before the agent starts (it holds the store).
     let rootfs = dir.path().join("rootfs");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
-    assert!(
-        Command::new(script)
-            .arg(&rootfs)
-            .status()
-            .expect("rootfs")
-            .success()
-    );
-    let import = Command::new(binary("gantry-agent"))
-        .env("GANTRY_STATE_DIR", state.join("agent"))
-        .args(["image", "import"])
-        .arg(&rootfs)
-        .args(["--name", "busybox"])
-        .output()
-        .expect("import");
-    assert!(
-        import.status.success(),
-        "{}",
-        String::from_utf8_lossy(&import.stderr)
-    );
+    gantry_tests::busybox_rootfs(&rootfs);
+    let mut agent = Command::new(binary("gantry-agent"));
+    agent.env("GANTRY_STATE_DIR", state.join("agent"));
+    gantry_tests::import_busybox(agent, &rootfs);
 
     // Without a cluster the CLI says what to do.
     let none = gantry(&home, &["jobs", "list"]);
@@ -231,14 +215,7 @@ fn wait_exit(
 fn gantry_dev_demo_runs_a_job_end_to_end() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = dir.path().join("rootfs");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
-    assert!(
-        Command::new(script)
-            .arg(&rootfs)
-            .status()
-            .expect("rootfs")
-            .success()
-    );
+    gantry_tests::busybox_rootfs(&rootfs);
     let (api, control) = free_ports();
     let out = Command::new(binary("gantry"))
         .env("HOME", dir.path().join("home"))

@@ -2,7 +2,6 @@
 //! QUIC → agent → shim → container, and back as events. Includes kill -9 of the agent
 //! and of the coordinator while a job runs.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -38,26 +37,8 @@ impl Cluster {
         };
         // An agent with the busybox image, joined with a fresh token.
         let rootfs = c.dir.path().join("rootfs");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/make-busybox-rootfs");
-        assert!(
-            Command::new(script)
-                .arg(&rootfs)
-                .status()
-                .expect("rootfs")
-                .success()
-        );
-        let import = c
-            .agent_cmd()
-            .args(["image", "import"])
-            .arg(&rootfs)
-            .args(["--name", "busybox"])
-            .output()
-            .expect("import");
-        assert!(
-            import.status.success(),
-            "{}",
-            String::from_utf8_lossy(&import.stderr)
-        );
+        gantry_tests::busybox_rootfs(&rootfs);
+        gantry_tests::import_busybox(c.agent_cmd(), &rootfs);
         let token = Command::new(binary("gantry-coordinator"))
             .args(["token", "create", "--api", &c.api, "--token", &c.admin])
             .output()
