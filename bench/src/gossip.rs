@@ -368,10 +368,10 @@ async fn steady(bench: &GossipBench, c: &Cluster, row: &mut Row, flaps: &mut Fal
     let (a1, o1) = (sum_traffic(&agents), sum_traffic(&observer));
     let secs = cpu.wall.elapsed().as_secs_f64();
     row.cpu_steady = cpu.cores();
-    row.agent_sent = (a1.0 - a0.0) as f64 / secs / n as f64;
-    row.agent_received = (a1.1 - a0.1) as f64 / secs / n as f64;
-    row.observer_sent = (o1.0 - o0.0) as f64 / secs;
-    row.observer_received = (o1.1 - o0.1) as f64 / secs;
+    row.agent_sent = a1.0.saturating_sub(a0.0) as f64 / secs / n as f64;
+    row.agent_received = a1.1.saturating_sub(a0.1) as f64 / secs / n as f64;
+    row.observer_sent = o1.0.saturating_sub(o0.0) as f64 / secs;
+    row.observer_received = o1.1.saturating_sub(o0.1) as f64 / secs;
 
     // Heartbeat updates the observer takes in: each one is a sample of chitchat's
     // failure detector for that member.
@@ -625,7 +625,8 @@ fn print_table(bench: &GossipBench, rows: &[Row]) {
             || "no heartbeat interval measured".to_owned(),
             |m| {
                 format!(
-                    "observer's mean heartbeat interval per agent {m:.0} ms, so expected detection ≈ phi × {m:.0} ms + up to one round = {:.0}–{:.0} ms",
+                    "the observer took a heartbeat update per agent every {m:.0} ms (polled every {} ms, so at most the failure detector's mean interval), so expected detection ≈ phi × {m:.0} ms + up to one round = {:.0}–{:.0} ms",
+                    HEARTBEAT_POLL.as_millis(),
                     phi * m,
                     phi * m + interval_ms
                 )

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 mod gossip;
+mod placement;
 mod submit;
 use clap::{Parser, Subcommand};
 use gantry_agent::image::{ImageConfig, ImageStore, PullConfig};
@@ -76,6 +77,22 @@ enum Cmd {
         #[arg(long, default_value = "150s", value_parser = humantime::parse_duration)]
         phase_budget: Duration,
         /// Seed for the choice of members and values (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// The placement engine alone, in process: decisions per second and latency per
+    /// decision at several cluster sizes.
+    Placement {
+        /// Cluster sizes in nodes.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+        nodes: Vec<usize>,
+        /// Timed decisions per cluster size.
+        #[arg(long, default_value_t = 200_000)]
+        decisions: usize,
+        /// Share of GPUs kept in use (the oldest jobs are released above it).
+        #[arg(long, default_value_t = 0.8)]
+        utilization: f64,
+        /// Seed for the job mix (default: from the clock; printed).
         #[arg(long)]
         seed: Option<u64>,
     },
@@ -155,6 +172,22 @@ fn main() -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(gossip::run(bench))
+        }
+        Cmd::Placement {
+            nodes,
+            decisions,
+            utilization,
+            seed,
+        } => {
+            if nodes.is_empty() || nodes.contains(&0) || !(0.0..=1.0).contains(&utilization) {
+                bail!("--nodes takes sizes of at least 1, --utilization a share from 0 to 1");
+            }
+            placement::run(placement::PlacementBench {
+                sizes: nodes,
+                decisions: decisions.max(1),
+                utilization,
+                seed: seed.unwrap_or(now_ns() as u64),
+            })
         }
         Cmd::ColdStart {
             agent,

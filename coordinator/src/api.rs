@@ -32,7 +32,7 @@ use crate::auth::{ApiTokens, Role};
 use crate::cluster::Cluster;
 use crate::join::JoinTokens;
 use crate::nodes::Nodes;
-use crate::placement;
+use crate::scheduler;
 use crate::store::{JobFilter, Store, StoreError};
 
 /// Settings of the HTTP API.
@@ -246,9 +246,15 @@ async fn submit_job(
         })
         .transpose()?;
     // Larger than every known node even when empty: it would never run.
-    let views = placement::ledger(&state.cluster.all_offers(), std::iter::empty());
-    if let Err(why @ placement::Unplaceable::TooLarge { .. }) =
-        placement::place(placement::need(&spec), &views)
+    let probe = probe_job(&spec);
+    let mut empty = scheduler::engine(&state.cluster.statuses(), &Default::default(), true);
+    // A cluster without nodes yet takes jobs: nodes may join.
+    if let Err(why) = empty.place(&scheduler::request(&probe))
+        && why.is_never()
+        && !matches!(
+            why,
+            crate::engine::Unplaceable::Never(crate::engine::Never::NoNodes)
+        )
     {
         return Err(ApiError::TooLargeForCluster {
             message: why.to_string(),
@@ -562,11 +568,11 @@ async fn get_node(
 fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
     let jobs = state.store.active_jobs()?;
     let statuses = state.cluster.statuses();
-    let ledger = placement::ledger(&state.cluster.all_offers(), &jobs);
+    let ledger = scheduler::ledger(&jobs);
     Ok(statuses
         .into_iter()
         .map(|s| {
-            let reserved = ledger.iter().find(|v| v.id == s.id);
+            let reserved = ledger.get(&s.id);
             let gossip = s.gossip.as_ref();
             Node {
                 state: s.state().into(),
@@ -580,17 +586,33 @@ fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
                 memory_bytes: s.capacity.map_or(0, |c| c.memory_bytes),
                 free_cpu_millis: gossip.map(|g| g.resources.free_cpu_millis),
                 free_memory_bytes: gossip.map(|g| g.resources.free_memory_bytes),
-                reserved_cpu_millis: reserved.map_or(0, |v| v.reserved_cpu_millis),
-                reserved_memory_bytes: reserved.map_or(0, |v| v.reserved_memory_bytes),
+                reserved_cpu_millis: reserved.map_or(0, |v| v.cpu_millis),
+                reserved_memory_bytes: reserved.map_or(0, |v| v.memory_bytes),
                 reserved_gpus: reserved
-                    .map(|v| v.reserved_gpus.iter().copied().collect())
+                    .map(|v| v.gpus.iter().copied().collect())
                     .unwrap_or_default(),
                 gpus: gossip.map(|g| g.gpus.clone()).unwrap_or_default(),
-                jobs: reserved.map(|v| v.jobs.clone()).unwrap_or_default(),
+                jobs: reserved
+                    .map(|v| v.jobs.iter().cloned().collect())
+                    .unwrap_or_default(),
                 id: s.id,
             }
         })
         .collect())
+}
+
+/// A job with `spec`, for asking the engine whether it could ever be placed.
+fn probe_job(spec: &JobSpec) -> gantry_shared::api::Job {
+    gantry_shared::api::Job {
+        id: JobId::from_sequence(0),
+        spec: spec.clone(),
+        state: JobState::Pending,
+        reason: None,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        attempts: Vec::new(),
+        failures: 0,
+    }
 }
 
 fn job_id(raw: String) -> Result<JobId, ApiError> {

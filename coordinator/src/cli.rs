@@ -87,7 +87,17 @@ pub struct RunArgs {
     pub name: Option<String>,
     pub cpu: String,
     pub memory: String,
+    /// Per node.
     pub gpus: u32,
+    /// Acceptable GPU models in order of preference.
+    pub gpu_types: Vec<String>,
+    /// Least memory per GPU (`40G`).
+    pub gpu_memory: Option<String>,
+    /// Gang size.
+    pub nodes: u32,
+    pub selector: Vec<(String, String)>,
+    pub spot: bool,
+    pub priority: i32,
     pub env: Vec<(String, String)>,
     pub retries: u32,
     pub timeout: Option<String>,
@@ -106,13 +116,15 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
             cpu: args.cpu,
             memory: args.memory,
             gpus: args.gpus,
-            gpu_types: Vec::new(),
+            gpu_types: args.gpu_types,
+            gpu_memory: args.gpu_memory,
         },
-        nodes: 1,
-        spot: false,
+        nodes: args.nodes,
+        spot: args.spot,
+        selector: args.selector.into_iter().collect(),
         retries: args.retries,
         timeout: args.timeout,
-        priority: 0,
+        priority: args.priority,
     };
     let client = cfg.client();
     let job = client.submit(&spec).await?;
@@ -133,18 +145,25 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
             }
             last_reason = job.reason.clone();
         }
-        // Stream each attempt's output once it runs (attempts after a retry too).
+        // Stream each generation's output once its members run (after a retry too).
+        let members = crate::jobs::current(&job);
         if !json
-            && let Some(a) = job.attempts.last()
-            && a.generation > followed
-            && (a.started_at_ms.is_some() || a.exit_code.is_some())
+            && !members.is_empty()
+            && members[0].generation > followed
+            && members
+                .iter()
+                .all(|a| a.started_at_ms.is_some() || a.reason.is_some())
         {
-            followed = a.generation;
-            if let Err(e) = client
-                .logs(job.id.as_str(), true, None, &mut std::io::stdout())
-                .await
-            {
-                eprintln!("{}: output unavailable: {e}", job.id);
+            followed = members[0].generation;
+            if members.len() == 1 {
+                if let Err(e) = client
+                    .logs(job.id.as_str(), true, None, &mut std::io::stdout())
+                    .await
+                {
+                    eprintln!("{}: output unavailable: {e}", job.id);
+                }
+            } else {
+                follow_ranks(&client, job.id.as_str(), members.len() as u32).await;
             }
             continue;
         }
@@ -162,6 +181,70 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
     }
 }
 
+/// Follows every rank's output at once, each line prefixed `[rank<r>]: ` as torchrun's
+/// logs are.
+async fn follow_ranks(client: &ApiClient, id: &str, ranks: u32) {
+    let tasks = (0..ranks).map(|rank| {
+        let (client, id) = (client.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let mut out = RankLines {
+                prefix: format!("[rank{rank}]: "),
+                partial: Vec::new(),
+            };
+            if let Err(e) = client.logs(&id, true, Some(rank), &mut out).await {
+                eprintln!("{id}: output of rank {rank} unavailable: {e}");
+            }
+        })
+    });
+    for t in futures_util::future::join_all(tasks).await {
+        if let Err(e) = t {
+            eprintln!("{id}: following output failed: {e}");
+        }
+    }
+}
+
+/// Writes whole lines to stdout with a prefix; a partial line waits for its end (or for
+/// the writer to be dropped), so ranks' lines never interleave mid-line.
+struct RankLines {
+    prefix: String,
+    partial: Vec<u8>,
+}
+
+impl RankLines {
+    fn emit(&self, line: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(self.prefix.as_bytes())?;
+        out.write_all(line)?;
+        out.flush()
+    }
+}
+
+impl std::io::Write for RankLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            self.emit(&line)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RankLines {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            let mut line = std::mem::take(&mut self.partial);
+            line.push(b'\n');
+            let _ = self.emit(&line);
+        }
+    }
+}
+
 pub fn print_job(job: &Job, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(job)?);
@@ -174,17 +257,52 @@ pub fn print_job(job: &Job, json: bool) -> anyhow::Result<()> {
     if let Some(r) = &job.reason {
         println!("reason:  {r}");
     }
+    let r = &job.spec.resources;
+    println!(
+        "asks:    {} node(s) × cpu {}, memory {}, {} GPU(s){}{}",
+        job.spec.nodes,
+        r.cpu,
+        r.memory,
+        r.gpus,
+        if r.gpu_types.is_empty() {
+            String::new()
+        } else {
+            format!(" of {}", r.gpu_types.join(" or "))
+        },
+        r.gpu_memory
+            .as_deref()
+            .map(|m| format!(" with ≥ {m} each"))
+            .unwrap_or_default()
+    );
+    if job.attempts.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "\n{:<4} {:<5} {:<20} {:<16} {:<14} {:<10} {:<5} REASON",
+        "GEN", "RANK", "NODE", "ADDRESS", "GPUS", "STATE", "EXIT"
+    );
     for a in &job.attempts {
-        let exit = a
-            .exit_code
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "-".into());
+        let state = match (&a.reason, a.started_at_ms) {
+            (Some(_), _) => "ended",
+            (None, Some(_)) => "running",
+            (None, None) => "starting",
+        };
+        let gpus: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
         println!(
-            "attempt: generation {} on {} gpus {:?} exit {} {}",
+            "{:<4} {:<5} {:<20} {:<16} {:<14} {:<10} {:<5} {}",
             a.generation,
+            a.rank,
             a.node,
-            a.gpus,
-            exit,
+            a.address.as_deref().unwrap_or("-"),
+            if gpus.is_empty() {
+                "-".into()
+            } else {
+                gpus.join(",")
+            },
+            state,
+            a.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
             a.reason.as_deref().unwrap_or("")
         );
     }

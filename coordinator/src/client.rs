@@ -22,6 +22,7 @@ pub enum ClientError {
     Decode(reqwest::Error),
 }
 
+#[derive(Clone)]
 pub struct ApiClient {
     base: String,
     token: String,

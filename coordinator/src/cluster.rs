@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::join::JoinTokens;
 use crate::nodes::Nodes;
-use crate::placement::Offer;
 
 /// The coordinator's member name in gossip (never a valid node id).
 pub const COORDINATOR_MEMBER: &str = "@coordinator";
@@ -251,29 +250,6 @@ impl Cluster {
     pub fn statuses(&self) -> Vec<NodeStatus> {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-
-    /// The nodes new work may go to.
-    pub fn offers(&self) -> Vec<Offer> {
-        self.statuses()
-            .iter()
-            .filter(|s| s.placeable())
-            .filter_map(offer)
-            .collect()
-    }
-
-    /// Every node whose capacity is known, placeable or not: a job larger than all of
-    /// them would never run.
-    pub fn all_offers(&self) -> Vec<Offer> {
-        self.statuses().iter().filter_map(offer).collect()
-    }
-}
-
-fn offer(s: &NodeStatus) -> Option<Offer> {
-    Some(Offer {
-        id: s.id.clone(),
-        capacity: s.capacity?,
-        unhealthy_gpus: s.unhealthy_gpus(),
-    })
 }
 
 /// What makes two views differ for the scheduler: liveness, state, capacity, GPU health.

@@ -395,7 +395,7 @@ impl State {
                 let now = now_ms();
                 let upto = self
                     .store
-                    .apply_node_events(&node, &events, |job, event| crate::jobs::apply(job, event, now))
+                    .apply_node_events(&node, &events, |job, event| crate::jobs::apply(job, &node, event, now))
                     .map_err(|e| {
                         tracing::error!(%node, error = %e, "cannot record events");
                         Refusal::new(RefusalCode::Unavailable, format!("the coordinator cannot record events now ({e}); they stay buffered and are sent again"))

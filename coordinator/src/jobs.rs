@@ -1,29 +1,75 @@
 //! Job state transitions, apart from I/O: what an event from a node does to a job.
+//!
+//! A job's attempts are the members of its generations: a gang of N nodes has N per
+//! generation (ranks 0..N-1), a plain job one. A generation succeeds when every member
+//! exited 0; it fails as soon as one member fails (exits non-zero, or cannot start), and the
+//! job goes back to pending (within its retries) or fails. Members still running then are
+//! stopped by the scheduler, which places the next generation only once they have ended,
+//! so two generations of a job never run at once.
 
-use gantry_shared::api::{Job, JobState};
+use gantry_shared::NodeId;
+use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::protocol::Event;
 
 /// Start failures that are not the job's fault before the job is given up.
 const MAX_NODE_START_FAILURES: usize = 3;
 
-/// Applies `event` to `job`. Events for another generation than the job's current
-/// attempt, and repeats of an event already applied, change nothing (agents replay
+/// The job's newest generation (0 before its first placement).
+pub fn generation(job: &Job) -> u64 {
+    job.attempts.iter().map(|a| a.generation).max().unwrap_or(0)
+}
+
+/// The members of the newest generation, by rank.
+pub fn current(job: &Job) -> Vec<&Attempt> {
+    let g = generation(job);
+    let mut members: Vec<&Attempt> = job.attempts.iter().filter(|a| a.generation == g).collect();
+    members.sort_by_key(|a| a.rank);
+    members
+}
+
+/// Members not yet known to have ended: they hold their node's resources.
+pub fn live(job: &Job) -> impl Iterator<Item = &Attempt> {
+    job.attempts.iter().filter(|a| a.reason.is_none())
+}
+
+/// Applies `event`, reported by `node`, to `job`. Events for another generation than the
+/// newest, for a member that already ended, and repeats change nothing (agents replay
 /// events after reconnecting; exactly-once is per node sequence number, and this makes a
 /// duplicate harmless even across a lost acknowledgement).
-pub fn apply(job: &mut Job, event: &Event, now_ms: u64) {
-    let Some(attempt) = job.attempts.last_mut() else {
-        return;
-    };
-    // An attempt is finished once it has a reason (start failure or exit).
-    if attempt.generation != event.generation() || attempt.reason.is_some() {
+pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
+    let generation = generation(job);
+    if event.generation() != generation {
         return;
     }
+    let gang = job
+        .attempts
+        .iter()
+        .filter(|a| a.generation == generation)
+        .count()
+        > 1;
+    let Some(member) = job
+        .attempts
+        .iter_mut()
+        .find(|a| a.generation == generation && &a.node == node && a.reason.is_none())
+    else {
+        return;
+    };
+    let rank = member.rank;
+    let who = if gang {
+        format!("rank {rank} on {node}")
+    } else {
+        node.to_string()
+    };
+    let others = if gang {
+        "; stopping the other members"
+    } else {
+        ""
+    };
     match event {
         Event::Started { at_ms, .. } => {
-            attempt.started_at_ms = Some(*at_ms);
-            if job.state == JobState::Pending || job.state == JobState::Running {
-                job.state = JobState::Running;
-                job.reason = Some(format!("running on {}", attempt.node));
+            member.started_at_ms = Some(*at_ms);
+            if job.state == JobState::Running {
+                job.reason = Some(running_reason(job));
             }
         }
         Event::StartFailed {
@@ -31,30 +77,20 @@ pub fn apply(job: &mut Job, event: &Event, now_ms: u64) {
             user_error,
             ..
         } => {
-            attempt.reason = Some(format!("start failed: {message}"));
-            let node = attempt.node.clone();
-            // The node's fault (not the job's): place it again, up to a limit, without
-            // counting against the job's retries.
-            let node_failures = job
-                .attempts
-                .iter()
-                .filter(|a| {
-                    a.started_at_ms.is_none()
-                        && a.reason
-                            .as_deref()
-                            .is_some_and(|r| r.starts_with("start failed"))
-                })
-                .count();
-            if job.state.is_terminal() {
-            } else if !*user_error && node_failures < MAX_NODE_START_FAILURES {
+            member.reason = Some(format!("start failed: {message}"));
+            if job.state != JobState::Running {
+                // Already failing (a sibling's fault) or finished.
+            } else if !*user_error && node_start_failures(job) < MAX_NODE_START_FAILURES {
                 job.state = JobState::Pending;
-                job.reason = Some(format!("re-placing: start failed on {node}: {message}"));
+                job.reason = Some(format!(
+                    "re-placing: start failed on {who}: {message}{others}"
+                ));
             } else {
                 job.state = JobState::Failed;
                 job.reason = Some(if *user_error {
-                    format!("start failed: {message}")
+                    format!("start failed: {message}{others}")
                 } else {
-                    format!("start failed on {node}: {message}")
+                    format!("start failed on {who}: {message}{others}")
                 });
             }
         }
@@ -64,29 +100,35 @@ pub fn apply(job: &mut Job, event: &Event, now_ms: u64) {
             reason,
             ..
         } => {
-            attempt.exit_code = Some(exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0)));
-            attempt.reason = Some(reason.clone());
-            if job.state.is_terminal() {
-                // Cancelled meanwhile: keep the user's decision, record how it ended.
-            } else if *exit_code == Some(0) {
-                job.state = JobState::Succeeded;
-                job.reason = None;
+            let code = exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
+            member.exit_code = Some(code);
+            member.reason = Some(reason.clone());
+            if job.state != JobState::Running {
+                // Cancelled, failed, or stopping after a sibling failed: record only.
+            } else if code == 0 {
+                let members = current(job);
+                if members.iter().all(|a| a.exit_code == Some(0)) {
+                    job.state = JobState::Succeeded;
+                    job.reason = None;
+                } else {
+                    let done = members.iter().filter(|a| a.exit_code == Some(0)).count();
+                    job.reason = Some(format!(
+                        "{done} of {} members finished; waiting for the others",
+                        members.len()
+                    ));
+                }
             } else {
-                let failures = job
-                    .attempts
-                    .iter()
-                    .filter(|a| a.exit_code.is_some_and(|c| c != 0))
-                    .count() as u32;
-                let code = job.attempts.last().and_then(|a| a.exit_code).unwrap_or(-1);
-                if failures <= job.spec.retries {
+                job.failures += 1;
+                let what = format!("{who} exited with {code} ({reason})");
+                if job.failures <= job.spec.retries {
                     job.state = JobState::Pending;
                     job.reason = Some(format!(
-                        "retrying: attempt exited with {code} ({reason}); {} of {} retries used",
-                        failures, job.spec.retries
+                        "retrying: {what}; {} of {} retries used{others}",
+                        job.failures, job.spec.retries
                     ));
                 } else {
                     job.state = JobState::Failed;
-                    job.reason = Some(format!("exited with {code} ({reason})"));
+                    job.reason = Some(format!("{what}{others}"));
                 }
             }
         }
@@ -94,9 +136,53 @@ pub fn apply(job: &mut Job, event: &Event, now_ms: u64) {
     job.updated_at_ms = now_ms;
 }
 
-/// The exit code a finished job reports: its last attempt's.
+fn running_reason(job: &Job) -> String {
+    let members = current(job);
+    let started = members.iter().filter(|a| a.started_at_ms.is_some()).count();
+    let nodes: Vec<String> = members.iter().map(|a| a.node.to_string()).collect();
+    if started == members.len() {
+        format!("running on {}", nodes.join(", "))
+    } else {
+        format!(
+            "starting on {}: {started} of {} members running",
+            nodes.join(", "),
+            members.len()
+        )
+    }
+}
+
+/// Members, in any generation, that never started because of their node.
+fn node_start_failures(job: &Job) -> usize {
+    job.attempts
+        .iter()
+        .filter(|a| {
+            a.started_at_ms.is_none()
+                && a.reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("start failed"))
+        })
+        .count()
+}
+
+/// The exit code a finished job reports: of its newest generation, the first failing
+/// member's that was not stopped by Gantry, else any failing member's, else 0 once all
+/// exited 0.
 pub fn exit_code(job: &Job) -> Option<i32> {
-    job.attempts.last().and_then(|a| a.exit_code)
+    let members = current(job);
+    let failing = |a: &&&Attempt| a.exit_code.is_some_and(|c| c != 0);
+    members
+        .iter()
+        .filter(failing)
+        .find(|a| a.reason.as_deref() != Some("stopped"))
+        .or_else(|| members.iter().find(failing))
+        .and_then(|a| a.exit_code)
+        .or_else(|| {
+            members
+                .iter()
+                .all(|a| a.exit_code == Some(0))
+                .then_some(0)
+                .filter(|_| !members.is_empty())
+        })
 }
 
 #[cfg(test)]
@@ -117,16 +203,34 @@ mod tests {
             reason: None,
             created_at_ms: 0,
             updated_at_ms: 0,
-            attempts: vec![Attempt {
-                generation: 1,
-                node: NodeId::new("n").expect("id"),
-                gpus: vec![],
-                rank: 0,
-                started_at_ms: None,
-                exit_code: None,
-                reason: None,
-            }],
+            attempts: vec![member(1, "n", 0)],
+            failures: 0,
         }
+    }
+
+    fn member(generation: u64, node: &str, rank: u32) -> Attempt {
+        Attempt {
+            generation,
+            node: NodeId::new(node).expect("id"),
+            gpus: vec![],
+            rank,
+            address: None,
+            master_addr: None,
+            master_port: None,
+            started_at_ms: None,
+            exit_code: None,
+            reason: None,
+        }
+    }
+
+    fn gang(retries: u32) -> Job {
+        let mut j = job(retries);
+        j.attempts = vec![member(1, "a", 0), member(1, "b", 1)];
+        j
+    }
+
+    fn n(name: &str) -> NodeId {
+        NodeId::new(name).expect("id")
     }
 
     fn exited(generation: u64, code: i32) -> Event {
@@ -143,17 +247,17 @@ mod tests {
     #[test]
     fn success_and_failure() {
         let mut j = job(0);
-        apply(&mut j, &exited(1, 0), 5);
+        apply(&mut j, &n("n"), &exited(1, 0), 5);
         assert_eq!((j.state, exit_code(&j)), (JobState::Succeeded, Some(0)));
         let mut j = job(0);
-        apply(&mut j, &exited(1, 3), 5);
+        apply(&mut j, &n("n"), &exited(1, 3), 5);
         assert_eq!((j.state, exit_code(&j)), (JobState::Failed, Some(3)));
     }
 
     #[test]
     fn retries_send_the_job_back_to_pending() {
         let mut j = job(1);
-        apply(&mut j, &exited(1, 1), 5);
+        apply(&mut j, &n("n"), &exited(1, 1), 5);
         assert_eq!(j.state, JobState::Pending);
         assert!(j.reason.as_deref().unwrap_or("").contains("1 of 1 retries"));
     }
@@ -161,19 +265,71 @@ mod tests {
     #[test]
     fn stale_and_repeated_events_change_nothing() {
         let mut j = job(0);
-        apply(&mut j, &exited(7, 1), 5);
+        apply(&mut j, &n("n"), &exited(7, 1), 5);
         assert_eq!(j.state, JobState::Running, "another generation");
-        apply(&mut j, &exited(1, 0), 5);
+        apply(&mut j, &n("n"), &exited(1, 0), 5);
         let once = j.clone();
-        apply(&mut j, &exited(1, 9), 6);
+        apply(&mut j, &n("n"), &exited(1, 9), 6);
         assert_eq!(j, once, "a replayed exit is ignored");
+    }
+
+    #[test]
+    fn a_gang_succeeds_when_every_member_exited_zero() {
+        let mut j = gang(0);
+        apply(&mut j, &n("a"), &exited(1, 0), 5);
+        assert_eq!(j.state, JobState::Running);
+        assert!(j.reason.as_deref().unwrap_or("").contains("1 of 2 members"));
+        apply(&mut j, &n("b"), &exited(1, 0), 6);
+        assert_eq!((j.state, exit_code(&j)), (JobState::Succeeded, Some(0)));
+    }
+
+    #[test]
+    fn one_failing_member_fails_the_generation_once() {
+        let mut j = gang(1);
+        apply(&mut j, &n("b"), &exited(1, 3), 5);
+        assert_eq!(j.state, JobState::Pending);
+        let why = j.reason.clone().unwrap_or_default();
+        assert!(why.contains("rank 1 on b exited with 3"), "{why}");
+        assert!(why.contains("stopping the other members"), "{why}");
+        // The sibling Gantry stops is recorded but is not another failure.
+        let stopped = Event::Exited {
+            job: JobId::from_sequence(1),
+            generation: 1,
+            exit_code: None,
+            signal: Some(15),
+            reason: "stopped".into(),
+            at_ms: 6,
+        };
+        apply(&mut j, &n("a"), &stopped, 6);
+        assert_eq!((j.state, j.failures), (JobState::Pending, 1));
+        assert_eq!(live(&j).count(), 0);
+        assert_eq!(
+            exit_code(&j),
+            Some(3),
+            "the failing member's code, not the stop's"
+        );
+    }
+
+    #[test]
+    fn a_member_start_failure_re_places_the_whole_gang() {
+        let mut j = gang(0);
+        let failed = Event::StartFailed {
+            job: JobId::from_sequence(1),
+            generation: 1,
+            message: "disk full".into(),
+            user_error: false,
+        };
+        apply(&mut j, &n("a"), &failed, 5);
+        assert_eq!(j.state, JobState::Pending);
+        assert_eq!(live(&j).count(), 1, "rank 1 still runs until stopped");
+        assert_eq!(j.failures, 0, "the node's fault is not the job's");
     }
 
     #[test]
     fn cancelled_stays_cancelled() {
         let mut j = job(0);
         j.state = JobState::Cancelled;
-        apply(&mut j, &exited(1, 137), 5);
+        apply(&mut j, &n("n"), &exited(1, 137), 5);
         assert_eq!((j.state, exit_code(&j)), (JobState::Cancelled, Some(137)));
     }
 }

@@ -1,30 +1,45 @@
-//! The scheduling loop: places pending jobs on connected nodes (through the pure
-//! `placement::place`), records each attempt with a new generation before telling the
-//! node, and asks nodes to stop attempts of cancelled jobs. It wakes when nodes connect or
-//! events arrive, and every half second.
+//! The scheduling loop. Each pass:
+//! 1. sends again every start a node has not confirmed, once per session of that node;
+//! 2. stops the members still running of jobs that are no longer running (cancelled, or
+//!    whose generation failed because one gang member failed);
+//! 3. hands the pending jobs whose previous generation has fully ended to the placement
+//!    engine's queue (`engine::queue::schedule`, pure), over the placeable nodes of the
+//!    cluster view and the ledger of live members;
+//! 4. records each placement (every member of the new generation, with its rank,
+//!    address and rank 0's `MASTER_PORT`) before any node hears of it, then sends each
+//!    member its start with the rank environment (`ranks`).
+//!
+//! It wakes when nodes connect or change, jobs are submitted, or events arrive, and every
+//! half second.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
-use gantry_shared::{JobId, NodeId};
+use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, NodeStatus};
+use crate::engine::queue::{self, Pending};
+use crate::engine::{Assignment, Engine, NodeInfo, Request};
+use crate::jobs;
 use crate::nodes::Nodes;
-use crate::placement::{self, Need, live_attempt, need};
+use crate::ranks;
 use crate::store::{Store, StoreError};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Grace between SIGTERM and SIGKILL when a job is cancelled.
-const CANCEL_GRACE: Duration = Duration::from_secs(10);
+/// Grace between SIGTERM and SIGKILL when a job is cancelled or its generation failed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A member's identity across passes: job, generation, node.
+type MemberKey = (JobId, u64, NodeId);
 
 pub async fn run(store: Store, nodes: Nodes, cluster: Cluster, cancel: CancellationToken) {
-    let mut stopping: HashSet<(JobId, u64)> = HashSet::new();
+    let mut stopping: HashSet<MemberKey> = HashSet::new();
     // Starts sent, per node session: a node that reconnects gets unconfirmed starts again
     // (agents treat a repeated start of the same generation as a no-op).
-    let mut delivered: HashSet<(JobId, u64, usize)> = HashSet::new();
+    let mut delivered: HashSet<(MemberKey, usize)> = HashSet::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -37,141 +52,261 @@ pub async fn run(store: Store, nodes: Nodes, cluster: Cluster, cancel: Cancellat
     }
 }
 
+/// What a job asks of each of its nodes.
+pub fn request(job: &Job) -> Request {
+    let r = &job.spec.resources;
+    // Validated at submission; should a stored spec not parse, ask for a core and 512 MiB.
+    Request {
+        nodes: job.spec.nodes,
+        cpu_millis: r.cpu.parse::<CpuMillis>().map(|c| c.0).unwrap_or(1000),
+        memory_bytes: parse_memory(&r.memory).unwrap_or(512 << 20),
+        gpus: r.gpus,
+        gpu_models: r.gpu_types.clone(),
+        min_gpu_memory_bytes: r
+            .gpu_memory
+            .as_deref()
+            .and_then(|m| parse_memory(m).ok())
+            .unwrap_or(0),
+        selector: job.spec.selector.clone(),
+        spot: job.spec.spot,
+    }
+}
+
+/// A node as the engine sees it. Only the GPUs the node declared on its session count.
+pub fn node_info(s: &NodeStatus) -> Option<NodeInfo> {
+    let capacity = s.capacity?;
+    let gossip = s.gossip.as_ref()?;
+    Some(NodeInfo {
+        id: s.id.clone(),
+        cpu_millis: capacity.cpu_millis,
+        memory_bytes: capacity.memory_bytes,
+        labels: gossip.labels.clone(),
+        gpus: gossip
+            .gpus
+            .iter()
+            .filter(|g| g.index < capacity.gpus)
+            .cloned()
+            .collect(),
+    })
+}
+
+/// The ledger: per node, what live members of `jobs` hold.
+pub fn ledger<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> BTreeMap<NodeId, Held> {
+    let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
+    for job in jobs {
+        let r = request(job);
+        for m in jobs::live(job) {
+            let h = held.entry(m.node.clone()).or_default();
+            h.cpu_millis += r.cpu_millis;
+            h.memory_bytes += r.memory_bytes;
+            h.gpus.extend(m.gpus.iter().copied());
+            if m.rank == 0
+                && let Some(p) = m.master_port
+            {
+                h.ports.insert(p);
+            }
+            h.jobs.insert(job.id.clone());
+        }
+    }
+    held
+}
+
+/// What live members hold on one node.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: BTreeSet<u32>,
+    /// `MASTER_PORT`s of generations whose rank 0 is here.
+    pub ports: BTreeSet<u16>,
+    pub jobs: BTreeSet<JobId>,
+}
+
+/// An engine over the placeable nodes of `statuses` with `held` reserved; with `as_built`,
+/// over every node whose capacity is known, as if all were up and every GPU healthy (what
+/// the cluster could ever offer: GPU health can be cleared, nodes come back).
+pub fn engine(statuses: &[NodeStatus], held: &BTreeMap<NodeId, Held>, as_built: bool) -> Engine {
+    let nodes: Vec<NodeInfo> = statuses
+        .iter()
+        .filter(|s| as_built || s.placeable())
+        .filter_map(node_info)
+        .map(|mut n| {
+            if as_built {
+                for g in &mut n.gpus {
+                    g.health = gantry_shared::gossip::GpuHealth::Healthy;
+                }
+            }
+            n
+        })
+        .collect();
+    Engine::new(
+        nodes,
+        held.iter().map(|(id, h)| {
+            (
+                id.clone(),
+                h.cpu_millis,
+                h.memory_bytes,
+                h.gpus.iter().copied().collect::<Vec<u32>>(),
+            )
+        }),
+    )
+}
+
 async fn tick(
     store: &Store,
     nodes: &Nodes,
     cluster: &Cluster,
-    stopping: &mut HashSet<(JobId, u64)>,
-    delivered: &mut HashSet<(JobId, u64, usize)>,
+    stopping: &mut HashSet<MemberKey>,
+    delivered: &mut HashSet<(MemberKey, usize)>,
 ) -> Result<(), StoreError> {
     let active = store.active_jobs()?;
-    let of = |state| {
-        active
-            .iter()
-            .filter(|j| j.state == state)
-            .cloned()
-            .collect::<Vec<Job>>()
+    let statuses = cluster.statuses();
+    resend_unconfirmed(&active, nodes, delivered).await;
+    stop_leftovers(&active, nodes, stopping).await;
+    let mut held = ledger(&active);
+    // A job whose previous generation still has members running waits for them to stop.
+    let mut waiting: Vec<&Job> = Vec::new();
+    let mut queue: Vec<Pending> = Vec::new();
+    for job in active.iter().filter(|j| j.state == JobState::Pending) {
+        if jobs::live(job).next().is_some() {
+            waiting.push(job);
+            continue;
+        }
+        queue.push(Pending {
+            job: job.id.clone(),
+            priority: job.spec.priority,
+            seq: job_seq(&job.id),
+            request: request(job),
+        });
+    }
+    for job in waiting {
+        let reason = format!(
+            "waiting for the members of attempt {} to stop",
+            jobs::generation(job)
+        );
+        note_reason(store, job, &reason)?;
+    }
+    if queue.is_empty() {
+        return Ok(());
+    }
+    let mut engine = engine(&statuses, &held, false);
+    let decisions = queue::schedule(&mut engine, &queue);
+    let by_id: BTreeMap<&JobId, &Job> = active.iter().map(|j| (&j.id, j)).collect();
+    for (id, decision) in decisions {
+        let Some(job) = by_id.get(&id) else { continue };
+        match decision {
+            Err(why) => note_reason(store, job, &format!("waiting: {why}"))?,
+            Ok(assignment) => {
+                start(
+                    store,
+                    nodes,
+                    &statuses,
+                    &mut held,
+                    job,
+                    &assignment,
+                    delivered,
+                )
+                .await?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records the new generation's members, then sends each its start.
+async fn start(
+    store: &Store,
+    nodes: &Nodes,
+    statuses: &[NodeStatus],
+    held: &mut BTreeMap<NodeId, Held>,
+    job: &Job,
+    assignment: &Assignment,
+    delivered: &mut HashSet<(MemberKey, usize)>,
+) -> Result<(), StoreError> {
+    let Some(rank0) = assignment.members.first() else {
+        return Ok(());
     };
-    let (running, cancelled, mut pending) = (
-        of(JobState::Running),
-        of(JobState::Cancelled),
-        of(JobState::Pending),
-    );
-    let mut views = placement::ledger(&cluster.offers(), running.iter().chain(&cancelled));
-    for job in &running {
-        let Some(a) = live_attempt(job).filter(|a| a.started_at_ms.is_none()) else {
-            continue;
-        };
-        let Some(session) = nodes.get(&a.node) else {
-            continue;
-        };
-        if delivered.insert((job.id.clone(), a.generation, session.conn.stable_id())) {
-            tracing::info!(job = %job.id, node = %a.node, generation = a.generation, "sending an unconfirmed start again");
-            if let Err(e) = send(
-                nodes,
-                &a.node,
-                &start_command(job, a.generation, &a.gpus, need(&job.spec)),
-            )
-            .await
-            {
-                tracing::warn!(job = %job.id, error = %e, "start not delivered");
-            }
-        }
-    }
-    for job in &cancelled {
-        if let Some(a) = live_attempt(job)
-            && stopping.insert((job.id.clone(), a.generation))
-        {
-            let stop = Command::Stop {
-                job: job.id.clone(),
-                generation: a.generation,
-                grace_ms: CANCEL_GRACE.as_millis() as u64,
-            };
-            if let Err(e) = send(nodes, &a.node, &stop).await {
-                tracing::warn!(job = %job.id, node = %a.node, error = %e, "could not ask the node to stop a cancelled job");
-                stopping.remove(&(job.id.clone(), a.generation));
-            }
-        }
-    }
-    // Forget what no longer needs remembering, so the sets stay as small as the live work.
-    let unconfirmed: HashSet<(&JobId, u64)> = running
+    let address = |node: &NodeId| {
+        statuses
+            .iter()
+            .find(|s| &s.id == node)
+            .and_then(|s| s.gossip.as_ref())
+            .map(|g| g.addr.to_string())
+    };
+    let used = held
+        .get(&rank0.node)
+        .map(|h| h.ports.clone())
+        .unwrap_or_default();
+    let Some(port) = ranks::allocate_port(&used) else {
+        let reason = format!(
+            "waiting: every MASTER_PORT ({}–{}) on {} is in use",
+            ranks::MASTER_PORTS.start(),
+            ranks::MASTER_PORTS.end(),
+            rank0.node
+        );
+        return note_reason(store, job, &reason);
+    };
+    let generation = jobs::generation(job) + 1;
+    let master_addr = address(&rank0.node);
+    let members: Vec<Attempt> = assignment
+        .members
         .iter()
-        .filter_map(|j| {
-            live_attempt(j)
-                .filter(|a| a.started_at_ms.is_none())
-                .map(|a| (&j.id, a.generation))
-        })
-        .collect();
-    delivered.retain(|(j, g, _)| unconfirmed.contains(&(j, *g)));
-    let stoppable: HashSet<(&JobId, u64)> = cancelled
-        .iter()
-        .filter_map(|j| live_attempt(j).map(|a| (&j.id, a.generation)))
-        .collect();
-    stopping.retain(|(j, g)| stoppable.contains(&(j, *g)));
-    pending.sort_by(|a, b| {
-        b.spec
-            .priority
-            .cmp(&a.spec.priority)
-            .then_with(|| a.id.cmp(&b.id))
-    });
-    for job in pending {
-        let n = need(&job.spec);
-        let placed = match placement::place(n, &views) {
-            Ok(p) => p,
-            Err(why) => {
-                let reason = format!("waiting: {why}");
-                if job.reason.as_deref() != Some(reason.as_str()) {
-                    store.update_job(&job.id, |j| {
-                        if j.state == JobState::Pending {
-                            j.reason = Some(reason.clone());
-                        }
-                    })?;
-                }
-                continue;
-            }
-        };
-        let generation = job.attempts.last().map_or(1, |a| a.generation + 1);
-        let attempt = Attempt {
+        .enumerate()
+        .map(|(rank, m)| Attempt {
             generation,
-            node: placed.node.clone(),
-            gpus: placed.gpus.clone(),
-            rank: 0,
+            node: m.node.clone(),
+            gpus: m.gpus.clone(),
+            rank: rank as u32,
+            address: address(&m.node),
+            master_addr: master_addr.clone(),
+            master_port: Some(port),
             started_at_ms: None,
             exit_code: None,
             reason: None,
-        };
-        // Recorded before the node hears of it: the ledger is authoritative.
-        let job = store.update_job(&job.id, |j| {
-            if j.state == JobState::Pending {
-                j.attempts.push(attempt.clone());
-                j.state = JobState::Running;
-                j.reason = Some(format!("starting on {}", attempt.node));
-            }
-        })?;
-        if job.attempts.last().map(|a| a.generation) != Some(generation) {
-            continue; // cancelled meanwhile
+        })
+        .collect();
+    let node_list: Vec<String> = members.iter().map(|m| m.node.to_string()).collect();
+    // Recorded before any node hears of it: the ledger is authoritative.
+    let job = store.update_job(&job.id, |j| {
+        if j.state == JobState::Pending && jobs::live(j).next().is_none() {
+            j.attempts.extend(members.iter().cloned());
+            j.state = JobState::Running;
+            j.reason = Some(format!("starting on {}", node_list.join(", ")));
         }
-        if let Some(v) = views.iter_mut().find(|v| v.id == placed.node) {
-            v.reserved_cpu_millis += n.cpu_millis;
-            v.reserved_memory_bytes += n.memory_bytes;
-            v.reserved_gpus.extend(placed.gpus.iter().copied());
+    })?;
+    if jobs::generation(&job) != generation {
+        return Ok(()); // cancelled meanwhile
+    }
+    let r = request(&job);
+    for m in &members {
+        let h = held.entry(m.node.clone()).or_default();
+        h.cpu_millis += r.cpu_millis;
+        h.memory_bytes += r.memory_bytes;
+        h.gpus.extend(m.gpus.iter().copied());
+        h.jobs.insert(job.id.clone());
+    }
+    held.entry(rank0.node.clone())
+        .or_default()
+        .ports
+        .insert(port);
+    let current = jobs::current(&job);
+    for m in &current {
+        let key = (job.id.clone(), generation, m.node.clone());
+        if let Some(session) = nodes.get(&m.node) {
+            delivered.insert((key, session.conn.stable_id()));
         }
-        let start = start_command(&job, generation, &placed.gpus, n);
-        if let Some(session) = nodes.get(&placed.node) {
-            delivered.insert((job.id.clone(), generation, session.conn.stable_id()));
-        }
-        if let Err(e) = send(nodes, &placed.node, &start).await {
-            tracing::warn!(job = %job.id, node = %placed.node, error = %e, "start not delivered; the job waits again");
+        if let Err(e) = send(nodes, &m.node, &start_command(&job, &current, m)).await {
+            tracing::warn!(job = %job.id, node = %m.node, error = %e, "start not delivered; the job waits again");
             store.update_job(&job.id, |j| {
                 if let Some(a) = j
                     .attempts
-                    .last_mut()
-                    .filter(|a| a.generation == generation && a.reason.is_none())
+                    .iter_mut()
+                    .find(|a| a.generation == generation && a.node == m.node && a.reason.is_none())
                 {
                     a.reason = Some(format!("not delivered to {}: {e}", a.node));
                     if j.state == JobState::Running {
                         j.state = JobState::Pending;
-                        j.reason = Some("waiting: the chosen node did not take the job".into());
+                        j.reason = Some("waiting: a chosen node did not take the job".into());
                     }
                 }
             })?;
@@ -180,21 +315,99 @@ async fn tick(
     Ok(())
 }
 
-fn start_command(job: &Job, generation: u64, gpus: &[u32], n: Need) -> Command {
+/// Sends again the starts nodes have not confirmed, once per session of the node.
+async fn resend_unconfirmed(
+    active: &[Job],
+    nodes: &Nodes,
+    delivered: &mut HashSet<(MemberKey, usize)>,
+) {
+    let mut unconfirmed: HashSet<MemberKey> = HashSet::new();
+    for job in active.iter().filter(|j| j.state == JobState::Running) {
+        let current = jobs::current(job);
+        for m in current
+            .iter()
+            .filter(|m| m.reason.is_none() && m.started_at_ms.is_none())
+        {
+            let key = (job.id.clone(), m.generation, m.node.clone());
+            unconfirmed.insert(key.clone());
+            let Some(session) = nodes.get(&m.node) else {
+                continue;
+            };
+            if delivered.insert((key, session.conn.stable_id())) {
+                tracing::info!(job = %job.id, node = %m.node, generation = m.generation, "sending an unconfirmed start again");
+                if let Err(e) = send(nodes, &m.node, &start_command(job, &current, m)).await {
+                    tracing::warn!(job = %job.id, error = %e, "start not delivered");
+                }
+            }
+        }
+    }
+    // Forget what no longer needs remembering, so the set stays as small as the live work.
+    delivered.retain(|(k, _)| unconfirmed.contains(k));
+}
+
+/// Stops the members still running of jobs that are not running any more.
+async fn stop_leftovers(active: &[Job], nodes: &Nodes, stopping: &mut HashSet<MemberKey>) {
+    let mut stoppable: HashSet<MemberKey> = HashSet::new();
+    for job in active.iter().filter(|j| j.state != JobState::Running) {
+        for m in jobs::live(job) {
+            let key = (job.id.clone(), m.generation, m.node.clone());
+            stoppable.insert(key.clone());
+            if !stopping.insert(key.clone()) {
+                continue;
+            }
+            let stop = Command::Stop {
+                job: job.id.clone(),
+                generation: m.generation,
+                grace_ms: STOP_GRACE.as_millis() as u64,
+            };
+            if let Err(e) = send(nodes, &m.node, &stop).await {
+                tracing::warn!(job = %job.id, node = %m.node, error = %e, "could not ask the node to stop a member");
+                stopping.remove(&key);
+            }
+        }
+    }
+    stopping.retain(|k| stoppable.contains(k));
+}
+
+/// Records why a pending job waits, if that changed.
+fn note_reason(store: &Store, job: &Job, reason: &str) -> Result<(), StoreError> {
+    if job.reason.as_deref() != Some(reason) {
+        store.update_job(&job.id, |j| {
+            if j.state == JobState::Pending {
+                j.reason = Some(reason.to_owned());
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Submission order from the job id (`j-<16 hex>` from sled's monotonic counter).
+fn job_seq(id: &JobId) -> u64 {
+    id.as_str()
+        .strip_prefix("j-")
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(u64::MAX)
+}
+
+fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Command {
+    let r = request(job);
+    let mut env: Vec<(String, String)> = job
+        .spec
+        .env
+        .iter()
+        .filter(|(k, _)| !ranks::is_rank_var(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.extend(ranks::env(job, members, member));
     Command::Start(AttemptSpec {
         job: job.id.clone(),
-        generation,
+        generation: member.generation,
         image: job.spec.image.clone(),
         command: job.spec.command.clone(),
-        env: job
-            .spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        cpu_millis: n.cpu_millis,
-        memory_bytes: n.memory_bytes,
-        gpus: gpus.to_vec(),
+        env,
+        cpu_millis: r.cpu_millis,
+        memory_bytes: r.memory_bytes,
+        gpus: member.gpus.clone(),
         timeout_ms: job
             .spec
             .timeout

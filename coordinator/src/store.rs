@@ -52,12 +52,10 @@ pub struct Store {
     active: sled::Tree,
 }
 
-/// A job the scheduler still has to place, watch or stop: not finished, or cancelled with
-/// an attempt that has not ended yet.
+/// A job the scheduler still has to place, watch or stop: not finished, or finished
+/// (cancelled, or failed by one gang member) with members that have not ended yet.
 pub fn needs_scheduler(job: &Job) -> bool {
-    !job.state.is_terminal()
-        || (job.state == JobState::Cancelled
-            && job.attempts.last().is_some_and(|a| a.reason.is_none()))
+    !job.state.is_terminal() || crate::jobs::live(job).next().is_some()
 }
 
 /// Which jobs to list.
@@ -153,6 +151,7 @@ impl Store {
     ) -> Result<(Job, bool), StoreError> {
         let id = JobId::from_sequence(self.db.generate_id()?);
         let job = Job {
+            failures: 0,
             id,
             spec,
             state: JobState::Pending,

@@ -28,9 +28,13 @@ pub struct JobSpec {
     /// Gang size: nodes that run the job together (1 for a plain job).
     #[serde(default = "one")]
     pub nodes: u32,
-    /// May run on spot (preemptible) nodes.
+    /// May run on spot (preemptible) nodes; jobs that may not never go to a node labelled
+    /// `spot=true`.
     #[serde(default)]
     pub spot: bool,
+    /// Node labels that must all match (`rack: r12`).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
     /// Restarts after a failure of the job's own making.
     #[serde(default)]
     pub retries: u32,
@@ -59,6 +63,9 @@ pub struct JobResources {
     /// Acceptable GPU models in order of preference (empty: any).
     #[serde(default)]
     pub gpu_types: Vec<String>,
+    /// Least memory each GPU must have (`40G`).
+    #[serde(default)]
+    pub gpu_memory: Option<String>,
 }
 
 impl Default for JobResources {
@@ -68,6 +75,7 @@ impl Default for JobResources {
             memory: "512M".into(),
             gpus: 0,
             gpu_types: Vec::new(),
+            gpu_memory: None,
         }
     }
 }
@@ -122,6 +130,35 @@ impl JobSpec {
             .parse::<CpuMillis>()
             .map_err(|e| resource("resources.cpu", e))?;
         parse_memory(&self.resources.memory).map_err(|e| resource("resources.memory", e))?;
+        if let Some(m) = &self.resources.gpu_memory {
+            parse_memory(m).map_err(|e| resource("resources.gpu_memory", e))?;
+        }
+        if self.resources.gpus > 64 {
+            return err("resources.gpus", "must be at most 64 per node");
+        }
+        if self
+            .resources
+            .gpu_types
+            .iter()
+            .any(|t| t.trim().is_empty() || t.len() > 64)
+        {
+            return err(
+                "resources.gpu_types",
+                "each must be a GPU model such as `H100` or `A100-80GB`",
+            );
+        }
+        if let Some((k, v)) = self
+            .selector
+            .iter()
+            .find(|(k, v)| crate::gossip::parse_label(&format!("{k}={v}")).is_err())
+        {
+            return Err(FieldError {
+                field: "selector",
+                message: format!(
+                    "`{k}={v}` is not a valid label (letters, digits, `._-`; keys may hold `/`)"
+                ),
+            });
+        }
         if let Some(t) = &self.timeout
             && !valid_duration(t)
         {
@@ -179,7 +216,8 @@ impl JobState {
     }
 }
 
-/// One placement of a job on one node.
+/// One member of one placement of a job: a gang of N nodes has N per generation, with
+/// ranks 0..N-1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Attempt {
     /// Only ever increases for a job; agents refuse commands with older generations.
@@ -187,7 +225,16 @@ pub struct Attempt {
     #[schema(value_type = String)]
     pub node: NodeId,
     pub gpus: Vec<u32>,
+    /// Rank of this member in its generation (0 for a job of one node).
     pub rank: u32,
+    /// The member's node address at placement (its entry in `GANTRY_NODE_IPS`).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Where the generation's rank 0 listens for its peers (`MASTER_ADDR`, `MASTER_PORT`).
+    #[serde(default)]
+    pub master_addr: Option<String>,
+    #[serde(default)]
+    pub master_port: Option<u16>,
     /// When the node reported the container running (unix ms); absent while starting.
     #[serde(default)]
     pub started_at_ms: Option<u64>,
@@ -206,7 +253,11 @@ pub struct Job {
     pub reason: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// Every member of every generation, oldest first.
     pub attempts: Vec<Attempt>,
+    /// Generations that failed by the job's own doing (counted against `retries`).
+    #[serde(default)]
+    pub failures: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

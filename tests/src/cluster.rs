@@ -265,8 +265,10 @@ impl TestCluster {
             .json(&spec)
             .send()
             .expect("submit");
-        assert!(r.status().is_success(), "submit: {}", r.status());
-        r.json().expect("json")
+        let status = r.status();
+        let body: Value = r.json().expect("json");
+        assert!(status.is_success(), "submit: {status} {body}");
+        body
     }
 
     pub fn job(&self, id: &str) -> Value {

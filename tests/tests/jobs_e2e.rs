@@ -177,7 +177,7 @@ async fn jobs_run_and_report_their_exit_codes() {
         body["error"]["message"]
             .as_str()
             .unwrap_or("")
-            .contains("no node is large enough"),
+            .contains("can never run here: no node has 64 cpu"),
         "{body}"
     );
     let missing = c

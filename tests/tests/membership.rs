@@ -221,7 +221,7 @@ fn an_injected_xid_marks_that_gpu_unhealthy_and_it_is_never_placed() {
     assert!(
         four["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("waiting for capacity")),
+            .is_some_and(|r| r.contains("no node has 4 healthy GPUs")),
         "{four}"
     );
 }

@@ -57,8 +57,27 @@ enum Command {
         cpu: String,
         #[arg(long, default_value = "512M")]
         memory: String,
+        /// GPUs per node.
         #[arg(long, default_value_t = 0)]
         gpus: u32,
+        /// Acceptable GPU models in order of preference, e.g. `H100,A100`.
+        #[arg(long = "gpu-type", value_delimiter = ',')]
+        gpu_types: Vec<String>,
+        /// Least memory each GPU must have, e.g. `40G`.
+        #[arg(long)]
+        gpu_memory: Option<String>,
+        /// Gang size: nodes that run the job together, one container each, with ranks.
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
+        /// A node label that must match, `KEY=VALUE`; repeatable.
+        #[arg(long = "selector", value_parser = gantry_shared::gossip::parse_label)]
+        selectors: Vec<(String, String)>,
+        /// May run on spot (preemptible) nodes.
+        #[arg(long)]
+        spot: bool,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
         /// `KEY=VALUE`, repeatable.
         #[arg(long, short, value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -187,6 +206,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             cpu,
             memory,
             gpus,
+            gpu_types,
+            gpu_memory,
+            nodes,
+            selectors,
+            spot,
+            priority,
             env,
             retries,
             timeout,
@@ -202,6 +227,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     cpu,
                     memory,
                     gpus,
+                    gpu_types,
+                    gpu_memory,
+                    nodes,
+                    selector: selectors,
+                    spot,
+                    priority,
                     env,
                     retries,
                     timeout,
