@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
 use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
@@ -163,13 +164,73 @@ async fn tick(
     let statuses = cluster.statuses();
     resend_unconfirmed(&active, nodes, delivered).await;
     stop_leftovers(&active, nodes, stopping).await;
-    let mut held = ledger(&active);
-    // A job whose previous generation still has members running waits for them to stop.
-    let mut waiting: Vec<&Job> = Vec::new();
+    let placed = place_pending(store, &statuses, &active)?;
+    // Starts go out concurrently (a bounded number at a time).
+    let mut sends = Vec::new();
+    for job in &placed {
+        let current = jobs::current(job);
+        for m in &current {
+            let key = (job.id.clone(), m.generation, m.node.clone());
+            if let Some(session) = nodes.get(&m.node) {
+                delivered.insert((key, session.conn.stable_id()));
+            }
+            let command = start_command(job, &current, m);
+            let (job, node, generation) = (job.id.clone(), m.node.clone(), m.generation);
+            sends.push(async move {
+                let result = send(nodes, &node, &command).await;
+                (job, node, generation, result)
+            });
+        }
+    }
+    let results: Vec<_> = futures_util::stream::iter(sends)
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut undelivered = false;
+    for (job, node, generation, result) in results {
+        let Err(e) = result else { continue };
+        tracing::warn!(%job, %node, error = %e, "start not delivered; the job waits again");
+        undelivered = true;
+        store.update_job_deferred(&job, |j| {
+            if let Some(a) = j
+                .attempts
+                .iter_mut()
+                .find(|a| a.generation == generation && a.node == node && a.reason.is_none())
+            {
+                a.reason = Some(format!("not delivered to {}: {e}", a.node));
+                if j.state == JobState::Running {
+                    j.state = JobState::Pending;
+                    j.reason = Some("waiting: a chosen node did not take the job".into());
+                }
+            }
+        })?;
+    }
+    if undelivered {
+        store.commit()?;
+    }
+    Ok(())
+}
+
+/// One placement pass, without talking to nodes: hands the pending jobs to the engine's
+/// queue, records every new generation (members with ranks, addresses and rank 0's
+/// `MASTER_PORT`) and every changed waiting reason, and makes it all durable with one
+/// commit. Returns the placed jobs, whose members' starts are to be sent.
+pub fn place_pending(
+    store: &Store,
+    statuses: &[NodeStatus],
+    active: &[Job],
+) -> Result<Vec<Job>, StoreError> {
+    let mut held = ledger(active);
     let mut queue: Vec<Pending> = Vec::new();
+    let mut wrote = false;
     for job in active.iter().filter(|j| j.state == JobState::Pending) {
+        // A job whose previous generation still has members running waits for them.
         if jobs::live(job).next().is_some() {
-            waiting.push(job);
+            let reason = format!(
+                "waiting for the members of attempt {} to stop",
+                jobs::generation(job)
+            );
+            wrote |= note_reason(store, job, &reason)?;
             continue;
         }
         queue.push(Pending {
@@ -179,52 +240,42 @@ async fn tick(
             request: request(job),
         });
     }
-    for job in waiting {
-        let reason = format!(
-            "waiting for the members of attempt {} to stop",
-            jobs::generation(job)
-        );
-        note_reason(store, job, &reason)?;
-    }
-    if queue.is_empty() {
-        return Ok(());
-    }
-    let mut engine = engine(&statuses, &held, false);
-    let decisions = queue::schedule(&mut engine, &queue);
-    let by_id: BTreeMap<&JobId, &Job> = active.iter().map(|j| (&j.id, j)).collect();
-    for (id, decision) in decisions {
-        let Some(job) = by_id.get(&id) else { continue };
-        match decision {
-            Err(why) => note_reason(store, job, &format!("waiting: {why}"))?,
-            Ok(assignment) => {
-                start(
-                    store,
-                    nodes,
-                    &statuses,
-                    &mut held,
-                    job,
-                    &assignment,
-                    delivered,
-                )
-                .await?
+    let mut placed = Vec::new();
+    if !queue.is_empty() {
+        let mut engine = engine(statuses, &held, false);
+        let decisions = queue::schedule(&mut engine, &queue);
+        let by_id: BTreeMap<&JobId, &Job> = active.iter().map(|j| (&j.id, j)).collect();
+        for (id, decision) in decisions {
+            let Some(job) = by_id.get(&id) else { continue };
+            match decision {
+                Err(why) => wrote |= note_reason(store, job, &format!("waiting: {why}"))?,
+                Ok(assignment) => {
+                    wrote = true;
+                    if let Some(job) = record(store, statuses, &mut held, job, &assignment)? {
+                        placed.push(job);
+                    }
+                }
             }
         }
     }
-    Ok(())
+    if wrote {
+        // Recorded before any node hears of it: the ledger is authoritative.
+        store.commit()?;
+    }
+    Ok(placed)
 }
 
-/// Records the new generation's members, then sends each its start.
-async fn start(
+/// Records the new generation of `job` (not yet durable); `None` if the job changed
+/// meanwhile (cancelled) or no `MASTER_PORT` is free on rank 0's node.
+fn record(
     store: &Store,
-    nodes: &Nodes,
     statuses: &[NodeStatus],
     held: &mut BTreeMap<NodeId, Held>,
     job: &Job,
     assignment: &Assignment,
-    delivered: &mut HashSet<(MemberKey, usize)>,
-) -> Result<(), StoreError> {
+) -> Result<Option<Job>, StoreError> {
     let Some(rank0) = assignment.members.first() else {
-        return Ok(());
+        return Ok(None);
     };
     let address = |node: &NodeId| {
         statuses
@@ -244,7 +295,8 @@ async fn start(
             ranks::MASTER_PORTS.end(),
             rank0.node
         );
-        return note_reason(store, job, &reason);
+        note_reason(store, job, &reason)?;
+        return Ok(None);
     };
     let generation = jobs::generation(job) + 1;
     let master_addr = address(&rank0.node);
@@ -266,8 +318,7 @@ async fn start(
         })
         .collect();
     let node_list: Vec<String> = members.iter().map(|m| m.node.to_string()).collect();
-    // Recorded before any node hears of it: the ledger is authoritative.
-    let job = store.update_job(&job.id, |j| {
+    let job = store.update_job_deferred(&job.id, |j| {
         if j.state == JobState::Pending && jobs::live(j).next().is_none() {
             j.attempts.extend(members.iter().cloned());
             j.state = JobState::Running;
@@ -275,7 +326,7 @@ async fn start(
         }
     })?;
     if jobs::generation(&job) != generation {
-        return Ok(()); // cancelled meanwhile
+        return Ok(None); // cancelled meanwhile
     }
     let r = request(&job);
     for m in &members {
@@ -289,30 +340,7 @@ async fn start(
         .or_default()
         .ports
         .insert(port);
-    let current = jobs::current(&job);
-    for m in &current {
-        let key = (job.id.clone(), generation, m.node.clone());
-        if let Some(session) = nodes.get(&m.node) {
-            delivered.insert((key, session.conn.stable_id()));
-        }
-        if let Err(e) = send(nodes, &m.node, &start_command(&job, &current, m)).await {
-            tracing::warn!(job = %job.id, node = %m.node, error = %e, "start not delivered; the job waits again");
-            store.update_job(&job.id, |j| {
-                if let Some(a) = j
-                    .attempts
-                    .iter_mut()
-                    .find(|a| a.generation == generation && a.node == m.node && a.reason.is_none())
-                {
-                    a.reason = Some(format!("not delivered to {}: {e}", a.node));
-                    if j.state == JobState::Running {
-                        j.state = JobState::Pending;
-                        j.reason = Some("waiting: a chosen node did not take the job".into());
-                    }
-                }
-            })?;
-        }
-    }
-    Ok(())
+    Ok(Some(job))
 }
 
 /// Sends again the starts nodes have not confirmed, once per session of the node.
@@ -369,16 +397,17 @@ async fn stop_leftovers(active: &[Job], nodes: &Nodes, stopping: &mut HashSet<Me
     stopping.retain(|k| stoppable.contains(k));
 }
 
-/// Records why a pending job waits, if that changed.
-fn note_reason(store: &Store, job: &Job, reason: &str) -> Result<(), StoreError> {
-    if job.reason.as_deref() != Some(reason) {
-        store.update_job(&job.id, |j| {
-            if j.state == JobState::Pending {
-                j.reason = Some(reason.to_owned());
-            }
-        })?;
+/// Records why a pending job waits, if that changed (not yet durable); true if it wrote.
+fn note_reason(store: &Store, job: &Job, reason: &str) -> Result<bool, StoreError> {
+    if job.reason.as_deref() == Some(reason) {
+        return Ok(false);
     }
-    Ok(())
+    store.update_job_deferred(&job.id, |j| {
+        if j.state == JobState::Pending {
+            j.reason = Some(reason.to_owned());
+        }
+    })?;
+    Ok(true)
 }
 
 /// Submission order from the job id (`j-<16 hex>` from sled's monotonic counter).

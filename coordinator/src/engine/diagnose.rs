@@ -208,8 +208,8 @@ impl fmt::Display for Busy {
 
 impl Engine {
     /// Never or busy, for a request `find` could not place.
-    pub(crate) fn explain(&self, req: &Request) -> Unplaceable {
-        match self.never(req) {
+    pub(crate) fn explain(&mut self, req: &Request) -> Unplaceable {
+        match self.never_cached(req) {
             Some(never) => Unplaceable::Never(never),
             None => Unplaceable::Busy(self.busy(req)),
         }
@@ -232,15 +232,7 @@ impl Engine {
                 nodes: self.nodes.len(),
             });
         }
-        let matching = self
-            .nodes
-            .iter()
-            .filter(|nd| {
-                req.selector
-                    .iter()
-                    .all(|(k, v)| nd.labels.get(k) == Some(v))
-            })
-            .count();
+        let matching = self.matching(req).count();
         if has_selector && matching < n {
             return Some(Never::Selector {
                 selector: selector_text(req),
@@ -248,7 +240,7 @@ impl Engine {
                 matching,
             });
         }
-        let eligible: Vec<&NodeState> = self.nodes.iter().filter(|nd| nd.eligible(req)).collect();
+        let eligible: Vec<&NodeState> = self.eligible(req).map(|(_, nd)| nd).collect();
         if eligible.len() < n {
             return Some(Never::Spot {
                 needed,
@@ -330,7 +322,7 @@ impl Engine {
         let (mut gpu_avail, mut res_avail, mut held) = (0, 0, 0);
         let mut full = vec![0usize; prefs.len().max(1)];
         let mut other: BTreeMap<&str, usize> = BTreeMap::new();
-        for nd in self.nodes.iter().filter(|nd| nd.eligible(req)) {
+        for (_, nd) in self.eligible(req) {
             let (g, r) = (gpu_free(nd, &all), res_free(nd));
             if nd.fenced_by.is_some() {
                 held += usize::from(g && r);
@@ -346,16 +338,17 @@ impl Engine {
                 }
             }
             if req.gpus > 0 && !req.gpu_models.is_empty() && !g {
-                let mut models: Vec<&str> = nd
-                    .kinds
-                    .iter()
-                    .filter(|k| k.free >= req.gpus && !all.contains(&k.kind))
-                    .filter_map(|k| self.kinds.get(k.kind as usize))
-                    .map(|k| k.model.as_str())
-                    .collect();
-                models.dedup();
-                for m in models {
-                    *other.entry(m).or_default() += 1;
+                // A node's kinds are sorted by model: count each model once per node.
+                let mut last: Option<&str> = None;
+                for k in nd.kinds.iter().filter(|k| k.free >= req.gpus) {
+                    let Some(kind) = self.kinds.get(k.kind as usize) else {
+                        continue;
+                    };
+                    if all.contains(&k.kind) || last == Some(kind.model.as_str()) {
+                        continue;
+                    }
+                    last = Some(kind.model.as_str());
+                    *other.entry(kind.model.as_str()).or_default() += 1;
                 }
             }
         }

@@ -179,10 +179,8 @@ impl Engine {
     /// The candidates by a scan over every node (jobs with a selector).
     fn scan(&self, req: &Request, kinds: &[u32]) -> Vec<Cand> {
         let mut out = Vec::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            let i = i as u32;
+        for (i, n) in self.eligible(req) {
             if n.fenced_by.is_some()
-                || !n.eligible(req)
                 || n.free_cpu() < req.cpu_millis
                 || n.free_memory() < req.memory_bytes
             {

@@ -30,14 +30,16 @@
 //!   gang; otherwise the best nodes overall, from racks with more fitting nodes first.
 //!   Rank 0 is the first member.
 //!
-//! Complexity, n nodes, k kinds accepted by the request, g GPUs: a single-node job without
-//! a selector is `O(k · log n)` through the index (`index.rs`), plus one `O(log n)` step per
-//! node skipped for lack of memory; a gang without a selector is `O(F log F)` in F, the
-//! nodes that fit; a job with a selector scans all n nodes. Reserving or releasing a member
-//! is `O(kinds on the node · log n)`. A job that cannot be placed is explained by one
-//! `O(n · kinds)` scan.
+//! Complexity, n nodes, k kinds accepted by the request: a single-node job without a
+//! selector is `O(k · log n)` through the ordered index (`index.rs`), plus one `O(log n)`
+//! step per node skipped for lack of memory; a gang without a selector is `O(F log F)` in
+//! F, the nodes that fit now; a job with a selector walks the shortest posting list of its
+//! `label=value` pairs, `O(m)` in the m nodes carrying that pair. Reserving or releasing a
+//! member is `O(kinds on the node · log n)`. A job that cannot be placed is explained with
+//! one `O(n)` scan for *busy*, plus one for *never* the first time that request is seen
+//! (capacity does not change within an engine, so that verdict is cached).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use gantry_shared::NodeId;
 use gantry_shared::gossip::GpuInfo;
@@ -79,7 +81,7 @@ pub struct NodeInfo {
 }
 
 /// What a job asks for. Every gang member gets the per-node amounts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Request {
     /// Gang size: one member on each of this many distinct nodes.
     pub nodes: u32,
@@ -198,15 +200,6 @@ impl NodeState {
             .map_or(0, |k| k.total)
     }
 
-    /// Selector and spot tolerance: the constraints that do not depend on load.
-    pub fn eligible(&self, req: &Request) -> bool {
-        (req.spot || !self.spot)
-            && req
-                .selector
-                .iter()
-                .all(|(k, v)| self.labels.get(k) == Some(v))
-    }
-
     fn slot_mut(&mut self, index: u32) -> Option<&mut Slot> {
         let i = self.gpus.binary_search_by_key(&index, |s| s.index).ok()?;
         self.gpus.get_mut(i)
@@ -223,8 +216,16 @@ pub struct Engine {
     /// numbered in the order of their names.
     pub(crate) rack_free: Vec<u64>,
     pub(crate) index: Index,
+    /// Node positions per `(label, value)`, ascending: a selector walks the shortest list.
+    pub(crate) labels: BTreeMap<(String, String), Vec<u32>>,
     pub(crate) fenced: Vec<u32>,
+    /// `never` depends only on what does not change (capacity, labels, health), so its
+    /// answers are kept, up to `NEVER_CACHE` requests.
+    never_cache: HashMap<Request, Option<Never>>,
 }
+
+/// Most requests whose never/busy verdict is remembered.
+const NEVER_CACHE: usize = 1024;
 
 impl Engine {
     /// Builds the engine from the nodes that may take work and what the ledger holds on
@@ -317,8 +318,19 @@ impl Engine {
                 rack_free[r as usize] += n.kinds.iter().map(|k| u64::from(k.free)).sum::<u64>();
             }
         }
+        let mut labels: BTreeMap<(String, String), Vec<u32>> = BTreeMap::new();
+        for (i, n) in states.iter().enumerate() {
+            for (k, v) in &n.labels {
+                labels
+                    .entry((k.clone(), v.clone()))
+                    .or_default()
+                    .push(i as u32);
+            }
+        }
         let mut engine = Self {
             index: Index::new(kinds.len()),
+            labels,
+            never_cache: HashMap::new(),
             nodes: states,
             kinds,
             rack_free,
@@ -370,6 +382,57 @@ impl Engine {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// Nodes whose labels match `req`'s selector, ascending. Without a selector, every
+    /// node; with one, only the shortest posting list of its pairs is walked.
+    pub(crate) fn matching<'a>(
+        &'a self,
+        req: &'a Request,
+    ) -> impl Iterator<Item = (u32, &'a NodeState)> + 'a {
+        let list: Option<&[u32]> = if req.selector.is_empty() {
+            None
+        } else {
+            Some(
+                req.selector
+                    .iter()
+                    .map(|(k, v)| {
+                        self.labels
+                            .get(&(k.clone(), v.clone()))
+                            .map_or(&[][..], Vec::as_slice)
+                    })
+                    .min_by_key(|l| l.len())
+                    .unwrap_or_default(),
+            )
+        };
+        let all = list.is_none().then_some(0..self.nodes.len() as u32);
+        all.into_iter()
+            .flatten()
+            .chain(list.into_iter().flatten().copied())
+            .filter_map(|i| Some((i, self.nodes.get(i as usize)?)))
+            .filter(|(_, n)| req.selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+    }
+
+    /// Nodes `req` may use whatever their load: the selector matches, and spot nodes
+    /// only for spot-tolerant jobs.
+    pub(crate) fn eligible<'a>(
+        &'a self,
+        req: &'a Request,
+    ) -> impl Iterator<Item = (u32, &'a NodeState)> + 'a {
+        self.matching(req).filter(|(_, n)| req.spot || !n.spot)
+    }
+
+    /// `never`, remembered per request.
+    pub(crate) fn never_cached(&mut self, req: &Request) -> Option<Never> {
+        if let Some(n) = self.never_cache.get(req) {
+            return n.clone();
+        }
+        let n = self.never(req);
+        if self.never_cache.len() >= NEVER_CACHE {
+            self.never_cache.clear();
+        }
+        self.never_cache.insert(req.clone(), n.clone());
+        n
     }
 
     fn reserve(&mut self, assignment: &Assignment, req: &Request) {

@@ -113,17 +113,12 @@ impl Engine {
     /// free now: `(GPUs still busy, 1 if cpu or memory is short, node)`.
     fn shadow_candidates(&self, req: &Request, kinds: &[u32]) -> Vec<Cand> {
         let mut out = Vec::new();
-        for (i, nd) in self.nodes.iter().enumerate() {
-            if nd.fenced_by.is_some()
-                || !nd.eligible(req)
-                || nd.cpu < req.cpu_millis
-                || nd.memory < req.memory_bytes
-            {
+        for (i, nd) in self.eligible(req) {
+            if nd.fenced_by.is_some() || nd.cpu < req.cpu_millis || nd.memory < req.memory_bytes {
                 continue;
             }
             let short =
                 u64::from(nd.free_cpu() < req.cpu_millis || nd.free_memory() < req.memory_bytes);
-            let i = i as u32;
             if req.gpus == 0 {
                 out.push(Cand {
                     node: i,
@@ -150,11 +145,10 @@ impl Engine {
     /// The earliest queue position holding a fenced node that `req` fits on empty.
     pub(crate) fn blocker(&self, req: &Request) -> Option<usize> {
         let prefs = self.preferences(req);
-        self.nodes
-            .iter()
+        self.eligible(req)
+            .map(|(_, nd)| nd)
             .filter(|nd| {
-                nd.eligible(req)
-                    && nd.cpu >= req.cpu_millis
+                nd.cpu >= req.cpu_millis
                     && nd.memory >= req.memory_bytes
                     && (req.gpus == 0
                         || prefs.iter().flatten().any(|&k| nd.total_of(k) >= req.gpus))
