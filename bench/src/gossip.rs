@@ -105,6 +105,51 @@ struct Row {
     heartbeat_ms: Option<f64>,
     /// Times a running agent was seen not live by the observer.
     false_deaths: usize,
+    /// UDP datagrams dropped for a full receive buffer, of all that arrived, in the
+    /// steady window and over the whole size.
+    drops_steady: Option<UdpDrops>,
+    drops_all: Option<UdpDrops>,
+}
+
+/// The network namespace's UDP counters (`/proc/net/snmp`): they count every process in
+/// it, not only this one.
+#[derive(Debug, Clone, Copy)]
+struct UdpDrops {
+    received: u64,
+    dropped: u64,
+}
+
+impl UdpDrops {
+    fn now() -> Option<Self> {
+        let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+        let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+        let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+        let get = |name: &str| -> Option<u64> {
+            let i = names.iter().position(|n| *n == name)?;
+            values.get(i)?.parse().ok()
+        };
+        Some(Self {
+            received: get("InDatagrams")?,
+            dropped: get("RcvbufErrors")?,
+        })
+    }
+
+    fn since(self, start: Option<Self>) -> Option<Self> {
+        let start = start?;
+        Some(Self {
+            received: self.received.saturating_sub(start.received),
+            dropped: self.dropped.saturating_sub(start.dropped),
+        })
+    }
+
+    fn percent(&self) -> f64 {
+        100.0 * self.dropped as f64 / (self.received + self.dropped).max(1) as f64
+    }
+}
+
+fn drops_since(start: Option<UdpDrops>) -> Option<UdpDrops> {
+    UdpDrops::now()?.since(start)
 }
 
 #[derive(Debug, Default)]
@@ -364,8 +409,10 @@ async fn steady(bench: &GossipBench, c: &Cluster, row: &mut Row, flaps: &mut Fal
         sum_traffic(&observer),
         CpuMeter::start(),
     );
+    let udp = UdpDrops::now();
     tokio::time::sleep(bench.window).await;
     let (a1, o1) = (sum_traffic(&agents), sum_traffic(&observer));
+    row.drops_steady = drops_since(udp);
     let secs = cpu.wall.elapsed().as_secs_f64();
     row.cpu_steady = cpu.cores();
     row.agent_sent = a1.0.saturating_sub(a0.0) as f64 / secs / n as f64;
@@ -533,6 +580,7 @@ async fn measure(bench: &GossipBench, n: usize, rng: &mut Rng) -> anyhow::Result
         ..Row::default()
     };
     let mut flaps = FalseDeaths::default();
+    let udp = UdpDrops::now();
     eprintln!("gossip: {n} members: starting");
     let mut c = converge(bench, n, &mut row).await?;
     eprintln!(
@@ -549,6 +597,7 @@ async fn measure(bench: &GossipBench, n: usize, rng: &mut Rng) -> anyhow::Result
     let result = detections(bench, &mut c, rng, &mut row, &mut flaps).await;
     row.cpu_trials = cpu.cores();
     row.false_deaths = flaps.count;
+    row.drops_all = drops_since(udp);
     c.shutdown().await;
     result?;
     Ok(row)
@@ -581,10 +630,12 @@ fn print_table(bench: &GossipBench, rows: &[Row]) {
     let interval_ms = bench.membership.gossip_interval.as_secs_f64() * 1e3;
     let phi = bench.membership.phi_threshold;
     println!(
-        "| members | convergence (observer / all see all) | change visible p50 / p99 | detection p50 / p99 | sent KB/s/node | received KB/s/node | CPU steady / trials (cores of {}) | false deaths |",
+        "| members | convergence (observer / all see all) | change visible p50 / p99 | detection p50 / p99 | sent KB/s/node | received KB/s/node | CPU steady / trials (cores of {}) | false deaths | UDP drops steady / whole |",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let drops =
+        |d: Option<UdpDrops>| d.map_or_else(|| "—".to_owned(), |d| format!("{:.2} %", d.percent()));
     for r in rows {
         let convergence = match r.convergence {
             Some(s) => format!("{s:.2} s"),
@@ -599,7 +650,7 @@ fn print_table(bench: &GossipBench, rows: &[Row]) {
             .all_see_all
             .map_or_else(|| "—".to_owned(), |s| format!("{s:.2} s"));
         println!(
-            "| {} | {convergence} / {all} | {} | {} | {:.1} | {:.1} | {:.2} / {:.2} | {} |",
+            "| {} | {convergence} / {all} | {} | {} | {:.1} | {:.1} | {:.2} / {:.2} | {} | {} / {} |",
             r.members,
             p50_p99(&r.change),
             p50_p99(&r.detection),
@@ -608,11 +659,13 @@ fn print_table(bench: &GossipBench, rows: &[Row]) {
             r.cpu_steady,
             r.cpu_trials,
             r.false_deaths,
+            drops(r.drops_steady),
+            drops(r.drops_all),
         );
     }
     println!();
     println!(
-        "gossip every {interval_ms:.0} ms, phi threshold {phi}, {} change and {} detection trials per size (seed {}); bytes over a {} s steady window, per agent; the observer polled every {} ms.",
+        "gossip every {interval_ms:.0} ms, phi threshold {phi}, {} change and {} detection trials per size (seed {}); bytes over a {} s steady window, per agent; the observer polled every {} ms; UDP drops: datagrams refused for a full receive buffer, of all that arrived in this network namespace.",
         bench.trials,
         bench.trials,
         bench.seed,

@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 
 mod gossip;
 mod placement;
+mod schedule;
 mod submit;
 use clap::{Parser, Subcommand};
 use gantry_agent::image::{ImageConfig, ImageStore, PullConfig};
@@ -97,6 +98,20 @@ enum Cmd {
         seed: Option<u64>,
     },
     /// Container cold start with a cached image, side by side with runc, crun and podman.
+    /// The coordinator's durable pipeline in process: jobs accepted (group commit) and
+    /// placed (the scheduler's pass) per second.
+    Schedule {
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Concurrent writers creating jobs.
+        #[arg(long, default_value_t = 64)]
+        threads: usize,
+        /// Simulated ready nodes (8 GPUs, 256 cores each).
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value = "/tmp/gantry-bench-schedule")]
+        work: PathBuf,
+    },
     ColdStart {
         /// The gantry-agent binary (shims are started from it).
         #[arg(long)]
@@ -189,6 +204,17 @@ fn main() -> anyhow::Result<()> {
                 seed: seed.unwrap_or(now_ns() as u64),
             })
         }
+        Cmd::Schedule {
+            jobs,
+            threads,
+            nodes,
+            work,
+        } => schedule::run(schedule::ScheduleBench {
+            jobs,
+            threads,
+            nodes,
+            work,
+        }),
         Cmd::ColdStart {
             agent,
             rootfs,

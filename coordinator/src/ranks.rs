@@ -8,6 +8,11 @@
 //! |---|---|
 //! | `MASTER_ADDR` | address of the rank-0 node, reachable from the others |
 //! | `MASTER_PORT` | a port on the rank-0 node no other live attempt there was given (29500–29999) |
+//!
+//! (`MASTER_*` only for gangs and GPU jobs: see `scheduler::record`.)
+//!
+//! | variable | value |
+//! |---|---|
 //! | `NNODES` | nodes in the gang (`GANTRY_NNODES` too) |
 //! | `NODE_RANK` | this node's rank, 0..NNODES-1 (`GANTRY_NODE_RANK` too) |
 //! | `GPUS_PER_NODE` | GPUs of each member |

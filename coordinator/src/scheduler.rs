@@ -284,19 +284,27 @@ fn record(
             .and_then(|s| s.gossip.as_ref())
             .map(|g| g.addr.to_string())
     };
-    let used = held
-        .get(&rank0.node)
-        .map(|h| h.ports.clone())
-        .unwrap_or_default();
-    let Some(port) = ranks::allocate_port(&used) else {
-        let reason = format!(
-            "waiting: every MASTER_PORT ({}–{}) on {} is in use",
-            ranks::MASTER_PORTS.start(),
-            ranks::MASTER_PORTS.end(),
-            rank0.node
-        );
-        note_reason(store, job, &reason)?;
-        return Ok(None);
+    // Distributed work gets a rank-0 port: gangs, and GPU jobs (one node's GPUs talk over
+    // it too). A node holds at most one per GPU plus its gangs' rank 0s, so the range
+    // lasts; plain CPU jobs, which can be thousands per node, get none.
+    let port = if job.spec.nodes > 1 || job.spec.resources.gpus > 0 {
+        let used = held
+            .get(&rank0.node)
+            .map(|h| h.ports.clone())
+            .unwrap_or_default();
+        let Some(port) = ranks::allocate_port(&used) else {
+            let reason = format!(
+                "waiting: every MASTER_PORT ({}–{}) on {} is in use",
+                ranks::MASTER_PORTS.start(),
+                ranks::MASTER_PORTS.end(),
+                rank0.node
+            );
+            note_reason(store, job, &reason)?;
+            return Ok(None);
+        };
+        Some(port)
+    } else {
+        None
     };
     let generation = jobs::generation(job) + 1;
     let master_addr = address(&rank0.node);
@@ -310,8 +318,8 @@ fn record(
             gpus: m.gpus.clone(),
             rank: rank as u32,
             address: address(&m.node),
-            master_addr: master_addr.clone(),
-            master_port: Some(port),
+            master_addr: port.and(master_addr.clone()),
+            master_port: port,
             started_at_ms: None,
             exit_code: None,
             reason: None,
@@ -336,10 +344,12 @@ fn record(
         h.gpus.extend(m.gpus.iter().copied());
         h.jobs.insert(job.id.clone());
     }
-    held.entry(rank0.node.clone())
-        .or_default()
-        .ports
-        .insert(port);
+    if let Some(port) = port {
+        held.entry(rank0.node.clone())
+            .or_default()
+            .ports
+            .insert(port);
+    }
     Ok(Some(job))
 }
 

@@ -53,14 +53,16 @@ fn gang_members_find_each_other_through_the_rank_environment() {
     assert_eq!(rank0["master_addr"], addr0.as_str());
     let port = rank0["master_port"].as_u64().expect("port");
     assert!((29500..30000).contains(&port), "{port}");
-    let out0 = c
-        .http()
-        .get(format!("http://{}/v1/jobs/{id}/logs?rank=0", c.api))
-        .bearer_auth(&c.admin)
-        .send()
-        .expect("logs")
-        .text()
-        .expect("text");
+    let logs = |rank: u32| {
+        c.http()
+            .get(format!("http://{}/v1/jobs/{id}/logs?rank={rank}", c.api))
+            .bearer_auth(&c.admin)
+            .send()
+            .expect("logs")
+            .text()
+            .expect("text")
+    };
+    let out0 = logs(0);
     assert!(
         out0.contains(&format!(
             "rank0 listening on {addr0}:{port} NNODES=2 WORLD_SIZE=4"
@@ -71,7 +73,8 @@ fn gang_members_find_each_other_through_the_rank_environment() {
         out0.contains(&format!(
             "hello from NODE_RANK=1 RANK=2 of WORLD_SIZE=4 ips={addr0},{addr1}"
         )),
-        "rank 1 reached rank 0 and said who it is: {out0}"
+        "rank 1 reached rank 0 and said who it is: rank 0 printed {out0:?}, rank 1 {:?}",
+        logs(1)
     );
 }
 

@@ -1,7 +1,7 @@
 //! Why a job cannot be placed, in words a user can act on: **never** (no node could
 //! satisfy it even with the cluster empty) or **busy** (it would fit on empty capacity and
 //! waits), or, in a queue pass, **behind** an earlier blocked job that holds the nodes it
-//! needs. Each explanation is one scan over the nodes.
+//! needs. Busy is one scan over the eligible nodes; never is one more, cached per request.
 
 use std::collections::BTreeMap;
 use std::fmt;
