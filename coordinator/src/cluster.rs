@@ -42,6 +42,10 @@ pub struct ClusterConfig {
     pub session_silence: Duration,
     /// How often the view is recomputed.
     pub poll: Duration,
+    /// After the coordinator starts, a node not heard from yet is suspect, not down, for
+    /// this long: agents reconnect (backoff up to 5 s) and reconcile; only then are the
+    /// silent ones down and their work lost.
+    pub startup_grace: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -50,6 +54,7 @@ impl Default for ClusterConfig {
             membership: MembershipConfig::default(),
             session_silence: Duration::from_millis(1500),
             poll: Duration::from_millis(100),
+            startup_grace: Duration::from_secs(15),
         }
     }
 }
@@ -84,11 +89,20 @@ pub enum Liveness {
     Down,
 }
 
-/// The liveness decision, with the reason for anything but up.
-pub fn decide(session: SessionSignal, gossip: GossipSignal) -> (Liveness, &'static str) {
+/// The liveness decision, with the reason for anything but up. `starting`: the
+/// coordinator is within its startup grace.
+pub fn decide(
+    session: SessionSignal,
+    gossip: GossipSignal,
+    starting: bool,
+) -> (Liveness, &'static str) {
     use GossipSignal as G;
     use SessionSignal as S;
     match (session, gossip) {
+        (S::Never, G::Dead | G::Absent) if starting => (
+            Liveness::Suspect,
+            "not heard from since the coordinator started; waiting for it to reconnect",
+        ),
         (S::Fresh, G::Live) => (Liveness::Up, ""),
         (S::Fresh, G::Dead) => (Liveness::Suspect, "gossip declares it dead"),
         (S::Fresh, G::Absent) => (Liveness::Suspect, "no gossip from it yet"),
@@ -205,6 +219,7 @@ impl Cluster {
         let view = this.view.clone();
         tokio::spawn(async move {
             let mut tracked: HashMap<NodeId, Tracked> = HashMap::new();
+            let started = Instant::now();
             let mut tick = tokio::time::interval(cfg.poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -219,7 +234,7 @@ impl Cluster {
                 });
                 let sessions = nodes.sessions();
                 contact_new_members(&member, &members, &sessions);
-                let next = observe(&cfg, &mut tracked, &joined, &sessions, &members);
+                let next = observe(&cfg, started, &mut tracked, &joined, &sessions, &members);
                 let changed = {
                     let mut current = view.lock().unwrap_or_else(|e| e.into_inner());
                     let changed = summary(&current) != summary(&next);
@@ -280,6 +295,7 @@ fn contact_new_members(
 /// One round: the signals of every known node, the decision, and the status.
 fn observe(
     cfg: &ClusterConfig,
+    started: Instant,
     tracked: &mut HashMap<NodeId, Tracked>,
     joined: &[NodeId],
     sessions: &[(NodeId, crate::nodes::Session)],
@@ -348,7 +364,8 @@ fn observe(
             },
             None => (None, None),
         };
-        let (liveness, reason) = decide(session_signal, gossip_signal);
+        let starting = started.elapsed() < cfg.startup_grace;
+        let (liveness, reason) = decide(session_signal, gossip_signal, starting);
         let since_ms = match t.liveness {
             Some((l, at)) if l == liveness => at,
             previous => {
@@ -393,7 +410,12 @@ mod tests {
     fn both_signals_decide() {
         use GossipSignal as G;
         use SessionSignal as S;
-        assert_eq!(decide(S::Fresh, G::Live).0, Liveness::Up);
+        assert_eq!(decide(S::Fresh, G::Live, false).0, Liveness::Up);
+        assert_eq!(
+            decide(S::Never, G::Absent, true).0,
+            Liveness::Suspect,
+            "within the startup grace"
+        );
         for (s, g) in [
             (S::Fresh, G::Dead),
             (S::Fresh, G::Absent),
@@ -401,13 +423,13 @@ mod tests {
             (S::Closed, G::Live),
             (S::Never, G::Live),
         ] {
-            let (l, why) = decide(s, g);
+            let (l, why) = decide(s, g, false);
             assert_eq!(l, Liveness::Suspect, "{s:?} {g:?}");
             assert!(!why.is_empty());
         }
         for s in [S::Silent, S::Closed, S::Never] {
             for g in [G::Dead, G::Absent] {
-                assert_eq!(decide(s, g).0, Liveness::Down, "{s:?} {g:?}");
+                assert_eq!(decide(s, g, false).0, Liveness::Down, "{s:?} {g:?}");
             }
         }
     }

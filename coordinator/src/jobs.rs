@@ -136,6 +136,29 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
     job.updated_at_ms = now_ms;
 }
 
+/// Declares `lost` members (node, generation) ended because their node is down: a
+/// running job goes back to pending without counting against its retries (its other
+/// members are then stopped); a finished one only records it.
+pub fn lose(job: &mut Job, lost: &[(NodeId, u64)]) {
+    let mut nodes = Vec::new();
+    for a in job.attempts.iter_mut().filter(|a| a.reason.is_none()) {
+        if lost.iter().any(|(n, g)| *n == a.node && *g == a.generation) {
+            a.reason = Some(format!("lost: node {} is down", a.node));
+            nodes.push(a.node.to_string());
+        }
+    }
+    if nodes.is_empty() {
+        return;
+    }
+    if job.state == JobState::Running {
+        job.state = JobState::Pending;
+        job.reason = Some(format!(
+            "re-placing: node {} is down (not counted against retries)",
+            nodes.join(", ")
+        ));
+    }
+}
+
 fn running_reason(job: &Job) -> String {
     let members = current(job);
     let started = members.iter().filter(|a| a.started_at_ms.is_some()).count();
@@ -323,6 +346,18 @@ mod tests {
         assert_eq!(j.state, JobState::Pending);
         assert_eq!(live(&j).count(), 1, "rank 1 still runs until stopped");
         assert_eq!(j.failures, 0, "the node's fault is not the job's");
+    }
+
+    #[test]
+    fn a_lost_member_re_places_without_using_a_retry() {
+        let mut j = gang(0);
+        lose(&mut j, &[(n("b"), 1)]);
+        assert_eq!((j.state, j.failures), (JobState::Pending, 0));
+        assert!(j.reason.as_deref().unwrap_or("").contains("node b is down"));
+        assert_eq!(live(&j).count(), 1, "rank 0 is stopped by the scheduler");
+        // A late exit from the lost member changes nothing.
+        apply(&mut j, &n("b"), &exited(1, 0), 7);
+        assert_eq!(j.state, JobState::Pending);
     }
 
     #[test]

@@ -1,4 +1,7 @@
 //! The scheduling loop. Each pass:
+//! 0. declares the live members on nodes the cluster view calls down *lost*: their job
+//!    goes back to pending (not counted against its retries), their siblings are stopped,
+//!    and a fence is recorded so the node stops them if it comes back (`fence_returning`);
 //! 1. sends again every start a node has not confirmed, once per session of that node;
 //! 2. stops the members still running of jobs that are no longer running (cancelled, or
 //!    whose generation failed because one gang member failed);
@@ -21,7 +24,7 @@ use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
 use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Cluster, NodeStatus};
+use crate::cluster::{Cluster, Liveness, NodeStatus};
 use crate::engine::queue::{self, Pending};
 use crate::engine::{Assignment, Engine, NodeInfo, Request};
 use crate::jobs;
@@ -41,13 +44,24 @@ pub async fn run(store: Store, nodes: Nodes, cluster: Cluster, cancel: Cancellat
     // Starts sent, per node session: a node that reconnects gets unconfirmed starts again
     // (agents treat a repeated start of the same generation as a no-op).
     let mut delivered: HashSet<(MemberKey, usize)> = HashSet::new();
+    // Fence stops sent, per node session.
+    let mut fenced: HashSet<(MemberKey, usize)> = HashSet::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = nodes.changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        if let Err(e) = tick(&store, &nodes, &cluster, &mut stopping, &mut delivered).await {
+        if let Err(e) = tick(
+            &store,
+            &nodes,
+            &cluster,
+            &mut stopping,
+            &mut delivered,
+            &mut fenced,
+        )
+        .await
+        {
             tracing::error!(error = %e, "scheduling pass failed");
         }
     }
@@ -159,9 +173,12 @@ async fn tick(
     cluster: &Cluster,
     stopping: &mut HashSet<MemberKey>,
     delivered: &mut HashSet<(MemberKey, usize)>,
+    fenced: &mut HashSet<(MemberKey, usize)>,
 ) -> Result<(), StoreError> {
-    let active = store.active_jobs()?;
     let statuses = cluster.statuses();
+    mark_lost(store, &statuses)?;
+    fence_returning(store, nodes, fenced).await?;
+    let active = store.active_jobs()?;
     resend_unconfirmed(&active, nodes, delivered).await;
     stop_leftovers(&active, nodes, stopping).await;
     let placed = place_pending(store, &statuses, &active)?;
@@ -351,6 +368,79 @@ fn record(
             .insert(port);
     }
     Ok(Some(job))
+}
+
+/// Declares lost the live members on down nodes (see the module header).
+fn mark_lost(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
+    let down: BTreeSet<&NodeId> = statuses
+        .iter()
+        .filter(|s| s.liveness == Liveness::Down)
+        .map(|s| &s.id)
+        .collect();
+    if down.is_empty() {
+        return Ok(());
+    }
+    let mut wrote = false;
+    for job in store.active_jobs()? {
+        let lost: Vec<(NodeId, u64)> = jobs::live(&job)
+            .filter(|m| down.contains(&m.node))
+            .map(|m| (m.node.clone(), m.generation))
+            .collect();
+        if lost.is_empty() {
+            continue;
+        }
+        for (node, generation) in &lost {
+            tracing::warn!(job = %job.id, %node, generation, "member lost: its node is down");
+            store.add_fence(node, &job.id, *generation)?;
+        }
+        store.update_job_deferred(&job.id, |j| jobs::lose(j, &lost))?;
+        wrote = true;
+    }
+    if wrote {
+        store.commit()?;
+    }
+    Ok(())
+}
+
+/// Stops, on each node that is connected again, the members declared lost while it was
+/// down (once per session; a fence is forgotten once the node accepted the stop).
+async fn fence_returning(
+    store: &Store,
+    nodes: &Nodes,
+    fenced: &mut HashSet<(MemberKey, usize)>,
+) -> Result<(), StoreError> {
+    let mut current = HashSet::new();
+    for node in store.fenced_nodes()? {
+        let Some(session) = nodes.get(&node) else {
+            continue;
+        };
+        for (job, generation) in store.fences(&node)? {
+            let key = (
+                (job.clone(), generation, node.clone()),
+                session.conn.stable_id(),
+            );
+            current.insert(key.clone());
+            if !fenced.insert(key) {
+                continue;
+            }
+            let stop = Command::Stop {
+                job: job.clone(),
+                generation,
+                grace_ms: 0,
+            };
+            match send(nodes, &node, &stop).await {
+                Ok(()) => {
+                    tracing::info!(%job, %node, generation, "stopped a member declared lost");
+                    store.remove_fence(&node, &job, generation)?;
+                }
+                Err(e) => {
+                    tracing::warn!(%job, %node, error = %e, "could not fence a lost member yet")
+                }
+            }
+        }
+    }
+    fenced.retain(|k| current.contains(k));
+    Ok(())
 }
 
 /// Sends again the starts nodes have not confirmed, once per session of the node.

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use gantry_shared::JobId;
 use gantry_shared::api::{Job, JobSpec, JobState};
+use gantry_shared::{JobId, NodeId};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
@@ -50,6 +50,9 @@ pub struct Store {
     /// passes never scan finished jobs. Rebuilt at open, so a crash between a job's write
     /// and its index update heals itself.
     active: sled::Tree,
+    /// Members declared lost (their node went down) that their node may still run:
+    /// `<node>/<job>/<generation>`. Each is stopped when the node is back, then forgotten.
+    fences: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
 }
 
@@ -150,6 +153,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             idempotency: db.open_tree("idempotency")?,
             active: db.open_tree("active_jobs")?,
+            fences: db.open_tree("fences")?,
             commits: Default::default(),
             db,
         };
@@ -176,6 +180,55 @@ impl Store {
             self.active.remove(job.id.as_str())?;
         }
         Ok(())
+    }
+
+    /// Remembers that `node` may still run `job`'s `generation`, which was declared lost
+    /// (durable at the next commit).
+    pub fn add_fence(&self, node: &NodeId, job: &JobId, generation: u64) -> Result<(), StoreError> {
+        self.fences
+            .insert(format!("{node}/{job}/{generation}"), &[])?;
+        Ok(())
+    }
+
+    /// What `node` must stop when it is back: `(job, generation)`.
+    pub fn fences(&self, node: &NodeId) -> Result<Vec<(JobId, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.fences.scan_prefix(format!("{node}/")).keys() {
+            let key = key?;
+            let key = String::from_utf8_lossy(&key);
+            let mut parts = key.splitn(3, '/').skip(1);
+            if let (Some(job), Some(Ok(generation))) = (
+                parts.next().and_then(|j| JobId::new(j).ok()),
+                parts.next().map(str::parse),
+            ) {
+                out.push((job, generation));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Nodes with fences.
+    pub fn fenced_nodes(&self) -> Result<std::collections::BTreeSet<NodeId>, StoreError> {
+        let mut out = std::collections::BTreeSet::new();
+        for key in self.fences.iter().keys() {
+            let key = key?;
+            let key = String::from_utf8_lossy(&key);
+            if let Some(node) = key.split('/').next().and_then(|n| NodeId::new(n).ok()) {
+                out.insert(node);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The node stopped it (or never had it): forget the fence.
+    pub fn remove_fence(
+        &self,
+        node: &NodeId,
+        job: &JobId,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        self.fences.remove(format!("{node}/{job}/{generation}"))?;
+        self.commit()
     }
 
     /// The jobs the scheduler still has work on, in submission order.

@@ -155,3 +155,81 @@ fn gantry_run_of_a_gang_streams_every_rank_and_fails_if_one_fails() {
     assert!(text.contains("GEN  RANK  NODE"), "{text}");
     assert!(text.contains("node-0") && text.contains("node-1"), "{text}");
 }
+
+/// Processes on `host` that are exactly `sleep 1000` (the test job's marker).
+fn sleepers(host: &gantry_tests::netns::Host) -> usize {
+    host.pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x001000\x00")
+        })
+        .count()
+}
+
+#[test]
+fn a_lost_member_re_places_the_whole_gang_and_its_node_is_fenced_on_return() {
+    let c = cluster(3, "1xH100-80GB");
+    let job = c.submit(json!({
+        "name": "long", "image": "busybox", "nodes": 2,
+        "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"],
+        "resources": {"cpu": "0.5", "memory": "64M", "gpus": 1}
+    }));
+    let id = job["id"].as_str().expect("id").to_owned();
+    let running = c.wait_job(&id, &["running"], Duration::from_secs(30));
+    let gen1: Vec<serde_json::Value> = running["attempts"].as_array().cloned().unwrap_or_default();
+    let rank1 = gen1.iter().find(|m| m["rank"] == 1).expect("rank 1");
+    let lost = c
+        .agents
+        .iter()
+        .position(|a| rank1["node"] == a.node.as_str())
+        .expect("rank 1's host");
+    gantry_tests::netns::wait_until("rank 1 running", Duration::from_secs(20), || {
+        (sleepers(&c.agents[lost].host) == 1).then_some(())
+    });
+    // Cut rank 1's host off: it is declared down, its member lost, the whole generation
+    // stopped and a new one placed with fresh ranks on the two nodes left.
+    c.agents[lost].host.partition();
+    let regen =
+        gantry_tests::netns::wait_until("generation 2 running", Duration::from_secs(60), || {
+            let j = c.job(&id);
+            let members: Vec<serde_json::Value> = j["attempts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| m["generation"] == 2 && !m["started_at_ms"].is_null())
+                .cloned()
+                .collect();
+            (j["state"] == "running" && members.len() == 2).then_some(j)
+        });
+    assert_eq!(
+        regen["failures"], 0,
+        "a lost node is not the job's fault: {regen}"
+    );
+    let old: Vec<&serde_json::Value> = regen["attempts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["generation"] == 1)
+        .collect();
+    assert!(
+        old.iter().any(|m| m["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("lost: node"))),
+        "{regen}"
+    );
+    for m in regen["attempts"].as_array().into_iter().flatten() {
+        if m["generation"] == 2 {
+            assert_ne!(m["node"], c.agents[lost].node.as_str(), "{regen}");
+        }
+    }
+    // Healed, the node is fenced: what it still ran of generation 1 is stopped.
+    assert_eq!(sleepers(&c.agents[lost].host), 1, "it ran on while cut off");
+    c.agents[lost].host.heal();
+    gantry_tests::netns::wait_until(
+        "the lost member to be stopped",
+        Duration::from_secs(60),
+        || (sleepers(&c.agents[lost].host) == 0).then_some(()),
+    );
+    let j = c.job(&id);
+    assert_eq!(j["state"], "running", "generation 2 runs on: {j}");
+}

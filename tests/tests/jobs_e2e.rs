@@ -241,10 +241,12 @@ async fn wait_all(c: &Cluster, ids: &[String]) -> Vec<Value> {
     out
 }
 
-/// Cut the agent off (SIGSTOP past the coordinator's idle timeout, so its session drops),
-/// let its job exit meanwhile, restore it: the buffered exit is applied exactly once.
+/// Cut the agent off (SIGSTOP past the liveness timeouts and the session's idle timeout):
+/// the node is declared down and its running member lost. Restored, the node stops what
+/// it still ran of the lost generation, the job runs again as a new generation, and the
+/// old generation's buffered exit changes nothing.
 #[tokio::test(flavor = "multi_thread")]
-async fn events_buffered_while_cut_off_are_applied_once_after_reconnecting() {
+async fn a_node_cut_off_loses_its_member_and_its_late_exit_is_ignored() {
     let c = Cluster::start().await;
     let id = c.submit("sleep 1; exit 5").await;
     for _ in 0..300 {
@@ -288,13 +290,25 @@ async fn events_buffered_while_cut_off_are_applied_once_after_reconnecting() {
             .success()
     );
     assert!(cut, "the coordinator never noticed the agent was gone");
+    let lost = c.job(&id).await;
     assert_eq!(
-        c.job(&id).await["state"],
-        "running",
-        "the exit cannot have been reported while cut off"
+        lost["attempts"][0]["exit_code"],
+        Value::Null,
+        "the exit cannot have been reported while cut off: {lost}"
     );
     let job = c.wait_state(&id, &["succeeded", "failed"]).await;
-    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
-    assert_eq!(job["attempts"][0]["exit_code"], 5, "{job}");
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(2), "{job}");
+    assert!(
+        job["attempts"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("lost: node e2e-node is down")),
+        "{job}"
+    );
+    assert_eq!(job["attempts"][1]["generation"], 2, "{job}");
+    assert_eq!(job["attempts"][1]["exit_code"], 5, "{job}");
+    assert_eq!(
+        job["failures"], 1,
+        "the lost generation did not count: {job}"
+    );
     assert_eq!(job["state"], "failed");
 }

@@ -76,6 +76,10 @@ struct GossipArgs {
     /// A control session with nothing received for this long counts as silent.
     #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
     session_silence: std::time::Duration,
+    /// After a start, how long nodes not heard from yet stay suspect (not down, their
+    /// work not lost) while they reconnect.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    startup_grace: std::time::Duration,
 }
 
 impl GossipArgs {
@@ -90,6 +94,7 @@ impl GossipArgs {
                 dead_node_grace: self.dead_node_grace,
             },
             session_silence: self.session_silence,
+            startup_grace: self.startup_grace,
             ..ClusterConfig::default()
         }
     }
