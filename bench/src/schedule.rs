@@ -76,6 +76,7 @@ fn node(i: usize) -> anyhow::Result<NodeStatus> {
             gpus,
         }),
         gossip_error: None,
+        admin: None,
     })
 }
 

@@ -14,11 +14,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gantry_shared::JobId;
 use gantry_shared::api::{
     ApiTokenRequest, ApiTokenResponse, ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState,
-    JoinTokenRequest, JoinTokenResponse, Node,
+    JoinTokenRequest, JoinTokenResponse, Node, NodeNotice,
 };
+use gantry_shared::{JobId, NodeId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
+use crate::admin::{AdminMode, AdminState, NodeAdmin};
 use crate::auth::{ApiTokens, Role};
 use crate::cluster::Cluster;
 use crate::join::JoinTokens;
@@ -62,6 +63,7 @@ pub struct ApiState {
     join: JoinTokens,
     nodes: Nodes,
     cluster: Cluster,
+    admin: NodeAdmin,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
@@ -73,6 +75,7 @@ impl ApiState {
         join: JoinTokens,
         nodes: Nodes,
         cluster: Cluster,
+        admin: NodeAdmin,
         cfg: ApiConfig,
     ) -> Self {
         Self {
@@ -81,6 +84,7 @@ impl ApiState {
             join,
             nodes,
             cluster,
+            admin,
             metrics: Arc::new(Metrics::new()),
             cfg,
         }
@@ -137,11 +141,15 @@ impl Metrics {
         cancel_job,
         create_join_token,
         list_nodes,
-        get_node
+        get_node,
+        drain_node,
+        undrain_node,
+        preempt_node
     ),
     components(schemas(
         JobSpec,
         Job,
+        NodeNotice,
         JobList,
         ErrorBody,
         JoinTokenRequest,
@@ -169,6 +177,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tokens", post(create_api_token))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}/drain", post(drain_node))
+        .route("/v1/nodes/{id}/undrain", post(undrain_node))
+        .route("/v1/nodes/{id}/preempt", post(preempt_node))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -565,6 +576,135 @@ async fn get_node(
         })
 }
 
+/// Stops new placements on a node; running work finishes, or at the deadline is stopped
+/// and placed elsewhere.
+#[utoipa::path(post, path = "/v1/nodes/{id}/drain", params(("id" = String, Path)), request_body = NodeNotice,
+    responses((status = 200, body = Node), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn drain_node(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Node>, ApiError> {
+    caller.require(Role::Admin)?;
+    let notice: NodeNotice = parse_body(&body)?;
+    set_admin(&state, &id, AdminMode::Drain, notice.deadline.as_deref()).await
+}
+
+/// A spot-interruption notice: the node's work is stopped now (SIGTERM, a grace bounded by
+/// the deadline, SIGKILL) and placed elsewhere, not counted against retries.
+#[utoipa::path(post, path = "/v1/nodes/{id}/preempt", params(("id" = String, Path)), request_body = NodeNotice,
+    responses((status = 200, body = Node), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn preempt_node(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Node>, ApiError> {
+    caller.require(Role::Admin)?;
+    let notice: NodeNotice = parse_body(&body)?;
+    set_admin(&state, &id, AdminMode::Preempt, notice.deadline.as_deref()).await
+}
+
+/// Takes a node back into service.
+#[utoipa::path(post, path = "/v1/nodes/{id}/undrain", params(("id" = String, Path)),
+    responses((status = 200, body = Node), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn undrain_node(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    caller.require(Role::Admin)?;
+    let node = known_node(&state, &id)?;
+    state
+        .admin
+        .clear(&node)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    node_after_change(&state, &node).await
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| ApiError::BadRequest {
+        field: Some(e.path().to_string()).filter(|p| p != "."),
+        message: e.inner().to_string(),
+    })
+}
+
+fn known_node(state: &ApiState, id: &str) -> Result<NodeId, ApiError> {
+    let node = NodeId::new(id).ok();
+    node.filter(|n| state.cluster.statuses().iter().any(|s| &s.id == n))
+        .ok_or(ApiError::NotFound {
+            what: format!("node `{id}` (it has not joined this cluster)"),
+        })
+}
+
+async fn set_admin(
+    state: &ApiState,
+    id: &str,
+    mode: AdminMode,
+    deadline: Option<&str>,
+) -> Result<Json<Node>, ApiError> {
+    let node = known_node(state, id)?;
+    let deadline = match deadline {
+        None => None,
+        Some(d) => Some(
+            humantime::parse_duration(d)
+                .ok()
+                .filter(|d| *d <= std::time::Duration::from_secs(7 * 24 * 3600))
+                .ok_or_else(|| ApiError::BadRequest {
+                    field: Some("deadline".into()),
+                    message: format!(
+                        "deadline `{d}` is not a duration such as `30s` or `2h` (at most 7 days)"
+                    ),
+                })?,
+        ),
+    };
+    let now = now_ms();
+    state
+        .admin
+        .set(
+            &node,
+            AdminState {
+                mode,
+                since_ms: now,
+                deadline_ms: deadline.map(|d| now + d.as_millis() as u64),
+            },
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    tracing::warn!(%node, ?mode, ?deadline, "node taken out of service");
+    node_after_change(state, &node).await
+}
+
+/// The node once the cluster view has taken the change in (a poll, ~100 ms).
+async fn node_after_change(state: &ApiState, node: &NodeId) -> Result<Json<Node>, ApiError> {
+    let wanted = state.admin.get(node).ok().flatten();
+    for _ in 0..20 {
+        if state
+            .cluster
+            .statuses()
+            .iter()
+            .any(|s| &s.id == node && s.admin == wanted)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    state.nodes.changed.notify_one();
+    nodes_view(state)?
+        .into_iter()
+        .find(|n| &n.id == node)
+        .map(Json)
+        .ok_or(ApiError::NotFound {
+            what: format!("node `{node}`"),
+        })
+}
+
 fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
     let jobs = state.store.active_jobs()?;
     let statuses = state.cluster.statuses();
@@ -577,7 +717,12 @@ fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
             Node {
                 state: s.state().into(),
                 reason: (!s.reason.is_empty()).then(|| s.reason.to_owned()),
-                state_since_ms: s.since_ms,
+                state_since_ms: s
+                    .admin
+                    .as_ref()
+                    .filter(|_| s.liveness == crate::cluster::Liveness::Up)
+                    .map_or(s.since_ms, |a| a.since_ms),
+                deadline_ms: s.admin.as_ref().and_then(|a| a.deadline_ms),
                 last_seen_ms: s.last_seen_ms,
                 connected: s.connected,
                 address: gossip.map(|g| g.addr.to_string()),

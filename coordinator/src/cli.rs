@@ -385,6 +385,17 @@ pub fn print_node(n: &Node, json: bool) -> anyhow::Result<()> {
             .unwrap_or_default(),
         ago(now, n.state_since_ms)
     );
+    if let Some(d) = n.deadline_ms {
+        let now = now_ms();
+        println!(
+            "deadline:   {}",
+            if d > now {
+                format!("in {}s", (d - now).div_ceil(1000))
+            } else {
+                "passed".into()
+            }
+        );
+    }
     println!(
         "last seen:  {}",
         n.last_seen_ms.map_or("never".into(), |t| ago(now, t))

@@ -114,6 +114,22 @@ impl ApiClient {
         self.get(&format!("/v1/nodes/{id}")).await
     }
 
+    /// `drain`, `undrain` or `preempt` a node.
+    pub async fn node_action(
+        &self,
+        id: &str,
+        action: &str,
+        deadline: Option<&str>,
+    ) -> Result<Node, ClientError> {
+        self.post(
+            &format!("/v1/nodes/{id}/{action}"),
+            &gantry_shared::api::NodeNotice {
+                deadline: deadline.map(str::to_owned),
+            },
+        )
+        .await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

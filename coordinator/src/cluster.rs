@@ -29,6 +29,7 @@ use gantry_shared::protocol::NodeCapacity;
 use gantry_shared::{ClusterId, NodeId};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{AdminMode, AdminState, NodeAdmin};
 use crate::join::JoinTokens;
 use crate::nodes::Nodes;
 
@@ -136,13 +137,19 @@ pub struct NodeStatus {
     pub gossip: Option<AgentGossip>,
     /// Why its gossip could not be read, if it could not.
     pub gossip_error: Option<String>,
+    /// An operator's drain or a preemption notice.
+    pub admin: Option<AdminState>,
 }
 
 impl NodeStatus {
     /// `ready`, `draining`, `preempting`, `suspect` or `down`.
     pub fn state(&self) -> &'static str {
         match self.liveness {
-            Liveness::Up => self.gossip.as_ref().map_or("ready", |g| g.state.as_str()),
+            Liveness::Up => match self.admin.as_ref().map(|a| a.mode) {
+                Some(AdminMode::Preempt) => "preempting",
+                Some(AdminMode::Drain) => "draining",
+                None => self.gossip.as_ref().map_or("ready", |g| g.state.as_str()),
+            },
             Liveness::Suspect => "suspect",
             Liveness::Down => "down",
         }
@@ -151,6 +158,7 @@ impl NodeStatus {
     /// New work may go here.
     pub fn placeable(&self) -> bool {
         self.liveness == Liveness::Up
+            && self.admin.is_none()
             && self.capacity.is_some()
             && self
                 .gossip
@@ -199,6 +207,7 @@ impl Cluster {
         endpoints: (&str, &str),
         nodes: Nodes,
         joined: JoinTokens,
+        admin: NodeAdmin,
         cancel: CancellationToken,
     ) -> Result<Self, MembershipError> {
         let member = Arc::new(
@@ -234,7 +243,15 @@ impl Cluster {
                 });
                 let sessions = nodes.sessions();
                 contact_new_members(&member, &members, &sessions);
-                let next = observe(&cfg, started, &mut tracked, &joined, &sessions, &members);
+                let mut next = observe(&cfg, started, &mut tracked, &joined, &sessions, &members);
+                match admin.all() {
+                    Ok(states) => {
+                        for s in &mut next {
+                            s.admin = states.get(&s.id).cloned();
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read node drain/preempt states"),
+                }
                 let changed = {
                     let mut current = view.lock().unwrap_or_else(|e| e.into_inner());
                     let changed = summary(&current) != summary(&next);
@@ -390,6 +407,7 @@ fn observe(
             capacity: t.capacity,
             gossip,
             gossip_error,
+            admin: None,
         });
     }
     out
@@ -474,6 +492,7 @@ mod tests {
             }),
             gossip: Some(gpus),
             gossip_error: None,
+            admin: None,
         }
     }
 
@@ -487,6 +506,14 @@ mod tests {
             "preempting"
         );
         assert_eq!(status(Liveness::Down, AgentState::Ready).state(), "down");
+        let mut drained = status(Liveness::Up, AgentState::Ready);
+        drained.admin = Some(AdminState {
+            mode: AdminMode::Drain,
+            since_ms: 0,
+            deadline_ms: None,
+        });
+        assert_eq!(drained.state(), "draining");
+        assert!(!drained.placeable());
         assert_eq!(
             status(Liveness::Up, AgentState::Ready).unhealthy_gpus(),
             [1].into()

@@ -136,14 +136,47 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
     job.updated_at_ms = now_ms;
 }
 
-/// Declares `lost` members (node, generation) ended because their node is down: a
-/// running job goes back to pending without counting against its retries (its other
-/// members are then stopped); a finished one only records it.
-pub fn lose(job: &mut Job, lost: &[(NodeId, u64)]) {
+/// Why members were taken from their node (never the job's fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Eviction {
+    /// The node is down.
+    Lost,
+    /// The node is being preempted (spot interruption).
+    Preempted,
+    /// The node's drain deadline passed.
+    Drained,
+}
+
+impl Eviction {
+    fn member_reason(self, node: &NodeId) -> String {
+        match self {
+            Self::Lost => format!("lost: node {node} is down"),
+            Self::Preempted => format!("preempted: node {node} is being preempted"),
+            Self::Drained => format!("drained: node {node} reached its drain deadline"),
+        }
+    }
+
+    fn job_reason(self, nodes: &str) -> String {
+        let what = match self {
+            Self::Lost => "is down",
+            Self::Preempted => "is being preempted",
+            Self::Drained => "reached its drain deadline",
+        };
+        format!("re-placing: node {nodes} {what} (not counted against retries)")
+    }
+}
+
+/// Declares `members` (node, generation) ended by `why`: a running job goes back to
+/// pending without counting against its retries (its other members are then stopped); a
+/// finished one only records it.
+pub fn evict(job: &mut Job, members: &[(NodeId, u64)], why: Eviction) {
     let mut nodes = Vec::new();
     for a in job.attempts.iter_mut().filter(|a| a.reason.is_none()) {
-        if lost.iter().any(|(n, g)| *n == a.node && *g == a.generation) {
-            a.reason = Some(format!("lost: node {} is down", a.node));
+        if members
+            .iter()
+            .any(|(n, g)| *n == a.node && *g == a.generation)
+        {
+            a.reason = Some(why.member_reason(&a.node));
             nodes.push(a.node.to_string());
         }
     }
@@ -152,10 +185,7 @@ pub fn lose(job: &mut Job, lost: &[(NodeId, u64)]) {
     }
     if job.state == JobState::Running {
         job.state = JobState::Pending;
-        job.reason = Some(format!(
-            "re-placing: node {} is down (not counted against retries)",
-            nodes.join(", ")
-        ));
+        job.reason = Some(why.job_reason(&nodes.join(", ")));
     }
 }
 
@@ -351,7 +381,7 @@ mod tests {
     #[test]
     fn a_lost_member_re_places_without_using_a_retry() {
         let mut j = gang(0);
-        lose(&mut j, &[(n("b"), 1)]);
+        evict(&mut j, &[(n("b"), 1)], Eviction::Lost);
         assert_eq!((j.state, j.failures), (JobState::Pending, 0));
         assert!(j.reason.as_deref().unwrap_or("").contains("node b is down"));
         assert_eq!(live(&j).count(), 1, "rank 0 is stopped by the scheduler");

@@ -2,6 +2,7 @@
 //! tokens and the QUIC control endpoint with mutual TLS. Placement, the job store, the
 //! HTTP API and the embedded registry are not built yet.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod ca;

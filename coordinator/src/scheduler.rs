@@ -1,7 +1,9 @@
 //! The scheduling loop. Each pass:
-//! 0. declares the live members on nodes the cluster view calls down *lost*: their job
-//!    goes back to pending (not counted against its retries), their siblings are stopped,
-//!    and a fence is recorded so the node stops them if it comes back (`fence_returning`);
+//! 0. takes the live members off nodes that are down (*lost*), being preempted, or past
+//!    their drain deadline: their job goes back to pending (not counted against its
+//!    retries), their siblings are stopped, and a fence is recorded so the node stops them
+//!    as soon as it is reachable (`fence_returning`; SIGTERM and a grace bounded by a
+//!    preemption's deadline, or at once for a node that was down);
 //! 1. sends again every start a node has not confirmed, once per session of that node;
 //! 2. stops the members still running of jobs that are no longer running (cancelled, or
 //!    whose generation failed because one gang member failed);
@@ -24,6 +26,7 @@ use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
 use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::AdminMode;
 use crate::cluster::{Cluster, Liveness, NodeStatus};
 use crate::engine::queue::{self, Pending};
 use crate::engine::{Assignment, Engine, NodeInfo, Request};
@@ -176,7 +179,7 @@ async fn tick(
     fenced: &mut HashSet<(MemberKey, usize)>,
 ) -> Result<(), StoreError> {
     let statuses = cluster.statuses();
-    mark_lost(store, &statuses)?;
+    evict(store, &statuses)?;
     fence_returning(store, nodes, fenced).await?;
     let active = store.active_jobs()?;
     resend_unconfirmed(&active, nodes, delivered).await;
@@ -370,31 +373,47 @@ fn record(
     Ok(Some(job))
 }
 
-/// Declares lost the live members on down nodes (see the module header).
-fn mark_lost(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
-    let down: BTreeSet<&NodeId> = statuses
-        .iter()
-        .filter(|s| s.liveness == Liveness::Down)
-        .map(|s| &s.id)
-        .collect();
-    if down.is_empty() {
+/// Takes the live members off nodes that are down (lost), being preempted, or past their
+/// drain deadline: their jobs go back to pending (not counted against retries), and a
+/// fence makes the node stop them — at once, or with SIGTERM and a grace bounded by the
+/// preemption's deadline.
+fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
+    let now = now_ms();
+    let mut evicting: BTreeMap<&NodeId, (jobs::Eviction, u64)> = BTreeMap::new();
+    for s in statuses {
+        let admin = s.admin.as_ref();
+        let until_deadline = admin
+            .and_then(|a| a.deadline_ms)
+            .map(|d| d.saturating_sub(now));
+        let grace = (STOP_GRACE.as_millis() as u64).min(until_deadline.unwrap_or(u64::MAX));
+        if s.liveness == Liveness::Down {
+            evicting.insert(&s.id, (jobs::Eviction::Lost, 0));
+        } else if admin.is_some_and(|a| a.mode == AdminMode::Preempt) {
+            evicting.insert(&s.id, (jobs::Eviction::Preempted, grace));
+        } else if admin.is_some_and(|a| a.mode == AdminMode::Drain) && until_deadline == Some(0) {
+            evicting.insert(&s.id, (jobs::Eviction::Drained, grace));
+        }
+    }
+    if evicting.is_empty() {
         return Ok(());
     }
     let mut wrote = false;
     for job in store.active_jobs()? {
-        let lost: Vec<(NodeId, u64)> = jobs::live(&job)
-            .filter(|m| down.contains(&m.node))
-            .map(|m| (m.node.clone(), m.generation))
-            .collect();
-        if lost.is_empty() {
-            continue;
+        let mut taken: BTreeMap<jobs::Eviction, Vec<(NodeId, u64)>> = BTreeMap::new();
+        for m in jobs::live(&job) {
+            if let Some(&(why, grace)) = evicting.get(&m.node) {
+                tracing::warn!(job = %job.id, node = %m.node, generation = m.generation, ?why, "member taken off its node");
+                store.add_fence(&m.node, &job.id, m.generation, grace)?;
+                taken
+                    .entry(why)
+                    .or_default()
+                    .push((m.node.clone(), m.generation));
+            }
         }
-        for (node, generation) in &lost {
-            tracing::warn!(job = %job.id, %node, generation, "member lost: its node is down");
-            store.add_fence(node, &job.id, *generation)?;
+        for (why, members) in taken {
+            store.update_job_deferred(&job.id, |j| jobs::evict(j, &members, why))?;
+            wrote = true;
         }
-        store.update_job_deferred(&job.id, |j| jobs::lose(j, &lost))?;
-        wrote = true;
     }
     if wrote {
         store.commit()?;
@@ -402,8 +421,15 @@ fn mark_lost(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Stops, on each node that is connected again, the members declared lost while it was
-/// down (once per session; a fence is forgotten once the node accepted the stop).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Stops, on each connected node, the members taken off it (lost while it was down,
+/// preempted, drained): once per session; a fence is forgotten once the node accepted.
 async fn fence_returning(
     store: &Store,
     nodes: &Nodes,
@@ -414,7 +440,7 @@ async fn fence_returning(
         let Some(session) = nodes.get(&node) else {
             continue;
         };
-        for (job, generation) in store.fences(&node)? {
+        for (job, generation, grace_ms) in store.fences(&node)? {
             let key = (
                 (job.clone(), generation, node.clone()),
                 session.conn.stable_id(),
@@ -426,11 +452,11 @@ async fn fence_returning(
             let stop = Command::Stop {
                 job: job.clone(),
                 generation,
-                grace_ms: 0,
+                grace_ms,
             };
             match send(nodes, &node, &stop).await {
                 Ok(()) => {
-                    tracing::info!(%job, %node, generation, "stopped a member declared lost");
+                    tracing::info!(%job, %node, generation, "stopping a member taken off its node");
                     store.remove_fence(&node, &job, generation)?;
                 }
                 Err(e) => {

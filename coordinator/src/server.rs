@@ -88,12 +88,14 @@ pub async fn run(
             cluster_cfg.membership.listen.port(),
         ));
     }
+    let node_admin = crate::admin::NodeAdmin::open(store.db())?;
     let cluster = Cluster::start(
         cluster_cfg,
         ca.cluster(),
         (&cfg.control.listen.to_string(), &api_addr.to_string()),
         nodes.clone(),
         join.clone(),
+        node_admin.clone(),
         cancel.clone(),
     )
     .await?;
@@ -119,6 +121,7 @@ pub async fn run(
         join,
         nodes.clone(),
         cluster.clone(),
+        node_admin,
         cfg.api.clone(),
     ))
     .merge(crate::registry::router(

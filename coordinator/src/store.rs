@@ -182,26 +182,36 @@ impl Store {
         Ok(())
     }
 
-    /// Remembers that `node` may still run `job`'s `generation`, which was declared lost
-    /// (durable at the next commit).
-    pub fn add_fence(&self, node: &NodeId, job: &JobId, generation: u64) -> Result<(), StoreError> {
-        self.fences
-            .insert(format!("{node}/{job}/{generation}"), &[])?;
+    /// Remembers that `node` may still run `job`'s `generation`, which was taken from it
+    /// (lost, preempted, drained), and must stop it with `grace_ms` (durable at the next
+    /// commit).
+    pub fn add_fence(
+        &self,
+        node: &NodeId,
+        job: &JobId,
+        generation: u64,
+        grace_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.fences.insert(
+            format!("{node}/{job}/{generation}"),
+            &grace_ms.to_be_bytes(),
+        )?;
         Ok(())
     }
 
-    /// What `node` must stop when it is back: `(job, generation)`.
-    pub fn fences(&self, node: &NodeId) -> Result<Vec<(JobId, u64)>, StoreError> {
+    /// What `node` must stop when it is reachable: `(job, generation, grace ms)`.
+    pub fn fences(&self, node: &NodeId) -> Result<Vec<(JobId, u64, u64)>, StoreError> {
         let mut out = Vec::new();
-        for key in self.fences.scan_prefix(format!("{node}/")).keys() {
-            let key = key?;
+        for kv in self.fences.scan_prefix(format!("{node}/")) {
+            let (key, value) = kv?;
             let key = String::from_utf8_lossy(&key);
             let mut parts = key.splitn(3, '/').skip(1);
+            let grace = value.as_ref().try_into().map_or(0, u64::from_be_bytes);
             if let (Some(job), Some(Ok(generation))) = (
                 parts.next().and_then(|j| JobId::new(j).ok()),
                 parts.next().map(str::parse),
             ) {
-                out.push((job, generation));
+                out.push((job, generation, grace));
             }
         }
         Ok(out)

@@ -36,6 +36,7 @@ impl Api {
         };
         let join = JoinTokens::open(store.db(), "ab".repeat(32)).expect("join tokens");
         let nodes = Nodes::default();
+        let node_admin = gantry_coordinator::admin::NodeAdmin::open(store.db()).expect("admin");
         let cluster = Cluster::start(
             ClusterConfig {
                 membership: gantry_membership::MembershipConfig {
@@ -48,11 +49,14 @@ impl Api {
             ("127.0.0.1:7443", "127.0.0.1:7080"),
             nodes.clone(),
             join.clone(),
+            node_admin.clone(),
             CancellationToken::new(),
         )
         .await
         .expect("cluster view");
-        let router = api::router(ApiState::new(store, tokens, join, nodes, cluster, cfg));
+        let router = api::router(ApiState::new(
+            store, tokens, join, nodes, cluster, node_admin, cfg,
+        ));
         Self {
             router,
             admin,

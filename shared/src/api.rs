@@ -279,6 +279,9 @@ pub struct Node {
     pub reason: Option<String>,
     /// When it entered its state (unix ms).
     pub state_since_ms: u64,
+    /// For `draining` and `preempting`: when its remaining work is stopped (unix ms).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
     /// When a heartbeat or control traffic last arrived from it (unix ms).
     pub last_seen_ms: Option<u64>,
     /// It has an open control session.
@@ -302,6 +305,16 @@ pub struct Node {
     /// Jobs with a live attempt on the node.
     #[schema(value_type = Vec<String>)]
     pub jobs: Vec<JobId>,
+}
+
+/// `POST /v1/nodes/{id}/drain` and `/preempt`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeNotice {
+    /// When the node's work must be gone, from now (`30s`, `2h`). A drain without one
+    /// waits for its work to finish; a preemption without one gives 10 s of grace.
+    #[serde(default)]
+    pub deadline: Option<String>,
 }
 
 /// `POST /v1/tokens`: a new API token.

@@ -325,3 +325,16 @@ pub fn state_of<'a>(nodes: &'a [Value], name: &str) -> Option<&'a str> {
 pub fn node_of<'a>(nodes: &'a [Value], name: &str) -> Option<&'a Value> {
     nodes.iter().find(|n| n["id"] == name)
 }
+
+/// Processes on `host` whose command line is exactly `argv` (a test job's marker, such as
+/// `sleep 1000`).
+pub fn processes(host: &Host, argv: &[&str]) -> usize {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    host.pids()
+        .into_iter()
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .count()
+}

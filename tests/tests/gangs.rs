@@ -16,12 +16,14 @@ fn cluster(agents: usize, gpus: &str) -> TestCluster {
     })
 }
 
-/// Rank 0 listens on MASTER_PORT and prints what arrives; the others connect to
+/// Rank 0 listens on MASTER_PORT and logs what arrives; the others connect to
 /// MASTER_ADDR:MASTER_PORT (retrying while rank 0 starts) and send their rank.
 const RENDEZVOUS: &str = r#"
 if [ "$NODE_RANK" = 0 ]; then
   echo "rank0 listening on $MASTER_ADDR:$MASTER_PORT NNODES=$NNODES WORLD_SIZE=$WORLD_SIZE"
-  nc -l -p "$MASTER_PORT"
+  # The peer's message goes to stderr (our log). Not `nc -l` alone: busybox nc quits when
+  # its own stdin (empty here) ends, which can be before the peer's bytes arrive.
+  nc -l -p "$MASTER_PORT" -e sh -c 'cat >&2'
 else
   for i in $(seq 1 200); do
     echo "hello from NODE_RANK=$NODE_RANK RANK=$RANK of WORLD_SIZE=$WORLD_SIZE ips=$GANTRY_NODE_IPS" \
@@ -156,14 +158,8 @@ fn gantry_run_of_a_gang_streams_every_rank_and_fails_if_one_fails() {
     assert!(text.contains("node-0") && text.contains("node-1"), "{text}");
 }
 
-/// Processes on `host` that are exactly `sleep 1000` (the test job's marker).
 fn sleepers(host: &gantry_tests::netns::Host) -> usize {
-    host.pids()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x001000\x00")
-        })
-        .count()
+    gantry_tests::cluster::processes(host, &["sleep", "1000"])
 }
 
 #[test]

@@ -144,7 +144,29 @@ enum ImageCommand {
 #[derive(Subcommand)]
 enum NodesCommand {
     List,
-    Show { id: String },
+    Show {
+        id: String,
+    },
+    /// Take no new work; running work finishes, or at the deadline is stopped and placed
+    /// elsewhere.
+    Drain {
+        id: String,
+        /// e.g. `30m`; without one, running work may take as long as it needs.
+        #[arg(long)]
+        deadline: Option<String>,
+    },
+    /// Take new work again.
+    Undrain {
+        id: String,
+    },
+    /// A spot-interruption notice: stop the node's work now (SIGTERM, a grace bounded by
+    /// the deadline, SIGKILL) and place it elsewhere.
+    Preempt {
+        id: String,
+        /// When the node goes away, e.g. `30s`.
+        #[arg(long)]
+        deadline: Option<String>,
+    },
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -296,6 +318,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             match cmd {
                 NodesCommand::List => cli::print_nodes(&client.nodes().await?, json)?,
                 NodesCommand::Show { id } => cli::print_node(&client.node(&id).await?, json)?,
+                NodesCommand::Drain { id, deadline } => cli::print_node(
+                    &client
+                        .node_action(&id, "drain", deadline.as_deref())
+                        .await?,
+                    json,
+                )?,
+                NodesCommand::Undrain { id } => {
+                    cli::print_node(&client.node_action(&id, "undrain", None).await?, json)?
+                }
+                NodesCommand::Preempt { id, deadline } => cli::print_node(
+                    &client
+                        .node_action(&id, "preempt", deadline.as_deref())
+                        .await?,
+                    json,
+                )?,
             }
             Ok(0)
         }

@@ -1,0 +1,154 @@
+//! Taking work off nodes on test hosts: a spot preemption notice and a drain move running
+//! jobs to other capacity as a new generation, without counting against retries, and the
+//! node stops the old containers (SIGTERM, then SIGKILL at the grace).
+
+use std::time::Duration;
+
+use gantry_tests::cluster::{ClusterSpec, TestCluster, node_of, state_of};
+use gantry_tests::netns::{Host, wait_until};
+use serde_json::{Value, json};
+
+fn sleepers(host: &Host) -> usize {
+    gantry_tests::cluster::processes(host, &["sleep", "1000"])
+}
+
+fn cluster() -> TestCluster {
+    TestCluster::start(ClusterSpec {
+        agents: 2,
+        simulate_gpus: Some("1xH100-80GB".into()),
+        busybox: true,
+        ..ClusterSpec::default()
+    })
+}
+
+/// A long job holding the node's GPU; returns its id and the index of its node.
+fn long_job(c: &TestCluster) -> (String, usize) {
+    let job = c.submit(json!({
+        "name": "long", "image": "busybox",
+        "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"],
+        "resources": {"cpu": "0.5", "memory": "64M", "gpus": 1}
+    }));
+    let id = job["id"].as_str().expect("id").to_owned();
+    let running = c.wait_job(&id, &["running"], Duration::from_secs(30));
+    let node = running["attempts"][0]["node"].clone();
+    let i = c
+        .agents
+        .iter()
+        .position(|a| node == a.node.as_str())
+        .expect("its host");
+    wait_until("the container running", Duration::from_secs(20), || {
+        (sleepers(&c.agents[i].host) == 1).then_some(())
+    });
+    (id, i)
+}
+
+/// Waits for generation `g` of `id` to run; returns the job.
+fn wait_generation(c: &TestCluster, id: &str, g: u64) -> Value {
+    wait_until(
+        &format!("generation {g} of {id} running"),
+        Duration::from_secs(60),
+        || {
+            let j = c.job(id);
+            let started = j["attempts"].as_array().into_iter().flatten().any(|m| {
+                m["generation"] == g && !m["started_at_ms"].is_null() && m["reason"].is_null()
+            });
+            (j["state"] == "running" && started).then_some(j)
+        },
+    )
+}
+
+#[test]
+fn a_preemption_notice_moves_the_work_and_stops_the_old_container() {
+    let c = cluster();
+    let (id, i) = long_job(&c);
+    let node = c.agents[i].node.clone();
+    let out = c.gantry(&["nodes", "preempt", &node, "--deadline", "20s"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("preempting"), "{text}");
+    assert!(text.contains("deadline:   in"), "{text}");
+    let j = wait_generation(&c, &id, 2);
+    assert_eq!(j["failures"], 0, "preemption is not the job's fault: {j}");
+    assert!(
+        j["attempts"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("preempted: node")),
+        "{j}"
+    );
+    assert_ne!(j["attempts"][1]["node"], node.as_str(), "{j}");
+    // The preempted node got SIGTERM (the job traps it and exits at once).
+    wait_until("the old container to stop", Duration::from_secs(20), || {
+        (sleepers(&c.agents[i].host) == 0).then_some(())
+    });
+    // Nothing new goes to a preempting node.
+    let nodes = c.nodes();
+    assert_eq!(state_of(&nodes, &node), Some("preempting"));
+    assert_eq!(node_of(&nodes, &node).expect("node")["jobs"], json!([]));
+}
+
+#[test]
+fn a_drain_lets_work_finish_and_its_deadline_moves_what_is_left() {
+    let c = cluster();
+    let (id, i) = long_job(&c);
+    let node = c.agents[i].node.clone();
+    let other = &c.agents[1 - i].node;
+    // Without a deadline: the job keeps running; new work goes elsewhere.
+    let out = c.gantry(&["nodes", "drain", &node]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(state_of(&c.nodes(), &node), Some("draining"));
+    let cpu = c.submit(json!({
+        "name": "elsewhere", "image": "busybox", "command": ["true"],
+        "resources": {"cpu": "0.5", "memory": "64M"}
+    }));
+    let done = c.wait_job(
+        cpu["id"].as_str().expect("id"),
+        &["succeeded", "failed"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(done["attempts"][0]["node"], other.as_str(), "{done}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.job(&id)["state"], "running");
+    assert_eq!(sleepers(&c.agents[i].host), 1, "drained work runs on");
+    // Undrain, then drain again with a deadline: at the deadline the job moves.
+    let out = c.gantry(&["nodes", "undrain", &node]);
+    assert!(out.status.success());
+    assert_eq!(state_of(&c.nodes(), &node), Some("ready"));
+    let out = c.gantry(&["nodes", "drain", &node, "--deadline", "2s"]);
+    assert!(out.status.success());
+    let j = wait_generation(&c, &id, 2);
+    assert_eq!(j["failures"], 0, "{j}");
+    assert!(
+        j["attempts"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("drained: node")),
+        "{j}"
+    );
+    wait_until(
+        "the drained container to stop",
+        Duration::from_secs(20),
+        || (sleepers(&c.agents[i].host) == 0).then_some(()),
+    );
+    // Bad input names what is wrong.
+    let bad = c.gantry(&["nodes", "drain", &node, "--deadline", "soon"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("deadline"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let missing = c.gantry(&["nodes", "drain", "no-such-node"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("not joined"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}
