@@ -757,6 +757,7 @@ fn probe_job(spec: &JobSpec) -> gantry_shared::api::Job {
         updated_at_ms: 0,
         attempts: Vec::new(),
         failures: 0,
+        not_before_ms: None,
     }
 }
 

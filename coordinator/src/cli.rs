@@ -100,6 +100,8 @@ pub struct RunArgs {
     pub priority: i32,
     pub env: Vec<(String, String)>,
     pub retries: u32,
+    /// Wait before the first retry (doubling per failure, at most 5 minutes).
+    pub retry_delay: Option<String>,
     pub timeout: Option<String>,
     pub command: Vec<String>,
     pub detach: bool,
@@ -123,6 +125,10 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
         spot: args.spot,
         selector: args.selector.into_iter().collect(),
         retries: args.retries,
+        backoff: gantry_shared::api::Backoff {
+            initial: args.retry_delay.unwrap_or_else(|| "1s".into()),
+            ..Default::default()
+        },
         timeout: args.timeout,
         priority: args.priority,
     };

@@ -221,6 +221,7 @@ async fn demo(cfg: &CliConfig, rootfs: &Path) -> anyhow::Result<i32> {
         priority: 0,
         env: vec![("GREETING".into(), "hello from a Gantry job".into())],
         retries: 0,
+        retry_delay: None,
         timeout: Some("1m".into()),
         command: vec!["sh".into(), "-c".into(), "echo \"$GREETING on $(hostname)\"; echo CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none} NVIDIA_VISIBLE_DEVICES=$NVIDIA_VISIBLE_DEVICES".into()],
         detach: false,

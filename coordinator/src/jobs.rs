@@ -121,10 +121,14 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
                 job.failures += 1;
                 let what = format!("{who} exited with {code} ({reason})");
                 if job.failures <= job.spec.retries {
+                    let delay = job.spec.backoff.delay_ms(job.failures);
                     job.state = JobState::Pending;
+                    job.not_before_ms = Some(now_ms + delay);
                     job.reason = Some(format!(
-                        "retrying: {what}; {} of {} retries used{others}",
-                        job.failures, job.spec.retries
+                        "retrying in {}: {what}; {} of {} retries used{others}",
+                        human_ms(delay),
+                        job.failures,
+                        job.spec.retries
                     ));
                 } else {
                     job.state = JobState::Failed;
@@ -186,6 +190,15 @@ pub fn evict(job: &mut Job, members: &[(NodeId, u64)], why: Eviction) {
     if job.state == JobState::Running {
         job.state = JobState::Pending;
         job.reason = Some(why.job_reason(&nodes.join(", ")));
+    }
+}
+
+/// `1.5s`, `2m`.
+fn human_ms(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{}s", (ms as f64 / 1000.0 * 10.0).round() / 10.0)
+    } else {
+        format!("{}m", (ms as f64 / 60_000.0 * 10.0).round() / 10.0)
     }
 }
 
@@ -258,6 +271,7 @@ mod tests {
             updated_at_ms: 0,
             attempts: vec![member(1, "n", 0)],
             failures: 0,
+            not_before_ms: None,
         }
     }
 
@@ -308,11 +322,14 @@ mod tests {
     }
 
     #[test]
-    fn retries_send_the_job_back_to_pending() {
+    fn retries_send_the_job_back_to_pending_after_its_backoff() {
         let mut j = job(1);
         apply(&mut j, &n("n"), &exited(1, 1), 5);
         assert_eq!(j.state, JobState::Pending);
-        assert!(j.reason.as_deref().unwrap_or("").contains("1 of 1 retries"));
+        let why = j.reason.clone().unwrap_or_default();
+        assert!(why.contains("1 of 1 retries"), "{why}");
+        assert!(why.starts_with("retrying in 1s"), "{why}");
+        assert_eq!(j.not_before_ms, Some(5 + 1_000));
     }
 
     #[test]

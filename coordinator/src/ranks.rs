@@ -111,6 +111,7 @@ mod tests {
             updated_at_ms: 0,
             attempts: vec![],
             failures: 0,
+            not_before_ms: None,
         }
     }
 

@@ -243,7 +243,12 @@ pub fn place_pending(
     let mut held = ledger(active);
     let mut queue: Vec<Pending> = Vec::new();
     let mut wrote = false;
+    let now = now_ms();
     for job in active.iter().filter(|j| j.state == JobState::Pending) {
+        // Backing off before a retry (its reason says for how long).
+        if job.not_before_ms.is_some_and(|t| t > now) {
+            continue;
+        }
         // A job whose previous generation still has members running waits for them.
         if jobs::live(job).next().is_some() {
             let reason = format!(

@@ -271,6 +271,7 @@ impl Store {
         let id = JobId::from_sequence(self.db.generate_id()?);
         let job = Job {
             failures: 0,
+            not_before_ms: None,
             id,
             spec,
             state: JobState::Pending,

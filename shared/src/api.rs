@@ -38,6 +38,9 @@ pub struct JobSpec {
     /// Restarts after a failure of the job's own making.
     #[serde(default)]
     pub retries: u32,
+    /// How long a failed job waits before each retry.
+    #[serde(default)]
+    pub backoff: Backoff,
     /// Wall-clock limit, e.g. `30m`, `12h`.
     #[serde(default)]
     pub timeout: Option<String>,
@@ -48,6 +51,77 @@ pub struct JobSpec {
 
 fn one() -> u32 {
     1
+}
+
+/// Exponential backoff between retries: `initial`, then × `factor` per failure, at most
+/// `max`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    /// Before the first retry (`1s`).
+    pub initial: String,
+    /// Each further retry waits this many times longer (1–10).
+    pub factor: u32,
+    /// The longest wait (`5m`).
+    pub max: String,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: "1s".into(),
+            factor: 2,
+            max: "5m".into(),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before retry number `failures` (1 = the first retry), in ms. Unparsable
+    /// durations (validated at submission) count as the defaults.
+    pub fn delay_ms(&self, failures: u32) -> u64 {
+        let initial = duration_ms(&self.initial).unwrap_or(1_000);
+        let max = duration_ms(&self.max).unwrap_or(300_000);
+        let factor = u64::from(self.factor.clamp(1, 10));
+        let mut delay = initial;
+        for _ in 1..failures {
+            delay = delay.saturating_mul(factor);
+            if delay >= max {
+                break;
+            }
+        }
+        delay.min(max)
+    }
+}
+
+/// Milliseconds of a duration such as `1s`, `500ms`, `1h30m`.
+fn duration_ms(s: &str) -> Option<u64> {
+    if !valid_duration(s) {
+        return None;
+    }
+    let mut total = 0u64;
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let ms = match rest[..unit].trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        total = total.saturating_add(n.saturating_mul(ms));
+        rest = rest[unit..].trim_start();
+    }
+    Some(total)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -164,6 +238,18 @@ impl JobSpec {
         {
             return err("timeout", "must be a duration such as `30m` or `12h`");
         }
+        if !valid_duration(&self.backoff.initial) {
+            return err(
+                "backoff.initial",
+                "must be a duration such as `1s` or `500ms`",
+            );
+        }
+        if !valid_duration(&self.backoff.max) {
+            return err("backoff.max", "must be a duration such as `5m`");
+        }
+        if !(1..=10).contains(&self.backoff.factor) {
+            return err("backoff.factor", "must be between 1 and 10");
+        }
         Ok(())
     }
 }
@@ -258,6 +344,9 @@ pub struct Job {
     /// Generations that failed by the job's own doing (counted against `retries`).
     #[serde(default)]
     pub failures: u32,
+    /// A retrying job is not placed before this (unix ms): its backoff.
+    #[serde(default)]
+    pub not_before_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -400,6 +489,25 @@ mod tests {
     fn unknown_fields_are_refused() {
         let r: Result<JobSpec, _> = serde_json::from_str(r#"{"name":"t","image":"x","gpus":1}"#);
         assert!(r.is_err_and(|e| e.to_string().contains("unknown field `gpus`")));
+    }
+
+    #[test]
+    fn backoff_grows_to_its_max() {
+        let b = Backoff {
+            initial: "500ms".into(),
+            factor: 3,
+            max: "10s".into(),
+        };
+        let delays: Vec<u64> = (1..=5).map(|f| b.delay_ms(f)).collect();
+        assert_eq!(delays, [500, 1_500, 4_500, 10_000, 10_000]);
+        assert_eq!(Backoff::default().delay_ms(1), 1_000);
+        assert_eq!(Backoff::default().delay_ms(100), 300_000);
+        let mut s = spec();
+        s.backoff.factor = 0;
+        assert_eq!(s.validate().map_err(|e| e.field), Err("backoff.factor"));
+        let mut s = spec();
+        s.backoff.initial = "soon".into();
+        assert_eq!(s.validate().map_err(|e| e.field), Err("backoff.initial"));
     }
 
     #[test]

@@ -312,3 +312,45 @@ async fn a_node_cut_off_loses_its_member_and_its_late_exit_is_ignored() {
     );
     assert_eq!(job["state"], "failed");
 }
+
+/// A failing job is retried with exponential backoff, each attempt in its history with
+/// how it ended, until its retries are used up.
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_back_off_exponentially() {
+    let c = Cluster::start().await;
+    let resp = c
+        .post(json!({
+            "name": "flaky", "image": "busybox", "command": ["sh", "-c", "exit 3"],
+            "retries": 2, "backoff": {"initial": "1s", "factor": 2, "max": "1m"},
+            "resources": {"cpu": "0.5", "memory": "64M"}
+        }))
+        .await;
+    assert_eq!(resp.status().as_u16(), 201);
+    let job: Value = resp.json().await.expect("job");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let job = c.wait_state(&id, &["succeeded", "failed"]).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["failures"], 3, "{job}");
+    let attempts = job["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 3, "{job}");
+    let started: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["started_at_ms"].as_u64().expect("started"))
+        .collect();
+    // Each retry waited at least its backoff: 1 s, then 2 s.
+    assert!(started[1] - started[0] >= 1_000, "{started:?}");
+    assert!(started[2] - started[1] >= 2_000, "{started:?}");
+    for a in attempts {
+        assert_eq!(
+            (a["exit_code"].as_i64(), a["reason"].as_str()),
+            (Some(3), Some("exited"))
+        );
+    }
+    // A bad backoff is refused, naming the field.
+    let bad = c
+        .post(json!({"name": "x", "image": "busybox", "backoff": {"factor": 0}}))
+        .await;
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: Value = bad.json().await.expect("error");
+    assert_eq!(body["error"]["field"], "backoff.factor", "{body}");
+}

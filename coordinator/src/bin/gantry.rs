@@ -83,6 +83,9 @@ enum Command {
         env: Vec<(String, String)>,
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// Wait before the first retry, e.g. `1s` (doubling per failure, at most 5m).
+        #[arg(long)]
+        retry_delay: Option<String>,
         /// e.g. `30m`.
         #[arg(long)]
         timeout: Option<String>,
@@ -236,6 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             priority,
             env,
             retries,
+            retry_delay,
             timeout,
             detach,
             command,
@@ -257,6 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     priority,
                     env,
                     retries,
+                    retry_delay,
                     timeout,
                     command,
                     detach,
