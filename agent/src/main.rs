@@ -718,6 +718,11 @@ async fn run_container(host: &Host, a: RunArgs) -> anyhow::Result<i32> {
     req.shm_bytes = a.shm_size;
     req.timeout = a.timeout;
     req.stop_grace = a.stop_grace;
+    // Handlers before the start: a signal that arrives as soon as the container runs must
+    // stop it, not kill this process with the container still running.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let status = match host.runtime.start(req).await {
         Ok(s) => s,
         Err(e) => {
@@ -734,12 +739,15 @@ async fn run_container(host: &Host, a: RunArgs) -> anyhow::Result<i32> {
     let stopper = {
         let (rt, id, grace) = (rt.clone(), id.clone(), a.stop_grace);
         tokio::spawn(async move {
-            terminated().await;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
             eprintln!("gantry-agent: stopping {id} (grace {grace:?}; Ctrl-C again to kill)");
             let second = tokio::spawn({
                 let (rt, id) = (rt.clone(), id.clone());
                 async move {
-                    let _ = tokio::signal::ctrl_c().await;
+                    int.recv().await;
                     let _ = rt.stop(&id, Duration::ZERO).await;
                 }
             });
