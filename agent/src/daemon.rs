@@ -121,6 +121,11 @@ struct Agent {
     generations: Table,
     /// Tells the gossip publisher that containers changed.
     changed: Arc<Notify>,
+    /// Containers stopped because one of their GPUs failed, with the reason their exit is
+    /// reported with (`gpu_xid_79`, `gpu_ecc`); persisted so a restart keeps it.
+    gpu_faults: Table,
+    /// The GPUs and their health: no attempt starts on an unhealthy one.
+    gpus: tokio::sync::watch::Receiver<Vec<gantry_shared::gossip::GpuInfo>>,
 }
 
 /// The newest generation of a job this node has taken, and whether its end (exit or start
@@ -180,8 +185,15 @@ pub async fn run(
         },
         generations: store.table("generations")?,
         changed: Arc::new(Notify::new()),
+        gpu_faults: store.table("gpu_faults")?,
+        gpus: inventory.subscribe(),
     });
     agent.resume();
+    tokio::spawn(
+        agent
+            .clone()
+            .stop_on_gpu_faults(inventory.subscribe(), cancel.clone()),
+    );
     let gossip_cancel = cancel.child_token();
     let publisher = Publisher::start(
         &identity.node,
@@ -588,6 +600,23 @@ impl Agent {
     }
 
     async fn start(self: Arc<Self>, id: ContainerId, spec: AttemptSpec) {
+        // The coordinator may not have heard yet (gossip lags) that a GPU failed.
+        let bad: Vec<String> = self
+            .gpus
+            .borrow()
+            .iter()
+            .filter(|g| spec.gpus.contains(&g.index) && g.health.is_unhealthy())
+            .map(|g| format!("GPU {} is {}", g.index, g.health.to_compact()))
+            .collect();
+        if !bad.is_empty() {
+            self.finish(Event::StartFailed {
+                job: spec.job,
+                generation: spec.generation,
+                message: bad.join(", "),
+                user_error: false,
+            });
+            return;
+        }
         let image = match self.resolve_image(&spec.image).await {
             Ok(image) => image,
             Err(message) => {
@@ -641,6 +670,55 @@ impl Agent {
         }
     }
 
+    /// When a GPU turns unhealthy, stops (at once) every attempt holding it; its exit is
+    /// reported as `gpu_xid_<n>` or `gpu_ecc`, which the coordinator does not count
+    /// against the job's retries.
+    async fn stop_on_gpu_faults(
+        self: Arc<Self>,
+        mut gpus: tokio::sync::watch::Receiver<Vec<gantry_shared::gossip::GpuInfo>>,
+        cancel: CancellationToken,
+    ) {
+        let unhealthy =
+            |gpus: &[gantry_shared::gossip::GpuInfo]| -> std::collections::BTreeMap<u32, String> {
+                gpus.iter()
+                    .filter_map(|g| match &g.health {
+                        gantry_shared::gossip::GpuHealth::Unhealthy(r) => {
+                            Some((g.index, r.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            };
+        let mut known = unhealthy(&gpus.borrow());
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = gpus.changed() => if changed.is_err() { return },
+            }
+            let now = unhealthy(&gpus.borrow_and_update());
+            for (index, why) in now.iter().filter(|(i, _)| !known.contains_key(i)) {
+                let reason = match why.strip_prefix("xid_") {
+                    Some(xid) => format!("gpu_xid_{xid}"),
+                    None if why.starts_with("ecc") => "gpu_ecc".to_owned(),
+                    None => format!("gpu_{why}"),
+                };
+                for c in self.runtime.list() {
+                    if !matches!(c.state, ContainerState::Running { .. }) || !c.gpus.contains(index)
+                    {
+                        continue;
+                    }
+                    tracing::warn!(container = %c.id, gpu = index, %reason, "stopping an attempt whose GPU failed");
+                    if let Err(e) = self.gpu_faults.put(c.id.as_str(), &reason) {
+                        tracing::error!(error = %e, "cannot record a GPU fault");
+                    }
+                    let rt = self.runtime.clone();
+                    tokio::spawn(async move { rt.stop(&c.id, Duration::ZERO).await });
+                }
+            }
+            known = now;
+        }
+    }
+
     fn watch(self: Arc<Self>, id: ContainerId, job: JobId, generation: u64) {
         tokio::spawn(async move {
             if let Ok(exit) = self.runtime.wait(&id).await {
@@ -652,10 +730,14 @@ impl Agent {
 
     /// Queues the exit; the container (and its output) stays until garbage collection.
     fn report_exit(&self, job: JobId, generation: u64, exit: &ExitRecord) {
-        let reason = serde_json::to_value(exit.reason)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let fault = container_id(&job, generation)
+            .and_then(|id| self.gpu_faults.get::<String>(id.as_str()).ok().flatten());
+        let reason = fault.unwrap_or_else(|| {
+            serde_json::to_value(exit.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        });
         let event = Event::Exited {
             job,
             generation,

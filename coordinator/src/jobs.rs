@@ -105,6 +105,12 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
             member.reason = Some(reason.clone());
             if job.state != JobState::Running {
                 // Cancelled, failed, or stopping after a sibling failed: record only.
+            } else if reason.starts_with("gpu_") {
+                // The node stopped it because its GPU failed: not the job's fault.
+                job.state = JobState::Pending;
+                job.reason = Some(format!(
+                    "re-placing: a GPU of {who} failed ({reason}; not counted against retries){others}"
+                ));
             } else if code == 0 {
                 let members = current(job);
                 if members.iter().all(|a| a.exit_code == Some(0)) {
@@ -405,6 +411,22 @@ mod tests {
         // A late exit from the lost member changes nothing.
         apply(&mut j, &n("b"), &exited(1, 0), 7);
         assert_eq!(j.state, JobState::Pending);
+    }
+
+    #[test]
+    fn a_gpu_fault_re_places_without_using_a_retry() {
+        let mut j = job(0);
+        let fault = Event::Exited {
+            job: JobId::from_sequence(1),
+            generation: 1,
+            exit_code: None,
+            signal: Some(9),
+            reason: "gpu_xid_79".into(),
+            at_ms: 3,
+        };
+        apply(&mut j, &n("n"), &fault, 4);
+        assert_eq!((j.state, j.failures), (JobState::Pending, 0));
+        assert!(j.reason.as_deref().unwrap_or("").contains("gpu_xid_79"));
     }
 
     #[test]

@@ -113,6 +113,16 @@ pub fn ledger<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> BTreeMap<NodeId, H
     let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
     for job in jobs {
         let r = request(job);
+        // A GPU an agent stopped an attempt for (`gpu_xid_79`) is avoided at once: gossip
+        // marks it unhealthy a few rounds later.
+        for m in job
+            .attempts
+            .iter()
+            .filter(|m| m.reason.as_deref().is_some_and(|r| r.starts_with("gpu_")))
+        {
+            let h = held.entry(m.node.clone()).or_default();
+            h.faulty.extend(m.gpus.iter().copied());
+        }
         for m in jobs::live(job) {
             let h = held.entry(m.node.clone()).or_default();
             h.cpu_millis += r.cpu_millis;
@@ -137,6 +147,8 @@ pub struct Held {
     pub gpus: BTreeSet<u32>,
     /// `MASTER_PORT`s of generations whose rank 0 is here.
     pub ports: BTreeSet<u16>,
+    /// GPUs the node stopped an attempt for because they failed (until gossip says so).
+    pub faulty: BTreeSet<u32>,
     pub jobs: BTreeSet<JobId>,
 }
 
@@ -164,7 +176,7 @@ pub fn engine(statuses: &[NodeStatus], held: &BTreeMap<NodeId, Held>, as_built: 
                 id.clone(),
                 h.cpu_millis,
                 h.memory_bytes,
-                h.gpus.iter().copied().collect::<Vec<u32>>(),
+                h.gpus.union(&h.faulty).copied().collect::<Vec<u32>>(),
             )
         }),
     )

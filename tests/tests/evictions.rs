@@ -44,17 +44,22 @@ fn long_job(c: &TestCluster) -> (String, usize) {
 
 /// Waits for generation `g` of `id` to run; returns the job.
 fn wait_generation(c: &TestCluster, id: &str, g: u64) -> Value {
-    wait_until(
-        &format!("generation {g} of {id} running"),
-        Duration::from_secs(60),
-        || {
-            let j = c.job(id);
-            let started = j["attempts"].as_array().into_iter().flatten().any(|m| {
-                m["generation"] == g && !m["started_at_ms"].is_null() && m["reason"].is_null()
-            });
-            (j["state"] == "running" && started).then_some(j)
-        },
-    )
+    let mut last = Value::Null;
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            &format!("generation {g} of {id} running"),
+            Duration::from_secs(60),
+            || {
+                let j = c.job(id);
+                last = j.clone();
+                let started = j["attempts"].as_array().into_iter().flatten().any(|m| {
+                    m["generation"] == g && !m["started_at_ms"].is_null() && m["reason"].is_null()
+                });
+                (j["state"] == "running" && started).then_some(j)
+            },
+        )
+    }));
+    found.unwrap_or_else(|_| panic!("generation {g} of {id} never ran: {last}"))
 }
 
 #[test]
@@ -150,5 +155,43 @@ fn a_drain_lets_work_finish_and_its_deadline_moves_what_is_left() {
         String::from_utf8_lossy(&missing.stderr).contains("not joined"),
         "{}",
         String::from_utf8_lossy(&missing.stderr)
+    );
+}
+
+#[test]
+fn a_fault_on_an_assigned_gpu_stops_the_attempt_and_re_places_the_job() {
+    let c = TestCluster::start(ClusterSpec {
+        agents: 1,
+        simulate_gpus: Some("2xH100-80GB".into()),
+        busybox: true,
+        ..ClusterSpec::default()
+    });
+    let (id, i) = long_job(&c);
+    let gpu = c.job(&id)["attempts"][0]["gpus"][0]
+        .as_u64()
+        .expect("assigned GPU")
+        .to_string();
+    let out = c
+        .agent_command(i)
+        .args(["gpu", "inject", "--index", &gpu, "--xid", "79"])
+        .output()
+        .expect("inject");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The attempt ends as the GPU's fault, the job runs again on the other GPU, and no
+    // retry was used.
+    let j = wait_generation(&c, &id, 2);
+    assert_eq!(j["attempts"][0]["reason"], "gpu_xid_79", "{j}");
+    assert_eq!(j["failures"], 0, "{j}");
+    assert_ne!(j["attempts"][1]["gpus"][0].to_string(), gpu, "{j}");
+    // Gossip says so too (placement did not wait for it).
+    let index: usize = gpu.parse().expect("index");
+    c.wait_nodes(
+        "the GPU unhealthy in the view",
+        Duration::from_secs(20),
+        |ns| ns[0]["gpus"][index]["health"]["reason"] == "xid_79",
     );
 }
