@@ -38,6 +38,8 @@ pub struct DaemonConfig {
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
     pub gossip: GossipConfig,
+    /// Where to poll for the cloud's spot-interruption notice, if anywhere.
+    pub spot_notice: Option<crate::preemption::WatcherConfig>,
 }
 
 /// How the agent gossips; the address defaults to the one this host reaches the
@@ -232,6 +234,16 @@ async fn sessions(
     cancel: &CancellationToken,
 ) -> Result<(), DaemonError> {
     let changed = agent.changed.clone();
+    // The spot watcher's deadline, once a notice came; sent on every session until noted.
+    let (notice_tx, notice_rx) = tokio::sync::watch::channel::<Option<u64>>(None);
+    if let Some(watcher) = cfg.spot_notice.clone() {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if let Some(deadline) = crate::preemption::wait_for_notice(&watcher, &cancel).await {
+                let _ = notice_tx.send(Some(deadline));
+            }
+        });
+    }
     let mut backoff = Duration::from_millis(200);
     loop {
         let session = tokio::select! {
@@ -254,9 +266,11 @@ async fn sessions(
                         publisher.poke();
                     }
                 };
+                let notices = report_notice(&session, notice_rx.clone());
                 tokio::select! {
                     _ = agent.clone().serve(&session, cancel) => {}
                     _ = pokes => {}
+                    _ = notices => {}
                 }
                 if cancel.is_cancelled() {
                     return Ok(());
@@ -283,6 +297,34 @@ async fn sessions(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+/// Tells the coordinator about a spot-interruption notice, then waits for the session's
+/// end (it never completes on its own, so it never ends the session).
+async fn report_notice(session: &Session, mut notice: tokio::sync::watch::Receiver<Option<u64>>) {
+    let mut noted = false;
+    loop {
+        if noted {
+            return std::future::pending().await;
+        }
+        let deadline = *notice.borrow_and_update();
+        if let Some(deadline_ms) = deadline {
+            match session.request(&Request::Preempting { deadline_ms }).await {
+                Ok(Response::Noted) => {
+                    noted = true;
+                    continue;
+                }
+                Ok(other) => tracing::warn!(answer = ?other, "spot notice not taken; retrying"),
+                Err(e) => tracing::warn!(error = %e, "cannot send the spot notice; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if notice.changed().await.is_err() {
+            // No watcher (or it ended without a notice).
+            return std::future::pending().await;
+        }
     }
 }
 

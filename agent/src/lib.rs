@@ -8,5 +8,6 @@ pub mod fsutil;
 pub mod gossip;
 pub mod gpu;
 pub mod image;
+pub mod preemption;
 pub mod runtime;
 pub mod store;

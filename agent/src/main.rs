@@ -141,6 +141,13 @@ struct ServeArgs {
     /// How long a dead peer's state is kept before it is forgotten.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     dead_node_grace: Duration,
+    /// Poll this URL for the cloud's spot-interruption notice (AWS:
+    /// `http://169.254.169.254/latest/meta-data/spot/instance-action`); off when absent.
+    #[arg(long)]
+    spot_notice_url: Option<String>,
+    /// How often to poll it.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    spot_notice_interval: Duration,
 }
 
 #[derive(Subcommand)]
@@ -365,6 +372,12 @@ async fn serve(
             addr: args.address,
             refresh: Duration::from_secs(2),
         },
+        spot_notice: args
+            .spot_notice_url
+            .map(|url| gantry_agent::preemption::WatcherConfig {
+                url,
+                interval: args.spot_notice_interval,
+            }),
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let signals = cancel.clone();

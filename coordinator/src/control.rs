@@ -388,6 +388,26 @@ impl State {
                     gossip: self.cfg.gossip,
                 })
             }
+            Request::Preempting { deadline_ms } => {
+                let node = peer.node().ok_or_else(|| {
+                    Refusal::new(RefusalCode::NoSession, "say hello before sending a notice")
+                })?;
+                let admin = crate::admin::NodeAdmin::open(self.store.db())
+                    .map_err(|e| Refusal::new(RefusalCode::Unavailable, e.to_string()))?;
+                let state = admin
+                    .set(
+                        &node,
+                        crate::admin::AdminState {
+                            mode: crate::admin::AdminMode::Preempt,
+                            since_ms: now_ms(),
+                            deadline_ms: Some(deadline_ms),
+                        },
+                    )
+                    .map_err(|e| Refusal::new(RefusalCode::Unavailable, e.to_string()))?;
+                tracing::warn!(%node, deadline_ms = ?state.deadline_ms, "spot interruption notice from the node");
+                self.nodes.changed.notify_one();
+                Ok(Response::Noted)
+            }
             Request::Events { events } => {
                 let node = peer.node().ok_or_else(|| {
                     Refusal::new(RefusalCode::NoSession, "say hello before sending events")

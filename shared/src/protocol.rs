@@ -57,6 +57,9 @@ pub enum Request {
         #[serde(default)]
         gossip: Option<std::net::SocketAddr>,
     },
+    /// The node's spot-interruption watcher saw a notice: its work must be gone by
+    /// `deadline_ms` (unix ms). The coordinator marks it preempting.
+    Preempting { deadline_ms: u64 },
     /// Events the agent has not yet seen acknowledged, oldest first. Sequence numbers
     /// only grow per node; the coordinator applies each at most once and acknowledges
     /// the highest it has applied.
@@ -203,6 +206,8 @@ pub enum Response {
         #[serde(default)]
         gossip: Option<std::net::SocketAddr>,
     },
+    /// The request was acted on.
+    Noted,
     /// Events up to and including `upto` are applied; the agent may forget them.
     EventsAck {
         upto: u64,

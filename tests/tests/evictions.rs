@@ -30,7 +30,11 @@ fn long_job(c: &TestCluster) -> (String, usize) {
     }));
     let id = job["id"].as_str().expect("id").to_owned();
     let running = c.wait_job(&id, &["running"], Duration::from_secs(30));
-    let node = running["attempts"][0]["node"].clone();
+    let node = running["attempts"]
+        .as_array()
+        .and_then(|a| a.last())
+        .map(|a| a["node"].clone())
+        .unwrap_or_default();
     let i = c
         .agents
         .iter()
@@ -194,4 +198,99 @@ fn a_fault_on_an_assigned_gpu_stops_the_attempt_and_re_places_the_job() {
         Duration::from_secs(20),
         |ns| ns[0]["gpus"][index]["health"]["reason"] == "xid_79",
     );
+}
+
+/// A cloud metadata endpoint on the bridge: 404 until `notice` is set, then AWS's
+/// spot `instance-action` answer with a deadline 30 s away.
+fn metadata_server(
+    ip: std::net::Ipv4Addr,
+    notice: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        // Bounded: the test is over long before this.
+        let end = std::time::Instant::now() + Duration::from_secs(120);
+        while std::time::Instant::now() < end {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let _ = s.set_nonblocking(false);
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let answer = if notice.load(std::sync::atomic::Ordering::SeqCst) {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+                    + 30;
+                let body = format!(r#"{{"action":"terminate","time":"{}"}}"#, rfc3339(secs));
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_owned()
+            };
+            let _ = s.write_all(answer.as_bytes());
+        }
+    });
+    format!("http://{addr}/latest/meta-data/spot/instance-action")
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days).
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[test]
+fn the_agents_spot_watcher_preempts_its_node() {
+    let mut c = cluster();
+    let notice = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = metadata_server(c.net.bridge_ip(), notice.clone());
+    c.agents[0].serve_args = vec![
+        "--spot-notice-url".into(),
+        url,
+        "--spot-notice-interval".into(),
+        "200ms".into(),
+    ];
+    c.kill_agent(0);
+    c.start_agent(0);
+    // Let the old run's session and gossip member die out (they look alive for ~1.5 s),
+    // so the job goes to the new run.
+    std::thread::sleep(Duration::from_secs(3));
+    c.wait_state("node-0", "ready", Duration::from_secs(30));
+    let (id, i) = long_job(&c);
+    assert_eq!(i, 0, "ties go to the lower node id");
+    notice.store(true, std::sync::atomic::Ordering::SeqCst);
+    c.wait_state("node-0", "preempting", Duration::from_secs(20));
+    let j = wait_generation(&c, &id, 2);
+    assert_eq!(j["failures"], 0, "{j}");
+    assert_eq!(j["attempts"][1]["node"], "node-1", "{j}");
+    let node = gantry_tests::cluster::node_of(&c.nodes(), "node-0")
+        .cloned()
+        .expect("node");
+    assert!(node["deadline_ms"].as_u64().is_some(), "{node}");
+    wait_until("the old container to stop", Duration::from_secs(20), || {
+        (sleepers(&c.agents[0].host) == 0).then_some(())
+    });
 }
