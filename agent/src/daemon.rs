@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gantry_shared::now_ms;
 use gantry_shared::protocol::{
     self, AttemptSpec, Command, CommandReply, Event, NodeCapacity, Refusal, RefusalCode, Request,
     Response, SequencedEvent,
@@ -146,13 +147,6 @@ fn container_id(job: &JobId, generation: u64) -> Option<ContainerId> {
 fn parse_container_id(id: &ContainerId) -> Option<(JobId, u64)> {
     let (job, generation) = id.as_str().rsplit_once("-g")?;
     Some((JobId::new(job).ok()?, generation.parse().ok()?))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Runs the daemon until `cancel` fires. Containers are left running.

@@ -8,6 +8,7 @@
 //! when it carries no parseable `time`. Errors and other statuses are logged and polled
 //! again.
 
+use gantry_shared::now_ms;
 use std::time::Duration;
 
 /// What a notice gives when it names no time: AWS's warning period.
@@ -77,13 +78,6 @@ pub async fn wait_for_notice(
             _ = tokio::time::sleep(cfg.interval) => {}
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use gantry_shared::api::{
     ApiTokenRequest, ApiTokenResponse, ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState,
     JoinTokenRequest, JoinTokenResponse, Node, NodeNotice,
 };
+use gantry_shared::now_ms;
 use gantry_shared::{JobId, NodeId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -765,13 +766,6 @@ fn job_id(raw: String) -> Result<JobId, ApiError> {
     JobId::new(raw.clone()).map_err(|_| ApiError::NotFound {
         what: format!("job `{raw}`"),
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The authenticated caller's role.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use gantry_shared::api::{Job, JobResources, JobSpec, JobState, Node};
+use gantry_shared::now_ms;
 use serde::{Deserialize, Serialize};
 
 use crate::client::ApiClient;
@@ -488,13 +489,6 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
         60..3600 => format!("{}m ago", s / 60),
         _ => format!("{}h ago", s / 3600),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn state_name(s: JobState) -> &'static str {

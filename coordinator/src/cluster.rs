@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use gantry_membership::{Member, MemberView, MembershipConfig, MembershipError, Traffic};
 use gantry_shared::gossip::{self, AgentGossip, AgentState};
+use gantry_shared::now_ms;
 use gantry_shared::protocol::NodeCapacity;
 use gantry_shared::{ClusterId, NodeId};
 use tokio_util::sync::CancellationToken;
@@ -411,13 +412,6 @@ fn observe(
         });
     }
     out
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gantry_shared::now_ms;
 use gantry_shared::protocol::{
     self, ALPN, FrameError, JoinToken, PROTOCOL_VERSION, Refusal, RefusalCode, Request, Response,
 };
@@ -438,13 +439,6 @@ impl State {
             ),
         ))
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn check_version(v: u32) -> Result<(), Refusal> {

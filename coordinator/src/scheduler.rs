@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gantry_shared::api::{Attempt, Job, JobState};
+use gantry_shared::now_ms;
 use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
 use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
 use tokio_util::sync::CancellationToken;
@@ -436,13 +437,6 @@ fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
         store.commit()?;
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Stops, on each connected node, the members taken off it (lost while it was down,

@@ -10,3 +10,12 @@ pub mod resources;
 
 pub use ids::{ClusterId, ContainerId, IdError, JobId, NodeId};
 pub use resources::{CpuMillis, ResourceError, Resources, parse_memory};
+
+/// The wall clock in unix milliseconds (0 if the clock is before 1970). Every timestamp
+/// Gantry records or sends (`*_ms` fields) is in this unit.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

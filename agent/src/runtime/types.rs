@@ -188,10 +188,4 @@ pub struct ContainerStatus {
     pub state: ContainerState,
 }
 
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use gantry_shared::now_ms;
