@@ -624,16 +624,23 @@ async fn undrain_node(
     node_after_change(&state, &node).await
 }
 
+/// An optional JSON body (empty means `{}`), parsed with the failing field's path.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}".as_slice()
-    } else {
-        body
-    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return deserialize_json(b"{}");
+    }
+    deserialize_json(body)
+}
+
+/// Parses JSON, naming the field that failed (`resources.memory`) in the error.
+fn deserialize_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| ApiError::BadRequest {
-        field: Some(e.path().to_string()).filter(|p| p != "."),
-        message: e.inner().to_string(),
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::BadRequest {
+            field: (path != ".").then_some(path),
+            message: e.inner().to_string(),
+        }
     })
 }
 
@@ -822,14 +829,7 @@ impl FromRequest<ApiState> for Spec {
                 }
             }
         })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            ApiError::BadRequest {
-                field: (path != ".").then_some(path),
-                message: e.inner().to_string(),
-            }
-        })?;
+        let spec: JobSpec = deserialize_json(&bytes)?;
         spec.validate().map_err(|e| ApiError::InvalidSpec {
             field: e.field,
             message: e.message,

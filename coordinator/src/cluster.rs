@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gantry_membership::{Member, MemberView, MembershipConfig, MembershipError, Traffic};
+use gantry_membership::{Member, MemberView, MembershipConfig, MembershipError};
 use gantry_shared::gossip::{self, AgentGossip, AgentState};
 use gantry_shared::now_ms;
 use gantry_shared::protocol::NodeCapacity;
@@ -273,10 +273,6 @@ impl Cluster {
 
     pub fn gossip_addr(&self) -> SocketAddr {
         self.member.gossip_addr()
-    }
-
-    pub fn traffic(&self) -> Arc<Traffic> {
-        self.member.traffic()
     }
 
     /// Every joined or connected node, by id.
