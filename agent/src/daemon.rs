@@ -129,6 +129,11 @@ struct Agent {
     gpu_faults: Table,
     /// The GPUs and their health: no attempt starts on an unhealthy one.
     gpus: tokio::sync::watch::Receiver<Vec<gantry_shared::gossip::GpuInfo>>,
+    /// Sets GPU health (restored marks, an operator's clear).
+    inventory: crate::gpu::inventory::InventoryHandle,
+    /// GPUs marked unhealthy, by UUID, with the reason: they stay unhealthy across agent
+    /// restarts until an operator clears them.
+    gpu_marks: Table,
 }
 
 /// The newest generation of a job this node has taken, and whether its end (exit or start
@@ -183,7 +188,10 @@ pub async fn run(
         changed: Arc::new(Notify::new()),
         gpu_faults: store.table("gpu_faults")?,
         gpus: inventory.subscribe(),
+        inventory: inventory.handle(),
+        gpu_marks: store.table("gpu_marks")?,
     });
+    agent.restore_gpu_marks();
     agent.resume();
     tokio::spawn(
         agent
@@ -476,6 +484,7 @@ impl Agent {
     async fn handle(self: &Arc<Self>, cmd: Command) -> CommandReply {
         let (job, generation) = match &cmd {
             Command::Ping => return CommandReply::Accepted,
+            Command::ClearGpu { index } => return self.clear_gpu(*index),
             Command::Start(a) => (a.job.clone(), a.generation),
             Command::Stop {
                 job, generation, ..
@@ -501,7 +510,7 @@ impl Agent {
             ));
         }
         match cmd {
-            Command::Ping => CommandReply::Accepted,
+            Command::Ping | Command::ClearGpu { .. } => CommandReply::Accepted,
             // This generation was taken before (running, starting or finished): its
             // events tell the coordinator what became of it.
             Command::Start(_) if generation == known => CommandReply::Accepted,
@@ -706,6 +715,41 @@ impl Agent {
         }
     }
 
+    /// Marks GPUs unhealthy again that were before the agent restarted.
+    fn restore_gpu_marks(&self) {
+        let marks = self.gpu_marks.list::<String>().unwrap_or_default();
+        let gpus = self.gpus.borrow().clone();
+        for (uuid, reason) in marks {
+            if let Some(g) = gpus.iter().find(|g| g.uuid == uuid) {
+                self.inventory
+                    .set_health(g.index, gantry_shared::gossip::GpuHealth::Unhealthy(reason));
+            }
+        }
+    }
+
+    /// An operator's clear: the GPU is healthy again and its mark forgotten.
+    fn clear_gpu(&self, index: u32) -> CommandReply {
+        let Some(gpu) = self
+            .gpus
+            .borrow()
+            .iter()
+            .find(|g| g.index == index)
+            .cloned()
+        else {
+            return CommandReply::Refused(Refusal::new(
+                RefusalCode::Unavailable,
+                format!("this node has no GPU {index}"),
+            ));
+        };
+        if let Err(e) = self.gpu_marks.remove(&gpu.uuid) {
+            return CommandReply::Refused(Refusal::new(RefusalCode::Unavailable, e.to_string()));
+        }
+        self.inventory
+            .set_health(index, gantry_shared::gossip::GpuHealth::Healthy);
+        tracing::warn!(index, uuid = %gpu.uuid, "GPU cleared by an operator");
+        CommandReply::Accepted
+    }
+
     /// When a GPU turns unhealthy, stops (at once) every attempt holding it; its exit is
     /// reported as `gpu_xid_<n>` or `gpu_ecc`, which the coordinator does not count
     /// against the job's retries.
@@ -731,8 +775,14 @@ impl Agent {
                 _ = cancel.cancelled() => return,
                 changed = gpus.changed() => if changed.is_err() { return },
             }
-            let now = unhealthy(&gpus.borrow_and_update());
+            let current = gpus.borrow_and_update().clone();
+            let now = unhealthy(&current);
             for (index, why) in now.iter().filter(|(i, _)| !known.contains_key(i)) {
+                if let Some(g) = current.iter().find(|g| g.index == *index)
+                    && let Err(e) = self.gpu_marks.put(&g.uuid, why)
+                {
+                    tracing::error!(error = %e, "cannot record an unhealthy GPU");
+                }
                 let reason = match why.strip_prefix("xid_") {
                     Some(xid) => format!("gpu_xid_{xid}"),
                     None if why.starts_with("ecc") => "gpu_ecc".to_owned(),

@@ -145,7 +145,8 @@ impl Metrics {
         get_node,
         drain_node,
         undrain_node,
-        preempt_node
+        preempt_node,
+        clear_gpu
     ),
     components(schemas(
         JobSpec,
@@ -181,6 +182,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}/undrain", post(undrain_node))
         .route("/v1/nodes/{id}/preempt", post(preempt_node))
+        .route("/v1/nodes/{id}/gpus/{index}/clear", post(clear_gpu))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -621,6 +623,57 @@ async fn undrain_node(
         .admin
         .clear(&node)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    node_after_change(&state, &node).await
+}
+
+/// Declares a GPU healthy again after an operator dealt with it (it stays unhealthy, and
+/// unused, until then, even across agent restarts).
+#[utoipa::path(post, path = "/v1/nodes/{id}/gpus/{index}/clear", params(("id" = String, Path), ("index" = u32, Path)),
+    responses((status = 200, body = Node), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn clear_gpu(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((id, index)): Path<(String, u32)>,
+) -> Result<Json<Node>, ApiError> {
+    caller.require(Role::Admin)?;
+    let node = known_node(&state, &id)?;
+    let session = state
+        .nodes
+        .get(&node)
+        .ok_or_else(|| ApiError::Unavailable {
+            message: format!("node {node} is not connected; clear its GPU once it is back"),
+        })?;
+    let cmd = gantry_shared::protocol::Command::ClearGpu { index };
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        crate::control::command(&session.conn, &cmd),
+    )
+    .await
+    .map_err(|_| ApiError::Unavailable {
+        message: format!("node {node} did not answer within 10 s"),
+    })?
+    .map_err(|e| ApiError::Unavailable {
+        message: format!("cannot reach node {node}: {e}"),
+    })?;
+    if let gantry_shared::protocol::CommandReply::Refused(r) = reply.0 {
+        return Err(ApiError::NotFound {
+            what: format!("GPU {index} on node {node} ({})", r.message),
+        });
+    }
+    // Gossip carries the new health to the view within a few rounds.
+    for _ in 0..40 {
+        let healthy = state.cluster.statuses().iter().any(|s| {
+            s.id == node
+                && s.gossip
+                    .as_ref()
+                    .and_then(|g| g.gpus.iter().find(|g| g.index == index))
+                    .is_some_and(|g| !g.health.is_unhealthy())
+        });
+        if healthy {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     node_after_change(&state, &node).await
 }
 

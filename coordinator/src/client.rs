@@ -130,6 +130,15 @@ impl ApiClient {
         .await
     }
 
+    /// Declares a node's GPU healthy again.
+    pub async fn clear_gpu(&self, id: &str, index: u32) -> Result<Node, ClientError> {
+        self.post(
+            &format!("/v1/nodes/{id}/gpus/{index}/clear"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

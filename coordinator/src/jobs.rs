@@ -78,6 +78,7 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
             ..
         } => {
             member.reason = Some(format!("start failed: {message}"));
+            member.ended_at_ms = Some(now_ms);
             if job.state != JobState::Running {
                 // Already failing (a sibling's fault) or finished.
             } else if !*user_error && node_start_failures(job) < MAX_NODE_START_FAILURES {
@@ -98,11 +99,13 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
             exit_code,
             signal,
             reason,
+            at_ms,
             ..
         } => {
             let code = exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
             member.exit_code = Some(code);
             member.reason = Some(reason.clone());
+            member.ended_at_ms = Some(*at_ms);
             if job.state != JobState::Running {
                 // Cancelled, failed, or stopping after a sibling failed: record only.
             } else if reason.starts_with("gpu_") {
@@ -179,7 +182,7 @@ impl Eviction {
 /// Declares `members` (node, generation) ended by `why`: a running job goes back to
 /// pending without counting against its retries (its other members are then stopped); a
 /// finished one only records it.
-pub fn evict(job: &mut Job, members: &[(NodeId, u64)], why: Eviction) {
+pub fn evict(job: &mut Job, members: &[(NodeId, u64)], why: Eviction, now_ms: u64) {
     let mut nodes = Vec::new();
     for a in job.attempts.iter_mut().filter(|a| a.reason.is_none()) {
         if members
@@ -187,6 +190,7 @@ pub fn evict(job: &mut Job, members: &[(NodeId, u64)], why: Eviction) {
             .any(|(n, g)| *n == a.node && *g == a.generation)
         {
             a.reason = Some(why.member_reason(&a.node));
+            a.ended_at_ms = Some(now_ms);
             nodes.push(a.node.to_string());
         }
     }
@@ -293,6 +297,7 @@ mod tests {
             started_at_ms: None,
             exit_code: None,
             reason: None,
+            ended_at_ms: None,
         }
     }
 
@@ -404,7 +409,7 @@ mod tests {
     #[test]
     fn a_lost_member_re_places_without_using_a_retry() {
         let mut j = gang(0);
-        evict(&mut j, &[(n("b"), 1)], Eviction::Lost);
+        evict(&mut j, &[(n("b"), 1)], Eviction::Lost, 6);
         assert_eq!((j.state, j.failures), (JobState::Pending, 0));
         assert!(j.reason.as_deref().unwrap_or("").contains("node b is down"));
         assert_eq!(live(&j).count(), 1, "rank 0 is stopped by the scheduler");

@@ -127,6 +127,7 @@ mod tests {
             started_at_ms: None,
             exit_code: None,
             reason: None,
+            ended_at_ms: None,
         }
     }
 

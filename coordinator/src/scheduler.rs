@@ -40,6 +40,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace between SIGTERM and SIGKILL when a job is cancelled or its generation failed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How long GPUs of an attempt stopped for a GPU fault stay out of placement on the
+/// coordinator's own word (gossip says it within a second).
+const FAULT_HOLD_MS: u64 = 30_000;
+
 /// A member's identity across passes: job, generation, node.
 type MemberKey = (JobId, u64, NodeId);
 
@@ -111,16 +115,18 @@ pub fn node_info(s: &NodeStatus) -> Option<NodeInfo> {
 
 /// The ledger: per node, what live members of `jobs` hold.
 pub fn ledger<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> BTreeMap<NodeId, Held> {
+    let now = now_ms();
     let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
     for job in jobs {
         let r = request(job);
-        // A GPU an agent stopped an attempt for (`gpu_xid_79`) is avoided at once: gossip
-        // marks it unhealthy a few rounds later.
-        for m in job
-            .attempts
-            .iter()
-            .filter(|m| m.reason.as_deref().is_some_and(|r| r.starts_with("gpu_")))
-        {
+        // A GPU an agent stopped an attempt for (`gpu_xid_79`) is avoided at once, for
+        // FAULT_HOLD: gossip marks it unhealthy a few rounds later (and an operator's
+        // clear must not be held up for long).
+        for m in job.attempts.iter().filter(|m| {
+            m.reason.as_deref().is_some_and(|r| r.starts_with("gpu_"))
+                && m.ended_at_ms
+                    .is_some_and(|t| now.saturating_sub(t) < FAULT_HOLD_MS)
+        }) {
             let h = held.entry(m.node.clone()).or_default();
             h.faulty.extend(m.gpus.iter().copied());
         }
@@ -361,6 +367,7 @@ fn record(
             started_at_ms: None,
             exit_code: None,
             reason: None,
+            ended_at_ms: None,
         })
         .collect();
     let node_list: Vec<String> = members.iter().map(|m| m.node.to_string()).collect();
@@ -429,7 +436,7 @@ fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
             }
         }
         for (why, members) in taken {
-            store.update_job_deferred(&job.id, |j| jobs::evict(j, &members, why))?;
+            store.update_job_deferred(&job.id, |j| jobs::evict(j, &members, why, now))?;
             wrote = true;
         }
     }

@@ -327,6 +327,9 @@ pub struct Attempt {
     pub exit_code: Option<i32>,
     /// How the attempt ended; absent while it is live.
     pub reason: Option<String>,
+    /// When it ended (unix ms); absent while it is live.
+    #[serde(default)]
+    pub ended_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

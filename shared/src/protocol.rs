@@ -146,6 +146,10 @@ pub enum Command {
     /// Is this session's agent still there? Answered `accepted` at once. Sent when a
     /// second agent says hello as the same node.
     Ping,
+    /// An operator cleared GPU `index`: it is healthy again and may be placed on.
+    ClearGpu {
+        index: u32,
+    },
 }
 
 /// Which stream a log chunk carries.

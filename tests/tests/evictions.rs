@@ -198,6 +198,33 @@ fn a_fault_on_an_assigned_gpu_stops_the_attempt_and_re_places_the_job() {
         Duration::from_secs(20),
         |ns| ns[0]["gpus"][index]["health"]["reason"] == "xid_79",
     );
+    // It stays unhealthy across an agent restart, until an operator clears it.
+    let mut c = c;
+    c.kill_agent(i);
+    c.start_agent(i);
+    std::thread::sleep(Duration::from_secs(3));
+    c.wait_state("node-0", "ready", Duration::from_secs(30));
+    assert_eq!(
+        c.nodes()[0]["gpus"][index]["health"]["reason"],
+        "xid_79",
+        "still unhealthy after the restart"
+    );
+    let out = c.gantry(&["nodes", "gpu-clear", "node-0", "--gpu", &gpu]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_nodes("the GPU healthy again", Duration::from_secs(20), |ns| {
+        ns[0]["gpus"][index]["health"]["status"] == "healthy"
+    });
+    let missing = c.gantry(&["nodes", "gpu-clear", "node-0", "--gpu", "7"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no GPU 7"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 }
 
 /// A cloud metadata endpoint on the bridge: 404 until `notice` is set, then AWS's

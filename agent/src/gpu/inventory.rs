@@ -58,7 +58,30 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// The inventory and its watcher. Dropping it stops the thread (within one event wait).
 pub struct Inventory {
     rx: watch::Receiver<Vec<GpuInfo>>,
+    handle: InventoryHandle,
     stop: Arc<AtomicBool>,
+}
+
+/// Sets a GPU's health from outside the watcher: marks restored after a restart, an
+/// operator's clear. Cheap to clone.
+#[derive(Clone)]
+pub struct InventoryHandle {
+    tx: Option<Arc<watch::Sender<Vec<GpuInfo>>>>,
+}
+
+impl InventoryHandle {
+    /// Sets GPU `index`'s health; false if there is no such GPU or nothing changed.
+    pub fn set_health(&self, index: u32, health: gantry_shared::gossip::GpuHealth) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        tx.send_if_modified(|gpus| match gpus.iter_mut().find(|g| g.index == index) {
+            Some(g) if g.health != health => {
+                tracing::warn!(index, uuid = %g.uuid, health = %health.to_compact(), "GPU health set");
+                g.health = health;
+                true
+            }
+            _ => false,
+        })
+    }
 }
 
 impl Inventory {
@@ -67,16 +90,21 @@ impl Inventory {
         let gpus = source.discover()?;
         tracing::info!(kind = source.kind(), gpus = gpus.len(), "GPU inventory");
         let (tx, rx) = watch::channel(gpus);
+        let tx = Arc::new(tx);
         let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let (stopping, sender) = (stop.clone(), tx.clone());
         std::thread::Builder::new()
             .name("gpu-health".into())
-            .spawn(move || watch_loop(source, tx, &stopping))
+            .spawn(move || watch_loop(source, &sender, &stopping))
             .map_err(|e| InventoryError::Nvml {
                 action: "starting the GPU health thread".into(),
                 reason: e.to_string(),
             })?;
-        Ok(Self { rx, stop })
+        Ok(Self {
+            rx,
+            handle: InventoryHandle { tx: Some(tx) },
+            stop,
+        })
     }
 
     /// No GPUs at all (a CPU-only node).
@@ -84,8 +112,13 @@ impl Inventory {
         let (_tx, rx) = watch::channel(Vec::new());
         Self {
             rx,
+            handle: InventoryHandle { tx: None },
             stop: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    pub fn handle(&self) -> InventoryHandle {
+        self.handle.clone()
     }
 
     pub fn current(&self) -> Vec<GpuInfo> {
@@ -129,30 +162,37 @@ pub fn apply(gpus: &mut [GpuInfo], index: u32, event: HealthEvent) -> bool {
     true
 }
 
-fn watch_loop(mut source: impl GpuSource, tx: watch::Sender<Vec<GpuInfo>>, stop: &AtomicBool) {
+fn watch_loop(mut source: impl GpuSource, tx: &watch::Sender<Vec<GpuInfo>>, stop: &AtomicBool) {
     let mut last_poll = Instant::now();
-    while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
+    while !stop.load(Ordering::Relaxed) {
         let events = source.wait_events(Duration::from_millis(250));
-        let mut gpus = tx.borrow().clone();
-        let mut changed = false;
-        for (index, event) in events {
-            changed |= apply(&mut gpus, index, event);
-        }
-        if last_poll.elapsed() >= POLL_INTERVAL {
+        // Throttling is read outside the update, so the channel is never held across NVML.
+        let throttles: Vec<(u32, Throttle)> = if last_poll.elapsed() >= POLL_INTERVAL {
             last_poll = Instant::now();
-            for g in gpus.iter_mut() {
-                if let Some(t) = source.throttle(g.index) {
+            let indices: Vec<u32> = tx.borrow().iter().map(|g| g.index).collect();
+            indices
+                .into_iter()
+                .filter_map(|i| source.throttle(i).map(|t| (i, t)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        tx.send_if_modified(|gpus| {
+            let mut changed = false;
+            for &(index, event) in &events {
+                changed |= apply(gpus, index, event);
+            }
+            for &(index, t) in &throttles {
+                if let Some(g) = gpus.iter_mut().find(|g| g.index == index) {
                     let next = health::after_poll(&g.health, t);
                     if next != g.health {
-                        tracing::info!(index = g.index, health = %next.to_compact(), "GPU health changed");
+                        tracing::info!(index, health = %next.to_compact(), "GPU health changed");
                         g.health = next;
                         changed = true;
                     }
                 }
             }
-        }
-        if changed {
-            tx.send_replace(gpus);
-        }
+            changed
+        });
     }
 }

@@ -162,6 +162,14 @@ enum NodesCommand {
     Undrain {
         id: String,
     },
+    /// Declare a GPU healthy again after dealing with its fault (until then it is never
+    /// placed on, even across agent restarts).
+    GpuClear {
+        id: String,
+        /// Host index of the GPU.
+        #[arg(long)]
+        gpu: u32,
+    },
     /// A spot-interruption notice: stop the node's work now (SIGTERM, a grace bounded by
     /// the deadline, SIGKILL) and place it elsewhere.
     Preempt {
@@ -329,6 +337,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         .await?,
                     json,
                 )?,
+                NodesCommand::GpuClear { id, gpu } => {
+                    cli::print_node(&client.clear_gpu(&id, gpu).await?, json)?
+                }
                 NodesCommand::Undrain { id } => {
                     cli::print_node(&client.node_action(&id, "undrain", None).await?, json)?
                 }
