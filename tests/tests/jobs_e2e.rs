@@ -354,3 +354,31 @@ async fn retries_back_off_exponentially() {
     let body: Value = bad.json().await.expect("error");
     assert_eq!(body["error"]["field"], "backoff.factor", "{body}");
 }
+
+/// A job past its timeout is stopped by its node and its history says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_ends_the_attempt_and_the_history_says_so() {
+    let c = Cluster::start().await;
+    let resp = c
+        .post(json!({
+            "name": "slow", "image": "busybox", "command": ["sleep", "60"], "timeout": "1s",
+            "resources": {"cpu": "0.5", "memory": "64M"}
+        }))
+        .await;
+    assert_eq!(resp.status().as_u16(), 201);
+    let job: Value = resp.json().await.expect("job");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let job = c.wait_state(&id, &["succeeded", "failed"]).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"][0]["reason"], "timed_out", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("timed_out")),
+        "{job}"
+    );
+    assert!(
+        job["attempts"][0]["ended_at_ms"].as_u64().is_some(),
+        "{job}"
+    );
+}
