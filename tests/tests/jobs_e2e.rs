@@ -104,9 +104,13 @@ impl Cluster {
 
     /// Submits `sh -c SCRIPT` in busybox; returns the job id.
     async fn submit(&self, script: &str) -> String {
-        let resp = self
-            .post(json!({"name": "e2e", "image": "busybox", "command": ["sh", "-c", script], "resources": {"cpu": "0.5", "memory": "128M"}}))
-            .await;
+        self.submit_spec(json!({"name": "e2e", "image": "busybox", "command": ["sh", "-c", script], "resources": {"cpu": "0.5", "memory": "128M"}}))
+            .await
+    }
+
+    /// Submits `spec`, which must be accepted; returns the job id.
+    async fn submit_spec(&self, spec: Value) -> String {
+        let resp = self.post(spec).await;
         assert_eq!(resp.status().as_u16(), 201);
         let job: Value = resp.json().await.expect("job");
         job["id"].as_str().expect("id").to_owned()
@@ -318,16 +322,13 @@ async fn a_node_cut_off_loses_its_member_and_its_late_exit_is_ignored() {
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_back_off_exponentially() {
     let c = Cluster::start().await;
-    let resp = c
-        .post(json!({
+    let id = c
+        .submit_spec(json!({
             "name": "flaky", "image": "busybox", "command": ["sh", "-c", "exit 3"],
             "retries": 2, "backoff": {"initial": "1s", "factor": 2, "max": "1m"},
             "resources": {"cpu": "0.5", "memory": "64M"}
         }))
         .await;
-    assert_eq!(resp.status().as_u16(), 201);
-    let job: Value = resp.json().await.expect("job");
-    let id = job["id"].as_str().expect("id").to_owned();
     let job = c.wait_state(&id, &["succeeded", "failed"]).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["failures"], 3, "{job}");
@@ -359,15 +360,12 @@ async fn retries_back_off_exponentially() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_timeout_ends_the_attempt_and_the_history_says_so() {
     let c = Cluster::start().await;
-    let resp = c
-        .post(json!({
+    let id = c
+        .submit_spec(json!({
             "name": "slow", "image": "busybox", "command": ["sleep", "60"], "timeout": "1s",
             "resources": {"cpu": "0.5", "memory": "64M"}
         }))
         .await;
-    assert_eq!(resp.status().as_u16(), 201);
-    let job: Value = resp.json().await.expect("job");
-    let id = job["id"].as_str().expect("id").to_owned();
     let job = c.wait_state(&id, &["succeeded", "failed"]).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["attempts"][0]["reason"], "timed_out", "{job}");
