@@ -134,6 +134,9 @@ struct Agent {
     /// GPUs marked unhealthy, by UUID, with the reason: they stay unhealthy across agent
     /// restarts until an operator clears them.
     gpu_marks: Table,
+    /// Stops that arrived while their container was still starting (image resolution, or
+    /// before the shim reported), with their grace: `start` honours them once it can.
+    early_stops: std::sync::Mutex<std::collections::HashMap<ContainerId, Duration>>,
 }
 
 /// The newest generation of a job this node has taken, and whether its end (exit or start
@@ -190,6 +193,7 @@ pub async fn run(
         gpus: inventory.subscribe(),
         inventory: inventory.handle(),
         gpu_marks: store.table("gpu_marks")?,
+        early_stops: std::sync::Mutex::default(),
     });
     agent.restore_gpu_marks();
     agent.resume();
@@ -401,6 +405,16 @@ impl Agent {
             tracing::error!(%job, error = %e, "cannot record an event");
             return false;
         }
+        // An older generation's end (fenced here by a newer start) leaves the mark alone.
+        let newer = self
+            .generations
+            .get::<Mark>(job.as_str())
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.generation > generation);
+        if newer {
+            return true;
+        }
         if let Err(e) = self.generations.put(
             job.as_str(),
             &Mark {
@@ -485,11 +499,13 @@ impl Agent {
         let (job, generation) = match &cmd {
             Command::Ping => return CommandReply::Accepted,
             Command::ClearGpu { index } => return self.clear_gpu(*index),
-            Command::Start(a) => (a.job.clone(), a.generation),
             Command::Stop {
-                job, generation, ..
-            }
-            | Command::Logs {
+                job,
+                generation,
+                grace_ms,
+            } => return self.stop(job, *generation, Duration::from_millis(*grace_ms)),
+            Command::Start(a) => (a.job.clone(), a.generation),
+            Command::Logs {
                 job, generation, ..
             } => (job.clone(), *generation),
         };
@@ -510,7 +526,9 @@ impl Agent {
             ));
         }
         match cmd {
-            Command::Ping | Command::ClearGpu { .. } => CommandReply::Accepted,
+            Command::Ping | Command::ClearGpu { .. } | Command::Stop { .. } => {
+                CommandReply::Accepted
+            }
             // This generation was taken before (running, starting or finished): its
             // events tell the coordinator what became of it.
             Command::Start(_) if generation == known => CommandReply::Accepted,
@@ -547,17 +565,54 @@ impl Agent {
                 RefusalCode::Unavailable,
                 "logs are served on their own stream",
             )),
-            Command::Stop { grace_ms, .. } => {
-                if let Some(id) =
-                    container_id(&job, generation).filter(|i| self.runtime.status(i).is_ok())
-                {
-                    let rt = self.runtime.clone();
-                    tokio::spawn(
-                        async move { rt.stop(&id, Duration::from_millis(grace_ms)).await },
-                    );
+        }
+    }
+
+    /// Stops `generation` of `job` if it runs or is starting here: `Accepted`, and its end
+    /// is reported as an event; `NotRunning` if it exited already or this node never had it
+    /// (no event follows).
+    fn stop(&self, job: &JobId, generation: u64, grace: Duration) -> CommandReply {
+        let Some(id) = container_id(job, generation) else {
+            return CommandReply::NotRunning;
+        };
+        match self.runtime.status(&id).map(|s| s.state) {
+            Ok(ContainerState::Exited(_)) => CommandReply::NotRunning,
+            Ok(ContainerState::Running { started_at_ms }) => {
+                if started_at_ms == 0 {
+                    // The shim has not reported yet and cannot take the stop: `start`
+                    // applies it once the container runs.
+                    self.early_stop(&id, Some(grace));
                 }
+                let rt = self.runtime.clone();
+                tokio::spawn(async move { rt.stop(&id, grace).await });
                 CommandReply::Accepted
             }
+            Err(_) => {
+                let starting = self
+                    .generations
+                    .get::<Mark>(job.as_str())
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.generation == generation && !m.done);
+                if starting {
+                    self.early_stop(&id, Some(grace));
+                    CommandReply::Accepted
+                } else {
+                    CommandReply::NotRunning
+                }
+            }
+        }
+    }
+
+    /// Records an early stop (`Some`) or takes the one recorded (`None`).
+    fn early_stop(&self, id: &ContainerId, grace: Option<Duration>) -> Option<Duration> {
+        let mut stops = self
+            .early_stops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match grace {
+            Some(g) => stops.insert(id.clone(), g),
+            None => stops.remove(id),
         }
     }
 
@@ -674,6 +729,15 @@ impl Agent {
                 return;
             }
         };
+        if self.early_stop(&id, None).is_some() {
+            self.finish(Event::StartFailed {
+                job: spec.job,
+                generation: spec.generation,
+                message: "stopped before it started".into(),
+                user_error: false,
+            });
+            return;
+        }
         let mut req = ContainerRequest::new(image);
         req.id = Some(id.clone());
         req.command = (!spec.command.is_empty()).then(|| spec.command.clone());
@@ -697,6 +761,11 @@ impl Agent {
                     tracing::error!(container = %id, error = %e, "cannot record an event");
                 }
                 self.changed.notify_one();
+                if let Some(grace) = self.early_stop(&id, None) {
+                    let rt = self.runtime.clone();
+                    let id = id.clone();
+                    tokio::spawn(async move { rt.stop(&id, grace).await });
+                }
                 self.watch(id, spec.job, spec.generation);
             }
             Err(e) => {

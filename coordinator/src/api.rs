@@ -486,6 +486,11 @@ async fn job_logs(
                 what: format!("output of job {} (the node says: {})", job.id, r.message),
             });
         }
+        gantry_shared::protocol::CommandReply::NotRunning => {
+            return Err(ApiError::NotFound {
+                what: format!("output of job {} on {}", job.id, attempt.node),
+            });
+        }
     }
     // Log chunks: a stream byte, a 4-byte length, the bytes; the body carries the bytes.
     let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -769,7 +774,7 @@ async fn node_after_change(state: &ApiState, node: &NodeId) -> Result<Json<Node>
 fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
     let jobs = state.store.active_jobs()?;
     let statuses = state.cluster.statuses();
-    let ledger = scheduler::ledger(&jobs);
+    let ledger = scheduler::ledger(&jobs, &state.store.all_fences()?);
     Ok(statuses
         .into_iter()
         .map(|s| {

@@ -114,6 +114,13 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
                 job.reason = Some(format!(
                     "re-placing: a GPU of {who} failed ({reason}; not counted against retries){others}"
                 ));
+            } else if reason == "shim_lost" {
+                // Its supervisor died without recording an exit: the host crashed or was
+                // killed under it, which is not the job's fault either.
+                job.state = JobState::Pending;
+                job.reason = Some(format!(
+                    "re-placing: {who} lost the container (host crash; not counted against retries){others}"
+                ));
             } else if code == 0 {
                 let members = current(job);
                 if members.iter().all(|a| a.exit_code == Some(0)) {
@@ -432,6 +439,26 @@ mod tests {
         apply(&mut j, &n("n"), &fault, 4);
         assert_eq!((j.state, j.failures), (JobState::Pending, 0));
         assert!(j.reason.as_deref().unwrap_or("").contains("gpu_xid_79"));
+    }
+
+    #[test]
+    fn a_container_lost_with_its_host_re_places_without_using_a_retry() {
+        let mut j = job(0);
+        let lost = Event::Exited {
+            job: JobId::from_sequence(1),
+            generation: 1,
+            exit_code: None,
+            signal: None,
+            reason: "shim_lost".into(),
+            at_ms: 3,
+        };
+        apply(&mut j, &n("n"), &lost, 4);
+        assert_eq!((j.state, j.failures), (JobState::Pending, 0));
+        assert!(j.reason.as_deref().unwrap_or("").contains("host crash"));
+        // An exit the job made itself still counts.
+        let mut j = job(0);
+        apply(&mut j, &n("n"), &exited(1, 3), 4);
+        assert_eq!((j.state, j.failures), (JobState::Failed, 1));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::engine::{Assignment, Engine, NodeInfo, Request};
 use crate::jobs;
 use crate::nodes::Nodes;
 use crate::ranks;
-use crate::store::{Store, StoreError};
+use crate::store::{Fence, Store, StoreError};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace between SIGTERM and SIGKILL when a job is cancelled or its generation failed.
@@ -113,10 +113,21 @@ pub fn node_info(s: &NodeStatus) -> Option<NodeInfo> {
     })
 }
 
-/// The ledger: per node, what live members of `jobs` hold.
-pub fn ledger<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> BTreeMap<NodeId, Held> {
+/// The ledger: per node, what live members of `jobs` hold, and what members taken off a
+/// node but not yet known to have stopped there (`fences`) still hold.
+pub fn ledger<'a>(
+    jobs: impl IntoIterator<Item = &'a Job>,
+    fences: &[(NodeId, JobId, u64, Fence)],
+) -> BTreeMap<NodeId, Held> {
     let now = now_ms();
     let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
+    for (node, job, _, fence) in fences {
+        let h = held.entry(node.clone()).or_default();
+        h.cpu_millis += fence.cpu_millis;
+        h.memory_bytes += fence.memory_bytes;
+        h.gpus.extend(fence.gpus.iter().copied());
+        h.jobs.insert(job.clone());
+    }
     for job in jobs {
         let r = request(job);
         // A GPU an agent stopped an attempt for (`gpu_xid_79`) is avoided at once, for
@@ -230,7 +241,7 @@ async fn tick(
         let Err(e) = result else { continue };
         tracing::warn!(%job, %node, error = %e, "start not delivered; the job waits again");
         undelivered = true;
-        store.update_job_deferred(&job, |j| {
+        let updated = store.update_job_deferred(&job, |j| {
             if let Some(a) = j
                 .attempts
                 .iter_mut()
@@ -243,6 +254,15 @@ async fn tick(
                 }
             }
         })?;
+        // The start may have arrived although its reply did not: the node stops it (or
+        // says it never had it) before the job's next generation runs.
+        if let Some(m) = updated
+            .attempts
+            .iter()
+            .find(|a| a.generation == generation && a.node == node)
+        {
+            store.add_fence(&node, &job, generation, &fence(&updated, m, 0))?;
+        }
     }
     if undelivered {
         store.commit()?;
@@ -259,7 +279,22 @@ pub fn place_pending(
     statuses: &[NodeStatus],
     active: &[Job],
 ) -> Result<Vec<Job>, StoreError> {
-    let mut held = ledger(active);
+    let fences = store.all_fences()?;
+    let mut held = ledger(active, &fences);
+    // Members taken off a node that is still reachable (preempted, drained) run out their
+    // grace before the next generation starts: never two generations at once where it can
+    // be avoided. A node that is down cannot be waited for; its fence stops the member
+    // when it returns.
+    let mut stopping: BTreeMap<&JobId, BTreeSet<&NodeId>> = BTreeMap::new();
+    for (node, job, _, _) in &fences {
+        let down = statuses
+            .iter()
+            .find(|s| &s.id == node)
+            .is_none_or(|s| s.liveness == Liveness::Down);
+        if !down {
+            stopping.entry(job).or_default().insert(node);
+        }
+    }
     let mut queue: Vec<Pending> = Vec::new();
     let mut wrote = false;
     let now = now_ms();
@@ -273,6 +308,16 @@ pub fn place_pending(
             let reason = format!(
                 "waiting for the members of attempt {} to stop",
                 jobs::generation(job)
+            );
+            wrote |= note_reason(store, job, &reason)?;
+            continue;
+        }
+        if let Some(nodes) = stopping.get(&job.id) {
+            let nodes: Vec<&str> = nodes.iter().map(|n| n.as_str()).collect();
+            let reason = format!(
+                "waiting for attempt {} to stop on {} (taken off the node)",
+                jobs::generation(job),
+                nodes.join(", ")
             );
             wrote |= note_reason(store, job, &reason)?;
             continue;
@@ -428,7 +473,7 @@ fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
         for m in jobs::live(&job) {
             if let Some(&(why, grace)) = evicting.get(&m.node) {
                 tracing::warn!(job = %job.id, node = %m.node, generation = m.generation, ?why, "member taken off its node");
-                store.add_fence(&m.node, &job.id, m.generation, grace)?;
+                store.add_fence(&m.node, &job.id, m.generation, &fence(&job, m, grace))?;
                 taken
                     .entry(why)
                     .or_default()
@@ -458,7 +503,7 @@ async fn fence_returning(
         let Some(session) = nodes.get(&node) else {
             continue;
         };
-        for (job, generation, grace_ms) in store.fences(&node)? {
+        for (job, generation, Fence { grace_ms, .. }) in store.fences(&node)? {
             let key = (
                 (job.clone(), generation, node.clone()),
                 session.conn.stable_id(),
@@ -472,13 +517,20 @@ async fn fence_returning(
                 generation,
                 grace_ms,
             };
-            match send(nodes, &node, &stop).await {
-                Ok(()) => {
+            match exchange(nodes, &node, &stop).await {
+                // Its end arrives as an event, which settles the fence.
+                Ok(CommandReply::Accepted) => {
                     tracing::info!(%job, %node, generation, "stopping a member taken off its node");
+                }
+                Ok(CommandReply::NotRunning) => {
+                    tracing::info!(%job, %node, generation, "a member taken off its node is not running there");
                     store.remove_fence(&node, &job, generation)?;
                 }
+                Ok(CommandReply::Refused(r)) => {
+                    tracing::warn!(%job, %node, error = %r.message, "could not fence a member yet")
+                }
                 Err(e) => {
-                    tracing::warn!(%job, %node, error = %e, "could not fence a lost member yet")
+                    tracing::warn!(%job, %node, error = %e, "could not fence a member yet")
                 }
             }
         }
@@ -591,17 +643,33 @@ fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Command {
 }
 
 /// Sends one command to a node on a stream of its session and reads the reply.
-async fn send(nodes: &Nodes, node: &NodeId, command: &Command) -> Result<(), String> {
+async fn exchange(nodes: &Nodes, node: &NodeId, command: &Command) -> Result<CommandReply, String> {
     let session = nodes
         .get(node)
         .ok_or_else(|| format!("node {node} is not connected"))?;
     let exchange = crate::control::command(&session.conn, command);
-    match tokio::time::timeout(COMMAND_TIMEOUT, exchange)
+    Ok(tokio::time::timeout(COMMAND_TIMEOUT, exchange)
         .await
         .map_err(|_| format!("no reply within {COMMAND_TIMEOUT:?}"))??
-        .0
-    {
+        .0)
+}
+
+/// [`exchange`], for commands whose only success is `Accepted`.
+async fn send(nodes: &Nodes, node: &NodeId, command: &Command) -> Result<(), String> {
+    match exchange(nodes, node, command).await? {
         CommandReply::Accepted => Ok(()),
         CommandReply::Refused(r) => Err(r.message),
+        CommandReply::NotRunning => Err(format!("node {node} does not run it")),
+    }
+}
+
+/// What a member taken off its node holds there until it is known to have stopped.
+fn fence(job: &Job, member: &Attempt, grace_ms: u64) -> Fence {
+    let r = request(job);
+    Fence {
+        grace_ms,
+        cpu_millis: r.cpu_millis,
+        memory_bytes: r.memory_bytes,
+        gpus: member.gpus.clone(),
     }
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use gantry_shared::api::{Job, JobSpec, JobState};
+use gantry_shared::protocol::Event;
 use gantry_shared::{JobId, NodeId};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -34,6 +35,17 @@ pub enum StoreError {
     NotFound { id: JobId },
 }
 
+/// A member its node may still run although the coordinator took it off: how to stop it,
+/// and what it holds there until it is known to have ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// SIGTERM-to-SIGKILL grace for the stop.
+    pub grace_ms: u64,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: Vec<u32>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct IdempotencyRecord {
     job: JobId,
@@ -50,10 +62,27 @@ pub struct Store {
     /// passes never scan finished jobs. Rebuilt at open, so a crash between a job's write
     /// and its index update heals itself.
     active: sled::Tree,
-    /// Members declared lost (their node went down) that their node may still run:
-    /// `<node>/<job>/<generation>`. Each is stopped when the node is back, then forgotten.
+    /// Members taken off their node (lost, preempted, drained, start not delivered) that
+    /// the node may still run: `<node>/<job>/<generation>` → [`Fence`]. Each is stopped
+    /// when the node is reachable and forgotten once the node reports it ended (an event)
+    /// or says it does not run it; until then it holds its resources there.
     fences: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
+}
+
+/// A fence record; ones written before fences held resources are the grace alone (8 bytes).
+fn decode_fence(value: &[u8]) -> Result<Fence, StoreError> {
+    match <[u8; 8]>::try_from(value) {
+        Ok(grace) => Ok(Fence {
+            grace_ms: u64::from_be_bytes(grace),
+            ..Fence::default()
+        }),
+        Err(_) => Ok(serde_json::from_slice(value)?),
+    }
+}
+
+fn fence_key(node: &NodeId, job: &JobId, generation: u64) -> String {
+    format!("{node}/{job}/{generation}")
 }
 
 /// Group commit: writers that need their writes durable share fsyncs. A writer waits for
@@ -182,36 +211,48 @@ impl Store {
         Ok(())
     }
 
-    /// Remembers that `node` may still run `job`'s `generation`, which was taken from it
-    /// (lost, preempted, drained), and must stop it with `grace_ms` (durable at the next
-    /// commit).
+    /// Remembers that `node` may still run `job`'s `generation`, which was taken from it,
+    /// and must stop it (durable at the next commit).
     pub fn add_fence(
         &self,
         node: &NodeId,
         job: &JobId,
         generation: u64,
-        grace_ms: u64,
+        fence: &Fence,
     ) -> Result<(), StoreError> {
-        self.fences.insert(
-            format!("{node}/{job}/{generation}"),
-            &grace_ms.to_be_bytes(),
-        )?;
+        self.fences
+            .insert(fence_key(node, job, generation), serde_json::to_vec(fence)?)?;
         Ok(())
     }
 
-    /// What `node` must stop when it is reachable: `(job, generation, grace ms)`.
-    pub fn fences(&self, node: &NodeId) -> Result<Vec<(JobId, u64, u64)>, StoreError> {
+    /// What `node` must stop when it is reachable.
+    pub fn fences(&self, node: &NodeId) -> Result<Vec<(JobId, u64, Fence)>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.fences.scan_prefix(format!("{node}/")) {
+        for (n, job, generation, fence) in self.scan_fences(format!("{node}/"))? {
+            if &n == node {
+                out.push((job, generation, fence));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every fence: `(node, job, generation, fence)`.
+    pub fn all_fences(&self) -> Result<Vec<(NodeId, JobId, u64, Fence)>, StoreError> {
+        self.scan_fences(String::new())
+    }
+
+    fn scan_fences(&self, prefix: String) -> Result<Vec<(NodeId, JobId, u64, Fence)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.fences.scan_prefix(prefix) {
             let (key, value) = kv?;
             let key = String::from_utf8_lossy(&key);
-            let mut parts = key.splitn(3, '/').skip(1);
-            let grace = value.as_ref().try_into().map_or(0, u64::from_be_bytes);
-            if let (Some(job), Some(Ok(generation))) = (
-                parts.next().and_then(|j| JobId::new(j).ok()),
+            let mut parts = key.splitn(3, '/');
+            if let (Some(Ok(node)), Some(Ok(job)), Some(Ok(generation))) = (
+                parts.next().map(NodeId::new),
+                parts.next().map(JobId::new),
                 parts.next().map(str::parse),
             ) {
-                out.push((job, generation, grace));
+                out.push((node, job, generation, decode_fence(&value)?));
             }
         }
         Ok(out)
@@ -230,14 +271,14 @@ impl Store {
         Ok(out)
     }
 
-    /// The node stopped it (or never had it): forget the fence.
+    /// The node does not run it (any more): forget the fence.
     pub fn remove_fence(
         &self,
         node: &NodeId,
         job: &JobId,
         generation: u64,
     ) -> Result<(), StoreError> {
-        self.fences.remove(format!("{node}/{job}/{generation}"))?;
+        self.fences.remove(fence_key(node, job, generation))?;
         self.commit()
     }
 
@@ -378,8 +419,18 @@ impl Store {
                 continue; // a replay of something already applied
             }
             let job_key = e.event.job().as_str().as_bytes().to_vec();
-            (&self.jobs, &seqs)
-                .transaction(|(jobs, seqs)| {
+            // The node reports this member's end: a fence on it is settled.
+            let ended = match &e.event {
+                Event::Exited { .. } | Event::StartFailed { .. } => {
+                    Some(fence_key(node, e.event.job(), e.event.generation()))
+                }
+                _ => None,
+            };
+            (&self.jobs, &seqs, &self.fences)
+                .transaction(|(jobs, seqs, fences)| {
+                    if let Some(key) = &ended {
+                        fences.remove(key.as_bytes())?;
+                    }
                     if let Some(bytes) = jobs.get(&job_key)? {
                         let mut job: Job = serde_json::from_slice(&bytes).map_err(|err| {
                             sled::transaction::ConflictableTransactionError::Abort(err.to_string())

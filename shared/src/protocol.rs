@@ -187,6 +187,9 @@ pub struct AttemptSpec {
 pub enum CommandReply {
     Accepted,
     Refused(Refusal),
+    /// To a stop: nothing of that generation runs or starts here (it exited, or the node
+    /// never had it), so no exit event will follow.
+    NotRunning,
 }
 
 /// The coordinator's answer.

@@ -62,6 +62,7 @@ pub struct TestCluster {
     pub spec: ClusterSpec,
     pub api: String,
     pub control: String,
+    pub gossip: String,
     pub admin: String,
     pub dir: tempfile::TempDir,
 }
@@ -73,13 +74,18 @@ impl TestCluster {
         let mut net = TestNet::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let bridge = net.bridge_ip();
-        let mut cmd = Command::new(binary("gantry-coordinator"));
-        cmd.args(["serve", "--state-dir"])
-            .arg(dir.path().join("coordinator"))
-            .args(["--api-listen", &format!("{bridge}:0")])
-            .args(["--control-listen", &format!("{bridge}:0")])
-            .args(["--gossip-listen", &format!("{bridge}:0")]);
-        let mut coordinator = Proc::spawn(cmd);
+        // A fixed gossip port, so a restarted coordinator is where the members look for it
+        // (the API and control ports are kept from what the first start bound).
+        let gossip = std::net::UdpSocket::bind((bridge, 0))
+            .and_then(|s| s.local_addr())
+            .expect("a free gossip port")
+            .to_string();
+        let mut coordinator = Proc::spawn(coordinator_command(
+            &dir.path().join("coordinator"),
+            &format!("{bridge}:0"),
+            &format!("{bridge}:0"),
+            &gossip,
+        ));
         let lines = coordinator.lines_until("control listening on");
         let api = field(&lines, "api listening on").expect("api address");
         let control = field(&lines, "control listening on").expect("control address");
@@ -111,6 +117,7 @@ impl TestCluster {
             spec,
             api,
             control,
+            gossip,
             admin,
             dir,
         };
@@ -126,6 +133,50 @@ impl TestCluster {
             names.iter().all(|n| state_of(nodes, n) == Some("ready"))
         });
         c
+    }
+
+    /// kill -9 of the coordinator, then a start on the same state and addresses; returns
+    /// once it serves again.
+    pub fn restart_coordinator(&mut self) {
+        self.coordinator.kill9();
+        let cmd = coordinator_command(
+            &self.dir.path().join("coordinator"),
+            &self.api,
+            &self.control,
+            &self.gossip,
+        );
+        let started = Instant::now();
+        // The old sockets are gone with the process; a bind can still race the kernel
+        // releasing them, so a start that fails is tried again for a while.
+        loop {
+            let mut p = Proc::spawn(cmd_clone(&cmd));
+            let ready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                p.lines_until("control listening on")
+            }));
+            if ready.is_ok() {
+                self.coordinator = p;
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the coordinator did not start again within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Injects Xid `xid` on simulated GPU `gpu` of agent `i` (`gantry-agent gpu inject`).
+    pub fn inject_xid(&self, i: usize, gpu: &str, xid: &str) {
+        let out = self
+            .agent_command(i)
+            .args(["gpu", "inject", "--index", gpu, "--xid", xid])
+            .output()
+            .expect("gpu inject");
+        assert!(
+            out.status.success(),
+            "gpu inject: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `gantry-agent` with agent `i`'s state directory, run on its host.
@@ -315,6 +366,30 @@ impl TestCluster {
     pub fn control_addr(&self) -> SocketAddr {
         self.control.parse().expect("control address")
     }
+}
+
+/// `gantry-coordinator serve` on `state` with the given listen addresses.
+fn coordinator_command(state: &std::path::Path, api: &str, control: &str, gossip: &str) -> Command {
+    let mut cmd = Command::new(binary("gantry-coordinator"));
+    cmd.args(["serve", "--state-dir"])
+        .arg(state)
+        .args(["--api-listen", api])
+        .args(["--control-listen", control])
+        .args(["--gossip-listen", gossip]);
+    cmd
+}
+
+/// A copy of `cmd` (program, arguments, environment).
+fn cmd_clone(cmd: &Command) -> Command {
+    let mut c = Command::new(cmd.get_program());
+    c.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
 }
 
 /// The state of node `name` in a `GET /v1/nodes` answer.

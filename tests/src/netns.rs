@@ -724,6 +724,11 @@ fn start_time(pid: u32) -> Option<u64> {
 /// SIGKILLs the processes of a namespace until none is left, bounded by [`SIGNAL_TIMEOUT`].
 fn kill_all(ino: u64) -> Result<(), String> {
     let deadline = Instant::now() + SIGNAL_TIMEOUT;
+    // Frozen first, as a crashing machine would be: no process (a shim) gets to see
+    // another (its container) die and record it.
+    for p in host_procs(ino) {
+        let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGSTOP);
+    }
     loop {
         let procs = host_procs(ino);
         if procs.is_empty() {

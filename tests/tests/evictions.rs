@@ -175,16 +175,7 @@ fn a_fault_on_an_assigned_gpu_stops_the_attempt_and_re_places_the_job() {
         .as_u64()
         .expect("assigned GPU")
         .to_string();
-    let out = c
-        .agent_command(i)
-        .args(["gpu", "inject", "--index", &gpu, "--xid", "79"])
-        .output()
-        .expect("inject");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.inject_xid(i, &gpu, "79");
     // The attempt ends as the GPU's fault, the job runs again on the other GPU, and no
     // retry was used.
     let j = wait_generation(&c, &id, 2);

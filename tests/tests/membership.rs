@@ -179,18 +179,7 @@ fn an_injected_xid_marks_that_gpu_unhealthy_and_it_is_never_placed() {
         busybox: true,
         ..ClusterSpec::default()
     });
-    let inject = |index: &str, xid: &str| {
-        let out = c
-            .agent_command(0)
-            .args(["gpu", "inject", "--index", index, "--xid", xid])
-            .output()
-            .expect("inject");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let inject = |index: &str, xid: &str| c.inject_xid(0, index, xid);
     inject("1", "13"); // an application Xid: the GPU stays healthy
     inject("2", "79"); // fallen off the bus
     let nodes = c.wait_nodes("GPU 2 unhealthy", Duration::from_secs(20), |ns| {

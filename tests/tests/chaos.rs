@@ -1,0 +1,551 @@
+//! The chaos suite: five test hosts with simulated GPUs run a few hundred short jobs
+//! (single-node CPU and GPU jobs, two-node gangs, jobs that fail once and then succeed, and
+//! jobs that fail by their own exit code), while a seeded random schedule of faults hits the
+//! cluster: kill -9 of a host, of only its agent, of the coordinator; partition and heal;
+//! pause and resume; a spot preemption; an injected Xid on a GPU.
+//!
+//! Checked while it runs (every host's processes are sampled a few times a second):
+//! - no GPU of a host is held by two attempts at once;
+//! - no job has two generations alive at once, except while the older one sits on a host
+//!   that is cut off, paused, without its agent, or back for less than [`SETTLE`] (the
+//!   fence has not reached it yet), or within [`SETTLE`] of a coordinator restart.
+//!
+//! Checked at the end: every accepted job ended, and as it should (succeeded, or failed only
+//! by its own exit code after its retries); no container process, mount or cgroup is left.
+//!
+//! The seed is printed; `GANTRY_CHAOS_SEED=N` replays a run's fault schedule and jobs (the
+//! timing of a real cluster still varies). `GANTRY_CHAOS_ROUNDS=N` runs more rounds (20 jobs
+//! and one fault each; the default is 15). A long run:
+//! `GANTRY_CHAOS_ROUNDS=200 cargo nextest run -p gantry-tests --test chaos --no-capture`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gantry_tests::cluster::{ClusterSpec, TestCluster};
+use gantry_tests::netns::{Host, wait_until};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::{Value, json};
+
+const HOSTS: usize = 5;
+const GPUS: &str = "4xH100-80GB,nvlink=2";
+const JOBS_PER_ROUND: usize = 20;
+const DEFAULT_ROUNDS: usize = 15;
+/// How long after a host is reachable again (or the coordinator is back) an older
+/// generation may still run there: the node reconnects, the coordinator sends the fence,
+/// the container is killed.
+const SETTLE: Duration = Duration::from_secs(8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Cpu,
+    Gpu,
+    Gang,
+    /// Exits 3 on its first generation, succeeds after (one retry).
+    Flaky,
+    /// Always exits 7; one retry; must end failed with 7.
+    Failing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillHost,
+    KillAgent,
+    KillCoordinator,
+    Partition,
+    Pause,
+    Preempt,
+    Xid,
+}
+
+const FAULTS: [Fault; 7] = [
+    Fault::KillHost,
+    Fault::KillAgent,
+    Fault::KillCoordinator,
+    Fault::Partition,
+    Fault::Pause,
+    Fault::Preempt,
+    Fault::Xid,
+];
+
+/// Where faults stand, for the sampler: a host is unsettled while faulted and for
+/// [`SETTLE`] after; the whole cluster for [`SETTLE`] after a coordinator restart.
+#[derive(Default)]
+struct Unsettled {
+    hosts: BTreeMap<usize, Option<Instant>>,
+    cluster_until: Option<Instant>,
+}
+
+impl Unsettled {
+    fn faulted(&mut self, host: usize) {
+        self.hosts.insert(host, None);
+    }
+
+    fn restored(&mut self, host: usize) {
+        self.hosts.insert(host, Some(Instant::now() + SETTLE));
+    }
+
+    fn is_unsettled(&self, host: usize, now: Instant) -> bool {
+        self.cluster_until.is_some_and(|t| now < t)
+            || self
+                .hosts
+                .get(&host)
+                .is_some_and(|until| until.is_none_or(|t| now < t))
+    }
+}
+
+/// An attempt's container seen alive on a host.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Seen {
+    job: String,
+    generation: u64,
+    gpus: BTreeSet<u32>,
+}
+
+/// The attempts alive on `host`, from its processes' environments.
+fn alive(host: &Host) -> Vec<Seen> {
+    let mut by_attempt: BTreeMap<(String, u64), BTreeSet<u32>> = BTreeMap::new();
+    for pid in host.pids() {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue; // gone meanwhile
+        };
+        let mut job = None;
+        let mut generation = None;
+        let mut gpus = BTreeSet::new();
+        for var in env.split(|b| *b == 0) {
+            let var = String::from_utf8_lossy(var);
+            if let Some(v) = var.strip_prefix("GANTRY_JOB_ID=") {
+                job = Some(v.to_owned());
+            } else if let Some(v) = var.strip_prefix("GANTRY_ATTEMPT=") {
+                generation = v.parse().ok();
+            } else if let Some(v) = var.strip_prefix("NVIDIA_VISIBLE_DEVICES=") {
+                gpus.extend(v.split(',').filter_map(|g| g.parse::<u32>().ok()));
+            }
+        }
+        if let (Some(job), Some(generation)) = (job, generation) {
+            by_attempt
+                .entry((job, generation))
+                .or_default()
+                .extend(gpus);
+        }
+    }
+    by_attempt
+        .into_iter()
+        .map(|((job, generation), gpus)| Seen {
+            job,
+            generation,
+            gpus,
+        })
+        .collect()
+}
+
+/// One look at every host: violations of the two invariants that hold at every instant.
+/// Returns the attempts it saw (job, generation).
+fn check_sample(
+    hosts: &[Host],
+    unsettled: &Unsettled,
+    violations: &mut BTreeSet<String>,
+) -> Vec<(String, u64)> {
+    let now = Instant::now();
+    let mut generations: BTreeMap<String, BTreeMap<u64, Vec<usize>>> = BTreeMap::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let seen = alive(host);
+        let mut holders: BTreeMap<u32, Vec<&Seen>> = BTreeMap::new();
+        for s in &seen {
+            for g in &s.gpus {
+                holders.entry(*g).or_default().push(s);
+            }
+            generations
+                .entry(s.job.clone())
+                .or_default()
+                .entry(s.generation)
+                .or_default()
+                .push(i);
+        }
+        for (gpu, who) in holders.iter().filter(|(_, w)| w.len() > 1) {
+            let who: Vec<String> = who
+                .iter()
+                .map(|s| format!("{} generation {}", s.job, s.generation))
+                .collect();
+            violations.insert(format!(
+                "GPU {gpu} of {} held by {} at once",
+                host.name(),
+                who.join(" and ")
+            ));
+        }
+    }
+    for (job, gens) in generations.iter().filter(|(_, g)| g.len() > 1) {
+        let newest = gens.keys().max().copied().unwrap_or(0);
+        for (g, on) in gens.iter().filter(|(g, _)| **g < newest) {
+            for &i in on.iter().filter(|&&i| !unsettled.is_unsettled(i, now)) {
+                violations.insert(format!(
+                    "{job}: generation {g} still alive on {} (settled) while generation {newest} runs",
+                    hosts[i].name()
+                ));
+            }
+        }
+    }
+    generations
+        .into_iter()
+        .flat_map(|(job, gens)| gens.into_keys().map(move |g| (job.clone(), g)))
+        .collect()
+}
+
+fn job_spec(kind: Kind, rng: &mut StdRng) -> Value {
+    let secs = format!("{:.1}", rng.random_range(0.2..3.0));
+    let resources = |gpus: u32| json!({"cpu": "0.25", "memory": "32M", "gpus": gpus});
+    let backoff = json!({"initial": "100ms", "factor": 2, "max": "1s"});
+    match kind {
+        Kind::Cpu => json!({
+            "name": "cpu", "image": "busybox", "command": ["sleep", secs],
+            "resources": resources(0),
+        }),
+        Kind::Gpu => json!({
+            "name": "gpu", "image": "busybox", "command": ["sleep", secs],
+            "resources": resources(rng.random_range(1..=2)),
+        }),
+        Kind::Gang => json!({
+            "name": "gang", "image": "busybox", "command": ["sleep", secs],
+            "nodes": 2, "resources": resources(1),
+        }),
+        Kind::Flaky => json!({
+            "name": "flaky", "image": "busybox",
+            "command": ["sh", "-c", format!("[ \"$GANTRY_ATTEMPT\" -ge 2 ] || exit 3; sleep {secs}")],
+            "resources": resources(0), "retries": 1, "backoff": backoff,
+        }),
+        Kind::Failing => json!({
+            "name": "failing", "image": "busybox",
+            "command": ["sh", "-c", format!("sleep {secs}; exit 7")],
+            "resources": resources(0), "retries": 1, "backoff": backoff,
+        }),
+    }
+}
+
+fn random_kind(rng: &mut StdRng) -> Kind {
+    match rng.random_range(0..20) {
+        0..=6 => Kind::Cpu,
+        7..=11 => Kind::Gpu,
+        12..=14 => Kind::Gang,
+        15..=17 => Kind::Flaky,
+        _ => Kind::Failing,
+    }
+}
+
+/// Why `job` did not end as a job of `kind` must, if it did not.
+fn wrong_ending(kind: Kind, job: &Value) -> Option<String> {
+    let state = job["state"].as_str().unwrap_or("?");
+    let attempts = job["attempts"].as_array().cloned().unwrap_or_default();
+    let newest = attempts
+        .iter()
+        .filter_map(|a| a["generation"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let last_codes: Vec<i64> = attempts
+        .iter()
+        .filter(|a| a["generation"].as_u64() == Some(newest))
+        .filter_map(|a| a["exit_code"].as_i64())
+        .collect();
+    let ok = match kind {
+        Kind::Failing => state == "failed" && job["failures"] == 2 && last_codes.contains(&7),
+        _ => state == "succeeded",
+    };
+    (!ok).then(|| {
+        format!(
+            "{} ({kind:?}) ended {state}: {}; attempts: {}",
+            job["id"], job["reason"], job["attempts"]
+        )
+    })
+}
+
+/// Mounts below `dir` (from this process's mount table: the hosts share it).
+fn mounts_below(dir: &std::path::Path) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| std::path::Path::new(m).starts_with(&dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Container cgroups left below an agent's cgroup parent, in every hierarchy.
+fn cgroups_below(parent: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(roots) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return out;
+    };
+    let mut dirs: Vec<std::path::PathBuf> = roots.flatten().map(|e| e.path()).collect();
+    dirs.push("/sys/fs/cgroup".into());
+    for root in dirs {
+        if let Ok(children) = std::fs::read_dir(root.join(parent)) {
+            out.extend(
+                children
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path().display().to_string()),
+            );
+        }
+    }
+    out
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a whole number")),
+    )
+}
+
+struct Chaos {
+    c: TestCluster,
+    rng: StdRng,
+    unsettled: Arc<Mutex<Unsettled>>,
+    jobs: Vec<(String, Kind)>,
+    faults: BTreeMap<Fault, usize>,
+}
+
+impl Chaos {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Unsettled> {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn submit_round(&mut self) {
+        for _ in 0..JOBS_PER_ROUND {
+            let kind = random_kind(&mut self.rng);
+            let spec = job_spec(kind, &mut self.rng);
+            let job = self.c.submit(spec);
+            self.jobs
+                .push((job["id"].as_str().expect("id").to_owned(), kind));
+        }
+    }
+
+    fn pause_for(&mut self, min: f64, max: f64) {
+        std::thread::sleep(Duration::from_secs_f64(self.rng.random_range(min..max)));
+    }
+
+    fn gantry_ok(&self, args: &[&str]) {
+        let out = self.c.gantry(args);
+        assert!(
+            out.status.success(),
+            "gantry {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// One fault on a random host (or the coordinator), held for a while, then undone.
+    fn fault(&mut self, fault: Fault) {
+        let i = self.rng.random_range(0..HOSTS);
+        let node = self.c.agents[i].node.clone();
+        eprintln!("chaos: {fault:?} on {node}");
+        *self.faults.entry(fault).or_default() += 1;
+        match fault {
+            Fault::KillHost | Fault::KillAgent => {
+                self.lock().faulted(i);
+                if fault == Fault::KillHost {
+                    self.c.kill_host(i);
+                } else {
+                    self.c.kill_agent(i);
+                }
+                self.pause_for(0.5, 3.0);
+                self.c.start_agent(i);
+                self.lock().restored(i);
+            }
+            Fault::KillCoordinator => {
+                self.lock().cluster_until = Some(Instant::now() + Duration::from_secs(3600));
+                self.c.coordinator.kill9();
+                self.pause_for(0.5, 2.0);
+                self.c.restart_coordinator();
+                self.lock().cluster_until = Some(Instant::now() + SETTLE);
+            }
+            Fault::Partition => {
+                self.lock().faulted(i);
+                self.c.agents[i].host.partition();
+                self.pause_for(0.5, 4.0);
+                self.c.agents[i].host.heal();
+                self.lock().restored(i);
+            }
+            Fault::Pause => {
+                self.lock().faulted(i);
+                self.c.agents[i].host.pause();
+                self.pause_for(0.5, 4.0);
+                self.c.agents[i].host.resume();
+                self.lock().restored(i);
+            }
+            Fault::Preempt => {
+                // A spot interruption with two minutes' notice shortened to two seconds;
+                // then the instance goes away and a replacement joins under its name.
+                self.gantry_ok(&["nodes", "preempt", &node, "--deadline", "2s"]);
+                std::thread::sleep(Duration::from_secs(3));
+                self.lock().faulted(i);
+                self.c.kill_host(i);
+                self.c.start_agent(i);
+                self.lock().restored(i);
+                self.gantry_ok(&["nodes", "undrain", &node]);
+            }
+            Fault::Xid => {
+                let gpu = self.rng.random_range(0..4).to_string();
+                self.c.inject_xid(i, &gpu, "79");
+                self.pause_for(1.0, 3.0);
+                self.gantry_ok(&["nodes", "gpu-clear", &node, "--gpu", &gpu]);
+            }
+        }
+    }
+
+    /// Waits until every node is ready again (a fault's effects are over).
+    fn wait_ready(&self) {
+        let names: Vec<String> = self.c.agents.iter().map(|a| a.node.clone()).collect();
+        self.c
+            .wait_nodes("every node ready", Duration::from_secs(60), |nodes| {
+                names
+                    .iter()
+                    .all(|n| gantry_tests::cluster::state_of(nodes, n) == Some("ready"))
+            });
+    }
+}
+
+#[test]
+fn jobs_survive_a_seeded_schedule_of_faults() {
+    let seed = env_number("GANTRY_CHAOS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let rounds = env_number("GANTRY_CHAOS_ROUNDS").map_or(DEFAULT_ROUNDS, |r| r as usize);
+    eprintln!("chaos seed: {seed} (replay with GANTRY_CHAOS_SEED={seed}); rounds: {rounds}");
+    let started = Instant::now();
+    let c = TestCluster::start(ClusterSpec {
+        agents: HOSTS,
+        simulate_gpus: Some(GPUS.into()),
+        busybox: true,
+        ..ClusterSpec::default()
+    });
+    let baseline_mounts: Vec<Vec<String>> =
+        c.agents.iter().map(|a| mounts_below(&a.state)).collect();
+    let hosts: Vec<Host> = c.agents.iter().map(|a| a.host.clone()).collect();
+    let mut chaos = Chaos {
+        c,
+        rng: StdRng::seed_from_u64(seed),
+        unsettled: Arc::default(),
+        jobs: Vec::new(),
+        faults: BTreeMap::new(),
+    };
+
+    // The sampler: checks the instantaneous invariants until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let violations = Arc::new(Mutex::new(BTreeSet::new()));
+    let sampler = {
+        let (stop, violations, unsettled) =
+            (stop.clone(), violations.clone(), chaos.unsettled.clone());
+        std::thread::spawn(move || {
+            let mut samples = 0u64;
+            let mut seen = BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let u = unsettled.lock().unwrap_or_else(|e| e.into_inner());
+                let mut v = violations.lock().unwrap_or_else(|e| e.into_inner());
+                seen.extend(check_sample(&hosts, &u, &mut v));
+                drop((u, v));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            (samples, seen.len())
+        })
+    };
+
+    for round in 0..rounds {
+        chaos.submit_round();
+        let fault = FAULTS[chaos.rng.random_range(0..FAULTS.len())];
+        eprintln!("chaos: round {round} of {rounds} ({:?})", started.elapsed());
+        chaos.fault(fault);
+        chaos.pause_for(0.5, 2.0);
+    }
+    chaos.wait_ready();
+
+    // Every accepted job ends, as it should.
+    let ids: Vec<(String, Kind)> = chaos.jobs.clone();
+    let mut endings = BTreeMap::new();
+    let mut wrong = Vec::new();
+    for (id, kind) in &ids {
+        let mut last = Value::Null;
+        let finished = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until(
+                &format!("job {id} to end"),
+                Duration::from_secs(120),
+                || {
+                    last = chaos.c.job(id);
+                    ["succeeded", "failed", "cancelled"]
+                        .contains(&last["state"].as_str().unwrap_or(""))
+                        .then(|| last.clone())
+                },
+            )
+        }));
+        let job = finished.unwrap_or_else(|_| panic!("job {id} ({kind:?}) never ended: {last}"));
+        let generations = job["attempts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["generation"].as_u64())
+            .max()
+            .unwrap_or(0);
+        *endings
+            .entry(format!("{} in {generations} generation(s)", job["state"]))
+            .or_insert(0usize) += 1;
+        wrong.extend(wrong_ending(*kind, &job));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (samples, seen) = sampler.join().expect("sampler");
+    // The sampler must have seen the work, or its checks mean nothing.
+    assert!(
+        seen >= ids.len() / 2,
+        "the sampler saw only {seen} attempts alive of {} jobs",
+        ids.len()
+    );
+
+    // Nothing left behind: containers, mounts, cgroups.
+    for (i, a) in chaos.c.agents.iter().enumerate() {
+        wait_until(
+            &format!("no container left on {}", a.node),
+            Duration::from_secs(20),
+            || alive(&a.host).is_empty().then_some(()),
+        );
+        let parent = gantry_agent::runtime::cgroup::parent_for(&a.state);
+        wait_until(
+            &format!("no mount or cgroup left by {}", a.node),
+            Duration::from_secs(20),
+            || {
+                let mounts = mounts_below(&a.state);
+                let extra: Vec<&String> = mounts
+                    .iter()
+                    .filter(|m| !baseline_mounts[i].contains(m))
+                    .collect();
+                let cgroups = cgroups_below(&parent);
+                if !extra.is_empty() || !cgroups.is_empty() {
+                    eprintln!("{}: mounts {extra:?}, cgroups {cgroups:?}", a.node);
+                    return None;
+                }
+                Some(())
+            },
+        );
+    }
+
+    let violations = violations.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    eprintln!(
+        "chaos: seed {seed}, {rounds} rounds, {} jobs, faults {:?}, endings {endings:?}, {samples} samples saw {seen} attempts alive, {:?}",
+        ids.len(),
+        chaos.faults,
+        started.elapsed()
+    );
+    assert!(
+        wrong.is_empty() && violations.is_empty(),
+        "seed {seed} (replay with GANTRY_CHAOS_SEED={seed}):\njobs that ended wrongly:\n{}\ninvariants violated:\n{}",
+        wrong.join("\n"),
+        violations.iter().cloned().collect::<Vec<_>>().join("\n")
+    );
+}
