@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 
 mod gossip;
 mod placement;
+mod recovery;
 mod schedule;
 mod submit;
 use clap::{Parser, Subcommand};
@@ -97,7 +98,6 @@ enum Cmd {
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// Container cold start with a cached image, side by side with runc, crun and podman.
     /// The coordinator's durable pipeline in process: jobs accepted (group commit) and
     /// placed (the scheduler's pass) per second.
     Schedule {
@@ -112,6 +112,14 @@ enum Cmd {
         #[arg(long, default_value = "/tmp/gantry-bench-schedule")]
         work: PathBuf,
     },
+    /// Recovery on test hosts (root; network namespaces): kill -9 of a host, a preemption
+    /// notice, an injected Xid, each to the job running again elsewhere.
+    Recovery {
+        /// Trials of each fault.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+    },
+    /// Container cold start with a cached image, side by side with runc, crun and podman.
     ColdStart {
         /// The gantry-agent binary (shims are started from it).
         #[arg(long)]
@@ -214,6 +222,9 @@ fn main() -> anyhow::Result<()> {
             threads,
             nodes,
             work,
+        }),
+        Cmd::Recovery { trials } => recovery::run(recovery::RecoveryBench {
+            trials: trials.max(1),
         }),
         Cmd::ColdStart {
             agent,

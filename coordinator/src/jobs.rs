@@ -37,6 +37,26 @@ pub fn live(job: &Job) -> impl Iterator<Item = &Attempt> {
 /// events after reconnecting; exactly-once is per node sequence number, and this makes a
 /// duplicate harmless even across a lost acknowledgement).
 pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
+    // A member taken off its node (lost, preempted, drained, not delivered) reporting how
+    // it really ended: kept for the history; nothing else changes.
+    if let Event::Exited {
+        generation,
+        exit_code,
+        signal,
+        at_ms,
+        ..
+    } = event
+        && let Some(m) = job.attempts.iter_mut().find(|a| {
+            a.generation == *generation
+                && &a.node == node
+                && a.reason.is_some()
+                && a.exit_code.is_none()
+        })
+    {
+        m.exit_code = Some(exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0)));
+        m.ended_at_ms = Some(*at_ms);
+        return;
+    }
     let generation = generation(job);
     if event.generation() != generation {
         return;
@@ -247,16 +267,24 @@ fn node_start_failures(job: &Job) -> usize {
         .count()
 }
 
+/// Whether an attempt's reason says Gantry ended it (stopped it, or took it off its node)
+/// rather than the job's own process.
+fn ended_by_gantry(reason: &str) -> bool {
+    reason == "stopped"
+        || ["lost:", "preempted:", "drained:", "not delivered"]
+            .iter()
+            .any(|p| reason.starts_with(p))
+}
+
 /// The exit code a finished job reports: of its newest generation, the first failing
-/// member's that was not stopped by Gantry, else any failing member's, else 0 once all
-/// exited 0.
+/// member's that Gantry did not end, else any failing member's, else 0 once all exited 0.
 pub fn exit_code(job: &Job) -> Option<i32> {
     let members = current(job);
     let failing = |a: &&&Attempt| a.exit_code.is_some_and(|c| c != 0);
     members
         .iter()
         .filter(failing)
-        .find(|a| a.reason.as_deref() != Some("stopped"))
+        .find(|a| a.reason.as_deref().is_some_and(|r| !ended_by_gantry(r)))
         .or_else(|| members.iter().find(failing))
         .and_then(|a| a.exit_code)
         .or_else(|| {
@@ -420,9 +448,12 @@ mod tests {
         assert_eq!((j.state, j.failures), (JobState::Pending, 0));
         assert!(j.reason.as_deref().unwrap_or("").contains("node b is down"));
         assert_eq!(live(&j).count(), 1, "rank 0 is stopped by the scheduler");
-        // A late exit from the lost member changes nothing.
-        apply(&mut j, &n("b"), &exited(1, 0), 7);
+        // A late exit from the lost member changes nothing but its history.
+        apply(&mut j, &n("b"), &exited(1, 137), 7);
         assert_eq!(j.state, JobState::Pending);
+        let b = j.attempts.iter().find(|a| a.node == n("b")).expect("b");
+        assert_eq!((b.exit_code, b.ended_at_ms), (Some(137), Some(1)));
+        assert!(b.reason.as_deref().unwrap_or("").starts_with("lost:"));
     }
 
     #[test]

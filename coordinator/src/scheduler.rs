@@ -210,7 +210,7 @@ async fn tick(
 ) -> Result<(), StoreError> {
     let statuses = cluster.statuses();
     evict(store, &statuses)?;
-    fence_returning(store, nodes, fenced).await?;
+    fence_returning(store, nodes, &statuses, fenced).await?;
     let active = store.active_jobs()?;
     resend_unconfirmed(&active, nodes, delivered).await;
     stop_leftovers(&active, nodes, stopping).await;
@@ -491,16 +491,25 @@ fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Stops, on each connected node, the members taken off it (lost while it was down,
-/// preempted, drained): once per session; a fence is forgotten once the node accepted.
+/// Stops, on each connected node that is not down, the members taken off it (lost while
+/// it was down, preempted, drained): once per session, all at once; a fence is forgotten
+/// when the node reports the member's end or says it does not run it. A node the view
+/// calls down is skipped: its session is most likely dead, and waiting on it would hold up
+/// the pass (and with it the re-placement of that node's work).
 async fn fence_returning(
     store: &Store,
     nodes: &Nodes,
+    statuses: &[NodeStatus],
     fenced: &mut HashSet<(MemberKey, usize)>,
 ) -> Result<(), StoreError> {
     let mut current = HashSet::new();
+    let mut stops = Vec::new();
     for node in store.fenced_nodes()? {
-        let Some(session) = nodes.get(&node) else {
+        let down = statuses
+            .iter()
+            .find(|s| s.id == node)
+            .is_none_or(|s| s.liveness == Liveness::Down);
+        let Some(session) = nodes.get(&node).filter(|_| !down) else {
             continue;
         };
         for (job, generation, Fence { grace_ms, .. }) in store.fences(&node)? {
@@ -512,27 +521,36 @@ async fn fence_returning(
             if !fenced.insert(key) {
                 continue;
             }
-            let stop = Command::Stop {
-                job: job.clone(),
-                generation,
-                grace_ms,
-            };
-            match exchange(nodes, &node, &stop).await {
-                // Its end arrives as an event, which settles the fence.
-                Ok(CommandReply::Accepted) => {
-                    tracing::info!(%job, %node, generation, "stopping a member taken off its node");
-                }
-                Ok(CommandReply::NotRunning) => {
-                    tracing::info!(%job, %node, generation, "a member taken off its node is not running there");
-                    store.remove_fence(&node, &job, generation)?;
-                }
-                Ok(CommandReply::Refused(r)) => {
-                    tracing::warn!(%job, %node, error = %r.message, "could not fence a member yet")
-                }
-                Err(e) => {
-                    tracing::warn!(%job, %node, error = %e, "could not fence a member yet")
-                }
+            let node = node.clone();
+            stops.push(async move {
+                let stop = Command::Stop {
+                    job: job.clone(),
+                    generation,
+                    grace_ms,
+                };
+                let reply = exchange(nodes, &node, &stop).await;
+                (node, job, generation, reply)
+            });
+        }
+    }
+    let replies: Vec<_> = futures_util::stream::iter(stops)
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    for (node, job, generation, reply) in replies {
+        match reply {
+            // Its end arrives as an event, which settles the fence.
+            Ok(CommandReply::Accepted) => {
+                tracing::info!(%job, %node, generation, "stopping a member taken off its node");
             }
+            Ok(CommandReply::NotRunning) => {
+                tracing::info!(%job, %node, generation, "a member taken off its node is not running there");
+                store.remove_fence(&node, &job, generation)?;
+            }
+            Ok(CommandReply::Refused(r)) => {
+                tracing::warn!(%job, %node, error = %r.message, "could not fence a member yet")
+            }
+            Err(e) => tracing::warn!(%job, %node, error = %e, "could not fence a member yet"),
         }
     }
     fenced.retain(|k| current.contains(k));

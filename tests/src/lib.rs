@@ -11,21 +11,23 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 
 /// A workspace binary (`gantry-agent`, `gantry-coordinator`, `gantry`), from the same
-/// target directory as the running test. `cargo nextest run --workspace` builds them.
+/// target directory as the running executable: beside it (a binary such as
+/// `gantry-bench`), or one level up (a test, in `target/<profile>/deps/`).
+/// `cargo nextest run --workspace` builds them.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing; build the workspace first (`cargo nextest run --workspace` does)",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    let beside = exe.parent().expect("executable directory");
+    let candidates = [beside.join(name), beside.join("..").join(name)];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is missing; build the workspace first (`cargo nextest run --workspace` does)",
+                candidates[1].display()
+            )
+        })
 }
 
 /// A process killed (SIGKILL) and reaped when dropped, so a failing test leaves nothing.
