@@ -63,7 +63,11 @@ pub fn run(b: RecoveryBench) -> anyhow::Result<()> {
         let (id, i, _) = running_job(&c)?;
         let node = c.agents[i].node.clone();
         let t0 = now_ms();
-        admin(&c, &format!("/v1/nodes/{node}/preempt"), json!({"deadline": "30s"}))?;
+        admin(
+            &c,
+            &format!("/v1/nodes/{node}/preempt"),
+            json!({"deadline": "30s"}),
+        )?;
         let started = next_generation_started(&c, &id)?;
         let job = c.job(&id);
         let old_end = job["attempts"][0]["ended_at_ms"]
@@ -217,7 +221,11 @@ fn admin(c: &TestCluster, path: &str, body: Value) -> anyhow::Result<()> {
         .send()
         .with_context(|| format!("POST {path}"))?;
     if !r.status().is_success() {
-        bail!("POST {path}: {} {}", r.status(), r.text().unwrap_or_default());
+        bail!(
+            "POST {path}: {} {}",
+            r.status(),
+            r.text().unwrap_or_default()
+        );
     }
     Ok(())
 }
