@@ -100,6 +100,57 @@ fn a_preemption_notice_moves_the_work_and_stops_the_old_container() {
 }
 
 #[test]
+fn the_next_generation_waits_for_a_preempted_container_to_stop() {
+    let c = cluster();
+    // Takes two seconds to checkpoint after SIGTERM.
+    let job = c.submit(json!({
+        "name": "checkpointing", "image": "busybox",
+        "command": ["sh", "-c", "trap 'sleep 2; exit 0' TERM; sleep 1000 & wait"],
+        "resources": {"cpu": "0.5", "memory": "64M", "gpus": 1}
+    }));
+    let id = job["id"].as_str().expect("id").to_owned();
+    let running = wait_until("the container started", Duration::from_secs(30), || {
+        let j = c.job(&id);
+        j["attempts"][0]["started_at_ms"].is_u64().then_some(j)
+    });
+    let node = running["attempts"][0]["node"]
+        .as_str()
+        .expect("node")
+        .to_owned();
+    let out = c.gantry(&["nodes", "preempt", &node, "--deadline", "30s"]);
+    assert!(out.status.success());
+    // While the old container checkpoints, the job waits and says why.
+    let waiting = wait_until(
+        "the job to wait for its old attempt",
+        Duration::from_secs(10),
+        || {
+            let j = c.job(&id);
+            j["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("waiting for attempt 1 to stop on"))
+                .then_some(j)
+        },
+    );
+    assert_eq!(waiting["state"], "pending", "{waiting}");
+    let j = wait_generation(&c, &id, 2);
+    let old = &j["attempts"][0];
+    let new = &j["attempts"][1];
+    assert_eq!(
+        old["exit_code"], 0,
+        "the old container's own exit is kept: {j}"
+    );
+    let (ended, started) = (
+        old["ended_at_ms"].as_u64().expect("old end"),
+        new["started_at_ms"].as_u64().expect("new start"),
+    );
+    assert!(
+        started >= ended,
+        "generation 2 started before 1 stopped: {j}"
+    );
+    assert_eq!(j["failures"], 0, "{j}");
+}
+
+#[test]
 fn a_drain_lets_work_finish_and_its_deadline_moves_what_is_left() {
     let c = cluster();
     let (id, i) = long_job(&c);
