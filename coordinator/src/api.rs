@@ -259,11 +259,16 @@ async fn submit_job(
                 })
         })
         .transpose()?;
-    // Larger than every known node even when empty: it would never run.
+    // Larger than every known node even when empty: it would never run. Only judged when
+    // every joined node has described itself: right after a coordinator restart, or while
+    // a node is away, the cluster is larger than what the view knows.
     let probe = probe_job(&spec);
-    let mut empty = scheduler::engine(&state.cluster.statuses(), &Default::default(), true);
+    let statuses = state.cluster.statuses();
+    let described = statuses.iter().all(|s| scheduler::node_info(s).is_some());
+    let mut empty = scheduler::engine(&statuses, &Default::default(), true);
     // A cluster without nodes yet takes jobs: nodes may join.
-    if let Err(why) = empty.place(&scheduler::request(&probe))
+    if described
+        && let Err(why) = empty.place(&scheduler::request(&probe))
         && why.is_never()
         && !matches!(
             why,

@@ -3,6 +3,7 @@
 //! every role can depend on it and every type can be tested as plain data.
 
 pub mod api;
+pub mod config;
 pub mod gossip;
 pub mod ids;
 pub mod protocol;

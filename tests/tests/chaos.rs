@@ -301,6 +301,14 @@ fn env_number(name: &str) -> Option<u64> {
     )
 }
 
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Chaos {
     c: TestCluster,
     rng: StdRng,
@@ -438,8 +446,10 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
         faults: BTreeMap::new(),
     };
 
-    // The sampler: checks the instantaneous invariants until told to stop.
+    // The sampler: checks the instantaneous invariants until told to stop (also when the
+    // test fails: the guard drops before the cluster).
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
     let violations = Arc::new(Mutex::new(BTreeSet::new()));
     let sampler = {
         let (stop, violations, unsettled) =
@@ -450,8 +460,13 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
             while !stop.load(Ordering::Relaxed) {
                 let u = unsettled.lock().unwrap_or_else(|e| e.into_inner());
                 let mut v = violations.lock().unwrap_or_else(|e| e.into_inner());
-                seen.extend(check_sample(&hosts, &u, &mut v));
+                // The hosts vanish when the test fails and drops the cluster: stop then.
+                let sample = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check_sample(&hosts, &u, &mut v)
+                }));
                 drop((u, v));
+                let Ok(sample) = sample else { break };
+                seen.extend(sample);
                 samples += 1;
                 std::thread::sleep(Duration::from_millis(150));
             }

@@ -1,0 +1,204 @@
+//! Loading the daemons' TOML configuration files (`/etc/gantry/agent.toml`,
+//! `/etc/gantry/coordinator.toml`): unknown keys and bad values are errors that name the
+//! file, the key and the reason, and nothing starts on a bad file. The structs themselves
+//! live with each daemon; this is the parsing they share, plus the log settings both have.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// What is wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// The key, dotted (`gossip.interval`); `None` for the file as a whole.
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}: `{key}`: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    pub fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            key: Some(key.into()),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads `file`. A missing file is the defaults when `required` is false (a daemon run
+/// with flags only); an explicitly named file must exist.
+pub fn load<T: DeserializeOwned + Default>(file: &Path, required: bool) -> Result<T, ConfigError> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok(T::default());
+        }
+        Err(e) => {
+            return Err(ConfigError {
+                file: file.to_owned(),
+                key: None,
+                reason: format!("cannot read it: {e}"),
+            });
+        }
+    };
+    parse(file, &text)
+}
+
+/// Parses `text` (the contents of `file`).
+pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let de = toml::de::Deserializer::parse(text).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        key: None,
+        reason: match line_of(e.span()) {
+            Some(line) => format!("line {line}: {}", e.message()),
+            None => e.message().to_owned(),
+        },
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let reason = match line_of(inner.span()) {
+            Some(line) => format!("{} (line {line})", inner.message()),
+            None => inner.message().to_owned(),
+        };
+        ConfigError {
+            file: file.to_owned(),
+            key: (path != ".").then_some(path),
+            reason,
+        }
+    })
+}
+
+/// A duration setting (`200ms`, `1m30s`).
+pub fn duration(file: &Path, key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value).map_err(|e| {
+        ConfigError::new(
+            file,
+            key,
+            format!("`{value}` is not a duration ({e}); write it like `200ms`, `15s` or `10m`"),
+        )
+    })
+}
+
+/// How logs are written (to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON lines otherwise (journald, files, pipes).
+    #[default]
+    Auto,
+    Json,
+    Text,
+}
+
+/// The `[log]` section both daemons have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `warn`, `gantry_agent=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&self.level)
+            .map(drop)
+            .map_err(|e| {
+                ConfigError::new(
+                    file,
+                    "log.level",
+                    format!(
+                        "`{}` is not a log filter ({e}); use e.g. `info`, `warn` or `gantry_agent=debug,info`",
+                        self.level
+                    ),
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Example {
+        name: String,
+        log: LogConfig,
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_reason() {
+        let f = Path::new("/etc/gantry/x.toml");
+        let e = parse::<Example>(f, "name = \"a\"\n[log]\nlevle = \"info\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("log.levle"), "{e}");
+        assert!(e.reason.contains("unknown field `levle`"), "{e}");
+        assert!(e.reason.contains("line 3"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/gantry/x.toml: `log.levle`: "),
+            "{e}"
+        );
+        let e = parse::<Example>(f, "[log]\nformat = \"xml\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("log.format"), "{e}");
+        assert!(e.reason.contains("unknown variant `xml`"), "{e}");
+        let e = parse::<Example>(f, "name = \n").unwrap_err();
+        assert_eq!(e.key, None);
+        assert!(e.reason.starts_with("line 1:"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_optional_file_is_the_defaults() {
+        let e: Example = load(Path::new("/nonexistent/gantry.toml"), false).expect("defaults");
+        assert_eq!(e, Example::default());
+        let err = load::<Example>(Path::new("/nonexistent/gantry.toml"), true).unwrap_err();
+        assert!(err.reason.contains("cannot read it"), "{err}");
+    }
+
+    #[test]
+    fn log_levels_and_durations_are_checked() {
+        let f = Path::new("c.toml");
+        let bad = LogConfig {
+            level: "info,=[".into(),
+            ..LogConfig::default()
+        };
+        assert_eq!(
+            bad.validate(f).unwrap_err().key.as_deref(),
+            Some("log.level")
+        );
+        assert_eq!(
+            duration(f, "gossip.interval", "200ms"),
+            Ok(Duration::from_millis(200))
+        );
+        let e = duration(f, "gossip.interval", "fast").unwrap_err();
+        assert!(e.to_string().contains("`gossip.interval`"), "{e}");
+    }
+}
