@@ -2,6 +2,7 @@
 //! cache), the container runtime (shims that run containers through libcontainer and
 //! outlive the agent), GPU device injection and the local store.
 
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fsutil;

@@ -26,17 +26,21 @@ use gantry_shared::{ContainerId, CpuMillis, NodeId, parse_memory};
     about = "Gantry's per-host agent: runs containers on this GPU host"
 )]
 struct Cli {
-    /// Where the agent keeps images, containers and its database.
-    #[arg(
-        long,
-        global = true,
-        env = "GANTRY_STATE_DIR",
-        default_value = "/var/lib/gantry/agent"
-    )]
+    /// The configuration file (TOML; see `systemd/agent.toml`; default
+    /// /etc/gantry/agent.toml, which may be absent). Flags win over it.
+    #[arg(long, global = true, env = "GANTRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the agent keeps images, containers and its database (default: the config
+    /// file's `state_dir`, else /var/lib/gantry/agent).
+    #[arg(long = "state-dir", global = true, env = "GANTRY_STATE_DIR")]
+    state_dir_flag: Option<PathBuf>,
+    /// Resolved from the flag, the config file and the default.
+    #[arg(skip)]
     state_dir: PathBuf,
-    /// Log filter (tracing syntax), e.g. `info` or `gantry_agent=debug`.
-    #[arg(long, global = true, env = "GANTRY_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter (tracing syntax), e.g. `info` or `gantry_agent=debug` (default: the
+    /// config file's `log.level` for `serve`, `warn` for other commands).
+    #[arg(long, global = true, env = "GANTRY_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,7 +73,11 @@ enum Command {
     /// This host's GPUs (NVML or simulated), and fault injection into simulated ones.
     #[command(subcommand)]
     Gpu(GpuCommand),
-    /// Join a cluster: trade a one-time token for this node's certificate.
+    /// Check the configuration file and exit (0: valid; 1: the file, key and reason).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Join a cluster: trade a one-time token for this node's certificate, and record the
+    /// coordinator's address in the configuration file (so `serve` needs no flags).
     Join {
         /// The coordinator's control address, `host:port`.
         #[arg(long)]
@@ -99,11 +107,20 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration file without starting anything.
+    Check,
+}
+
+/// Flags of `serve`; each one absent falls back to the configuration file, then to the
+/// default written there.
 #[derive(Args)]
 struct ServeArgs {
-    /// The coordinator's control address, `host:port`.
+    /// The coordinator's control address, `host:port` (`coordinator` in the config file;
+    /// `gantry-agent join` writes it).
     #[arg(long)]
-    coordinator: String,
+    coordinator: Option<String>,
     /// CPU offered to jobs (default: all cores).
     #[arg(long)]
     cpus: Option<CpuMillis>,
@@ -121,9 +138,9 @@ struct ServeArgs {
     /// host reaches the coordinator from).
     #[arg(long)]
     address: Option<std::net::IpAddr>,
-    /// UDP address to gossip on (port 0: any free port).
-    #[arg(long, default_value = "0.0.0.0:7946")]
-    gossip_listen: std::net::SocketAddr,
+    /// UDP address to gossip on (port 0: any free port; default 0.0.0.0:7946).
+    #[arg(long)]
+    gossip_listen: Option<std::net::SocketAddr>,
     /// Address peers gossip with this node at (default: the node address and the
     /// listening port).
     #[arg(long)]
@@ -132,22 +149,23 @@ struct ServeArgs {
     /// learned from its welcome); repeatable.
     #[arg(long = "gossip-seed")]
     gossip_seeds: Vec<String>,
-    /// How often to gossip.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-    gossip_interval: Duration,
-    /// Suspicion (silence over the mean heartbeat interval) at which a peer is dead.
-    #[arg(long, default_value_t = 6.0)]
-    phi_threshold: f64,
-    /// How long a dead peer's state is kept before it is forgotten.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    dead_node_grace: Duration,
+    /// How often to gossip (default 200ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    gossip_interval: Option<Duration>,
+    /// Suspicion (silence over the mean heartbeat interval) at which a peer is dead
+    /// (default 6).
+    #[arg(long)]
+    phi_threshold: Option<f64>,
+    /// How long a dead peer's state is kept before it is forgotten (default 10m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    dead_node_grace: Option<Duration>,
     /// Poll this URL for the cloud's spot-interruption notice (AWS:
     /// `http://169.254.169.254/latest/meta-data/spot/instance-action`); off when absent.
     #[arg(long)]
     spot_notice_url: Option<String>,
-    /// How often to poll it.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    spot_notice_interval: Duration,
+    /// How often to poll it (default 2s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    spot_notice_interval: Option<Duration>,
 }
 
 #[derive(Subcommand)]
@@ -295,14 +313,58 @@ fn main() -> ExitCode {
         };
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
-    init_tracing(&cli.log);
+    let mut cli = cli;
+    // A missing file is the defaults (flags only; `join` creates it).
+    let explicit = cli.config.is_some();
+    let config = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| gantry_agent::config::DEFAULT_PATH.into());
+    if explicit && !config.exists() && matches!(cli.command, Command::Serve(_)) {
+        eprintln!(
+            "gantry-agent: no configuration file at {}; using flags and defaults",
+            config.display()
+        );
+    }
+    let file = match gantry_agent::config::AgentConfig::load(&config, false) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("gantry-agent: {e}");
+            return ExitCode::from(if matches!(cli.command, Command::Config(_)) {
+                1
+            } else {
+                125
+            });
+        }
+    };
+    cli.state_dir = cli
+        .state_dir_flag
+        .clone()
+        .unwrap_or_else(|| file.state_dir.clone());
+    if let Command::Config(ConfigCommand::Check) = &cli.command {
+        if !config.exists() {
+            eprintln!("gantry-agent: {}: no such file", config.display());
+            return ExitCode::from(1);
+        }
+        println!("{}: valid", config.display());
+        return ExitCode::SUCCESS;
+    }
+    let serving = matches!(cli.command, Command::Serve(_));
+    let level = cli.log.clone().unwrap_or_else(|| {
+        if serving {
+            file.log.level.clone()
+        } else {
+            "warn".into()
+        }
+    });
+    let reload = gantry_shared::config::init_logging(&level, file.log.format);
     if let Command::Join {
         coordinator,
         token,
         node,
     } = cli.command
     {
-        return block_on(join(cli.state_dir, coordinator, token, node));
+        return block_on(join(cli.state_dir, &config, coordinator, token, node));
     }
     if let Command::Gpu(cmd) = &cli.command {
         return match gpu_command(&cli.state_dir, cmd) {
@@ -313,7 +375,28 @@ fn main() -> ExitCode {
             }
         };
     }
-    block_on(run(cli))
+    // SIGHUP reloads the file's log level, unless a flag fixed it.
+    let reload = (serving && cli.log.is_none()).then_some((config, reload));
+    block_on(run(cli, file, reload))
+}
+
+/// SIGHUP re-reads the configuration file and applies its `log.level`; a bad file is
+/// reported and changes nothing. (Other settings take a restart.)
+async fn reload_on_hangup(config: PathBuf, reload: gantry_shared::config::LogReload) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; log level reload is off");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match gantry_agent::config::AgentConfig::load(&config, false) {
+            Ok(c) => match reload.set_level(&c.log.level) {
+                Ok(()) => tracing::warn!(level = %c.log.level, "log level reloaded"),
+                Err(e) => tracing::error!(error = %e, "cannot apply the log level"),
+            },
+            Err(e) => tracing::error!(error = %e, "configuration not reloaded"),
+        }
+    }
 }
 
 fn block_on(f: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCode {
@@ -337,16 +420,24 @@ async fn serve(
     state_dir: &std::path::Path,
     host: &Host,
     args: ServeArgs,
+    file: &gantry_agent::config::Checked,
     inventory: Option<Inventory>,
 ) -> anyhow::Result<i32> {
-    let addr = resolve(&args.coordinator).await?;
+    let coordinator = args.coordinator.or_else(|| file.coordinator.clone()).context(
+        "no coordinator address: run `gantry-agent join --coordinator HOST:PORT --token TOKEN` (it records it in the configuration file) or pass --coordinator",
+    )?;
+    let addr = resolve(&coordinator).await?;
     let inventory = inventory.unwrap_or_else(Inventory::empty);
-    let cpu_millis = args.cpus.map(|c| c.0).unwrap_or_else(|| {
+    // Flags add labels to the file's and win on the same key.
+    let mut labels: std::collections::BTreeMap<String, String> =
+        file.labels.iter().cloned().collect();
+    labels.extend(args.labels);
+    let cpu_millis = args.cpus.or(file.cpus).map(|c| c.0).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u64 * 1000)
             .unwrap_or(1000)
     });
-    let memory_bytes = match args.memory {
+    let memory_bytes = match args.memory.or(file.memory) {
         Some(m) => m,
         None => host_memory().context("reading /proc/meminfo (pass --memory)")?,
     };
@@ -361,22 +452,25 @@ async fn serve(
         max_backoff: Duration::from_secs(5),
         gossip: gantry_agent::daemon::GossipConfig {
             membership: gantry_membership::MembershipConfig {
-                listen: args.gossip_listen,
-                advertise: args.gossip_advertise,
-                seeds: args.gossip_seeds,
-                gossip_interval: args.gossip_interval,
-                phi_threshold: args.phi_threshold,
-                dead_node_grace: args.dead_node_grace,
+                listen: args.gossip_listen.unwrap_or(file.gossip_listen),
+                advertise: args.gossip_advertise.or(file.gossip_advertise),
+                seeds: [file.gossip_seeds.clone(), args.gossip_seeds].concat(),
+                gossip_interval: args.gossip_interval.unwrap_or(file.gossip_interval),
+                phi_threshold: args.phi_threshold.unwrap_or(file.phi_threshold),
+                dead_node_grace: args.dead_node_grace.unwrap_or(file.dead_node_grace),
             },
-            labels: args.labels.into_iter().collect(),
-            addr: args.address,
+            labels,
+            addr: args.address.or(file.address),
             refresh: Duration::from_secs(2),
         },
         spot_notice: args
             .spot_notice_url
+            .or_else(|| file.spot_notice_url.clone())
             .map(|url| gantry_agent::preemption::WatcherConfig {
                 url,
-                interval: args.spot_notice_interval,
+                interval: args
+                    .spot_notice_interval
+                    .unwrap_or(file.spot_notice_interval),
             }),
     };
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -386,6 +480,8 @@ async fn serve(
         signals.cancel();
     });
     println!("agent serving; coordinator {addr}");
+    // systemd (Type=notify): started; containers of an earlier run are re-adopted by now.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     gantry_agent::daemon::run(
         cfg,
         host.runtime.clone(),
@@ -508,6 +604,7 @@ async fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
 /// `gantry-agent join`: needs no local store, only the identity directory.
 async fn join(
     state_dir: PathBuf,
+    config: &std::path::Path,
     coordinator: String,
     token: String,
     node: Option<NodeId>,
@@ -531,16 +628,9 @@ async fn join(
         "joined cluster {} as node {}",
         identity.cluster, identity.node
     );
+    gantry_agent::config::record_join(config, &coordinator, &state_dir)?;
+    println!("coordinator recorded in {}", config.display());
     Ok(0)
-}
-
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 struct Host {
@@ -573,7 +663,14 @@ async fn open_host(
     })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<i32> {
+async fn run(
+    cli: Cli,
+    file: gantry_agent::config::Checked,
+    reload: Option<(PathBuf, gantry_shared::config::LogReload)>,
+) -> anyhow::Result<i32> {
+    if let Some((config, reload)) = reload {
+        tokio::spawn(reload_on_hangup(config, reload));
+    }
     let pull = match &cli.command {
         Command::Image(ImageCommand::Pull {
             insecure_registries,
@@ -596,11 +693,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let node = gantry_agent::control::NodeIdentity::load(&cli.state_dir.join("identity"))
                 .map(|i| i.node.to_string())
                 .unwrap_or_else(|_| "local".into());
-            gpu_inventory(&cli.state_dir, args.simulate_gpus.as_deref(), &node)?
+            let simulate = args
+                .simulate_gpus
+                .as_deref()
+                .or(file.simulate_gpus.as_deref());
+            gpu_inventory(&cli.state_dir, simulate, &node)?
         }
         _ => None,
     };
-    let simulated = matches!(&cli.command, Command::Serve(a) if a.simulate_gpus.is_some());
+    let simulated = matches!(&cli.command, Command::Serve(a) if a.simulate_gpus.is_some() || file.simulate_gpus.is_some());
     let host = open_host(&cli.state_dir, pull, pool, simulated).await?;
     match cli.command {
         Command::Run(args) => run_container(&host, args).await,
@@ -692,8 +793,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             host.runtime.remove(&id)?;
             Ok(0)
         }
-        Command::Serve(args) => serve(&cli.state_dir, &host, args, inventory).await,
-        Command::Shim { .. } | Command::Join { .. } | Command::Gpu(_) => {
+        Command::Serve(args) => serve(&cli.state_dir, &host, args, &file, inventory).await,
+        Command::Shim { .. } | Command::Join { .. } | Command::Gpu(_) | Command::Config(_) => {
             unreachable!("dispatched before the store is opened")
         }
     }

@@ -96,6 +96,7 @@ pub async fn run(
         .await?;
     let join = Command::new(agent_bin)
         .env("GANTRY_STATE_DIR", &agent_state)
+        .env("GANTRY_CONFIG", agent_state.join("agent.toml"))
         .args([
             "join",
             "--coordinator",
@@ -113,6 +114,7 @@ pub async fn run(
     let mut agent = Kill(
         Command::new(agent_bin)
             .env("GANTRY_STATE_DIR", &agent_state)
+            .env("GANTRY_CONFIG", agent_state.join("agent.toml"))
             .args([
                 "serve",
                 "--coordinator",

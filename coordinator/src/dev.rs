@@ -166,6 +166,7 @@ async fn start_agent(
         let join = ApiClient::new(api, token).create_join_token("10m").await?;
         let status = Command::new(sibling_binary("gantry-agent"))
             .env("GANTRY_STATE_DIR", state)
+            .env("GANTRY_CONFIG", state.join("agent.toml"))
             .args([
                 "join",
                 "--coordinator",
@@ -183,13 +184,15 @@ async fn start_agent(
         }
     }
     let mut cmd = Command::new(sibling_binary("gantry-agent"));
-    cmd.env("GANTRY_STATE_DIR", state).args([
-        "serve",
-        "--coordinator",
-        control,
-        "--gossip-listen",
-        "127.0.0.1:0",
-    ]);
+    cmd.env("GANTRY_STATE_DIR", state)
+        .env("GANTRY_CONFIG", state.join("agent.toml"))
+        .args([
+            "serve",
+            "--coordinator",
+            control,
+            "--gossip-listen",
+            "127.0.0.1:0",
+        ]);
     if let Some(spec) = &cfg.simulate_gpus {
         cmd.args(["--simulate-gpus", spec]);
     }

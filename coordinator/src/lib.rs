@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod config;
 pub mod control;
 pub mod dev;
 pub mod engine;

@@ -98,6 +98,31 @@ pub fn duration(file: &Path, key: &str, value: &str) -> Result<Duration, ConfigE
     })
 }
 
+/// A `host:port` setting.
+pub fn host_port(file: &Path, key: &str, value: &str, what: &str) -> Result<(), ConfigError> {
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(ConfigError::new(
+            file,
+            key,
+            format!("`{value}` is not `host:port` ({what})"),
+        )),
+    }
+}
+
+/// A phi threshold (failure-detector suspicion): a positive number.
+pub fn phi(file: &Path, key: &str, value: f64) -> Result<f64, ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(ConfigError::new(
+            file,
+            key,
+            format!("{value} must be a positive number (6 is the default)"),
+        ))
+    }
+}
+
 /// How logs are written (to stderr).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -144,6 +169,42 @@ impl LogConfig {
     }
 }
 
+/// Changes the log filter of a running daemon (SIGHUP re-reads `log.level`).
+pub struct LogReload(
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+);
+
+impl LogReload {
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Sets up logging to stderr: `level` as a tracing filter (an invalid one falls back to
+/// `info`), JSON lines when `format` asks or (`auto`) when stderr is not a terminal.
+pub fn init_logging(level: &str, format: LogFormat) -> LogReload {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let json = match format {
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        registry.with(layer.json().flatten_event(true)).init();
+    } else {
+        registry.with(layer).init();
+    }
+    LogReload(handle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,7 +219,8 @@ mod tests {
     #[test]
     fn errors_name_the_file_the_key_and_the_reason() {
         let f = Path::new("/etc/gantry/x.toml");
-        let e = parse::<Example>(f, "name = \"a\"\n[log]\nlevle = \"info\"\n").unwrap_err();
+        let e =
+            parse::<Example>(f, "name = \"a\"\n[log]\nlevle = \"info\"\n").expect_err("invalid");
         assert_eq!(e.key.as_deref(), Some("log.levle"), "{e}");
         assert!(e.reason.contains("unknown field `levle`"), "{e}");
         assert!(e.reason.contains("line 3"), "{e}");
@@ -167,10 +229,10 @@ mod tests {
                 .starts_with("/etc/gantry/x.toml: `log.levle`: "),
             "{e}"
         );
-        let e = parse::<Example>(f, "[log]\nformat = \"xml\"\n").unwrap_err();
+        let e = parse::<Example>(f, "[log]\nformat = \"xml\"\n").expect_err("invalid");
         assert_eq!(e.key.as_deref(), Some("log.format"), "{e}");
         assert!(e.reason.contains("unknown variant `xml`"), "{e}");
-        let e = parse::<Example>(f, "name = \n").unwrap_err();
+        let e = parse::<Example>(f, "name = \n").expect_err("invalid");
         assert_eq!(e.key, None);
         assert!(e.reason.starts_with("line 1:"), "{e}");
     }
@@ -179,7 +241,8 @@ mod tests {
     fn a_missing_optional_file_is_the_defaults() {
         let e: Example = load(Path::new("/nonexistent/gantry.toml"), false).expect("defaults");
         assert_eq!(e, Example::default());
-        let err = load::<Example>(Path::new("/nonexistent/gantry.toml"), true).unwrap_err();
+        let err =
+            load::<Example>(Path::new("/nonexistent/gantry.toml"), true).expect_err("invalid");
         assert!(err.reason.contains("cannot read it"), "{err}");
     }
 
@@ -191,14 +254,14 @@ mod tests {
             ..LogConfig::default()
         };
         assert_eq!(
-            bad.validate(f).unwrap_err().key.as_deref(),
+            bad.validate(f).expect_err("invalid").key.as_deref(),
             Some("log.level")
         );
         assert_eq!(
             duration(f, "gossip.interval", "200ms"),
             Ok(Duration::from_millis(200))
         );
-        let e = duration(f, "gossip.interval", "fast").unwrap_err();
+        let e = duration(f, "gossip.interval", "fast").expect_err("invalid");
         assert!(e.to_string().contains("`gossip.interval`"), "{e}");
     }
 }

@@ -181,9 +181,15 @@ impl TestCluster {
 
     /// `gantry-agent` with agent `i`'s state directory, run on its host.
     pub fn agent_command(&self, i: usize) -> Command {
+        self.agent_command_with(i, &binary("gantry-agent"))
+    }
+
+    /// [`TestCluster::agent_command`] with another `gantry-agent` binary (an upgrade).
+    pub fn agent_command_with(&self, i: usize, program: &std::path::Path) -> Command {
         let a = &self.agents[i];
-        let mut cmd = a.host.command(binary("gantry-agent"));
-        cmd.env("GANTRY_STATE_DIR", &a.state);
+        let mut cmd = a.host.command(program);
+        cmd.env("GANTRY_STATE_DIR", &a.state)
+            .env("GANTRY_CONFIG", a.state.join("agent.toml"));
         cmd
     }
 
@@ -216,17 +222,18 @@ impl TestCluster {
     /// The `serve` command of agent `i` (not started).
     pub fn serve_command(&self, i: usize) -> Command {
         let mut cmd = self.agent_command(i);
-        cmd.args(["serve", "--coordinator", &self.control]).args([
-            "--cpus",
-            &self.spec.cpus,
-            "--memory",
-            &self.spec.memory,
-        ]);
+        cmd.args(["serve", "--coordinator", &self.control]);
+        self.serve_flags(&mut cmd);
+        cmd.args(&self.agents[i].serve_args);
+        cmd
+    }
+
+    /// The flags every agent of this cluster serves with, but the coordinator's address.
+    pub fn serve_flags(&self, cmd: &mut Command) {
+        cmd.args(["--cpus", &self.spec.cpus, "--memory", &self.spec.memory]);
         if let Some(spec) = &self.spec.simulate_gpus {
             cmd.args(["--simulate-gpus", spec]);
         }
-        cmd.args(&self.agents[i].serve_args);
-        cmd
     }
 
     /// Starts (or restarts) agent `i` and waits until it serves.

@@ -402,7 +402,17 @@ impl Chaos {
                 let gpu = self.rng.random_range(0..4).to_string();
                 self.c.inject_xid(i, &gpu, "79");
                 self.pause_for(1.0, 3.0);
-                self.gantry_ok(&["nodes", "gpu-clear", &node, "--gpu", &gpu]);
+                // The node may be reconnecting (after a coordinator restart): the API says
+                // so (503), and an operator tries again.
+                wait_until("the GPU cleared", Duration::from_secs(30), || {
+                    let out = self.c.gantry(&["nodes", "gpu-clear", &node, "--gpu", &gpu]);
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    assert!(
+                        out.status.success() || stderr.contains("not connected"),
+                        "gpu-clear: {stderr}"
+                    );
+                    out.status.success().then_some(())
+                });
             }
         }
     }

@@ -116,6 +116,7 @@ fn skopeo_copies_into_and_out_of_the_embedded_registry_and_agents_pull_from_it()
     let agent = |args: &[&str]| {
         Command::new(binary("gantry-agent"))
             .env("GANTRY_STATE_DIR", &agent_state)
+            .env("GANTRY_CONFIG", agent_state.join("agent.toml"))
             .args(args)
             .output()
             .expect("agent")

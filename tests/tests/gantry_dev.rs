@@ -29,6 +29,7 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     gantry_tests::busybox_rootfs(&rootfs);
     let mut agent = Command::new(binary("gantry-agent"));
     agent.env("GANTRY_STATE_DIR", state.join("agent"));
+    agent.env("GANTRY_CONFIG", state.join("agent/agent.toml"));
     gantry_tests::import_busybox(agent, &rootfs);
 
     // Without a cluster the CLI says what to do.

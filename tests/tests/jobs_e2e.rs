@@ -69,6 +69,7 @@ impl Cluster {
     fn agent_cmd(&self) -> Command {
         let mut cmd = Command::new(binary("gantry-agent"));
         cmd.env("GANTRY_STATE_DIR", self.dir.path().join("agent"))
+            .env("GANTRY_CONFIG", self.dir.path().join("agent/agent.toml"))
             .env("GANTRY_LOG", "info");
         cmd
     }

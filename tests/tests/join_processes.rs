@@ -47,6 +47,7 @@ async fn agents_join_through_the_binaries_and_survive_a_coordinator_crash() {
     let join = |node: &str| {
         Command::new(binary("gantry-agent"))
             .env("GANTRY_STATE_DIR", &agent_state)
+            .env("GANTRY_CONFIG", agent_state.join("agent.toml"))
             .args([
                 "join",
                 "--coordinator",

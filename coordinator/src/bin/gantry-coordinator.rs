@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use gantry_coordinator::api::ApiConfig;
 use gantry_coordinator::client::ApiClient;
 use gantry_coordinator::cluster::ClusterConfig;
+use gantry_coordinator::config::{Checked, CoordinatorFile};
 use gantry_coordinator::control::ControlConfig;
 use gantry_coordinator::server::{self, CoordinatorConfig};
 use tokio_util::sync::CancellationToken;
@@ -19,29 +20,32 @@ use tokio_util::sync::CancellationToken;
     about = "Gantry's coordinator: HTTP API, cluster CA and control plane"
 )]
 struct Cli {
-    /// Log filter, e.g. `info` or `gantry_coordinator=debug`.
-    #[arg(long, global = true, env = "GANTRY_LOG", default_value = "info")]
-    log: String,
+    /// Log filter, e.g. `info` or `gantry_coordinator=debug` (default: the config file's
+    /// `log.level`, else `info`).
+    #[arg(long, global = true, env = "GANTRY_LOG")]
+    log: Option<String>,
+    /// The configuration file (TOML; see `systemd/coordinator.toml`; default
+    /// /etc/gantry/coordinator.toml, which may be absent). Flags win over it.
+    #[arg(long, global = true, env = "GANTRY_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the coordinator in the foreground.
+    /// Run the coordinator in the foreground. Each flag absent falls back to the
+    /// configuration file, then to the default written there.
     Serve {
-        #[arg(
-            long,
-            env = "GANTRY_STATE_DIR",
-            default_value = "/var/lib/gantry/coordinator"
-        )]
-        state_dir: PathBuf,
-        /// HTTP API address.
-        #[arg(long, default_value = "127.0.0.1:7080")]
-        api_listen: SocketAddr,
-        /// QUIC control-plane address (agents connect here).
-        #[arg(long, default_value = "0.0.0.0:7443")]
-        control_listen: SocketAddr,
+        /// Database, cluster CA, tokens (default /var/lib/gantry/coordinator).
+        #[arg(long, env = "GANTRY_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// HTTP API address (default 127.0.0.1:7080).
+        #[arg(long)]
+        api_listen: Option<SocketAddr>,
+        /// QUIC control-plane address, where agents connect (default 0.0.0.0:7443).
+        #[arg(long)]
+        control_listen: Option<SocketAddr>,
         /// The embedded registry's address as nodes reach it, `host:port` (default: the
         /// API address, unless it listens on all interfaces).
         #[arg(long)]
@@ -52,49 +56,60 @@ enum Command {
     /// Manage join tokens (through the running coordinator's API, as an admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Check the configuration file and exit (0: valid; 1: the file, key and reason).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration file without starting anything.
+    Check,
 }
 
 /// Gossip and node liveness.
 #[derive(clap::Args)]
 struct GossipArgs {
-    /// UDP address to gossip on (port 0: any free port).
-    #[arg(long, default_value = "0.0.0.0:7946")]
-    gossip_listen: SocketAddr,
+    /// UDP address to gossip on (port 0: any free port; default 0.0.0.0:7946).
+    #[arg(long)]
+    gossip_listen: Option<SocketAddr>,
     /// Address agents gossip with the coordinator at (default: the control address's IP,
     /// or the host's first non-loopback IPv4 address).
     #[arg(long)]
     gossip_advertise: Option<SocketAddr>,
-    /// How often to gossip.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-    gossip_interval: std::time::Duration,
-    /// Suspicion (silence over the mean heartbeat interval) at which a member is dead.
-    #[arg(long, default_value_t = 6.0)]
-    phi_threshold: f64,
-    /// How long a dead member's state is kept before it is forgotten.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    dead_node_grace: std::time::Duration,
-    /// A control session with nothing received for this long counts as silent.
-    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
-    session_silence: std::time::Duration,
+    /// How often to gossip (default 200ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    gossip_interval: Option<std::time::Duration>,
+    /// Suspicion (silence over the mean heartbeat interval) at which a member is dead
+    /// (default 6).
+    #[arg(long)]
+    phi_threshold: Option<f64>,
+    /// How long a dead member's state is kept before it is forgotten (default 10m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    dead_node_grace: Option<std::time::Duration>,
+    /// A control session with nothing received for this long counts as silent (default
+    /// 1500ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    session_silence: Option<std::time::Duration>,
     /// After a start, how long nodes not heard from yet stay suspect (not down, their
-    /// work not lost) while they reconnect.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    startup_grace: std::time::Duration,
+    /// work not lost) while they reconnect (default 15s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    startup_grace: Option<std::time::Duration>,
 }
 
 impl GossipArgs {
-    fn config(self) -> ClusterConfig {
+    fn config(self, file: &Checked) -> ClusterConfig {
         ClusterConfig {
             membership: gantry_membership::MembershipConfig {
-                listen: self.gossip_listen,
-                advertise: self.gossip_advertise,
+                listen: self.gossip_listen.unwrap_or(file.gossip_listen),
+                advertise: self.gossip_advertise.or(file.gossip_advertise),
                 seeds: Vec::new(),
-                gossip_interval: self.gossip_interval,
-                phi_threshold: self.phi_threshold,
-                dead_node_grace: self.dead_node_grace,
+                gossip_interval: self.gossip_interval.unwrap_or(file.gossip_interval),
+                phi_threshold: self.phi_threshold.unwrap_or(file.phi_threshold),
+                dead_node_grace: self.dead_node_grace.unwrap_or(file.dead_node_grace),
             },
-            session_silence: self.session_silence,
-            startup_grace: self.startup_grace,
+            session_silence: self.session_silence.unwrap_or(file.session_silence),
+            startup_grace: self.startup_grace.unwrap_or(file.startup_grace),
             ..ClusterConfig::default()
         }
     }
@@ -117,12 +132,27 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let config = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| gantry_coordinator::config::DEFAULT_PATH.into());
+    // A missing file is the defaults, except for `config check`.
+    let checking = matches!(cli.command, Command::Config(_));
+    let file = match CoordinatorFile::load(&config, checking) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("gantry-coordinator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if checking {
+        println!("{}: valid", config.display());
+        return ExitCode::SUCCESS;
+    }
+    let level = cli.log.clone().unwrap_or_else(|| file.log.level.clone());
+    let reload = gantry_shared::config::init_logging(&level, file.log.format);
+    // SIGHUP reloads the file's log level, unless a flag fixed it.
+    let reload = cli.log.is_none().then_some((config, reload));
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,7 +160,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.command)) {
+    match rt.block_on(run(cli.command, file, reload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gantry-coordinator: {e:#}");
@@ -139,7 +169,30 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// SIGHUP re-reads the configuration file and applies its `log.level`; a bad file is
+/// reported and changes nothing. (Other settings take a restart.)
+async fn reload_on_hangup(config: PathBuf, reload: gantry_shared::config::LogReload) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; log level reload is off");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match CoordinatorFile::load(&config, false) {
+            Ok(c) => match reload.set_level(&c.log.level) {
+                Ok(()) => tracing::warn!(level = %c.log.level, "log level reloaded"),
+                Err(e) => tracing::error!(error = %e, "cannot apply the log level"),
+            },
+            Err(e) => tracing::error!(error = %e, "configuration not reloaded"),
+        }
+    }
+}
+
+async fn run(
+    command: Command,
+    file: Checked,
+    reload: Option<(PathBuf, gantry_shared::config::LogReload)>,
+) -> anyhow::Result<()> {
     match command {
         Command::Serve {
             state_dir,
@@ -148,18 +201,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             registry_address,
             gossip,
         } => {
+            if let Some((config, reload)) = reload {
+                tokio::spawn(reload_on_hangup(config, reload));
+            }
             let cfg = CoordinatorConfig {
-                state_dir,
+                state_dir: state_dir.unwrap_or_else(|| file.state_dir.clone()),
                 api: ApiConfig {
-                    listen: api_listen,
+                    listen: api_listen.unwrap_or(file.api_listen),
                     ..ApiConfig::default()
                 },
                 control: ControlConfig {
-                    listen: control_listen,
+                    listen: control_listen.unwrap_or(file.control_listen),
                     ..ControlConfig::default()
                 },
-                registry_address,
-                cluster: gossip.config(),
+                registry_address: registry_address.or_else(|| file.registry_address.clone()),
+                cluster: gossip.config(&file),
             };
             let cancel = CancellationToken::new();
             let signals = cancel.clone();
@@ -171,6 +227,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
                 }
                 tracing::info!("shutting down");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
                 signals.cancel();
             });
             server::run(cfg, cancel, |bound, admin| {
@@ -182,9 +239,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("api listening on {}", bound.api);
                 println!("gossip listening on {}", bound.gossip);
                 println!("control listening on {}", bound.control);
+                // systemd (Type=notify): every endpoint is bound and serving.
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             })
             .await
         }
+        Command::Config(ConfigCommand::Check) => unreachable!("answered before the runtime starts"),
         Command::Token(TokenCommand::Create { ttl, api, token }) => {
             let created = ApiClient::new(&api, &token).create_join_token(&ttl).await?;
             println!("{}", created.token);

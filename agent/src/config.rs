@@ -1,0 +1,310 @@
+//! The agent's configuration file, TOML, by default `/etc/gantry/agent.toml`
+//! (`systemd/agent.toml` is the commented default that `systemd/install.sh` installs).
+//! Every key is optional and has the default written next to it; a command-line flag wins
+//! over the file. Unknown keys and bad values are rejected with the file, the key and the
+//! reason (`gantry-agent config check` validates without starting anything).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gantry_shared::config::{ConfigError, LogConfig, duration, host_port, phi};
+use gantry_shared::{CpuMillis, parse_memory};
+use serde::{Deserialize, Serialize};
+
+/// Where the agent looks for its configuration unless told otherwise.
+pub const DEFAULT_PATH: &str = "/etc/gantry/agent.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gantry/agent";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The coordinator's control address, `host:port` (written by `gantry-agent join`).
+    pub coordinator: Option<String>,
+    /// Images, containers, the node's identity and its database.
+    pub state_dir: PathBuf,
+    /// CPU offered to jobs (`16`, `15.5`, `15500m`); all cores when absent.
+    pub cpus: Option<String>,
+    /// Memory offered to jobs (`200G`); all of it when absent.
+    pub memory: Option<String>,
+    /// Simulated GPUs instead of NVML (`8xH100-80GB,nvlink=4,numa=2`); for testing.
+    pub simulate_gpus: Option<String>,
+    /// The address other nodes and containers reach this node at; by default the one this
+    /// host reaches the coordinator from.
+    pub address: Option<IpAddr>,
+    /// Labels for placement (`rack = "r12"`, `spot = "true"`).
+    pub labels: BTreeMap<String, String>,
+    pub gossip: GossipConfig,
+    pub spot_notice: SpotNoticeConfig,
+    pub log: LogConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: None,
+            state_dir: DEFAULT_STATE_DIR.into(),
+            cpus: None,
+            memory: None,
+            simulate_gpus: None,
+            address: None,
+            labels: BTreeMap::new(),
+            gossip: GossipConfig::default(),
+            spot_notice: SpotNoticeConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipConfig {
+    /// UDP address to gossip on.
+    pub listen: SocketAddr,
+    /// Address peers gossip with this node at; the node address and the port by default.
+    pub advertise: Option<SocketAddr>,
+    /// Further members to contact at start (the coordinator's is learned at connect).
+    pub seeds: Vec<String>,
+    pub interval: String,
+    /// Suspicion at which a peer is dead.
+    pub phi_threshold: f64,
+    /// How long a dead peer's state is kept.
+    pub dead_node_grace: String,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            advertise: None,
+            seeds: Vec::new(),
+            interval: "200ms".into(),
+            phi_threshold: 6.0,
+            dead_node_grace: "10m".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpotNoticeConfig {
+    /// The cloud's spot-interruption metadata URL; no watcher when absent.
+    pub url: Option<String>,
+    pub interval: String,
+}
+
+impl Default for SpotNoticeConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            interval: "2s".into(),
+        }
+    }
+}
+
+/// The file's values, checked and typed.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub coordinator: Option<String>,
+    pub state_dir: PathBuf,
+    pub cpus: Option<CpuMillis>,
+    pub memory: Option<u64>,
+    pub simulate_gpus: Option<String>,
+    pub address: Option<IpAddr>,
+    pub labels: Vec<(String, String)>,
+    pub gossip_listen: SocketAddr,
+    pub gossip_advertise: Option<SocketAddr>,
+    pub gossip_seeds: Vec<String>,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    pub dead_node_grace: Duration,
+    pub spot_notice_url: Option<String>,
+    pub spot_notice_interval: Duration,
+    pub log: LogConfig,
+}
+
+impl AgentConfig {
+    /// Reads and checks `file`; a missing file is the defaults unless `required`.
+    pub fn load(file: &Path, required: bool) -> Result<Checked, ConfigError> {
+        gantry_shared::config::load::<Self>(file, required)?.check(file)
+    }
+
+    /// Checks every value; the first bad one is the error.
+    pub fn check(self, file: &Path) -> Result<Checked, ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::new(file, key, reason);
+        if let Some(c) = &self.coordinator {
+            host_port(file, "coordinator", c, "the coordinator's control address")?;
+        }
+        let cpus = self
+            .cpus
+            .as_deref()
+            .map(|c| {
+                c.parse::<CpuMillis>()
+                    .map_err(|e| bad("cpus", format!("`{c}`: {e}")))
+            })
+            .transpose()?;
+        let memory = self
+            .memory
+            .as_deref()
+            .map(|m| parse_memory(m).map_err(|e| bad("memory", format!("`{m}`: {e}"))))
+            .transpose()?;
+        if let Some(spec) = &self.simulate_gpus {
+            crate::gpu::simulated::parse_spec(spec, "check")
+                .map_err(|e| bad("simulate_gpus", e.to_string()))?;
+        }
+        let mut labels = Vec::new();
+        for (k, v) in &self.labels {
+            let label = gantry_shared::gossip::parse_label(&format!("{k}={v}"))
+                .map_err(|e| bad(&format!("labels.{k}"), e.to_string()))?;
+            labels.push(label);
+        }
+        let phi_threshold = phi(file, "gossip.phi_threshold", self.gossip.phi_threshold)?;
+        self.log.validate(file)?;
+        Ok(Checked {
+            coordinator: self.coordinator,
+            state_dir: self.state_dir,
+            cpus,
+            memory,
+            simulate_gpus: self.simulate_gpus,
+            address: self.address,
+            labels,
+            gossip_listen: self.gossip.listen,
+            gossip_advertise: self.gossip.advertise,
+            gossip_seeds: self.gossip.seeds,
+            gossip_interval: duration(file, "gossip.interval", &self.gossip.interval)?,
+            phi_threshold,
+            dead_node_grace: duration(
+                file,
+                "gossip.dead_node_grace",
+                &self.gossip.dead_node_grace,
+            )?,
+            spot_notice_url: self.spot_notice.url,
+            spot_notice_interval: duration(
+                file,
+                "spot_notice.interval",
+                &self.spot_notice.interval,
+            )?,
+            log: self.log,
+        })
+    }
+}
+
+/// Sets `coordinator` (and `state_dir`, when not the default) in the config file at
+/// `file`, keeping everything else in it (comments included); creates it if missing.
+/// Written to a temporary file and renamed, so a crash leaves the old file or the new.
+pub fn record_join(file: &Path, coordinator: &str, state_dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML; fix or remove it", file.display()))?;
+    doc["coordinator"] = toml_edit::value(coordinator);
+    if state_dir != Path::new(DEFAULT_STATE_DIR) {
+        doc["state_dir"] = toml_edit::value(state_dir.display().to_string());
+    }
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = file.with_extension("toml.tmp");
+    std::fs::write(&tmp, doc.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Checked, ConfigError> {
+        gantry_shared::config::parse::<AgentConfig>(Path::new("agent.toml"), text)?
+            .check(Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn the_shipped_default_file_is_valid_and_means_the_defaults() {
+        let text = include_str!("../../systemd/agent.toml");
+        let shipped: AgentConfig =
+            gantry_shared::config::parse(Path::new("agent.toml"), text).expect("parses");
+        assert_eq!(shipped, AgentConfig::default());
+        let c = check(text).expect("valid");
+        assert_eq!(c.gossip_interval, Duration::from_millis(200));
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn every_section_is_read() {
+        let c = check(
+            r#"
+coordinator = "10.0.0.1:7443"
+cpus = "15.5"
+memory = "200G"
+simulate_gpus = "2xA100-40GB"
+[labels]
+rack = "r12"
+[gossip]
+interval = "300ms"
+seeds = ["10.0.0.2:7946"]
+[spot_notice]
+url = "http://169.254.169.254/latest/meta-data/spot/instance-action"
+[log]
+level = "debug"
+format = "json"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(c.coordinator.as_deref(), Some("10.0.0.1:7443"));
+        assert_eq!(c.cpus, Some(CpuMillis(15_500)));
+        assert_eq!(c.memory, Some(200 << 30));
+        assert_eq!(c.labels, vec![("rack".into(), "r12".into())]);
+        assert_eq!(c.gossip_interval, Duration::from_millis(300));
+        assert!(c.spot_notice_url.is_some());
+        assert_eq!(c.log.level, "debug");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("coordinator = \"nohost\"", "coordinator"),
+            ("cpus = \"lots\"", "cpus"),
+            ("memory = \"-1G\"", "memory"),
+            ("simulate_gpus = \"8xWHAT\"", "simulate_gpus"),
+            ("[labels]\n\"bad key\" = \"x\"", "labels.bad key"),
+            ("[gossip]\ninterval = \"fast\"", "gossip.interval"),
+            ("[gossip]\nphi_threshold = -1.0", "gossip.phi_threshold"),
+            ("[gossip]\nlisten = \"nowhere\"", "gossip.listen"),
+            (
+                "[spot_notice]\ninterval = \"2 parsecs\"",
+                "spot_notice.interval",
+            ),
+            ("[log]\nlevel = \"=[\"", "log.level"),
+            ("cpu = \"4\"", "cpu"),
+        ] {
+            let e = check(text).expect_err(text);
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn join_records_the_coordinator_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("gantry/agent.toml");
+        record_join(&file, "10.0.0.1:7443", Path::new(DEFAULT_STATE_DIR)).expect("new file");
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("read").trim(),
+            "coordinator = \"10.0.0.1:7443\""
+        );
+        std::fs::write(&file, "# the rack\n[labels]\nrack = \"r1\"\n").expect("write");
+        record_join(&file, "10.0.0.9:7443", Path::new("/srv/gantry")).expect("update");
+        let text = std::fs::read_to_string(&file).expect("read");
+        assert!(text.contains("# the rack"), "{text}");
+        let c = check(&text).expect("valid");
+        assert_eq!(c.coordinator.as_deref(), Some("10.0.0.9:7443"));
+        assert_eq!(c.state_dir, Path::new("/srv/gantry"));
+        assert_eq!(c.labels, vec![("rack".into(), "r1".into())]);
+    }
+}

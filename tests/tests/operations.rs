@@ -1,0 +1,158 @@
+//! What an operator does on bare metal: check configuration files, join a node so that its
+//! service starts with no flags, and upgrade an agent without losing its running work.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use gantry_tests::cluster::{ClusterSpec, TestCluster, processes};
+use gantry_tests::netns::wait_until;
+use gantry_tests::{Proc, binary};
+use serde_json::json;
+
+fn shipped(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../systemd")
+        .join(name)
+}
+
+fn check(daemon: &str, file: &Path) -> std::process::Output {
+    Command::new(binary(daemon))
+        .args(["config", "check", "--config"])
+        .arg(file)
+        .output()
+        .expect("config check")
+}
+
+#[test]
+fn config_check_accepts_the_shipped_files_and_names_what_is_wrong_in_bad_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (daemon, file) in [
+        ("gantry-agent", "agent.toml"),
+        ("gantry-coordinator", "coordinator.toml"),
+    ] {
+        let out = check(daemon, &shipped(file));
+        assert!(
+            out.status.success(),
+            "{daemon}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+
+        // An unknown key, a bad value, a missing file: exit 1, naming file, key, reason.
+        let bad = dir.path().join(format!("bad-{file}"));
+        for (text, key, reason) in [
+            (
+                "[gossip]\nintervall = \"1s\"\n",
+                "gossip.intervall",
+                "unknown field",
+            ),
+            (
+                "[gossip]\ninterval = \"often\"\n",
+                "gossip.interval",
+                "not a duration",
+            ),
+            ("[log]\nformat = \"xml\"\n", "log.format", "unknown variant"),
+        ] {
+            std::fs::write(&bad, text).expect("write");
+            let out = check(daemon, &bad);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{daemon} {text}: {stderr}");
+            assert!(stderr.contains(&bad.display().to_string()), "{stderr}");
+            assert!(stderr.contains(&format!("`{key}`")), "{stderr}");
+            assert!(stderr.contains(reason), "{stderr}");
+        }
+        let out = check(daemon, &dir.path().join("missing.toml"));
+        assert_eq!(out.status.code(), Some(1));
+    }
+
+    // A daemon refuses to start on a bad file, and creates nothing.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "api_listen = \"everywhere\"\n").expect("write");
+    let state = dir.path().join("state");
+    let out = Command::new(binary("gantry-coordinator"))
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`api_listen`"), "{stderr}");
+    assert!(!state.exists(), "nothing is created on a bad configuration");
+}
+
+#[test]
+fn a_joined_agent_serves_with_no_flags_and_an_upgrade_keeps_its_container() {
+    let mut c = TestCluster::start(ClusterSpec {
+        agents: 1,
+        busybox: true,
+        ..ClusterSpec::default()
+    });
+    // `join` recorded the coordinator in the agent's configuration file.
+    let config = c.agents[0].state.join("agent.toml");
+    let text = std::fs::read_to_string(&config).expect("agent.toml written by join");
+    assert!(
+        text.contains(&format!("coordinator = \"{}\"", c.control)),
+        "{text}"
+    );
+    let job = c.submit(json!({
+        "name": "long", "image": "busybox", "command": ["sleep", "1000"],
+        "resources": {"cpu": "0.5", "memory": "64M"}
+    }));
+    let id = job["id"].as_str().expect("id").to_owned();
+    wait_until("the container running", Duration::from_secs(30), || {
+        c.job(&id)["attempts"][0]["started_at_ms"]
+            .is_u64()
+            .then_some(())
+    });
+    let host = c.agents[0].host.clone();
+    assert_eq!(processes(&host, &["sleep", "1000"]), 1);
+
+    // The upgrade: SIGTERM the agent (its container keeps running), put a new binary in
+    // place, start it with no flags but the test machine's capacity.
+    let mut old = c.agents[0].proc.take().expect("agent running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = old.child.wait().expect("agent exit");
+    assert!(
+        status.success(),
+        "the agent exits cleanly on SIGTERM: {status}"
+    );
+    assert_eq!(
+        processes(&host, &["sleep", "1000"]),
+        1,
+        "the container outlives its agent"
+    );
+    let upgraded = c.dir.path().join("gantry-agent-upgraded");
+    std::fs::copy(binary("gantry-agent"), &upgraded).expect("new binary");
+    let mut cmd = c.agent_command_with(0, &upgraded);
+    cmd.arg("serve");
+    c.serve_flags(&mut cmd);
+    let mut p = Proc::spawn(cmd);
+    p.line_after("agent serving");
+    c.agents[0].proc = Some(p);
+    c.wait_state(&c.agents[0].node.clone(), "ready", Duration::from_secs(20));
+
+    // Re-adopted: the same attempt runs on (no new generation), and the new agent can
+    // stop it.
+    std::thread::sleep(Duration::from_secs(2));
+    let j = c.job(&id);
+    assert_eq!(j["state"], "running", "{j}");
+    assert_eq!(j["attempts"].as_array().map(Vec::len), Some(1), "{j}");
+    assert_eq!(processes(&host, &["sleep", "1000"]), 1);
+    let cancelled = c
+        .http()
+        .post(format!("http://{}/v1/jobs/{id}/cancel", c.api))
+        .bearer_auth(&c.admin)
+        .send()
+        .expect("cancel");
+    assert!(cancelled.status().is_success());
+    wait_until("the container stopped", Duration::from_secs(30), || {
+        (processes(&host, &["sleep", "1000"]) == 0).then_some(())
+    });
+}
