@@ -16,7 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use gantry_shared::api::{
     ApiTokenRequest, ApiTokenResponse, ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState,
-    JoinTokenRequest, JoinTokenResponse, Node, NodeNotice,
+    JoinTokenRequest, JoinTokenResponse, Node, NodeNotice, RevokeTokensRequest,
+    RevokeTokensResponse,
 };
 use gantry_shared::now_ms;
 use gantry_shared::{JobId, NodeId};
@@ -141,6 +142,8 @@ impl Metrics {
         get_job,
         cancel_job,
         create_join_token,
+        create_api_token,
+        revoke_api_tokens,
         list_nodes,
         get_node,
         drain_node,
@@ -177,6 +180,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/join-tokens", post(create_join_token))
         .route("/v1/tokens", post(create_api_token))
+        .route("/v1/tokens/revoke", post(revoke_api_tokens))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))
@@ -517,6 +521,41 @@ async fn job_logs(
 }
 
 /// Create an API token with a role (admin). The token is in the answer only.
+/// Revokes every API token with a name (rotation: create a new admin token, then revoke
+/// the old one's name using the new one). A caller cannot revoke its own token's name.
+#[utoipa::path(post, path = "/v1/tokens/revoke", request_body = RevokeTokensRequest,
+    responses((status = 200, body = RevokeTokensResponse), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_api_tokens(
+    State(state): State<ApiState>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Json<RevokeTokensResponse>, ApiError> {
+    caller.require(Role::Admin)?;
+    let req: RevokeTokensRequest = parse_body(&body)?;
+    if req.name == caller.1 {
+        return Err(ApiError::BadRequest {
+            field: Some("name".into()),
+            message: format!(
+                "that is the name of the token making this request; revoke `{}` with another admin token",
+                req.name
+            ),
+        });
+    }
+    let tokens = state.tokens.clone();
+    let name = req.name.clone();
+    let revoked = tokio::task::spawn_blocking(move || tokens.revoke(&name))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if revoked == 0 {
+        return Err(ApiError::NotFound {
+            what: format!("API token named `{}`", req.name),
+        });
+    }
+    tracing::warn!(name = %req.name, revoked, "API tokens revoked");
+    Ok(Json(RevokeTokensResponse { revoked }))
+}
+
 #[utoipa::path(post, path = "/v1/tokens", request_body = ApiTokenRequest,
     responses((status = 201, body = ApiTokenResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn create_api_token(
@@ -839,7 +878,8 @@ fn job_id(raw: String) -> Result<JobId, ApiError> {
 }
 
 /// The authenticated caller's role.
-pub struct Caller(Role);
+/// Who calls: their token's role and name.
+pub struct Caller(Role, String);
 
 impl Caller {
     fn require(&self, role: Role) -> Result<(), ApiError> {
@@ -863,13 +903,14 @@ impl FromRequestParts<ApiState> for Caller {
             .ok_or(ApiError::Unauthenticated { message: "missing `Authorization: Bearer <token>`; use the admin token printed at the coordinator's first start, or one created from it" })?;
         let tokens = state.tokens.clone();
         let token = token.trim().to_owned();
-        let role = tokio::task::spawn_blocking(move || tokens.role(&token))
+        let who = tokio::task::spawn_blocking(move || tokens.identify(&token))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        role.map(Caller).ok_or(ApiError::Unauthenticated {
-            message: "token not recognized; check GANTRY_TOKEN or create a new token",
-        })
+        who.map(|(role, name)| Caller(role, name))
+            .ok_or(ApiError::Unauthenticated {
+                message: "token not recognized; check GANTRY_TOKEN or create a new token",
+            })
     }
 }
 

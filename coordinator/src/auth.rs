@@ -75,10 +75,32 @@ impl ApiTokens {
 
     /// The role of a presented token, if it is one of ours.
     pub fn role(&self, token: &str) -> Result<Option<Role>, TokenError> {
+        Ok(self.identify(token)?.map(|(role, _)| role))
+    }
+
+    /// The role and name of `token`, if it is one.
+    pub fn identify(&self, token: &str) -> Result<Option<(Role, String)>, TokenError> {
         match self.tree.get(hash(token))? {
-            Some(v) => Ok(Some(serde_json::from_slice::<StoredToken>(&v)?.role)),
+            Some(v) => {
+                let t = serde_json::from_slice::<StoredToken>(&v)?;
+                Ok(Some((t.role, t.name)))
+            }
             None => Ok(None),
         }
+    }
+
+    /// Removes every token named `name` (durably); returns how many there were.
+    pub fn revoke(&self, name: &str) -> Result<usize, TokenError> {
+        let mut removed = 0;
+        for kv in self.tree.iter() {
+            let (key, value) = kv?;
+            if serde_json::from_slice::<StoredToken>(&value)?.name == name {
+                self.tree.remove(key)?;
+                removed += 1;
+            }
+        }
+        self.tree.flush()?;
+        Ok(removed)
     }
 }
 
@@ -117,5 +139,14 @@ mod tests {
                     && !String::from_utf8_lossy(&v).contains(&admin)
             );
         }
+        // Rotation: a second admin token, then the first one revoked by name.
+        let next = t.create(Role::Admin, "admin-2").expect("create");
+        assert_eq!(t.revoke("admin").expect("revoke"), 1);
+        assert_eq!(t.role(&admin).expect("lookup"), None);
+        assert_eq!(
+            t.identify(&next).expect("lookup"),
+            Some((Role::Admin, "admin-2".into()))
+        );
+        assert_eq!(t.revoke("admin").expect("again"), 0);
     }
 }

@@ -419,6 +419,18 @@ pub struct ApiTokenRequest {
     pub name: String,
 }
 
+/// `POST /v1/tokens/revoke`: every API token with this name stops working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RevokeTokensRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RevokeTokensResponse {
+    /// How many tokens had that name.
+    pub revoked: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ApiTokenResponse {
     /// `gat_…`: shown once, stored only as a hash.

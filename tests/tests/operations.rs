@@ -156,3 +156,41 @@ fn a_joined_agent_serves_with_no_flags_and_an_upgrade_keeps_its_container() {
         (processes(&host, &["sleep", "1000"]) == 0).then_some(())
     });
 }
+
+#[test]
+fn the_admin_token_rotates_without_a_restart() {
+    let c = TestCluster::start(ClusterSpec {
+        agents: 0,
+        ..ClusterSpec::default()
+    });
+    let post = |token: &str, path: &str, body: serde_json::Value| {
+        let r = c
+            .http()
+            .post(format!("http://{}{path}", c.api))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().unwrap_or_default())
+    };
+    let (status, created) = post(
+        &c.admin,
+        "/v1/tokens",
+        json!({"role": "admin", "name": "admin-2026-11"}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let next = created["token"].as_str().expect("token").to_owned();
+    // The old token cannot revoke itself; the new one revokes it.
+    let (status, body) = post(&c.admin, "/v1/tokens/revoke", json!({"name": "admin"}));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("another admin token"), "{body}");
+    let (status, body) = post(&next, "/v1/tokens/revoke", json!({"name": "admin"}));
+    assert_eq!((status, body["revoked"].as_u64()), (200, Some(1)), "{body}");
+    let (status, _) = post(&c.admin, "/v1/join-tokens", json!({"ttl": "10m"}));
+    assert_eq!(status, 401, "the old admin token no longer works");
+    let (status, body) = post(&next, "/v1/tokens/revoke", json!({"name": "nobody"}));
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = post(&next, "/v1/join-tokens", json!({"ttl": "10m"}));
+    assert_eq!(status, 201, "the new one does");
+}
