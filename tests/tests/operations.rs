@@ -194,3 +194,65 @@ fn the_admin_token_rotates_without_a_restart() {
     let (status, _) = post(&next, "/v1/join-tokens", json!({"ttl": "10m"}));
     assert_eq!(status, 201, "the new one does");
 }
+
+#[test]
+fn sighup_reloads_the_log_level_and_logs_are_json_off_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        "api_listen = \"127.0.0.1:0\"\ncontrol_listen = \"127.0.0.1:0\"\n[gossip]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n",
+    )
+    .expect("config");
+    let mut cmd = Command::new(binary("gantry-coordinator"));
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_remove("GANTRY_LOG")
+        .stderr(std::process::Stdio::piped());
+    let mut p = Proc::spawn(cmd);
+    p.line_after("control listening on");
+    let stderr = p.child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next_json = |what: &str| -> serde_json::Value {
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no log line with {what}"));
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if line.contains(what) {
+                return v;
+            }
+        }
+    };
+    let serving = next_json("coordinator serving");
+    assert_eq!(serving["level"], "INFO", "{serving}");
+    // A bad file changes nothing and says why; a good one applies its level.
+    std::fs::write(&config, "[log]\nlevel = \"=[\"\n").expect("bad config");
+    let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let refused = next_json("configuration not reloaded");
+    assert!(
+        refused["error"].to_string().contains("log.level"),
+        "{refused}"
+    );
+    std::fs::write(&config, "[log]\nlevel = \"debug\"\n").expect("config");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let reloaded = next_json("log level reloaded");
+    assert_eq!(reloaded["level"], "WARN", "{reloaded}");
+    assert_eq!(reloaded["filter"], "debug", "{reloaded}");
+    // SIGTERM: it shuts down and exits cleanly.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let status = p.child.wait().expect("exit");
+    assert!(status.success(), "{status}");
+}
