@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+mod footprint;
 mod gossip;
 mod placement;
 mod recovery;
@@ -53,6 +54,15 @@ enum Cmd {
         burst: usize,
         #[arg(long, default_value = "/tmp/gantry-bench-submit")]
         work: PathBuf,
+        /// The `gantry` CLI: also time `gantry run … -- true` round trips.
+        #[arg(long)]
+        cli: Option<PathBuf>,
+        /// `gantry run` round trips.
+        #[arg(long, default_value_t = 100)]
+        cli_runs: usize,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Gossip membership, all members in this process on loopback: convergence, change
     /// propagation, failure detection and bytes per node, per cluster size.
@@ -111,6 +121,9 @@ enum Cmd {
         nodes: usize,
         #[arg(long, default_value = "/tmp/gantry-bench-schedule")]
         work: PathBuf,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Recovery on test hosts (root; network namespaces): kill -9 of a host, a preemption
     /// notice, an injected Xid, each to the job running again elsewhere.
@@ -118,6 +131,9 @@ enum Cmd {
         /// Trials of each fault.
         #[arg(long, default_value_t = 20)]
         trials: usize,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Container cold start with a cached image, side by side with runc, crun and podman.
     ColdStart {
@@ -136,6 +152,27 @@ enum Cmd {
         /// Scratch directory (state dirs, bundles).
         #[arg(long, default_value = "/tmp/gantry-bench")]
         work: PathBuf,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Resource footprint: agent RSS idle and with N containers, shim RSS (one agent on
+    /// loopback); the coordinator's in-process state with many nodes and jobs.
+    Footprint {
+        #[arg(long)]
+        coordinator: PathBuf,
+        #[arg(long)]
+        agent: PathBuf,
+        /// A root filesystem (busybox).
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Containers running for the loaded measurement.
+        #[arg(long, default_value_t = 50)]
+        containers: usize,
+        #[arg(long, default_value = "/tmp/gantry-bench-footprint")]
+        work: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -154,16 +191,22 @@ fn main() -> anyhow::Result<()> {
             jobs,
             burst,
             work,
+            cli,
+            cli_runs,
+            json,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(submit::run(
-                &coordinator,
-                &agent,
-                &rootfs,
-                jobs.max(1),
-                burst.max(1),
-                &work,
-            ))
+            rt.block_on(submit::run(submit::SubmitBench {
+                coordinator_bin: &coordinator,
+                agent_bin: &agent,
+                cli_bin: cli.as_deref(),
+                rootfs: &rootfs,
+                jobs: jobs.max(1),
+                burst: burst.max(1),
+                cli_runs,
+                work: &work,
+                json: json.as_deref(),
+            }))
         }
         Cmd::Gossip {
             members,
@@ -217,14 +260,17 @@ fn main() -> anyhow::Result<()> {
             threads,
             nodes,
             work,
+            json,
         } => schedule::run(schedule::ScheduleBench {
             jobs,
             threads,
             nodes,
             work,
+            json,
         }),
-        Cmd::Recovery { trials } => recovery::run(recovery::RecoveryBench {
+        Cmd::Recovery { trials, json } => recovery::run(recovery::RecoveryBench {
             trials: trials.max(1),
+            json,
         }),
         Cmd::ColdStart {
             agent,
@@ -232,6 +278,7 @@ fn main() -> anyhow::Result<()> {
             runs,
             podman_runs,
             work,
+            json,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(cold_start(
@@ -240,7 +287,26 @@ fn main() -> anyhow::Result<()> {
                 runs,
                 podman_runs.max(20),
                 &work,
+                json.as_deref(),
             ))
+        }
+        Cmd::Footprint {
+            coordinator,
+            agent,
+            rootfs,
+            containers,
+            work,
+            json,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(footprint::run(footprint::FootprintBench {
+                coordinator_bin: &coordinator,
+                agent_bin: &agent,
+                rootfs: &rootfs,
+                containers: containers.max(1),
+                work: &work,
+                json: json.as_deref(),
+            }))
         }
     }
 }
@@ -251,6 +317,16 @@ pub(crate) fn percentile(samples: &[f64], p: f64) -> Option<f64> {
     s.sort_by(f64::total_cmp);
     s.get(((p / 100.0) * s.len().saturating_sub(1) as f64).round() as usize)
         .copied()
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS`).
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 pub(crate) fn now_ns() -> i128 {
@@ -476,6 +552,7 @@ async fn cold_start(
     runs: usize,
     podman_runs: usize,
     work: &Path,
+    json: Option<&Path>,
 ) -> anyhow::Result<()> {
     if !rootfs.join("stamp").is_file() {
         bail!("{} has no /stamp; bench/run builds it", rootfs.display());
@@ -521,6 +598,25 @@ async fn cold_start(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     print_table(&[&api, &cli, &runc, &crun, &podman], &runc, runs);
+    if let Some(path) = json {
+        let entry = |s: &Series| {
+            serde_json::json!({
+                "p50_ms": s.percentile(50.0),
+                "p99_ms": s.percentile(99.0),
+                "starts": s.samples.len(),
+                "error": s.error.as_deref().and_then(|e| e.lines().next()),
+            })
+        };
+        let v = serde_json::json!({
+            "gantry_runtime_api": entry(&api),
+            "gantry_agent_run": entry(&cli),
+            "runc": entry(&runc),
+            "crun": entry(&crun),
+            "podman": entry(&podman),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let median = |v: &[f64]| percentile(v, 50.0).unwrap_or(f64::NAN);
     println!();
     println!(

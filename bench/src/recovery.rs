@@ -28,6 +28,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 pub struct RecoveryBench {
     pub trials: usize,
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -89,6 +90,17 @@ pub fn run(b: RecoveryBench) -> anyhow::Result<()> {
         s.xid.push(started.saturating_sub(t0) as f64);
         finish(&c, &id)?;
         admin(&c, &format!("/v1/nodes/{node}/gpus/{gpu}/clear"), json!({}))?;
+    }
+    if let Some(path) = &b.json {
+        let q = |v: &[f64]| json!({"p50_ms": percentile(v, 50.0), "p90_ms": percentile(v, 90.0), "max_ms": percentile(v, 100.0), "trials": v.len()});
+        let v = json!({
+            "node_loss": q(&s.node_loss),
+            "preempt": q(&s.preempt),
+            "preempt_no_grace": q(&s.preempt_no_grace),
+            "xid": q(&s.xid),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     println!(
         "| From | to | trials | p50 | p90 | max |\n|---|---|---|---|---|---|\n{}\n{}\n{}\n{}",

@@ -26,6 +26,7 @@ pub struct ScheduleBench {
     pub threads: usize,
     pub nodes: usize,
     pub work: std::path::PathBuf,
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// A ready node with 8 simulated GPUs and room for many small jobs.
@@ -172,5 +173,26 @@ pub fn run(b: ScheduleBench) -> anyhow::Result<()> {
         accept_secs + place_secs,
         b.jobs as f64 / (accept_secs + place_secs)
     );
+    // What the coordinator's state costs in memory at this size: this process holds the
+    // same store (sled and its cache), active jobs and engine a coordinator would.
+    let rss = crate::rss_kib(std::process::id()).unwrap_or(0);
+    println!();
+    println!(
+        "Memory (RSS) of this process with {} nodes and {} jobs placed: **{:.0} MiB**.",
+        b.nodes,
+        b.jobs,
+        rss as f64 / 1024.0
+    );
+    if let Some(path) = &b.json {
+        let v = serde_json::json!({
+            "nodes": b.nodes,
+            "jobs": b.jobs,
+            "accepted_per_s": b.jobs as f64 / accept_secs,
+            "placed_per_s": placed as f64 / place_secs,
+            "rss_mib": rss as f64 / 1024.0,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{import_bench_image, now_ns, percentile};
 
-struct Kill(Child);
+pub(crate) struct Kill(pub Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -51,14 +51,22 @@ fn field(lines: &[String], prefix: &str) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-pub async fn run(
+/// A coordinator and one agent (image `bench` imported) on loopback, running until
+/// dropped.
+pub(crate) struct LocalCluster {
+    pub coordinator: Kill,
+    pub agent: Kill,
+    pub api: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+}
+
+pub(crate) async fn local_cluster(
     coordinator_bin: &Path,
     agent_bin: &Path,
     rootfs: &Path,
-    jobs: usize,
-    burst: usize,
     work: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<LocalCluster> {
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work)?;
     let agent_state = work.join("agent");
@@ -140,6 +148,62 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    Ok(LocalCluster {
+        coordinator,
+        agent,
+        api,
+        admin,
+        http,
+    })
+}
+
+/// What `submit` measures beside the table, for BENCHMARKS.md (`--json`).
+#[derive(serde::Serialize)]
+struct Results {
+    submit_p50_ms: f64,
+    submit_p99_ms: f64,
+    running_p50_ms: f64,
+    running_p99_ms: f64,
+    submits_per_s_sequential: f64,
+    submits_per_s_concurrent: f64,
+    completed_jobs: usize,
+    completed_per_s: f64,
+    gantry_run_p50_ms: Option<f64>,
+    gantry_run_p99_ms: Option<f64>,
+    gantry_run_runs: usize,
+}
+
+pub struct SubmitBench<'a> {
+    pub coordinator_bin: &'a Path,
+    pub agent_bin: &'a Path,
+    /// The `gantry` CLI, for `gantry run` round trips.
+    pub cli_bin: Option<&'a Path>,
+    pub rootfs: &'a Path,
+    pub jobs: usize,
+    pub burst: usize,
+    pub cli_runs: usize,
+    pub work: &'a Path,
+    pub json: Option<&'a Path>,
+}
+
+pub async fn run(b: SubmitBench<'_>) -> anyhow::Result<()> {
+    let SubmitBench {
+        coordinator_bin,
+        agent_bin,
+        rootfs,
+        jobs,
+        burst,
+        work,
+        ..
+    } = b;
+    let LocalCluster {
+        coordinator: _coordinator,
+        agent: _agent,
+        api,
+        admin,
+        http,
+    } = local_cluster(coordinator_bin, agent_bin, rootfs, work).await?;
 
     let spec = json!({"name": "stamp", "image": "bench", "command": ["/stamp"], "resources": {"cpu": "0.1", "memory": "32M"}});
     let mut submit_ms = Vec::new();
@@ -225,6 +289,67 @@ pub async fn run(
         .await;
     results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let concurrent_per_sec = burst as f64 / started.elapsed().as_secs_f64();
+    wait_all_done(&http, &api, &admin).await?;
+
+    // To completion: `burst` trivial jobs from 32 clients, from the first POST to the last
+    // job's end as the coordinator recorded it.
+    let first_ms = (now_ns() / 1_000_000) as u64;
+    let posts = (0..burst).map(|_| {
+        let (http, api, admin, quick) = (&http, &api, &admin, &quick);
+        async move {
+            let job: Value = http
+                .post(format!("http://{api}/v1/jobs"))
+                .bearer_auth(admin)
+                .json(quick)
+                .send()
+                .await?
+                .json()
+                .await?;
+            job["id"].as_str().map(str::to_owned).context("job id")
+        }
+    });
+    let ids: Vec<anyhow::Result<String>> = futures_util::stream::iter(posts)
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let ids = ids.into_iter().collect::<anyhow::Result<Vec<String>>>()?;
+    wait_all_done(&http, &api, &admin).await?;
+    let mut last_ms = first_ms;
+    for id in &ids {
+        let job: Value = http
+            .get(format!("http://{api}/v1/jobs/{id}"))
+            .bearer_auth(&admin)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if job["state"] != "succeeded" {
+            bail!("job {id} did not succeed: {job}");
+        }
+        last_ms = last_ms.max(job["updated_at_ms"].as_u64().unwrap_or(0));
+    }
+    let completed_per_sec = ids.len() as f64 / ((last_ms - first_ms).max(1) as f64 / 1000.0);
+
+    // `gantry run` round trips: the CLI process submits, follows the job to its end and
+    // exits with its code, as a user runs it.
+    let mut cli_ms = Vec::new();
+    if let Some(cli) = b.cli_bin {
+        for _ in 0..b.cli_runs {
+            let started = Instant::now();
+            let status = Command::new(cli)
+                .env("GANTRY_ADDR", &api)
+                .env("GANTRY_TOKEN", &admin)
+                .args([
+                    "run", "--image", "bench", "--cpu", "0.01", "--memory", "16M", "--", "true",
+                ])
+                .stdout(Stdio::null())
+                .status()?;
+            if !status.success() {
+                bail!("gantry run failed: {status}");
+            }
+            cli_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
 
     println!("| metric | p50 | p99 | runs |");
     println!("|---|---|---|---|");
@@ -247,5 +372,59 @@ pub async fn run(
     println!(
         "Durable submissions, 32 concurrent clients: **{concurrent_per_sec:.0} jobs/s** ({burst} submissions)."
     );
+    println!(
+        "To completion (`true` in a container, 32 clients submitting): **{completed_per_sec:.0} jobs/s** ({} jobs, first submission to last end).",
+        ids.len()
+    );
+    if !cli_ms.is_empty() {
+        println!(
+            "`gantry run … -- true` round trip (CLI process start to exit): p50 **{:.1} ms**, p99 {:.1} ms ({} runs).",
+            percentile(&cli_ms, 50.0).unwrap_or(f64::NAN),
+            percentile(&cli_ms, 99.0).unwrap_or(f64::NAN),
+            cli_ms.len()
+        );
+    }
+    if let Some(path) = b.json {
+        let r = Results {
+            submit_p50_ms: percentile(&submit_ms, 50.0).unwrap_or(f64::NAN),
+            submit_p99_ms: percentile(&submit_ms, 99.0).unwrap_or(f64::NAN),
+            running_p50_ms: percentile(&running_ms, 50.0).unwrap_or(f64::NAN),
+            running_p99_ms: percentile(&running_ms, 99.0).unwrap_or(f64::NAN),
+            submits_per_s_sequential: per_sec,
+            submits_per_s_concurrent: concurrent_per_sec,
+            completed_jobs: ids.len(),
+            completed_per_s: completed_per_sec,
+            gantry_run_p50_ms: percentile(&cli_ms, 50.0),
+            gantry_run_p99_ms: percentile(&cli_ms, 99.0),
+            gantry_run_runs: cli_ms.len(),
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// Waits until no job is pending or running (bounded: 5 minutes).
+async fn wait_all_done(http: &reqwest::Client, api: &str, admin: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let mut busy = 0;
+        for state in ["pending", "running"] {
+            let list: Value = http
+                .get(format!("http://{api}/v1/jobs?state={state}&limit=1"))
+                .bearer_auth(admin)
+                .send()
+                .await?
+                .json()
+                .await?;
+            busy += list["jobs"].as_array().map_or(0, Vec::len);
+        }
+        if busy == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("jobs still pending or running after 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

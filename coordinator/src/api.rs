@@ -68,9 +68,17 @@ pub struct ApiState {
     admin: NodeAdmin,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
+    /// Ends long polls when the coordinator shuts down (graceful shutdown waits for every
+    /// request in flight).
+    shutdown: CancellationToken,
 }
 
 impl ApiState {
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
     pub fn new(
         store: Store,
         tokens: ApiTokens,
@@ -89,6 +97,7 @@ impl ApiState {
             admin,
             metrics: Arc::new(Metrics::new()),
             cfg,
+            shutdown: CancellationToken::new(),
         }
     }
 }
@@ -357,16 +366,63 @@ async fn list_jobs(
     }))
 }
 
-/// One job: its state, attempts and why it is where it is.
-#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path)),
+/// One job: its state, attempts and why it is where it is. With `changed_since`, a long
+/// poll: the answer comes once the job changed (or after `wait`).
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path), JobQuery),
     responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_job(
     State(state): State<ApiState>,
     caller: Caller,
     Path(id): Path<String>,
+    query: Result<Query<JobQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Job>, ApiError> {
     caller.require(Role::Reader)?;
-    Ok(Json(state.store.job(&job_id(id)?)?))
+    let Query(q) = query.map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: e.body_text(),
+    })?;
+    let id = job_id(id)?;
+    let Some(since) = q.changed_since else {
+        return Ok(Json(state.store.job(&id)?));
+    };
+    let wait = match q.wait.as_deref() {
+        None => MAX_JOB_WAIT,
+        Some(w) => humantime::parse_duration(w)
+            .map_err(|e| ApiError::BadRequest {
+                field: Some("wait".into()),
+                message: format!("`{w}` is not a duration ({e}); e.g. `30s`"),
+            })?
+            .min(MAX_JOB_WAIT),
+    };
+    // A long poll: answer once the job changed after `since` (its `updated_at_ms` moves on
+    // every change), or at the deadline with the job as it is.
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let changed = state.store.changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let job = state.store.job(&id)?;
+        if job.updated_at_ms > since {
+            return Ok(Json(job));
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(Json(job)),
+            _ = state.shutdown.cancelled() => return Ok(Json(job)),
+        }
+    }
+}
+
+/// The longest a `GET /v1/jobs/{id}?changed_since=` waits.
+const MAX_JOB_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct JobQuery {
+    /// Wait until the job's `updated_at_ms` is past this value (a long poll).
+    changed_since: Option<u64>,
+    /// How long to wait at most (default and limit 60s).
+    wait: Option<String>,
 }
 
 /// Cancel a job. Cancelling a finished job changes nothing and returns it.

@@ -2,7 +2,6 @@
 //! coordinator and one agent on this machine as child processes.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use gantry_shared::api::{Job, JobResources, JobSpec, JobState, Node};
@@ -144,8 +143,17 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
     }
     let mut last_reason = None;
     let mut followed = 0;
+    let mut seen = 0;
+    let mut look_now = false;
     loop {
-        let job = client.job(job.id.as_str()).await?;
+        // Each look waits for the next change (a long poll), so the end is seen at once;
+        // after following output, look again at once (the job may have ended meanwhile).
+        let job = if std::mem::take(&mut look_now) {
+            client.job(job.id.as_str()).await?
+        } else {
+            client.job_changed(job.id.as_str(), seen, "30s").await?
+        };
+        seen = job.updated_at_ms;
         if !json && job.reason != last_reason {
             if let Some(r) = &job.reason {
                 eprintln!("{}: {r}", job.id);
@@ -172,6 +180,7 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
             } else {
                 follow_ranks(&client, job.id.as_str(), members.len() as u32).await;
             }
+            look_now = true;
             continue;
         }
         if job.state.is_terminal() {
@@ -184,7 +193,6 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
             }
             return Ok(code);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

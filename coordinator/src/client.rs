@@ -62,6 +62,13 @@ impl ApiClient {
         self.get(&format!("/v1/jobs/{id}")).await
     }
 
+    /// The job once it changed after `since` (its `updated_at_ms`), or as it is after
+    /// `wait` (a long poll; the server caps it at 60 s).
+    pub async fn job_changed(&self, id: &str, since: u64, wait: &str) -> Result<Job, ClientError> {
+        self.get(&format!("/v1/jobs/{id}?changed_since={since}&wait={wait}"))
+            .await
+    }
+
     pub async fn jobs(
         &self,
         state: Option<&str>,

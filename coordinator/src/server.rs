@@ -115,15 +115,18 @@ pub async fn run(
     };
     tracing::info!(cluster = %ca.cluster(), api = %bound.api, control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
-    let router = api::router(ApiState::new(
-        store.clone(),
-        tokens.clone(),
-        join,
-        nodes.clone(),
-        cluster.clone(),
-        node_admin,
-        cfg.api.clone(),
-    ))
+    let router = api::router(
+        ApiState::new(
+            store.clone(),
+            tokens.clone(),
+            join,
+            nodes.clone(),
+            cluster.clone(),
+            node_admin,
+            cfg.api.clone(),
+        )
+        .with_shutdown(cancel.clone()),
+    )
     .merge(crate::registry::router(
         crate::registry::RegistryState::open(&cfg.state_dir.join("registry"), tokens)?,
     ));

@@ -68,6 +68,14 @@ pub struct Store {
     /// or says it does not run it; until then it holds its resources there.
     fences: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
+    /// Woken after every commit: long polls (`GET /v1/jobs/{id}?changed_since=`) wait on it.
+    changed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Every change moves `updated_at_ms` forward (now, or one past the last value when the
+/// clock has not moved), so it doubles as the job's version for long polls.
+fn bump(job: &mut Job, before: &Job) {
+    job.updated_at_ms = gantry_shared::now_ms().max(before.updated_at_ms + 1);
 }
 
 /// A fence record; ones written before fences held resources are the grace alone (8 bytes).
@@ -184,6 +192,7 @@ impl Store {
             active: db.open_tree("active_jobs")?,
             fences: db.open_tree("fences")?,
             commits: Default::default(),
+            changed: Default::default(),
             db,
         };
         store.rebuild_active()?;
@@ -435,7 +444,11 @@ impl Store {
                         let mut job: Job = serde_json::from_slice(&bytes).map_err(|err| {
                             sled::transaction::ConflictableTransactionError::Abort(err.to_string())
                         })?;
+                        let before = job.clone();
                         apply(&mut job, &e.event);
+                        if job != before {
+                            bump(&mut job, &before);
+                        }
                         let bytes = serde_json::to_vec(&job).map_err(|err| {
                             sled::transaction::ConflictableTransactionError::Abort(err.to_string())
                         })?;
@@ -468,7 +481,14 @@ impl Store {
 
     /// Makes every write so far durable (shared with concurrent callers: group commit).
     pub fn commit(&self) -> Result<(), StoreError> {
-        self.commits.commit(&self.db)
+        self.commits.commit(&self.db)?;
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Fires after each commit (register with `notified()` before reading what you wait on).
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        &self.changed
     }
 
     /// Applies `change` to a job atomically; durable at the next [`Store::commit`] (the
@@ -484,7 +504,11 @@ impl Store {
                 .get(id.as_str())?
                 .ok_or_else(|| StoreError::NotFound { id: id.clone() })?;
             let mut job: Job = serde_json::from_slice(&old)?;
+            let before = job.clone();
             change(&mut job);
+            if job != before {
+                bump(&mut job, &before);
+            }
             let new = serde_json::to_vec(&job)?;
             if self
                 .jobs

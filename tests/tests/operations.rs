@@ -256,3 +256,59 @@ fn sighup_reloads_the_log_level_and_logs_are_json_off_a_terminal() {
     let status = p.child.wait().expect("exit");
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_long_poll_on_a_job_answers_when_it_changes() {
+    let c = TestCluster::start(ClusterSpec {
+        agents: 0,
+        ..ClusterSpec::default()
+    });
+    // No nodes: the job waits, pending.
+    let job = c.submit(json!({
+        "name": "waits", "image": "busybox", "command": ["true"],
+        "resources": {"cpu": "0.1", "memory": "16M"}
+    }));
+    let id = job["id"].as_str().expect("id").to_owned();
+    let get = |query: &str| {
+        c.http()
+            .get(format!("http://{}/v1/jobs/{id}?{query}", c.api))
+            .bearer_auth(&c.admin)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .expect("get")
+    };
+    // Once the scheduler has said why it waits, nothing changes it until the cancel.
+    let settled = wait_until("the waiting reason", Duration::from_secs(10), || {
+        let j = c.job(&id);
+        j["reason"].is_string().then_some(j)
+    });
+    let since = settled["updated_at_ms"].as_u64().expect("version");
+    // Nothing changes: the poll ends at its wait with the job as it was.
+    let same: serde_json::Value = get(&format!("changed_since={since}&wait=200ms"))
+        .json()
+        .expect("json");
+    assert_eq!(same["updated_at_ms"], since, "{same}");
+    // A change (a cancel) answers a waiting poll with the changed job.
+    let poll = std::thread::scope(|s| {
+        let waiting = s.spawn(|| {
+            get(&format!("changed_since={since}&wait=30s"))
+                .json::<serde_json::Value>()
+                .expect("json")
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let cancelled = c
+            .http()
+            .post(format!("http://{}/v1/jobs/{id}/cancel", c.api))
+            .bearer_auth(&c.admin)
+            .send()
+            .expect("cancel");
+        assert!(cancelled.status().is_success());
+        waiting.join().expect("poll")
+    });
+    assert_eq!(poll["state"], "cancelled", "{poll}");
+    assert!(poll["updated_at_ms"].as_u64() > Some(since), "{poll}");
+    // A bad wait names the parameter.
+    let bad = get(&format!("changed_since={since}&wait=forever"));
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(bad.text().unwrap_or_default().contains("wait"));
+}
