@@ -205,7 +205,7 @@ pub async fn run(b: SubmitBench<'_>) -> anyhow::Result<()> {
         http,
     } = local_cluster(coordinator_bin, agent_bin, rootfs, work).await?;
 
-    let spec = json!({"name": "stamp", "image": "bench", "command": ["/stamp"], "resources": {"cpu": "0.1", "memory": "32M"}});
+    let spec = json!({"name": "stamp", "image": "bench", "command": ["/stamp"], "resources": {"cpu": "1", "memory": "32M"}});
     let mut submit_ms = Vec::new();
     let mut running_ms = Vec::new();
     for _ in 0..jobs {
@@ -252,7 +252,9 @@ pub async fn run(b: SubmitBench<'_>) -> anyhow::Result<()> {
     }
 
     // Durable submissions per second: a burst of POSTs, each answered only once in sled.
-    let quick = json!({"name": "burst", "image": "bench", "command": ["true"], "resources": {"cpu": "0.01", "memory": "16M"}});
+    // Half a core each: a CPU quota much below what the container's own setup needs
+    // (libcontainer's init runs inside the cgroup) would throttle its start.
+    let quick = json!({"name": "burst", "image": "bench", "command": ["true"], "resources": {"cpu": "0.5", "memory": "32M"}});
     let started = Instant::now();
     for _ in 0..burst {
         let r = http
@@ -339,9 +341,7 @@ pub async fn run(b: SubmitBench<'_>) -> anyhow::Result<()> {
             let status = Command::new(cli)
                 .env("GANTRY_ADDR", &api)
                 .env("GANTRY_TOKEN", &admin)
-                .args([
-                    "run", "--image", "bench", "--cpu", "0.01", "--memory", "16M", "--", "true",
-                ])
+                .args(["run", "--image", "bench", "--memory", "32M", "--", "true"])
                 .stdout(Stdio::null())
                 .status()?;
             if !status.success() {
