@@ -134,7 +134,9 @@ def main():
     noise.append(("jobs/s to completion", rel_spread(g_tp)))
     noise.append(("gantry run p50", rel_spread(g_rt50)))
     tp = med(g_tp)
-    w(f"| jobs/s to completion (1,000 jobs) | {'—' if tp is None else f'{tp:.0f}'}{spread(g_tp)} | "
+    n_jobs = med([r.get("completed_jobs") for r in submit])
+    jobs_label = f"{n_jobs:,.0f} jobs" if n_jobs else "—"
+    w(f"| jobs/s to completion ({jobs_label}) | {'—' if tp is None else f'{tp:.0f}'}{spread(g_tp)} | "
       f"{'—' if s_tp is None else f'{s_tp:.1f}'} (`sbatch --wrap true`) | "
       f"{ratio(tp, s_tp, lower_is_better=False)} | ≥ 150 jobs/s: {'met' if tp and tp >= 150 else 'not met'} |")
     rt = med(g_rt50)
@@ -149,8 +151,12 @@ def main():
           f"{ratio(sub, s_sub, lower_is_better=False)} | |")
     w("")
     if slurm:
-        w(f"Slurm {slurm.get('slurm_version', '?')}, tuned rather than a strawman: "
-          + ", ".join(f"`{s}`" for s in slurm.get("settings", [])) + ".")
+        tuned_keys = ("Epilog", "SchedulerParameters", "MinJobAge", "MaxJobCount",
+                      "SlurmctldDebug", "SlurmdDebug", "SelectTypeParameters")
+        tuned = [s for s in slurm.get("settings", []) if s.split("=")[0] in tuned_keys]
+        w(f"Slurm {slurm.get('slurm_version', '?')} (slurmctld + slurmd + munge on this machine), "
+          "tuned rather than a strawman: " + ", ".join(f"`{s}`" for s in tuned)
+          + f"; {slurm.get('note', '')} Every setting is listed by `bench/slurm.sh`.")
     else:
         w("Slurm was not measured in this run (see `bench/slurm.sh`).")
     w("")
@@ -212,7 +218,9 @@ def main():
           + f". The noisiest was {worst[0]} ({worst[1] * 100:.0f} %).")
     else:
         w("Only one run per benchmark: no spread to report.")
-    w(f" Load average before: {machine.get('load_before', '?')}; after: {machine.get('load_after', '?')}.")
+    w("")
+    w(f"Load average (1, 5, 15 min) before the run: {machine.get('load_before', '?')}; after: "
+      f"{machine.get('load_after', '?')}.")
     w("")
     notes = os.path.join(results, "notes.md")
     if os.path.exists(notes):
