@@ -391,8 +391,12 @@ impl Agent {
         exited.sort();
         let excess = exited.len().saturating_sub(KEEP_EXITED);
         for (_, id) in exited.into_iter().take(excess) {
-            if let Err(e) = self.runtime.remove(&id) {
-                tracing::warn!(container = %id, error = %e, "cannot remove an old container");
+            match self.runtime.remove(&id) {
+                // Two exits collecting at once: the other one removed it.
+                Ok(()) | Err(RuntimeError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "cannot remove an old container")
+                }
             }
         }
     }
