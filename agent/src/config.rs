@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub gossip: GossipConfig,
     pub spot_notice: SpotNoticeConfig,
+    /// On a clean stop (SIGTERM), how long the coordinator keeps this node's work in place
+    /// waiting for the agent to come back ("0s": re-place it as soon as the node is down).
+    pub restart_hold: String,
     pub log: LogConfig,
 }
 
@@ -52,6 +55,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             gossip: GossipConfig::default(),
             spot_notice: SpotNoticeConfig::default(),
+            restart_hold: "15s".into(),
             log: LogConfig::default(),
         }
     }
@@ -121,6 +125,7 @@ pub struct Checked {
     pub dead_node_grace: Duration,
     pub spot_notice_url: Option<String>,
     pub spot_notice_interval: Duration,
+    pub restart_hold: Duration,
     pub log: LogConfig,
 }
 
@@ -180,6 +185,7 @@ impl AgentConfig {
                 &self.gossip.dead_node_grace,
             )?,
             spot_notice_url: self.spot_notice.url,
+            restart_hold: duration(file, "restart_hold", &self.restart_hold)?,
             spot_notice_interval: duration(
                 file,
                 "spot_notice.interval",

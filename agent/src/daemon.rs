@@ -41,6 +41,9 @@ pub struct DaemonConfig {
     pub gossip: GossipConfig,
     /// Where to poll for the cloud's spot-interruption notice, if anywhere.
     pub spot_notice: Option<crate::preemption::WatcherConfig>,
+    /// On a clean stop (SIGTERM: a restart, an upgrade), ask the coordinator to hold the
+    /// node's work this long rather than re-place it once the node looks down; zero: don't.
+    pub restart_hold: Duration,
 }
 
 /// How the agent gossips; the address defaults to the one this host reaches the
@@ -274,7 +277,7 @@ async fn sessions(
                 };
                 let notices = report_notice(&session, notice_rx.clone());
                 tokio::select! {
-                    _ = agent.clone().serve(&session, cancel) => {}
+                    _ = agent.clone().serve(&session, cancel, cfg.restart_hold) => {}
                     _ = pokes => {}
                     _ = notices => {}
                 }
@@ -303,6 +306,25 @@ async fn sessions(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+/// Tells the coordinator that this agent stops to be restarted, so the node's work stays
+/// while it is away (bounded: a second at most, a stop must not hang on it).
+async fn say_restarting(session: &Session, hold: Duration) {
+    if hold.is_zero() {
+        return;
+    }
+    let request = Request::Restarting {
+        back_within_ms: hold.as_millis() as u64,
+    };
+    match tokio::time::timeout(Duration::from_secs(1), session.request(&request)).await {
+        Ok(Ok(Response::Noted)) => {
+            tracing::info!(hold = ?hold, "told the coordinator this agent is restarting")
+        }
+        Ok(Ok(other)) => tracing::warn!(answer = ?other, "restart notice not taken"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot send the restart notice"),
+        Err(_) => tracing::warn!("the coordinator did not answer the restart notice in time"),
     }
 }
 
@@ -431,8 +453,14 @@ impl Agent {
         true
     }
 
-    /// Serves one session: commands from the coordinator, events to it.
-    async fn serve(self: Arc<Self>, session: &Session, cancel: &CancellationToken) {
+    /// Serves one session: commands from the coordinator, events to it. On `cancel`, says
+    /// it is restarting (for `restart_hold`) before closing the session.
+    async fn serve(
+        self: Arc<Self>,
+        session: &Session,
+        cancel: &CancellationToken,
+        restart_hold: Duration,
+    ) {
         let conn = session.connection().clone();
         let commands = async {
             loop {
@@ -493,7 +521,10 @@ impl Agent {
             }
         };
         tokio::select! {
-            _ = cancel.cancelled() => conn.close(0u32.into(), b"agent shutting down"),
+            _ = cancel.cancelled() => {
+                say_restarting(session, restart_hold).await;
+                conn.close(0u32.into(), b"agent shutting down");
+            }
             _ = commands => {}
             _ = events => {}
         }

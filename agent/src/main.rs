@@ -166,6 +166,10 @@ struct ServeArgs {
     /// How often to poll it (default 2s).
     #[arg(long, value_parser = humantime::parse_duration)]
     spot_notice_interval: Option<Duration>,
+    /// On SIGTERM, how long the coordinator keeps this node's work in place waiting for the
+    /// agent to return (default 15s; 0s: off).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    restart_hold: Option<Duration>,
 }
 
 #[derive(Subcommand)]
@@ -472,6 +476,7 @@ async fn serve(
                     .spot_notice_interval
                     .unwrap_or(file.spot_notice_interval),
             }),
+        restart_hold: args.restart_hold.unwrap_or(file.restart_hold),
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let signals = cancel.clone();

@@ -92,15 +92,21 @@ pub enum Liveness {
 }
 
 /// The liveness decision, with the reason for anything but up. `starting`: the
-/// coordinator is within its startup grace.
+/// coordinator is within its startup grace; `restarting`: the node's agent said it is
+/// restarting and its time has not run out.
 pub fn decide(
     session: SessionSignal,
     gossip: GossipSignal,
     starting: bool,
+    restarting: bool,
 ) -> (Liveness, &'static str) {
     use GossipSignal as G;
     use SessionSignal as S;
     match (session, gossip) {
+        (S::Silent | S::Closed | S::Never, G::Dead | G::Absent) if restarting => (
+            Liveness::Suspect,
+            "its agent is restarting (it said it would be back shortly); its work stays",
+        ),
         (S::Never, G::Dead | G::Absent) if starting => (
             Liveness::Suspect,
             "not heard from since the coordinator started; waiting for it to reconnect",
@@ -244,7 +250,16 @@ impl Cluster {
                 });
                 let sessions = nodes.sessions();
                 contact_new_members(&member, &members, &sessions);
-                let mut next = observe(&cfg, started, &mut tracked, &joined, &sessions, &members);
+                let restarting = |id: &NodeId| nodes.is_restarting(id);
+                let mut next = observe(
+                    &cfg,
+                    started,
+                    &mut tracked,
+                    &joined,
+                    &sessions,
+                    &restarting,
+                    &members,
+                );
                 match admin.all() {
                     Ok(states) => {
                         for s in &mut next {
@@ -313,6 +328,7 @@ fn observe(
     tracked: &mut HashMap<NodeId, Tracked>,
     joined: &[NodeId],
     sessions: &[(NodeId, crate::nodes::Session)],
+    restarting: &dyn Fn(&NodeId) -> bool,
     members: &[MemberView],
 ) -> Vec<NodeStatus> {
     let now = Instant::now();
@@ -379,7 +395,7 @@ fn observe(
             None => (None, None),
         };
         let starting = started.elapsed() < cfg.startup_grace;
-        let (liveness, reason) = decide(session_signal, gossip_signal, starting);
+        let (liveness, reason) = decide(session_signal, gossip_signal, starting, restarting(&id));
         let since_ms = match t.liveness {
             Some((l, at)) if l == liveness => at,
             previous => {
@@ -415,12 +431,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_restarting_agent_keeps_its_node_suspect_not_down() {
+        use GossipSignal as G;
+        use SessionSignal as S;
+        for s in [S::Silent, S::Closed] {
+            for g in [G::Dead, G::Absent] {
+                let (l, why) = decide(s, g, false, true);
+                assert_eq!(l, Liveness::Suspect, "{s:?} {g:?}");
+                assert!(why.contains("restarting"));
+                assert_eq!(decide(s, g, false, false).0, Liveness::Down);
+            }
+        }
+        // A node that is back is up, whatever it said before.
+        assert_eq!(decide(S::Fresh, G::Live, false, true).0, Liveness::Up);
+    }
+
+    #[test]
     fn both_signals_decide() {
         use GossipSignal as G;
         use SessionSignal as S;
-        assert_eq!(decide(S::Fresh, G::Live, false).0, Liveness::Up);
+        assert_eq!(decide(S::Fresh, G::Live, false, false).0, Liveness::Up);
         assert_eq!(
-            decide(S::Never, G::Absent, true).0,
+            decide(S::Never, G::Absent, true, false).0,
             Liveness::Suspect,
             "within the startup grace"
         );
@@ -431,13 +463,13 @@ mod tests {
             (S::Closed, G::Live),
             (S::Never, G::Live),
         ] {
-            let (l, why) = decide(s, g, false);
+            let (l, why) = decide(s, g, false, false);
             assert_eq!(l, Liveness::Suspect, "{s:?} {g:?}");
             assert!(!why.is_empty());
         }
         for s in [S::Silent, S::Closed, S::Never] {
             for g in [G::Dead, G::Absent] {
-                assert_eq!(decide(s, g, false).0, Liveness::Down, "{s:?} {g:?}");
+                assert_eq!(decide(s, g, false, false).0, Liveness::Down, "{s:?} {g:?}");
             }
         }
     }

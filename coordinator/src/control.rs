@@ -25,6 +25,10 @@ use crate::join::JoinTokens;
 use crate::nodes::{Nodes, Session};
 use crate::store::Store;
 
+/// The longest an agent's restart notice holds its node out of `down` (an agent asking for
+/// more gets this much).
+const MAX_RESTART_HOLD_MS: u64 = 5 * 60 * 1000;
+
 /// Settings of the control endpoint.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -407,6 +411,19 @@ impl State {
                     .map_err(|e| Refusal::new(RefusalCode::Unavailable, e.to_string()))?;
                 tracing::warn!(%node, deadline_ms = ?state.deadline_ms, "spot interruption notice from the node");
                 self.nodes.changed.notify_one();
+                Ok(Response::Noted)
+            }
+            Request::Restarting { back_within_ms } => {
+                let node = peer.node().ok_or_else(|| {
+                    Refusal::new(
+                        RefusalCode::NoSession,
+                        "say hello before saying you restart",
+                    )
+                })?;
+                let hold =
+                    std::time::Duration::from_millis(back_within_ms.min(MAX_RESTART_HOLD_MS));
+                self.nodes.hold_for_restart(&node, hold);
+                tracing::warn!(%node, hold = ?hold, "the node's agent is restarting; its work stays");
                 Ok(Response::Noted)
             }
             Request::Events { events } => {

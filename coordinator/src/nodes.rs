@@ -22,6 +22,8 @@ pub struct Session {
 #[derive(Clone, Default)]
 pub struct Nodes {
     inner: Arc<Mutex<HashMap<NodeId, Session>>>,
+    /// Nodes whose agent said it is restarting, until when (its next session ends it).
+    restarting: Arc<Mutex<HashMap<NodeId, std::time::Instant>>>,
     /// Fires when a node connects, a job is submitted or events change jobs: the
     /// scheduler should look again.
     pub changed: Arc<Notify>,
@@ -30,6 +32,10 @@ pub struct Nodes {
 impl Nodes {
     /// Registers `node`'s session, replacing (and closing) an older one.
     pub fn connect(&self, node: NodeId, session: Session) {
+        self.restarting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&node);
         let old = self.lock().insert(node, session);
         if let Some(old) = old {
             old.conn.close(2u32.into(), b"replaced by a newer session");
@@ -46,6 +52,23 @@ impl Nodes {
         {
             map.remove(node);
         }
+    }
+
+    /// The agent of `node` is restarting and will be back within `hold`.
+    pub fn hold_for_restart(&self, node: &NodeId, hold: std::time::Duration) {
+        self.restarting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.clone(), std::time::Instant::now() + hold);
+    }
+
+    /// Whether `node`'s agent said it is restarting and that time has not run out.
+    pub fn is_restarting(&self, node: &NodeId) -> bool {
+        self.restarting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .is_some_and(|until| std::time::Instant::now() < *until)
     }
 
     pub fn get(&self, node: &NodeId) -> Option<Session> {

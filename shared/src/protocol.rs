@@ -60,6 +60,10 @@ pub enum Request {
     /// The node's spot-interruption watcher saw a notice: its work must be gone by
     /// `deadline_ms` (unix ms). The coordinator marks it preempting.
     Preempting { deadline_ms: u64 },
+    /// The agent is stopping to be restarted (an upgrade) and will be back within
+    /// `back_within_ms`: until then the coordinator calls the node suspect, not down, and
+    /// leaves its work in place (its containers keep running without the agent).
+    Restarting { back_within_ms: u64 },
     /// Events the agent has not yet seen acknowledged, oldest first. Sequence numbers
     /// only grow per node; the coordinator applies each at most once and acknowledges
     /// the highest it has applied.

@@ -312,3 +312,57 @@ fn a_long_poll_on_a_job_answers_when_it_changes() {
     assert_eq!(bad.status().as_u16(), 400);
     assert!(bad.text().unwrap_or_default().contains("wait"));
 }
+
+#[test]
+fn a_restarting_agent_keeps_its_work_while_it_is_away() {
+    let mut c = TestCluster::start(ClusterSpec {
+        agents: 2,
+        busybox: true,
+        ..ClusterSpec::default()
+    });
+    let job = c.submit(json!({
+        "name": "long", "image": "busybox", "command": ["sleep", "1000"],
+        "resources": {"cpu": "0.5", "memory": "64M"}
+    }));
+    let id = job["id"].as_str().expect("id").to_owned();
+    let j = wait_until("the container running", Duration::from_secs(30), || {
+        let j = c.job(&id);
+        j["attempts"][0]["started_at_ms"].is_u64().then_some(j)
+    });
+    let node = j["attempts"][0]["node"].as_str().expect("node").to_owned();
+    let i = c
+        .agents
+        .iter()
+        .position(|a| a.node == node)
+        .expect("its agent");
+    // A clean stop (SIGTERM) tells the coordinator it restarts (15 s by default) ...
+    let mut old = c.agents[i].proc.take().expect("agent running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(old.child.wait().expect("exit").success());
+    // ... so well past the ~2 s in which a silent node is declared down, it is suspect,
+    // says why, and its job has not moved.
+    std::thread::sleep(Duration::from_secs(5));
+    let nodes = c.nodes();
+    let status = gantry_tests::cluster::node_of(&nodes, &node).expect("node");
+    assert_eq!(status["state"], "suspect", "{status}");
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restarting"),
+        "{status}"
+    );
+    let j = c.job(&id);
+    assert_eq!(j["attempts"].as_array().map(Vec::len), Some(1), "{j}");
+    assert_eq!(j["state"], "running", "{j}");
+    // Back: ready, the same attempt running.
+    c.start_agent(i);
+    c.wait_state(&node, "ready", Duration::from_secs(20));
+    let j = c.job(&id);
+    assert_eq!(j["attempts"].as_array().map(Vec::len), Some(1), "{j}");
+    assert!(j["attempts"][0]["reason"].is_null(), "{j}");
+}
