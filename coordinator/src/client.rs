@@ -54,6 +54,35 @@ impl ApiClient {
         .await
     }
 
+    /// A new API token with `role` (`reader`, `submitter`, `admin`), named `name`.
+    pub async fn create_api_token(
+        &self,
+        role: &str,
+        name: &str,
+    ) -> Result<gantry_shared::api::ApiTokenResponse, ClientError> {
+        self.post(
+            "/v1/tokens",
+            &gantry_shared::api::ApiTokenRequest {
+                role: role.to_owned(),
+                name: name.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Revokes every API token named `name`; returns how many there were.
+    pub async fn revoke_api_tokens(&self, name: &str) -> Result<usize, ClientError> {
+        let r: gantry_shared::api::RevokeTokensResponse = self
+            .post(
+                "/v1/tokens/revoke",
+                &gantry_shared::api::RevokeTokensRequest {
+                    name: name.to_owned(),
+                },
+            )
+            .await?;
+        Ok(r.revoked)
+    }
+
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ClientError> {
         self.post("/v1/jobs", spec).await
     }

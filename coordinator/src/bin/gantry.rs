@@ -113,6 +113,24 @@ enum Command {
     /// List or show nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// API tokens (admin): create one, or revoke every token with a name.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create a token; it is printed once.
+    Create {
+        /// `reader`, `submitter` or `admin`.
+        #[arg(long, default_value = "submitter")]
+        role: String,
+        /// What it is for (`ci`, `alice`, `admin-2026-12`); revocation goes by name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke every token named NAME (not the one making the request).
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -349,6 +367,25 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         .await?,
                     json,
                 )?,
+            }
+            Ok(0)
+        }
+        Command::Tokens(cmd) => {
+            let client = CliConfig::load()?.client();
+            match cmd {
+                TokensCommand::Create { role, name } => {
+                    let created = client.create_api_token(&role, &name).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&created)?);
+                    } else {
+                        println!("{}", created.token);
+                        eprintln!("a {role} token named `{name}`; it is not shown again");
+                    }
+                }
+                TokensCommand::Revoke { name } => {
+                    let revoked = client.revoke_api_tokens(&name).await?;
+                    println!("revoked {revoked} token(s) named `{name}`");
+                }
             }
             Ok(0)
         }
