@@ -15,12 +15,15 @@
 //!    member its start with the rank environment (`ranks`).
 //!
 //! It wakes when nodes connect or change, jobs are submitted, or events arrive, and every
-//! half second.
+//! half second. Commands to nodes (starts, stops, fences) go out from their own tasks and
+//! are never awaited by the pass: a node that died unnoticed holds up only its own
+//! commands (until the QUIC idle timeout or the command timeout), never the placement of
+//! other work. What came of them (a start not delivered, a stop that did not go out, a
+//! fence's answer) comes back as an [`Outcome`] and is applied at the start of a pass.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::now_ms;
 use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
@@ -47,29 +50,56 @@ const FAULT_HOLD_MS: u64 = 30_000;
 /// A member's identity across passes: job, generation, node.
 type MemberKey = (JobId, u64, NodeId);
 
+/// What became of a command sent by its own task, for the next pass.
+enum Outcome {
+    /// A start the node did not take, or did not answer.
+    Undelivered {
+        job: JobId,
+        node: NodeId,
+        generation: u64,
+        error: String,
+    },
+    /// A stop of a member of a finished job did not go out: the next pass tries again.
+    StopFailed(MemberKey),
+    /// The node's answer to the stop of a member taken off it.
+    Fenced {
+        key: MemberKey,
+        reply: Result<CommandReply, String>,
+    },
+}
+
+/// The scheduler's memory between passes, and where command tasks report.
+struct Passes {
+    /// Stops sent for members of jobs that are no longer running.
+    stopping: HashSet<MemberKey>,
+    /// Starts sent, per node session: a node that reconnects gets unconfirmed starts
+    /// again (agents treat a repeated start of the same generation as a no-op).
+    delivered: HashSet<(MemberKey, usize)>,
+    /// Fence stops sent, per node session.
+    fenced: HashSet<(MemberKey, usize)>,
+    outcomes: tokio::sync::mpsc::UnboundedSender<Outcome>,
+}
+
 pub async fn run(store: Store, nodes: Nodes, cluster: Cluster, cancel: CancellationToken) {
-    let mut stopping: HashSet<MemberKey> = HashSet::new();
-    // Starts sent, per node session: a node that reconnects gets unconfirmed starts again
-    // (agents treat a repeated start of the same generation as a no-op).
-    let mut delivered: HashSet<(MemberKey, usize)> = HashSet::new();
-    // Fence stops sent, per node session.
-    let mut fenced: HashSet<(MemberKey, usize)> = HashSet::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut passes = Passes {
+        stopping: HashSet::new(),
+        delivered: HashSet::new(),
+        fenced: HashSet::new(),
+        outcomes: tx,
+    };
+    let mut outcomes = Vec::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = nodes.changed.notified() => {}
+            Some(o) = rx.recv() => outcomes.push(o),
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        if let Err(e) = tick(
-            &store,
-            &nodes,
-            &cluster,
-            &mut stopping,
-            &mut delivered,
-            &mut fenced,
-        )
-        .await
-        {
+        while let Ok(o) = rx.try_recv() {
+            outcomes.push(o);
+        }
+        if let Err(e) = tick(&store, &nodes, &cluster, &mut passes, &mut outcomes) {
             tracing::error!(error = %e, "scheduling pass failed");
         }
     }
@@ -200,71 +230,119 @@ pub fn engine(statuses: &[NodeStatus], held: &BTreeMap<NodeId, Held>, as_built: 
     )
 }
 
-async fn tick(
+fn tick(
     store: &Store,
     nodes: &Nodes,
     cluster: &Cluster,
-    stopping: &mut HashSet<MemberKey>,
-    delivered: &mut HashSet<(MemberKey, usize)>,
-    fenced: &mut HashSet<(MemberKey, usize)>,
+    passes: &mut Passes,
+    outcomes: &mut Vec<Outcome>,
 ) -> Result<(), StoreError> {
+    apply_outcomes(store, passes, std::mem::take(outcomes))?;
     let statuses = cluster.statuses();
     evict(store, &statuses)?;
-    fence_returning(store, nodes, &statuses, fenced).await?;
+    fence_returning(store, nodes, &statuses, passes)?;
     let active = store.active_jobs()?;
-    resend_unconfirmed(&active, nodes, delivered).await;
-    stop_leftovers(&active, nodes, stopping).await;
+    resend_unconfirmed(&active, nodes, passes);
+    stop_leftovers(&active, nodes, passes);
     let placed = place_pending(store, &statuses, &active)?;
-    // Starts go out concurrently (a bounded number at a time).
-    let mut sends = Vec::new();
     for job in &placed {
         let current = jobs::current(job);
         for m in &current {
             let key = (job.id.clone(), m.generation, m.node.clone());
             if let Some(session) = nodes.get(&m.node) {
-                delivered.insert((key, session.conn.stable_id()));
+                passes.delivered.insert((key, session.conn.stable_id()));
             }
-            let command = start_command(job, &current, m);
-            let (job, node, generation) = (job.id.clone(), m.node.clone(), m.generation);
-            sends.push(async move {
-                let result = send(nodes, &node, &command).await;
-                (job, node, generation, result)
+            spawn_start(nodes, &passes.outcomes, job, &current, m);
+        }
+    }
+    Ok(())
+}
+
+/// Sends a member its start from a task of its own; a failure comes back as
+/// [`Outcome::Undelivered`].
+fn spawn_start(
+    nodes: &Nodes,
+    outcomes: &tokio::sync::mpsc::UnboundedSender<Outcome>,
+    job: &Job,
+    members: &[&Attempt],
+    member: &Attempt,
+) {
+    let command = start_command(job, members, member);
+    let (nodes, outcomes) = (nodes.clone(), outcomes.clone());
+    let (job, node, generation) = (job.id.clone(), member.node.clone(), member.generation);
+    tokio::spawn(async move {
+        if let Err(error) = send(&nodes, &node, &command).await {
+            let _ = outcomes.send(Outcome::Undelivered {
+                job,
+                node,
+                generation,
+                error,
             });
         }
-    }
-    let results: Vec<_> = futures_util::stream::iter(sends)
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let mut undelivered = false;
-    for (job, node, generation, result) in results {
-        let Err(e) = result else { continue };
-        tracing::warn!(%job, %node, error = %e, "start not delivered; the job waits again");
-        undelivered = true;
-        let updated = store.update_job_deferred(&job, |j| {
-            if let Some(a) = j
-                .attempts
-                .iter_mut()
-                .find(|a| a.generation == generation && a.node == node && a.reason.is_none())
-            {
-                a.reason = Some(format!("not delivered to {}: {e}", a.node));
-                if j.state == JobState::Running {
-                    j.state = JobState::Pending;
-                    j.reason = Some("waiting: a chosen node did not take the job".into());
+    });
+}
+
+/// Applies what became of the commands sent since the last pass (one commit).
+fn apply_outcomes(
+    store: &Store,
+    passes: &mut Passes,
+    outcomes: Vec<Outcome>,
+) -> Result<(), StoreError> {
+    let mut wrote = false;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Undelivered {
+                job,
+                node,
+                generation,
+                error,
+            } => {
+                tracing::warn!(%job, %node, error = %error, "start not delivered; the job waits again");
+                let updated = store.update_job_deferred(&job, |j| {
+                    if let Some(a) = j.attempts.iter_mut().find(|a| {
+                        a.generation == generation && a.node == node && a.reason.is_none()
+                    }) {
+                        a.reason = Some(format!("not delivered to {}: {error}", a.node));
+                        if j.state == JobState::Running {
+                            j.state = JobState::Pending;
+                            j.reason = Some("waiting: a chosen node did not take the job".into());
+                        }
+                    }
+                })?;
+                // The start may have arrived although its reply did not: the node stops
+                // it (or says it never had it) before the job's next generation runs.
+                if let Some(m) = updated
+                    .attempts
+                    .iter()
+                    .find(|a| a.generation == generation && a.node == node)
+                {
+                    store.add_fence(&node, &job, generation, &fence(&updated, m, 0))?;
                 }
+                wrote = true;
             }
-        })?;
-        // The start may have arrived although its reply did not: the node stops it (or
-        // says it never had it) before the job's next generation runs.
-        if let Some(m) = updated
-            .attempts
-            .iter()
-            .find(|a| a.generation == generation && a.node == node)
-        {
-            store.add_fence(&node, &job, generation, &fence(&updated, m, 0))?;
+            Outcome::StopFailed(key) => {
+                passes.stopping.remove(&key);
+            }
+            Outcome::Fenced {
+                key: (job, generation, node),
+                reply,
+            } => match reply {
+                // Its end arrives as an event, which settles the fence.
+                Ok(CommandReply::Accepted) => {
+                    tracing::info!(%job, %node, generation, "stopping a member taken off its node");
+                }
+                Ok(CommandReply::NotRunning) => {
+                    tracing::info!(%job, %node, generation, "a member taken off its node is not running there");
+                    store.remove_fence(&node, &job, generation)?;
+                }
+                Ok(CommandReply::Refused(r)) => {
+                    tracing::warn!(%job, %node, error = %r.message, "could not fence a member yet")
+                }
+                Err(e) => tracing::warn!(%job, %node, error = %e, "could not fence a member yet"),
+            },
         }
     }
-    if undelivered {
+    if wrote {
         store.commit()?;
     }
     Ok(())
@@ -492,18 +570,16 @@ fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
 }
 
 /// Stops, on each connected node that is not down, the members taken off it (lost while
-/// it was down, preempted, drained): once per session, all at once; a fence is forgotten
-/// when the node reports the member's end or says it does not run it. A node the view
-/// calls down is skipped: its session is most likely dead, and waiting on it would hold up
-/// the pass (and with it the re-placement of that node's work).
-async fn fence_returning(
+/// it was down, preempted, drained): once per session, each from its own task; a fence is
+/// forgotten when the node reports the member's end or says it does not run it. A node
+/// the view calls down is skipped: its session is most likely dead.
+fn fence_returning(
     store: &Store,
     nodes: &Nodes,
     statuses: &[NodeStatus],
-    fenced: &mut HashSet<(MemberKey, usize)>,
+    passes: &mut Passes,
 ) -> Result<(), StoreError> {
     let mut current = HashSet::new();
-    let mut stops = Vec::new();
     for node in store.fenced_nodes()? {
         let down = statuses
             .iter()
@@ -513,56 +589,30 @@ async fn fence_returning(
             continue;
         };
         for (job, generation, Fence { grace_ms, .. }) in store.fences(&node)? {
-            let key = (
-                (job.clone(), generation, node.clone()),
-                session.conn.stable_id(),
-            );
+            let member = (job.clone(), generation, node.clone());
+            let key = (member.clone(), session.conn.stable_id());
             current.insert(key.clone());
-            if !fenced.insert(key) {
+            if !passes.fenced.insert(key) {
                 continue;
             }
-            let node = node.clone();
-            stops.push(async move {
+            let (nodes, outcomes, node) = (nodes.clone(), passes.outcomes.clone(), node.clone());
+            tokio::spawn(async move {
                 let stop = Command::Stop {
-                    job: job.clone(),
+                    job,
                     generation,
                     grace_ms,
                 };
-                let reply = exchange(nodes, &node, &stop).await;
-                (node, job, generation, reply)
+                let reply = exchange(&nodes, &node, &stop).await;
+                let _ = outcomes.send(Outcome::Fenced { key: member, reply });
             });
         }
     }
-    let replies: Vec<_> = futures_util::stream::iter(stops)
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    for (node, job, generation, reply) in replies {
-        match reply {
-            // Its end arrives as an event, which settles the fence.
-            Ok(CommandReply::Accepted) => {
-                tracing::info!(%job, %node, generation, "stopping a member taken off its node");
-            }
-            Ok(CommandReply::NotRunning) => {
-                tracing::info!(%job, %node, generation, "a member taken off its node is not running there");
-                store.remove_fence(&node, &job, generation)?;
-            }
-            Ok(CommandReply::Refused(r)) => {
-                tracing::warn!(%job, %node, error = %r.message, "could not fence a member yet")
-            }
-            Err(e) => tracing::warn!(%job, %node, error = %e, "could not fence a member yet"),
-        }
-    }
-    fenced.retain(|k| current.contains(k));
+    passes.fenced.retain(|k| current.contains(k));
     Ok(())
 }
 
 /// Sends again the starts nodes have not confirmed, once per session of the node.
-async fn resend_unconfirmed(
-    active: &[Job],
-    nodes: &Nodes,
-    delivered: &mut HashSet<(MemberKey, usize)>,
-) {
+fn resend_unconfirmed(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
     let mut unconfirmed: HashSet<MemberKey> = HashSet::new();
     for job in active.iter().filter(|j| j.state == JobState::Running) {
         let current = jobs::current(job);
@@ -575,26 +625,24 @@ async fn resend_unconfirmed(
             let Some(session) = nodes.get(&m.node) else {
                 continue;
             };
-            if delivered.insert((key, session.conn.stable_id())) {
+            if passes.delivered.insert((key, session.conn.stable_id())) {
                 tracing::info!(job = %job.id, node = %m.node, generation = m.generation, "sending an unconfirmed start again");
-                if let Err(e) = send(nodes, &m.node, &start_command(job, &current, m)).await {
-                    tracing::warn!(job = %job.id, error = %e, "start not delivered");
-                }
+                spawn_start(nodes, &passes.outcomes, job, &current, m);
             }
         }
     }
     // Forget what no longer needs remembering, so the set stays as small as the live work.
-    delivered.retain(|(k, _)| unconfirmed.contains(k));
+    passes.delivered.retain(|(k, _)| unconfirmed.contains(k));
 }
 
 /// Stops the members still running of jobs that are not running any more.
-async fn stop_leftovers(active: &[Job], nodes: &Nodes, stopping: &mut HashSet<MemberKey>) {
+fn stop_leftovers(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
     let mut stoppable: HashSet<MemberKey> = HashSet::new();
     for job in active.iter().filter(|j| j.state != JobState::Running) {
         for m in jobs::live(job) {
             let key = (job.id.clone(), m.generation, m.node.clone());
             stoppable.insert(key.clone());
-            if !stopping.insert(key.clone()) {
+            if !passes.stopping.insert(key.clone()) {
                 continue;
             }
             let stop = Command::Stop {
@@ -602,13 +650,17 @@ async fn stop_leftovers(active: &[Job], nodes: &Nodes, stopping: &mut HashSet<Me
                 generation: m.generation,
                 grace_ms: STOP_GRACE.as_millis() as u64,
             };
-            if let Err(e) = send(nodes, &m.node, &stop).await {
-                tracing::warn!(job = %job.id, node = %m.node, error = %e, "could not ask the node to stop a member");
-                stopping.remove(&key);
-            }
+            let (nodes, outcomes) = (nodes.clone(), passes.outcomes.clone());
+            tokio::spawn(async move {
+                let node = key.2.clone();
+                if let Err(e) = send(&nodes, &node, &stop).await {
+                    tracing::warn!(job = %key.0, %node, error = %e, "could not ask the node to stop a member");
+                    let _ = outcomes.send(Outcome::StopFailed(key));
+                }
+            });
         }
     }
-    stopping.retain(|k| stoppable.contains(k));
+    passes.stopping.retain(|k| stoppable.contains(k));
 }
 
 /// Records why a pending job waits, if that changed (not yet durable); true if it wrote.
