@@ -210,6 +210,34 @@ fn the_admin_token_rotates_without_a_restart() {
     assert_eq!(status, 404, "{body}");
     let (status, _) = post(&next, "/v1/join-tokens", json!({"ttl": "10m"}));
     assert_eq!(status, 201, "the new one does");
+    // The OpenAPI document describes every route, these included.
+    let doc: serde_json::Value = c
+        .http()
+        .get(format!("http://{}/v1/openapi.json", c.api))
+        .send()
+        .expect("openapi")
+        .json()
+        .expect("json");
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/logs",
+        "/v1/join-tokens",
+        "/v1/tokens",
+        "/v1/tokens/revoke",
+        "/v1/nodes",
+        "/v1/nodes/{id}",
+        "/v1/nodes/{id}/drain",
+        "/v1/nodes/{id}/undrain",
+        "/v1/nodes/{id}/preempt",
+        "/v1/nodes/{id}/gpus/{index}/clear",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
 }
 
 #[test]

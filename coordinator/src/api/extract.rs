@@ -1,0 +1,143 @@
+//! Who calls (`Caller`, from the bearer token), the job spec body (`Spec`), and every
+//! error as an HTTP status in one place (`ApiError`).
+
+use super::*;
+
+/// Who calls: their token's role and name.
+pub struct Caller(pub(super) Role, pub(super) String);
+
+impl Caller {
+    pub(super) fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.0.allows(role) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden { required: role })
+        }
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthenticated { message: "missing `Authorization: Bearer <token>`; use the admin token printed at the coordinator's first start, or one created from it" })?;
+        let tokens = state.tokens.clone();
+        let token = token.trim().to_owned();
+        let who = tokio::task::spawn_blocking(move || tokens.identify(&token))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        who.map(|(role, name)| Caller(role, name))
+            .ok_or(ApiError::Unauthenticated {
+                message: "token not recognized; check GANTRY_TOKEN or create a new token",
+            })
+    }
+}
+
+/// A `JobSpec` body: parsed with the failing field's path, then validated.
+pub struct Spec(pub(super) JobSpec);
+
+impl FromRequest<ApiState> for Spec {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge {
+                    limit: state.cfg.max_body_bytes,
+                }
+            } else {
+                ApiError::BadRequest {
+                    field: None,
+                    message: e.body_text(),
+                }
+            }
+        })?;
+        let spec: JobSpec = deserialize_json(&bytes)?;
+        spec.validate().map_err(|e| ApiError::InvalidSpec {
+            field: e.field,
+            message: e.message,
+        })?;
+        Ok(Spec(spec))
+    }
+}
+
+/// Every error the API can return, mapped to a status here and nowhere else.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest {
+        field: Option<String>,
+        message: String,
+    },
+    #[error("{field}: {message}")]
+    InvalidSpec {
+        field: &'static str,
+        message: String,
+    },
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("{message}")]
+    Unauthenticated { message: &'static str },
+    #[error("this needs the {required:?} role or higher; ask an admin for a token with it")]
+    Forbidden { required: Role },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{message}")]
+    Unavailable { message: String },
+    #[error("the job can never run here: {message}; ask for less or add a larger node")]
+    TooLargeForCluster { message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = match &self {
+            ApiError::BadRequest { field, .. } => {
+                (StatusCode::BAD_REQUEST, "bad_request", field.clone())
+            }
+            ApiError::InvalidSpec { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_spec",
+                Some((*field).to_owned()),
+            ),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+            ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::TooLargeForCluster { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_large_for_cluster",
+                Some("resources".into()),
+            ),
+            ApiError::Unauthenticated { .. } => (StatusCode::UNAUTHORIZED, "unauthenticated", None),
+            ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::NotFound { .. } | ApiError::Store(StoreError::NotFound { .. }) => {
+                (StatusCode::NOT_FOUND, "not_found", None)
+            }
+            ApiError::Store(StoreError::IdempotencyMismatch { .. }) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                Some("Idempotency-Key".into()),
+            ),
+            ApiError::Store(_) | ApiError::Internal(_) => {
+                tracing::error!(error = %self, "API request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
+            }
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: self.to_string(),
+                field,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
