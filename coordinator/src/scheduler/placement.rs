@@ -1,0 +1,324 @@
+//! Placement over the store: what a job asks of a node, the ledger of what live members
+//! (and fenced ones) hold, the engine over the placeable nodes, and the pass that records
+//! each new generation durably before any node hears of it.
+
+use super::*;
+
+/// What a job asks of each of its nodes.
+pub fn request(job: &Job) -> Request {
+    let r = &job.spec.resources;
+    // Validated at submission; should a stored spec not parse, ask for a core and 512 MiB.
+    Request {
+        nodes: job.spec.nodes,
+        cpu_millis: r.cpu.parse::<CpuMillis>().map(|c| c.0).unwrap_or(1000),
+        memory_bytes: parse_memory(&r.memory).unwrap_or(512 << 20),
+        gpus: r.gpus,
+        gpu_models: r.gpu_types.clone(),
+        min_gpu_memory_bytes: r
+            .gpu_memory
+            .as_deref()
+            .and_then(|m| parse_memory(m).ok())
+            .unwrap_or(0),
+        selector: job.spec.selector.clone(),
+        spot: job.spec.spot,
+    }
+}
+
+/// A node as the engine sees it. Only the GPUs the node declared on its session count.
+pub fn node_info(s: &NodeStatus) -> Option<NodeInfo> {
+    let capacity = s.capacity?;
+    let gossip = s.gossip.as_ref()?;
+    Some(NodeInfo {
+        id: s.id.clone(),
+        cpu_millis: capacity.cpu_millis,
+        memory_bytes: capacity.memory_bytes,
+        labels: gossip.labels.clone(),
+        gpus: gossip
+            .gpus
+            .iter()
+            .filter(|g| g.index < capacity.gpus)
+            .cloned()
+            .collect(),
+    })
+}
+
+/// The ledger: per node, what live members of `jobs` hold, and what members taken off a
+/// node but not yet known to have stopped there (`fences`) still hold.
+pub fn ledger<'a>(
+    jobs: impl IntoIterator<Item = &'a Job>,
+    fences: &[(NodeId, JobId, u64, Fence)],
+) -> BTreeMap<NodeId, Held> {
+    let now = now_ms();
+    let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
+    for (node, job, _, fence) in fences {
+        let h = held.entry(node.clone()).or_default();
+        h.cpu_millis += fence.cpu_millis;
+        h.memory_bytes += fence.memory_bytes;
+        h.gpus.extend(fence.gpus.iter().copied());
+        h.jobs.insert(job.clone());
+    }
+    for job in jobs {
+        let r = request(job);
+        // A GPU an agent stopped an attempt for (`gpu_xid_79`) is avoided at once, for
+        // FAULT_HOLD: gossip marks it unhealthy a few rounds later (and an operator's
+        // clear must not be held up for long).
+        for m in job.attempts.iter().filter(|m| {
+            m.reason.as_deref().is_some_and(|r| r.starts_with("gpu_"))
+                && m.ended_at_ms
+                    .is_some_and(|t| now.saturating_sub(t) < FAULT_HOLD_MS)
+        }) {
+            let h = held.entry(m.node.clone()).or_default();
+            h.faulty.extend(m.gpus.iter().copied());
+        }
+        for m in jobs::live(job) {
+            let h = held.entry(m.node.clone()).or_default();
+            h.cpu_millis += r.cpu_millis;
+            h.memory_bytes += r.memory_bytes;
+            h.gpus.extend(m.gpus.iter().copied());
+            if m.rank == 0
+                && let Some(p) = m.master_port
+            {
+                h.ports.insert(p);
+            }
+            h.jobs.insert(job.id.clone());
+        }
+    }
+    held
+}
+
+/// What live members hold on one node.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: BTreeSet<u32>,
+    /// `MASTER_PORT`s of generations whose rank 0 is here.
+    pub ports: BTreeSet<u16>,
+    /// GPUs the node stopped an attempt for because they failed (until gossip says so).
+    pub faulty: BTreeSet<u32>,
+    pub jobs: BTreeSet<JobId>,
+}
+
+/// An engine over the placeable nodes of `statuses` with `held` reserved; with `as_built`,
+/// over every node whose capacity is known, as if all were up and every GPU healthy (what
+/// the cluster could ever offer: GPU health can be cleared, nodes come back).
+pub fn engine(statuses: &[NodeStatus], held: &BTreeMap<NodeId, Held>, as_built: bool) -> Engine {
+    let nodes: Vec<NodeInfo> = statuses
+        .iter()
+        .filter(|s| as_built || s.placeable())
+        .filter_map(node_info)
+        .map(|mut n| {
+            if as_built {
+                for g in &mut n.gpus {
+                    g.health = gantry_shared::gossip::GpuHealth::Healthy;
+                }
+            }
+            n
+        })
+        .collect();
+    Engine::new(
+        nodes,
+        held.iter().map(|(id, h)| {
+            (
+                id.clone(),
+                h.cpu_millis,
+                h.memory_bytes,
+                h.gpus.union(&h.faulty).copied().collect::<Vec<u32>>(),
+            )
+        }),
+    )
+}
+
+/// One placement pass, without talking to nodes: hands the pending jobs to the engine's
+/// queue, records every new generation (members with ranks, addresses and rank 0's
+/// `MASTER_PORT`) and every changed waiting reason, and makes it all durable with one
+/// commit. Returns the placed jobs, whose members' starts are to be sent.
+pub fn place_pending(
+    store: &Store,
+    statuses: &[NodeStatus],
+    active: &[Job],
+) -> Result<Vec<Job>, StoreError> {
+    let fences = store.all_fences()?;
+    let mut held = ledger(active, &fences);
+    // Members taken off a node that is still reachable (preempted, drained) run out their
+    // grace before the next generation starts: never two generations at once where it can
+    // be avoided. A node that is down cannot be waited for; its fence stops the member
+    // when it returns.
+    let mut stopping: BTreeMap<&JobId, BTreeSet<&NodeId>> = BTreeMap::new();
+    for (node, job, _, _) in &fences {
+        let down = statuses
+            .iter()
+            .find(|s| &s.id == node)
+            .is_none_or(|s| s.liveness == Liveness::Down);
+        if !down {
+            stopping.entry(job).or_default().insert(node);
+        }
+    }
+    let mut queue: Vec<Pending> = Vec::new();
+    let mut wrote = false;
+    let now = now_ms();
+    for job in active.iter().filter(|j| j.state == JobState::Pending) {
+        // Backing off before a retry (its reason says for how long).
+        if job.not_before_ms.is_some_and(|t| t > now) {
+            continue;
+        }
+        // A job whose previous generation still has members running waits for them.
+        if jobs::live(job).next().is_some() {
+            let reason = format!(
+                "waiting for the members of attempt {} to stop",
+                jobs::generation(job)
+            );
+            wrote |= note_reason(store, job, &reason)?;
+            continue;
+        }
+        if let Some(nodes) = stopping.get(&job.id) {
+            let nodes: Vec<&str> = nodes.iter().map(|n| n.as_str()).collect();
+            let reason = format!(
+                "waiting for attempt {} to stop on {} (taken off the node)",
+                jobs::generation(job),
+                nodes.join(", ")
+            );
+            wrote |= note_reason(store, job, &reason)?;
+            continue;
+        }
+        queue.push(Pending {
+            job: job.id.clone(),
+            priority: job.spec.priority,
+            seq: job_seq(&job.id),
+            request: request(job),
+        });
+    }
+    let mut placed = Vec::new();
+    if !queue.is_empty() {
+        let mut engine = engine(statuses, &held, false);
+        let decisions = queue::schedule(&mut engine, &queue);
+        let by_id: BTreeMap<&JobId, &Job> = active.iter().map(|j| (&j.id, j)).collect();
+        for (id, decision) in decisions {
+            let Some(job) = by_id.get(&id) else { continue };
+            match decision {
+                Err(why) => wrote |= note_reason(store, job, &format!("waiting: {why}"))?,
+                Ok(assignment) => {
+                    wrote = true;
+                    if let Some(job) = record(store, statuses, &mut held, job, &assignment)? {
+                        placed.push(job);
+                    }
+                }
+            }
+        }
+    }
+    if wrote {
+        // Recorded before any node hears of it: the ledger is authoritative.
+        store.commit()?;
+    }
+    Ok(placed)
+}
+
+/// Records the new generation of `job` (not yet durable); `None` if the job changed
+/// meanwhile (cancelled) or no `MASTER_PORT` is free on rank 0's node.
+pub(super) fn record(
+    store: &Store,
+    statuses: &[NodeStatus],
+    held: &mut BTreeMap<NodeId, Held>,
+    job: &Job,
+    assignment: &Assignment,
+) -> Result<Option<Job>, StoreError> {
+    let Some(rank0) = assignment.members.first() else {
+        return Ok(None);
+    };
+    let address = |node: &NodeId| {
+        statuses
+            .iter()
+            .find(|s| &s.id == node)
+            .and_then(|s| s.gossip.as_ref())
+            .map(|g| g.addr.to_string())
+    };
+    // Distributed work gets a rank-0 port: gangs, and GPU jobs (one node's GPUs talk over
+    // it too). A node holds at most one per GPU plus its gangs' rank 0s, so the range
+    // lasts; plain CPU jobs, which can be thousands per node, get none.
+    let port = if job.spec.nodes > 1 || job.spec.resources.gpus > 0 {
+        let used = held
+            .get(&rank0.node)
+            .map(|h| h.ports.clone())
+            .unwrap_or_default();
+        let Some(port) = ranks::allocate_port(&used) else {
+            let reason = format!(
+                "waiting: every MASTER_PORT ({}–{}) on {} is in use",
+                ranks::MASTER_PORTS.start(),
+                ranks::MASTER_PORTS.end(),
+                rank0.node
+            );
+            note_reason(store, job, &reason)?;
+            return Ok(None);
+        };
+        Some(port)
+    } else {
+        None
+    };
+    let generation = jobs::generation(job) + 1;
+    let master_addr = address(&rank0.node);
+    let members: Vec<Attempt> = assignment
+        .members
+        .iter()
+        .enumerate()
+        .map(|(rank, m)| Attempt {
+            generation,
+            node: m.node.clone(),
+            gpus: m.gpus.clone(),
+            rank: rank as u32,
+            address: address(&m.node),
+            master_addr: port.and(master_addr.clone()),
+            master_port: port,
+            started_at_ms: None,
+            exit_code: None,
+            reason: None,
+            ended_at_ms: None,
+        })
+        .collect();
+    let node_list: Vec<String> = members.iter().map(|m| m.node.to_string()).collect();
+    let job = store.update_job_deferred(&job.id, |j| {
+        if j.state == JobState::Pending && jobs::live(j).next().is_none() {
+            j.attempts.extend(members.iter().cloned());
+            j.state = JobState::Running;
+            j.reason = Some(format!("starting on {}", node_list.join(", ")));
+        }
+    })?;
+    if jobs::generation(&job) != generation {
+        return Ok(None); // cancelled meanwhile
+    }
+    let r = request(&job);
+    for m in &members {
+        let h = held.entry(m.node.clone()).or_default();
+        h.cpu_millis += r.cpu_millis;
+        h.memory_bytes += r.memory_bytes;
+        h.gpus.extend(m.gpus.iter().copied());
+        h.jobs.insert(job.id.clone());
+    }
+    if let Some(port) = port {
+        held.entry(rank0.node.clone())
+            .or_default()
+            .ports
+            .insert(port);
+    }
+    Ok(Some(job))
+}
+
+/// Records why a pending job waits, if that changed (not yet durable); true if it wrote.
+pub(super) fn note_reason(store: &Store, job: &Job, reason: &str) -> Result<bool, StoreError> {
+    if job.reason.as_deref() == Some(reason) {
+        return Ok(false);
+    }
+    store.update_job_deferred(&job.id, |j| {
+        if j.state == JobState::Pending {
+            j.reason = Some(reason.to_owned());
+        }
+    })?;
+    Ok(true)
+}
+
+/// Submission order from the job id (`j-<16 hex>` from sled's monotonic counter).
+pub(super) fn job_seq(id: &JobId) -> u64 {
+    id.as_str()
+        .strip_prefix("j-")
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(u64::MAX)
+}
