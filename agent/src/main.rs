@@ -393,13 +393,7 @@ async fn reload_on_hangup(config: PathBuf, reload: gantry_shared::config::LogRel
         return;
     };
     while hangups.recv().await.is_some() {
-        match gantry_agent::config::AgentConfig::load(&config, false) {
-            Ok(c) => match reload.set_level(&c.log.level) {
-                Ok(()) => tracing::warn!(filter = %c.log.level, "log level reloaded"),
-                Err(e) => tracing::error!(error = %e, "cannot apply the log level"),
-            },
-            Err(e) => tracing::error!(error = %e, "configuration not reloaded"),
-        }
+        reload.apply(gantry_agent::config::AgentConfig::load(&config, false).map(|c| c.log));
     }
 }
 

@@ -179,6 +179,18 @@ impl LogReload {
         let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         self.0.reload(filter).map_err(|e| e.to_string())
     }
+
+    /// Applies the log level of a configuration file just read again (SIGHUP), logging
+    /// what happened; a file that did not load changes nothing.
+    pub fn apply(&self, loaded: Result<LogConfig, ConfigError>) {
+        match loaded {
+            Ok(log) => match self.set_level(&log.level) {
+                Ok(()) => tracing::warn!(filter = %log.level, "log level reloaded"),
+                Err(e) => tracing::error!(error = %e, "cannot apply the log level"),
+            },
+            Err(e) => tracing::error!(error = %e, "configuration not reloaded"),
+        }
+    }
 }
 
 /// Sets up logging to stderr: `level` as a tracing filter (an invalid one falls back to
