@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::percentile;
 use crate::rss_kib;
-use crate::submit::{LocalCluster, local_cluster};
+use crate::submit::{LocalCluster, get_json, local_cluster};
 
 pub struct FootprintBench<'a> {
     pub coordinator_bin: &'a Path,
@@ -56,13 +56,7 @@ pub async fn run(b: FootprintBench<'_>) -> anyhow::Result<()> {
     loop {
         let mut running = 0;
         for id in &ids {
-            let j: Value = http
-                .get(format!("http://{api}/v1/jobs/{id}"))
-                .bearer_auth(&admin)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let j: Value = get_json(&http, &api, &admin, &format!("/v1/jobs/{id}")).await?;
             running += usize::from(j["attempts"][0]["started_at_ms"].is_u64());
         }
         if running == ids.len() {

@@ -136,13 +136,7 @@ pub(crate) async fn local_cluster(
     lines_until(&mut agent.0, "agent serving")?;
     // Wait for the node's session.
     for _ in 0..100 {
-        let nodes: Value = http
-            .get(format!("http://{api}/v1/nodes"))
-            .bearer_auth(&admin)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let nodes: Value = get_json(&http, &api, &admin, "/v1/nodes").await?;
         if nodes.as_array().is_some_and(|n| !n.is_empty()) {
             break;
         }
@@ -222,13 +216,7 @@ pub async fn run(b: SubmitBench<'_>) -> anyhow::Result<()> {
         submit_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let id = job["id"].as_str().context("job id")?.to_owned();
         loop {
-            let job: Value = http
-                .get(format!("http://{api}/v1/jobs/{id}"))
-                .bearer_auth(&admin)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let job: Value = get_json(&http, &api, &admin, &format!("/v1/jobs/{id}")).await?;
             if matches!(
                 job["state"].as_str(),
                 Some("succeeded" | "failed" | "cancelled")
@@ -318,13 +306,7 @@ pub async fn run(b: SubmitBench<'_>) -> anyhow::Result<()> {
     wait_all_done(&http, &api, &admin).await?;
     let mut last_ms = first_ms;
     for id in &ids {
-        let job: Value = http
-            .get(format!("http://{api}/v1/jobs/{id}"))
-            .bearer_auth(&admin)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let job: Value = get_json(&http, &api, &admin, &format!("/v1/jobs/{id}")).await?;
         if job["state"] != "succeeded" {
             bail!("job {id} did not succeed: {job}");
         }
@@ -404,19 +386,30 @@ pub async fn run(b: SubmitBench<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `GET` an API path as `admin`, as JSON.
+pub(crate) async fn get_json(
+    http: &reqwest::Client,
+    api: &str,
+    admin: &str,
+    path: &str,
+) -> anyhow::Result<Value> {
+    Ok(http
+        .get(format!("http://{api}{path}"))
+        .bearer_auth(admin)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
 /// Waits until no job is pending or running (bounded: 5 minutes).
 async fn wait_all_done(http: &reqwest::Client, api: &str, admin: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let mut busy = 0;
         for state in ["pending", "running"] {
-            let list: Value = http
-                .get(format!("http://{api}/v1/jobs?state={state}&limit=1"))
-                .bearer_auth(admin)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let list: Value =
+                get_json(http, api, admin, &format!("/v1/jobs?state={state}&limit=1")).await?;
             busy += list["jobs"].as_array().map_or(0, Vec::len);
         }
         if busy == 0 {

@@ -355,10 +355,7 @@ async fn list_jobs(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
     caller.require(Role::Reader)?;
-    let Query(q) = query.map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: e.body_text(),
-    })?;
+    let q = query_params(query)?;
     let after = q
         .page_token
         .map(|t| {
@@ -394,10 +391,7 @@ async fn get_job(
     query: Result<Query<JobQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Job>, ApiError> {
     caller.require(Role::Reader)?;
-    let Query(q) = query.map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: e.body_text(),
-    })?;
+    let q = query_params(query)?;
     let id = job_id(id)?;
     let Some(since) = q.changed_since else {
         return Ok(Json(state.store.job(&id)?));
@@ -484,10 +478,7 @@ async fn job_logs(
     query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Reader)?;
-    let Query(q) = query.map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: e.body_text(),
-    })?;
+    let q = query_params(query)?;
     let job = state.store.job(&job_id(id)?)?;
     let generation = q
         .generation
@@ -554,6 +545,16 @@ async fn job_logs(
         axum::body::Body::from_stream(chunks),
     )
         .into_response())
+}
+
+/// A query string, or a 400 saying what in it is wrong.
+fn query_params<T>(
+    query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: e.body_text(),
+    })
 }
 
 /// An optional JSON body (empty means `{}`), parsed with the failing field's path.
