@@ -250,6 +250,18 @@ impl TestCluster {
         }
     }
 
+    /// A clean stop of agent `i` (SIGTERM, as systemd stops it); returns how it exited.
+    /// Its shims and containers keep running.
+    pub fn stop_agent(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut p = self.agents[i].proc.take().expect("agent running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        p.child.wait().expect("agent exit")
+    }
+
     /// kill -9 of everything on agent `i`'s host: agent, shims, containers.
     pub fn kill_host(&mut self, i: usize) {
         self.agents[i].host.kill();

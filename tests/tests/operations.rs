@@ -112,13 +112,7 @@ fn a_joined_agent_serves_with_no_flags_and_an_upgrade_keeps_its_container() {
 
     // The upgrade: SIGTERM the agent (its container keeps running), put a new binary in
     // place, start it with no flags but the test machine's capacity.
-    let mut old = c.agents[0].proc.take().expect("agent running");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let status = old.child.wait().expect("agent exit");
+    let status = c.stop_agent(0);
     assert!(
         status.success(),
         "the agent exits cleanly on SIGTERM: {status}"
@@ -381,13 +375,7 @@ fn a_restarting_agent_keeps_its_work_while_it_is_away() {
         .position(|a| a.node == node)
         .expect("its agent");
     // A clean stop (SIGTERM) tells the coordinator it restarts (15 s by default) ...
-    let mut old = c.agents[i].proc.take().expect("agent running");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    assert!(old.child.wait().expect("exit").success());
+    assert!(c.stop_agent(i).success());
     // ... so well past the ~2 s in which a silent node is declared down, it is suspect,
     // says why, and its job has not moved.
     std::thread::sleep(Duration::from_secs(5));
