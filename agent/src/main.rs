@@ -128,7 +128,7 @@ struct ServeArgs {
     #[arg(long)]
     coordinator: Option<String>,
     /// CPU offered to jobs (default: all cores).
-    #[arg(long)]
+    #[arg(long, visible_alias = "cpu")]
     cpus: Option<CpuMillis>,
     /// Memory offered to jobs (default: all of it).
     #[arg(long, value_parser = parse_memory)]
@@ -252,7 +252,7 @@ struct RunArgs {
     #[arg(long, default_value = "512M", value_parser = parse_memory)]
     memory: u64,
     /// CPU limit in cores (`0.5`) or millicores (`500m`).
-    #[arg(long, default_value = "1")]
+    #[arg(long, visible_alias = "cpu", default_value = "1")]
     cpus: CpuMillis,
     /// Maximum number of processes and threads.
     #[arg(long, default_value_t = gantry_shared::Resources::DEFAULT_PIDS)]

@@ -8,29 +8,11 @@
 //! so two generations of a job never run at once.
 
 use gantry_shared::NodeId;
-use gantry_shared::api::{Attempt, Job, JobState};
+use gantry_shared::api::{Job, JobState};
 use gantry_shared::protocol::Event;
 
 /// Start failures that are not the job's fault before the job is given up.
 const MAX_NODE_START_FAILURES: usize = 3;
-
-/// The job's newest generation (0 before its first placement).
-pub fn generation(job: &Job) -> u64 {
-    job.attempts.iter().map(|a| a.generation).max().unwrap_or(0)
-}
-
-/// The members of the newest generation, by rank.
-pub fn current(job: &Job) -> Vec<&Attempt> {
-    let g = generation(job);
-    let mut members: Vec<&Attempt> = job.attempts.iter().filter(|a| a.generation == g).collect();
-    members.sort_by_key(|a| a.rank);
-    members
-}
-
-/// Members not yet known to have ended: they hold their node's resources.
-pub fn live(job: &Job) -> impl Iterator<Item = &Attempt> {
-    job.attempts.iter().filter(|a| a.reason.is_none())
-}
 
 /// Applies `event`, reported by `node`, to `job`. Events for another generation than the
 /// newest, for a member that already ended, and repeats change nothing (agents replay
@@ -57,7 +39,7 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
         m.ended_at_ms = Some(*at_ms);
         return;
     }
-    let generation = generation(job);
+    let generation = job.generation();
     if event.generation() != generation {
         return;
     }
@@ -142,7 +124,7 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
                     "re-placing: {who} lost the container (host crash; not counted against retries){others}"
                 ));
             } else if code == 0 {
-                let members = current(job);
+                let members = job.current_members();
                 if members.iter().all(|a| a.exit_code == Some(0)) {
                     job.state = JobState::Succeeded;
                     job.reason = None;
@@ -240,7 +222,7 @@ fn human_ms(ms: u64) -> String {
 }
 
 fn running_reason(job: &Job) -> String {
-    let members = current(job);
+    let members = job.current_members();
     let started = members.iter().filter(|a| a.started_at_ms.is_some()).count();
     let nodes: Vec<String> = members.iter().map(|a| a.node.to_string()).collect();
     if started == members.len() {
@@ -265,35 +247,6 @@ fn node_start_failures(job: &Job) -> usize {
                     .is_some_and(|r| r.starts_with("start failed"))
         })
         .count()
-}
-
-/// Whether an attempt's reason says Gantry ended it (stopped it, or took it off its node)
-/// rather than the job's own process.
-fn ended_by_gantry(reason: &str) -> bool {
-    reason == "stopped"
-        || ["lost:", "preempted:", "drained:", "not delivered"]
-            .iter()
-            .any(|p| reason.starts_with(p))
-}
-
-/// The exit code a finished job reports: of its newest generation, the first failing
-/// member's that Gantry did not end, else any failing member's, else 0 once all exited 0.
-pub fn exit_code(job: &Job) -> Option<i32> {
-    let members = current(job);
-    let failing = |a: &&&Attempt| a.exit_code.is_some_and(|c| c != 0);
-    members
-        .iter()
-        .filter(failing)
-        .find(|a| a.reason.as_deref().is_some_and(|r| !ended_by_gantry(r)))
-        .or_else(|| members.iter().find(failing))
-        .and_then(|a| a.exit_code)
-        .or_else(|| {
-            members
-                .iter()
-                .all(|a| a.exit_code == Some(0))
-                .then_some(0)
-                .filter(|_| !members.is_empty())
-        })
 }
 
 #[cfg(test)]
@@ -361,10 +314,10 @@ mod tests {
     fn success_and_failure() {
         let mut j = job(0);
         apply(&mut j, &n("n"), &exited(1, 0), 5);
-        assert_eq!((j.state, exit_code(&j)), (JobState::Succeeded, Some(0)));
+        assert_eq!((j.state, j.exit_code()), (JobState::Succeeded, Some(0)));
         let mut j = job(0);
         apply(&mut j, &n("n"), &exited(1, 3), 5);
-        assert_eq!((j.state, exit_code(&j)), (JobState::Failed, Some(3)));
+        assert_eq!((j.state, j.exit_code()), (JobState::Failed, Some(3)));
     }
 
     #[test]
@@ -396,7 +349,7 @@ mod tests {
         assert_eq!(j.state, JobState::Running);
         assert!(j.reason.as_deref().unwrap_or("").contains("1 of 2 members"));
         apply(&mut j, &n("b"), &exited(1, 0), 6);
-        assert_eq!((j.state, exit_code(&j)), (JobState::Succeeded, Some(0)));
+        assert_eq!((j.state, j.exit_code()), (JobState::Succeeded, Some(0)));
     }
 
     #[test]
@@ -418,9 +371,9 @@ mod tests {
         };
         apply(&mut j, &n("a"), &stopped, 6);
         assert_eq!((j.state, j.failures), (JobState::Pending, 1));
-        assert_eq!(live(&j).count(), 0);
+        assert_eq!(j.live_members().count(), 0);
         assert_eq!(
-            exit_code(&j),
+            j.exit_code(),
             Some(3),
             "the failing member's code, not the stop's"
         );
@@ -437,7 +390,11 @@ mod tests {
         };
         apply(&mut j, &n("a"), &failed, 5);
         assert_eq!(j.state, JobState::Pending);
-        assert_eq!(live(&j).count(), 1, "rank 1 still runs until stopped");
+        assert_eq!(
+            j.live_members().count(),
+            1,
+            "rank 1 still runs until stopped"
+        );
         assert_eq!(j.failures, 0, "the node's fault is not the job's");
     }
 
@@ -447,7 +404,11 @@ mod tests {
         evict(&mut j, &[(n("b"), 1)], Eviction::Lost, 6);
         assert_eq!((j.state, j.failures), (JobState::Pending, 0));
         assert!(j.reason.as_deref().unwrap_or("").contains("node b is down"));
-        assert_eq!(live(&j).count(), 1, "rank 0 is stopped by the scheduler");
+        assert_eq!(
+            j.live_members().count(),
+            1,
+            "rank 0 is stopped by the scheduler"
+        );
         // A late exit from the lost member changes nothing but its history.
         apply(&mut j, &n("b"), &exited(1, 137), 7);
         assert_eq!(j.state, JobState::Pending);
@@ -497,6 +458,6 @@ mod tests {
         let mut j = job(0);
         j.state = JobState::Cancelled;
         apply(&mut j, &n("n"), &exited(1, 137), 5);
-        assert_eq!((j.state, exit_code(&j)), (JobState::Cancelled, Some(137)));
+        assert_eq!((j.state, j.exit_code()), (JobState::Cancelled, Some(137)));
     }
 }

@@ -150,7 +150,7 @@ impl GroupCommit {
 /// A job the scheduler still has to place, watch or stop: not finished, or finished
 /// (cancelled, or failed by one gang member) with members that have not ended yet.
 pub fn needs_scheduler(job: &Job) -> bool {
-    !job.state.is_terminal() || crate::jobs::live(job).next().is_some()
+    !job.state.is_terminal() || job.live_members().next().is_some()
 }
 
 /// Which jobs to list.

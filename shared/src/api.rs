@@ -352,6 +352,61 @@ pub struct Job {
     pub not_before_ms: Option<u64>,
 }
 
+impl Job {
+    /// The newest generation (0 before the first placement).
+    pub fn generation(&self) -> u64 {
+        self.attempts
+            .iter()
+            .map(|a| a.generation)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The members of the newest generation, by rank.
+    pub fn current_members(&self) -> Vec<&Attempt> {
+        let g = self.generation();
+        let mut members: Vec<&Attempt> =
+            self.attempts.iter().filter(|a| a.generation == g).collect();
+        members.sort_by_key(|a| a.rank);
+        members
+    }
+
+    /// Members not yet known to have ended: they hold their node's resources.
+    pub fn live_members(&self) -> impl Iterator<Item = &Attempt> {
+        self.attempts.iter().filter(|a| a.reason.is_none())
+    }
+
+    /// The exit code a finished job reports: of its newest generation, the first failing
+    /// member's that Gantry did not end, else any failing member's, else 0 once all
+    /// exited 0.
+    pub fn exit_code(&self) -> Option<i32> {
+        let members = self.current_members();
+        let failing = |a: &&&Attempt| a.exit_code.is_some_and(|c| c != 0);
+        members
+            .iter()
+            .filter(failing)
+            .find(|a| a.reason.as_deref().is_some_and(|r| !ended_by_gantry(r)))
+            .or_else(|| members.iter().find(failing))
+            .and_then(|a| a.exit_code)
+            .or_else(|| {
+                members
+                    .iter()
+                    .all(|a| a.exit_code == Some(0))
+                    .then_some(0)
+                    .filter(|_| !members.is_empty())
+            })
+    }
+}
+
+/// Whether an attempt's reason says Gantry ended it (stopped it, or took it off its node)
+/// rather than the job's own process.
+fn ended_by_gantry(reason: &str) -> bool {
+    reason == "stopped"
+        || ["lost:", "preempted:", "drained:", "not delivered"]
+            .iter()
+            .any(|p| reason.starts_with(p))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<Job>,

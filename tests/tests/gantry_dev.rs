@@ -65,7 +65,7 @@ fn gantry_dev_runs_jobs_through_the_cli() {
             "run",
             "--image",
             "busybox",
-            "--cpu",
+            "--cpus",
             "0.5",
             "--memory",
             "64M",
@@ -107,6 +107,24 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     let failed: serde_json::Value = serde_json::from_slice(&failed.stdout).expect("json job list");
     assert_eq!(failed.as_array().map(Vec::len), Some(1), "{failed}");
     assert_eq!(failed[0]["id"].as_str(), Some(first));
+    // A reader that goes away early ends the CLI quietly, as with any Unix tool: killed
+    // by SIGPIPE (141 in a shell), no panic. The reader closes its end before the CLI
+    // has its answer from the coordinator, so the CLI's first write meets a closed pipe.
+    let piped = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} jobs list | {{ exec <&-; sleep 0.5; }}; echo ${{PIPESTATUS[0]}}",
+            binary("gantry").display()
+        ))
+        .env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("GANTRY_ADDR")
+        .env_remove("GANTRY_TOKEN")
+        .output()
+        .expect("bash");
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&piped.stdout), "141\n", "{stderr}");
     let logs = gantry(&home, &["logs", first]);
     assert_eq!(
         String::from_utf8_lossy(&logs.stdout),

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gantry_client::api::ApiClient;
 use gantry_coordinator::api::ApiConfig;
-use gantry_coordinator::client::ApiClient;
 use gantry_coordinator::cluster::ClusterConfig;
 use gantry_coordinator::config::{Checked, CoordinatorFile};
 use gantry_coordinator::control::ControlConfig;

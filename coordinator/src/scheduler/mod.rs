@@ -125,7 +125,7 @@ fn tick(
     stop_leftovers(&active, nodes, passes);
     let placed = place_pending(store, &statuses, &active)?;
     for job in &placed {
-        let current = jobs::current(job);
+        let current = job.current_members();
         for m in &current {
             let key = (job.id.clone(), m.generation, m.node.clone());
             if let Some(session) = nodes.get(&m.node) {
@@ -254,7 +254,7 @@ fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
     let mut wrote = false;
     for job in store.active_jobs()? {
         let mut taken: BTreeMap<jobs::Eviction, Vec<(NodeId, u64)>> = BTreeMap::new();
-        for m in jobs::live(&job) {
+        for m in job.live_members() {
             if let Some(&(why, grace)) = evicting.get(&m.node) {
                 tracing::warn!(job = %job.id, node = %m.node, generation = m.generation, ?why, "member taken off its node");
                 store.add_fence(&m.node, &job.id, m.generation, &fence(&job, m, grace))?;
@@ -321,7 +321,7 @@ fn fence_returning(
 fn resend_unconfirmed(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
     let mut unconfirmed: HashSet<MemberKey> = HashSet::new();
     for job in active.iter().filter(|j| j.state == JobState::Running) {
-        let current = jobs::current(job);
+        let current = job.current_members();
         for m in current
             .iter()
             .filter(|m| m.reason.is_none() && m.started_at_ms.is_none())
@@ -345,7 +345,7 @@ fn resend_unconfirmed(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
 fn stop_leftovers(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
     let mut stoppable: HashSet<MemberKey> = HashSet::new();
     for job in active.iter().filter(|j| j.state != JobState::Running) {
-        for m in jobs::live(job) {
+        for m in job.live_members() {
             let key = (job.id.clone(), m.generation, m.node.clone());
             stoppable.insert(key.clone());
             if !passes.stopping.insert(key.clone()) {

@@ -70,7 +70,7 @@ pub fn ledger<'a>(
             let h = held.entry(m.node.clone()).or_default();
             h.faulty.extend(m.gpus.iter().copied());
         }
-        for m in jobs::live(job) {
+        for m in job.live_members() {
             let h = held.entry(m.node.clone()).or_default();
             h.cpu_millis += r.cpu_millis;
             h.memory_bytes += r.memory_bytes;
@@ -163,10 +163,10 @@ pub fn place_pending(
             continue;
         }
         // A job whose previous generation still has members running waits for them.
-        if jobs::live(job).next().is_some() {
+        if job.live_members().next().is_some() {
             let reason = format!(
                 "waiting for the members of attempt {} to stop",
-                jobs::generation(job)
+                job.generation()
             );
             wrote |= note_reason(store, job, &reason)?;
             continue;
@@ -175,7 +175,7 @@ pub fn place_pending(
             let nodes: Vec<&str> = nodes.iter().map(|n| n.as_str()).collect();
             let reason = format!(
                 "waiting for attempt {} to stop on {} (taken off the node)",
-                jobs::generation(job),
+                job.generation(),
                 nodes.join(", ")
             );
             wrote |= note_reason(store, job, &reason)?;
@@ -254,7 +254,7 @@ pub(super) fn record(
     } else {
         None
     };
-    let generation = jobs::generation(job) + 1;
+    let generation = job.generation() + 1;
     let master_addr = address(&rank0.node);
     let members: Vec<Attempt> = assignment
         .members
@@ -276,13 +276,13 @@ pub(super) fn record(
         .collect();
     let node_list: Vec<String> = members.iter().map(|m| m.node.to_string()).collect();
     let job = store.update_job_deferred(&job.id, |j| {
-        if j.state == JobState::Pending && jobs::live(j).next().is_none() {
+        if j.state == JobState::Pending && j.live_members().next().is_none() {
             j.attempts.extend(members.iter().cloned());
             j.state = JobState::Running;
             j.reason = Some(format!("starting on {}", node_list.join(", ")));
         }
     })?;
-    if jobs::generation(&job) != generation {
+    if job.generation() != generation {
         return Ok(None); // cancelled meanwhile
     }
     let r = request(&job);

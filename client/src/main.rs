@@ -1,11 +1,13 @@
-//! `gantry`: the user CLI. Parses flags and calls `gantry_coordinator::cli` / `dev`.
+//! `gantry`: the user CLI. Parses flags and calls the `gantry_client` library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gantry_coordinator::cli::{self, CliConfig, RunArgs};
-use gantry_coordinator::dev::{self, DevConfig};
+use gantry_client::config::CliConfig;
+use gantry_client::dev::{self, DevConfig};
+use gantry_client::run::RunArgs;
+use gantry_client::{image, print, run as submit};
 
 #[derive(Parser)]
 #[command(
@@ -52,8 +54,8 @@ enum Command {
         image: String,
         #[arg(long)]
         name: Option<String>,
-        /// Cores (`0.5`) or millicores (`500m`).
-        #[arg(long, default_value = "1")]
+        /// Cores (`0.5`) or millicores (`500m`), per node.
+        #[arg(long = "cpus", visible_alias = "cpu", default_value = "1")]
         cpu: String,
         #[arg(long, default_value = "512M")]
         memory: String,
@@ -206,6 +208,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Dev { .. }) {
+        exit_quietly_on_closed_pipe();
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -219,6 +224,18 @@ fn main() -> ExitCode {
             eprintln!("gantry: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `gantry jobs list | head -3`: when the reader goes away, end at the next write as Unix
+/// tools do (killed by SIGPIPE, status 141 in a shell) instead of panicking in `println!`.
+/// Rust ignores SIGPIPE by default; `gantry dev` keeps that, since it must outlive its
+/// terminal's readers long enough to stop its children.
+fn exit_quietly_on_closed_pipe() {
+    // SAFETY: called first thing in main, before any thread exists; restoring a signal's
+    // default disposition has no other effect on this process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -271,7 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             command,
         } => {
             let cfg = CliConfig::load()?;
-            cli::run(
+            submit::run(
                 &cfg,
                 RunArgs {
                     image,
@@ -310,10 +327,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                             None => break,
                         }
                     }
-                    cli::print_jobs(&jobs, json)?;
+                    print::print_jobs(&jobs, json)?;
                 }
-                JobsCommand::Show { id } => cli::print_job(&client.job(&id).await?, json)?,
-                JobsCommand::Cancel { id } => cli::print_job(&client.cancel(&id).await?, json)?,
+                JobsCommand::Show { id } => print::print_job(&client.job(&id).await?, json)?,
+                JobsCommand::Cancel { id } => print::print_job(&client.cancel(&id).await?, json)?,
             }
             Ok(0)
         }
@@ -325,7 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Image(ImageCommand::Import { source, name, cmd }) => {
-            let digest = cli::import_image(&CliConfig::load()?, &source, &name, cmd).await?;
+            let digest = image::import_image(&CliConfig::load()?, &source, &name, cmd).await?;
             if json {
                 println!("{}", serde_json::json!({"name": name, "digest": digest}));
             } else {
@@ -334,7 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Image(ImageCommand::List) => {
-            let images = cli::list_images(&CliConfig::load()?).await?;
+            let images = image::list_images(&CliConfig::load()?).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
             } else {
@@ -347,21 +364,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Nodes(cmd) => {
             let client = CliConfig::load()?.client();
             match cmd {
-                NodesCommand::List => cli::print_nodes(&client.nodes().await?, json)?,
-                NodesCommand::Show { id } => cli::print_node(&client.node(&id).await?, json)?,
-                NodesCommand::Drain { id, deadline } => cli::print_node(
+                NodesCommand::List => print::print_nodes(&client.nodes().await?, json)?,
+                NodesCommand::Show { id } => print::print_node(&client.node(&id).await?, json)?,
+                NodesCommand::Drain { id, deadline } => print::print_node(
                     &client
                         .node_action(&id, "drain", deadline.as_deref())
                         .await?,
                     json,
                 )?,
                 NodesCommand::GpuClear { id, gpu } => {
-                    cli::print_node(&client.clear_gpu(&id, gpu).await?, json)?
+                    print::print_node(&client.clear_gpu(&id, gpu).await?, json)?
                 }
                 NodesCommand::Undrain { id } => {
-                    cli::print_node(&client.node_action(&id, "undrain", None).await?, json)?
+                    print::print_node(&client.node_action(&id, "undrain", None).await?, json)?
                 }
-                NodesCommand::Preempt { id, deadline } => cli::print_node(
+                NodesCommand::Preempt { id, deadline } => print::print_node(
                     &client
                         .node_action(&id, "preempt", deadline.as_deref())
                         .await?,

@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::cli::{CliConfig, read_secret, sibling_binary};
-use crate::client::ApiClient;
+use crate::api::ApiClient;
+use crate::config::{CliConfig, read_secret, sibling_binary};
 
 pub struct DevConfig {
     pub state_dir: PathBuf,
@@ -208,9 +208,9 @@ async fn start_agent(
 /// The demo: push `rootfs` as `demo`, run a job on it through the whole path, return its
 /// exit code.
 async fn demo(cfg: &CliConfig, rootfs: &Path) -> anyhow::Result<i32> {
-    let digest = crate::cli::import_image(cfg, rootfs, "demo", Vec::new()).await?;
+    let digest = crate::image::import_image(cfg, rootfs, "demo", Vec::new()).await?;
     println!("pushed image demo ({digest}) to the embedded registry");
-    let args = crate::cli::RunArgs {
+    let args = crate::run::RunArgs {
         image: "demo".into(),
         name: Some("demo".into()),
         cpu: "0.5".into(),
@@ -229,7 +229,7 @@ async fn demo(cfg: &CliConfig, rootfs: &Path) -> anyhow::Result<i32> {
         command: vec!["sh".into(), "-c".into(), "echo \"$GREETING on $(hostname)\"; echo CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none} NVIDIA_VISIBLE_DEVICES=$NVIDIA_VISIBLE_DEVICES".into()],
         detach: false,
     };
-    let code = crate::cli::run(cfg, args, false).await?;
+    let code = crate::run::run(cfg, args, false).await?;
     println!("demo job exited with {code}");
     Ok(code)
 }

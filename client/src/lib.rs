@@ -1,0 +1,11 @@
+//! gantry-client: the `gantry` command line. A client of the coordinator's HTTP API
+//! (`api`), the commands built on it (`run`, `print`, `image`), where it finds the
+//! coordinator (`config`), and `gantry dev` (`dev`), which runs a coordinator and agents on
+//! this machine as child processes. It links no server code: no sled, quinn or axum.
+
+pub mod api;
+pub mod config;
+pub mod dev;
+pub mod image;
+pub mod print;
+pub mod run;
