@@ -196,6 +196,7 @@ mod tests {
                 memory_bytes: 1 << 30,
                 pids: 100,
             }),
+            attempt: None,
             state: if running {
                 ContainerState::Running { started_at_ms: 1 }
             } else {

@@ -40,7 +40,7 @@ use gantry_shared::protocol::NodeCapacity;
 use crate::percentile;
 
 const CLUSTER: &str = "gantry-bench-gossip";
-/// The coordinator's member name (`gantry_coordinator::cluster::COORDINATOR_MEMBER`).
+/// The coordinator's member name (`gantry_coordinator::nodes::liveness::COORDINATOR_MEMBER`).
 const OBSERVER: &str = "@coordinator";
 /// What each agent declares: a typical 8-GPU node.
 const GPU_SPEC: &str = "8xH100-80GB,nvlink=8,numa=2";

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use anyhow::Context;
-use gantry_coordinator::engine::{Assignment, Engine, NodeInfo, Request, Unplaceable};
+use gantry_coordinator::placement::{Assignment, Engine, NodeInfo, Request, Unplaceable};
 use gantry_shared::NodeId;
 use gantry_shared::gossip::{GpuHealth, GpuInfo};
 
@@ -89,7 +89,7 @@ fn cluster(n: usize) -> anyhow::Result<Vec<NodeInfo>> {
                     numa_node: Some(g / 4),
                     nvlink_group: Some(g / 4),
                     health: if (i * 8 + g as usize) % 200 == 199 {
-                        GpuHealth::Unhealthy("xid_79".into())
+                        GpuHealth::Unhealthy(gantry_shared::attempt::GpuFault::Xid(79))
                     } else {
                         GpuHealth::Healthy
                     },

@@ -3,7 +3,7 @@
 //! Accepted: `threads` writers create `jobs` jobs through `Store::create_job`, each call
 //! returning only once its job is on disk (as the API answers 201) — concurrent writers
 //! share fsyncs through the store's group commit. Placed: the scheduler's own pass
-//! (`scheduler::place_pending`: read the active jobs, run the engine's queue over the
+//! (`reconcile::place_pending`: read the active jobs, run the engine's queue over the
 //! nodes, record every new generation, one commit) runs until every job is placed, over
 //! `nodes` simulated ready nodes. What it leaves out: HTTP (see `submit` for the whole
 //! path on loopback) and delivering starts to agents (each agent starts containers at its
@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use gantry_coordinator::cluster::{Liveness, NodeStatus};
-use gantry_coordinator::scheduler;
+use gantry_coordinator::nodes::liveness::{Liveness, NodeStatus};
+use gantry_coordinator::reconcile;
 use gantry_coordinator::store::Store;
 use gantry_shared::NodeId;
 use gantry_shared::api::{JobSpec, JobState};
@@ -129,7 +129,7 @@ pub fn run(b: ScheduleBench) -> anyhow::Result<()> {
     // Bounded: every pass places something while capacity lasts.
     while placed < b.jobs && passes < 10_000 {
         let active = store.active_jobs()?;
-        let now = scheduler::place_pending(&store, &statuses, &active)?;
+        let now = reconcile::place_pending(&store, &statuses, &active)?;
         passes += 1;
         if now.is_empty() {
             break;

@@ -40,10 +40,10 @@ pub fn print_job(job: &Job, json: bool) -> anyhow::Result<()> {
         "GEN", "RANK", "NODE", "ADDRESS", "GPUS", "STATE", "EXIT"
     );
     for a in &job.attempts {
-        let state = match (&a.reason, a.started_at_ms) {
-            (Some(_), _) => "ended",
-            (None, Some(_)) => "running",
-            (None, None) => "starting",
+        let state = match (a.is_live(), a.started_at_ms) {
+            (false, _) => "ended",
+            (true, Some(_)) => "running",
+            (true, None) => "starting",
         };
         let gpus: Vec<String> = a.gpus.iter().map(u32::to_string).collect();
         println!(

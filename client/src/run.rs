@@ -68,7 +68,7 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
         eprintln!("submitted {}", job.id);
     }
     let mut last_reason = None;
-    let mut followed = 0;
+    let mut followed = gantry_shared::Generation::NONE;
     let mut seen = 0;
     let mut look_now = false;
     loop {
@@ -93,7 +93,7 @@ pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i
             && members[0].generation > followed
             && members
                 .iter()
-                .all(|a| a.started_at_ms.is_some() || a.reason.is_some())
+                .all(|a| a.started_at_ms.is_some() || !a.is_live())
         {
             followed = members[0].generation;
             if members.len() == 1 {

@@ -10,11 +10,11 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig, ApiState};
 use crate::auth::ApiTokens;
 use crate::ca::ClusterCa;
-use crate::cluster::{Cluster, ClusterConfig};
 use crate::control::{ControlConfig, ControlServer};
-use crate::join::JoinTokens;
 use crate::nodes::Nodes;
-use crate::scheduler;
+use crate::nodes::join::JoinTokens;
+use crate::nodes::liveness::{Cluster, ClusterConfig};
+use crate::reconcile;
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub async fn run(
             cluster_cfg.membership.listen.port(),
         ));
     }
-    let node_admin = crate::admin::NodeAdmin::open(store.db())?;
+    let node_admin = crate::nodes::admin::NodeAdmin::open(store.db())?;
     let cluster = Cluster::start(
         cluster_cfg,
         ca.cluster(),
@@ -131,7 +131,7 @@ pub async fn run(
         crate::registry::RegistryState::open(&cfg.state_dir.join("registry"), tokens)?,
     ));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
-    let scheduler = tokio::spawn(scheduler::run(
+    let scheduler = tokio::spawn(reconcile::run(
         store.clone(),
         nodes,
         cluster,

@@ -5,9 +5,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
 use gantry_coordinator::auth::{ApiTokens, Role};
-use gantry_coordinator::cluster::{Cluster, ClusterConfig};
-use gantry_coordinator::join::JoinTokens;
 use gantry_coordinator::nodes::Nodes;
+use gantry_coordinator::nodes::join::JoinTokens;
+use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig};
 use gantry_coordinator::store::Store;
 use gantry_shared::ClusterId;
 use serde_json::{Value, json};
@@ -36,7 +36,8 @@ impl Api {
         };
         let join = JoinTokens::open(store.db(), "ab".repeat(32)).expect("join tokens");
         let nodes = Nodes::default();
-        let node_admin = gantry_coordinator::admin::NodeAdmin::open(store.db()).expect("admin");
+        let node_admin =
+            gantry_coordinator::nodes::admin::NodeAdmin::open(store.db()).expect("admin");
         let cluster = Cluster::start(
             ClusterConfig {
                 membership: gantry_membership::MembershipConfig {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::attempt::{EndCause, Generation};
 use crate::ids::{JobId, NodeId};
 use crate::resources::{CpuMillis, ResourceError, parse_memory};
 
@@ -307,7 +308,8 @@ impl JobState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Attempt {
     /// Only ever increases for a job; agents refuse commands with older generations.
-    pub generation: u64,
+    #[schema(value_type = u64)]
+    pub generation: Generation,
     #[schema(value_type = String)]
     pub node: NodeId,
     pub gpus: Vec<u32>,
@@ -325,7 +327,11 @@ pub struct Attempt {
     #[serde(default)]
     pub started_at_ms: Option<u64>,
     pub exit_code: Option<i32>,
-    /// How the attempt ended; absent while it is live.
+    /// How the attempt ended, as a fact (`exited`, `oom`, `{"gpu_fault": "xid_79"}`,
+    /// `lost`, …); absent while it is live.
+    #[serde(default)]
+    pub cause: Option<EndCause>,
+    /// How the attempt ended, for people; absent while it is live.
     pub reason: Option<String>,
     /// When it ended (unix ms); absent while it is live.
     #[serde(default)]
@@ -353,13 +359,13 @@ pub struct Job {
 }
 
 impl Job {
-    /// The newest generation (0 before the first placement).
-    pub fn generation(&self) -> u64 {
+    /// The newest generation ([`Generation::NONE`] before the first placement).
+    pub fn generation(&self) -> Generation {
         self.attempts
             .iter()
             .map(|a| a.generation)
             .max()
-            .unwrap_or(0)
+            .unwrap_or(Generation::NONE)
     }
 
     /// The members of the newest generation, by rank.
@@ -373,7 +379,7 @@ impl Job {
 
     /// Members not yet known to have ended: they hold their node's resources.
     pub fn live_members(&self) -> impl Iterator<Item = &Attempt> {
-        self.attempts.iter().filter(|a| a.reason.is_none())
+        self.attempts.iter().filter(|a| a.is_live())
     }
 
     /// The exit code a finished job reports: of its newest generation, the first failing
@@ -385,7 +391,7 @@ impl Job {
         members
             .iter()
             .filter(failing)
-            .find(|a| a.reason.as_deref().is_some_and(|r| !ended_by_gantry(r)))
+            .find(|a| a.cause.is_some_and(|c| !c.ended_by_gantry()))
             .or_else(|| members.iter().find(failing))
             .and_then(|a| a.exit_code)
             .or_else(|| {
@@ -398,13 +404,20 @@ impl Job {
     }
 }
 
-/// Whether an attempt's reason says Gantry ended it (stopped it, or took it off its node)
-/// rather than the job's own process.
-fn ended_by_gantry(reason: &str) -> bool {
-    reason == "stopped"
-        || ["lost:", "preempted:", "drained:", "not delivered"]
-            .iter()
-            .any(|p| reason.starts_with(p))
+impl Attempt {
+    /// Not yet known to have ended.
+    pub fn is_live(&self) -> bool {
+        self.cause.is_none() && self.reason.is_none()
+    }
+
+    /// Records how it ended (once; a member that already ended keeps its first end).
+    pub fn end(&mut self, cause: EndCause, message: impl Into<String>, at_ms: u64) {
+        if self.is_live() {
+            self.cause = Some(cause);
+            self.reason = Some(message.into());
+            self.ended_at_ms = Some(at_ms);
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -72,7 +72,7 @@ pub enum GpuHealth {
     /// Usable but worth a look (thermal or power throttling); still placed.
     Degraded(String),
     /// Never placed (critical Xid, double-bit ECC, lost from the bus): `xid_79`, `ecc_dbe`.
-    Unhealthy(String),
+    Unhealthy(crate::attempt::GpuFault),
 }
 
 impl GpuHealth {
@@ -93,7 +93,7 @@ impl GpuHealth {
         match s.split_once(':') {
             None if s == "ok" => Some(Self::Healthy),
             Some(("degraded", r)) => Some(Self::Degraded(r.into())),
-            Some(("unhealthy", r)) => Some(Self::Unhealthy(r.into())),
+            Some(("unhealthy", r)) => r.parse().ok().map(Self::Unhealthy),
             _ => None,
         }
     }
@@ -374,7 +374,7 @@ mod tests {
 
     fn node() -> AgentGossip {
         let mut gpus: Vec<_> = (0..8).map(h100).collect();
-        gpus[3].health = GpuHealth::Unhealthy("xid_79".into());
+        gpus[3].health = GpuHealth::Unhealthy(crate::attempt::GpuFault::Xid(79));
         gpus[5].health = GpuHealth::Degraded("thermal_slowdown".into());
         AgentGossip {
             addr: "10.0.3.17".parse().expect("ip"),

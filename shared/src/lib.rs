@@ -3,12 +3,14 @@
 //! every role can depend on it and every type can be tested as plain data.
 
 pub mod api;
+pub mod attempt;
 pub mod config;
 pub mod gossip;
 pub mod ids;
 pub mod protocol;
 pub mod resources;
 
+pub use attempt::{AttemptRef, EndCause, Generation, GpuFault, Owner, StartFailure};
 pub use ids::{ClusterId, ContainerId, IdError, JobId, NodeId};
 pub use resources::{CpuMillis, ResourceError, Resources, parse_memory};
 

@@ -9,13 +9,14 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, JobId, NodeId};
+use crate::attempt::{EndCause, Generation, Owner, StartFailure};
+use crate::ids::{ClusterId, NodeId};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// TLS application protocol name of the control plane.
-pub const ALPN: &[u8] = b"gantry-control/1";
+pub const ALPN: &[u8] = b"gantry-control/2";
 
 /// Largest frame either side accepts (1 MiB): a certificate request, a job spec or a batch
 /// of events fit easily; anything bigger is a bug or an attack.
@@ -89,38 +90,42 @@ pub struct SequencedEvent {
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum Event {
     Started {
-        job: JobId,
-        generation: u64,
+        owner: Owner,
+        generation: Generation,
         at_ms: u64,
     },
     /// The container could not be started (bad image, missing command, …).
     StartFailed {
-        job: JobId,
-        generation: u64,
+        owner: Owner,
+        generation: Generation,
+        /// What went wrong, for people.
         message: String,
-        user_error: bool,
+        /// Whose fault it was, for decisions.
+        failure: StartFailure,
     },
     Exited {
-        job: JobId,
-        generation: u64,
+        owner: Owner,
+        generation: Generation,
         exit_code: Option<i32>,
         signal: Option<i32>,
-        /// The runtime's reason (`exited`, `oom_killed`, `timed_out`, `stopped`, …).
-        reason: String,
+        /// How it ended, for decisions.
+        cause: EndCause,
+        /// How it ended, for people (`exited`, `oom_killed`, `gpu_xid_79`, …).
+        message: String,
         at_ms: u64,
     },
 }
 
 impl Event {
-    pub fn job(&self) -> &JobId {
+    pub fn owner(&self) -> &Owner {
         match self {
-            Event::Started { job, .. }
-            | Event::StartFailed { job, .. }
-            | Event::Exited { job, .. } => job,
+            Event::Started { owner, .. }
+            | Event::StartFailed { owner, .. }
+            | Event::Exited { owner, .. } => owner,
         }
     }
 
-    pub fn generation(&self) -> u64 {
+    pub fn generation(&self) -> Generation {
         match self {
             Event::Started { generation, .. }
             | Event::StartFailed { generation, .. }
@@ -135,16 +140,16 @@ impl Event {
 pub enum Command {
     Start(AttemptSpec),
     Stop {
-        job: JobId,
-        generation: u64,
+        owner: Owner,
+        generation: Generation,
         grace_ms: u64,
     },
     /// Send the attempt's output: after an `accepted` reply the agent writes log chunks
     /// (see [`log_chunk`]) and finishes the stream at the end of the retained output, or,
     /// with `follow`, once the container has exited and its output is drained.
     Logs {
-        job: JobId,
-        generation: u64,
+        owner: Owner,
+        generation: Generation,
         follow: bool,
     },
     /// Is this session's agent still there? Answered `accepted` at once. Sent when a
@@ -169,12 +174,12 @@ pub fn log_chunk(stream: u8, data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One attempt of a job on one node, as the agent needs it.
+/// One attempt on one node, as the agent needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptSpec {
-    pub job: JobId,
-    /// Only ever increases per job; agents refuse commands older than what they saw.
-    pub generation: u64,
+    pub owner: Owner,
+    /// Only ever increases per owner; agents refuse commands older than what they saw.
+    pub generation: Generation,
     pub image: String,
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,

@@ -10,8 +10,8 @@ use gantry_agent::control::{self, ControlError, HelloInfo, NodeIdentity, Session
 use gantry_coordinator::auth::ApiTokens;
 use gantry_coordinator::ca::ClusterCa;
 use gantry_coordinator::control::{ControlConfig, ControlServer};
-use gantry_coordinator::join::JoinTokens;
 use gantry_coordinator::nodes::Nodes;
+use gantry_coordinator::nodes::join::JoinTokens;
 use gantry_coordinator::store::Store;
 use gantry_shared::protocol::{
     self, CommandReply, MAX_FRAME, NodeCapacity, PROTOCOL_VERSION, RefusalCode, Request, Response,

@@ -3,11 +3,16 @@
 use super::*;
 
 impl Agent {
-    /// Stops `generation` of `job` if it runs or is starting here: `Accepted`, and its end
-    /// is reported as an event; `NotRunning` if it exited already or this node never had it
-    /// (no event follows).
-    pub(super) fn stop(&self, job: &JobId, generation: u64, grace: Duration) -> CommandReply {
-        let Some(id) = container_id(job, generation) else {
+    /// Stops `generation` of `owner` if it runs or is starting here: `Accepted`, and its
+    /// end is reported as an event; `NotRunning` if it exited already or this node never
+    /// had it (no event follows).
+    pub(super) fn stop(
+        &self,
+        owner: &Owner,
+        generation: Generation,
+        grace: Duration,
+    ) -> CommandReply {
+        let Some(id) = owner.container_id(generation) else {
             return CommandReply::NotRunning;
         };
         match self.runtime.status(&id).map(|s| s.state) {
@@ -25,7 +30,7 @@ impl Agent {
             Err(_) => {
                 let starting = self
                     .generations
-                    .get::<Mark>(job.as_str())
+                    .get::<Mark>(owner.key())
                     .ok()
                     .flatten()
                     .is_some_and(|m| m.generation == generation && !m.done);
@@ -93,10 +98,10 @@ impl Agent {
             .collect();
         if !bad.is_empty() {
             self.finish(Event::StartFailed {
-                job: spec.job,
+                owner: spec.owner,
                 generation: spec.generation,
                 message: bad.join(", "),
-                user_error: false,
+                failure: StartFailure::Node,
             });
             return;
         }
@@ -104,20 +109,20 @@ impl Agent {
             Ok(image) => image,
             Err(message) => {
                 self.finish(Event::StartFailed {
-                    job: spec.job,
+                    owner: spec.owner,
                     generation: spec.generation,
                     message,
-                    user_error: true,
+                    failure: StartFailure::Image,
                 });
                 return;
             }
         };
         if self.early_stop(&id, None).is_some() {
             self.finish(Event::StartFailed {
-                job: spec.job,
+                owner: spec.owner,
                 generation: spec.generation,
                 message: "stopped before it started".into(),
-                user_error: false,
+                failure: StartFailure::Node,
             });
             return;
         }
@@ -132,11 +137,16 @@ impl Agent {
         };
         req.gpus = spec.gpus.clone();
         req.timeout = spec.timeout_ms.map(Duration::from_millis);
+        let attempt = AttemptRef {
+            owner: spec.owner.clone(),
+            generation: spec.generation,
+        };
+        req.attempt = Some(attempt.clone());
         match self.runtime.start(req).await {
             Ok(_) => {
                 // Started goes out before anything the watcher reports.
                 let started = Event::Started {
-                    job: spec.job.clone(),
+                    owner: spec.owner.clone(),
                     generation: spec.generation,
                     at_ms: now_ms(),
                 };
@@ -149,49 +159,56 @@ impl Agent {
                     let id = id.clone();
                     tokio::spawn(async move { rt.stop(&id, grace).await });
                 }
-                self.watch(id, spec.job, spec.generation);
+                self.watch(id, attempt);
             }
             Err(e) => {
-                let user_error = match &e {
-                    RuntimeError::StartFailed { user_error, .. } => *user_error,
-                    RuntimeError::Image(_) | RuntimeError::Spec(_) | RuntimeError::Gpu(_) => true,
-                    _ => false,
+                let failure = match &e {
+                    RuntimeError::StartFailed {
+                        user_error: true, ..
+                    }
+                    | RuntimeError::Spec(_)
+                    | RuntimeError::Gpu(_) => StartFailure::Spec,
+                    RuntimeError::Image(_) => StartFailure::Image,
+                    _ => StartFailure::Node,
                 };
                 self.finish(Event::StartFailed {
-                    job: spec.job,
+                    owner: spec.owner,
                     generation: spec.generation,
                     message: e.to_string(),
-                    user_error,
+                    failure,
                 });
             }
         }
     }
 
-    pub(super) fn watch(self: Arc<Self>, id: ContainerId, job: JobId, generation: u64) {
+    pub(super) fn watch(self: Arc<Self>, id: ContainerId, attempt: AttemptRef) {
         tokio::spawn(async move {
             if let Ok(exit) = self.runtime.wait(&id).await {
                 self.changed.notify_one();
-                self.report_exit(job, generation, &exit);
+                self.report_exit(&id, attempt, &exit);
             }
         });
     }
 
     /// Queues the exit; the container (and its output) stays until garbage collection.
-    pub(super) fn report_exit(&self, job: JobId, generation: u64, exit: &ExitRecord) {
-        let fault = container_id(&job, generation)
-            .and_then(|id| self.gpu_faults.get::<String>(id.as_str()).ok().flatten());
-        let reason = fault.unwrap_or_else(|| {
-            serde_json::to_value(exit.reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default()
-        });
+    pub(super) fn report_exit(&self, id: &ContainerId, attempt: AttemptRef, exit: &ExitRecord) {
+        let fault = self.gpu_faults.get::<GpuFault>(id.as_str()).ok().flatten();
+        let cause = match (fault, exit.reason) {
+            (Some(fault), _) => EndCause::GpuFault(fault),
+            (None, ExitReason::Exited) => EndCause::Exited,
+            (None, ExitReason::Signaled) => EndCause::Signaled,
+            (None, ExitReason::OomKilled) => EndCause::Oom,
+            (None, ExitReason::Stopped) => EndCause::Stopped,
+            (None, ExitReason::TimedOut) => EndCause::Timeout,
+            (None, ExitReason::ShimLost) => EndCause::ShimLost,
+        };
         let event = Event::Exited {
-            job,
-            generation,
+            owner: attempt.owner,
+            generation: attempt.generation,
             exit_code: exit.exit_code,
             signal: exit.signal,
-            reason,
+            cause,
+            message: cause.label(),
             at_ms: exit.finished_at_ms,
         };
         if self.finish(event) {

@@ -6,12 +6,12 @@ use super::*;
 impl Agent {
     /// Marks GPUs unhealthy again that were before the agent restarted.
     pub(super) fn restore_gpu_marks(&self) {
-        let marks = self.gpu_marks.list::<String>().unwrap_or_default();
+        let marks = self.gpu_marks.list::<GpuFault>().unwrap_or_default();
         let gpus = self.gpus.borrow().clone();
-        for (uuid, reason) in marks {
+        for (uuid, fault) in marks {
             if let Some(g) = gpus.iter().find(|g| g.uuid == uuid) {
                 self.inventory
-                    .set_health(g.index, gantry_shared::gossip::GpuHealth::Unhealthy(reason));
+                    .set_health(g.index, gantry_shared::gossip::GpuHealth::Unhealthy(fault));
             }
         }
     }
@@ -40,7 +40,7 @@ impl Agent {
     }
 
     /// When a GPU turns unhealthy, stops (at once) every attempt holding it; its exit is
-    /// reported as `gpu_xid_<n>` or `gpu_ecc`, which the coordinator does not count
+    /// reported with the GPU's fault as its cause, which the coordinator does not count
     /// against the job's retries.
     pub(super) async fn stop_on_gpu_faults(
         self: Arc<Self>,
@@ -48,12 +48,10 @@ impl Agent {
         cancel: CancellationToken,
     ) {
         let unhealthy =
-            |gpus: &[gantry_shared::gossip::GpuInfo]| -> std::collections::BTreeMap<u32, String> {
+            |gpus: &[gantry_shared::gossip::GpuInfo]| -> std::collections::BTreeMap<u32, GpuFault> {
                 gpus.iter()
-                    .filter_map(|g| match &g.health {
-                        gantry_shared::gossip::GpuHealth::Unhealthy(r) => {
-                            Some((g.index, r.clone()))
-                        }
+                    .filter_map(|g| match g.health {
+                        gantry_shared::gossip::GpuHealth::Unhealthy(f) => Some((g.index, f)),
                         _ => None,
                     })
                     .collect()
@@ -66,24 +64,19 @@ impl Agent {
             }
             let current = gpus.borrow_and_update().clone();
             let now = unhealthy(&current);
-            for (index, why) in now.iter().filter(|(i, _)| !known.contains_key(i)) {
+            for (index, fault) in now.iter().filter(|(i, _)| !known.contains_key(i)) {
                 if let Some(g) = current.iter().find(|g| g.index == *index)
-                    && let Err(e) = self.gpu_marks.put(&g.uuid, why)
+                    && let Err(e) = self.gpu_marks.put(&g.uuid, fault)
                 {
                     tracing::error!(error = %e, "cannot record an unhealthy GPU");
                 }
-                let reason = match why.strip_prefix("xid_") {
-                    Some(xid) => format!("gpu_xid_{xid}"),
-                    None if why.starts_with("ecc") => "gpu_ecc".to_owned(),
-                    None => format!("gpu_{why}"),
-                };
                 for c in self.runtime.list() {
                     if !matches!(c.state, ContainerState::Running { .. }) || !c.gpus.contains(index)
                     {
                         continue;
                     }
-                    tracing::warn!(container = %c.id, gpu = index, %reason, "stopping an attempt whose GPU failed");
-                    if let Err(e) = self.gpu_faults.put(c.id.as_str(), &reason) {
+                    tracing::warn!(container = %c.id, gpu = index, %fault, "stopping an attempt whose GPU failed");
+                    if let Err(e) = self.gpu_faults.put(c.id.as_str(), fault) {
                         tracing::error!(error = %e, "cannot record a GPU fault");
                     }
                     let rt = self.runtime.clone();

@@ -16,7 +16,10 @@ use gantry_shared::protocol::{
     self, AttemptSpec, Command, CommandReply, Event, NodeCapacity, Refusal, RefusalCode, Request,
     Response, SequencedEvent,
 };
-use gantry_shared::{ContainerId, CpuMillis, JobId, Resources};
+use gantry_shared::{
+    AttemptRef, ContainerId, CpuMillis, EndCause, Generation, GpuFault, JobId, Owner, Resources,
+    StartFailure,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +27,9 @@ use crate::control::{self, ControlError, HelloInfo, NodeIdentity, Session};
 use crate::gossip::{GossipSettings, Publisher};
 use crate::gpu::inventory::Inventory;
 use crate::image::{ImageStore, RegistryAuth};
-use crate::runtime::{ContainerRequest, ContainerState, ExitRecord, Runtime, RuntimeError, Stream};
+use crate::runtime::{
+    ContainerRequest, ContainerState, ExitReason, ExitRecord, Runtime, RuntimeError, Stream,
+};
 use crate::store::{LocalStore, StoreError, Table};
 
 mod attempts;
@@ -95,8 +100,8 @@ struct Agent {
     generations: Table,
     /// Tells the gossip publisher that containers changed.
     changed: Arc<Notify>,
-    /// Containers stopped because one of their GPUs failed, with the reason their exit is
-    /// reported with (`gpu_xid_79`, `gpu_ecc`); persisted so a restart keeps it.
+    /// Containers stopped because one of their GPUs failed, with the fault their exit is
+    /// reported with; persisted so a restart keeps it.
     gpu_faults: Table,
     /// The GPUs and their health: no attempt starts on an unhealthy one.
     gpus: tokio::sync::watch::Receiver<Vec<gantry_shared::gossip::GpuInfo>>,
@@ -110,22 +115,23 @@ struct Agent {
     early_stops: std::sync::Mutex<std::collections::HashMap<ContainerId, Duration>>,
 }
 
-/// The newest generation of a job this node has taken, and whether its end (exit or start
-/// failure) is recorded in the outbox.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+/// The newest generation of an owner's work this node has taken, and whether its end
+/// (exit or start failure) is recorded in the outbox. Filed under [`Owner::key`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Mark {
-    generation: u64,
+    /// Absent in marks written before owners were recorded (they are all jobs').
+    #[serde(default)]
+    owner: Option<Owner>,
+    generation: Generation,
     done: bool,
 }
 
-/// The container id of an attempt: `<job>-g<generation>`.
-fn container_id(job: &JobId, generation: u64) -> Option<ContainerId> {
-    ContainerId::new(format!("{job}-g{generation}")).ok()
-}
-
-fn parse_container_id(id: &ContainerId) -> Option<(JobId, u64)> {
-    let (job, generation) = id.as_str().rsplit_once("-g")?;
-    Some((JobId::new(job).ok()?, generation.parse().ok()?))
+impl Mark {
+    fn owner(&self, key: &str) -> Option<Owner> {
+        self.owner
+            .clone()
+            .or_else(|| JobId::new(key).ok().map(Owner::Job))
+    }
 }
 
 /// Runs the daemon until `cancel` fires. Containers are left running.
@@ -206,37 +212,40 @@ impl Agent {
     /// while no agent ran.
     fn resume(self: &Arc<Self>) {
         for c in self.runtime.list() {
-            let Some((job, generation)) = parse_container_id(&c.id) else {
+            let Some(attempt) = c.attempt else {
                 continue;
             };
             match c.state {
-                ContainerState::Running { .. } => self.clone().watch(c.id, job, generation),
+                ContainerState::Running { .. } => self.clone().watch(c.id, attempt),
                 ContainerState::Exited(exit) => {
                     let done = self
                         .generations
-                        .get::<Mark>(job.as_str())
+                        .get::<Mark>(attempt.owner.key())
                         .ok()
                         .flatten()
-                        .is_some_and(|m| m.done && m.generation >= generation);
+                        .is_some_and(|m| m.done && m.generation >= attempt.generation);
                     if !done {
-                        self.report_exit(job, generation, &exit);
+                        self.report_exit(&c.id, attempt, &exit);
                     }
                 }
             }
         }
         // Starts taken by an agent that died before the container existed.
         let marks = self.generations.list::<Mark>().unwrap_or_default();
-        for (job, mark) in marks.into_iter().filter(|(_, m)| !m.done) {
-            let Ok(job) = JobId::new(job) else { continue };
-            let exists = container_id(&job, mark.generation)
+        for (key, mark) in marks.into_iter().filter(|(_, m)| !m.done) {
+            let Some(owner) = mark.owner(&key) else {
+                continue;
+            };
+            let exists = owner
+                .container_id(mark.generation)
                 .is_some_and(|id| self.runtime.status(&id).is_ok());
             if !exists {
-                tracing::warn!(%job, generation = mark.generation, "start lost while the agent was down");
+                tracing::warn!(%owner, generation = %mark.generation, "start lost while the agent was down");
                 self.finish(Event::StartFailed {
-                    job,
+                    owner,
                     generation: mark.generation,
                     message: "the agent stopped while starting it".into(),
-                    user_error: false,
+                    failure: StartFailure::Node,
                 });
             }
         }
@@ -249,7 +258,7 @@ impl Agent {
             .runtime
             .list()
             .into_iter()
-            .filter(|c| parse_container_id(&c.id).is_some())
+            .filter(|c| c.attempt.is_some())
             .filter_map(|c| match c.state {
                 ContainerState::Exited(e) => Some((e.finished_at_ms, c.id)),
                 ContainerState::Running { .. } => None,
@@ -271,29 +280,28 @@ impl Agent {
     /// Records the end of an attempt: its event goes to the outbox and its mark is done.
     /// False if the event could not be recorded (it is found again after a restart).
     fn finish(&self, event: Event) -> bool {
-        let (job, generation) = (event.job().clone(), event.generation());
+        let (owner, generation) = (event.owner().clone(), event.generation());
         if let Err(e) = self.outbox.push(event) {
-            tracing::error!(%job, error = %e, "cannot record an event");
+            tracing::error!(%owner, error = %e, "cannot record an event");
             return false;
         }
         // An older generation's end (fenced here by a newer start) leaves the mark alone.
         let newer = self
             .generations
-            .get::<Mark>(job.as_str())
+            .get::<Mark>(owner.key())
             .ok()
             .flatten()
             .is_some_and(|m| m.generation > generation);
         if newer {
             return true;
         }
-        if let Err(e) = self.generations.put(
-            job.as_str(),
-            &Mark {
-                generation,
-                done: true,
-            },
-        ) {
-            tracing::warn!(%job, error = %e, "cannot mark an attempt done");
+        let mark = Mark {
+            owner: Some(owner.clone()),
+            generation,
+            done: true,
+        };
+        if let Err(e) = self.generations.put(owner.key(), &mark) {
+            tracing::warn!(%owner, error = %e, "cannot mark an attempt done");
         }
         true
     }
@@ -316,10 +324,10 @@ impl Agent {
                 tokio::spawn(async move {
                     let (reply, logs) = match control::read_frame::<Command>(&mut rx).await {
                         Ok(Command::Logs {
-                            job,
+                            owner,
                             generation,
                             follow,
-                        }) => agent.logs(&job, generation, follow),
+                        }) => agent.logs(&owner, generation, follow),
                         Ok(cmd) => (agent.handle(cmd).await, None),
                         Err(e) => (
                             CommandReply::Refused(Refusal::new(RefusalCode::NoSession, e)),
@@ -376,32 +384,32 @@ impl Agent {
     }
 
     async fn handle(self: &Arc<Self>, cmd: Command) -> CommandReply {
-        let (job, generation) = match &cmd {
+        let (owner, generation) = match &cmd {
             Command::Ping => return CommandReply::Accepted,
             Command::ClearGpu { index } => return self.clear_gpu(*index),
             Command::Stop {
-                job,
+                owner,
                 generation,
                 grace_ms,
-            } => return self.stop(job, *generation, Duration::from_millis(*grace_ms)),
-            Command::Start(a) => (a.job.clone(), a.generation),
+            } => return self.stop(owner, *generation, Duration::from_millis(*grace_ms)),
+            Command::Start(a) => (a.owner.clone(), a.generation),
             Command::Logs {
-                job, generation, ..
-            } => (job.clone(), *generation),
+                owner, generation, ..
+            } => (owner.clone(), *generation),
         };
         let unavailable = |e: StoreError| {
             CommandReply::Refused(Refusal::new(RefusalCode::Unavailable, e.to_string()))
         };
-        let mark = match self.generations.get::<Mark>(job.as_str()) {
+        let mark = match self.generations.get::<Mark>(owner.key()) {
             Ok(m) => m,
             Err(e) => return unavailable(e),
         };
-        let known = mark.map_or(0, |m| m.generation);
+        let known = mark.map_or(Generation::NONE, |m| m.generation);
         if generation < known {
             return CommandReply::Refused(Refusal::new(
                 RefusalCode::StaleGeneration,
                 format!(
-                    "job {job} is at generation {known} on this node; generation {generation} is stale"
+                    "{owner} is at generation {known} on this node; generation {generation} is stale"
                 ),
             ));
         }
@@ -413,28 +421,29 @@ impl Agent {
             // events tell the coordinator what became of it.
             Command::Start(_) if generation == known => CommandReply::Accepted,
             Command::Start(spec) => {
-                let Some(id) = container_id(&job, generation) else {
+                let Some(id) = owner.container_id(generation) else {
                     return CommandReply::Refused(Refusal::new(
                         RefusalCode::Unavailable,
-                        format!("job id {job} does not fit a container id"),
+                        format!("{owner} does not fit a container id"),
                     ));
                 };
-                if let Err(e) = self.generations.put(
-                    job.as_str(),
-                    &Mark {
-                        generation,
-                        done: false,
-                    },
-                ) {
+                let mark = Mark {
+                    owner: Some(owner.clone()),
+                    generation,
+                    done: false,
+                };
+                if let Err(e) = self.generations.put(owner.key(), &mark) {
                     return unavailable(e);
                 }
-                // Fence older generations of the same job still running here.
-                for old in 1..generation {
-                    if let Some(old_id) =
-                        container_id(&job, old).filter(|i| self.runtime.status(i).is_ok())
-                    {
+                // Fence older generations of the same owner still running here.
+                for old in self.runtime.list() {
+                    let older = old
+                        .attempt
+                        .as_ref()
+                        .is_some_and(|a| a.owner == owner && a.generation < generation);
+                    if older && matches!(old.state, ContainerState::Running { .. }) {
                         let rt = self.runtime.clone();
-                        tokio::spawn(async move { rt.stop(&old_id, Duration::ZERO).await });
+                        tokio::spawn(async move { rt.stop(&old.id, Duration::ZERO).await });
                     }
                 }
                 let agent = self.clone();
@@ -470,14 +479,11 @@ mod tests {
     }
 
     #[test]
-    fn attempt_container_ids_roundtrip() {
-        let job = JobId::from_sequence(42);
-        let id = container_id(&job, 7).expect("fits");
-        assert_eq!(parse_container_id(&id), Some((job, 7)));
-        assert_eq!(
-            parse_container_id(&ContainerId::new("c-123").expect("id")),
-            None
-        );
+    fn marks_written_before_owners_were_recorded_are_jobs() {
+        let old: Mark = serde_json::from_str(r#"{"generation": 3, "done": false}"#).expect("mark");
+        let job = JobId::from_sequence(9);
+        assert_eq!(old.owner(job.as_str()), Some(Owner::Job(job)));
+        assert_eq!(old.generation, Generation(3));
     }
 
     #[test]
@@ -493,8 +499,8 @@ mod tests {
         for g in 1..=3 {
             outbox
                 .push(Event::Started {
-                    job: JobId::from_sequence(1),
-                    generation: g,
+                    owner: Owner::Job(JobId::from_sequence(1)),
+                    generation: Generation(g),
                     at_ms: 0,
                 })
                 .expect("push");

@@ -6,16 +6,19 @@ impl Agent {
     /// Whether this attempt's output can be served.
     pub(super) fn logs(
         &self,
-        job: &JobId,
-        generation: u64,
+        owner: &Owner,
+        generation: Generation,
         follow: bool,
     ) -> (CommandReply, Option<(ContainerId, bool)>) {
-        match container_id(job, generation).filter(|id| self.runtime.status(id).is_ok()) {
+        match owner
+            .container_id(generation)
+            .filter(|id| self.runtime.status(id).is_ok())
+        {
             Some(id) => (CommandReply::Accepted, Some((id, follow))),
             None => (
                 CommandReply::Refused(Refusal::new(
                     RefusalCode::Unavailable,
-                    format!("no output of job {job} generation {generation} is kept on this node"),
+                    format!("no output of {owner} generation {generation} is kept on this node"),
                 )),
                 None,
             ),

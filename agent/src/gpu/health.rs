@@ -1,6 +1,7 @@
 //! Turning what NVML reports (Xid errors, ECC counts, throttle reasons) into a GPU's health.
 //! Pure functions, shared by the real and the simulated inventory.
 
+use gantry_shared::GpuFault;
 use gantry_shared::gossip::GpuHealth;
 
 /// Xids caused by the application, not the GPU (illegal memory access, graphics engine
@@ -14,13 +15,18 @@ pub fn after_xid(xid: u64) -> Option<GpuHealth> {
     if APPLICATION_XIDS.contains(&xid) {
         None
     } else {
-        Some(GpuHealth::Unhealthy(format!("xid_{xid}")))
+        Some(GpuHealth::Unhealthy(GpuFault::Xid(xid_u32(xid))))
     }
+}
+
+/// NVML reports Xids as u64; every real one is small.
+fn xid_u32(xid: u64) -> u32 {
+    u32::try_from(xid).unwrap_or(u32::MAX)
 }
 
 /// A double-bit (uncorrectable) ECC error: the GPU's memory can no longer be trusted.
 pub fn after_double_bit_ecc() -> GpuHealth {
-    GpuHealth::Unhealthy("ecc_dbe".into())
+    GpuHealth::Unhealthy(GpuFault::DoubleBitEcc)
 }
 
 /// Health from a polled temperature and the active clock-throttle reasons. An unhealthy
@@ -65,7 +71,7 @@ mod tests {
         for xid in [48, 63, 64, 74, 79, 92, 94, 95, 119] {
             assert_eq!(
                 after_xid(xid),
-                Some(GpuHealth::Unhealthy(format!("xid_{xid}"))),
+                Some(GpuHealth::Unhealthy(GpuFault::Xid(xid_u32(xid)))),
                 "xid {xid}"
             );
         }

@@ -126,6 +126,10 @@ struct ContainerRecord {
     /// What the container was given (absent in records written before this was kept).
     #[serde(default)]
     resources: Option<Resources>,
+    /// The cluster attempt it runs (owner and generation), for the agent daemon; `None`
+    /// for containers started by hand.
+    #[serde(default)]
+    attempt: Option<gantry_shared::AttemptRef>,
     /// Set once the shim reported; `None` while starting.
     started_at_ms: Option<u64>,
     exit: Option<ExitRecord>,
@@ -145,6 +149,7 @@ impl ContainerRecord {
             image_digest: self.image_digest.clone(),
             gpus: self.gpus.clone(),
             resources: self.resources.clone(),
+            attempt: self.attempt.clone(),
             state,
         }
     }
@@ -272,6 +277,7 @@ impl Runtime {
             image_digest: image.digest.clone(),
             gpus: req.gpus.clone(),
             resources: Some(req.resources.clone()),
+            attempt: req.attempt.clone(),
             started_at_ms: None,
             exit: None,
         };

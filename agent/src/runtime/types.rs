@@ -47,6 +47,10 @@ pub struct ContainerRequest {
     /// Grace between SIGTERM and SIGKILL when the timeout fires.
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// The cluster attempt this container runs, kept in its record; `None` for a
+    /// container started by hand.
+    #[serde(default)]
+    pub attempt: Option<gantry_shared::AttemptRef>,
 }
 
 impl ContainerRequest {
@@ -67,6 +71,7 @@ impl ContainerRequest {
             shm_bytes: Self::DEFAULT_SHM,
             timeout: None,
             stop_grace: Duration::from_secs(10),
+            attempt: None,
         }
     }
 }
@@ -185,6 +190,9 @@ pub struct ContainerStatus {
     pub gpus: Vec<u32>,
     /// Limits it runs with (`None` for containers recorded by an older agent).
     pub resources: Option<Resources>,
+    /// The cluster attempt it runs; `None` for a container started by hand.
+    #[serde(default)]
+    pub attempt: Option<gantry_shared::AttemptRef>,
     pub state: ContainerState,
 }
 

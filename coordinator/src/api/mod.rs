@@ -30,12 +30,12 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
-use crate::admin::{AdminMode, AdminState, NodeAdmin};
 use crate::auth::{ApiTokens, Role};
-use crate::cluster::Cluster;
-use crate::join::JoinTokens;
 use crate::nodes::Nodes;
-use crate::scheduler;
+use crate::nodes::admin::{AdminMode, AdminState, NodeAdmin};
+use crate::nodes::join::JoinTokens;
+use crate::nodes::liveness::Cluster;
+use crate::reconcile;
 use crate::store::{JobFilter, Store, StoreError};
 
 mod extract;
@@ -294,15 +294,15 @@ async fn submit_job(
     // a node is away, the cluster is larger than what the view knows.
     let probe = probe_job(&spec);
     let statuses = state.cluster.statuses();
-    let described = statuses.iter().all(|s| scheduler::node_info(s).is_some());
-    let mut empty = scheduler::engine(&statuses, &Default::default(), true);
+    let described = statuses.iter().all(|s| reconcile::node_info(s).is_some());
+    let mut empty = reconcile::engine(&statuses, &Default::default(), true);
     // A cluster without nodes yet takes jobs: nodes may join.
     if described
-        && let Err(why) = empty.place(&scheduler::request(&probe))
+        && let Err(why) = empty.place(&reconcile::request(&probe))
         && why.is_never()
         && !matches!(
             why,
-            crate::engine::Unplaceable::Never(crate::engine::Never::NoNodes)
+            crate::placement::Unplaceable::Never(crate::placement::Never::NoNodes)
         )
     {
         return Err(ApiError::TooLargeForCluster {
@@ -482,6 +482,7 @@ async fn job_logs(
     let job = state.store.job(&job_id(id)?)?;
     let generation = q
         .generation
+        .map(gantry_shared::Generation)
         .or_else(|| job.attempts.last().map(|a| a.generation));
     let rank = q.rank.unwrap_or(0);
     let attempt = job
@@ -508,7 +509,7 @@ async fn job_logs(
         message: format!("cannot fetch output from {}: {e}", attempt.node),
     };
     let cmd = gantry_shared::protocol::Command::Logs {
-        job: job.id.clone(),
+        owner: gantry_shared::Owner::Job(job.id.clone()),
         generation: attempt.generation,
         follow: q.follow.unwrap_or(false),
     };

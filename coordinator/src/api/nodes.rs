@@ -204,7 +204,7 @@ pub(super) async fn node_after_change(
 pub(super) fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
     let jobs = state.store.active_jobs()?;
     let statuses = state.cluster.statuses();
-    let ledger = scheduler::ledger(&jobs, &state.store.all_fences()?);
+    let ledger = reconcile::ledger(&jobs, &state.store.all_fences()?);
     Ok(statuses
         .into_iter()
         .map(|s| {
@@ -216,7 +216,7 @@ pub(super) fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
                 state_since_ms: s
                     .admin
                     .as_ref()
-                    .filter(|_| s.liveness == crate::cluster::Liveness::Up)
+                    .filter(|_| s.liveness == crate::nodes::liveness::Liveness::Up)
                     .map_or(s.since_ms, |a| a.since_ms),
                 deadline_ms: s.admin.as_ref().and_then(|a| a.deadline_ms),
                 last_seen_ms: s.last_seen_ms,

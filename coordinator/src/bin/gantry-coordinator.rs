@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gantry_client::api::ApiClient;
 use gantry_coordinator::api::ApiConfig;
-use gantry_coordinator::cluster::ClusterConfig;
 use gantry_coordinator::config::{Checked, CoordinatorFile};
 use gantry_coordinator::control::ControlConfig;
+use gantry_coordinator::nodes::liveness::ClusterConfig;
 use gantry_coordinator::server::{self, CoordinatorConfig};
 use tokio_util::sync::CancellationToken;
 

@@ -424,7 +424,9 @@ mod tests {
         assert_eq!(health_event(EventTypes::PSTATE_CHANGE, None), None);
         assert_eq!(
             health::after_xid(XID_GPU_LOST),
-            Some(GpuHealth::Unhealthy("xid_79".into()))
+            Some(GpuHealth::Unhealthy(gantry_shared::attempt::GpuFault::Xid(
+                79
+            )))
         );
     }
 

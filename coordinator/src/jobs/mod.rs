@@ -7,9 +7,11 @@
 //! stopped by the scheduler, which places the next generation only once they have ended,
 //! so two generations of a job never run at once.
 
-use gantry_shared::NodeId;
+pub mod ranks;
+
 use gantry_shared::api::{Job, JobState};
 use gantry_shared::protocol::Event;
+use gantry_shared::{EndCause, Generation, NodeId};
 
 /// Start failures that are not the job's fault before the job is given up.
 const MAX_NODE_START_FAILURES: usize = 3;
@@ -29,10 +31,7 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
         ..
     } = event
         && let Some(m) = job.attempts.iter_mut().find(|a| {
-            a.generation == *generation
-                && &a.node == node
-                && a.reason.is_some()
-                && a.exit_code.is_none()
+            a.generation == *generation && &a.node == node && !a.is_live() && a.exit_code.is_none()
         })
     {
         m.exit_code = Some(exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0)));
@@ -52,7 +51,7 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
     let Some(member) = job
         .attempts
         .iter_mut()
-        .find(|a| a.generation == generation && &a.node == node && a.reason.is_none())
+        .find(|a| a.generation == generation && &a.node == node && a.is_live())
     else {
         return;
     };
@@ -75,22 +74,24 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
             }
         }
         Event::StartFailed {
-            message,
-            user_error,
-            ..
+            message, failure, ..
         } => {
-            member.reason = Some(format!("start failed: {message}"));
-            member.ended_at_ms = Some(now_ms);
+            member.end(
+                EndCause::StartFailed(*failure),
+                format!("start failed: {message}"),
+                now_ms,
+            );
+            let user_error = failure.is_user_error();
             if job.state != JobState::Running {
                 // Already failing (a sibling's fault) or finished.
-            } else if !*user_error && node_start_failures(job) < MAX_NODE_START_FAILURES {
+            } else if !user_error && node_start_failures(job) < MAX_NODE_START_FAILURES {
                 job.state = JobState::Pending;
                 job.reason = Some(format!(
                     "re-placing: start failed on {who}: {message}{others}"
                 ));
             } else {
                 job.state = JobState::Failed;
-                job.reason = Some(if *user_error {
+                job.reason = Some(if user_error {
                     format!("start failed: {message}{others}")
                 } else {
                     format!("start failed on {who}: {message}{others}")
@@ -100,23 +101,24 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
         Event::Exited {
             exit_code,
             signal,
-            reason,
+            cause,
+            message,
             at_ms,
             ..
         } => {
             let code = exit_code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
             member.exit_code = Some(code);
-            member.reason = Some(reason.clone());
-            member.ended_at_ms = Some(*at_ms);
+            member.end(*cause, message.clone(), *at_ms);
+            let reason = message;
             if job.state != JobState::Running {
                 // Cancelled, failed, or stopping after a sibling failed: record only.
-            } else if reason.starts_with("gpu_") {
+            } else if matches!(cause, EndCause::GpuFault(_)) {
                 // The node stopped it because its GPU failed: not the job's fault.
                 job.state = JobState::Pending;
                 job.reason = Some(format!(
                     "re-placing: a GPU of {who} failed ({reason}; not counted against retries){others}"
                 ));
-            } else if reason == "shim_lost" {
+            } else if *cause == EndCause::ShimLost {
                 // Its supervisor died without recording an exit: the host crashed or was
                 // killed under it, which is not the job's fault either.
                 job.state = JobState::Pending;
@@ -170,6 +172,14 @@ pub enum Eviction {
 }
 
 impl Eviction {
+    fn cause(self) -> EndCause {
+        match self {
+            Self::Lost => EndCause::Lost,
+            Self::Preempted => EndCause::Preempted,
+            Self::Drained => EndCause::Drained,
+        }
+    }
+
     fn member_reason(self, node: &NodeId) -> String {
         match self {
             Self::Lost => format!("lost: node {node} is down"),
@@ -191,15 +201,15 @@ impl Eviction {
 /// Declares `members` (node, generation) ended by `why`: a running job goes back to
 /// pending without counting against its retries (its other members are then stopped); a
 /// finished one only records it.
-pub fn evict(job: &mut Job, members: &[(NodeId, u64)], why: Eviction, now_ms: u64) {
+pub fn evict(job: &mut Job, members: &[(NodeId, Generation)], why: Eviction, now_ms: u64) {
     let mut nodes = Vec::new();
-    for a in job.attempts.iter_mut().filter(|a| a.reason.is_none()) {
+    for a in job.attempts.iter_mut().filter(|a| a.is_live()) {
         if members
             .iter()
             .any(|(n, g)| *n == a.node && *g == a.generation)
         {
-            a.reason = Some(why.member_reason(&a.node));
-            a.ended_at_ms = Some(now_ms);
+            let reason = why.member_reason(&a.node);
+            a.end(why.cause(), reason, now_ms);
             nodes.push(a.node.to_string());
         }
     }
@@ -240,12 +250,7 @@ fn running_reason(job: &Job) -> String {
 fn node_start_failures(job: &Job) -> usize {
     job.attempts
         .iter()
-        .filter(|a| {
-            a.started_at_ms.is_none()
-                && a.reason
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("start failed"))
-        })
+        .filter(|a| a.started_at_ms.is_none() && matches!(a.cause, Some(EndCause::StartFailed(_))))
         .count()
 }
 
@@ -253,7 +258,7 @@ fn node_start_failures(job: &Job) -> usize {
 mod tests {
     use super::*;
     use gantry_shared::api::Attempt;
-    use gantry_shared::{JobId, NodeId};
+    use gantry_shared::{GpuFault, JobId, NodeId, Owner, StartFailure};
 
     fn job(retries: u32) -> Job {
         let spec = serde_json::from_value(
@@ -275,7 +280,7 @@ mod tests {
 
     fn member(generation: u64, node: &str, rank: u32) -> Attempt {
         Attempt {
-            generation,
+            generation: Generation(generation),
             node: NodeId::new(node).expect("id"),
             gpus: vec![],
             rank,
@@ -284,6 +289,7 @@ mod tests {
             master_port: None,
             started_at_ms: None,
             exit_code: None,
+            cause: None,
             reason: None,
             ended_at_ms: None,
         }
@@ -301,11 +307,12 @@ mod tests {
 
     fn exited(generation: u64, code: i32) -> Event {
         Event::Exited {
-            job: JobId::from_sequence(1),
-            generation,
+            owner: Owner::Job(JobId::from_sequence(1)),
+            generation: Generation(generation),
             exit_code: Some(code),
             signal: None,
-            reason: "exited".into(),
+            cause: EndCause::Exited,
+            message: "exited".into(),
             at_ms: 1,
         }
     }
@@ -362,11 +369,12 @@ mod tests {
         assert!(why.contains("stopping the other members"), "{why}");
         // The sibling Gantry stops is recorded but is not another failure.
         let stopped = Event::Exited {
-            job: JobId::from_sequence(1),
-            generation: 1,
+            owner: Owner::Job(JobId::from_sequence(1)),
+            generation: Generation(1),
             exit_code: None,
             signal: Some(15),
-            reason: "stopped".into(),
+            cause: EndCause::Stopped,
+            message: "stopped".into(),
             at_ms: 6,
         };
         apply(&mut j, &n("a"), &stopped, 6);
@@ -383,10 +391,10 @@ mod tests {
     fn a_member_start_failure_re_places_the_whole_gang() {
         let mut j = gang(0);
         let failed = Event::StartFailed {
-            job: JobId::from_sequence(1),
-            generation: 1,
+            owner: Owner::Job(JobId::from_sequence(1)),
+            generation: Generation(1),
             message: "disk full".into(),
-            user_error: false,
+            failure: StartFailure::Node,
         };
         apply(&mut j, &n("a"), &failed, 5);
         assert_eq!(j.state, JobState::Pending);
@@ -401,7 +409,7 @@ mod tests {
     #[test]
     fn a_lost_member_re_places_without_using_a_retry() {
         let mut j = gang(0);
-        evict(&mut j, &[(n("b"), 1)], Eviction::Lost, 6);
+        evict(&mut j, &[(n("b"), Generation(1))], Eviction::Lost, 6);
         assert_eq!((j.state, j.failures), (JobState::Pending, 0));
         assert!(j.reason.as_deref().unwrap_or("").contains("node b is down"));
         assert_eq!(
@@ -421,11 +429,12 @@ mod tests {
     fn a_gpu_fault_re_places_without_using_a_retry() {
         let mut j = job(0);
         let fault = Event::Exited {
-            job: JobId::from_sequence(1),
-            generation: 1,
+            owner: Owner::Job(JobId::from_sequence(1)),
+            generation: Generation(1),
             exit_code: None,
             signal: Some(9),
-            reason: "gpu_xid_79".into(),
+            cause: EndCause::GpuFault(GpuFault::Xid(79)),
+            message: "gpu_xid_79".into(),
             at_ms: 3,
         };
         apply(&mut j, &n("n"), &fault, 4);
@@ -437,11 +446,12 @@ mod tests {
     fn a_container_lost_with_its_host_re_places_without_using_a_retry() {
         let mut j = job(0);
         let lost = Event::Exited {
-            job: JobId::from_sequence(1),
-            generation: 1,
+            owner: Owner::Job(JobId::from_sequence(1)),
+            generation: Generation(1),
             exit_code: None,
             signal: None,
-            reason: "shim_lost".into(),
+            cause: EndCause::ShimLost,
+            message: "shim_lost".into(),
             at_ms: 3,
         };
         apply(&mut j, &n("n"), &lost, 4);

@@ -218,7 +218,7 @@ fn only_spot_tolerant_jobs_use_spot_nodes() {
 fn unhealthy_gpus_are_never_chosen() {
     let mut gpus = eight("H100", 80);
     for g in &mut gpus[..3] {
-        g.health = GpuHealth::Unhealthy("xid_79".into());
+        g.health = GpuHealth::Unhealthy(gantry_shared::attempt::GpuFault::Xid(79));
     }
     gpus[3].health = GpuHealth::Degraded("thermal".into());
     let mut e = engine(vec![node("n", &[], gpus)], vec![]);

@@ -43,7 +43,7 @@ prop_compose! {
                 nvlink_group: nvlink,
                 numa_node: numa,
                 health: match health {
-                    0 => GpuHealth::Unhealthy("xid_79".into()),
+                    0 => GpuHealth::Unhealthy(gantry_shared::attempt::GpuFault::Xid(79)),
                     1 => GpuHealth::Degraded("thermal".into()),
                     _ => GpuHealth::Healthy,
                 },

@@ -9,7 +9,7 @@
 //! | `MASTER_ADDR` | address of the rank-0 node, reachable from the others |
 //! | `MASTER_PORT` | a port on the rank-0 node no other live attempt there was given (29500–29999) |
 //!
-//! (`MASTER_*` only for gangs and GPU jobs: see `scheduler::record`.)
+//! (`MASTER_*` only for gangs and GPU jobs: see `reconcile::record`.)
 //!
 //! | variable | value |
 //! |---|---|
@@ -117,7 +117,7 @@ mod tests {
 
     fn member(rank: u32, node: &str, ip: &str) -> Attempt {
         Attempt {
-            generation: 3,
+            generation: gantry_shared::Generation(3),
             node: NodeId::new(node).expect("id"),
             gpus: vec![],
             rank,
@@ -126,6 +126,7 @@ mod tests {
             master_port: Some(29501),
             started_at_ms: None,
             exit_code: None,
+            cause: None,
             reason: None,
             ended_at_ms: None,
         }

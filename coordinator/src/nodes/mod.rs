@@ -1,5 +1,12 @@
-//! The nodes with an open control session: who is connected, what they offer, and the
-//! connection to send them commands on. Rebuilt from sessions, never persisted.
+//! Nodes. This module: the nodes with an open control session (who is connected, what
+//! they offer, and the connection to send them commands on; rebuilt from sessions, never
+//! persisted). Beside it: `liveness` (the view of every node as up, suspect or down, from
+//! gossip and sessions), `admin` (drain and preempt, persisted) and `join` (one-time join
+//! tokens and the register of joined nodes).
+
+pub mod admin;
+pub mod join;
+pub mod liveness;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

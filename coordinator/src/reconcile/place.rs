@@ -46,7 +46,7 @@ pub fn node_info(s: &NodeStatus) -> Option<NodeInfo> {
 /// node but not yet known to have stopped there (`fences`) still hold.
 pub fn ledger<'a>(
     jobs: impl IntoIterator<Item = &'a Job>,
-    fences: &[(NodeId, JobId, u64, Fence)],
+    fences: &[(NodeId, JobId, Generation, Fence)],
 ) -> BTreeMap<NodeId, Held> {
     let now = now_ms();
     let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
@@ -63,7 +63,7 @@ pub fn ledger<'a>(
         // FAULT_HOLD: gossip marks it unhealthy a few rounds later (and an operator's
         // clear must not be held up for long).
         for m in job.attempts.iter().filter(|m| {
-            m.reason.as_deref().is_some_and(|r| r.starts_with("gpu_"))
+            matches!(m.cause, Some(EndCause::GpuFault(_)))
                 && m.ended_at_ms
                     .is_some_and(|t| now.saturating_sub(t) < FAULT_HOLD_MS)
         }) {
@@ -254,7 +254,7 @@ pub(super) fn record(
     } else {
         None
     };
-    let generation = job.generation() + 1;
+    let generation = job.generation().next();
     let master_addr = address(&rank0.node);
     let members: Vec<Attempt> = assignment
         .members
@@ -270,6 +270,7 @@ pub(super) fn record(
             master_port: port,
             started_at_ms: None,
             exit_code: None,
+            cause: None,
             reason: None,
             ended_at_ms: None,
         })

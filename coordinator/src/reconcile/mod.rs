@@ -8,7 +8,7 @@
 //! 2. stops the members still running of jobs that are no longer running (cancelled, or
 //!    whose generation failed because one gang member failed);
 //! 3. hands the pending jobs whose previous generation has fully ended to the placement
-//!    engine's queue (`engine::queue::schedule`, pure), over the placeable nodes of the
+//!    engine's queue (`placement::queue::schedule`, pure), over the placeable nodes of the
 //!    cluster view and the ledger of live members;
 //! 4. records each placement (every member of the new generation, with its rank,
 //!    address and rank 0's `MASTER_PORT`) before any node hears of it, then sends each
@@ -27,21 +27,21 @@ use std::time::Duration;
 use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::now_ms;
 use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
-use gantry_shared::{CpuMillis, JobId, NodeId, parse_memory};
+use gantry_shared::{CpuMillis, EndCause, Generation, JobId, NodeId, Owner, parse_memory};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::AdminMode;
-use crate::cluster::{Cluster, Liveness, NodeStatus};
-use crate::engine::queue::{self, Pending};
-use crate::engine::{Assignment, Engine, NodeInfo, Request};
 use crate::jobs;
+use crate::jobs::ranks;
 use crate::nodes::Nodes;
-use crate::ranks;
+use crate::nodes::admin::AdminMode;
+use crate::nodes::liveness::{Cluster, Liveness, NodeStatus};
+use crate::placement::queue::{self, Pending};
+use crate::placement::{Assignment, Engine, NodeInfo, Request};
 use crate::store::{Fence, Store, StoreError};
 
-mod placement;
+mod place;
 
-pub use placement::{Held, engine, ledger, node_info, place_pending, request};
+pub use place::{Held, engine, ledger, node_info, place_pending, request};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace between SIGTERM and SIGKILL when a job is cancelled or its generation failed.
@@ -52,7 +52,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const FAULT_HOLD_MS: u64 = 30_000;
 
 /// A member's identity across passes: job, generation, node.
-type MemberKey = (JobId, u64, NodeId);
+type MemberKey = (JobId, Generation, NodeId);
 
 /// What became of a command sent by its own task, for the next pass.
 enum Outcome {
@@ -60,7 +60,7 @@ enum Outcome {
     Undelivered {
         job: JobId,
         node: NodeId,
-        generation: u64,
+        generation: Generation,
         error: String,
     },
     /// A stop of a member of a finished job did not go out: the next pass tries again.
@@ -178,10 +178,13 @@ fn apply_outcomes(
             } => {
                 tracing::warn!(%job, %node, error = %error, "start not delivered; the job waits again");
                 let updated = store.update_job_deferred(&job, |j| {
-                    if let Some(a) = j.attempts.iter_mut().find(|a| {
-                        a.generation == generation && a.node == node && a.reason.is_none()
-                    }) {
-                        a.reason = Some(format!("not delivered to {}: {error}", a.node));
+                    if let Some(a) = j
+                        .attempts
+                        .iter_mut()
+                        .find(|a| a.generation == generation && a.node == node && a.is_live())
+                    {
+                        let reason = format!("not delivered to {}: {error}", a.node);
+                        a.end(EndCause::NotDelivered, reason, now_ms());
                         if j.state == JobState::Running {
                             j.state = JobState::Pending;
                             j.reason = Some("waiting: a chosen node did not take the job".into());
@@ -208,10 +211,10 @@ fn apply_outcomes(
             } => match reply {
                 // Its end arrives as an event, which settles the fence.
                 Ok(CommandReply::Accepted) => {
-                    tracing::info!(%job, %node, generation, "stopping a member taken off its node");
+                    tracing::info!(%job, %node, %generation, "stopping a member taken off its node");
                 }
                 Ok(CommandReply::NotRunning) => {
-                    tracing::info!(%job, %node, generation, "a member taken off its node is not running there");
+                    tracing::info!(%job, %node, %generation, "a member taken off its node is not running there");
                     store.remove_fence(&node, &job, generation)?;
                 }
                 Ok(CommandReply::Refused(r)) => {
@@ -253,10 +256,10 @@ fn evict(store: &Store, statuses: &[NodeStatus]) -> Result<(), StoreError> {
     }
     let mut wrote = false;
     for job in store.active_jobs()? {
-        let mut taken: BTreeMap<jobs::Eviction, Vec<(NodeId, u64)>> = BTreeMap::new();
+        let mut taken: BTreeMap<jobs::Eviction, Vec<(NodeId, Generation)>> = BTreeMap::new();
         for m in job.live_members() {
             if let Some(&(why, grace)) = evicting.get(&m.node) {
-                tracing::warn!(job = %job.id, node = %m.node, generation = m.generation, ?why, "member taken off its node");
+                tracing::warn!(job = %job.id, node = %m.node, generation = %m.generation, ?why, "member taken off its node");
                 store.add_fence(&m.node, &job.id, m.generation, &fence(&job, m, grace))?;
                 taken
                     .entry(why)
@@ -304,7 +307,7 @@ fn fence_returning(
             let (nodes, outcomes, node) = (nodes.clone(), passes.outcomes.clone(), node.clone());
             tokio::spawn(async move {
                 let stop = Command::Stop {
-                    job,
+                    owner: Owner::Job(job),
                     generation,
                     grace_ms,
                 };
@@ -324,7 +327,7 @@ fn resend_unconfirmed(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
         let current = job.current_members();
         for m in current
             .iter()
-            .filter(|m| m.reason.is_none() && m.started_at_ms.is_none())
+            .filter(|m| m.is_live() && m.started_at_ms.is_none())
         {
             let key = (job.id.clone(), m.generation, m.node.clone());
             unconfirmed.insert(key.clone());
@@ -332,7 +335,7 @@ fn resend_unconfirmed(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
                 continue;
             };
             if passes.delivered.insert((key, session.conn.stable_id())) {
-                tracing::info!(job = %job.id, node = %m.node, generation = m.generation, "sending an unconfirmed start again");
+                tracing::info!(job = %job.id, node = %m.node, generation = %m.generation, "sending an unconfirmed start again");
                 spawn_start(nodes, &passes.outcomes, job, &current, m);
             }
         }
@@ -352,7 +355,7 @@ fn stop_leftovers(active: &[Job], nodes: &Nodes, passes: &mut Passes) {
                 continue;
             }
             let stop = Command::Stop {
-                job: job.id.clone(),
+                owner: Owner::Job(job.id.clone()),
                 generation: m.generation,
                 grace_ms: STOP_GRACE.as_millis() as u64,
             };
@@ -380,7 +383,7 @@ fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Command {
         .collect();
     env.extend(ranks::env(job, members, member));
     Command::Start(AttemptSpec {
-        job: job.id.clone(),
+        owner: Owner::Job(job.id.clone()),
         generation: member.generation,
         image: job.spec.image.clone(),
         command: job.spec.command.clone(),

@@ -30,9 +30,9 @@ use gantry_shared::protocol::NodeCapacity;
 use gantry_shared::{ClusterId, NodeId};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{AdminMode, AdminState, NodeAdmin};
-use crate::join::JoinTokens;
 use crate::nodes::Nodes;
+use crate::nodes::admin::{AdminMode, AdminState, NodeAdmin};
+use crate::nodes::join::JoinTokens;
 
 /// The coordinator's member name in gossip (never a valid node id).
 pub const COORDINATOR_MEMBER: &str = "@coordinator";
@@ -493,7 +493,9 @@ mod tests {
                 numa_node: None,
                 nvlink_group: None,
                 health: if index == 1 {
-                    gantry_shared::gossip::GpuHealth::Unhealthy("xid_79".into())
+                    gantry_shared::gossip::GpuHealth::Unhealthy(
+                        gantry_shared::attempt::GpuFault::Xid(79),
+                    )
                 } else {
                     gantry_shared::gossip::GpuHealth::Healthy
                 },

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{ApiTokens, Role};
 use crate::ca::{CaError, ClusterCa};
-use crate::join::JoinTokens;
+use crate::nodes::join::JoinTokens;
 use crate::nodes::{Nodes, Session};
 use crate::store::Store;
 
@@ -340,7 +340,9 @@ impl State {
                     .map_err(|e| Refusal::new(RefusalCode::JoinToken, e.to_string()))?;
                 self.tokens.redeem(&token, &node).map_err(|e| {
                     let code = match e {
-                        crate::join::JoinError::NodeTaken { .. } => RefusalCode::DuplicateNode,
+                        crate::nodes::join::JoinError::NodeTaken { .. } => {
+                            RefusalCode::DuplicateNode
+                        }
                         _ => RefusalCode::JoinToken,
                     };
                     Refusal::new(code, e.to_string())
@@ -397,13 +399,13 @@ impl State {
                 let node = peer.node().ok_or_else(|| {
                     Refusal::new(RefusalCode::NoSession, "say hello before sending a notice")
                 })?;
-                let admin = crate::admin::NodeAdmin::open(self.store.db())
+                let admin = crate::nodes::admin::NodeAdmin::open(self.store.db())
                     .map_err(|e| Refusal::new(RefusalCode::Unavailable, e.to_string()))?;
                 let state = admin
                     .set(
                         &node,
-                        crate::admin::AdminState {
-                            mode: crate::admin::AdminMode::Preempt,
+                        crate::nodes::admin::AdminState {
+                            mode: crate::nodes::admin::AdminMode::Preempt,
                             since_ms: now_ms(),
                             deadline_ms: Some(deadline_ms),
                         },

@@ -1,12 +1,12 @@
 //! The coordinator's durable state in sled: jobs, idempotency keys and API tokens (join
-//! tokens live in `join.rs`). Every write that the API acknowledges is flushed first.
+//! tokens live in `nodes/join.rs`). Every write that the API acknowledges is flushed first.
 //! The layout is versioned; an incompatible database is refused at open.
 
 use std::path::{Path, PathBuf};
 
 use gantry_shared::api::{Job, JobSpec, JobState};
 use gantry_shared::protocol::Event;
-use gantry_shared::{JobId, NodeId};
+use gantry_shared::{Generation, JobId, NodeId, Owner};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
@@ -89,7 +89,7 @@ fn decode_fence(value: &[u8]) -> Result<Fence, StoreError> {
     }
 }
 
-fn fence_key(node: &NodeId, job: &JobId, generation: u64) -> String {
+fn fence_key(node: &NodeId, job: &JobId, generation: Generation) -> String {
     format!("{node}/{job}/{generation}")
 }
 
@@ -226,7 +226,7 @@ impl Store {
         &self,
         node: &NodeId,
         job: &JobId,
-        generation: u64,
+        generation: Generation,
         fence: &Fence,
     ) -> Result<(), StoreError> {
         self.fences
@@ -235,7 +235,7 @@ impl Store {
     }
 
     /// What `node` must stop when it is reachable.
-    pub fn fences(&self, node: &NodeId) -> Result<Vec<(JobId, u64, Fence)>, StoreError> {
+    pub fn fences(&self, node: &NodeId) -> Result<Vec<(JobId, Generation, Fence)>, StoreError> {
         let mut out = Vec::new();
         for (n, job, generation, fence) in self.scan_fences(format!("{node}/"))? {
             if &n == node {
@@ -246,11 +246,14 @@ impl Store {
     }
 
     /// Every fence: `(node, job, generation, fence)`.
-    pub fn all_fences(&self) -> Result<Vec<(NodeId, JobId, u64, Fence)>, StoreError> {
+    pub fn all_fences(&self) -> Result<Vec<(NodeId, JobId, Generation, Fence)>, StoreError> {
         self.scan_fences(String::new())
     }
 
-    fn scan_fences(&self, prefix: String) -> Result<Vec<(NodeId, JobId, u64, Fence)>, StoreError> {
+    fn scan_fences(
+        &self,
+        prefix: String,
+    ) -> Result<Vec<(NodeId, JobId, Generation, Fence)>, StoreError> {
         let mut out = Vec::new();
         for kv in self.fences.scan_prefix(prefix) {
             let (key, value) = kv?;
@@ -259,7 +262,7 @@ impl Store {
             if let (Some(Ok(node)), Some(Ok(job)), Some(Ok(generation))) = (
                 parts.next().map(NodeId::new),
                 parts.next().map(JobId::new),
-                parts.next().map(str::parse),
+                parts.next().map(|g| g.parse().map(Generation)),
             ) {
                 out.push((node, job, generation, decode_fence(&value)?));
             }
@@ -285,7 +288,7 @@ impl Store {
         &self,
         node: &NodeId,
         job: &JobId,
-        generation: u64,
+        generation: Generation,
     ) -> Result<(), StoreError> {
         self.fences.remove(fence_key(node, job, generation))?;
         self.commit()
@@ -427,11 +430,14 @@ impl Store {
             if e.seq <= applied {
                 continue; // a replay of something already applied
             }
-            let job_key = e.event.job().as_str().as_bytes().to_vec();
+            let job = match e.event.owner() {
+                Owner::Job(job) => job,
+            };
+            let job_key = job.as_str().as_bytes().to_vec();
             // The node reports this member's end: a fence on it is settled.
             let ended = match &e.event {
                 Event::Exited { .. } | Event::StartFailed { .. } => {
-                    Some(fence_key(node, e.event.job(), e.event.generation()))
+                    Some(fence_key(node, job, e.event.generation()))
                 }
                 _ => None,
             };
