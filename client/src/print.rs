@@ -28,7 +28,7 @@ pub fn print_job(job: &Job, json: bool) -> anyhow::Result<()> {
             format!(" of {}", r.gpu_types.join(" or "))
         },
         r.gpu_memory
-            .as_deref()
+            .as_ref()
             .map(|m| format!(" with ≥ {m} each"))
             .unwrap_or_default()
     );

@@ -1,13 +1,15 @@
 //! `gantry run`: submits a job and, unless detached, follows its output and state to the
 //! end, exiting with the job's exit code.
 
-use gantry_shared::api::{JobResources, JobSpec, JobState};
+use gantry_shared::Parsed;
+use gantry_shared::api::{Job, JobResources, JobSpec, JobState};
 
 use crate::api::ApiClient;
 use crate::config::CliConfig;
 use crate::print::print_job;
 
 /// What `gantry run` submits.
+#[derive(Debug, Clone)]
 pub struct RunArgs {
     pub image: String,
     pub name: Option<String>,
@@ -35,35 +37,62 @@ pub struct RunArgs {
 
 /// Submits a job; unless detached, waits for it and returns its exit code.
 pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i32> {
-    let spec = JobSpec {
-        name: args.name.unwrap_or_else(|| args.image.clone()),
-        image: args.image,
-        command: args.command,
-        env: args.env.into_iter().collect(),
-        resources: JobResources {
-            cpu: args.cpu,
-            memory: args.memory,
-            gpus: args.gpus,
-            gpu_types: args.gpu_types,
-            gpu_memory: args.gpu_memory,
-        },
-        nodes: args.nodes,
-        spot: args.spot,
-        selector: args.selector.into_iter().collect(),
-        retries: args.retries,
-        backoff: gantry_shared::api::Backoff {
-            initial: args.retry_delay.unwrap_or_else(|| "1s".into()),
-            ..Default::default()
-        },
-        timeout: args.timeout,
-        priority: args.priority,
-    };
+    let spec = spec(args.clone())?;
     let client = cfg.client();
     let job = client.submit(&spec).await?;
     if args.detach {
         print_job(&job, json)?;
         return Ok(0);
     }
+    follow(&client, job, json).await
+}
+
+/// A flag's value parsed as the spec's field `field`; a bad one is named the way the API
+/// would name it.
+fn field<T>(field: &str, text: String) -> anyhow::Result<Parsed<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    Parsed::try_from(text).map_err(|e| anyhow::anyhow!("{field}: {e}"))
+}
+
+/// The job `gantry run` submits.
+fn spec(args: RunArgs) -> anyhow::Result<JobSpec> {
+    Ok(JobSpec {
+        name: args.name.unwrap_or_else(|| args.image.clone()),
+        image: args.image,
+        command: args.command,
+        env: args.env.into_iter().collect(),
+        resources: JobResources {
+            cpu: field("resources.cpu", args.cpu)?,
+            memory: field("resources.memory", args.memory)?,
+            gpus: args.gpus,
+            gpu_types: args.gpu_types,
+            gpu_memory: args
+                .gpu_memory
+                .map(|m| field("resources.gpu_memory", m))
+                .transpose()?,
+        },
+        nodes: args.nodes,
+        spot: args.spot,
+        selector: args.selector.into_iter().collect(),
+        retries: args.retries,
+        backoff: match args.retry_delay {
+            Some(d) => gantry_shared::api::Backoff {
+                initial: field("backoff.initial", d)?,
+                ..Default::default()
+            },
+            None => Default::default(),
+        },
+        timeout: args.timeout.map(|t| field("timeout", t)).transpose()?,
+        priority: args.priority,
+    })
+}
+
+/// Follows a submitted job to its end: its reasons to stderr, each generation's output to
+/// stdout; returns its exit code.
+async fn follow(client: &ApiClient, job: Job, json: bool) -> anyhow::Result<i32> {
     if !json {
         eprintln!("submitted {}", job.id);
     }

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use crate::attempt::{EndCause, Generation};
 use crate::ids::{JobId, NodeId};
-use crate::resources::{CpuMillis, ResourceError, parse_memory};
+use crate::resources::{CpuMillis, HumanDuration, MemoryBytes, Parsed};
 
 /// What a user submits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -44,7 +44,8 @@ pub struct JobSpec {
     pub backoff: Backoff,
     /// Wall-clock limit, e.g. `30m`, `12h`.
     #[serde(default)]
-    pub timeout: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub timeout: Option<Parsed<HumanDuration>>,
     /// Higher runs first.
     #[serde(default)]
     pub priority: i32,
@@ -60,29 +61,30 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields, default)]
 pub struct Backoff {
     /// Before the first retry (`1s`).
-    pub initial: String,
+    #[schema(value_type = String)]
+    pub initial: Parsed<HumanDuration>,
     /// Each further retry waits this many times longer (1–10).
     pub factor: u32,
     /// The longest wait (`5m`).
-    pub max: String,
+    #[schema(value_type = String)]
+    pub max: Parsed<HumanDuration>,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
         Self {
-            initial: "1s".into(),
+            initial: Parsed::known("1s", std::time::Duration::from_secs(1).into()),
             factor: 2,
-            max: "5m".into(),
+            max: Parsed::known("5m", std::time::Duration::from_secs(300).into()),
         }
     }
 }
 
 impl Backoff {
-    /// The wait before retry number `failures` (1 = the first retry), in ms. Unparsable
-    /// durations (validated at submission) count as the defaults.
+    /// The wait before retry number `failures` (1 = the first retry), in ms.
     pub fn delay_ms(&self, failures: u32) -> u64 {
-        let initial = duration_ms(&self.initial).unwrap_or(1_000);
-        let max = duration_ms(&self.max).unwrap_or(300_000);
+        let ms = |d: &Parsed<HumanDuration>| d.value().as_millis() as u64;
+        let (initial, max) = (ms(&self.initial), ms(&self.max));
         let factor = u64::from(self.factor.clamp(1, 10));
         let mut delay = initial;
         for _ in 1..failures {
@@ -95,43 +97,15 @@ impl Backoff {
     }
 }
 
-/// Milliseconds of a duration such as `1s`, `500ms`, `1h30m`.
-fn duration_ms(s: &str) -> Option<u64> {
-    if !valid_duration(s) {
-        return None;
-    }
-    let mut total = 0u64;
-    let mut rest = s.trim();
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let ms = match rest[..unit].trim() {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => return None,
-        };
-        total = total.saturating_add(n.saturating_mul(ms));
-        rest = rest[unit..].trim_start();
-    }
-    Some(total)
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobResources {
     /// Cores (`0.5`, `2`) or millicores (`500m`).
-    pub cpu: String,
+    #[schema(value_type = String)]
+    pub cpu: Parsed<CpuMillis>,
     /// Bytes with an optional binary unit (`256M`, `2G`).
-    pub memory: String,
+    #[schema(value_type = String)]
+    pub memory: Parsed<MemoryBytes>,
     /// GPUs per node.
     #[serde(default)]
     pub gpus: u32,
@@ -140,14 +114,15 @@ pub struct JobResources {
     pub gpu_types: Vec<String>,
     /// Least memory each GPU must have (`40G`).
     #[serde(default)]
-    pub gpu_memory: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub gpu_memory: Option<Parsed<MemoryBytes>>,
 }
 
 impl Default for JobResources {
     fn default() -> Self {
         Self {
-            cpu: "1".into(),
-            memory: "512M".into(),
+            cpu: Parsed::known("1", CpuMillis(1000)),
+            memory: Parsed::known("512M", MemoryBytes(512 << 20)),
             gpus: 0,
             gpu_types: Vec::new(),
             gpu_memory: None,
@@ -196,18 +171,6 @@ impl JobSpec {
                 message: format!("`{k}` is not a valid variable name"),
             });
         }
-        let resource = |field, e: ResourceError| FieldError {
-            field,
-            message: e.to_string(),
-        };
-        self.resources
-            .cpu
-            .parse::<CpuMillis>()
-            .map_err(|e| resource("resources.cpu", e))?;
-        parse_memory(&self.resources.memory).map_err(|e| resource("resources.memory", e))?;
-        if let Some(m) = &self.resources.gpu_memory {
-            parse_memory(m).map_err(|e| resource("resources.gpu_memory", e))?;
-        }
         if self.resources.gpus > 64 {
             return err("resources.gpus", "must be at most 64 per node");
         }
@@ -234,20 +197,6 @@ impl JobSpec {
                 ),
             });
         }
-        if let Some(t) = &self.timeout
-            && !valid_duration(t)
-        {
-            return err("timeout", "must be a duration such as `30m` or `12h`");
-        }
-        if !valid_duration(&self.backoff.initial) {
-            return err(
-                "backoff.initial",
-                "must be a duration such as `1s` or `500ms`",
-            );
-        }
-        if !valid_duration(&self.backoff.max) {
-            return err("backoff.max", "must be a duration such as `5m`");
-        }
         if !(1..=10).contains(&self.backoff.factor) {
             return err("backoff.factor", "must be between 1 and 10");
         }
@@ -259,31 +208,6 @@ fn valid_env_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// `<number><unit>` pairs with units s, m, h, d (what humantime's common forms use).
-fn valid_duration(s: &str) -> bool {
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return false;
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return false;
-        }
-        rest = &rest[digits..];
-        let unit = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if !matches!(rest[..unit].trim(), "s" | "m" | "h" | "d" | "ms") {
-            return false;
-        }
-        rest = rest[unit..].trim_start();
-    }
-    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -554,15 +478,17 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let mut s = spec();
-        s.resources.memory = "0".into();
-        assert_eq!(s.validate().map_err(|e| e.field), Err("resources.memory"));
+        let bad = |body: serde_json::Value| serde_json::from_value::<JobSpec>(body).is_err();
+        assert!(bad(serde_json::json!({"name": "t", "image": "b",
+            "resources": {"cpu": "1", "memory": "0"}})));
+        assert!(bad(
+            serde_json::json!({"name": "t", "image": "b", "timeout": "soon"})
+        ));
+        assert!(bad(serde_json::json!({"name": "t", "image": "b",
+            "backoff": {"initial": "soon"}})));
         let mut s = spec();
         s.nodes = 0;
         assert_eq!(s.validate().map_err(|e| e.field), Err("nodes"));
-        let mut s = spec();
-        s.timeout = Some("soon".into());
-        assert_eq!(s.validate().map_err(|e| e.field), Err("timeout"));
         let mut s = spec();
         s.env.insert("1X".into(), "y".into());
         assert_eq!(s.validate().map_err(|e| e.field), Err("env"));
@@ -577,9 +503,9 @@ mod tests {
     #[test]
     fn backoff_grows_to_its_max() {
         let b = Backoff {
-            initial: "500ms".into(),
+            initial: "500ms".parse().expect("duration"),
             factor: 3,
-            max: "10s".into(),
+            max: "10s".parse().expect("duration"),
         };
         let delays: Vec<u64> = (1..=5).map(|f| b.delay_ms(f)).collect();
         assert_eq!(delays, [500, 1_500, 4_500, 10_000, 10_000]);
@@ -588,18 +514,5 @@ mod tests {
         let mut s = spec();
         s.backoff.factor = 0;
         assert_eq!(s.validate().map_err(|e| e.field), Err("backoff.factor"));
-        let mut s = spec();
-        s.backoff.initial = "soon".into();
-        assert_eq!(s.validate().map_err(|e| e.field), Err("backoff.initial"));
-    }
-
-    #[test]
-    fn durations() {
-        for ok in ["30m", "12h", "1h30m", "45s", "2d"] {
-            assert!(valid_duration(ok), "{ok}");
-        }
-        for bad in ["", "soon", "5", "m5", "-1h"] {
-            assert!(!valid_duration(bad), "{bad}");
-        }
     }
 }

@@ -12,7 +12,9 @@ pub mod resources;
 
 pub use attempt::{AttemptRef, EndCause, Generation, GpuFault, Owner, StartFailure};
 pub use ids::{ClusterId, ContainerId, IdError, JobId, NodeId};
-pub use resources::{CpuMillis, ResourceError, Resources, parse_memory};
+pub use resources::{
+    CpuMillis, HumanDuration, MemoryBytes, Parsed, ResourceError, Resources, parse_memory,
+};
 
 /// The wall clock in unix milliseconds (0 if the clock is before 1970). Every timestamp
 /// Gantry records or sends (`*_ms` fields) is in this unit.

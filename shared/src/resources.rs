@@ -112,6 +112,96 @@ pub fn parse_memory(s: &str) -> Result<u64, ResourceError> {
     Ok(bytes)
 }
 
+/// Memory in bytes, written as `docker run --memory` takes it (see [`parse_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MemoryBytes(pub u64);
+
+impl FromStr for MemoryBytes {
+    type Err = ResourceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_memory(s).map(Self)
+    }
+}
+
+/// A duration as people write it (`30m`, `1h30m`, `500ms`): the workspace's one duration
+/// syntax, humantime's.
+pub type HumanDuration = humantime::Duration;
+
+/// A value parsed once, where it enters (the API, the CLI), from the text a user wrote.
+/// It keeps that text, so what the API shows back is what was sent, and it serializes as
+/// the text, so the JSON clients send and read is unchanged; code reads [`Parsed::value`]
+/// and never parses again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed<T> {
+    text: String,
+    value: T,
+}
+
+impl<T> Parsed<T> {
+    /// A value whose text is known to parse to it (defaults).
+    pub fn known(text: &str, value: T) -> Self {
+        Self {
+            text: text.to_owned(),
+            value,
+        }
+    }
+
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<T: FromStr> FromStr for Parsed<T> {
+    type Err = T::Err;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self {
+            value: s.trim().parse()?,
+            text: s.to_owned(),
+        })
+    }
+}
+
+impl<T: FromStr> TryFrom<String> for Parsed<T> {
+    type Error = T::Err;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Ok(Self {
+            value: s.trim().parse()?,
+            text: s,
+        })
+    }
+}
+
+impl<T> fmt::Display for Parsed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl<T> Serialize for Parsed<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::try_from(text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceError {
     #[error("{what} limit must be greater than zero; every container runs with a {what} limit")]
@@ -172,6 +262,18 @@ mod tests {
             parse_memory("lots"),
             Err(ResourceError::BadMemory { .. })
         ));
+    }
+
+    #[test]
+    fn parsed_values_keep_their_text_and_parse_once() {
+        let cpu: Parsed<CpuMillis> = serde_json::from_str(r#""0.5""#).expect("cpu");
+        assert_eq!((cpu.value(), cpu.as_str()), (&CpuMillis(500), "0.5"));
+        assert_eq!(serde_json::to_string(&cpu).expect("json"), r#""0.5""#);
+        let t: Parsed<HumanDuration> = serde_json::from_str(r#""1h30m""#).expect("duration");
+        assert_eq!(t.value().as_secs(), 5_400);
+        let e = serde_json::from_str::<Parsed<MemoryBytes>>(r#""0""#).expect_err("zero");
+        assert!(e.to_string().contains("greater than zero"), "{e}");
+        assert!(serde_json::from_str::<Parsed<HumanDuration>>(r#""soon""#).is_err());
     }
 
     #[test]

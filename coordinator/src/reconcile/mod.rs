@@ -27,7 +27,7 @@ use std::time::Duration;
 use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::now_ms;
 use gantry_shared::protocol::{AttemptSpec, Command, CommandReply};
-use gantry_shared::{CpuMillis, EndCause, Generation, JobId, NodeId, Owner, parse_memory};
+use gantry_shared::{EndCause, Generation, JobId, NodeId, Owner};
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs;
@@ -394,9 +394,8 @@ fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Command {
         timeout_ms: job
             .spec
             .timeout
-            .as_deref()
-            .and_then(|t| humantime::parse_duration(t).ok())
-            .map(|d| d.as_millis() as u64),
+            .as_ref()
+            .map(|t| t.value().as_millis() as u64),
     })
 }
 

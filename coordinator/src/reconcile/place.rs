@@ -7,18 +7,13 @@ use super::*;
 /// What a job asks of each of its nodes.
 pub fn request(job: &Job) -> Request {
     let r = &job.spec.resources;
-    // Validated at submission; should a stored spec not parse, ask for a core and 512 MiB.
     Request {
         nodes: job.spec.nodes,
-        cpu_millis: r.cpu.parse::<CpuMillis>().map(|c| c.0).unwrap_or(1000),
-        memory_bytes: parse_memory(&r.memory).unwrap_or(512 << 20),
+        cpu_millis: r.cpu.value().0,
+        memory_bytes: r.memory.value().0,
         gpus: r.gpus,
         gpu_models: r.gpu_types.clone(),
-        min_gpu_memory_bytes: r
-            .gpu_memory
-            .as_deref()
-            .and_then(|m| parse_memory(m).ok())
-            .unwrap_or(0),
+        min_gpu_memory_bytes: r.gpu_memory.as_ref().map_or(0, |m| m.value().0),
         selector: job.spec.selector.clone(),
         spot: job.spec.spot,
     }
