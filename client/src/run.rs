@@ -133,7 +133,7 @@ async fn follow(client: &ApiClient, job: Job, json: bool) -> anyhow::Result<i32>
                     eprintln!("{}: output unavailable: {e}", job.id);
                 }
             } else {
-                follow_ranks(&client, job.id.as_str(), members.len() as u32).await;
+                follow_ranks(client, job.id.as_str(), members.len() as u32).await;
             }
             look_now = true;
             continue;
