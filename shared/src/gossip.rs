@@ -34,14 +34,6 @@ pub const GPU_KEY_PREFIX: &str = "gpu.";
 pub const KEY_CONTROL: &str = "control";
 pub const KEY_API: &str = "api";
 
-/// What a member is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Agent,
-    Coordinator,
-}
-
 /// Whether an agent takes new work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
