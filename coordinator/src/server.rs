@@ -131,10 +131,12 @@ pub async fn run(
         crate::registry::RegistryState::open(&cfg.state_dir.join("registry"), tokens)?,
     ));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
+    let changed = nodes.changed.clone();
     let scheduler = tokio::spawn(reconcile::run(
         store.clone(),
-        nodes,
+        reconcile::QuicLink { nodes },
         cluster,
+        changed,
         cancel.clone(),
     ));
     api::serve(listener, router, cancel.clone()).await?;

@@ -204,7 +204,7 @@ pub(super) async fn node_after_change(
 pub(super) fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
     let jobs = state.store.active_jobs()?;
     let statuses = state.cluster.statuses();
-    let ledger = reconcile::ledger(&jobs, &state.store.all_fences()?);
+    let ledger = reconcile::ledger(&jobs, &state.store.all_fences()?, now_ms());
     Ok(statuses
         .into_iter()
         .map(|s| {

@@ -1,8 +1,20 @@
-//! Placement over the store: what a job asks of a node, the ledger of what live members
-//! (and fenced ones) hold, the engine over the placeable nodes, and the pass that records
-//! each new generation durably before any node hears of it.
+//! What placement needs from the cluster, as pure functions: what a job asks of a node,
+//! the ledger of what live members (and fenced ones) hold, the engine over the placeable
+//! nodes, and the members of a new generation (ranks, addresses, rank 0's `MASTER_PORT`).
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+use gantry_shared::api::{Attempt, Job};
+use gantry_shared::{Generation, JobId, NodeId};
+
+use crate::jobs::ranks;
+use crate::nodes::liveness::NodeStatus;
+use crate::placement::{Assignment, Engine, NodeInfo, Request};
+use crate::store::Fence;
+
+/// How long GPUs of an attempt stopped for a GPU fault stay out of placement on the
+/// coordinator's own word (gossip says it within a second).
+const FAULT_HOLD_MS: u64 = 30_000;
 
 /// What a job asks of each of its nodes.
 pub fn request(job: &Job) -> Request {
@@ -42,8 +54,8 @@ pub fn node_info(s: &NodeStatus) -> Option<NodeInfo> {
 pub fn ledger<'a>(
     jobs: impl IntoIterator<Item = &'a Job>,
     fences: &[(NodeId, JobId, Generation, Fence)],
+    now: u64,
 ) -> BTreeMap<NodeId, Held> {
-    let now = now_ms();
     let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
     for (node, job, _, fence) in fences {
         let h = held.entry(node.clone()).or_default();
@@ -58,7 +70,7 @@ pub fn ledger<'a>(
         // FAULT_HOLD: gossip marks it unhealthy a few rounds later (and an operator's
         // clear must not be held up for long).
         for m in job.attempts.iter().filter(|m| {
-            matches!(m.cause, Some(EndCause::GpuFault(_)))
+            matches!(m.cause, Some(gantry_shared::EndCause::GpuFault(_)))
                 && m.ended_at_ms
                     .is_some_and(|t| now.saturating_sub(t) < FAULT_HOLD_MS)
         }) {
@@ -124,101 +136,17 @@ pub fn engine(statuses: &[NodeStatus], held: &BTreeMap<NodeId, Held>, as_built: 
     )
 }
 
-/// One placement pass, without talking to nodes: hands the pending jobs to the engine's
-/// queue, records every new generation (members with ranks, addresses and rank 0's
-/// `MASTER_PORT`) and every changed waiting reason, and makes it all durable with one
-/// commit. Returns the placed jobs, whose members' starts are to be sent.
-pub fn place_pending(
-    store: &Store,
-    statuses: &[NodeStatus],
-    active: &[Job],
-) -> Result<Vec<Job>, StoreError> {
-    let fences = store.all_fences()?;
-    let mut held = ledger(active, &fences);
-    // Members taken off a node that is still reachable (preempted, drained) run out their
-    // grace before the next generation starts: never two generations at once where it can
-    // be avoided. A node that is down cannot be waited for; its fence stops the member
-    // when it returns.
-    let mut stopping: BTreeMap<&JobId, BTreeSet<&NodeId>> = BTreeMap::new();
-    for (node, job, _, _) in &fences {
-        let down = statuses
-            .iter()
-            .find(|s| &s.id == node)
-            .is_none_or(|s| s.liveness == Liveness::Down);
-        if !down {
-            stopping.entry(job).or_default().insert(node);
-        }
-    }
-    let mut queue: Vec<Pending> = Vec::new();
-    let mut wrote = false;
-    let now = now_ms();
-    for job in active.iter().filter(|j| j.state == JobState::Pending) {
-        // Backing off before a retry (its reason says for how long).
-        if job.not_before_ms.is_some_and(|t| t > now) {
-            continue;
-        }
-        // A job whose previous generation still has members running waits for them.
-        if job.live_members().next().is_some() {
-            let reason = format!(
-                "waiting for the members of attempt {} to stop",
-                job.generation()
-            );
-            wrote |= note_reason(store, job, &reason)?;
-            continue;
-        }
-        if let Some(nodes) = stopping.get(&job.id) {
-            let nodes: Vec<&str> = nodes.iter().map(|n| n.as_str()).collect();
-            let reason = format!(
-                "waiting for attempt {} to stop on {} (taken off the node)",
-                job.generation(),
-                nodes.join(", ")
-            );
-            wrote |= note_reason(store, job, &reason)?;
-            continue;
-        }
-        queue.push(Pending {
-            job: job.id.clone(),
-            priority: job.spec.priority,
-            seq: job_seq(&job.id),
-            request: request(job),
-        });
-    }
-    let mut placed = Vec::new();
-    if !queue.is_empty() {
-        let mut engine = engine(statuses, &held, false);
-        let decisions = queue::schedule(&mut engine, &queue);
-        let by_id: BTreeMap<&JobId, &Job> = active.iter().map(|j| (&j.id, j)).collect();
-        for (id, decision) in decisions {
-            let Some(job) = by_id.get(&id) else { continue };
-            match decision {
-                Err(why) => wrote |= note_reason(store, job, &format!("waiting: {why}"))?,
-                Ok(assignment) => {
-                    wrote = true;
-                    if let Some(job) = record(store, statuses, &mut held, job, &assignment)? {
-                        placed.push(job);
-                    }
-                }
-            }
-        }
-    }
-    if wrote {
-        // Recorded before any node hears of it: the ledger is authoritative.
-        store.commit()?;
-    }
-    Ok(placed)
-}
-
-/// Records the new generation of `job` (not yet durable); `None` if the job changed
-/// meanwhile (cancelled) or no `MASTER_PORT` is free on rank 0's node.
-pub(super) fn record(
-    store: &Store,
+/// The members of `job`'s next generation on `assignment`, with ranks, addresses and (for
+/// distributed work) a `MASTER_PORT` on rank 0's node, reserved in `held`. `Err` says why
+/// the job waits instead (no `MASTER_PORT` free there).
+pub fn members(
     statuses: &[NodeStatus],
     held: &mut BTreeMap<NodeId, Held>,
     job: &Job,
     assignment: &Assignment,
-) -> Result<Option<Job>, StoreError> {
+) -> Result<Vec<Attempt>, String> {
     let Some(rank0) = assignment.members.first() else {
-        return Ok(None);
+        return Err("waiting: the placement chose no node".into());
     };
     let address = |node: &NodeId| {
         statuses
@@ -236,14 +164,12 @@ pub(super) fn record(
             .map(|h| h.ports.clone())
             .unwrap_or_default();
         let Some(port) = ranks::allocate_port(&used) else {
-            let reason = format!(
+            return Err(format!(
                 "waiting: every MASTER_PORT ({}–{}) on {} is in use",
                 ranks::MASTER_PORTS.start(),
                 ranks::MASTER_PORTS.end(),
                 rank0.node
-            );
-            note_reason(store, job, &reason)?;
-            return Ok(None);
+            ));
         };
         Some(port)
     } else {
@@ -270,18 +196,7 @@ pub(super) fn record(
             ended_at_ms: None,
         })
         .collect();
-    let node_list: Vec<String> = members.iter().map(|m| m.node.to_string()).collect();
-    let job = store.update_job_deferred(&job.id, |j| {
-        if j.state == JobState::Pending && j.live_members().next().is_none() {
-            j.attempts.extend(members.iter().cloned());
-            j.state = JobState::Running;
-            j.reason = Some(format!("starting on {}", node_list.join(", ")));
-        }
-    })?;
-    if job.generation() != generation {
-        return Ok(None); // cancelled meanwhile
-    }
-    let r = request(&job);
+    let r = request(job);
     for m in &members {
         let h = held.entry(m.node.clone()).or_default();
         h.cpu_millis += r.cpu_millis;
@@ -295,24 +210,11 @@ pub(super) fn record(
             .ports
             .insert(port);
     }
-    Ok(Some(job))
-}
-
-/// Records why a pending job waits, if that changed (not yet durable); true if it wrote.
-pub(super) fn note_reason(store: &Store, job: &Job, reason: &str) -> Result<bool, StoreError> {
-    if job.reason.as_deref() == Some(reason) {
-        return Ok(false);
-    }
-    store.update_job_deferred(&job.id, |j| {
-        if j.state == JobState::Pending {
-            j.reason = Some(reason.to_owned());
-        }
-    })?;
-    Ok(true)
+    Ok(members)
 }
 
 /// Submission order from the job id (`j-<16 hex>` from sled's monotonic counter).
-pub(super) fn job_seq(id: &JobId) -> u64 {
+pub fn job_seq(id: &JobId) -> u64 {
     id.as_str()
         .strip_prefix("j-")
         .and_then(|h| u64::from_str_radix(h, 16).ok())
