@@ -196,29 +196,91 @@ impl AgentConfig {
     }
 }
 
+/// Until the process ends: each SIGHUP re-reads `file` and applies its `log.level`; a bad
+/// file is reported and changes nothing. (Other settings take a restart.)
+pub async fn reload_log_on_hangup(file: PathBuf, reload: gantry_shared::config::LogReload) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; log level reload is off");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        reload.apply(AgentConfig::load(&file, false).map(|c| c.log));
+    }
+}
+
+/// Why `gantry-agent join` could not record the coordinator in the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not valid TOML; fix or remove it", path.display())]
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: toml_edit::TomlError,
+    },
+    #[error("creating {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replacing {}", path.display())]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Sets `coordinator` (and `state_dir`, when not the default) in the config file at
 /// `file`, keeping everything else in it (comments included); creates it if missing.
 /// Written to a temporary file and renamed, so a crash leaves the old file or the new.
-pub fn record_join(file: &Path, coordinator: &str, state_dir: &Path) -> anyhow::Result<()> {
-    use anyhow::Context;
+pub fn record_join(file: &Path, coordinator: &str, state_dir: &Path) -> Result<(), RecordError> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        Err(source) => {
+            return Err(RecordError::Read {
+                path: file.to_owned(),
+                source,
+            });
+        }
     };
-    let mut doc: toml_edit::DocumentMut = text
-        .parse()
-        .with_context(|| format!("{} is not valid TOML; fix or remove it", file.display()))?;
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|source| RecordError::Toml {
+        path: file.to_owned(),
+        source,
+    })?;
     doc["coordinator"] = toml_edit::value(coordinator);
     if state_dir != Path::new(DEFAULT_STATE_DIR) {
         doc["state_dir"] = toml_edit::value(state_dir.display().to_string());
     }
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| RecordError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
     }
     let tmp = file.with_extension("toml.tmp");
-    std::fs::write(&tmp, doc.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))?;
+    std::fs::write(&tmp, doc.to_string()).map_err(|source| RecordError::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, file).map_err(|source| RecordError::Replace {
+        path: file.to_owned(),
+        source,
+    })?;
     Ok(())
 }
 

@@ -240,6 +240,33 @@ impl Session {
     }
 }
 
+/// The coordinator's address could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("resolving the coordinator address `{addr}` (use host:port)")]
+    Lookup {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{addr}` resolves to no address")]
+    NoAddress { addr: String },
+}
+
+/// Resolves the coordinator's control address (`host:port`) to its first socket address.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, ResolveError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| ResolveError::Lookup {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ResolveError::NoAddress {
+            addr: addr.to_owned(),
+        })
+}
+
 /// Joins the cluster: trades the one-time `token` and a fresh key's CSR for a certificate
 /// naming `node`, and stores the identity in `dir`.
 pub async fn join(
