@@ -1,8 +1,161 @@
-//! Attempts: starting (image resolution, early stops), stopping, watching, reporting exits.
+//! Attempts on this node: taking a start (fencing stale generations), starting (GPU health,
+//! image resolution, early stops), stopping, watching, reporting each end through the
+//! outbox, resuming after an agent restart, and collecting old exited containers.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-impl Agent {
+use gantry_shared::now_ms;
+use gantry_shared::protocol::{AttemptSpec, CommandReply, Event, Refusal, RefusalCode};
+use gantry_shared::{
+    AttemptRef, ContainerId, CpuMillis, EndCause, Generation, Owner, Resources, StartFailure,
+};
+use tokio::sync::Notify;
+
+use super::generations::Generations;
+use super::gpus::GpuGuard;
+use super::outbox::Outbox;
+use crate::image::{ImageStore, RegistryAuth};
+use crate::runtime::{
+    ContainerRequest, ContainerState, ExitReason, ExitRecord, Runtime, RuntimeError,
+};
+
+/// Exited attempts whose output is kept on the node.
+const KEEP_EXITED: usize = 100;
+
+pub(super) struct Attempts {
+    runtime: Runtime,
+    images: ImageStore,
+    /// The cluster registry (address, token) from the current session, for unqualified
+    /// image names.
+    registry: Mutex<Option<(String, String)>>,
+    outbox: Outbox,
+    /// Highest generation taken per owner: commands for older ones are refused, and a
+    /// repeated start of the same one is a no-op.
+    generations: Generations,
+    /// Tells the gossip publisher that containers changed.
+    changed: Arc<Notify>,
+    /// GPU health before a start, and the fault an exit is reported with.
+    gpus: Arc<GpuGuard>,
+    /// Stops that arrived while their container was still starting (image resolution, or
+    /// before the shim reported), with their grace: `start` honours them once it can.
+    early_stops: Mutex<HashMap<ContainerId, Duration>>,
+}
+
+impl Attempts {
+    pub(super) fn new(
+        runtime: Runtime,
+        images: ImageStore,
+        outbox: Outbox,
+        generations: Generations,
+        gpus: Arc<GpuGuard>,
+    ) -> Self {
+        Self {
+            runtime,
+            images,
+            registry: Mutex::new(None),
+            outbox,
+            generations,
+            changed: Arc::new(Notify::new()),
+            gpus,
+            early_stops: Mutex::default(),
+        }
+    }
+
+    /// Notified whenever a container starts or exits.
+    pub(super) fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// The cluster registry of the current session (address, token), if it has one.
+    pub(super) fn set_registry(&self, registry: Option<(String, String)>) {
+        *self.registry.lock().unwrap_or_else(PoisonError::into_inner) = registry;
+    }
+
+    /// After a restart: watch re-adopted attempts again and report exits that happened
+    /// while no agent ran.
+    pub(super) fn resume(self: &Arc<Self>) {
+        for c in self.runtime.list() {
+            let Some(attempt) = c.attempt else {
+                continue;
+            };
+            match c.state {
+                ContainerState::Running { .. } => self.clone().watch(c.id, attempt),
+                ContainerState::Exited(exit) => {
+                    if !self.generations.is_done(&attempt.owner, attempt.generation) {
+                        self.report_exit(&c.id, attempt, &exit);
+                    }
+                }
+            }
+        }
+        // Starts taken by an agent that died before the container existed.
+        for (owner, generation) in self.generations.unfinished() {
+            let exists = owner
+                .container_id(generation)
+                .is_some_and(|id| self.runtime.status(&id).is_ok());
+            if !exists {
+                tracing::warn!(%owner, %generation, "start lost while the agent was down");
+                self.finish(Event::StartFailed {
+                    owner,
+                    generation,
+                    message: "the agent stopped while starting it".into(),
+                    failure: StartFailure::Node,
+                });
+            }
+        }
+    }
+
+    /// The coordinator's start of `spec`: refused for a generation older than one taken
+    /// here, a no-op for the one taken (its events tell what became of it); a newer one is
+    /// taken, fences older generations of the same owner still running, and starts.
+    pub(super) fn take_start(self: &Arc<Self>, spec: AttemptSpec) -> CommandReply {
+        let (owner, generation) = (spec.owner.clone(), spec.generation);
+        let unavailable = |e: crate::store::StoreError| {
+            CommandReply::Refused(Refusal::new(RefusalCode::Unavailable, e.to_string()))
+        };
+        let known = match self.generations.known(&owner) {
+            Ok(g) => g,
+            Err(e) => return unavailable(e),
+        };
+        if generation < known {
+            return CommandReply::Refused(Refusal::new(
+                RefusalCode::StaleGeneration,
+                format!(
+                    "{owner} is at generation {known} on this node; generation {generation} is stale"
+                ),
+            ));
+        }
+        // This generation was taken before (running, starting or finished): its events
+        // tell the coordinator what became of it.
+        if generation == known {
+            return CommandReply::Accepted;
+        }
+        let Some(id) = owner.container_id(generation) else {
+            return CommandReply::Refused(Refusal::new(
+                RefusalCode::Unavailable,
+                format!("{owner} does not fit a container id"),
+            ));
+        };
+        if let Err(e) = self.generations.take(&owner, generation) {
+            return unavailable(e);
+        }
+        // Fence older generations of the same owner still running here.
+        for old in self.runtime.list() {
+            let older = old
+                .attempt
+                .as_ref()
+                .is_some_and(|a| a.owner == owner && a.generation < generation);
+            if older && matches!(old.state, ContainerState::Running { .. }) {
+                let rt = self.runtime.clone();
+                tokio::spawn(async move { rt.stop(&old.id, Duration::ZERO).await });
+            }
+        }
+        let attempts = self.clone();
+        tokio::spawn(async move { attempts.start(id, spec).await });
+        CommandReply::Accepted
+    }
+
     /// Stops `generation` of `owner` if it runs or is starting here: `Accepted`, and its
     /// end is reported as an event; `NotRunning` if it exited already or this node never
     /// had it (no event follows).
@@ -28,13 +181,7 @@ impl Agent {
                 CommandReply::Accepted
             }
             Err(_) => {
-                let starting = self
-                    .generations
-                    .get::<Mark>(owner.key())
-                    .ok()
-                    .flatten()
-                    .is_some_and(|m| m.generation == generation && !m.done);
-                if starting {
+                if self.generations.is_starting(owner, generation) {
                     self.early_stop(&id, Some(grace));
                     CommandReply::Accepted
                 } else {
@@ -45,11 +192,11 @@ impl Agent {
     }
 
     /// Records an early stop (`Some`) or takes the one recorded (`None`).
-    pub(super) fn early_stop(&self, id: &ContainerId, grace: Option<Duration>) -> Option<Duration> {
+    fn early_stop(&self, id: &ContainerId, grace: Option<Duration>) -> Option<Duration> {
         let mut stops = self
             .early_stops
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner);
         match grace {
             Some(g) => stops.insert(id.clone(), g),
             None => stops.remove(id),
@@ -58,7 +205,7 @@ impl Agent {
 
     /// The image name to run: a local image as is; a fully qualified one pulled from its
     /// registry if missing; an unqualified one from the cluster's embedded registry.
-    pub(super) async fn resolve_image(&self, name: &str) -> Result<String, String> {
+    async fn resolve_image(&self, name: &str) -> Result<String, String> {
         if self.images.get(name).is_ok() {
             return Ok(name.to_owned());
         }
@@ -68,7 +215,7 @@ impl Agent {
             let registry = self
                 .registry
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(PoisonError::into_inner)
                 .clone();
             match registry {
                 Some((addr, token)) => (
@@ -87,15 +234,9 @@ impl Agent {
         Ok(reference)
     }
 
-    pub(super) async fn start(self: Arc<Self>, id: ContainerId, spec: AttemptSpec) {
+    async fn start(self: Arc<Self>, id: ContainerId, spec: AttemptSpec) {
         // The coordinator may not have heard yet (gossip lags) that a GPU failed.
-        let bad: Vec<String> = self
-            .gpus
-            .borrow()
-            .iter()
-            .filter(|g| spec.gpus.contains(&g.index) && g.health.is_unhealthy())
-            .map(|g| format!("GPU {} is {}", g.index, g.health.to_compact()))
-            .collect();
+        let bad = self.gpus.unhealthy_among(&spec.gpus);
         if !bad.is_empty() {
             self.finish(Event::StartFailed {
                 owner: spec.owner,
@@ -181,7 +322,7 @@ impl Agent {
         }
     }
 
-    pub(super) fn watch(self: Arc<Self>, id: ContainerId, attempt: AttemptRef) {
+    fn watch(self: Arc<Self>, id: ContainerId, attempt: AttemptRef) {
         tokio::spawn(async move {
             if let Ok(exit) = self.runtime.wait(&id).await {
                 self.changed.notify_one();
@@ -191,9 +332,8 @@ impl Agent {
     }
 
     /// Queues the exit; the container (and its output) stays until garbage collection.
-    pub(super) fn report_exit(&self, id: &ContainerId, attempt: AttemptRef, exit: &ExitRecord) {
-        let fault = self.gpu_faults.get::<GpuFault>(id.as_str()).ok().flatten();
-        let cause = match (fault, exit.reason) {
+    fn report_exit(&self, id: &ContainerId, attempt: AttemptRef, exit: &ExitRecord) {
+        let cause = match (self.gpus.fault_of(id), exit.reason) {
             (Some(fault), _) => EndCause::GpuFault(fault),
             (None, ExitReason::Exited) => EndCause::Exited,
             (None, ExitReason::Signaled) => EndCause::Signaled,
@@ -214,5 +354,66 @@ impl Agent {
         if self.finish(event) {
             self.collect_garbage();
         }
+    }
+
+    /// Records the end of an attempt: its event goes to the outbox and its mark is done.
+    /// False if the event could not be recorded (it is found again after a restart).
+    fn finish(&self, event: Event) -> bool {
+        let (owner, generation) = (event.owner().clone(), event.generation());
+        if let Err(e) = self.outbox.push(event) {
+            tracing::error!(%owner, error = %e, "cannot record an event");
+            return false;
+        }
+        if let Err(e) = self.generations.done(&owner, generation) {
+            tracing::warn!(%owner, error = %e, "cannot mark an attempt done");
+        }
+        true
+    }
+
+    /// Keeps the output of the newest exited attempts (for `gantry logs`) and removes the
+    /// containers beyond [`KEEP_EXITED`].
+    fn collect_garbage(&self) {
+        let mut exited: Vec<(u64, ContainerId)> = self
+            .runtime
+            .list()
+            .into_iter()
+            .filter(|c| c.attempt.is_some())
+            .filter_map(|c| match c.state {
+                ContainerState::Exited(e) => Some((e.finished_at_ms, c.id)),
+                ContainerState::Running { .. } => None,
+            })
+            .collect();
+        exited.sort();
+        let excess = exited.len().saturating_sub(KEEP_EXITED);
+        for (_, id) in exited.into_iter().take(excess) {
+            match self.runtime.remove(&id) {
+                // Two exits collecting at once: the other one removed it.
+                Ok(()) | Err(RuntimeError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "cannot remove an old container")
+                }
+            }
+        }
+    }
+}
+
+/// `registry.example.com/x`, `localhost:5000/x`: names a registry, as Docker reads it.
+fn is_qualified(image: &str) -> bool {
+    image.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qualified_image_names() {
+        assert!(is_qualified("127.0.0.1:5000/team/x:v1"));
+        assert!(is_qualified("registry.example.com/x"));
+        assert!(is_qualified("localhost/x"));
+        assert!(!is_qualified("busybox"));
+        assert!(!is_qualified("team/x"));
     }
 }

@@ -1,7 +1,32 @@
-//! The control session: connect (reconnecting with backoff), serve it, report a spot notice,
-//! and say so when the agent stops to be restarted.
+//! The control session: connect (reconnecting with backoff), route the coordinator's
+//! commands to the attempts, the GPU guard and the output, send the outbox's events until
+//! acknowledged, report a spot notice, and say so when the agent stops to be restarted.
 
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_shared::protocol::{
+    self, Command, CommandReply, Refusal, RefusalCode, Request, Response,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::attempts::Attempts;
+use super::gpus::GpuGuard;
+use super::outbox::Outbox;
+use super::{DaemonConfig, DaemonError, output};
+use crate::control::{self, ControlError, HelloInfo, NodeIdentity, Session};
+use crate::gossip::Publisher;
+use crate::runtime::Runtime;
+
+/// Where a session's commands go, and where its events come from.
+#[derive(Clone)]
+pub(super) struct Router {
+    pub(super) attempts: Arc<Attempts>,
+    pub(super) gpus: Arc<GpuGuard>,
+    pub(super) outbox: Outbox,
+    pub(super) runtime: Runtime,
+}
 
 /// Keeps a control session open (reconnecting with backoff) until `cancel` fires.
 pub(super) async fn sessions(
@@ -9,12 +34,12 @@ pub(super) async fn sessions(
     identity: &NodeIdentity,
     hello: HelloInfo,
     publisher: &Publisher,
-    agent: Arc<Agent>,
+    router: Router,
     cancel: &CancellationToken,
 ) -> Result<(), DaemonError> {
-    let changed = agent.changed.clone();
+    let changed = router.attempts.changed();
     // The spot watcher's deadline, once a notice came; sent on every session until noted.
-    let (notice_tx, notice_rx) = tokio::sync::watch::channel::<Option<u64>>(None);
+    let (notice_tx, notice_rx) = watch::channel::<Option<u64>>(None);
     if let Some(watcher) = cfg.spot_notice.clone() {
         let cancel = cancel.clone();
         tokio::spawn(async move {
@@ -33,9 +58,11 @@ pub(super) async fn sessions(
             Ok(session) => {
                 tracing::info!(coordinator = %cfg.coordinator, node = %identity.node, "control session open");
                 backoff = Duration::from_millis(200);
-                *agent.registry.lock().unwrap_or_else(|e| e.into_inner()) = session
-                    .registry()
-                    .map(|addr| (addr, identity.registry_token.clone()));
+                router.attempts.set_registry(
+                    session
+                        .registry()
+                        .map(|addr| (addr, identity.registry_token.clone())),
+                );
                 if let Some(addr) = session.coordinator_gossip() {
                     publisher.contact(addr);
                 }
@@ -47,7 +74,7 @@ pub(super) async fn sessions(
                 };
                 let notices = report_notice(&session, notice_rx.clone());
                 tokio::select! {
-                    _ = agent.clone().serve(&session, cancel, cfg.restart_hold) => {}
+                    _ = router.serve(&session, cancel, cfg.restart_hold) => {}
                     _ = pokes => {}
                     _ = notices => {}
                 }
@@ -79,9 +106,103 @@ pub(super) async fn sessions(
     }
 }
 
+impl Router {
+    /// Serves one session: commands from the coordinator, events to it. On `cancel`, says
+    /// it is restarting (for `restart_hold`) before closing the session.
+    async fn serve(&self, session: &Session, cancel: &CancellationToken, restart_hold: Duration) {
+        let conn = session.connection().clone();
+        let commands = async {
+            loop {
+                let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
+                    return;
+                };
+                let router = self.clone();
+                tokio::spawn(async move {
+                    let (reply, logs) = match control::read_frame::<Command>(&mut rx).await {
+                        Ok(Command::Logs {
+                            owner,
+                            generation,
+                            follow,
+                        }) => output::logs(&router.runtime, &owner, generation, follow),
+                        Ok(cmd) => (router.route(cmd), None),
+                        Err(e) => (
+                            CommandReply::Refused(Refusal::new(RefusalCode::NoSession, e)),
+                            None,
+                        ),
+                    };
+                    if let Ok(frame) = protocol::encode(&reply) {
+                        let _ = tx.write_all(&frame).await;
+                    }
+                    if let Some((id, follow)) = logs {
+                        output::stream(&router.runtime, &mut tx, &id, follow).await;
+                    }
+                    let _ = tx.finish();
+                });
+            }
+        };
+        let events = async {
+            loop {
+                match self.outbox.pending(256) {
+                    Ok(batch) if !batch.is_empty() => {
+                        match session.request(&Request::Events { events: batch }).await {
+                            Ok(Response::EventsAck { upto }) => {
+                                if let Err(e) = self.outbox.ack(upto) {
+                                    tracing::error!(error = %e, "cannot trim the event outbox");
+                                }
+                                continue;
+                            }
+                            Ok(other) => {
+                                tracing::warn!(answer = ?other, "events not acknowledged; will resend")
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "sending events failed");
+                                return;
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot read the event outbox"),
+                }
+                tokio::select! {
+                    _ = self.outbox.pushed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                say_restarting(session, restart_hold).await;
+                conn.close(0u32.into(), b"agent shutting down");
+            }
+            _ = commands => {}
+            _ = events => {}
+        }
+    }
+
+    /// A command other than `Logs` (which streams on its own), to whom it concerns.
+    fn route(&self, cmd: Command) -> CommandReply {
+        match cmd {
+            Command::Ping => CommandReply::Accepted,
+            Command::ClearGpu { index } => self.gpus.clear(index),
+            Command::Stop {
+                owner,
+                generation,
+                grace_ms,
+            } => self
+                .attempts
+                .stop(&owner, generation, Duration::from_millis(grace_ms)),
+            Command::Start(spec) => self.attempts.take_start(spec),
+            Command::Logs { .. } => CommandReply::Refused(Refusal::new(
+                RefusalCode::Unavailable,
+                "logs are served on their own stream",
+            )),
+        }
+    }
+}
+
 /// Tells the coordinator that this agent stops to be restarted, so the node's work stays
 /// while it is away (bounded: a second at most, a stop must not hang on it).
-pub(super) async fn say_restarting(session: &Session, hold: Duration) {
+async fn say_restarting(session: &Session, hold: Duration) {
     if hold.is_zero() {
         return;
     }
@@ -100,10 +221,7 @@ pub(super) async fn say_restarting(session: &Session, hold: Duration) {
 
 /// Tells the coordinator about a spot-interruption notice, then waits for the session's
 /// end (it never completes on its own, so it never ends the session).
-pub(super) async fn report_notice(
-    session: &Session,
-    mut notice: tokio::sync::watch::Receiver<Option<u64>>,
-) {
+async fn report_notice(session: &Session, mut notice: watch::Receiver<Option<u64>>) {
     let mut noted = false;
     loop {
         if noted {
