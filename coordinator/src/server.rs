@@ -11,9 +11,11 @@ use crate::api::{self, ApiConfig, ApiState};
 use crate::auth::ApiTokens;
 use crate::ca::ClusterCa;
 use crate::control::{ControlConfig, ControlServer};
+use crate::jobs::service::JobService;
 use crate::nodes::Nodes;
 use crate::nodes::join::JoinTokens;
 use crate::nodes::liveness::{Cluster, ClusterConfig};
+use crate::nodes::service::NodeService;
 use crate::reconcile;
 use crate::store::Store;
 
@@ -115,18 +117,18 @@ pub async fn run(
     };
     tracing::info!(cluster = %ca.cluster(), api = %bound.api, control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
-    let router = api::router(
-        ApiState::new(
+    let router = api::router(ApiState::new(
+        JobService::new(
             store.clone(),
-            tokens.clone(),
-            join,
-            nodes.clone(),
             cluster.clone(),
-            node_admin,
-            cfg.api.clone(),
-        )
-        .with_shutdown(cancel.clone()),
-    )
+            nodes.clone(),
+            cancel.clone(),
+        ),
+        NodeService::new(store.clone(), cluster.clone(), nodes.clone(), node_admin),
+        tokens.clone(),
+        join,
+        cfg.api.clone(),
+    ))
     .merge(crate::registry::router(
         crate::registry::RegistryState::open(&cfg.state_dir.join("registry"), tokens)?,
     ));

@@ -5,9 +5,11 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
 use gantry_coordinator::auth::{ApiTokens, Role};
+use gantry_coordinator::jobs::service::JobService;
 use gantry_coordinator::nodes::Nodes;
 use gantry_coordinator::nodes::join::JoinTokens;
 use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig};
+use gantry_coordinator::nodes::service::NodeService;
 use gantry_coordinator::store::Store;
 use gantry_shared::ClusterId;
 use serde_json::{Value, json};
@@ -55,9 +57,14 @@ impl Api {
         )
         .await
         .expect("cluster view");
-        let router = api::router(ApiState::new(
-            store, tokens, join, nodes, cluster, node_admin, cfg,
-        ));
+        let jobs = JobService::new(
+            store.clone(),
+            cluster.clone(),
+            nodes.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let node_service = NodeService::new(store, cluster, nodes, node_admin);
+        let router = api::router(ApiState::new(jobs, node_service, tokens, join, cfg));
         Self {
             router,
             admin,

@@ -92,10 +92,41 @@ pub enum ApiError {
     Unavailable { message: String },
     #[error("the job can never run here: {message}; ask for less or add a larger node")]
     TooLargeForCluster { message: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("{message}")]
+    IdempotencyKeyReused { message: String },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<JobServiceError> for ApiError {
+    fn from(e: JobServiceError) -> Self {
+        match e {
+            JobServiceError::NeverFits { message } => ApiError::TooLargeForCluster { message },
+            JobServiceError::NotFound { what } => ApiError::NotFound { what },
+            e @ JobServiceError::IdempotencyKeyReused { .. } => ApiError::IdempotencyKeyReused {
+                message: e.to_string(),
+            },
+            JobServiceError::Unavailable { message } => ApiError::Unavailable { message },
+            JobServiceError::Store(e) => ApiError::Internal(e.to_string()),
+            JobServiceError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<NodeServiceError> for ApiError {
+    fn from(e: NodeServiceError) -> Self {
+        match e {
+            NodeServiceError::NotFound { id } => ApiError::NotFound {
+                what: format!("node `{id}` (it has not joined this cluster)"),
+            },
+            e @ NodeServiceError::NoSuchGpu { .. } => ApiError::NotFound {
+                what: e.to_string().trim_end_matches(" not found").to_owned(),
+            },
+            NodeServiceError::Unavailable { message } => ApiError::Unavailable { message },
+            NodeServiceError::Store(e) => ApiError::Internal(e.to_string()),
+            NodeServiceError::Admin(e) => ApiError::Internal(e.to_string()),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -118,15 +149,13 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Unauthenticated { .. } => (StatusCode::UNAUTHORIZED, "unauthenticated", None),
             ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", None),
-            ApiError::NotFound { .. } | ApiError::Store(StoreError::NotFound { .. }) => {
-                (StatusCode::NOT_FOUND, "not_found", None)
-            }
-            ApiError::Store(StoreError::IdempotencyMismatch { .. }) => (
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::IdempotencyKeyReused { .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
                 Some("Idempotency-Key".into()),
             ),
-            ApiError::Store(_) | ApiError::Internal(_) => {
+            ApiError::Internal(_) => {
                 tracing::error!(error = %self, "API request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
             }

@@ -14,29 +14,25 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use gantry_shared::JobId;
 use gantry_shared::api::{
     ApiTokenRequest, ApiTokenResponse, ErrorBody, ErrorDetail, Job, JobList, JobSpec, JobState,
     JoinTokenRequest, JoinTokenResponse, Node, NodeNotice, RevokeTokensRequest,
     RevokeTokensResponse,
 };
-use gantry_shared::now_ms;
-use gantry_shared::{JobId, NodeId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 use crate::auth::{ApiTokens, Role};
-use crate::nodes::Nodes;
-use crate::nodes::admin::{AdminMode, AdminState, NodeAdmin};
+use crate::jobs::service::{JobService, JobServiceError};
+use crate::nodes::admin::AdminMode;
 use crate::nodes::join::JoinTokens;
-use crate::nodes::liveness::Cluster;
-use crate::reconcile;
-use crate::store::{JobFilter, Store, StoreError};
+use crate::nodes::service::{NodeService, NodeServiceError};
 
 mod extract;
 mod nodes;
@@ -66,46 +62,33 @@ impl Default for ApiConfig {
     }
 }
 
+/// What the handlers call: one service per domain. Handlers validate and call one
+/// service method; they never reach into the store, the reconciler or the QUIC layer.
 #[derive(Clone)]
 pub struct ApiState {
-    store: Store,
+    jobs: JobService,
+    nodes: NodeService,
     tokens: ApiTokens,
     join: JoinTokens,
-    nodes: Nodes,
-    cluster: Cluster,
-    admin: NodeAdmin,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
-    /// Ends long polls when the coordinator shuts down (graceful shutdown waits for every
-    /// request in flight).
-    shutdown: CancellationToken,
 }
 
 impl ApiState {
-    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
-        self.shutdown = shutdown;
-        self
-    }
-
     pub fn new(
-        store: Store,
+        jobs: JobService,
+        nodes: NodeService,
         tokens: ApiTokens,
         join: JoinTokens,
-        nodes: Nodes,
-        cluster: Cluster,
-        admin: NodeAdmin,
         cfg: ApiConfig,
     ) -> Self {
         Self {
-            store,
+            jobs,
+            nodes,
             tokens,
             join,
-            nodes,
-            cluster,
-            admin,
             metrics: Arc::new(Metrics::new()),
             cfg,
-            shutdown: CancellationToken::new(),
         }
     }
 }
@@ -289,41 +272,9 @@ async fn submit_job(
                 })
         })
         .transpose()?;
-    // Larger than every known node even when empty: it would never run. Only judged when
-    // every joined node has described itself: right after a coordinator restart, or while
-    // a node is away, the cluster is larger than what the view knows.
-    let probe = probe_job(&spec);
-    let statuses = state.cluster.statuses();
-    let described = statuses.iter().all(|s| reconcile::node_info(s).is_some());
-    let mut empty = reconcile::engine(&statuses, &Default::default(), true);
-    // A cluster without nodes yet takes jobs: nodes may join.
-    if described
-        && let Err(why) = empty.place(&reconcile::request(&probe))
-        && why.is_never()
-        && !matches!(
-            why,
-            crate::placement::Unplaceable::Never(crate::placement::Never::NoNodes)
-        )
-    {
-        return Err(ApiError::TooLargeForCluster {
-            message: why.to_string(),
-        });
-    }
-    // Compare what the spec means, not its bytes: reformatted JSON is the same request.
-    let canonical = hex::encode(Sha256::digest(
-        serde_json::to_vec(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
-    ));
-    let now = now_ms();
-    let store = state.store.clone();
-    let (job, created) = tokio::task::spawn_blocking(move || {
-        store.create_job(spec, now, key.as_deref().map(|k| (k, canonical.as_str())))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (job, created) = state.jobs.submit(spec, key).await?;
     if created {
         state.metrics.jobs_submitted.inc();
-        // Let the scheduler place it now rather than at its next pass.
-        state.nodes.changed.notify_one();
     }
     let mut response = (StatusCode::CREATED, Json(job)).into_response();
     if !created {
@@ -366,11 +317,7 @@ async fn list_jobs(
         })
         .transpose()?;
     let limit = q.limit.unwrap_or(100).clamp(1, state.cfg.max_page);
-    let (jobs, more) = state.store.jobs(&JobFilter {
-        state: q.state,
-        after,
-        limit,
-    })?;
+    let (jobs, more) = state.jobs.list(q.state, after, limit)?;
     let next_page_token = more
         .then(|| jobs.last().map(|j| j.id.to_string()))
         .flatten();
@@ -394,38 +341,19 @@ async fn get_job(
     let q = query_params(query)?;
     let id = job_id(id)?;
     let Some(since) = q.changed_since else {
-        return Ok(Json(state.store.job(&id)?));
+        return Ok(Json(state.jobs.get(&id)?));
     };
     let wait = match q.wait.as_deref() {
         None => MAX_JOB_WAIT,
-        Some(w) => humantime::parse_duration(w)
-            .map_err(|e| ApiError::BadRequest {
-                field: Some("wait".into()),
-                message: format!("`{w}` is not a duration ({e}); e.g. `30s`"),
-            })?
-            .min(MAX_JOB_WAIT),
+        Some(w) => humantime::parse_duration(w).map_err(|e| ApiError::BadRequest {
+            field: Some("wait".into()),
+            message: format!("`{w}` is not a duration ({e}); e.g. `30s`"),
+        })?,
     };
-    // A long poll: answer once the job changed after `since` (its `updated_at_ms` moves on
-    // every change), or at the deadline with the job as it is.
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let changed = state.store.changed().notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let job = state.store.job(&id)?;
-        if job.updated_at_ms > since {
-            return Ok(Json(job));
-        }
-        tokio::select! {
-            _ = &mut changed => {}
-            _ = tokio::time::sleep_until(deadline) => return Ok(Json(job)),
-            _ = state.shutdown.cancelled() => return Ok(Json(job)),
-        }
-    }
+    Ok(Json(state.jobs.changed_since(&id, since, wait).await?))
 }
 
-/// The longest a `GET /v1/jobs/{id}?changed_since=` waits.
-const MAX_JOB_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+use crate::jobs::service::MAX_JOB_WAIT;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -445,15 +373,7 @@ async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<Job>, ApiError> {
     caller.require(Role::Submitter)?;
-    let now = now_ms();
-    let job = state.store.update_job(&job_id(id)?, |job| {
-        if !job.state.is_terminal() {
-            job.state = JobState::Cancelled;
-            job.reason = Some("cancelled by request".into());
-            job.updated_at_ms = now;
-        }
-    })?;
-    Ok(Json(job))
+    Ok(Json(state.jobs.cancel(&job_id(id)?)?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -479,71 +399,20 @@ async fn job_logs(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Reader)?;
     let q = query_params(query)?;
-    let job = state.store.job(&job_id(id)?)?;
-    let generation = q
-        .generation
-        .map(gantry_shared::Generation)
-        .or_else(|| job.attempts.last().map(|a| a.generation));
-    let rank = q.rank.unwrap_or(0);
-    let attempt = job
-        .attempts
-        .iter()
-        .find(|a| Some(a.generation) == generation && a.rank == rank)
-        .ok_or_else(|| ApiError::NotFound {
-            what: format!(
-                "output of job {} (no such attempt yet: {})",
-                job.id,
-                job.reason.clone().unwrap_or_default()
-            ),
-        })?;
-    let session = state
-        .nodes
-        .get(&attempt.node)
-        .ok_or_else(|| ApiError::Unavailable {
-            message: format!(
-                "node {} is not connected; its output is on it",
-                attempt.node
-            ),
-        })?;
-    let unavailable = |e: String| ApiError::Unavailable {
-        message: format!("cannot fetch output from {}: {e}", attempt.node),
-    };
-    let cmd = gantry_shared::protocol::Command::Logs {
-        owner: gantry_shared::Owner::Job(job.id.clone()),
-        generation: attempt.generation,
-        follow: q.follow.unwrap_or(false),
-    };
-    let (reply, rx) = crate::control::command(&session.conn, &cmd)
-        .await
-        .map_err(unavailable)?;
-    match reply {
-        gantry_shared::protocol::CommandReply::Accepted => {}
-        gantry_shared::protocol::CommandReply::Refused(r) => {
-            return Err(ApiError::NotFound {
-                what: format!("output of job {} (the node says: {})", job.id, r.message),
-            });
-        }
-        gantry_shared::protocol::CommandReply::NotRunning => {
-            return Err(ApiError::NotFound {
-                what: format!("output of job {} on {}", job.id, attempt.node),
-            });
-        }
-    }
-    // Log chunks: a stream byte, a 4-byte length, the bytes; the body carries the bytes.
-    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
-        let mut head = [0u8; 5];
-        rx.read_exact(&mut head).await.ok()?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > gantry_shared::protocol::MAX_FRAME {
-            return None;
-        }
-        let mut data = vec![0u8; len];
-        rx.read_exact(&mut data).await.ok()?;
-        Some((Ok::<_, std::io::Error>(Bytes::from(data)), rx))
-    });
+    let output = state
+        .jobs
+        .output(
+            &job_id(id)?,
+            q.generation.map(gantry_shared::Generation),
+            q.rank.unwrap_or(0),
+            q.follow.unwrap_or(false),
+        )
+        .await?;
+    let body =
+        futures_util::StreamExt::map(output, |chunk| Ok::<_, std::io::Error>(Bytes::from(chunk)));
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        axum::body::Body::from_stream(chunks),
+        axum::body::Body::from_stream(body),
     )
         .into_response())
 }
@@ -576,21 +445,6 @@ fn deserialize_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Ap
             message: e.inner().to_string(),
         }
     })
-}
-
-/// A job with `spec`, for asking the engine whether it could ever be placed.
-fn probe_job(spec: &JobSpec) -> gantry_shared::api::Job {
-    gantry_shared::api::Job {
-        id: JobId::from_sequence(0),
-        spec: spec.clone(),
-        state: JobState::Pending,
-        reason: None,
-        created_at_ms: 0,
-        updated_at_ms: 0,
-        attempts: Vec::new(),
-        failures: 0,
-        not_before_ms: None,
-    }
 }
 
 fn job_id(raw: String) -> Result<JobId, ApiError> {

@@ -10,7 +10,7 @@ pub(super) async fn list_nodes(
     caller: Caller,
 ) -> Result<Json<Vec<Node>>, ApiError> {
     caller.require(Role::Reader)?;
-    Ok(Json(nodes_view(&state)?))
+    Ok(Json(state.nodes.list()?))
 }
 
 /// One node.
@@ -22,13 +22,7 @@ pub(super) async fn get_node(
     Path(id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     caller.require(Role::Reader)?;
-    nodes_view(&state)?
-        .into_iter()
-        .find(|n| n.id.as_str() == id)
-        .map(Json)
-        .ok_or(ApiError::NotFound {
-            what: format!("node `{id}` (it has not joined this cluster)"),
-        })
+    Ok(Json(state.nodes.get(&id)?))
 }
 
 /// Stops new placements on a node; running work finishes, or at the deadline is stopped
@@ -70,12 +64,7 @@ pub(super) async fn undrain_node(
     Path(id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     caller.require(Role::Admin)?;
-    let node = known_node(&state, &id)?;
-    state
-        .admin
-        .clear(&node)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    node_after_change(&state, &node).await
+    Ok(Json(state.nodes.undrain(&id).await?))
 }
 
 /// Declares a GPU healthy again after an operator dealt with it (it stays unhealthy, and
@@ -88,53 +77,7 @@ pub(super) async fn clear_gpu(
     Path((id, index)): Path<(String, u32)>,
 ) -> Result<Json<Node>, ApiError> {
     caller.require(Role::Admin)?;
-    let node = known_node(&state, &id)?;
-    let session = state
-        .nodes
-        .get(&node)
-        .ok_or_else(|| ApiError::Unavailable {
-            message: format!("node {node} is not connected; clear its GPU once it is back"),
-        })?;
-    let cmd = gantry_shared::protocol::Command::ClearGpu { index };
-    let reply = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        crate::control::command(&session.conn, &cmd),
-    )
-    .await
-    .map_err(|_| ApiError::Unavailable {
-        message: format!("node {node} did not answer within 10 s"),
-    })?
-    .map_err(|e| ApiError::Unavailable {
-        message: format!("cannot reach node {node}: {e}"),
-    })?;
-    if let gantry_shared::protocol::CommandReply::Refused(r) = reply.0 {
-        return Err(ApiError::NotFound {
-            what: format!("GPU {index} on node {node} ({})", r.message),
-        });
-    }
-    // Gossip carries the new health to the view within a few rounds.
-    for _ in 0..40 {
-        let healthy = state.cluster.statuses().iter().any(|s| {
-            s.id == node
-                && s.gossip
-                    .as_ref()
-                    .and_then(|g| g.gpus.iter().find(|g| g.index == index))
-                    .is_some_and(|g| !g.health.is_unhealthy())
-        });
-        if healthy {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    node_after_change(&state, &node).await
-}
-
-pub(super) fn known_node(state: &ApiState, id: &str) -> Result<NodeId, ApiError> {
-    let node = NodeId::new(id).ok();
-    node.filter(|n| state.cluster.statuses().iter().any(|s| &s.id == n))
-        .ok_or(ApiError::NotFound {
-            what: format!("node `{id}` (it has not joined this cluster)"),
-        })
+    Ok(Json(state.nodes.clear_gpu(&id, index).await?))
 }
 
 pub(super) async fn set_admin(
@@ -143,7 +86,6 @@ pub(super) async fn set_admin(
     mode: AdminMode,
     deadline: Option<&str>,
 ) -> Result<Json<Node>, ApiError> {
-    let node = known_node(state, id)?;
     let deadline = match deadline {
         None => None,
         Some(d) => Some(
@@ -158,86 +100,5 @@ pub(super) async fn set_admin(
                 })?,
         ),
     };
-    let now = now_ms();
-    state
-        .admin
-        .set(
-            &node,
-            AdminState {
-                mode,
-                since_ms: now,
-                deadline_ms: deadline.map(|d| now + d.as_millis() as u64),
-            },
-        )
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    tracing::warn!(%node, ?mode, ?deadline, "node taken out of service");
-    node_after_change(state, &node).await
-}
-
-/// The node once the cluster view has taken the change in (a poll, ~100 ms).
-pub(super) async fn node_after_change(
-    state: &ApiState,
-    node: &NodeId,
-) -> Result<Json<Node>, ApiError> {
-    let wanted = state.admin.get(node).ok().flatten();
-    for _ in 0..20 {
-        if state
-            .cluster
-            .statuses()
-            .iter()
-            .any(|s| &s.id == node && s.admin == wanted)
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    state.nodes.changed.notify_one();
-    nodes_view(state)?
-        .into_iter()
-        .find(|n| &n.id == node)
-        .map(Json)
-        .ok_or(ApiError::NotFound {
-            what: format!("node `{node}`"),
-        })
-}
-
-pub(super) fn nodes_view(state: &ApiState) -> Result<Vec<Node>, ApiError> {
-    let jobs = state.store.active_jobs()?;
-    let statuses = state.cluster.statuses();
-    let ledger = reconcile::ledger(&jobs, &state.store.all_fences()?, now_ms());
-    Ok(statuses
-        .into_iter()
-        .map(|s| {
-            let reserved = ledger.get(&s.id);
-            let gossip = s.gossip.as_ref();
-            Node {
-                state: s.state().into(),
-                reason: (!s.reason.is_empty()).then(|| s.reason.to_owned()),
-                state_since_ms: s
-                    .admin
-                    .as_ref()
-                    .filter(|_| s.liveness == crate::nodes::liveness::Liveness::Up)
-                    .map_or(s.since_ms, |a| a.since_ms),
-                deadline_ms: s.admin.as_ref().and_then(|a| a.deadline_ms),
-                last_seen_ms: s.last_seen_ms,
-                connected: s.connected,
-                address: gossip.map(|g| g.addr.to_string()),
-                labels: gossip.map(|g| g.labels.clone()).unwrap_or_default(),
-                cpu_millis: s.capacity.map_or(0, |c| c.cpu_millis),
-                memory_bytes: s.capacity.map_or(0, |c| c.memory_bytes),
-                free_cpu_millis: gossip.map(|g| g.resources.free_cpu_millis),
-                free_memory_bytes: gossip.map(|g| g.resources.free_memory_bytes),
-                reserved_cpu_millis: reserved.map_or(0, |v| v.cpu_millis),
-                reserved_memory_bytes: reserved.map_or(0, |v| v.memory_bytes),
-                reserved_gpus: reserved
-                    .map(|v| v.gpus.iter().copied().collect())
-                    .unwrap_or_default(),
-                gpus: gossip.map(|g| g.gpus.clone()).unwrap_or_default(),
-                jobs: reserved
-                    .map(|v| v.jobs.iter().cloned().collect())
-                    .unwrap_or_default(),
-                id: s.id,
-            }
-        })
-        .collect())
+    Ok(Json(state.nodes.set_admin(id, mode, deadline).await?))
 }

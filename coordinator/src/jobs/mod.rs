@@ -8,6 +8,7 @@
 //! so two generations of a job never run at once.
 
 pub mod ranks;
+pub mod service;
 
 use gantry_shared::api::{Job, JobState};
 use gantry_shared::protocol::Event;

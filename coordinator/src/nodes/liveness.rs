@@ -204,6 +204,8 @@ struct Tracked {
 pub struct Cluster {
     member: Arc<Member>,
     view: Arc<Mutex<Vec<NodeStatus>>>,
+    /// Counts recomputations of the view, for waiting on the next one.
+    refreshed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Cluster {
@@ -231,8 +233,10 @@ impl Cluster {
         let this = Self {
             member: member.clone(),
             view: Arc::default(),
+            refreshed: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let view = this.view.clone();
+        let refreshed = this.refreshed.clone();
         tokio::spawn(async move {
             let mut tracked: HashMap<NodeId, Tracked> = HashMap::new();
             let started = Instant::now();
@@ -277,6 +281,7 @@ impl Cluster {
                 if changed {
                     nodes.changed.notify_one();
                 }
+                refreshed.send_modify(|n| *n += 1);
             }
             match Arc::try_unwrap(member) {
                 Ok(m) => m.shutdown().await,
@@ -293,6 +298,26 @@ impl Cluster {
     /// Every joined or connected node, by id.
     pub fn statuses(&self) -> Vec<NodeStatus> {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the view satisfies `ready` (checked now and after each recomputation),
+    /// at most `bound`; says whether it did.
+    pub async fn wait_until(
+        &self,
+        ready: impl Fn(&[NodeStatus]) -> bool,
+        bound: std::time::Duration,
+    ) -> bool {
+        let mut refreshed = self.refreshed.subscribe();
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if ready(&self.statuses()) {
+                return true;
+            }
+            tokio::select! {
+                r = refreshed.changed() => if r.is_err() { return false },
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
     }
 }
 

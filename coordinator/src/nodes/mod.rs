@@ -1,12 +1,13 @@
 //! Nodes. This module: the nodes with an open control session (who is connected, what
 //! they offer, and the connection to send them commands on; rebuilt from sessions, never
 //! persisted). Beside it: `liveness` (the view of every node as up, suspect or down, from
-//! gossip and sessions), `admin` (drain and preempt, persisted) and `join` (one-time join
-//! tokens and the register of joined nodes).
+//! gossip and sessions), `admin` (drain and preempt, persisted), `join` (one-time join
+//! tokens and the register of joined nodes) and `service` (what the API does with nodes).
 
 pub mod admin;
 pub mod join;
 pub mod liveness;
+pub mod service;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
