@@ -123,6 +123,101 @@ pub fn phi(file: &Path, key: &str, value: f64) -> Result<f64, ConfigError> {
     }
 }
 
+/// Serde for a duration setting written as humantime text (`200ms`, `15s`, `10m`), so a
+/// settings struct holds a `Duration` and a bad value names its key and how to write one.
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = String::deserialize(d)?;
+        humantime::parse_duration(&v).map_err(|e| {
+            D::Error::custom(format!(
+                "`{v}` is not a duration ({e}); write it like `200ms`, `15s` or `10m`"
+            ))
+        })
+    }
+}
+
+/// A phi threshold (failure-detector suspicion) as a setting: a positive number.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Phi(f64);
+
+impl Phi {
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl Default for Phi {
+    /// 6: chitchat's default, and Gantry's.
+    fn default() -> Self {
+        Phi(6.0)
+    }
+}
+
+impl TryFrom<f64> for Phi {
+    type Error = String;
+
+    fn try_from(v: f64) -> Result<Self, String> {
+        if v.is_finite() && v > 0.0 {
+            Ok(Phi(v))
+        } else {
+            Err(format!("{v} must be a positive number (6 is the default)"))
+        }
+    }
+}
+
+impl From<Phi> for f64 {
+    fn from(p: Phi) -> f64 {
+        p.0
+    }
+}
+
+/// A `host:port` setting (a name or an address, and a port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort(String);
+
+impl HostPort {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(v: &str) -> Result<Self, String> {
+        match v.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(HostPort(v.to_owned()))
+            }
+            _ => Err(format!("`{v}` is not `host:port`")),
+        }
+    }
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+
+    fn try_from(v: String) -> Result<Self, String> {
+        v.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(h: HostPort) -> String {
+        h.0
+    }
+}
+
 /// How logs are written (to stderr).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -6,11 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gantry_client::api::ApiClient;
-use gantry_coordinator::api::ApiConfig;
-use gantry_coordinator::config::{Checked, CoordinatorFile};
-use gantry_coordinator::control::ControlConfig;
-use gantry_coordinator::nodes::liveness::ClusterConfig;
-use gantry_coordinator::server::{self, CoordinatorConfig};
+use gantry_coordinator::config::CoordinatorSettings;
+use gantry_coordinator::server;
+use gantry_shared::config::{HostPort, Phi};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -36,23 +34,7 @@ struct Cli {
 enum Command {
     /// Run the coordinator in the foreground. Each flag absent falls back to the
     /// configuration file, then to the default written there.
-    Serve {
-        /// Database, cluster CA, tokens (default /var/lib/gantry/coordinator).
-        #[arg(long, env = "GANTRY_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-        /// HTTP API address (default 127.0.0.1:7080).
-        #[arg(long)]
-        api_listen: Option<SocketAddr>,
-        /// QUIC control-plane address, where agents connect (default 0.0.0.0:7443).
-        #[arg(long)]
-        control_listen: Option<SocketAddr>,
-        /// The embedded registry's address as nodes reach it, `host:port` (default: the
-        /// API address, unless it listens on all interfaces).
-        #[arg(long)]
-        registry_address: Option<String>,
-        #[command(flatten)]
-        gossip: GossipArgs,
-    },
+    Serve(ServeFlags),
     /// Manage join tokens (through the running coordinator's API, as an admin).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -67,9 +49,22 @@ enum ConfigCommand {
     Check,
 }
 
-/// Gossip and node liveness.
+/// `serve`'s flags: each one given replaces its setting from the file.
 #[derive(clap::Args)]
-struct GossipArgs {
+struct ServeFlags {
+    /// Database, cluster CA, tokens (default /var/lib/gantry/coordinator).
+    #[arg(long, env = "GANTRY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// HTTP API address (default 127.0.0.1:7080).
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
+    /// QUIC control-plane address, where agents connect (default 0.0.0.0:7443).
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
+    /// The embedded registry's address as nodes reach it, `host:port` (default: the
+    /// API address, unless it listens on all interfaces).
+    #[arg(long)]
+    registry_address: Option<HostPort>,
     /// UDP address to gossip on (port 0: any free port; default 0.0.0.0:7946).
     #[arg(long)]
     gossip_listen: Option<SocketAddr>,
@@ -82,8 +77,8 @@ struct GossipArgs {
     gossip_interval: Option<std::time::Duration>,
     /// Suspicion (silence over the mean heartbeat interval) at which a member is dead
     /// (default 6).
-    #[arg(long)]
-    phi_threshold: Option<f64>,
+    #[arg(long, value_parser = |v: &str| v.parse::<f64>().map_err(|e| e.to_string()).and_then(Phi::try_from))]
+    phi_threshold: Option<Phi>,
     /// How long a dead member's state is kept before it is forgotten (default 10m).
     #[arg(long, value_parser = humantime::parse_duration)]
     dead_node_grace: Option<std::time::Duration>,
@@ -97,21 +92,29 @@ struct GossipArgs {
     startup_grace: Option<std::time::Duration>,
 }
 
-impl GossipArgs {
-    fn config(self, file: &Checked) -> ClusterConfig {
-        ClusterConfig {
-            membership: gantry_membership::MembershipConfig {
-                listen: self.gossip_listen.unwrap_or(file.gossip_listen),
-                advertise: self.gossip_advertise.or(file.gossip_advertise),
-                seeds: Vec::new(),
-                gossip_interval: self.gossip_interval.unwrap_or(file.gossip_interval),
-                phi_threshold: self.phi_threshold.unwrap_or(file.phi_threshold),
-                dead_node_grace: self.dead_node_grace.unwrap_or(file.dead_node_grace),
-            },
-            session_silence: self.session_silence.unwrap_or(file.session_silence),
-            startup_grace: self.startup_grace.unwrap_or(file.startup_grace),
-            ..ClusterConfig::default()
+impl ServeFlags {
+    /// Lays the flags given over the settings from the file: the one place they meet.
+    fn overlay(self, s: &mut CoordinatorSettings) {
+        fn set<T>(to: &mut T, flag: Option<T>) {
+            if let Some(v) = flag {
+                *to = v;
+            }
         }
+        set(&mut s.state_dir, self.state_dir);
+        set(&mut s.api_listen, self.api_listen);
+        set(&mut s.control_listen, self.control_listen);
+        if self.registry_address.is_some() {
+            s.registry_address = self.registry_address;
+        }
+        set(&mut s.gossip.listen, self.gossip_listen);
+        if self.gossip_advertise.is_some() {
+            s.gossip.advertise = self.gossip_advertise;
+        }
+        set(&mut s.gossip.interval, self.gossip_interval);
+        set(&mut s.gossip.phi_threshold, self.phi_threshold);
+        set(&mut s.gossip.dead_node_grace, self.dead_node_grace);
+        set(&mut s.liveness.session_silence, self.session_silence);
+        set(&mut s.liveness.startup_grace, self.startup_grace);
     }
 }
 
@@ -138,7 +141,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| gantry_coordinator::config::DEFAULT_PATH.into());
     // A missing file is the defaults, except for `config check`.
     let checking = matches!(cli.command, Command::Config(_));
-    let file = match CoordinatorFile::load(&config, checking) {
+    let file = match CoordinatorSettings::load(&config, checking) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("gantry-coordinator: {e}");
@@ -178,39 +181,22 @@ async fn reload_on_hangup(config: PathBuf, reload: gantry_shared::config::LogRel
         return;
     };
     while hangups.recv().await.is_some() {
-        reload.apply(CoordinatorFile::load(&config, false).map(|c| c.log));
+        reload.apply(CoordinatorSettings::load(&config, false).map(|c| c.log));
     }
 }
 
 async fn run(
     command: Command,
-    file: Checked,
+    mut settings: CoordinatorSettings,
     reload: Option<(PathBuf, gantry_shared::config::LogReload)>,
 ) -> anyhow::Result<()> {
     match command {
-        Command::Serve {
-            state_dir,
-            api_listen,
-            control_listen,
-            registry_address,
-            gossip,
-        } => {
+        Command::Serve(flags) => {
             if let Some((config, reload)) = reload {
                 tokio::spawn(reload_on_hangup(config, reload));
             }
-            let cfg = CoordinatorConfig {
-                state_dir: state_dir.unwrap_or_else(|| file.state_dir.clone()),
-                api: ApiConfig {
-                    listen: api_listen.unwrap_or(file.api_listen),
-                    ..ApiConfig::default()
-                },
-                control: ControlConfig {
-                    listen: control_listen.unwrap_or(file.control_listen),
-                    ..ControlConfig::default()
-                },
-                registry_address: registry_address.or_else(|| file.registry_address.clone()),
-                cluster: gossip.config(&file),
-            };
+            flags.overlay(&mut settings);
+            let cfg = settings.server();
             let cancel = CancellationToken::new();
             let signals = cancel.clone();
             tokio::spawn(async move {
