@@ -24,6 +24,10 @@ use crate::store::{LocalStore, StoreError, Table};
 pub use pull::{PullConfig, RegistryAuth};
 pub use unpack::Compression;
 
+/// PATH for images that do not set one (the value Docker uses): an imported image gets it
+/// written into its config, and a container whose image has none runs with it.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// What an image's config says about how to run it (the OCI image config's `config`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
@@ -331,9 +335,7 @@ impl ImageStore {
             layers: vec![digest],
             config: {
                 if !config.env.iter().any(|e| e.starts_with("PATH=")) {
-                    config
-                        .env
-                        .insert(0, format!("PATH={}", crate::runtime::DEFAULT_PATH));
+                    config.env.insert(0, format!("PATH={DEFAULT_PATH}"));
                 }
                 config
             },

@@ -29,7 +29,6 @@ use tokio::sync::watch;
 
 pub use logs::Stream;
 pub use shim::files;
-pub use spec::DEFAULT_PATH;
 pub use types::*;
 
 use crate::fsutil::{self, Durability};

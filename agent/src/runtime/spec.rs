@@ -14,10 +14,7 @@ use serde_json::{Value, json};
 
 use super::types::{ContainerRequest, NetworkMode};
 use crate::gpu::GpuInjection;
-use crate::image::ImageConfig;
-
-/// PATH for images that do not set one (the value Docker uses).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crate::image::{DEFAULT_PATH, ImageConfig};
 
 /// containerd's default capabilities (`oci.defaultCaps`); CapEff `00000000a80425fb`.
 pub const DEFAULT_CAPS: &[&str] = &[
