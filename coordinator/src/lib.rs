@@ -1,22 +1,23 @@
 //! gantry-coordinator: the cluster's control plane, grouped by domain.
 //!
 //! - `api/`: the HTTP API (axum), its extractors, errors and OpenAPI document.
-//! - `auth`: API tokens and roles (stored hashed).
 //! - `ca/`: the cluster CA; node certificates from join CSRs.
 //! - `config`: the coordinator's TOML configuration.
 //! - `control/`: the QUIC control endpoint with mutual TLS; sessions with agents.
-//! - `jobs/`: job state transitions (pure) and the rank environment of gangs.
-//! - `nodes/`: connected sessions, the liveness view (gossip + sessions), node admin
-//!   state (drain, preempt) and one-time join tokens.
+//! - `jobs/`: job state transitions (pure), the rank environment of gangs, and the job
+//!   service the API calls.
+//! - `nodes/`: connected sessions, the liveness view (gossip + sessions) and the node
+//!   service the API calls.
 //! - `placement/`: the placement engine and its queue (pure).
 //! - `reconcile/`: the scheduling loop: evictions, fences, starts and stops, placement
 //!   over the store.
 //! - `registry/`: the embedded OCI registry.
-//! - `store/`: the durable job store (sled).
+//! - `store/`: everything durable (sled), one module per kind of record: jobs and fences
+//!   (mod), API tokens and roles (`tokens`), join tokens and joined nodes (`joins`), node
+//!   drain/preempt state (`node_admin`). Nothing else opens a sled tree.
 //! - `server`: assembles and runs all of it.
 
 pub mod api;
-pub mod auth;
 pub mod ca;
 pub mod config;
 pub mod control;

@@ -8,12 +8,10 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiConfig, ApiState};
-use crate::auth::ApiTokens;
 use crate::ca::ClusterCa;
 use crate::control::{ControlConfig, ControlServer};
 use crate::jobs::service::JobService;
 use crate::nodes::Nodes;
-use crate::nodes::join::JoinTokens;
 use crate::nodes::liveness::{Cluster, ClusterConfig};
 use crate::nodes::service::NodeService;
 use crate::reconcile;
@@ -51,9 +49,9 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.state_dir)?;
     let store = Store::open(&cfg.state_dir.join("db"))?;
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.state_dir.join("ca"))?);
-    let tokens = ApiTokens::open(store.db())?;
+    let tokens = store.api_tokens()?;
     let admin = tokens.bootstrap_admin()?;
-    let join = JoinTokens::open(store.db(), ca.ca_sha256())?;
+    let join = store.join_tokens(ca.ca_sha256())?;
     let nodes = Nodes::default();
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
@@ -90,7 +88,7 @@ pub async fn run(
             cluster_cfg.membership.listen.port(),
         ));
     }
-    let node_admin = crate::nodes::admin::NodeAdmin::open(store.db())?;
+    let node_admin = store.node_admin()?;
     let cluster = Cluster::start(
         cluster_cfg,
         ca.cluster(),
@@ -144,7 +142,7 @@ pub async fn run(
     api::serve(listener, router, cancel.clone()).await?;
     control_task.await?;
     scheduler.await?;
-    store.db().flush()?;
+    store.flush()?;
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -4,13 +4,12 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
-use gantry_coordinator::auth::{ApiTokens, Role};
 use gantry_coordinator::jobs::service::JobService;
 use gantry_coordinator::nodes::Nodes;
-use gantry_coordinator::nodes::join::JoinTokens;
 use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig};
 use gantry_coordinator::nodes::service::NodeService;
 use gantry_coordinator::store::Store;
+use gantry_coordinator::store::tokens::Role;
 use gantry_shared::ClusterId;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +27,7 @@ impl Api {
     async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let tokens = ApiTokens::open(store.db()).expect("tokens");
+        let tokens = store.api_tokens().expect("tokens");
         let admin = tokens.bootstrap_admin().expect("bootstrap").expect("admin");
         let submitter = tokens.create(Role::Submitter, "ci").expect("token");
         let reader = tokens.create(Role::Reader, "dashboard").expect("token");
@@ -36,10 +35,9 @@ impl Api {
             max_body_bytes: 4096,
             ..ApiConfig::default()
         };
-        let join = JoinTokens::open(store.db(), "ab".repeat(32)).expect("join tokens");
+        let join = store.join_tokens("ab".repeat(32)).expect("join tokens");
         let nodes = Nodes::default();
-        let node_admin =
-            gantry_coordinator::nodes::admin::NodeAdmin::open(store.db()).expect("admin");
+        let node_admin = store.node_admin().expect("admin");
         let cluster = Cluster::start(
             ClusterConfig {
                 membership: gantry_membership::MembershipConfig {

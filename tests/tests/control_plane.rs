@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_agent::control::{self, ControlError, HelloInfo, NodeIdentity, Session, Trust};
-use gantry_coordinator::auth::ApiTokens;
 use gantry_coordinator::ca::ClusterCa;
 use gantry_coordinator::control::{ControlConfig, ControlServer};
 use gantry_coordinator::nodes::Nodes;
-use gantry_coordinator::nodes::join::JoinTokens;
 use gantry_coordinator::store::Store;
+use gantry_coordinator::store::joins::JoinTokens;
 use gantry_shared::protocol::{
     self, CommandReply, MAX_FRAME, NodeCapacity, PROTOCOL_VERSION, RefusalCode, Request, Response,
 };
@@ -48,13 +47,13 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = ClusterCa::load_or_create(&dir.path().join("ca")).expect("ca");
         let store = Store::open(&dir.path().join("db")).expect("store");
-        let tokens = JoinTokens::open(store.db(), ca.ca_sha256()).expect("tokens");
+        let tokens = store.join_tokens(ca.ca_sha256()).expect("tokens");
         let ca_pem = ca.ca_pem().to_owned();
         let cfg = ControlConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             ..ControlConfig::default()
         };
-        let api_tokens = ApiTokens::open(store.db()).expect("api tokens");
+        let api_tokens = store.api_tokens().expect("api tokens");
         let server = ControlServer::bind(
             cfg,
             Arc::new(ca),

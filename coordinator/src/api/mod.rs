@@ -28,11 +28,11 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
-use crate::auth::{ApiTokens, Role};
 use crate::jobs::service::{JobService, JobServiceError};
-use crate::nodes::admin::AdminMode;
-use crate::nodes::join::JoinTokens;
 use crate::nodes::service::{NodeService, NodeServiceError};
+use crate::store::joins::JoinTokens;
+use crate::store::node_admin::AdminMode;
+use crate::store::tokens::{ApiTokens, Role};
 
 mod extract;
 mod nodes;

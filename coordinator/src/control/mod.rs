@@ -19,11 +19,11 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{ApiTokens, Role};
 use crate::ca::{CaError, ClusterCa};
-use crate::nodes::join::JoinTokens;
 use crate::nodes::{Nodes, Session};
 use crate::store::Store;
+use crate::store::joins::JoinTokens;
+use crate::store::tokens::{ApiTokens, Role};
 
 /// The longest an agent's restart notice holds its node out of `down` (an agent asking for
 /// more gets this much).
@@ -340,7 +340,7 @@ impl State {
                     .map_err(|e| Refusal::new(RefusalCode::JoinToken, e.to_string()))?;
                 self.tokens.redeem(&token, &node).map_err(|e| {
                     let code = match e {
-                        crate::nodes::join::JoinError::NodeTaken { .. } => {
+                        crate::store::joins::JoinError::NodeTaken { .. } => {
                             RefusalCode::DuplicateNode
                         }
                         _ => RefusalCode::JoinToken,
@@ -399,13 +399,15 @@ impl State {
                 let node = peer.node().ok_or_else(|| {
                     Refusal::new(RefusalCode::NoSession, "say hello before sending a notice")
                 })?;
-                let admin = crate::nodes::admin::NodeAdmin::open(self.store.db())
+                let admin = self
+                    .store
+                    .node_admin()
                     .map_err(|e| Refusal::new(RefusalCode::Unavailable, e.to_string()))?;
                 let state = admin
                     .set(
                         &node,
-                        crate::nodes::admin::AdminState {
-                            mode: crate::nodes::admin::AdminMode::Preempt,
+                        crate::store::node_admin::AdminState {
+                            mode: crate::store::node_admin::AdminMode::Preempt,
                             since_ms: now_ms(),
                             deadline_ms: Some(deadline_ms),
                         },

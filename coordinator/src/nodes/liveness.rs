@@ -31,8 +31,8 @@ use gantry_shared::{ClusterId, NodeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::nodes::Nodes;
-use crate::nodes::admin::{AdminMode, AdminState, NodeAdmin};
-use crate::nodes::join::JoinTokens;
+use crate::store::joins::JoinTokens;
+use crate::store::node_admin::{AdminMode, AdminState, NodeAdmin};
 
 /// The coordinator's member name in gossip (never a valid node id).
 pub const COORDINATOR_MEMBER: &str = "@coordinator";

@@ -1,11 +1,9 @@
 //! Nodes. This module: the nodes with an open control session (who is connected, what
 //! they offer, and the connection to send them commands on; rebuilt from sessions, never
 //! persisted). Beside it: `liveness` (the view of every node as up, suspect or down, from
-//! gossip and sessions), `admin` (drain and preempt, persisted), `join` (one-time join
-//! tokens and the register of joined nodes) and `service` (what the API does with nodes).
+//! gossip and sessions) and `service` (what the API does with nodes). Their durable
+//! records (drain/preempt state, join tokens, joined nodes) are in `store/`.
 
-pub mod admin;
-pub mod join;
 pub mod liveness;
 pub mod service;
 

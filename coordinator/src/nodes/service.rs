@@ -10,9 +10,9 @@ use gantry_shared::protocol::{Command, CommandReply};
 use gantry_shared::{NodeId, now_ms};
 
 use super::Nodes;
-use super::admin::{AdminError, AdminMode, AdminState, NodeAdmin};
 use super::liveness::{Cluster, Liveness, NodeStatus};
 use crate::reconcile::{self, NodeLink, QuicLink};
+use crate::store::node_admin::{AdminError, AdminMode, AdminState, NodeAdmin};
 use crate::store::{Store, StoreError};
 
 /// How long an operator's change may take to show in the view before the answer goes out

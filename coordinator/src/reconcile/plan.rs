@@ -29,10 +29,10 @@ use gantry_shared::{Generation, JobId, NodeId, Owner};
 
 use super::place::{engine, job_seq, ledger, request};
 use crate::jobs::{self, Eviction, ranks};
-use crate::nodes::admin::AdminMode;
 use crate::nodes::liveness::{Liveness, NodeStatus};
 use crate::placement::queue::{self, Pending};
 use crate::store::Fence;
+use crate::store::node_admin::AdminMode;
 
 /// Grace between SIGTERM and SIGKILL when a job is cancelled or its generation failed.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);

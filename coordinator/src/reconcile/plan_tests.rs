@@ -9,9 +9,9 @@ use gantry_shared::{EndCause, Generation, JobId, NodeId, Owner};
 
 use super::plan::{Action, Memory, SendKind, Snapshot, plan};
 use crate::jobs::Eviction;
-use crate::nodes::admin::{AdminMode, AdminState};
 use crate::nodes::liveness::{Liveness, NodeStatus};
 use crate::store::Fence;
+use crate::store::node_admin::{AdminMode, AdminState};
 
 const NOW: u64 = 1_000_000;
 

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::auth::{ApiTokens, Role};
+use crate::store::tokens::{ApiTokens, Role};
 
 /// Manifests are small; anything larger is refused before it is read.
 const MAX_MANIFEST: usize = 4 << 20;

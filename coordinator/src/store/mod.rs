@@ -1,6 +1,14 @@
-//! The coordinator's durable state in sled: jobs, idempotency keys and API tokens (join
-//! tokens live in `nodes/join.rs`). Every write that the API acknowledges is flushed first.
-//! The layout is versioned; an incompatible database is refused at open.
+//! The coordinator's durable state in sled, and the only code that opens its trees. This
+//! module: jobs (with their idempotency keys, the index of active jobs and each node's
+//! applied event sequence) and fences, which change together in one transaction when a
+//! node reports a member's end. Beside it, one module per other kind of record: `tokens`
+//! (API tokens and roles), `joins` (one-time join tokens, joined nodes), `node_admin`
+//! (drain and preempt). Every write that the API acknowledges is flushed first. The layout
+//! is versioned; an incompatible database is refused at open.
+
+pub mod joins;
+pub mod node_admin;
+pub mod tokens;
 
 use std::path::{Path, PathBuf};
 
@@ -308,9 +316,30 @@ impl Store {
         Ok(out)
     }
 
-    /// The database, for the parts of the coordinator that keep their own trees.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// API tokens and their roles.
+    pub fn api_tokens(&self) -> Result<tokens::ApiTokens, StoreError> {
+        Ok(tokens::ApiTokens::new(self.db.open_tree("api_tokens")?))
+    }
+
+    /// One-time join tokens and the register of joined nodes; `ca_sha256` is the cluster
+    /// CA's hash that tokens carry.
+    pub fn join_tokens(&self, ca_sha256: String) -> Result<joins::JoinTokens, StoreError> {
+        Ok(joins::JoinTokens::new(
+            self.db.open_tree("join_tokens")?,
+            self.db.open_tree("nodes")?,
+            ca_sha256,
+        ))
+    }
+
+    /// Nodes' drain and preempt states.
+    pub fn node_admin(&self) -> Result<node_admin::NodeAdmin, StoreError> {
+        Ok(node_admin::NodeAdmin::new(self.db.open_tree("node_admin")?))
+    }
+
+    /// Writes everything to disk (at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Records a new job, durably. With an idempotency key, a replay of the same body

@@ -43,10 +43,8 @@ pub struct NodeAdmin {
 }
 
 impl NodeAdmin {
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(Self {
-            tree: db.open_tree("node_admin")?,
-        })
+    pub(super) fn new(tree: sled::Tree) -> Self {
+        Self { tree }
     }
 
     /// Sets `node`'s state, durably. A preemption is never weakened into a drain.
@@ -103,8 +101,8 @@ mod tests {
     #[test]
     fn preemption_wins_and_deadlines_only_come_closer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::open(dir.path()).expect("db");
-        let a = NodeAdmin::open(&db).expect("admin");
+        let store = crate::store::Store::open(dir.path()).expect("store");
+        let a = store.node_admin().expect("admin");
         let n = NodeId::new("n").expect("id");
         let state = |mode, deadline_ms| AdminState {
             mode,

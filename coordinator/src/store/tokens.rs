@@ -44,10 +44,8 @@ pub struct ApiTokens {
 }
 
 impl ApiTokens {
-    pub fn open(db: &sled::Db) -> Result<Self, TokenError> {
-        Ok(Self {
-            tree: db.open_tree("api_tokens")?,
-        })
+    pub(super) fn new(tree: sled::Tree) -> Self {
+        Self { tree }
     }
 
     /// Creates a token; the returned string is the only copy.
@@ -122,8 +120,8 @@ mod tests {
     #[test]
     fn tokens_are_stored_hashed_and_admin_bootstraps_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::open(dir.path()).expect("db");
-        let t = ApiTokens::open(&db).expect("tokens");
+        let store = crate::store::Store::open(dir.path()).expect("store");
+        let t = store.api_tokens().expect("tokens");
         let admin = t
             .bootstrap_admin()
             .expect("bootstrap")
@@ -132,7 +130,7 @@ mod tests {
         assert_eq!(t.role(&admin).expect("role"), Some(Role::Admin));
         assert_eq!(t.role("gat_nope").expect("role"), None);
         // The plaintext is not in the database.
-        for kv in db.open_tree("api_tokens").expect("tree").iter() {
+        for kv in t.tree.iter() {
             let (k, v) = kv.expect("kv");
             assert!(
                 !String::from_utf8_lossy(&k).contains(&admin)

@@ -61,12 +61,12 @@ pub struct JoinTokens {
 }
 
 impl JoinTokens {
-    pub fn open(db: &sled::Db, ca_sha256: String) -> Result<Self, sled::Error> {
-        Ok(Self {
-            tree: db.open_tree("join_tokens")?,
-            nodes: db.open_tree("nodes")?,
+    pub(super) fn new(tree: sled::Tree, nodes: sled::Tree, ca_sha256: String) -> Self {
+        Self {
+            tree,
+            nodes,
             ca_sha256,
-        })
+        }
     }
 
     /// Every node that ever joined, by name.
@@ -177,8 +177,9 @@ mod tests {
 
     fn tokens() -> (tempfile::TempDir, JoinTokens) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::open(dir.path()).expect("db");
-        (dir, JoinTokens::open(&db, "a".repeat(64)).expect("tokens"))
+        let store = crate::store::Store::open(dir.path()).expect("store");
+        let tokens = store.join_tokens("a".repeat(64)).expect("tokens");
+        (dir, tokens)
     }
 
     #[test]
