@@ -1,23 +1,27 @@
-//! The agent's configuration file, TOML, by default `/etc/gantry/agent.toml`
-//! (`systemd/agent.toml` is the commented default that `systemd/install.sh` installs).
-//! Every key is optional and has the default written next to it; a command-line flag wins
-//! over the file. Unknown keys and bad values are rejected with the file, the key and the
-//! reason (`gantry-agent config check` validates without starting anything).
+//! The agent's settings, once: [`AgentConfig`] is read from the TOML configuration file
+//! (by default `/etc/gantry/agent.toml`; `systemd/agent.toml` is the commented default that
+//! `systemd/install.sh` installs), typed as it is read, and the command-line flags are laid
+//! over it in one place (the binary's `ServeArgs::overlay`). Every key is optional and has
+//! the default written next to it in the shipped file. Unknown keys and bad values are
+//! rejected with the file, the dotted key, the reason and the line (`gantry-agent config
+//! check` validates without starting anything).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gantry_shared::config::{ConfigError, LogConfig, duration, host_port, phi};
+use gantry_membership::MembershipConfig;
+use gantry_shared::config::{ConfigError, LogConfig, host_port, phi};
 use gantry_shared::{CpuMillis, parse_memory};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Where the agent looks for its configuration unless told otherwise.
 pub const DEFAULT_PATH: &str = "/etc/gantry/agent.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gantry/agent";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Everything `gantry-agent serve` can be told, from the file and then the flags.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// The coordinator's control address, `host:port` (written by `gantry-agent join`).
@@ -25,9 +29,11 @@ pub struct AgentConfig {
     /// Images, containers, the node's identity and its database.
     pub state_dir: PathBuf,
     /// CPU offered to jobs (`16`, `15.5`, `15500m`); all cores when absent.
-    pub cpus: Option<String>,
-    /// Memory offered to jobs (`200G`); all of it when absent.
-    pub memory: Option<String>,
+    #[serde(deserialize_with = "cpus")]
+    pub cpus: Option<CpuMillis>,
+    /// Memory offered to jobs in bytes (written `200G`); all of it when absent.
+    #[serde(deserialize_with = "memory")]
+    pub memory: Option<u64>,
     /// Simulated GPUs instead of NVML (`8xH100-80GB,nvlink=4,numa=2`); for testing.
     pub simulate_gpus: Option<String>,
     /// The address other nodes and containers reach this node at; by default the one this
@@ -35,11 +41,15 @@ pub struct AgentConfig {
     pub address: Option<IpAddr>,
     /// Labels for placement (`rack = "r12"`, `spot = "true"`).
     pub labels: BTreeMap<String, String>,
-    pub gossip: GossipConfig,
+    /// How this node gossips: the `[gossip]` section is the membership settings
+    /// themselves (its `interval` is their `gossip_interval`).
+    #[serde(with = "GossipSection")]
+    pub gossip: MembershipConfig,
     pub spot_notice: SpotNoticeConfig,
     /// On a clean stop (SIGTERM), how long the coordinator keeps this node's work in place
     /// waiting for the agent to come back ("0s": re-place it as soon as the node is down).
-    pub restart_hold: String,
+    #[serde(with = "duration")]
+    pub restart_hold: Duration,
     pub log: LogConfig,
 }
 
@@ -53,147 +63,117 @@ impl Default for AgentConfig {
             simulate_gpus: None,
             address: None,
             labels: BTreeMap::new(),
-            gossip: GossipConfig::default(),
+            gossip: MembershipConfig::default(),
             spot_notice: SpotNoticeConfig::default(),
-            restart_hold: "15s".into(),
+            restart_hold: Duration::from_secs(15),
             log: LogConfig::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GossipConfig {
+/// The `[gossip]` section, read into [`MembershipConfig`] (whose defaults are the agent's).
+#[derive(Deserialize)]
+#[serde(
+    remote = "MembershipConfig",
+    deny_unknown_fields,
+    default = "MembershipConfig::default"
+)]
+struct GossipSection {
     /// UDP address to gossip on.
-    pub listen: SocketAddr,
+    listen: SocketAddr,
     /// Address peers gossip with this node at; the node address and the port by default.
-    pub advertise: Option<SocketAddr>,
+    advertise: Option<SocketAddr>,
     /// Further members to contact at start (the coordinator's is learned at connect).
-    pub seeds: Vec<String>,
-    pub interval: String,
+    seeds: Vec<String>,
+    #[serde(rename = "interval", with = "duration")]
+    gossip_interval: Duration,
     /// Suspicion at which a peer is dead.
-    pub phi_threshold: f64,
+    phi_threshold: f64,
     /// How long a dead peer's state is kept.
-    pub dead_node_grace: String,
+    #[serde(with = "duration")]
+    dead_node_grace: Duration,
 }
 
-impl Default for GossipConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 7946)),
-            advertise: None,
-            seeds: Vec::new(),
-            interval: "200ms".into(),
-            phi_threshold: 6.0,
-            dead_node_grace: "10m".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The cloud's spot-interruption notice.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpotNoticeConfig {
     /// The cloud's spot-interruption metadata URL; no watcher when absent.
     pub url: Option<String>,
-    pub interval: String,
+    /// How often to poll it.
+    #[serde(with = "duration")]
+    pub interval: Duration,
 }
 
 impl Default for SpotNoticeConfig {
     fn default() -> Self {
         Self {
             url: None,
-            interval: "2s".into(),
+            interval: Duration::from_secs(2),
         }
     }
-}
-
-/// The file's values, checked and typed.
-#[derive(Debug, Clone)]
-pub struct Checked {
-    pub coordinator: Option<String>,
-    pub state_dir: PathBuf,
-    pub cpus: Option<CpuMillis>,
-    pub memory: Option<u64>,
-    pub simulate_gpus: Option<String>,
-    pub address: Option<IpAddr>,
-    pub labels: Vec<(String, String)>,
-    pub gossip_listen: SocketAddr,
-    pub gossip_advertise: Option<SocketAddr>,
-    pub gossip_seeds: Vec<String>,
-    pub gossip_interval: Duration,
-    pub phi_threshold: f64,
-    pub dead_node_grace: Duration,
-    pub spot_notice_url: Option<String>,
-    pub spot_notice_interval: Duration,
-    pub restart_hold: Duration,
-    pub log: LogConfig,
 }
 
 impl AgentConfig {
     /// Reads and checks `file`; a missing file is the defaults unless `required`.
-    pub fn load(file: &Path, required: bool) -> Result<Checked, ConfigError> {
-        gantry_shared::config::load::<Self>(file, required)?.check(file)
+    pub fn load(file: &Path, required: bool) -> Result<Self, ConfigError> {
+        let config = gantry_shared::config::load::<Self>(file, required)?;
+        config.check(file)?;
+        Ok(config)
     }
 
-    /// Checks every value; the first bad one is the error.
-    pub fn check(self, file: &Path) -> Result<Checked, ConfigError> {
+    /// Checks what typing alone does not (a `host:port`, a GPU spec, label syntax, the
+    /// phi threshold, the log filter); the first bad value is the error.
+    pub fn check(&self, file: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, reason: String| ConfigError::new(file, key, reason);
         if let Some(c) = &self.coordinator {
             host_port(file, "coordinator", c, "the coordinator's control address")?;
         }
-        let cpus = self
-            .cpus
-            .as_deref()
-            .map(|c| {
-                c.parse::<CpuMillis>()
-                    .map_err(|e| bad("cpus", format!("`{c}`: {e}")))
-            })
-            .transpose()?;
-        let memory = self
-            .memory
-            .as_deref()
-            .map(|m| parse_memory(m).map_err(|e| bad("memory", format!("`{m}`: {e}"))))
-            .transpose()?;
         if let Some(spec) = &self.simulate_gpus {
             crate::gpu::simulated::parse_spec(spec, "check")
                 .map_err(|e| bad("simulate_gpus", e.to_string()))?;
         }
-        let mut labels = Vec::new();
         for (k, v) in &self.labels {
-            let label = gantry_shared::gossip::parse_label(&format!("{k}={v}"))
-                .map_err(|e| bad(&format!("labels.{k}"), e.to_string()))?;
-            labels.push(label);
+            gantry_shared::gossip::parse_label(&format!("{k}={v}"))
+                .map_err(|e| bad(&format!("labels.{k}"), e))?;
         }
-        let phi_threshold = phi(file, "gossip.phi_threshold", self.gossip.phi_threshold)?;
-        self.log.validate(file)?;
-        Ok(Checked {
-            coordinator: self.coordinator,
-            state_dir: self.state_dir,
-            cpus,
-            memory,
-            simulate_gpus: self.simulate_gpus,
-            address: self.address,
-            labels,
-            gossip_listen: self.gossip.listen,
-            gossip_advertise: self.gossip.advertise,
-            gossip_seeds: self.gossip.seeds,
-            gossip_interval: duration(file, "gossip.interval", &self.gossip.interval)?,
-            phi_threshold,
-            dead_node_grace: duration(
-                file,
-                "gossip.dead_node_grace",
-                &self.gossip.dead_node_grace,
-            )?,
-            spot_notice_url: self.spot_notice.url,
-            restart_hold: duration(file, "restart_hold", &self.restart_hold)?,
-            spot_notice_interval: duration(
-                file,
-                "spot_notice.interval",
-                &self.spot_notice.interval,
-            )?,
-            log: self.log,
+        phi(file, "gossip.phi_threshold", self.gossip.phi_threshold)?;
+        self.log.validate(file)
+    }
+}
+
+/// Durations as people write them (`200ms`, `1m30s`), humantime's syntax, with an error
+/// that says how to write one.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            D::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write it like `200ms`, `15s` or `10m`"
+            ))
         })
     }
+}
+
+/// CPU as cores (`15.5`) or millicores (`15500m`).
+fn cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<CpuMillis>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|c| {
+            c.parse::<CpuMillis>()
+                .map_err(|e| serde::de::Error::custom(format!("`{c}`: {e}")))
+        })
+        .transpose()
+}
+
+/// Memory as `docker run --memory` takes it (`200G`).
+fn memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|m| parse_memory(&m).map_err(|e| serde::de::Error::custom(format!("`{m}`: {e}"))))
+        .transpose()
 }
 
 /// Until the process ends: each SIGHUP re-reads `file` and applies its `log.level`; a bad
@@ -288,20 +268,22 @@ pub fn record_join(file: &Path, coordinator: &str, state_dir: &Path) -> Result<(
 mod tests {
     use super::*;
 
-    fn check(text: &str) -> Result<Checked, ConfigError> {
-        gantry_shared::config::parse::<AgentConfig>(Path::new("agent.toml"), text)?
-            .check(Path::new("agent.toml"))
+    fn check(text: &str) -> Result<AgentConfig, ConfigError> {
+        let file = Path::new("agent.toml");
+        let config = gantry_shared::config::parse::<AgentConfig>(file, text)?;
+        config.check(file)?;
+        Ok(config)
     }
 
     #[test]
     fn the_shipped_default_file_is_valid_and_means_the_defaults() {
         let text = include_str!("../../systemd/agent.toml");
-        let shipped: AgentConfig =
-            gantry_shared::config::parse(Path::new("agent.toml"), text).expect("parses");
+        let shipped = check(text).expect("valid");
         assert_eq!(shipped, AgentConfig::default());
-        let c = check(text).expect("valid");
-        assert_eq!(c.gossip_interval, Duration::from_millis(200));
-        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(shipped.gossip.gossip_interval, Duration::from_millis(200));
+        assert_eq!(shipped.gossip.dead_node_grace, Duration::from_secs(600));
+        assert_eq!(shipped.restart_hold, Duration::from_secs(15));
+        assert_eq!(shipped.state_dir, Path::new(DEFAULT_STATE_DIR));
     }
 
     #[test]
@@ -312,13 +294,16 @@ coordinator = "10.0.0.1:7443"
 cpus = "15.5"
 memory = "200G"
 simulate_gpus = "2xA100-40GB"
+restart_hold = "1m"
 [labels]
 rack = "r12"
 [gossip]
 interval = "300ms"
 seeds = ["10.0.0.2:7946"]
+dead_node_grace = "1h"
 [spot_notice]
 url = "http://169.254.169.254/latest/meta-data/spot/instance-action"
+interval = "5s"
 [log]
 level = "debug"
 format = "json"
@@ -328,9 +313,13 @@ format = "json"
         assert_eq!(c.coordinator.as_deref(), Some("10.0.0.1:7443"));
         assert_eq!(c.cpus, Some(CpuMillis(15_500)));
         assert_eq!(c.memory, Some(200 << 30));
-        assert_eq!(c.labels, vec![("rack".into(), "r12".into())]);
-        assert_eq!(c.gossip_interval, Duration::from_millis(300));
-        assert!(c.spot_notice_url.is_some());
+        assert_eq!(c.restart_hold, Duration::from_secs(60));
+        assert_eq!(c.labels, [("rack".into(), "r12".into())].into());
+        assert_eq!(c.gossip.gossip_interval, Duration::from_millis(300));
+        assert_eq!(c.gossip.seeds, ["10.0.0.2:7946"]);
+        assert_eq!(c.gossip.dead_node_grace, Duration::from_secs(3600));
+        assert!(c.spot_notice.url.is_some());
+        assert_eq!(c.spot_notice.interval, Duration::from_secs(5));
         assert_eq!(c.log.level, "debug");
     }
 
@@ -340,11 +329,16 @@ format = "json"
             ("coordinator = \"nohost\"", "coordinator"),
             ("cpus = \"lots\"", "cpus"),
             ("memory = \"-1G\"", "memory"),
+            ("restart_hold = \"soon\"", "restart_hold"),
             ("simulate_gpus = \"8xWHAT\"", "simulate_gpus"),
             ("[labels]\n\"bad key\" = \"x\"", "labels.bad key"),
             ("[gossip]\ninterval = \"fast\"", "gossip.interval"),
             ("[gossip]\nphi_threshold = -1.0", "gossip.phi_threshold"),
             ("[gossip]\nlisten = \"nowhere\"", "gossip.listen"),
+            (
+                "[gossip]\ngossip_interval = \"1s\"",
+                "gossip.gossip_interval",
+            ),
             (
                 "[spot_notice]\ninterval = \"2 parsecs\"",
                 "spot_notice.interval",
@@ -355,6 +349,17 @@ format = "json"
             let e = check(text).expect_err(text);
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn typed_values_say_what_is_wrong_and_where() {
+        let e = check("[log]\nlevel = \"info\"\n[gossip]\ninterval = \"often\"\n")
+            .expect_err("invalid");
+        assert!(e.reason.contains("`often` is not a duration"), "{e}");
+        assert!(e.reason.contains("line 4"), "{e}");
+        let e = check("cpus = \"lots\"").expect_err("invalid");
+        assert!(e.reason.contains("`lots`"), "{e}");
+        assert!(e.reason.contains("line 1"), "{e}");
     }
 
     #[test]
@@ -373,6 +378,6 @@ format = "json"
         let c = check(&text).expect("valid");
         assert_eq!(c.coordinator.as_deref(), Some("10.0.0.9:7443"));
         assert_eq!(c.state_dir, Path::new("/srv/gantry"));
-        assert_eq!(c.labels, vec![("rack".into(), "r1".into())]);
+        assert_eq!(c.labels, [("rack".into(), "r1".into())].into());
     }
 }

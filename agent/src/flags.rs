@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use gantry_agent::config::Checked;
+use gantry_agent::config::AgentConfig;
 use gantry_agent::runtime::{ContainerRequest, NetworkMode};
 use gantry_shared::{ContainerId, CpuMillis, NodeId, parse_memory};
 
@@ -314,31 +314,79 @@ impl RunArgs {
 }
 
 impl ServeArgs {
-    /// The flags over the configuration file: a flag given wins; labels and gossip seeds
-    /// add to the file's (a label flag wins on the same key).
-    pub(crate) fn overlay(self, file: &mut Checked) {
+    /// The flags over the configuration file, the one place they meet: a flag given wins;
+    /// labels and gossip seeds add to the file's (a label flag wins on the same key).
+    pub(crate) fn overlay(self, config: &mut AgentConfig) {
         if let Some(c) = self.coordinator {
-            file.coordinator = Some(c);
+            config.coordinator = Some(c);
         }
-        file.cpus = self.cpus.or(file.cpus);
-        file.memory = self.memory.or(file.memory);
+        config.cpus = self.cpus.or(config.cpus);
+        config.memory = self.memory.or(config.memory);
         if let Some(spec) = self.simulate_gpus {
-            file.simulate_gpus = Some(spec);
+            config.simulate_gpus = Some(spec);
         }
-        file.labels.extend(self.labels);
-        file.address = self.address.or(file.address);
-        file.gossip_listen = self.gossip_listen.unwrap_or(file.gossip_listen);
-        file.gossip_advertise = self.gossip_advertise.or(file.gossip_advertise);
-        file.gossip_seeds.extend(self.gossip_seeds);
-        file.gossip_interval = self.gossip_interval.unwrap_or(file.gossip_interval);
-        file.phi_threshold = self.phi_threshold.unwrap_or(file.phi_threshold);
-        file.dead_node_grace = self.dead_node_grace.unwrap_or(file.dead_node_grace);
+        config.labels.extend(self.labels);
+        config.address = self.address.or(config.address);
+        let gossip = &mut config.gossip;
+        gossip.listen = self.gossip_listen.unwrap_or(gossip.listen);
+        gossip.advertise = self.gossip_advertise.or(gossip.advertise);
+        gossip.seeds.extend(self.gossip_seeds);
+        gossip.gossip_interval = self.gossip_interval.unwrap_or(gossip.gossip_interval);
+        gossip.phi_threshold = self.phi_threshold.unwrap_or(gossip.phi_threshold);
+        gossip.dead_node_grace = self.dead_node_grace.unwrap_or(gossip.dead_node_grace);
         if let Some(url) = self.spot_notice_url {
-            file.spot_notice_url = Some(url);
+            config.spot_notice.url = Some(url);
         }
-        file.spot_notice_interval = self
+        config.spot_notice.interval = self
             .spot_notice_interval
-            .unwrap_or(file.spot_notice_interval);
-        file.restart_hold = self.restart_hold.unwrap_or(file.restart_hold);
+            .unwrap_or(config.spot_notice.interval);
+        config.restart_hold = self.restart_hold.unwrap_or(config.restart_hold);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_flags_win_over_the_file_and_add_labels_and_seeds() {
+        let cli = Cli::try_parse_from([
+            "gantry-agent",
+            "serve",
+            "--cpus",
+            "2",
+            "--label",
+            "rack=r2",
+            "--gossip-seed",
+            "10.0.0.3:7946",
+            "--gossip-interval",
+            "1s",
+            "--restart-hold",
+            "0s",
+        ])
+        .expect("flags");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let mut config = AgentConfig {
+            coordinator: Some("10.0.0.1:7443".into()),
+            memory: Some(1 << 30),
+            labels: [("rack", "r1"), ("spot", "true")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            ..AgentConfig::default()
+        };
+        config.gossip.seeds = vec!["10.0.0.2:7946".into()];
+        args.overlay(&mut config);
+        assert_eq!(config.coordinator.as_deref(), Some("10.0.0.1:7443"));
+        assert_eq!(config.cpus, Some(CpuMillis(2000)));
+        assert_eq!(config.memory, Some(1 << 30));
+        assert_eq!(config.labels["rack"], "r2");
+        assert_eq!(config.labels["spot"], "true");
+        assert_eq!(config.gossip.seeds, ["10.0.0.2:7946", "10.0.0.3:7946"]);
+        assert_eq!(config.gossip.gossip_interval, Duration::from_secs(1));
+        assert_eq!(config.gossip.phi_threshold, 6.0);
+        assert_eq!(config.restart_hold, Duration::ZERO);
+        assert_eq!(config.spot_notice.interval, Duration::from_secs(2));
     }
 }

@@ -21,13 +21,16 @@ use tokio_util::sync::CancellationToken;
 use crate::gpu::inventory::Inventory;
 use crate::runtime::{ContainerState, ContainerStatus, Runtime};
 
-/// How the agent gossips.
+/// How the agent gossips and what it says about itself: the agent's one gossip type,
+/// built once by the daemon from its configuration (`[gossip]`, `labels`, `address`) and
+/// what the node offers.
 #[derive(Debug, Clone)]
 pub struct GossipSettings {
     pub membership: MembershipConfig,
     /// Labels published for placement (`spot=true`, `rack=r12`).
     pub labels: BTreeMap<String, String>,
-    /// The address other nodes and containers reach this node at.
+    /// The address other nodes and containers reach this node at (resolved: the
+    /// configured one, else the one this host reaches the coordinator from).
     pub addr: IpAddr,
     /// Republish at least this often.
     pub refresh: Duration,

@@ -14,12 +14,6 @@ use std::time::Duration;
 /// What a notice gives when it names no time: AWS's warning period.
 pub const DEFAULT_WARNING: Duration = Duration::from_secs(120);
 
-#[derive(Debug, Clone)]
-pub struct WatcherConfig {
-    pub url: String,
-    pub interval: Duration,
-}
-
 /// The deadline (unix ms) a notice body announces, given the time it was read.
 pub fn deadline_from(body: &str, now_ms: u64) -> u64 {
     let fallback = now_ms + DEFAULT_WARNING.as_millis() as u64;
@@ -35,9 +29,11 @@ pub fn deadline_from(body: &str, now_ms: u64) -> u64 {
         .unwrap_or(fallback)
 }
 
-/// Polls until a notice appears; returns its deadline (unix ms). Runs until cancelled.
+/// Polls `url` every `interval` until a notice appears; returns its deadline (unix ms).
+/// Runs until cancelled.
 pub async fn wait_for_notice(
-    cfg: &WatcherConfig,
+    url: &str,
+    interval: Duration,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<u64> {
     let http = match reqwest::Client::builder()
@@ -52,30 +48,30 @@ pub async fn wait_for_notice(
     };
     let mut warned = false;
     loop {
-        match http.get(&cfg.url).send().await {
+        match http.get(url).send().await {
             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => warned = false,
             Ok(r) if r.status().is_success() => {
                 let body = r.text().await.unwrap_or_default();
                 let deadline = deadline_from(&body, now_ms());
-                tracing::warn!(url = %cfg.url, deadline_ms = deadline, "spot interruption notice");
+                tracing::warn!(%url, deadline_ms = deadline, "spot interruption notice");
                 return Some(deadline);
             }
             Ok(r) => {
                 if !warned {
-                    tracing::warn!(url = %cfg.url, status = %r.status(), "unexpected answer from the spot-notice URL");
+                    tracing::warn!(%url, status = %r.status(), "unexpected answer from the spot-notice URL");
                     warned = true;
                 }
             }
             Err(e) => {
                 if !warned {
-                    tracing::warn!(url = %cfg.url, error = %e, "cannot reach the spot-notice URL");
+                    tracing::warn!(%url, error = %e, "cannot reach the spot-notice URL");
                     warned = true;
                 }
             }
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(cfg.interval) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }
@@ -122,15 +118,14 @@ mod tests {
                 let _ = s.write_all(answer.as_bytes()).await;
             }
         });
-        let cfg = WatcherConfig {
-            url: format!("http://{addr}/latest/meta-data/spot/instance-action"),
-            interval: Duration::from_millis(20),
-        };
+        let url = format!("http://{addr}/latest/meta-data/spot/instance-action");
         let cancel = tokio_util::sync::CancellationToken::new();
-        let deadline =
-            tokio::time::timeout(Duration::from_secs(10), wait_for_notice(&cfg, &cancel))
-                .await
-                .expect("in time");
+        let deadline = tokio::time::timeout(
+            Duration::from_secs(10),
+            wait_for_notice(&url, Duration::from_millis(20), &cancel),
+        )
+        .await
+        .expect("in time");
         assert_eq!(deadline, Some(1_795_987_800_000));
     }
 }

@@ -1,18 +1,17 @@
-//! `gantry-agent serve` assembled: from the settings (the configuration file with the
-//! flags over it) to a running daemon. Discovers the GPUs (NVML or a simulated spec),
+//! `gantry-agent serve` assembled: from the settings ([`AgentConfig`], the configuration
+//! file with the flags over it) to a running daemon. Discovers the GPUs (NVML or a simulated spec),
 //! opens the host's store, images and runtime (re-adopting containers), resolves the
 //! coordinator, works out what the node offers, tells systemd it is ready and runs the
 //! daemon until shutdown.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
+use gantry_shared::protocol::NodeCapacity;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Checked;
+use crate::config::AgentConfig;
 use crate::control::{NodeIdentity, ResolveError};
-use crate::daemon::{DaemonConfig, DaemonError, GossipConfig};
+use crate::daemon::DaemonError;
 use crate::gpu::inventory::{Inventory, InventoryError};
 use crate::gpu::nvml::NvmlSource;
 use crate::gpu::simulated::SimulatedSource;
@@ -49,82 +48,47 @@ pub enum MemInfoError {
     NoMemTotal,
 }
 
-/// Runs the daemon with `settings` until `shutdown` fires. Containers are left running.
-pub async fn run(settings: Checked, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let state_dir = settings.state_dir.clone();
+/// Runs the daemon with `config` until `shutdown` fires. Containers are left running.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let state_dir = &config.state_dir;
     // The GPUs: discovered before the runtime, which must know if they are real.
     let node = NodeIdentity::load(&state_dir.join("identity"))
         .map(|i| i.node.to_string())
         .unwrap_or_else(|_| "local".into());
-    let inventory = gpu_inventory(&state_dir, settings.simulate_gpus.as_deref(), &node)?;
+    let inventory = gpu_inventory(state_dir, config.simulate_gpus.as_deref(), &node)?;
     let host = Host::open(
-        &state_dir,
+        state_dir,
         HostConfig {
             pull: PullConfig::default(),
             shim_pool: SHIM_POOL,
-            simulated_gpus: settings.simulate_gpus.is_some(),
+            simulated_gpus: config.simulate_gpus.is_some(),
         },
     )
     .await?;
-    let coordinator = settings
+    let coordinator = config
         .coordinator
-        .clone()
+        .as_deref()
         .ok_or(ServeError::NoCoordinator)?;
-    let addr = crate::control::resolve(&coordinator).await?;
+    let addr = crate::control::resolve(coordinator).await?;
     let inventory = inventory.unwrap_or_else(Inventory::empty);
-    let labels: BTreeMap<String, String> = settings.labels.iter().cloned().collect();
-    let cpu_millis = settings.cpus.map(|c| c.0).unwrap_or_else(|| {
+    let cpu_millis = config.cpus.map(|c| c.0).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u64 * 1000)
             .unwrap_or(1000)
     });
-    let memory_bytes = match settings.memory {
+    let memory_bytes = match config.memory {
         Some(m) => m,
         None => host_memory().map_err(ServeError::Memory)?,
     };
-    let cfg = DaemonConfig {
-        coordinator: addr,
-        identity_dir: state_dir.join("identity"),
-        capacity: gantry_shared::protocol::NodeCapacity {
-            cpu_millis,
-            memory_bytes,
-            gpus: inventory.current().len() as u32,
-        },
-        max_backoff: Duration::from_secs(5),
-        gossip: GossipConfig {
-            membership: gantry_membership::MembershipConfig {
-                listen: settings.gossip_listen,
-                advertise: settings.gossip_advertise,
-                seeds: settings.gossip_seeds.clone(),
-                gossip_interval: settings.gossip_interval,
-                phi_threshold: settings.phi_threshold,
-                dead_node_grace: settings.dead_node_grace,
-            },
-            labels,
-            addr: settings.address,
-            refresh: Duration::from_secs(2),
-        },
-        spot_notice: settings
-            .spot_notice_url
-            .clone()
-            .map(|url| crate::preemption::WatcherConfig {
-                url,
-                interval: settings.spot_notice_interval,
-            }),
-        restart_hold: settings.restart_hold,
+    let capacity = NodeCapacity {
+        cpu_millis,
+        memory_bytes,
+        gpus: inventory.current().len() as u32,
     };
     println!("agent serving; coordinator {addr}");
     // systemd (Type=notify): started; containers of an earlier run are re-adopted by now.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    crate::daemon::run(
-        cfg,
-        host.runtime.clone(),
-        host.images.clone(),
-        &host.store,
-        &inventory,
-        shutdown,
-    )
-    .await?;
+    crate::daemon::run(&config, addr, capacity, &host, &inventory, shutdown).await?;
     Ok(())
 }
 

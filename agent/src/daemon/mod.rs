@@ -13,7 +13,6 @@
 //! session that routes commands to them). This file assembles them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +20,12 @@ use gantry_shared::now_ms;
 use gantry_shared::protocol::NodeCapacity;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::AgentConfig;
 use crate::control::{ControlError, HelloInfo, NodeIdentity};
 use crate::gossip::{GossipSettings, Publisher};
 use crate::gpu::inventory::Inventory;
-use crate::image::ImageStore;
-use crate::runtime::Runtime;
-use crate::store::{LocalStore, StoreError};
+use crate::host::Host;
+use crate::store::StoreError;
 
 mod attempts;
 mod generations;
@@ -39,33 +38,10 @@ use attempts::Attempts;
 use generations::Generations;
 use gpus::GpuGuard;
 use outbox::Outbox;
-use session::{Router, sessions};
+use session::{Link, Router, sessions};
 
-#[derive(Debug, Clone)]
-pub struct DaemonConfig {
-    pub coordinator: SocketAddr,
-    /// Where `gantry-agent join` stored this node's identity.
-    pub identity_dir: PathBuf,
-    pub capacity: NodeCapacity,
-    /// Longest wait between reconnection attempts.
-    pub max_backoff: Duration,
-    pub gossip: GossipConfig,
-    /// Where to poll for the cloud's spot-interruption notice, if anywhere.
-    pub spot_notice: Option<crate::preemption::WatcherConfig>,
-    /// On a clean stop (SIGTERM: a restart, an upgrade), ask the coordinator to hold the
-    /// node's work this long rather than re-place it once the node looks down; zero: don't.
-    pub restart_hold: Duration,
-}
-
-/// How the agent gossips; the address defaults to the one this host reaches the
-/// coordinator from.
-#[derive(Debug, Clone)]
-pub struct GossipConfig {
-    pub membership: gantry_membership::MembershipConfig,
-    pub labels: std::collections::BTreeMap<String, String>,
-    pub addr: Option<std::net::IpAddr>,
-    pub refresh: Duration,
-}
+/// Republish gossip at least this often.
+const GOSSIP_REFRESH: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -85,31 +61,33 @@ pub enum DaemonError {
     },
 }
 
-/// Runs the daemon until `cancel` fires. Containers are left running.
+/// Runs the daemon with `config` until `cancel` fires. Containers are left running.
+/// `coordinator` is the resolved control address and `capacity` what the node offers.
 pub async fn run(
-    cfg: DaemonConfig,
-    runtime: Runtime,
-    images: ImageStore,
-    store: &LocalStore,
+    config: &AgentConfig,
+    coordinator: SocketAddr,
+    capacity: NodeCapacity,
+    host: &Host,
     inventory: &Inventory,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let identity = NodeIdentity::load(&cfg.identity_dir)?;
+    let identity = NodeIdentity::load(&config.state_dir.join("identity"))?;
     let instance = now_ms();
-    let addr = match cfg.gossip.addr {
+    let addr = match config.address {
         Some(a) => a,
-        None => crate::gossip::local_addr_towards(cfg.coordinator).map_err(|source| {
+        None => crate::gossip::local_addr_towards(coordinator).map_err(|source| {
             DaemonError::Address {
-                coordinator: cfg.coordinator,
+                coordinator,
                 source,
             }
         })?,
     };
+    let (runtime, store) = (&host.runtime, &host.store);
     let outbox = Outbox::open(store)?;
     let gpus = Arc::new(GpuGuard::open(store, inventory, runtime.clone())?);
     let attempts = Arc::new(Attempts::new(
         runtime.clone(),
-        images,
+        host.images.clone(),
         outbox.clone(),
         Generations::open(store)?,
         gpus.clone(),
@@ -126,11 +104,11 @@ pub async fn run(
         &identity.cluster,
         instance,
         GossipSettings {
-            membership: cfg.gossip.membership.clone(),
-            labels: cfg.gossip.labels.clone(),
+            membership: config.gossip.clone(),
+            labels: config.labels.clone(),
             addr,
-            refresh: cfg.gossip.refresh,
-            capacity: cfg.capacity,
+            refresh: GOSSIP_REFRESH,
+            capacity,
         },
         inventory,
         runtime.clone(),
@@ -138,7 +116,7 @@ pub async fn run(
     )
     .await?;
     let hello = HelloInfo {
-        capacity: cfg.capacity,
+        capacity,
         instance,
         gossip: Some(publisher.gossip_addr()),
     };
@@ -146,9 +124,14 @@ pub async fn run(
         attempts,
         gpus,
         outbox,
-        runtime,
+        runtime: runtime.clone(),
     };
-    let result = sessions(&cfg, &identity, hello, &publisher, router, &cancel).await;
+    let link = Link {
+        coordinator,
+        identity: &identity,
+        hello,
+    };
+    let result = sessions(config, &link, &publisher, router, &cancel).await;
     gossip_cancel.cancel();
     publisher.shutdown().await;
     result

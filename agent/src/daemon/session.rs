@@ -2,6 +2,7 @@
 //! commands to the attempts, the GPU guard and the output, send the outbox's events until
 //! acknowledged, report a spot notice, and say so when the agent stops to be restarted.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::attempts::Attempts;
 use super::gpus::GpuGuard;
 use super::outbox::Outbox;
-use super::{DaemonConfig, DaemonError, output};
+use super::{DaemonError, output};
+use crate::config::AgentConfig;
 use crate::control::{self, ControlError, HelloInfo, NodeIdentity, Session};
 use crate::gossip::Publisher;
 use crate::runtime::Runtime;
@@ -28,22 +30,38 @@ pub(super) struct Router {
     pub(super) runtime: Runtime,
 }
 
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Who to open sessions to, as whom, and what to say at hello.
+pub(super) struct Link<'a> {
+    pub(super) coordinator: SocketAddr,
+    pub(super) identity: &'a NodeIdentity,
+    pub(super) hello: HelloInfo,
+}
+
 /// Keeps a control session open (reconnecting with backoff) until `cancel` fires.
 pub(super) async fn sessions(
-    cfg: &DaemonConfig,
-    identity: &NodeIdentity,
-    hello: HelloInfo,
+    config: &AgentConfig,
+    link: &Link<'_>,
     publisher: &Publisher,
     router: Router,
     cancel: &CancellationToken,
 ) -> Result<(), DaemonError> {
+    let Link {
+        coordinator,
+        identity,
+        hello,
+    } = *link;
     let changed = router.attempts.changed();
     // The spot watcher's deadline, once a notice came; sent on every session until noted.
     let (notice_tx, notice_rx) = watch::channel::<Option<u64>>(None);
-    if let Some(watcher) = cfg.spot_notice.clone() {
-        let cancel = cancel.clone();
+    if let Some(url) = config.spot_notice.url.clone() {
+        let (interval, cancel) = (config.spot_notice.interval, cancel.clone());
         tokio::spawn(async move {
-            if let Some(deadline) = crate::preemption::wait_for_notice(&watcher, &cancel).await {
+            if let Some(deadline) =
+                crate::preemption::wait_for_notice(&url, interval, &cancel).await
+            {
                 let _ = notice_tx.send(Some(deadline));
             }
         });
@@ -52,11 +70,11 @@ pub(super) async fn sessions(
     loop {
         let session = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            s = control::connect(cfg.coordinator, identity, hello) => s,
+            s = control::connect(coordinator, identity, hello) => s,
         };
         match session {
             Ok(session) => {
-                tracing::info!(coordinator = %cfg.coordinator, node = %identity.node, "control session open");
+                tracing::info!(%coordinator, node = %identity.node, "control session open");
                 backoff = Duration::from_millis(200);
                 router.attempts.set_registry(
                     session
@@ -74,7 +92,7 @@ pub(super) async fn sessions(
                 };
                 let notices = report_notice(&session, notice_rx.clone());
                 tokio::select! {
-                    _ = router.serve(&session, cancel, cfg.restart_hold) => {}
+                    _ = router.serve(&session, cancel, config.restart_hold) => {}
                     _ = pokes => {}
                     _ = notices => {}
                 }
@@ -102,7 +120,7 @@ pub(super) async fn sessions(
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(cfg.max_backoff);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
