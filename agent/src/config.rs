@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gantry_membership::MembershipConfig;
-use gantry_shared::config::{ConfigError, LogConfig, host_port, phi};
+use gantry_shared::config::{ConfigError, LogConfig, duration_text, host_port, phi};
 use gantry_shared::{CpuMillis, parse_memory};
 use serde::Deserialize;
 
@@ -48,7 +48,7 @@ pub struct AgentConfig {
     pub spot_notice: SpotNoticeConfig,
     /// On a clean stop (SIGTERM), how long the coordinator keeps this node's work in place
     /// waiting for the agent to come back ("0s": re-place it as soon as the node is down).
-    #[serde(with = "duration")]
+    #[serde(with = "duration_text")]
     pub restart_hold: Duration,
     pub log: LogConfig,
 }
@@ -85,12 +85,12 @@ struct GossipSection {
     advertise: Option<SocketAddr>,
     /// Further members to contact at start (the coordinator's is learned at connect).
     seeds: Vec<String>,
-    #[serde(rename = "interval", with = "duration")]
+    #[serde(rename = "interval", with = "duration_text")]
     gossip_interval: Duration,
     /// Suspicion at which a peer is dead.
     phi_threshold: f64,
     /// How long a dead peer's state is kept.
-    #[serde(with = "duration")]
+    #[serde(with = "duration_text")]
     dead_node_grace: Duration,
 }
 
@@ -101,7 +101,7 @@ pub struct SpotNoticeConfig {
     /// The cloud's spot-interruption metadata URL; no watcher when absent.
     pub url: Option<String>,
     /// How often to poll it.
-    #[serde(with = "duration")]
+    #[serde(with = "duration_text")]
     pub interval: Duration,
 }
 
@@ -139,23 +139,6 @@ impl AgentConfig {
         }
         phi(file, "gossip.phi_threshold", self.gossip.phi_threshold)?;
         self.log.validate(file)
-    }
-}
-
-/// Durations as people write them (`200ms`, `1m30s`), humantime's syntax, with an error
-/// that says how to write one.
-mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, de::Error};
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            D::Error::custom(format!(
-                "`{text}` is not a duration ({e}); write it like `200ms`, `15s` or `10m`"
-            ))
-        })
     }
 }
 
