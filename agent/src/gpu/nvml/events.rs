@@ -1,7 +1,26 @@
 //! GPU health from NVML: the checks at start (ECC, retired pages, row remapping), the
 //! critical-Xid and double-bit-ECC events, lost GPUs, and throttling.
 
-use super::*;
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use gantry_shared::gossip::GpuHealth;
+use nvml_wrapper::bitmasks::device::ThrottleReasons;
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError};
+use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::struct_wrappers::event::EventData;
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper::sys_exports::field_id::{
+    NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_PENDING,
+};
+use nvml_wrapper::{Device, EventSet, Nvml};
+
+use super::{NvmlGpu, WATCHED_EVENTS, XID_GPU_LOST, XID_UNKNOWN, optional};
+use crate::gpu::health::{self, Throttle};
+use crate::gpu::inventory::HealthEvent;
 
 /// A GPU's health at start: unhealthy (`ecc_dbe`) when its memory already has
 /// uncorrectable errors since the driver loaded, pages pending retirement (pre-Ampere) or

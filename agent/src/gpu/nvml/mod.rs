@@ -13,25 +13,16 @@
 //! borrowed handles are then `'static` and `Send` (nvml-wrapper marks `Device` `Send + Sync`
 //! and `EventSet` `Send`). No unsafe code.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use gantry_shared::gossip::{GpuHealth, GpuInfo};
-use nvml_wrapper::bitmasks::device::ThrottleReasons;
+use gantry_shared::gossip::GpuInfo;
 use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError};
-use nvml_wrapper::enums::device::SampleValue;
-use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::struct_wrappers::event::EventData;
-use nvml_wrapper::structs::device::FieldId;
-use nvml_wrapper::sys_exports::field_id::{
-    NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_PENDING,
-};
 use nvml_wrapper::{Device, EventSet, Nvml};
 
-use super::health::{self, Throttle};
+use super::health::Throttle;
 use super::inventory::{GpuSource, HealthEvent, InventoryError};
 
 /// `NVML_NVLINK_MAX_LINKS` of the NVML header: links per GPU that can be queried.
@@ -50,10 +41,10 @@ pub const XID_UNKNOWN: u64 = 999;
 mod events;
 mod topology;
 
-use events::*;
+use events::{event_for_gpu, initial_health, newly_lost, register_events, sleep_until};
 pub use events::{health_event, throttle_from};
-use topology::*;
 pub use topology::{GpuLinks, canonical_bus_id, nvlink_groups, parse_numa_node};
+use topology::{nvlink_remotes, sysfs_numa_node};
 
 const WATCHED_EVENTS: EventTypes =
     EventTypes::CRITICAL_XID_ERROR.union(EventTypes::DOUBLE_BIT_ECC_ERROR);
@@ -288,6 +279,13 @@ fn optional<T>(index: u32, what: &str, result: Result<T, NvmlError>) -> Option<T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    use gantry_shared::gossip::GpuHealth;
+    use nvml_wrapper::bitmasks::device::ThrottleReasons;
+    use nvml_wrapper::enums::event::XidError;
+
+    use crate::gpu::health;
 
     fn gpu(index: u32, bus_id: &str, remotes: &[&str]) -> GpuLinks {
         GpuLinks {

@@ -1,7 +1,12 @@
 //! Where GPUs sit: NUMA nodes from sysfs, PCI bus ids, and NVLink groups (connected
 //! components over NVLink, NVSwitch included).
 
-use super::*;
+use std::collections::BTreeMap;
+
+use nvml_wrapper::Device;
+use nvml_wrapper::error::NvmlError;
+
+use super::NVLINK_MAX_LINKS;
 
 /// The CPU-side NUMA node of the GPU's PCI device, from sysfs (`-1`: none). NVML's
 /// `nvmlDeviceGetNumaNodeId` is not used: it gives the GPU's own memory node on platforms
