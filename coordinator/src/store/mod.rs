@@ -10,10 +10,11 @@ pub mod joins;
 pub mod node_admin;
 pub mod tokens;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use gantry_shared::api::{Job, JobSpec, JobState};
-use gantry_shared::protocol::Event;
+use gantry_shared::protocol::{Event, SequencedEvent};
 use gantry_shared::{Generation, JobId, NodeId, Owner};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -66,10 +67,10 @@ pub struct Store {
     db: sled::Db,
     jobs: sled::Tree,
     idempotency: sled::Tree,
-    /// Ids of the jobs the scheduler still has work on (see [`needs_scheduler`]), so its
-    /// passes never scan finished jobs. Rebuilt at open, so a crash between a job's write
-    /// and its index update heals itself.
-    active: sled::Tree,
+    /// The jobs the reconciler still has work on (see [`needs_scheduler`]), as last
+    /// written, in submission order: its passes neither scan finished jobs nor parse stored
+    /// ones. Built at open from `jobs`; every write of a job goes through [`Store::index`].
+    active: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<JobId, Job>>>,
     /// Members taken off their node (lost, preempted, drained, start not delivered) that
     /// the node may still run: `<node>/<job>/<generation>` → [`Fence`]. Each is stopped
     /// when the node is reachable and forgotten once the node reports it ended (an event)
@@ -197,7 +198,7 @@ impl Store {
         let store = Self {
             jobs: db.open_tree("jobs")?,
             idempotency: db.open_tree("idempotency")?,
-            active: db.open_tree("active_jobs")?,
+            active: Default::default(),
             fences: db.open_tree("fences")?,
             commits: Default::default(),
             changed: Default::default(),
@@ -208,22 +209,32 @@ impl Store {
     }
 
     fn rebuild_active(&self) -> Result<(), StoreError> {
-        self.active.clear()?;
+        // Databases written before the index lived in memory kept it as a tree.
+        self.db.drop_tree("active_jobs")?;
         for kv in self.jobs.iter() {
-            let (k, v) = kv?;
-            if needs_scheduler(&serde_json::from_slice::<Job>(&v)?) {
-                self.active.insert(k, &[])?;
-            }
+            let (_, v) = kv?;
+            self.index(&serde_json::from_slice::<Job>(&v)?)?;
         }
-        self.active.flush()?;
         Ok(())
     }
 
+    /// Keeps the active jobs current after `job` was written. Writers racing on one job
+    /// may get here out of order, so what counts is the job as stored now, read under the
+    /// lock: the last writer's call sees the last write.
     fn index(&self, job: &Job) -> Result<(), StoreError> {
-        if needs_scheduler(job) {
-            self.active.insert(job.id.as_str(), &[])?;
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(bytes) = self.jobs.get(job.id.as_str())? else {
+            active.remove(&job.id);
+            return Ok(());
+        };
+        let stored = match serde_json::to_vec(job) {
+            Ok(written) if written == bytes.as_ref() => job.clone(),
+            _ => serde_json::from_slice(&bytes)?,
+        };
+        if needs_scheduler(&stored) {
+            active.insert(stored.id.clone(), stored);
         } else {
-            self.active.remove(job.id.as_str())?;
+            active.remove(&stored.id);
         }
         Ok(())
     }
@@ -304,16 +315,8 @@ impl Store {
 
     /// The jobs the scheduler still has work on, in submission order.
     pub fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
-        let mut out = Vec::new();
-        for k in self.active.iter().keys() {
-            if let Some(v) = self.jobs.get(k?)? {
-                let job: Job = serde_json::from_slice(&v)?;
-                if needs_scheduler(&job) {
-                    out.push(job);
-                }
-            }
-        }
-        Ok(out)
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(active.values().cloned().collect())
     }
 
     /// API tokens and their roles.
@@ -440,70 +443,86 @@ impl Store {
         Ok((out, false))
     }
 
-    /// Applies a node's events at most once each: in one transaction per event, the job
-    /// changes and the node's applied sequence number advances. Returns the highest
+    /// Applies a node's events at most once each, durably: in one transaction, the jobs
+    /// change and the node's applied sequence number advances. Returns the highest
     /// sequence number now applied (what to acknowledge).
     pub fn apply_node_events(
         &self,
-        node: &gantry_shared::NodeId,
-        events: &[gantry_shared::protocol::SequencedEvent],
-        apply: impl Fn(&mut Job, &gantry_shared::protocol::Event),
+        node: &NodeId,
+        events: &[SequencedEvent],
+        apply: impl Fn(&mut Job, &Event),
+    ) -> Result<u64, StoreError> {
+        let applied = self.apply_node_events_deferred(node, events, apply)?;
+        self.commit()?;
+        Ok(applied)
+    }
+
+    /// [`Store::apply_node_events`], durable at the next [`Store::commit`] (for a caller
+    /// that applies several nodes' events and commits once before acknowledging any).
+    pub fn apply_node_events_deferred(
+        &self,
+        node: &NodeId,
+        events: &[SequencedEvent],
+        apply: impl Fn(&mut Job, &Event),
     ) -> Result<u64, StoreError> {
         let seqs = self.db.open_tree("node_event_seq")?;
         let key = node.as_str().as_bytes();
-        let mut applied = seqs
+        let applied = seqs
             .get(key)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
-        for e in events {
-            if e.seq <= applied {
-                continue; // a replay of something already applied
-            }
-            // Every owner is a job's today; a new kind of owner fails to compile here.
-            let Owner::Job(job) = e.event.owner();
-            let job_key = job.as_str().as_bytes().to_vec();
-            // The node reports this member's end: a fence on it is settled.
-            let ended = match &e.event {
-                Event::Exited { .. } | Event::StartFailed { .. } => {
-                    Some(fence_key(node, job, e.event.generation()))
+        // A replay of something already applied is skipped.
+        let fresh: Vec<&SequencedEvent> = events.iter().filter(|e| e.seq > applied).collect();
+        let Some(last) = fresh.iter().map(|e| e.seq).max() else {
+            return Ok(applied);
+        };
+        let abort = |err: serde_json::Error| {
+            sled::transaction::ConflictableTransactionError::Abort(err.to_string())
+        };
+        let written: BTreeMap<JobId, Job> = (&self.jobs, &seqs, &self.fences)
+            .transaction(|(jobs, seqs, fences)| {
+                // Each job is read once and written once, whatever number of its events
+                // the batch holds; events apply in their order.
+                let mut touched: BTreeMap<JobId, (Job, Job)> = BTreeMap::new();
+                for e in &fresh {
+                    // Every owner is a job's today; a new kind of owner fails to compile here.
+                    let Owner::Job(id) = e.event.owner();
+                    // The node reports this member's end: a fence on it is settled.
+                    if matches!(e.event, Event::Exited { .. } | Event::StartFailed { .. }) {
+                        fences.remove(fence_key(node, id, e.event.generation()).as_bytes())?;
+                    }
+                    if !touched.contains_key(id) {
+                        let Some(bytes) = jobs.get(id.as_str())? else {
+                            continue;
+                        };
+                        let job: Job = serde_json::from_slice(&bytes).map_err(abort)?;
+                        touched.insert(id.clone(), (job.clone(), job));
+                    }
+                    if let Some((_, job)) = touched.get_mut(id) {
+                        apply(job, &e.event);
+                    }
                 }
-                _ => None,
-            };
-            (&self.jobs, &seqs, &self.fences)
-                .transaction(|(jobs, seqs, fences)| {
-                    if let Some(key) = &ended {
-                        fences.remove(key.as_bytes())?;
+                let mut written = BTreeMap::new();
+                for (id, (before, mut job)) in touched {
+                    if job != before {
+                        bump(&mut job, &before);
+                        jobs.insert(id.as_str(), serde_json::to_vec(&job).map_err(abort)?)?;
                     }
-                    if let Some(bytes) = jobs.get(&job_key)? {
-                        let mut job: Job = serde_json::from_slice(&bytes).map_err(|err| {
-                            sled::transaction::ConflictableTransactionError::Abort(err.to_string())
-                        })?;
-                        let before = job.clone();
-                        apply(&mut job, &e.event);
-                        if job != before {
-                            bump(&mut job, &before);
-                        }
-                        let bytes = serde_json::to_vec(&job).map_err(|err| {
-                            sled::transaction::ConflictableTransactionError::Abort(err.to_string())
-                        })?;
-                        jobs.insert(job_key.clone(), bytes)?;
-                    }
-                    seqs.insert(key, &e.seq.to_be_bytes())?;
-                    Ok(())
-                })
-                .map_err(|err| match err {
-                    sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
-                    sled::transaction::TransactionError::Abort(reason) => {
-                        StoreError::Corrupt(serde_json::Error::io(std::io::Error::other(reason)))
-                    }
-                })?;
-            applied = e.seq;
-            if let Some(v) = self.jobs.get(&job_key)? {
-                self.index(&serde_json::from_slice(&v)?)?;
-            }
+                    written.insert(id, job);
+                }
+                seqs.insert(key, &last.to_be_bytes())?;
+                Ok(written)
+            })
+            .map_err(|err| match err {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+                sled::transaction::TransactionError::Abort(reason) => {
+                    StoreError::Corrupt(serde_json::Error::io(std::io::Error::other(reason)))
+                }
+            })?;
+        for job in written.values() {
+            self.index(job)?;
         }
-        self.commit()?;
-        Ok(applied)
+        Ok(last)
     }
 
     /// Applies `change` to a job atomically and durably.
@@ -650,8 +669,14 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(ids(&s), std::slice::from_ref(&b));
-        // A stale index entry (as after a crash between the two writes) is healed at open.
-        s.active.insert(a.as_str(), &[]).expect("insert");
+        // An older version of a job indexed late (a racing writer) does not bring it back.
+        let stale = s.job(&b).expect("b");
+        s.update_job(&b, |j| j.state = JobState::Cancelled)
+            .expect("cancel");
+        s.index(&stale).expect("index");
+        assert!(ids(&s).is_empty());
+        let c = s.create_job(spec("c"), 1, None).expect("create").0.id;
+        // Rebuilt from the jobs at open.
         drop(s);
         let s = (0..100)
             .find_map(|_| {
@@ -661,7 +686,7 @@ mod tests {
                 })
             })
             .expect("reopen");
-        assert_eq!(ids(&s), [b]);
+        assert_eq!(ids(&s), [c]);
     }
 
     #[test]
