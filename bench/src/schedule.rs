@@ -128,8 +128,7 @@ pub fn run(b: ScheduleBench) -> anyhow::Result<()> {
     let mut placed = 0;
     // Bounded: every pass places something while capacity lasts.
     while placed < b.jobs && passes < 10_000 {
-        let active = store.active_jobs()?;
-        let now = reconcile::place_pending(&store, &statuses, &active)?;
+        let now = reconcile::place_pending(&store, &statuses, store.active_jobs()?)?;
         passes += 1;
         if now.is_empty() {
             break;

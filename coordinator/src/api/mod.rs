@@ -28,10 +28,9 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
-use crate::jobs::service::{JobService, JobServiceError};
-use crate::nodes::service::{NodeService, NodeServiceError};
+use crate::jobs::service::{JobService, JobServiceError, MAX_JOB_WAIT};
+use crate::nodes::service::{AdminMode, NodeService, NodeServiceError};
 use crate::store::joins::JoinTokens;
-use crate::store::node_admin::AdminMode;
 use crate::store::tokens::{ApiTokens, Role};
 
 mod extract;
@@ -352,8 +351,6 @@ async fn get_job(
     };
     Ok(Json(state.jobs.changed_since(&id, since, wait).await?))
 }
-
-use crate::jobs::service::MAX_JOB_WAIT;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -12,7 +12,8 @@ use gantry_shared::{NodeId, now_ms};
 use super::Nodes;
 use super::liveness::{Cluster, Liveness, NodeStatus};
 use crate::reconcile::{self, NodeLink, QuicLink};
-use crate::store::node_admin::{AdminError, AdminMode, AdminState, NodeAdmin};
+pub use crate::store::node_admin::AdminMode;
+use crate::store::node_admin::{AdminError, AdminState, NodeAdmin};
 use crate::store::{Store, StoreError};
 
 /// How long an operator's change may take to show in the view before the answer goes out

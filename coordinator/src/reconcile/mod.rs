@@ -132,20 +132,25 @@ pub async fn run<L: NodeLink>(
 
 /// Only placement, over `active` (the schedule benchmark's pass): records every new
 /// generation and changed waiting reason with one commit, sends nothing. Returns the
-/// placed jobs.
+/// placed jobs as recorded.
 pub fn place_pending(
     store: &Store,
     statuses: &[NodeStatus],
-    active: &[Job],
+    active: Vec<Job>,
 ) -> Result<Vec<Job>, StoreError> {
     let now = now_ms();
     let snapshot = Snapshot {
         now_ms: now,
         statuses,
-        jobs: active.to_vec(),
+        jobs: active,
         fences: store.all_fences()?,
         sessions: BTreeMap::new(),
     };
-    let (placed, _) = execute::apply(store, plan::plan_placements(snapshot), now)?;
-    placed.iter().map(|(id, _)| store.job(id)).collect()
+    let (actions, jobs) = plan::plan_placements(snapshot);
+    let (placed, _) = execute::apply(store, actions, now)?;
+    let placed: std::collections::HashSet<_> = placed.into_iter().collect();
+    Ok(jobs
+        .into_iter()
+        .filter(|j| placed.contains(&(j.id.clone(), j.generation())))
+        .collect())
 }

@@ -128,10 +128,12 @@ pub fn plan(mut snap: Snapshot<'_>, memory: &mut Memory) -> Vec<Action> {
 }
 
 /// Only the placement step (5), for passes that do nothing else (the schedule benchmark).
-pub fn plan_placements(mut snap: Snapshot<'_>) -> Vec<Action> {
+/// Also returns the snapshot's jobs as the plan leaves them (placed ones running, with
+/// their new generation).
+pub fn plan_placements(mut snap: Snapshot<'_>) -> (Vec<Action>, Vec<Job>) {
     let mut actions = Vec::new();
     place_pending(&mut snap, None, &mut actions);
-    actions
+    (actions, snap.jobs)
 }
 
 /// Step 1: members on nodes that are down, preempted or past their drain deadline.

@@ -213,23 +213,25 @@ impl Store {
         self.db.drop_tree("active_jobs")?;
         for kv in self.jobs.iter() {
             let (_, v) = kv?;
-            self.index(&serde_json::from_slice::<Job>(&v)?)?;
+            self.index(&serde_json::from_slice::<Job>(&v)?, &v)?;
         }
         Ok(())
     }
 
-    /// Keeps the active jobs current after `job` was written. Writers racing on one job
-    /// may get here out of order, so what counts is the job as stored now, read under the
-    /// lock: the last writer's call sees the last write.
-    fn index(&self, job: &Job) -> Result<(), StoreError> {
+    /// Keeps the active jobs current after `job` was written as `written`. Writers racing
+    /// on one job may get here out of order, so what counts is the job as stored now, read
+    /// under the lock: the last writer's call sees the last write (and parses it only when
+    /// it is not the caller's own).
+    fn index(&self, job: &Job, written: &[u8]) -> Result<(), StoreError> {
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         let Some(bytes) = self.jobs.get(job.id.as_str())? else {
             active.remove(&job.id);
             return Ok(());
         };
-        let stored = match serde_json::to_vec(job) {
-            Ok(written) if written == bytes.as_ref() => job.clone(),
-            _ => serde_json::from_slice(&bytes)?,
+        let stored = if bytes.as_ref() == written {
+            job.clone()
+        } else {
+            serde_json::from_slice(&bytes)?
         };
         if needs_scheduler(&stored) {
             active.insert(stored.id.clone(), stored);
@@ -405,7 +407,7 @@ impl Store {
                 Ok((self.job(&rec.job)?, false))
             }
             _ => {
-                self.index(&job)?;
+                self.index(&job, &job_bytes)?;
                 self.commit()?;
                 Ok((job, true))
             }
@@ -479,7 +481,7 @@ impl Store {
         let abort = |err: serde_json::Error| {
             sled::transaction::ConflictableTransactionError::Abort(err.to_string())
         };
-        let written: BTreeMap<JobId, Job> = (&self.jobs, &seqs, &self.fences)
+        let written: BTreeMap<JobId, (Job, Vec<u8>)> = (&self.jobs, &seqs, &self.fences)
             .transaction(|(jobs, seqs, fences)| {
                 // Each job is read once and written once, whatever number of its events
                 // the batch holds; events apply in their order.
@@ -506,9 +508,10 @@ impl Store {
                 for (id, (before, mut job)) in touched {
                     if job != before {
                         bump(&mut job, &before);
-                        jobs.insert(id.as_str(), serde_json::to_vec(&job).map_err(abort)?)?;
+                        let bytes = serde_json::to_vec(&job).map_err(abort)?;
+                        jobs.insert(id.as_str(), bytes.clone())?;
+                        written.insert(id, (job, bytes));
                     }
-                    written.insert(id, job);
                 }
                 seqs.insert(key, &last.to_be_bytes())?;
                 Ok(written)
@@ -519,8 +522,8 @@ impl Store {
                     StoreError::Corrupt(serde_json::Error::io(std::io::Error::other(reason)))
                 }
             })?;
-        for job in written.values() {
-            self.index(job)?;
+        for (job, bytes) in written.values() {
+            self.index(job, bytes)?;
         }
         Ok(last)
     }
@@ -565,10 +568,10 @@ impl Store {
             let new = serde_json::to_vec(&job)?;
             if self
                 .jobs
-                .compare_and_swap(id.as_str(), Some(old), Some(new))?
+                .compare_and_swap(id.as_str(), Some(old), Some(new.clone()))?
                 .is_ok()
             {
-                self.index(&job)?;
+                self.index(&job, &new)?;
                 return Ok(job);
             }
         }
@@ -673,7 +676,8 @@ mod tests {
         let stale = s.job(&b).expect("b");
         s.update_job(&b, |j| j.state = JobState::Cancelled)
             .expect("cancel");
-        s.index(&stale).expect("index");
+        let stale_bytes = serde_json::to_vec(&stale).expect("json");
+        s.index(&stale, &stale_bytes).expect("index");
         assert!(ids(&s).is_empty());
         let c = s.create_job(spec("c"), 1, None).expect("create").0.id;
         // Rebuilt from the jobs at open.
