@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_membership::{Member, MembershipConfig, MembershipError};
-use gantry_shared::gossip::{AgentGossip, AgentState, GPU_KEY_PREFIX, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GPU_KEY_PREFIX, GpuInfo, NodeResources};
 use gantry_shared::protocol::NodeCapacity;
 use gantry_shared::{ClusterId, NodeId};
 use tokio::sync::Notify;
@@ -152,7 +152,6 @@ pub fn describe(
     let capacity = settings.capacity;
     AgentGossip {
         addr: settings.addr,
-        state: AgentState::Ready,
         labels: settings.labels.clone(),
         resources: NodeResources {
             cpu_millis: capacity.cpu_millis,

@@ -18,7 +18,7 @@ use gantry_coordinator::reconcile;
 use gantry_coordinator::store::Store;
 use gantry_shared::NodeId;
 use gantry_shared::api::{JobSpec, JobState};
-use gantry_shared::gossip::{AgentGossip, AgentState, GpuHealth, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GpuHealth, GpuInfo, NodeResources};
 use gantry_shared::protocol::NodeCapacity;
 
 pub struct ScheduleBench {
@@ -65,7 +65,6 @@ fn node(i: usize) -> anyhow::Result<NodeStatus> {
         capacity: Some(capacity),
         gossip: Some(AgentGossip {
             addr: std::net::IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]),
-            state: AgentState::Ready,
             labels: BTreeMap::new(),
             resources: NodeResources {
                 cpu_millis: capacity.cpu_millis,

@@ -18,13 +18,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// Bumped on an incompatible change to the encoding below.
-pub const GOSSIP_VERSION: u32 = 1;
+pub const GOSSIP_VERSION: u32 = 2;
 
 pub const KEY_VERSION: &str = "v";
 pub const KEY_ROLE: &str = "role";
 /// The IP other members and containers reach the node at.
 pub const KEY_ADDR: &str = "addr";
-pub const KEY_STATE: &str = "state";
 pub const KEY_LABELS: &str = "labels";
 pub const KEY_RESOURCES: &str = "res";
 /// Number of GPUs: keys `gpu.0` .. `gpu.<n-1>` are current, any above are stale.
@@ -33,28 +32,6 @@ pub const GPU_KEY_PREFIX: &str = "gpu.";
 /// The coordinator's control (QUIC) and API (HTTP) addresses.
 pub const KEY_CONTROL: &str = "control";
 pub const KEY_API: &str = "api";
-
-/// Whether an agent takes new work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AgentState {
-    #[default]
-    Ready,
-    /// Finishing its work; takes nothing new.
-    Draining,
-    /// Under a spot-interruption notice; takes nothing new.
-    Preempting,
-}
-
-impl AgentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ready => "ready",
-            Self::Draining => "draining",
-            Self::Preempting => "preempting",
-        }
-    }
-}
 
 /// A GPU's health as its node sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -155,7 +132,6 @@ struct ResourcesWire {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentGossip {
     pub addr: IpAddr,
-    pub state: AgentState,
     pub labels: BTreeMap<String, String>,
     pub resources: NodeResources,
     /// Indices of GPUs not held by a container.
@@ -231,7 +207,6 @@ impl AgentGossip {
             (KEY_VERSION.into(), GOSSIP_VERSION.to_string()),
             (KEY_ROLE.into(), "agent".into()),
             (KEY_ADDR.into(), self.addr.to_string()),
-            (KEY_STATE.into(), self.state.as_str().into()),
             (KEY_LABELS.into(), format_labels(&self.labels)),
             (
                 KEY_RESOURCES.into(),
@@ -282,12 +257,6 @@ impl AgentGossip {
         }
         let addr = need(KEY_ADDR)?;
         let addr = addr.parse().map_err(|_| bad(KEY_ADDR, addr))?;
-        let state = match need(KEY_STATE)? {
-            "ready" => AgentState::Ready,
-            "draining" => AgentState::Draining,
-            "preempting" => AgentState::Preempting,
-            other => return Err(bad(KEY_STATE, other)),
-        };
         let labels_raw = need(KEY_LABELS)?;
         let mut labels = BTreeMap::new();
         for l in labels_raw.split(',').filter(|l| !l.is_empty()) {
@@ -322,7 +291,6 @@ impl AgentGossip {
         }
         Ok(Self {
             addr,
-            state,
             labels,
             resources: NodeResources {
                 cpu_millis: res.c[0],
@@ -370,7 +338,6 @@ mod tests {
         gpus[5].health = GpuHealth::Degraded("thermal_slowdown".into());
         AgentGossip {
             addr: "10.0.3.17".parse().expect("ip"),
-            state: AgentState::Draining,
             labels: [("rack", "r12"), ("spot", "true")]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .into(),

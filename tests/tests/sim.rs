@@ -22,7 +22,7 @@ use gantry_coordinator::reconcile::link::Delivered;
 use gantry_coordinator::reconcile::{ChannelLink, Reconciler};
 use gantry_coordinator::store::Store;
 use gantry_shared::api::{JobSpec, JobState};
-use gantry_shared::gossip::{AgentGossip, AgentState, GpuHealth, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GpuHealth, GpuInfo, NodeResources};
 use gantry_shared::protocol::{Command, CommandReply, Event, NodeCapacity, SequencedEvent};
 use gantry_shared::{EndCause, Generation, JobId, NodeId, Owner};
 use rand::rngs::StdRng;
@@ -224,7 +224,6 @@ impl FakeAgent {
             capacity: Some(capacity),
             gossip: Some(AgentGossip {
                 addr: std::net::IpAddr::from([10, (n >> 16) as u8, (n >> 8) as u8, n as u8]),
-                state: AgentState::Ready,
                 labels: BTreeMap::new(),
                 resources: NodeResources {
                     cpu_millis: capacity.cpu_millis,

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gantry_membership::{Member, MemberView, MembershipConfig, MembershipError};
-use gantry_shared::gossip::{self, AgentGossip, AgentState};
+use gantry_shared::gossip::{self, AgentGossip};
 use gantry_shared::now_ms;
 use gantry_shared::protocol::NodeCapacity;
 use gantry_shared::{ClusterId, NodeId};
@@ -155,7 +155,7 @@ impl NodeStatus {
             Liveness::Up => match self.admin.as_ref().map(|a| a.mode) {
                 Some(AdminMode::Preempt) => "preempting",
                 Some(AdminMode::Drain) => "draining",
-                None => self.gossip.as_ref().map_or("ready", |g| g.state.as_str()),
+                None => "ready",
             },
             Liveness::Suspect => "suspect",
             Liveness::Down => "down",
@@ -167,10 +167,7 @@ impl NodeStatus {
         self.liveness == Liveness::Up
             && self.admin.is_none()
             && self.capacity.is_some()
-            && self
-                .gossip
-                .as_ref()
-                .is_some_and(|g| g.state == AgentState::Ready)
+            && self.gossip.is_some()
     }
 
     /// GPUs never to place on.
@@ -499,10 +496,9 @@ mod tests {
         }
     }
 
-    fn status(liveness: Liveness, state: AgentState) -> NodeStatus {
+    fn status(liveness: Liveness) -> NodeStatus {
         let mut gpus = gantry_shared::gossip::AgentGossip {
             addr: "10.0.0.1".parse().expect("ip"),
-            state,
             labels: BTreeMap::new(),
             resources: Default::default(),
             free_gpus: vec![],
@@ -547,15 +543,23 @@ mod tests {
 
     #[test]
     fn only_ready_up_nodes_take_work_and_unhealthy_gpus_are_listed() {
-        assert!(status(Liveness::Up, AgentState::Ready).placeable());
-        assert!(!status(Liveness::Up, AgentState::Draining).placeable());
-        assert!(!status(Liveness::Suspect, AgentState::Ready).placeable());
-        assert_eq!(
-            status(Liveness::Up, AgentState::Preempting).state(),
-            "preempting"
+        assert!(status(Liveness::Up).placeable());
+        assert!(!status(Liveness::Suspect).placeable());
+        let mut no_gossip = status(Liveness::Up);
+        no_gossip.gossip = None;
+        assert!(
+            !no_gossip.placeable(),
+            "a node that has not described itself"
         );
-        assert_eq!(status(Liveness::Down, AgentState::Ready).state(), "down");
-        let mut drained = status(Liveness::Up, AgentState::Ready);
+        assert_eq!(status(Liveness::Down).state(), "down");
+        let mut preempting = status(Liveness::Up);
+        preempting.admin = Some(AdminState {
+            mode: AdminMode::Preempt,
+            since_ms: 0,
+            deadline_ms: Some(1),
+        });
+        assert_eq!(preempting.state(), "preempting");
+        let mut drained = status(Liveness::Up);
         drained.admin = Some(AdminState {
             mode: AdminMode::Drain,
             since_ms: 0,
@@ -563,9 +567,6 @@ mod tests {
         });
         assert_eq!(drained.state(), "draining");
         assert!(!drained.placeable());
-        assert_eq!(
-            status(Liveness::Up, AgentState::Ready).unhealthy_gpus(),
-            [1].into()
-        );
+        assert_eq!(status(Liveness::Up).unhealthy_gpus(), [1].into());
     }
 }

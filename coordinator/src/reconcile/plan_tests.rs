@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use gantry_shared::api::{Job, JobState};
-use gantry_shared::gossip::{AgentGossip, AgentState, GpuHealth, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GpuHealth, GpuInfo, NodeResources};
 use gantry_shared::protocol::{Command, NodeCapacity};
 use gantry_shared::{EndCause, Generation, JobId, NodeId, Owner};
 
@@ -36,7 +36,6 @@ fn node(name: &str, gpus: u32) -> NodeStatus {
         capacity: Some(capacity),
         gossip: Some(AgentGossip {
             addr: std::net::IpAddr::from([10, 0, 0, name.len() as u8]),
-            state: AgentState::Ready,
             labels: BTreeMap::new(),
             resources: NodeResources {
                 cpu_millis: capacity.cpu_millis,
