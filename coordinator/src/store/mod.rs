@@ -586,6 +586,19 @@ mod tests {
         serde_json::from_value(serde_json::json!({"name": name, "image": "busybox"})).expect("spec")
     }
 
+    /// Opens the store again right after dropping it: sled's background flusher may hold
+    /// the database's file lock for a moment after the last handle is dropped.
+    fn reopen(path: &Path) -> Store {
+        (0..100)
+            .find_map(|_| {
+                Store::open(path).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("reopen")
+    }
+
     #[test]
     fn concurrent_commits_share_flushes_and_all_return() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -606,7 +619,7 @@ mod tests {
         assert!(st.started <= 200, "{} flushes", st.started);
         drop(st);
         drop(s);
-        let s = Store::open(dir.path()).expect("reopen");
+        let s = reopen(dir.path());
         assert_eq!(s.active_jobs().expect("active").len(), 200);
     }
 
@@ -626,14 +639,7 @@ mod tests {
         };
         // sled releases its file lock from a background thread after the drop; a real
         // restart is a new process, here we wait for the lock (bounded).
-        let s = (0..100)
-            .find_map(|_| {
-                Store::open(dir.path()).ok().or_else(|| {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    None
-                })
-            })
-            .expect("reopen");
+        let s = reopen(dir.path());
         let (page, more) = s
             .jobs(&JobFilter {
                 limit: 2,
@@ -682,14 +688,7 @@ mod tests {
         let c = s.create_job(spec("c"), 1, None).expect("create").0.id;
         // Rebuilt from the jobs at open.
         drop(s);
-        let s = (0..100)
-            .find_map(|_| {
-                Store::open(dir.path()).ok().or_else(|| {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    None
-                })
-            })
-            .expect("reopen");
+        let s = reopen(dir.path());
         assert_eq!(ids(&s), [c]);
     }
 
