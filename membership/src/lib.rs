@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use chitchat::transport::ChannelTransport;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpTransport};
 use chitchat::{
     ChitchatConfig, ChitchatEnvelope, ChitchatHandle, ChitchatId, FailureDetectorConfig,
@@ -75,6 +76,29 @@ pub enum MembershipError {
     Phi(f64),
     #[error("gossip interval must be at least 10ms")]
     Interval,
+    #[error("an in-process gossip member needs an explicit port in its listen address ({listen})")]
+    InProcessPort { listen: SocketAddr },
+}
+
+/// Where a member's datagrams travel. The product gossips over UDP; simulations and
+/// tests can put members in one process on chitchat's own in-memory twin, which can also
+/// cut links between members (a partition). Both are counted the same way.
+#[derive(Clone, Default)]
+pub enum GossipTransport {
+    #[default]
+    Udp,
+    /// In process: every member opened on one `ChannelTransport` reaches the others. Its
+    /// `listen` addresses are only names, so each member needs its own explicit port.
+    InProcess(ChannelTransport),
+}
+
+impl std::fmt::Debug for GossipTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GossipTransport::Udp => "udp",
+            GossipTransport::InProcess(_) => "in process",
+        })
+    }
 }
 
 /// Bytes a member has sent and received through gossip since it started.
@@ -110,7 +134,7 @@ pub struct Member {
 }
 
 impl Member {
-    /// Starts gossiping as `node` (generation `generation`) in cluster `cluster`.
+    /// Starts gossiping over UDP as `node` (generation `generation`) in cluster `cluster`.
     pub async fn start(
         node: &str,
         generation: u64,
@@ -118,6 +142,29 @@ impl Member {
         cfg: &MembershipConfig,
         key_values: Vec<(String, String)>,
     ) -> Result<Self, MembershipError> {
+        Self::start_on(
+            &GossipTransport::Udp,
+            node,
+            generation,
+            cluster,
+            cfg,
+            key_values,
+        )
+        .await
+    }
+
+    /// Starts gossiping over `transport`.
+    pub async fn start_on(
+        transport: &GossipTransport,
+        node: &str,
+        generation: u64,
+        cluster: &str,
+        cfg: &MembershipConfig,
+        key_values: Vec<(String, String)>,
+    ) -> Result<Self, MembershipError> {
+        if matches!(transport, GossipTransport::InProcess(_)) && cfg.listen.port() == 0 {
+            return Err(MembershipError::InProcessPort { listen: cfg.listen });
+        }
         if !(cfg.phi_threshold.is_finite() && cfg.phi_threshold > 0.0) {
             return Err(MembershipError::Phi(cfg.phi_threshold));
         }
@@ -168,8 +215,11 @@ impl Member {
                 // of ~170 (bench/README.md). Every Gantry member speaks it.
                 protocol_version: ProtocolVersion::V1,
             };
-            let transport = CountingTransport(traffic.clone());
-            match chitchat::spawn_chitchat(config, key_values.clone(), &transport).await {
+            let counting = CountingTransport {
+                inner: transport.clone(),
+                traffic: traffic.clone(),
+            };
+            match chitchat::spawn_chitchat(config, key_values.clone(), &counting).await {
                 Ok(handle) => return Ok(Self { handle, traffic }),
                 Err(source) if cfg.listen.port() == 0 && attempts < 5 => {
                     tracing::debug!(error = %source, "gossip port taken meanwhile; retrying");
@@ -258,15 +308,22 @@ fn free_udp_port(listen: SocketAddr) -> std::io::Result<SocketAddr> {
     std::net::UdpSocket::bind(listen)?.local_addr()
 }
 
-/// chitchat's UDP transport, counting bytes.
-struct CountingTransport(Arc<Traffic>);
+/// A transport that counts the bytes through it.
+struct CountingTransport {
+    inner: GossipTransport,
+    traffic: Arc<Traffic>,
+}
 
 #[async_trait::async_trait]
 impl Transport for CountingTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let inner = match &self.inner {
+            GossipTransport::Udp => UdpTransport.open(listen_addr).await?,
+            GossipTransport::InProcess(channel) => channel.open(listen_addr).await?,
+        };
         Ok(Box::new(CountingSocket {
-            inner: UdpTransport.open(listen_addr).await?,
-            traffic: self.0.clone(),
+            inner,
+            traffic: self.traffic.clone(),
         }))
     }
 }
@@ -326,18 +383,25 @@ mod tests {
         panic!("timed out waiting for {what}");
     }
 
-    #[tokio::test]
-    async fn members_converge_see_changes_and_detect_death() {
-        let a = Member::start("a", 1, "c1", &cfg(vec![]), vec![("k".into(), "1".into())])
-            .await
-            .expect("a");
+    /// The same behaviour over UDP and over the in-process twin.
+    async fn converge_see_changes_and_detect_death(transport: GossipTransport) {
+        // The in-process transport's addresses are names: each member gets its own port.
+        let on = |port: u16, seeds: Vec<String>| match transport {
+            GossipTransport::Udp => cfg(seeds),
+            GossipTransport::InProcess(_) => MembershipConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                ..cfg(seeds)
+            },
+        };
+        let start = async |name: &str, port: u16, seeds: Vec<String>, kv| {
+            Member::start_on(&transport, name, 1, "c1", &on(port, seeds), kv)
+                .await
+                .expect(name)
+        };
+        let a = start("a", 7001, vec![], vec![("k".into(), "1".into())]).await;
         let seed = vec![a.gossip_addr().to_string()];
-        let b = Member::start("b", 1, "c1", &cfg(seed.clone()), vec![])
-            .await
-            .expect("b");
-        let c = Member::start("c", 1, "c1", &cfg(seed), vec![])
-            .await
-            .expect("c");
+        let b = start("b", 7002, seed.clone(), vec![]).await;
+        let c = start("c", 7003, seed, vec![]).await;
         wait_for("c to see a and b live", async || {
             let m = c.members().await;
             m.iter().filter(|v| v.live).count() == 3
@@ -359,6 +423,34 @@ mod tests {
         .await;
         a.shutdown().await;
         c.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn members_converge_see_changes_and_detect_death_over_udp() {
+        converge_see_changes_and_detect_death(GossipTransport::Udp).await;
+    }
+
+    #[tokio::test]
+    async fn members_converge_see_changes_and_detect_death_in_process() {
+        converge_see_changes_and_detect_death(GossipTransport::InProcess(
+            ChannelTransport::default(),
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn in_process_members_need_a_port() {
+        let e = Member::start_on(
+            &GossipTransport::InProcess(ChannelTransport::default()),
+            "a",
+            1,
+            "c1",
+            &cfg(vec![]),
+            vec![],
+        )
+        .await
+        .err();
+        assert!(matches!(e, Some(MembershipError::InProcessPort { .. })));
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gantry_membership::{Member, MemberView, MembershipConfig, MembershipError};
+use gantry_membership::{GossipTransport, Member, MemberView, MembershipConfig, MembershipError};
 use gantry_shared::gossip::{self, AgentGossip};
 use gantry_shared::now_ms;
 use gantry_shared::protocol::NodeCapacity;
@@ -48,6 +48,8 @@ pub struct ClusterConfig {
     /// this long: agents reconnect (backoff up to 5 s) and reconcile; only then are the
     /// silent ones down and their work lost.
     pub startup_grace: Duration,
+    /// Where gossip travels: UDP in the product, chitchat's in-memory twin in tests.
+    pub transport: GossipTransport,
 }
 
 impl Default for ClusterConfig {
@@ -57,6 +59,7 @@ impl Default for ClusterConfig {
             session_silence: Duration::from_millis(1500),
             poll: Duration::from_millis(100),
             startup_grace: Duration::from_secs(15),
+            transport: GossipTransport::Udp,
         }
     }
 }
@@ -217,7 +220,8 @@ impl Cluster {
         cancel: CancellationToken,
     ) -> Result<Self, MembershipError> {
         let member = Arc::new(
-            Member::start(
+            Member::start_on(
+                &cfg.transport,
                 COORDINATOR_MEMBER,
                 now_ms(),
                 cluster.as_str(),
@@ -252,9 +256,14 @@ impl Cluster {
                 let sessions = nodes.sessions();
                 contact_new_members(&member, &members, &sessions);
                 let restarting = |id: &NodeId| nodes.is_restarting(id);
+                let clock = Clock {
+                    started,
+                    now: Instant::now(),
+                    now_ms: now_ms(),
+                };
                 let mut next = observe(
                     &cfg,
-                    started,
+                    clock,
                     &mut tracked,
                     &joined,
                     &sessions,
@@ -343,18 +352,31 @@ fn contact_new_members(
     }
 }
 
+/// The times one round decides with, read once by its caller.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    /// When the coordinator started (its startup grace runs from here).
+    started: Instant,
+    now: Instant,
+    /// The same moment in unix ms (what the view reports).
+    now_ms: u64,
+}
+
 /// One round: the signals of every known node, the decision, and the status.
 fn observe(
     cfg: &ClusterConfig,
-    started: Instant,
+    clock: Clock,
     tracked: &mut HashMap<NodeId, Tracked>,
     joined: &[NodeId],
     sessions: &[(NodeId, crate::nodes::Session)],
     restarting: &dyn Fn(&NodeId) -> bool,
     members: &[MemberView],
 ) -> Vec<NodeStatus> {
-    let now = Instant::now();
-    let now_ms = now_ms();
+    let Clock {
+        started,
+        now,
+        now_ms,
+    } = clock;
     let sessions: BTreeMap<&NodeId, &crate::nodes::Session> =
         sessions.iter().map(|(id, s)| (id, s)).collect();
     let mut ids: BTreeSet<NodeId> = joined.iter().cloned().collect();
@@ -416,7 +438,7 @@ fn observe(
             },
             None => (None, None),
         };
-        let starting = started.elapsed() < cfg.startup_grace;
+        let starting = now.duration_since(started) < cfg.startup_grace;
         let (liveness, reason) = decide(session_signal, gossip_signal, starting, restarting(&id));
         let since_ms = match t.liveness {
             Some((l, at)) if l == liveness => at,
