@@ -185,6 +185,9 @@ async fn bad_bodies_name_the_field() {
         (json!({"name": "x", "image": "busybox", "resources": {"cpu": "1", "memory": "0"}}).to_string(), Some("resources.memory")),
         (json!({"name": "x", "image": "", "nodes": 1}).to_string(), Some("image")),
         (json!({"name": "x", "image": "busybox", "timeout": "soon"}).to_string(), Some("timeout")),
+        (json!({"name": "a\u{0}b", "image": "busybox"}).to_string(), Some("name")),
+        (json!({"name": "x".repeat(200), "image": "busybox"}).to_string(), Some("name")),
+        (json!({"name": "x", "image": "busybox", "resources": {"cpu": "1", "memory": "1G", "gpu_types": vec!["H100"; 17]}}).to_string(), Some("resources.gpu_types")),
     ];
     for (body, field) in cases {
         let (s, _, v) = api

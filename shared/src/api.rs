@@ -130,6 +130,35 @@ impl Default for JobResources {
     }
 }
 
+/// The largest values a job spec may hold, in one place: one request must not be able to
+/// bloat the job store or every scheduling pass. Each refusal names the field and the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecLimits {
+    pub name_bytes: usize,
+    pub image_bytes: usize,
+    pub command_args: usize,
+    /// All arguments together.
+    pub command_bytes: usize,
+    pub env_vars: usize,
+    /// All keys and values together.
+    pub env_bytes: usize,
+    pub gpu_types: usize,
+    pub selector_labels: usize,
+}
+
+impl SpecLimits {
+    pub const DEFAULT: SpecLimits = SpecLimits {
+        name_bytes: 128,
+        image_bytes: 512,
+        command_args: 1024,
+        command_bytes: 256 << 10,
+        env_vars: 1024,
+        env_bytes: 256 << 10,
+        gpu_types: 16,
+        selector_labels: 64,
+    };
+}
+
 /// A field of a spec that is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -150,14 +179,61 @@ impl JobSpec {
                 message: message.to_owned(),
             })
         };
-        if self.name.trim().is_empty() || self.name.len() > 128 {
+        let l = SpecLimits::DEFAULT;
+        let too_long = |field, what: &str, max: usize| {
+            Err(FieldError {
+                field,
+                message: format!("{what} is longer than the limit of {max}; shorten it"),
+            })
+        };
+        if self.name.trim().is_empty() || self.name.len() > l.name_bytes {
             return err("name", "must be 1 to 128 characters");
+        }
+        if self.name.chars().any(char::is_control) {
+            return err(
+                "name",
+                "must not contain control characters (NUL, newlines, escapes)",
+            );
         }
         if self.image.trim().is_empty() {
             return err(
                 "image",
                 "must name an image, e.g. `busybox` or `registry.example.com/team/train:v1`",
             );
+        }
+        if self.image.len() > l.image_bytes {
+            return too_long("image", "the image reference", l.image_bytes);
+        }
+        if self
+            .image
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return err("image", "must not contain spaces or control characters");
+        }
+        if self.command.len() > l.command_args {
+            return too_long("command", "the argument list", l.command_args);
+        }
+        if self.command.iter().map(String::len).sum::<usize>() > l.command_bytes {
+            return too_long("command", "the command line (bytes)", l.command_bytes);
+        }
+        if self.env.len() > l.env_vars {
+            return too_long("env", "the number of variables", l.env_vars);
+        }
+        if self
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            > l.env_bytes
+        {
+            return too_long("env", "the environment (bytes)", l.env_bytes);
+        }
+        if self.resources.gpu_types.len() > l.gpu_types {
+            return too_long("resources.gpu_types", "the list", l.gpu_types);
+        }
+        if self.selector.len() > l.selector_labels {
+            return too_long("selector", "the number of labels", l.selector_labels);
         }
         if self.nodes == 0 || self.nodes > Self::MAX_NODES {
             return err("nodes", "must be between 1 and 1024");
@@ -492,6 +568,44 @@ mod tests {
         let mut s = spec();
         s.env.insert("1X".into(), "y".into());
         assert_eq!(s.validate().map_err(|e| e.field), Err("env"));
+    }
+
+    #[test]
+    fn every_list_and_string_is_bounded_and_the_refusal_names_field_and_limit() {
+        let l = SpecLimits::DEFAULT;
+        let field = |s: &JobSpec| s.validate().map_err(|e| (e.field, e.message));
+        let mut s = spec();
+        s.name = "a\0b".into();
+        assert_eq!(field(&s).map_err(|e| e.0), Err("name"));
+        let mut s = spec();
+        s.name = "x".repeat(100 * 1024);
+        assert_eq!(field(&s).map_err(|e| e.0), Err("name"));
+        let mut s = spec();
+        s.resources.gpu_types = vec!["H100".into(); 10_000];
+        let e = field(&s).expect_err("too many gpu types");
+        assert_eq!(e.0, "resources.gpu_types");
+        assert!(e.1.contains(&l.gpu_types.to_string()), "{}", e.1);
+        let mut s = spec();
+        s.command = vec!["x".into(); l.command_args + 1];
+        assert_eq!(field(&s).map_err(|e| e.0), Err("command"));
+        let mut s = spec();
+        s.env = (0..=l.env_vars)
+            .map(|i| (format!("K{i}"), "v".into()))
+            .collect();
+        assert_eq!(field(&s).map_err(|e| e.0), Err("env"));
+        let mut s = spec();
+        s.image = "x".repeat(l.image_bytes + 1);
+        assert_eq!(field(&s).map_err(|e| e.0), Err("image"));
+        let mut s = spec();
+        s.image = "busy box".into();
+        assert_eq!(field(&s).map_err(|e| e.0), Err("image"));
+        let mut s = spec();
+        s.selector = (0..=l.selector_labels)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        assert_eq!(field(&s).map_err(|e| e.0), Err("selector"));
+        // What real jobs carry stays well inside.
+        assert_eq!(spec().validate(), Ok(()));
     }
 
     #[test]
