@@ -1,16 +1,17 @@
 //! gantry-coordinator: the cluster's control plane, grouped by domain.
 //!
-//! - `api/`: the HTTP API (axum), its extractors, errors and OpenAPI document.
+//! - `api/`: the HTTP API (axum): handlers that call the services, extractors, errors and
+//!   the OpenAPI document.
 //! - `ca/`: the cluster CA; node certificates from join CSRs.
-//! - `config`: the coordinator's TOML configuration.
+//! - `config`: the coordinator's settings (`coordinator.toml`, flags laid over it).
 //! - `control/`: the QUIC control endpoint with mutual TLS; sessions with agents.
 //! - `jobs/`: job state transitions (pure), the rank environment of gangs, and the job
 //!   service the API calls.
 //! - `nodes/`: connected sessions, the liveness view (gossip + sessions) and the node
 //!   service the API calls.
 //! - `placement/`: the placement engine and its queue (pure).
-//! - `reconcile/`: the scheduling loop: evictions, fences, starts and stops, placement
-//!   over the store.
+//! - `reconcile/`: the reconciler: a pure plan per pass (evictions, fences, starts, stops,
+//!   placements) and its executor, commands to agents through a `NodeLink`.
 //! - `registry/`: the embedded OCI registry.
 //! - `store/`: everything durable (sled), one module per kind of record: jobs and fences
 //!   (mod), API tokens and roles (`tokens`), join tokens and joined nodes (`joins`), node
