@@ -9,7 +9,7 @@ use gantry_coordinator::nodes::Nodes;
 use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig, Liveness, NodeStatus};
 use gantry_coordinator::store::Store;
 use gantry_membership::{ChannelTransport, GossipTransport, Member, MembershipConfig};
-use gantry_shared::gossip::{AgentGossip, GpuHealth, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GpuInfo, NodeResources};
 use gantry_shared::{ClusterId, NodeId};
 use tokio_util::sync::CancellationToken;
 
@@ -29,17 +29,7 @@ fn agent_gossip() -> AgentGossip {
         resources: NodeResources::default(),
         free_gpus: vec![0, 1],
         gpus: (0..2)
-            .map(|index| GpuInfo {
-                index,
-                uuid: format!("GPU-SIM-n1-{index}"),
-                model: "H100-80GB".into(),
-                memory_bytes: 80 << 30,
-                pci_bus_id: String::new(),
-                numa_node: None,
-                nvlink_group: None,
-                health: GpuHealth::Healthy,
-                simulated: true,
-            })
+            .map(|index| GpuInfo::simulated("n1", index, "H100-80GB", 80 << 30))
             .collect(),
     }
 }

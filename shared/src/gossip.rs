@@ -89,6 +89,25 @@ pub struct GpuInfo {
     pub simulated: bool,
 }
 
+impl GpuInfo {
+    /// A simulated GPU of `node`: healthy, no PCI address, no topology, and a UUID
+    /// (`GPU-SIM-<node>-<index>`) that says what it is. The one definition the agent's
+    /// simulated inventory, tests and benchmarks share.
+    pub fn simulated(node: &str, index: u32, model: &str, memory_bytes: u64) -> GpuInfo {
+        GpuInfo {
+            index,
+            uuid: format!("GPU-SIM-{node}-{index}"),
+            model: model.into(),
+            memory_bytes,
+            pci_bus_id: String::new(),
+            numa_node: None,
+            nvlink_group: None,
+            health: GpuHealth::Healthy,
+            simulated: true,
+        }
+    }
+}
+
 /// Wire form of a GPU: short field names, health as one string.
 #[derive(Serialize, Deserialize)]
 struct GpuWire {

@@ -22,7 +22,7 @@ use gantry_coordinator::reconcile::link::Delivered;
 use gantry_coordinator::reconcile::{ChannelLink, Reconciler};
 use gantry_coordinator::store::Store;
 use gantry_shared::api::{JobSpec, JobState};
-use gantry_shared::gossip::{AgentGossip, GpuHealth, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GpuInfo, NodeResources};
 use gantry_shared::protocol::{Command, CommandReply, Event, NodeCapacity, SequencedEvent};
 use gantry_shared::{EndCause, Generation, JobId, NodeId, Owner};
 use rand::rngs::StdRng;
@@ -233,17 +233,7 @@ impl FakeAgent {
                 },
                 free_gpus: Vec::new(),
                 gpus: (0..GPUS_PER_NODE)
-                    .map(|g| GpuInfo {
-                        index: g,
-                        uuid: format!("GPU-SIM-{}-{g}", self.id),
-                        model: "H100-80GB".into(),
-                        memory_bytes: 80 << 30,
-                        pci_bus_id: String::new(),
-                        numa_node: None,
-                        nvlink_group: None,
-                        health: GpuHealth::Healthy,
-                        simulated: true,
-                    })
+                    .map(|g| GpuInfo::simulated(self.id.as_str(), g, "H100-80GB", 80 << 30))
                     .collect(),
             }),
             gossip_error: None,

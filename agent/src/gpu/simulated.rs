@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gantry_shared::gossip::{GpuHealth, GpuInfo};
+use gantry_shared::gossip::GpuInfo;
 
 use super::health::Throttle;
 use super::inventory::{GpuSource, HealthEvent, InventoryError};
@@ -77,15 +77,9 @@ pub fn parse_spec(spec: &str, node: &str) -> Result<Vec<GpuInfo>, InventoryError
         for i in 0..count {
             let index = gpus.len() as u32;
             gpus.push(GpuInfo {
-                index,
-                uuid: format!("GPU-SIM-{node}-{index}"),
-                model: model.into(),
-                memory_bytes: memory_gb << 30,
-                pci_bus_id: String::new(),
                 numa_node: numa.map(|n| next_numa + i * n / count),
                 nvlink_group: nvlink.map(|n| next_group + i / n),
-                health: GpuHealth::Healthy,
-                simulated: true,
+                ..GpuInfo::simulated(node, index, model, memory_gb << 30)
             });
         }
         if let Some(n) = nvlink {

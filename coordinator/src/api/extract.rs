@@ -119,8 +119,12 @@ impl From<NodeServiceError> for ApiError {
             NodeServiceError::NotFound { id } => ApiError::NotFound {
                 what: format!("node `{id}` (it has not joined this cluster)"),
             },
-            e @ NodeServiceError::NoSuchGpu { .. } => ApiError::NotFound {
-                what: e.to_string().trim_end_matches(" not found").to_owned(),
+            NodeServiceError::NoSuchGpu {
+                node,
+                index,
+                message,
+            } => ApiError::NotFound {
+                what: format!("GPU {index} on node {node} ({message})"),
             },
             NodeServiceError::Unavailable { message } => ApiError::Unavailable { message },
             NodeServiceError::Store(e) => ApiError::Internal(e.to_string()),

@@ -56,16 +56,14 @@ pub fn execute<L: NodeLink>(
 ) -> Result<Vec<(JobId, Generation)>, StoreError> {
     let (placed, sends) = apply(store, actions, now_ms)?;
     let recorded: HashSet<&(JobId, Generation)> = placed.iter().collect();
-    for (node, command, kind) in sends {
-        if let (SendKind::Start { placed: true }, Command::Start(spec)) = (&kind, &command) {
-            let Some(job) = spec.owner.job() else {
-                continue;
-            };
-            if !recorded.contains(&(job.clone(), spec.generation)) {
-                continue; // the job changed meanwhile (cancelled): nothing to start
-            }
+    for (member, command, kind) in sends {
+        let (job, generation, _) = &member;
+        if kind == (SendKind::Start { placed: true })
+            && !recorded.contains(&(job.clone(), *generation))
+        {
+            continue; // the job changed meanwhile (cancelled): nothing to start
         }
-        spawn_send(link, tasks, reports, node, command, kind);
+        spawn_send(link, tasks, reports, member, command, kind);
     }
     Ok(placed)
 }
@@ -77,7 +75,13 @@ pub fn apply(
     store: &Store,
     actions: Vec<Action>,
     now_ms: u64,
-) -> Result<(Vec<(JobId, Generation)>, Vec<(NodeId, Command, SendKind)>), StoreError> {
+) -> Result<
+    (
+        Vec<(JobId, Generation)>,
+        Vec<(MemberKey, Command, SendKind)>,
+    ),
+    StoreError,
+> {
     let mut wrote = false;
     let mut placed = Vec::new();
     let mut sends = Vec::new();
@@ -122,10 +126,10 @@ pub fn apply(
                 }
             }
             Action::Send {
-                node,
+                member,
                 command,
                 kind,
-            } => sends.push((node, command, kind)),
+            } => sends.push((member, command, kind)),
         }
     }
     if wrote {
@@ -139,22 +143,12 @@ fn spawn_send<L: NodeLink>(
     link: &L,
     tasks: &TaskTracker,
     reports: &Reports,
-    node: NodeId,
+    (job, generation, node): MemberKey,
     command: Command,
     kind: SendKind,
 ) {
     let (link, reports) = (link.clone(), reports.clone());
     tasks.spawn(async move {
-        let member = match &command {
-            Command::Start(spec) => spec.owner.job().map(|j| (j.clone(), spec.generation)),
-            Command::Stop {
-                owner, generation, ..
-            } => owner.job().map(|j| (j.clone(), *generation)),
-            _ => None,
-        };
-        let Some((job, generation)) = member else {
-            return;
-        };
         let reply = link.exchange(&node, command).await;
         let outcome = match kind {
             SendKind::Start { .. } => match accepted(&node, reply) {

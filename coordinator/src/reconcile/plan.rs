@@ -86,9 +86,9 @@ pub enum Action {
     NoteReason { job: JobId, reason: String },
     /// Record a new generation of a pending job (store), before any node hears of it.
     Place { job: JobId, members: Vec<Attempt> },
-    /// Send a node a command: a start, a stop, or a fence's stop.
+    /// Send a member's node a command: a start, a stop, or a fence's stop.
     Send {
-        node: NodeId,
+        member: MemberKey,
         command: Command,
         kind: SendKind,
     },
@@ -107,9 +107,9 @@ pub enum SendKind {
 }
 
 impl Action {
-    fn send(node: &NodeId, command: Command, kind: SendKind) -> Self {
+    fn send(member: MemberKey, command: Command, kind: SendKind) -> Self {
         Action::Send {
-            node: node.clone(),
+            member,
             command,
             kind,
         }
@@ -200,7 +200,8 @@ fn fence_returning(snap: &Snapshot<'_>, memory: &mut Memory, actions: &mut Vec<A
         let Some(&session) = snap.sessions.get(node).filter(|_| !down) else {
             continue;
         };
-        let key = ((job.clone(), *generation, node.clone()), session);
+        let member = (job.clone(), *generation, node.clone());
+        let key = (member.clone(), session);
         current.insert(key.clone());
         if !memory.fenced.insert(key) {
             continue;
@@ -210,7 +211,7 @@ fn fence_returning(snap: &Snapshot<'_>, memory: &mut Memory, actions: &mut Vec<A
             generation: *generation,
             grace_ms: fence.grace_ms,
         };
-        actions.push(Action::send(node, stop, SendKind::Fence));
+        actions.push(Action::send(member, stop, SendKind::Fence));
     }
     memory.fenced.retain(|k| current.contains(k));
 }
@@ -229,14 +230,10 @@ fn resend_unconfirmed(snap: &Snapshot<'_>, memory: &mut Memory, actions: &mut Ve
             let Some(&session) = snap.sessions.get(&m.node) else {
                 continue;
             };
-            if memory.delivered.insert((key, session)) {
+            if memory.delivered.insert((key.clone(), session)) {
                 tracing::info!(job = %job.id, node = %m.node, generation = %m.generation, "sending an unconfirmed start again");
                 let start = start_command(job, &current, m);
-                actions.push(Action::send(
-                    &m.node,
-                    start,
-                    SendKind::Start { placed: false },
-                ));
+                actions.push(Action::send(key, start, SendKind::Start { placed: false }));
             }
         }
     }
@@ -251,7 +248,7 @@ fn stop_leftovers(snap: &Snapshot<'_>, memory: &mut Memory, actions: &mut Vec<Ac
         for m in job.live_members() {
             let key = (job.id.clone(), m.generation, m.node.clone());
             stoppable.insert(key.clone());
-            if !memory.stopping.insert(key) {
+            if !memory.stopping.insert(key.clone()) {
                 continue;
             }
             let stop = Command::Stop {
@@ -259,7 +256,7 @@ fn stop_leftovers(snap: &Snapshot<'_>, memory: &mut Memory, actions: &mut Vec<Ac
                 generation: m.generation,
                 grace_ms: STOP_GRACE.as_millis() as u64,
             };
-            actions.push(Action::send(&m.node, stop, SendKind::Stop));
+            actions.push(Action::send(key, stop, SendKind::Stop));
         }
     }
     memory.stopping.retain(|k| stoppable.contains(k));
@@ -369,16 +366,12 @@ fn place_pending(
                 };
                 let current = job.current_members();
                 for m in &current {
+                    let key = (job.id.clone(), m.generation, m.node.clone());
                     if let Some(&session) = snap.sessions.get(&m.node) {
-                        let key = (job.id.clone(), m.generation, m.node.clone());
-                        memory.delivered.insert((key, session));
+                        memory.delivered.insert((key.clone(), session));
                     }
                     let start = start_command(job, &current, m);
-                    actions.push(Action::send(
-                        &m.node,
-                        start,
-                        SendKind::Start { placed: true },
-                    ));
+                    actions.push(Action::send(key, start, SendKind::Start { placed: true }));
                 }
             }
         }

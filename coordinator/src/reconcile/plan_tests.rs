@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use gantry_shared::api::{Job, JobState};
-use gantry_shared::gossip::{AgentGossip, GpuHealth, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GpuInfo, NodeResources};
 use gantry_shared::protocol::{Command, NodeCapacity};
 use gantry_shared::{EndCause, Generation, JobId, NodeId, Owner};
 
@@ -45,17 +45,7 @@ fn node(name: &str, gpus: u32) -> NodeStatus {
             },
             free_gpus: (0..gpus).collect(),
             gpus: (0..gpus)
-                .map(|g| GpuInfo {
-                    index: g,
-                    uuid: format!("GPU-SIM-{name}-{g}"),
-                    model: "H100-80GB".into(),
-                    memory_bytes: 80 << 30,
-                    pci_bus_id: String::new(),
-                    numa_node: None,
-                    nvlink_group: None,
-                    health: GpuHealth::Healthy,
-                    simulated: true,
-                })
+                .map(|g| GpuInfo::simulated(name, g, "H100-80GB", 80 << 30))
                 .collect(),
         }),
         gossip_error: None,
@@ -113,7 +103,7 @@ fn sends(actions: &[Action]) -> Vec<(NodeId, SendKind)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send { node, kind, .. } => Some((node.clone(), kind.clone())),
+            Action::Send { member, kind, .. } => Some((member.2.clone(), kind.clone())),
             _ => None,
         })
         .collect()
@@ -261,7 +251,7 @@ fn a_preempted_member_is_fenced_and_its_next_generation_waits_for_it_to_stop() {
     )));
     let fence = actions.iter().find_map(|a| match a {
         Action::Send {
-            node,
+            member,
             command:
                 Command::Stop {
                     owner,
@@ -269,7 +259,7 @@ fn a_preempted_member_is_fenced_and_its_next_generation_waits_for_it_to_stop() {
                     grace_ms,
                 },
             kind: SendKind::Fence,
-        } => Some((node.clone(), owner.clone(), *generation, *grace_ms)),
+        } => Some((member.2.clone(), owner.clone(), *generation, *grace_ms)),
         _ => None,
     });
     assert_eq!(
