@@ -13,7 +13,8 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 /// A workspace binary (`gantry-agent`, `gantry-coordinator`, `gantry`), from the same
 /// target directory as the running executable: beside it (a binary such as
 /// `gantry-bench`), or one level up (a test, in `target/<profile>/deps/`).
-/// `cargo nextest run --workspace` builds them.
+/// `cargo nextest run --workspace` builds them (each binary's own package has integration
+/// tests, which is what makes cargo build it).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     let beside = exe.parent().expect("executable directory");
