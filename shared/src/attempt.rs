@@ -10,7 +10,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::ids::{ContainerId, JobId};
+use crate::ids::{ContainerId, JobId, WarmId};
 
 /// One placement of an owner's work. Only ever increases per owner; every command carries
 /// it and agents refuse commands older than the newest they have seen, so a node that
@@ -52,12 +52,16 @@ impl fmt::Display for Generation {
     }
 }
 
-/// Whose work an attempt is. Jobs today; a function's warm containers will be one more
-/// variant of the same attempt machinery.
+/// Whose work an attempt is: a job's, or one warm container of a function's. Both are
+/// placed by the same engine, started by the same runtime and fenced by the same
+/// generations.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Owner {
     Job(JobId),
+    /// A function's warm container; its function and version live in the coordinator's
+    /// records of it, and its runtime API in the attempt's spec.
+    Function(WarmId),
 }
 
 impl Owner {
@@ -65,6 +69,7 @@ impl Owner {
     pub fn key(&self) -> &str {
         match self {
             Owner::Job(job) => job.as_str(),
+            Owner::Function(warm) => warm.as_str(),
         }
     }
 
@@ -74,12 +79,21 @@ impl Owner {
     pub fn container_id(&self, generation: Generation) -> Option<ContainerId> {
         match self {
             Owner::Job(job) => ContainerId::new(format!("{job}-g{generation}")).ok(),
+            Owner::Function(warm) => ContainerId::new(format!("{warm}-g{generation}")).ok(),
         }
     }
 
     pub fn job(&self) -> Option<&JobId> {
         match self {
             Owner::Job(job) => Some(job),
+            Owner::Function(_) => None,
+        }
+    }
+
+    pub fn warm(&self) -> Option<&WarmId> {
+        match self {
+            Owner::Function(warm) => Some(warm),
+            Owner::Job(_) => None,
         }
     }
 }
@@ -88,6 +102,7 @@ impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Owner::Job(job) => write!(f, "job {job}"),
+            Owner::Function(warm) => write!(f, "function container {warm}"),
         }
     }
 }

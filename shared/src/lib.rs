@@ -4,14 +4,18 @@
 
 pub mod api;
 pub mod attempt;
+pub mod calls;
 pub mod config;
+pub mod functions;
 pub mod gossip;
 pub mod ids;
 pub mod protocol;
 pub mod resources;
 
 pub use attempt::{AttemptRef, EndCause, Generation, GpuFault, Owner, StartFailure};
-pub use ids::{ClusterId, ContainerId, IdError, JobId, NodeId};
+pub use ids::{
+    AppName, CallId, ClusterId, ContainerId, FunctionName, IdError, InputId, JobId, NodeId, WarmId,
+};
 pub use resources::{
     CpuMillis, HumanDuration, MemoryBytes, Parsed, ResourceError, Resources, parse_memory,
 };

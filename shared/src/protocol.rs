@@ -10,17 +10,19 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::attempt::{EndCause, Generation, Owner, StartFailure};
-use crate::ids::{ClusterId, NodeId};
+use crate::calls::{InputResult, LeasedInput};
+use crate::ids::{ClusterId, InputId, NodeId};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// TLS application protocol name of the control plane.
-pub const ALPN: &[u8] = b"gantry-control/2";
+pub const ALPN: &[u8] = b"gantry-control/3";
 
-/// Largest frame either side accepts (1 MiB): a certificate request, a job spec or a batch
-/// of events fit easily; anything bigger is a bug or an attack.
-pub const MAX_FRAME: usize = 1 << 20;
+/// Largest frame either side accepts (4 MiB): a certificate request, a job spec or a batch
+/// of events fit easily, and so does one function input or output at its inline limit of
+/// 2 MiB once base64 has grown it by a third; anything bigger is a bug or an attack.
+pub const MAX_FRAME: usize = 4 << 20;
 
 /// The DNS name in a node's certificate: `<node-id>.node.gantry`. The coordinator
 /// accepts a connection as node N only if its certificate is valid for N's name.
@@ -69,6 +71,18 @@ pub enum Request {
     /// only grow per node; the coordinator applies each at most once and acknowledges
     /// the highest it has applied.
     Events { events: Vec<SequencedEvent> },
+    /// A function container's answer to input `input` (try `attempt`). The coordinator
+    /// records the first answer for an input's current lease and ignores any other, so a
+    /// resend after a lost reply does no harm.
+    Output {
+        owner: Owner,
+        generation: Generation,
+        input: InputId,
+        attempt: u32,
+        result: InputResult,
+        /// When the container answered (unix ms).
+        at_ms: u64,
+    },
 }
 
 /// A node's resources for jobs.
@@ -93,6 +107,22 @@ pub enum Event {
         owner: Owner,
         generation: Generation,
         at_ms: u64,
+        /// How long getting its image ready took (pull and unpack; 0 when cached).
+        #[serde(default)]
+        image_ms: u64,
+    },
+    /// A function container said `ready`: it takes inputs from now on.
+    Ready {
+        owner: Owner,
+        generation: Generation,
+        at_ms: u64,
+    },
+    /// A function container's setup failed (`POST /v1/init/error`, or no `ready` within
+    /// its startup timeout); the agent stops it.
+    InitFailed {
+        owner: Owner,
+        generation: Generation,
+        message: String,
     },
     /// The container could not be started (bad image, missing command, …).
     StartFailed {
@@ -120,6 +150,8 @@ impl Event {
     pub fn owner(&self) -> &Owner {
         match self {
             Event::Started { owner, .. }
+            | Event::Ready { owner, .. }
+            | Event::InitFailed { owner, .. }
             | Event::StartFailed { owner, .. }
             | Event::Exited { owner, .. } => owner,
         }
@@ -128,6 +160,8 @@ impl Event {
     pub fn generation(&self) -> Generation {
         match self {
             Event::Started { generation, .. }
+            | Event::Ready { generation, .. }
+            | Event::InitFailed { generation, .. }
             | Event::StartFailed { generation, .. }
             | Event::Exited { generation, .. } => *generation,
         }
@@ -159,6 +193,28 @@ pub enum Command {
     ClearGpu {
         index: u32,
     },
+    /// Hand `input` to the function container's runtime API (its next `GET
+    /// /v1/inputs/next`). Refused `NotRunning` when the container is gone.
+    Deliver {
+        owner: Owner,
+        generation: Generation,
+        input: LeasedInput,
+    },
+    /// The input's call was cancelled: tell the container through its events, and stop it
+    /// if it still holds the input after `grace_ms`.
+    CancelInput {
+        owner: Owner,
+        generation: Generation,
+        input: InputId,
+        grace_ms: u64,
+    },
+    /// Scale-down: the container gets `410 Gone` from `next` and a `drain` event, finishes
+    /// what it holds and exits; it is stopped if it has not exited after `grace_ms`.
+    Drain {
+        owner: Owner,
+        generation: Generation,
+        grace_ms: u64,
+    },
 }
 
 /// Which stream a log chunk carries.
@@ -188,6 +244,18 @@ pub struct AttemptSpec {
     /// Host GPU indices on this node.
     pub gpus: Vec<u32>,
     pub timeout_ms: Option<u64>,
+    /// Set for a function's container: the agent serves the runtime API to it.
+    #[serde(default)]
+    pub function: Option<FunctionRuntime>,
+}
+
+/// How a function container is served its inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRuntime {
+    /// Inputs the container may hold at once.
+    pub max_inputs: u32,
+    /// Longest from start to `ready`; past it the container fails its setup.
+    pub startup_timeout_ms: u64,
 }
 
 /// An agent's answer to a command.

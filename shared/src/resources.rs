@@ -196,8 +196,20 @@ where
     T: FromStr,
     T::Err: fmt::Display,
 {
+    /// Text, or a bare number (`cpu = 2` in TOML, `"cpu": 0.5` in JSON) read as its text.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum TextOrNumber {
+            Text(String),
+            Int(i64),
+            Float(f64),
+        }
+        let text = match TextOrNumber::deserialize(d)? {
+            TextOrNumber::Text(t) => t,
+            TextOrNumber::Int(n) => n.to_string(),
+            TextOrNumber::Float(x) => x.to_string(),
+        };
         Self::try_from(text).map_err(serde::de::Error::custom)
     }
 }

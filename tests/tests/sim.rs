@@ -103,7 +103,12 @@ impl FakeAgent {
     ) -> CommandReply {
         match command {
             Command::Start(spec) => {
-                let Owner::Job(job) = spec.owner.clone();
+                let Some(job) = spec.owner.job().cloned() else {
+                    return CommandReply::Refused(gantry_shared::protocol::Refusal::new(
+                        gantry_shared::protocol::RefusalCode::Unavailable,
+                        "the simulated agents run jobs only",
+                    ));
+                };
                 let mark = self.marks.get(&job).copied().unwrap_or_default();
                 if spec.generation < mark {
                     return CommandReply::Refused(gantry_shared::protocol::Refusal::new(
@@ -151,6 +156,7 @@ impl FakeAgent {
                     owner: spec.owner,
                     generation: spec.generation,
                     at_ms: now,
+                    image_ms: 0,
                 });
                 CommandReply::Accepted
             }
@@ -159,7 +165,9 @@ impl FakeAgent {
                 generation,
                 grace_ms,
             } => {
-                let Owner::Job(job) = owner;
+                let Some(job) = owner.job().cloned() else {
+                    return CommandReply::NotRunning;
+                };
                 match self.running.get_mut(&(job, generation)) {
                     Some(c) => {
                         c.ends_at = c.ends_at.min(now + grace_ms.min(300));

@@ -290,6 +290,7 @@ impl Attempts {
                     owner: spec.owner.clone(),
                     generation: spec.generation,
                     at_ms: now_ms(),
+                    image_ms: 0,
                 };
                 if let Err(e) = self.outbox.push(started) {
                     tracing::error!(container = %id, error = %e, "cannot record an event");

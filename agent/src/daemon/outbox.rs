@@ -82,6 +82,7 @@ mod tests {
                     owner: Owner::Job(JobId::from_sequence(1)),
                     generation: Generation(g),
                     at_ms: 0,
+                    image_ms: 0,
                 })
                 .expect("push");
         }

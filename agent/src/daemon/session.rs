@@ -214,6 +214,9 @@ impl Router {
                 RefusalCode::Unavailable,
                 "logs are served on their own stream",
             )),
+            Command::Deliver { .. } | Command::CancelInput { .. } | Command::Drain { .. } => {
+                CommandReply::NotRunning
+            }
         }
     }
 }

@@ -329,6 +329,10 @@ impl State {
 
     fn decide(&self, request: Request, peer: &Peer) -> Result<Response, Refusal> {
         match request {
+            Request::Output { .. } => Err(Refusal::new(
+                RefusalCode::Unavailable,
+                "this coordinator does not serve functions yet",
+            )),
             Request::Join {
                 protocol_version,
                 token,

@@ -68,6 +68,8 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
         ""
     };
     match event {
+        // Only function containers say ready or fail their setup.
+        Event::Ready { .. } | Event::InitFailed { .. } => {}
         Event::Started { at_ms, .. } => {
             member.started_at_ms = Some(*at_ms);
             if job.state == JobState::Running {

@@ -415,6 +415,7 @@ pub fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Comma
             .timeout
             .as_ref()
             .map(|t| t.value().as_millis() as u64),
+        function: None,
     })
 }
 

@@ -487,8 +487,10 @@ impl Store {
                 // the batch holds; events apply in their order.
                 let mut touched: BTreeMap<JobId, (Job, Job)> = BTreeMap::new();
                 for e in &fresh {
-                    // Every owner is a job's today; a new kind of owner fails to compile here.
-                    let Owner::Job(id) = e.event.owner();
+                    // A function container's events are the functions domain's.
+                    let Owner::Job(id) = e.event.owner() else {
+                        continue;
+                    };
                     // The node reports this member's end: a fence on it is settled.
                     if matches!(e.event, Event::Exited { .. } | Event::StartFailed { .. }) {
                         fences.remove(fence_key(node, id, e.event.generation()).as_bytes())?;
