@@ -4,6 +4,7 @@
 //! coordinator and agents on such hosts.
 
 pub mod cluster;
+pub mod functions_fixture;
 pub mod netns;
 
 use std::io::{BufRead, BufReader};
