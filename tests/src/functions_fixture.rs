@@ -189,9 +189,10 @@ struct FakeState {
 
 /// A stand-in for the agent's runtime API on a unix socket: answers `ready`, hands out its
 /// inputs to `next` (the first only once `gate` `next` calls wait at once, which proves a
-/// runtime's concurrency without timing), answers `response`/`error` 202 for held inputs and
-/// 404 otherwise, and `410 Gone` once its inputs are all handed out. Every request is
-/// recorded. Headers go out lower-cased and odd-numbered inputs chunked, as hyper may send.
+/// runtime's concurrency without timing; `429` when held inputs plus waiting `next` calls
+/// reach `max_inputs`), answers `response`/`error` 202 for held inputs and 404 otherwise,
+/// and `410 Gone` once its inputs are all handed out. Every request is recorded. Headers go
+/// out lower-cased and odd-numbered inputs chunked, as hyper may send them.
 pub struct FakeRuntimeApi {
     pub socket: PathBuf,
     state: Arc<(Mutex<FakeState>, Condvar)>,
@@ -257,7 +258,8 @@ fn serve(conn: UnixStream, state: &(Mutex<FakeState>, Condvar), max_inputs: usiz
             ("POST", "/v1/ready") => (204, vec![], vec![], false),
             ("POST", "/v1/init/error") => (202, vec![], vec![], false),
             ("GET", "/v1/events") => (204, vec![], vec![], false),
-            ("GET", "/v1/inputs/next") if s.held.len() >= max_inputs => {
+            // Waiting `next` calls count against max_inputs too, as in the agent.
+            ("GET", "/v1/inputs/next") if s.held.len() + s.waiting >= max_inputs => {
                 s.too_many += 1;
                 (429, vec![], b"already holds max_inputs".to_vec(), false)
             }

@@ -266,3 +266,15 @@ fn import_into_an_agent(dir: &Path, rootfs: &Path) {
         "{list}"
     );
 }
+
+/// docs/functions.md shows runtime.sh inline: it must be the script as it is.
+#[test]
+fn docs_show_runtime_sh_verbatim() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/functions.md");
+    let docs = std::fs::read_to_string(&docs).expect("docs/functions.md");
+    let script = std::fs::read_to_string(runtime_sh()).expect("examples/runtime.sh");
+    assert!(
+        docs.contains(&format!("```sh\n{script}```")),
+        "docs/functions.md's shell example differs from examples/runtime.sh: copy it again"
+    );
+}
