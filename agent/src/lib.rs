@@ -13,6 +13,7 @@ pub mod gossip;
 pub mod gpu;
 pub mod host;
 pub mod image;
+pub mod invoke;
 pub mod join;
 pub mod local;
 pub mod preemption;

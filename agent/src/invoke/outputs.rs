@@ -1,0 +1,192 @@
+//! Answers for inputs on their way to the coordinator: kept in memory, in order, until the
+//! control session has them `Noted` (or refused), so an answer outlives a reconnect of the
+//! session. Bounded: a container that answers while the coordinator is away waits for room.
+//! They do not outlive the agent: an input whose answer is lost so is leased again by the
+//! coordinator when its container ends or its lease expires.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use gantry_shared::AttemptRef;
+use gantry_shared::protocol::Request;
+use tokio::sync::{Notify, Semaphore};
+
+use super::state::OutputReport;
+
+/// Answers kept at most (each up to 2 MiB).
+pub const DEFAULT_CAPACITY: usize = 256;
+
+/// The answers not yet taken by the coordinator. Clones share them.
+#[derive(Clone)]
+pub struct Outputs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pending: Mutex<Pending>,
+    /// One permit per free place.
+    room: Semaphore,
+    /// Wakes the sender.
+    pushed: Notify,
+    /// Wakes those waiting for a container's answers to be taken.
+    taken: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    next_seq: u64,
+    reports: BTreeMap<u64, OutputReport>,
+}
+
+impl Outputs {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pending: Mutex::default(),
+                room: Semaphore::new(capacity.max(1)),
+                pushed: Notify::new(),
+                taken: Notify::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues an answer, waiting for room when the queue is full.
+    pub async fn push(&self, report: OutputReport) {
+        if let Ok(permit) = self.inner.room.acquire().await {
+            // Given back by `done`.
+            permit.forget();
+        }
+        let mut pending = self.lock();
+        let seq = pending.next_seq;
+        pending.next_seq += 1;
+        pending.reports.insert(seq, report);
+        drop(pending);
+        self.inner.pushed.notify_one();
+    }
+
+    /// Up to `max` answers, oldest first, leaving out those in `skip` (in flight).
+    pub fn pending(&self, skip: &HashSet<u64>, max: usize) -> Vec<(u64, OutputReport)> {
+        self.lock()
+            .reports
+            .iter()
+            .filter(|(seq, _)| !skip.contains(seq))
+            .take(max)
+            .map(|(seq, r)| (*seq, r.clone()))
+            .collect()
+    }
+
+    /// The coordinator took (or refused) answer `seq`: forget it.
+    pub fn done(&self, seq: u64) {
+        if self.lock().reports.remove(&seq).is_some() {
+            self.inner.room.add_permits(1);
+            self.inner.taken.notify_waiters();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().reports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves when an answer is pushed (or was, since the last wait).
+    pub async fn pushed(&self) {
+        self.inner.pushed.notified().await;
+    }
+
+    /// Resolves once no answer of `attempt` waits any more, so its container's end is
+    /// reported after its answers.
+    pub async fn settled(&self, attempt: &AttemptRef) {
+        loop {
+            let taken = self.inner.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            let waiting = self
+                .lock()
+                .reports
+                .values()
+                .any(|r| &r.attempt_ref == attempt);
+            if !waiting {
+                return;
+            }
+            taken.await;
+        }
+    }
+}
+
+impl OutputReport {
+    /// The request that carries this answer to the coordinator.
+    pub fn to_request(&self) -> Request {
+        Request::Output {
+            owner: self.attempt_ref.owner.clone(),
+            generation: self.attempt_ref.generation,
+            input: self.input.clone(),
+            attempt: self.attempt,
+            result: self.result.clone(),
+            at_ms: self.at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use gantry_shared::calls::{InputResult, Payload};
+    use gantry_shared::{CallId, Generation, InputId, Owner, WarmId};
+
+    fn report(n: u32) -> OutputReport {
+        let call = CallId::new("c-1").expect("call");
+        OutputReport {
+            attempt_ref: AttemptRef {
+                owner: Owner::Function(WarmId::new("w-1").expect("warm")),
+                generation: Generation(1),
+            },
+            input: InputId::of(&call, n),
+            call,
+            attempt: 1,
+            result: InputResult::Output(Payload::text("y")),
+            at_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_wait_for_room_and_stay_until_done() {
+        let outputs = Outputs::new(2);
+        outputs.push(report(0)).await;
+        outputs.push(report(1)).await;
+        let third = {
+            let outputs = outputs.clone();
+            tokio::spawn(async move { outputs.push(report(2)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!third.is_finished(), "a full queue makes the answer wait");
+        let skip: HashSet<u64> = [0].into();
+        let firsts = outputs.pending(&skip, 10);
+        assert_eq!(firsts.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1]);
+        outputs.done(0);
+        third.await.expect("pushed once there was room");
+        assert_eq!(outputs.len(), 2);
+        let attempt = report(0).attempt_ref;
+        let settled = {
+            let outputs = outputs.clone();
+            tokio::spawn(async move { outputs.settled(&attempt).await })
+        };
+        outputs.done(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!settled.is_finished());
+        outputs.done(2);
+        settled.await.expect("settled");
+        assert!(outputs.is_empty());
+    }
+}
