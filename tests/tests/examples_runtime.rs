@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gantry_tests::functions_fixture::{
-    FakeRuntimeApi, Recorded, echo_rootfs, echo_runtime, have_curl, import_echo, runtime_sh,
-    wait_exit,
+    FakeRuntimeApi, Recorded, echo_rootfs, echo_runtime, have_curl, import_echo, oci_layout,
+    runtime_sh, wait_exit,
 };
 
 const EXIT_WITHIN: Duration = Duration::from_secs(60);
@@ -245,6 +245,7 @@ fn echo_rootfs_carries_the_runtimes_and_the_binary_runs_without_libc() {
         "{stderr}"
     );
     import_into_an_agent(dir.path(), &rootfs);
+    oci_layout_for_a_registry(dir.path(), &rootfs);
 }
 
 /// `gantry-agent image import` takes the rootfs as image `echo` (`echo:latest`).
@@ -276,5 +277,26 @@ fn docs_show_runtime_sh_verbatim() {
     assert!(
         docs.contains(&format!("```sh\n{script}```")),
         "docs/functions.md's shell example differs from examples/runtime.sh: copy it again"
+    );
+}
+
+/// [`oci_layout`] makes an image skopeo can push, with the runtime as its command.
+fn oci_layout_for_a_registry(dir: &Path, rootfs: &Path) {
+    let layout = oci_layout(rootfs, dir, &["/app/runtime"]);
+    let out = Command::new("skopeo")
+        .args(["inspect", "--config"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .output()
+        .expect("skopeo inspect");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).expect("image config");
+    assert_eq!(
+        config["config"]["Cmd"],
+        serde_json::json!(["/app/runtime"]),
+        "{config}"
     );
 }
