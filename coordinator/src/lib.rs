@@ -22,6 +22,7 @@ pub mod api;
 pub mod ca;
 pub mod config;
 pub mod control;
+pub mod functions;
 pub mod jobs;
 pub mod nodes;
 pub mod placement;

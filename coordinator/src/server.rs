@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig, ApiState};
 use crate::ca::ClusterCa;
 use crate::control::{ControlConfig, ControlServer};
+use crate::functions::FunctionService;
 use crate::jobs::service::JobService;
 use crate::nodes::Nodes;
 use crate::nodes::liveness::{Cluster, ClusterConfig};
@@ -100,6 +101,8 @@ pub async fn run(
     )
     .await?;
     control_cfg.gossip = Some(cluster.gossip_addr());
+    let (functions, outbound) =
+        FunctionService::open(store.functions()?, nodes.changed.clone(), cancel.clone())?;
     let control = ControlServer::bind(
         control_cfg,
         ca.clone(),
@@ -107,7 +110,8 @@ pub async fn run(
         tokens.clone(),
         store.clone(),
         nodes.clone(),
-    )?;
+    )?
+    .with_functions(functions.clone());
     let bound = Bound {
         api: listener.local_addr()?,
         control: control.local_addr()?,
@@ -122,6 +126,7 @@ pub async fn run(
             nodes.clone(),
             cancel.clone(),
         ),
+        functions.clone(),
         NodeService::new(store.clone(), cluster.clone(), nodes.clone(), node_admin),
         tokens.clone(),
         join,
@@ -132,9 +137,17 @@ pub async fn run(
     ));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
     let changed = nodes.changed.clone();
+    let link = reconcile::QuicLink { nodes };
+    let router_task = tokio::spawn(crate::functions::service::run_router(
+        functions.clone(),
+        link.clone(),
+        outbound,
+        cancel.clone(),
+    ));
     let scheduler = tokio::spawn(reconcile::run(
         store.clone(),
-        reconcile::QuicLink { nodes },
+        link,
+        Some(functions),
         cluster,
         changed,
         cancel.clone(),
@@ -142,6 +155,7 @@ pub async fn run(
     api::serve(listener, router, cancel.clone()).await?;
     control_task.await?;
     scheduler.await?;
+    router_task.await?;
     store.flush()?;
     tracing::info!("coordinator stopped");
     Ok(())

@@ -17,6 +17,8 @@ use tower::ServiceExt;
 
 struct Api {
     router: axum::Router,
+    /// Where the function service's messages to nodes go (no nodes here).
+    _outbound: tokio::sync::mpsc::UnboundedReceiver<gantry_coordinator::functions::Outbound>,
     admin: String,
     submitter: String,
     reader: String,
@@ -61,10 +63,24 @@ impl Api {
             nodes.clone(),
             tokio_util::sync::CancellationToken::new(),
         );
+        let (functions, outbound) = gantry_coordinator::functions::FunctionService::open(
+            store.functions().expect("function store"),
+            nodes.changed.clone(),
+            CancellationToken::new(),
+        )
+        .expect("function service");
         let node_service = NodeService::new(store, cluster, nodes, node_admin);
-        let router = api::router(ApiState::new(jobs, node_service, tokens, join, cfg));
+        let router = api::router(ApiState::new(
+            jobs,
+            functions,
+            node_service,
+            tokens,
+            join,
+            cfg,
+        ));
         Self {
             router,
+            _outbound: outbound,
             admin,
             submitter,
             reader,
@@ -448,5 +464,233 @@ async fn admins_create_role_tokens_that_work() {
     assert_eq!(
         (s, v["error"]["field"].as_str()),
         (StatusCode::BAD_REQUEST, Some("role"))
+    );
+}
+
+fn manifest(app: &str, extra: &str) -> String {
+    let text = format!("app = \"{app}\"\n[functions.echo]\nimage = \"busybox\"\n{extra}\n");
+    let m: gantry_shared::functions::AppManifest = toml::from_str(&text).expect("manifest");
+    serde_json::to_string(&m).expect("json")
+}
+
+#[tokio::test]
+async fn deployments_make_versions_and_bad_manifests_name_function_and_field() {
+    let api = Api::new().await;
+    let sub = Some(api.submitter.as_str());
+    let (s, _, v) = api
+        .call(
+            "POST",
+            "/v1/apps/embed/deployments",
+            sub,
+            Some(manifest("embed", "")),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["version"], 1);
+    let (s, _, v) = api
+        .call(
+            "POST",
+            "/v1/apps/embed/deployments",
+            sub,
+            Some(manifest("embed", "max_inputs = 2")),
+            &[],
+        )
+        .await;
+    assert_eq!((s, v["version"].clone()), (StatusCode::CREATED, json!(2)));
+    let (s, _, v) = api
+        .call("GET", "/v1/apps/embed", Some(&api.reader), None, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["active_version"], 2);
+    assert_eq!(v["versions"].as_array().map(Vec::len), Some(2));
+    // A wrong field is named with its function.
+    let bad = manifest("embed", "").replace("\"max_containers\":10", "\"max_containers\":0");
+    let (s, _, v) = api
+        .call("POST", "/v1/apps/embed/deployments", sub, Some(bad), &[])
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["field"], "functions.echo.max_containers", "{v}");
+    // An unknown field is named by its path.
+    let typo = manifest("embed", "").replace("\"max_inputs\"", "\"max_input\"");
+    let (s, _, v) = api
+        .call("POST", "/v1/apps/embed/deployments", sub, Some(typo), &[])
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("max_input"),
+        "{v}"
+    );
+    // The manifest's app must be the path's.
+    let (s, _, _) = api
+        .call(
+            "POST",
+            "/v1/apps/other/deployments",
+            sub,
+            Some(manifest("embed", "")),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Readers may not deploy.
+    let (s, _, _) = api
+        .call(
+            "POST",
+            "/v1/apps/embed/deployments",
+            Some(&api.reader),
+            Some(manifest("embed", "")),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Rollback points calls at version 1.
+    let (s, _, v) = api
+        .call("POST", "/v1/apps/embed/rollback", sub, None, &[])
+        .await;
+    assert_eq!(
+        (s, v["active_version"].clone()),
+        (StatusCode::OK, json!(1)),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn calls_are_durable_queued_and_cancellable_and_refused_clearly() {
+    let api = Api::new().await;
+    let sub = Some(api.submitter.as_str());
+    let path = "/v1/apps/embed/functions/echo/calls";
+    // No such app.
+    let one = json!({"input": {"text": "hi"}, "wait": false}).to_string();
+    let (s, _, v) = api.call("POST", path, sub, Some(one.clone()), &[]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gantry deploy"),
+        "{v}"
+    );
+    api.call(
+        "POST",
+        "/v1/apps/embed/deployments",
+        sub,
+        Some(manifest("embed", "")),
+        &[],
+    )
+    .await;
+    // No such function: the error lists what the version has.
+    let (s, _, v) = api
+        .call(
+            "POST",
+            "/v1/apps/embed/functions/nope/calls",
+            sub,
+            Some(one.clone()),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("echo"),
+        "{v}"
+    );
+    // An async call answers at once with its id; with no node its input stays queued.
+    let (s, _, v) = api
+        .call(
+            "POST",
+            path,
+            sub,
+            Some(one.clone()),
+            &[("idempotency-key", "k1")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().expect("call id").to_owned();
+    assert_eq!(v["results"][0]["state"], "queued");
+    // Replayed with the same key: the same call.
+    let (s, h, v) = api
+        .call(
+            "POST",
+            path,
+            sub,
+            Some(one.clone()),
+            &[("idempotency-key", "k1")],
+        )
+        .await;
+    assert_eq!(
+        (s, v["id"].as_str()),
+        (StatusCode::ACCEPTED, Some(id.as_str()))
+    );
+    assert_eq!(
+        h.get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let (s, _, app) = api
+        .call("GET", "/v1/apps/embed", Some(&api.reader), None, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(app["functions"][0]["queued"], 1, "{app}");
+    assert_eq!(app["functions"][0]["desired"], 1, "{app}");
+    // Cancel: the queued input ends cancelled.
+    let (s, _, v) = api
+        .call("POST", &format!("/v1/calls/{id}/cancel"), sub, None, &[])
+        .await;
+    assert_eq!(
+        (s, v["state"].clone()),
+        (StatusCode::OK, json!("cancelled")),
+        "{v}"
+    );
+    let (_, _, v) = api
+        .call(
+            "GET",
+            &format!("/v1/calls/{id}"),
+            Some(&api.reader),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(v["results"][0]["state"], "cancelled", "{v}");
+    // Bad requests say what is wrong.
+    let (s, _, v) = api.call("POST", path, sub, Some("{}".into()), &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no input"),
+        "{v}"
+    );
+    let both = json!({"input": {"text": "a", "base64": "YQ=="}}).to_string();
+    let (s, _, _) = api.call("POST", path, sub, Some(both), &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Over 2 MiB inline: 413 saying so (the call route takes bodies beyond the API's limit).
+    let big = json!({"input": {"text": "x".repeat((2 << 20) + 1)}, "wait": false}).to_string();
+    let (s, _, v) = api.call("POST", path, sub, Some(big), &[]).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("inline"),
+        "{v}"
+    );
+    // A stopped app refuses calls with what to do.
+    let (s, _, _) = api
+        .call("POST", "/v1/apps/embed/stop", sub, None, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, v) = api.call("POST", path, sub, Some(one), &[]).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rollback"),
+        "{v}"
     );
 }

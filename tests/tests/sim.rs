@@ -479,7 +479,7 @@ async fn the_coordinator_survives_a_seeded_schedule_of_faults_across_hundreds_of
     for a in &mut sim.agents {
         a.healthy_since = sim.now;
     }
-    let mut reconciler = Reconciler::new(store.clone(), link);
+    let mut reconciler = Reconciler::new(store.clone(), link, None);
 
     let mut kinds: HashMap<JobId, Kind> = HashMap::new();
     let per_step = 100;

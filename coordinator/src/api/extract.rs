@@ -83,6 +83,10 @@ pub enum ApiError {
     #[error("request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
     #[error("{message}")]
+    PayloadTooLarge { message: String },
+    #[error("{message}")]
+    Conflict { message: String },
+    #[error("{message}")]
     Unauthenticated { message: &'static str },
     #[error("this needs the {required:?} role or higher; ask an admin for a token with it")]
     Forbidden { required: Role },
@@ -145,6 +149,10 @@ impl IntoResponse for ApiError {
                 Some((*field).to_owned()),
             ),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
+            }
+            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict", None),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::TooLargeForCluster { .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -28,12 +28,14 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
+use crate::functions::FunctionService;
 use crate::jobs::service::{JobService, JobServiceError, MAX_JOB_WAIT};
 use crate::nodes::service::{AdminMode, NodeService, NodeServiceError};
 use crate::store::joins::JoinTokens;
 use crate::store::tokens::{ApiTokens, Role};
 
 mod extract;
+mod functions;
 mod nodes;
 mod tokens;
 
@@ -66,6 +68,7 @@ impl Default for ApiConfig {
 #[derive(Clone)]
 pub struct ApiState {
     jobs: JobService,
+    functions: FunctionService,
     nodes: NodeService,
     tokens: ApiTokens,
     join: JoinTokens,
@@ -76,6 +79,7 @@ pub struct ApiState {
 impl ApiState {
     pub fn new(
         jobs: JobService,
+        functions: FunctionService,
         nodes: NodeService,
         tokens: ApiTokens,
         join: JoinTokens,
@@ -83,6 +87,7 @@ impl ApiState {
     ) -> Self {
         Self {
             jobs,
+            functions,
             nodes,
             tokens,
             join,
@@ -149,7 +154,15 @@ impl Metrics {
         drain_node,
         undrain_node,
         preempt_node,
-        clear_gpu
+        clear_gpu,
+        functions::deploy,
+        functions::list_apps,
+        functions::get_app,
+        functions::stop_app,
+        functions::rollback_app,
+        functions::call_function,
+        functions::get_call,
+        functions::cancel_call
     ),
     components(schemas(
         JobSpec,
@@ -187,6 +200,17 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes/{id}/undrain", post(undrain_node))
         .route("/v1/nodes/{id}/preempt", post(preempt_node))
         .route("/v1/nodes/{id}/gpus/{index}/clear", post(clear_gpu))
+        .route("/v1/apps", get(functions::list_apps))
+        .route("/v1/apps/{app}", get(functions::get_app))
+        .route("/v1/apps/{app}/deployments", post(functions::deploy))
+        .route("/v1/apps/{app}/stop", post(functions::stop_app))
+        .route("/v1/apps/{app}/rollback", post(functions::rollback_app))
+        .route(
+            "/v1/apps/{app}/functions/{function}/calls",
+            post(functions::call_function).layer(DefaultBodyLimit::max(functions::MAX_CALL_BODY)),
+        )
+        .route("/v1/calls/{id}", get(functions::get_call))
+        .route("/v1/calls/{id}/cancel", post(functions::cancel_call))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ca::{CaError, ClusterCa};
+use crate::functions::FunctionService;
 use crate::nodes::{Nodes, Session};
 use crate::store::Store;
 use crate::store::joins::JoinTokens;
@@ -90,6 +91,9 @@ struct State {
     ca: Arc<ClusterCa>,
     tokens: JoinTokens,
     store: Store,
+    /// Where function containers' events and outputs go (none: a coordinator without
+    /// functions, as some tests run it).
+    functions: Option<FunctionService>,
     nodes: Nodes,
     api_tokens: ApiTokens,
     cfg: ControlConfig,
@@ -110,6 +114,15 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
+    /// Routes function containers' events and outputs to `functions`. Call before
+    /// [`ControlServer::serve`].
+    pub fn with_functions(mut self, functions: FunctionService) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.functions = Some(functions);
+        }
+        self
+    }
+
     pub fn bind(
         cfg: ControlConfig,
         ca: Arc<ClusterCa>,
@@ -155,6 +168,7 @@ impl ControlServer {
                 ca,
                 tokens,
                 store,
+                functions: None,
                 nodes,
                 api_tokens,
                 cfg,
@@ -329,10 +343,36 @@ impl State {
 
     fn decide(&self, request: Request, peer: &Peer) -> Result<Response, Refusal> {
         match request {
-            Request::Output { .. } => Err(Refusal::new(
-                RefusalCode::Unavailable,
-                "this coordinator does not serve functions yet",
-            )),
+            Request::Output {
+                owner,
+                generation: _,
+                input,
+                attempt,
+                result,
+                at_ms: _,
+            } => {
+                let node = peer.node().ok_or_else(|| {
+                    Refusal::new(RefusalCode::NoSession, "say hello before sending outputs")
+                })?;
+                let functions = self.functions.as_ref().ok_or_else(|| {
+                    Refusal::new(
+                        RefusalCode::Unavailable,
+                        "this coordinator serves no functions",
+                    )
+                })?;
+                functions
+                    .on_output(&owner, &input, attempt, result)
+                    .map_err(|e| {
+                        tracing::error!(%node, error = %e, "cannot record an output");
+                        Refusal::new(
+                            RefusalCode::Unavailable,
+                            format!(
+                                "the coordinator cannot record the output now ({e}); send it again"
+                            ),
+                        )
+                    })?;
+                Ok(Response::Noted)
+            }
             Request::Join {
                 protocol_version,
                 token,
@@ -446,6 +486,14 @@ impl State {
                         tracing::error!(%node, error = %e, "cannot record events");
                         Refusal::new(RefusalCode::Unavailable, format!("the coordinator cannot record events now ({e}); they stay buffered and are sent again"))
                     })?;
+                // Function containers' events: their transitions ignore a replay.
+                if let Some(functions) = &self.functions {
+                    for e in events.iter().filter(|e| e.event.owner().warm().is_some()) {
+                        if let Err(err) = functions.on_event(&e.event) {
+                            tracing::error!(%node, error = %err, "cannot record a function container's event");
+                        }
+                    }
+                }
                 self.nodes.changed.notify_one();
                 Ok(Response::EventsAck { upto })
             }

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::functions::FunctionService;
 use crate::nodes::liveness::{Cluster, NodeStatus};
 use crate::store::{Store, StoreError};
 
@@ -30,12 +31,14 @@ mod plan_tests;
 
 pub use execute::Outcome;
 pub use link::{ChannelLink, NodeLink, QuicLink};
-pub use place::{Held, engine, ledger, node_info, request};
+pub use place::{Held, add_held, engine, ledger, node_info, request};
 pub use plan::{Action, Memory, Snapshot};
 
 /// The reconciler's state between passes and where its command tasks report.
 pub struct Reconciler<L: NodeLink> {
     store: Store,
+    /// Function containers: placed around the jobs, scaled after them in each pass.
+    functions: Option<FunctionService>,
     link: L,
     memory: Memory,
     tasks: TaskTracker,
@@ -46,10 +49,11 @@ pub struct Reconciler<L: NodeLink> {
 }
 
 impl<L: NodeLink> Reconciler<L> {
-    pub fn new(store: Store, link: L) -> Self {
+    pub fn new(store: Store, link: L, functions: Option<FunctionService>) -> Self {
         let (tx, outcomes) = mpsc::unbounded_channel();
         Self {
             store,
+            functions,
             link,
             memory: Memory::default(),
             tasks: TaskTracker::new(),
@@ -69,6 +73,11 @@ impl<L: NodeLink> Reconciler<L> {
             outcomes.push(o);
         }
         execute::apply_outcomes(&self.store, &mut self.memory, outcomes, now_ms)?;
+        let warm = self
+            .functions
+            .as_ref()
+            .map(FunctionService::held)
+            .unwrap_or_default();
         let snapshot = Snapshot {
             now_ms,
             statuses,
@@ -78,7 +87,9 @@ impl<L: NodeLink> Reconciler<L> {
                 .iter()
                 .filter_map(|s| Some((s.id.clone(), self.link.session(&s.id)?)))
                 .collect::<BTreeMap<_, _>>(),
+            warm,
         };
+        let sessions = snapshot.sessions.clone();
         let actions = plan::plan(snapshot, &mut self.memory);
         let n = actions.len();
         execute::execute(
@@ -89,6 +100,17 @@ impl<L: NodeLink> Reconciler<L> {
             actions,
             now_ms,
         )?;
+        // Function containers go where the jobs (as just placed) and fences leave room.
+        if let Some(functions) = &self.functions {
+            let held = ledger(
+                &self.store.active_jobs()?,
+                &self.store.all_fences()?,
+                now_ms,
+            );
+            if let Err(e) = functions.scale(statuses, held, &sessions, now_ms) {
+                tracing::error!(error = %e, "function scaling step failed");
+            }
+        }
         Ok(n)
     }
 
@@ -109,11 +131,12 @@ impl<L: NodeLink> Reconciler<L> {
 pub async fn run<L: NodeLink>(
     store: Store,
     link: L,
+    functions: Option<FunctionService>,
     cluster: Cluster,
     changed: Arc<Notify>,
     cancel: CancellationToken,
 ) {
-    let mut reconciler = Reconciler::new(store, link);
+    let mut reconciler = Reconciler::new(store, link, functions);
     let outcome = reconciler.outcome_ready();
     loop {
         tokio::select! {
@@ -145,6 +168,7 @@ pub fn place_pending(
         jobs: active,
         fences: store.all_fences()?,
         sessions: BTreeMap::new(),
+        warm: BTreeMap::new(),
     };
     let (actions, jobs) = plan::plan_placements(snapshot);
     let (placed, _) = execute::apply(store, actions, now)?;

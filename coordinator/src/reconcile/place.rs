@@ -93,6 +93,18 @@ pub fn ledger<'a>(
     held
 }
 
+/// Adds what `other` holds to `held`, node by node.
+pub fn add_held(held: &mut BTreeMap<NodeId, Held>, other: &BTreeMap<NodeId, Held>) {
+    for (node, o) in other {
+        let h = held.entry(node.clone()).or_default();
+        h.cpu_millis += o.cpu_millis;
+        h.memory_bytes += o.memory_bytes;
+        h.gpus.extend(o.gpus.iter().copied());
+        h.ports.extend(o.ports.iter().copied());
+        h.faulty.extend(o.faulty.iter().copied());
+    }
+}
+
 /// What live members hold on one node.
 #[derive(Debug, Clone, Default)]
 pub struct Held {

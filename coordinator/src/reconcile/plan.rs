@@ -27,7 +27,7 @@ use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::protocol::{AttemptSpec, Command};
 use gantry_shared::{Generation, JobId, NodeId, Owner};
 
-use super::place::{engine, job_seq, ledger, request};
+use super::place::{Held, add_held, engine, job_seq, ledger, request};
 use crate::jobs::{self, Eviction, ranks};
 use crate::nodes::liveness::{Liveness, NodeStatus};
 use crate::placement::queue::{self, Pending};
@@ -51,6 +51,8 @@ pub struct Snapshot<'a> {
     pub fences: Vec<(NodeId, JobId, Generation, Fence)>,
     /// Connected nodes and their session ids.
     pub sessions: BTreeMap<NodeId, usize>,
+    /// What function containers hold, per node: jobs are placed around them.
+    pub warm: BTreeMap<NodeId, Held>,
 }
 
 /// What the reconciler remembers between passes about commands it sent. Rebuilt empty
@@ -271,6 +273,7 @@ fn place_pending(
 ) {
     let now = snap.now_ms;
     let mut held = ledger(&snap.jobs, &snap.fences, now);
+    add_held(&mut held, &snap.warm);
     // Members taken off a node that is still reachable (preempted, drained) run out their
     // grace before the next generation starts: never two generations at once where it can
     // be avoided. A node that is down cannot be waited for; its fence stops the member

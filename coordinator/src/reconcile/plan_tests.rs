@@ -77,6 +77,7 @@ fn snapshot<'a>(statuses: &'a [NodeStatus], jobs: Vec<Job>) -> Snapshot<'a> {
         statuses,
         jobs,
         fences: Vec::new(),
+        warm: BTreeMap::new(),
         sessions: statuses
             .iter()
             .enumerate()

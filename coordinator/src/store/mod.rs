@@ -6,6 +6,7 @@
 //! (drain and preempt). Every write that the API acknowledges is flushed first. The layout
 //! is versioned; an incompatible database is refused at open.
 
+pub mod functions;
 pub mod joins;
 pub mod node_admin;
 pub mod tokens;
@@ -334,6 +335,11 @@ impl Store {
             self.db.open_tree("nodes")?,
             ca_sha256,
         ))
+    }
+
+    /// Apps, calls, inputs and warm containers.
+    pub fn functions(&self) -> Result<functions::FunctionStore, StoreError> {
+        functions::FunctionStore::open(self.clone())
     }
 
     /// Nodes' drain and preempt states.

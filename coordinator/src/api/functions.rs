@@ -1,0 +1,260 @@
+//! Apps, deployments and calls: `/v1/apps…` and `/v1/calls…`. Each handler parses,
+//! authorizes and calls one method of the function service.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use gantry_shared::calls::{CallRequest, CallRequestError, CallState, CallView, PayloadError};
+use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
+use gantry_shared::{AppName, CallId, FunctionName};
+use serde::Deserialize;
+
+use super::{ApiError, ApiState, Caller, deserialize_json, parse_body, query_params};
+use crate::functions::FunctionServiceError;
+use crate::functions::service::MAX_CALL_WAIT;
+use crate::store::tokens::Role;
+
+/// The largest call body: a map of many inputs (each at most 2 MiB inline).
+pub const MAX_CALL_BODY: usize = 64 << 20;
+
+impl From<FunctionServiceError> for ApiError {
+    fn from(e: FunctionServiceError) -> Self {
+        match e {
+            FunctionServiceError::Manifest(m) => ApiError::BadRequest {
+                field: manifest_field(&m),
+                message: m.to_string(),
+            },
+            FunctionServiceError::Call(CallRequestError::Payload {
+                index,
+                source: source @ PayloadError::TooLarge { .. },
+            }) => ApiError::PayloadTooLarge {
+                message: format!("input {index}: {source}"),
+            },
+            FunctionServiceError::Call(c) => ApiError::BadRequest {
+                field: None,
+                message: c.to_string(),
+            },
+            FunctionServiceError::NotFound { what } => ApiError::NotFound { what },
+            FunctionServiceError::Conflict { message } => ApiError::Conflict { message },
+            e @ FunctionServiceError::IdempotencyKeyReused { .. } => {
+                ApiError::IdempotencyKeyReused {
+                    message: e.to_string(),
+                }
+            }
+            FunctionServiceError::Store(e) => ApiError::Internal(e.to_string()),
+            FunctionServiceError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+fn manifest_field(e: &gantry_shared::functions::ManifestValidationError) -> Option<String> {
+    use gantry_shared::functions::ManifestValidationError as M;
+    match e {
+        M::Function(f) => Some(format!("functions.{}.{}", f.function, f.field)),
+        M::NoFunctions | M::TooManyFunctions { .. } => Some("functions".into()),
+    }
+}
+
+fn app_name(raw: String) -> Result<AppName, ApiError> {
+    AppName::new(raw).map_err(|e| ApiError::BadRequest {
+        field: Some("app".into()),
+        message: e.to_string(),
+    })
+}
+
+fn call_id(raw: String) -> Result<CallId, ApiError> {
+    CallId::new(raw.clone()).map_err(|_| ApiError::NotFound {
+        what: format!("call `{raw}`"),
+    })
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 128)
+                .map(str::to_owned)
+                .ok_or(ApiError::BadRequest {
+                    field: Some("Idempotency-Key".into()),
+                    message: "must be 1 to 128 visible ASCII characters".into(),
+                })
+        })
+        .transpose()
+}
+
+/// Deploy a new immutable version of an app (its manifest: `gantry.toml` as JSON). New
+/// calls go to it; inputs in flight finish on the version they started on.
+#[utoipa::path(post, path = "/v1/apps/{app}/deployments", params(("app" = String, Path)),
+    request_body = AppManifest,
+    responses((status = 201, body = DeploymentView), (status = 400, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn deploy(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Submitter)?;
+    let app = app_name(app)?;
+    let manifest: AppManifest = deserialize_json(&body)?;
+    if manifest.app != app {
+        return Err(ApiError::BadRequest {
+            field: Some("app".into()),
+            message: format!(
+                "the manifest names app `{}` but was sent to `{app}`",
+                manifest.app
+            ),
+        });
+    }
+    let deployment = state.functions.deploy(manifest)?;
+    Ok((StatusCode::CREATED, Json(deployment)).into_response())
+}
+
+/// Every app, with its versions and its functions' containers and queues.
+#[utoipa::path(get, path = "/v1/apps", responses((status = 200, body = Vec<AppView>)))]
+pub(super) async fn list_apps(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<AppView>>, ApiError> {
+    caller.require(Role::Reader)?;
+    Ok(Json(state.functions.apps()?))
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}", params(("app" = String, Path)),
+    responses((status = 200, body = AppView), (status = 404, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn get_app(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app): Path<String>,
+) -> Result<Json<AppView>, ApiError> {
+    caller.require(Role::Reader)?;
+    Ok(Json(state.functions.app(&app_name(app)?)?))
+}
+
+/// Stop an app: new calls are refused (409); accepted inputs finish; containers drain.
+#[utoipa::path(post, path = "/v1/apps/{app}/stop", params(("app" = String, Path)),
+    responses((status = 200, body = AppView), (status = 404, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn stop_app(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app): Path<String>,
+) -> Result<Json<AppView>, ApiError> {
+    caller.require(Role::Submitter)?;
+    Ok(Json(state.functions.stop(&app_name(app)?)?))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RollbackRequest {
+    /// The version new calls go to (default: the one before the active one).
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+/// Point new calls at an earlier version.
+#[utoipa::path(post, path = "/v1/apps/{app}/rollback", params(("app" = String, Path)),
+    request_body = RollbackRequest,
+    responses((status = 200, body = AppView), (status = 404, body = gantry_shared::api::ErrorBody), (status = 409, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn rollback_app(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(app): Path<String>,
+    body: Bytes,
+) -> Result<Json<AppView>, ApiError> {
+    caller.require(Role::Submitter)?;
+    let req: RollbackRequest = parse_body(&body)?;
+    Ok(Json(
+        state.functions.rollback(&app_name(app)?, req.version)?,
+    ))
+}
+
+/// Call a function of the app's active version with one input (`input`) or a map
+/// (`inputs`). With `wait` (default) the answer comes once every input ended (200) or
+/// after 55 s (202, still running: ask `GET /v1/calls/{id}`); without, at once (202).
+#[utoipa::path(post, path = "/v1/apps/{app}/functions/{function}/calls",
+    params(("app" = String, Path), ("function" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    request_body = CallRequest,
+    responses((status = 200, body = CallView), (status = 202, body = CallView),
+        (status = 400, body = gantry_shared::api::ErrorBody), (status = 404, body = gantry_shared::api::ErrorBody),
+        (status = 409, body = gantry_shared::api::ErrorBody), (status = 413, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn call_function(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app, function)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Submitter)?;
+    let app = app_name(app)?;
+    let function = FunctionName::new(function.clone()).map_err(|_| ApiError::NotFound {
+        what: format!("function `{function}` in app `{app}`"),
+    })?;
+    let key = idempotency_key(&headers)?;
+    let request: CallRequest = deserialize_json(&body)?;
+    let (view, created) = state.functions.call(&app, &function, request, key).await?;
+    let status = if view.state == CallState::Running {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, Json(view)).into_response();
+    if !created {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CallQuery {
+    /// Wait up to this long (at most 55s) for every input to end.
+    wait: Option<String>,
+}
+
+/// A call: each input's state, output or error, and where its time went.
+#[utoipa::path(get, path = "/v1/calls/{id}", params(("id" = String, Path), CallQuery),
+    responses((status = 200, body = CallView), (status = 404, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn get_call(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<CallQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<CallView>, ApiError> {
+    caller.require(Role::Reader)?;
+    let q = query_params(query)?;
+    let id = call_id(id)?;
+    let Some(wait) = q.wait else {
+        return Ok(Json(state.functions.call_view(&id)?));
+    };
+    let wait: Duration = humantime::parse_duration(&wait).map_err(|e| ApiError::BadRequest {
+        field: Some("wait".into()),
+        message: format!("`{wait}` is not a duration ({e}); e.g. `30s`"),
+    })?;
+    Ok(Json(
+        state
+            .functions
+            .wait_call(&id, wait.min(MAX_CALL_WAIT))
+            .await?,
+    ))
+}
+
+/// Cancel a call: queued inputs are dropped, running ones told and then stopped.
+#[utoipa::path(post, path = "/v1/calls/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 200, body = CallView), (status = 404, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn cancel_call(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<CallView>, ApiError> {
+    caller.require(Role::Submitter)?;
+    Ok(Json(state.functions.cancel(&call_id(id)?)?))
+}

@@ -1,0 +1,1013 @@
+//! The function service: deploys, calls and their reads, node events and outputs of
+//! function containers, the scaling step of each reconcile pass, and the router task that
+//! carries inputs, cancels, drains, starts and stops to nodes.
+//!
+//! The live [`State`] sits behind one mutex; every transition's [`Changes`] are written to
+//! the store under it (so the store never runs behind the state), and what must reach a
+//! node goes to the router as [`Outbound`] messages, sent from their own tasks.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gantry_shared::calls::{
+    CallRequest, CallRequestError, CallState, CallView, InputResult, InputState, InputView,
+};
+use gantry_shared::functions::{
+    AppManifest, AppView, DeploymentView, FunctionView, ManifestValidationError, VersionSummary,
+};
+use gantry_shared::protocol::{AttemptSpec, Command, CommandReply, Event, FunctionRuntime};
+use gantry_shared::{
+    AppName, CallId, EndCause, FunctionName, Generation, InputId, NodeId, Owner, WarmId, now_ms,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::FunctionKey;
+use super::autoscale::{self, Observed};
+use super::state::{Changes, Delivery, InputRecord, State, WarmPhase, WarmRecord};
+use crate::nodes::liveness::{Liveness, NodeStatus};
+use crate::placement::Request;
+use crate::reconcile::{Held, NodeLink, engine};
+use crate::store::StoreError;
+use crate::store::functions::{AppRecord, CallRecord, FunctionStore};
+
+/// The longest one call request waits for its outputs; clients ask again.
+pub const MAX_CALL_WAIT: Duration = Duration::from_secs(55);
+/// How long a draining or cancelled container gets before it is stopped.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// How long past an input's deadline the coordinator waits for its agent's own timeout
+/// report before it gives the container up.
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionServiceError {
+    #[error("{0}")]
+    Manifest(#[from] ManifestValidationError),
+    #[error("{0}")]
+    Call(#[from] CallRequestError),
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{message}")]
+    Conflict { message: String },
+    #[error(
+        "idempotency key `{key}` was used with a different request body; use a new key for a new call"
+    )]
+    IdempotencyKeyReused { key: String },
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for FunctionServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::IdempotencyMismatch { key } => {
+                FunctionServiceError::IdempotencyKeyReused { key }
+            }
+            e => FunctionServiceError::Store(e),
+        }
+    }
+}
+
+/// Something a node must hear, carried by the router.
+#[derive(Debug)]
+pub enum Outbound {
+    Deliver(Delivery),
+    Start {
+        node: NodeId,
+        spec: AttemptSpec,
+    },
+    Cancel {
+        node: NodeId,
+        warm: WarmId,
+        input: InputId,
+    },
+    Drain {
+        node: NodeId,
+        warm: WarmId,
+    },
+    /// Stop a container taken off its node (a fence) or given up on.
+    Stop {
+        node: NodeId,
+        warm: WarmId,
+    },
+}
+
+#[derive(Clone)]
+pub struct FunctionService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: FunctionStore,
+    state: Mutex<State>,
+    /// Unbounded: one message per lease, container start, drain or stop, each bounded by
+    /// the live inputs and containers; a bound would make a transition under the state's
+    /// lock wait on the network.
+    outbound: mpsc::UnboundedSender<Outbound>,
+    /// Wakes the reconciler (new demand, a container gone).
+    reconcile: Arc<Notify>,
+    /// Bumped whenever an input of some call ends: long polls wait on it.
+    calls: watch::Sender<u64>,
+    /// Stops of fenced containers sent, per node session.
+    fenced_sent: Mutex<HashSet<(WarmId, usize)>>,
+    shutdown: CancellationToken,
+}
+
+impl FunctionService {
+    /// Opens the functions' state from the store. Returns the service and the receiving
+    /// end of its outbound messages, for [`run_router`].
+    pub fn open(
+        store: FunctionStore,
+        reconcile: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Outbound>), FunctionServiceError> {
+        let mut specs = BTreeMap::new();
+        for app in store.apps()? {
+            for d in &app.deployments {
+                for (name, spec) in &d.manifest.functions {
+                    specs.insert(
+                        FunctionKey {
+                            app: app.app.clone(),
+                            version: d.version,
+                            function: name.clone(),
+                        },
+                        spec.clone(),
+                    );
+                }
+            }
+        }
+        let state = State::restore(specs, store.live_inputs()?, store.all_warm()?);
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok((
+            Self {
+                inner: Arc::new(Inner {
+                    store,
+                    state: Mutex::new(state),
+                    outbound: tx,
+                    reconcile,
+                    calls: watch::channel(0).0,
+                    fenced_sent: Mutex::default(),
+                    shutdown,
+                }),
+            },
+            rx,
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes a transition's changes and sends what it hands to nodes. Called with the
+    /// state locked, so records reach the store in the order the state changed.
+    fn apply(&self, changes: Changes) -> Result<(), FunctionServiceError> {
+        let store = &self.inner.store;
+        store.put_inputs(changes.inputs.iter())?;
+        store.put_warm(changes.warm.iter())?;
+        for id in &changes.warm_gone {
+            store.remove_warm(id)?;
+        }
+        for d in changes.deliveries {
+            let _ = self.inner.outbound.send(Outbound::Deliver(d));
+        }
+        for (node, warm, input) in changes.cancels {
+            let _ = self
+                .inner
+                .outbound
+                .send(Outbound::Cancel { node, warm, input });
+        }
+        if !changes.calls.is_empty() {
+            self.inner.calls.send_modify(|v| *v += 1);
+        }
+        Ok(())
+    }
+
+    // ---- deployments ----
+
+    /// Records a new immutable version of the app and points new calls at it. Inputs in
+    /// flight finish on the version they started on; the old version's containers drain.
+    pub fn deploy(&self, manifest: AppManifest) -> Result<DeploymentView, FunctionServiceError> {
+        manifest.validate()?;
+        let store = &self.inner.store;
+        let mut state = self.lock();
+        let mut record = store.app(&manifest.app)?.unwrap_or(AppRecord {
+            app: manifest.app.clone(),
+            deployments: Vec::new(),
+            active: None,
+        });
+        let version = record
+            .deployments
+            .iter()
+            .map(|d| d.version)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let deployment = DeploymentView {
+            app: manifest.app.clone(),
+            version,
+            created_at_ms: now_ms(),
+            manifest,
+        };
+        for (name, spec) in &deployment.manifest.functions {
+            state.specs.insert(
+                FunctionKey {
+                    app: deployment.app.clone(),
+                    version,
+                    function: name.clone(),
+                },
+                spec.clone(),
+            );
+        }
+        record.deployments.push(deployment.clone());
+        record.active = Some(version);
+        store.put_app(&record)?;
+        store.commit()?;
+        drop(state);
+        tracing::info!(app = %deployment.app, version, "deployed");
+        self.inner.reconcile.notify_one();
+        Ok(deployment)
+    }
+
+    /// Points new calls at `version` (default: the one before the active one).
+    pub fn rollback(
+        &self,
+        app: &AppName,
+        version: Option<u64>,
+    ) -> Result<AppView, FunctionServiceError> {
+        let store = &self.inner.store;
+        {
+            let _state = self.lock();
+            let mut record = self.app_record(app)?;
+            let target = match version {
+                Some(v) => v,
+                None => {
+                    let active = record.active.unwrap_or(u64::MAX);
+                    record
+                        .deployments
+                        .iter()
+                        .map(|d| d.version)
+                        .filter(|v| *v < active)
+                        .max()
+                        .ok_or_else(|| FunctionServiceError::Conflict {
+                            message: format!(
+                                "app `{app}` has no version before {active} to roll back to"
+                            ),
+                        })?
+                }
+            };
+            if record.deployment(target).is_none() {
+                return Err(FunctionServiceError::NotFound {
+                    what: format!("version {target} of app `{app}`"),
+                });
+            }
+            record.active = Some(target);
+            store.put_app(&record)?;
+            store.commit()?;
+        }
+        self.inner.reconcile.notify_one();
+        self.app(app)
+    }
+
+    /// Stops the app: new calls are refused; inputs already accepted finish and its
+    /// containers drain.
+    pub fn stop(&self, app: &AppName) -> Result<AppView, FunctionServiceError> {
+        {
+            let _state = self.lock();
+            let mut record = self.app_record(app)?;
+            record.active = None;
+            self.inner.store.put_app(&record)?;
+            self.inner.store.commit()?;
+        }
+        self.inner.reconcile.notify_one();
+        self.app(app)
+    }
+
+    fn app_record(&self, app: &AppName) -> Result<AppRecord, FunctionServiceError> {
+        self.inner
+            .store
+            .app(app)?
+            .ok_or_else(|| FunctionServiceError::NotFound {
+                what: format!("app `{app}` (deploy it with `gantry deploy`)"),
+            })
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppView>, FunctionServiceError> {
+        let records = self.inner.store.apps()?;
+        let state = self.lock();
+        Ok(records.iter().map(|r| app_view(r, &state)).collect())
+    }
+
+    pub fn app(&self, app: &AppName) -> Result<AppView, FunctionServiceError> {
+        let record = self.app_record(app)?;
+        let state = self.lock();
+        Ok(app_view(&record, &state))
+    }
+
+    // ---- calls ----
+
+    /// Accepts a call of the app's active version, durably, and hands its inputs to free
+    /// slots. With `wait`, returns once every input ended or after [`MAX_CALL_WAIT`].
+    pub async fn call(
+        &self,
+        app: &AppName,
+        function: &FunctionName,
+        request: CallRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<(CallView, bool), FunctionServiceError> {
+        let wait = request.wait;
+        let canonical = hex::encode(Sha256::digest(
+            serde_json::to_vec(&request)
+                .map_err(|e| FunctionServiceError::Internal(e.to_string()))?,
+        ));
+        let payloads = request.into_inputs()?;
+        let record = self.app_record(app)?;
+        let version = record.active.ok_or_else(|| FunctionServiceError::Conflict {
+            message: format!(
+                "app `{app}` is stopped; deploy it again or roll back (`gantry apps rollback {app}`)"
+            ),
+        })?;
+        let deployment = record
+            .deployment(version)
+            .ok_or_else(|| FunctionServiceError::Internal("active version missing".into()))?;
+        if !deployment.manifest.functions.contains_key(function) {
+            let names: Vec<&str> = deployment
+                .manifest
+                .functions
+                .keys()
+                .map(|f| f.as_str())
+                .collect();
+            return Err(FunctionServiceError::NotFound {
+                what: format!(
+                    "function `{function}` in app `{app}` (version {version} has: {})",
+                    names.join(", ")
+                ),
+            });
+        }
+        let key = FunctionKey {
+            app: app.clone(),
+            version,
+            function: function.clone(),
+        };
+        let id = CallId::from_sequence(self.inner.store.next_id()?);
+        let now = now_ms();
+        let inputs: Vec<InputRecord> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                InputRecord::new(
+                    InputId::of(&id, i as u32),
+                    id.clone(),
+                    i as u32,
+                    key.clone(),
+                    payload,
+                    now,
+                )
+            })
+            .collect();
+        let call = CallRecord {
+            id: id.clone(),
+            key: key.clone(),
+            created_at_ms: now,
+            inputs: inputs.len() as u32,
+            cancelled: false,
+        };
+        let store = self.inner.store.clone();
+        let (call_id, created) = {
+            let stored_inputs = inputs.clone();
+            let stored_call = call.clone();
+            let key = idempotency_key.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                store.create_call(
+                    &stored_call,
+                    &stored_inputs,
+                    key.as_deref().map(|k| (k, canonical.as_str())),
+                )
+            })
+            .await
+            .map_err(|e| FunctionServiceError::Internal(e.to_string()))??;
+            match outcome {
+                Ok(()) => (id, true),
+                Err(earlier) => (earlier, false),
+            }
+        };
+        if created {
+            {
+                let mut state = self.lock();
+                let changes = state.accept(inputs, now);
+                self.apply(changes)?;
+            }
+            // New demand: let the reconciler scale now rather than at its next pass.
+            self.inner.reconcile.notify_one();
+        }
+        let view = if wait {
+            self.wait_call(&call_id, MAX_CALL_WAIT).await?
+        } else {
+            self.call_view(&call_id)?
+        };
+        Ok((view, created))
+    }
+
+    /// The call as it is now.
+    pub fn call_view(&self, id: &CallId) -> Result<CallView, FunctionServiceError> {
+        let store = &self.inner.store;
+        let call = store
+            .call(id)?
+            .ok_or_else(|| FunctionServiceError::NotFound {
+                what: format!("call `{id}`"),
+            })?;
+        let inputs = store.inputs_of(id)?;
+        Ok(call_view(&call, &inputs))
+    }
+
+    /// The call once every input ended, or as it is after `wait` (at most
+    /// [`MAX_CALL_WAIT`]) or at shutdown.
+    pub async fn wait_call(
+        &self,
+        id: &CallId,
+        wait: Duration,
+    ) -> Result<CallView, FunctionServiceError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_CALL_WAIT);
+        let mut changed = self.inner.calls.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let view = self.call_view(id)?;
+            if view.state != CallState::Running {
+                return Ok(view);
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return Ok(view) },
+                _ = tokio::time::sleep_until(deadline) => return Ok(view),
+                _ = self.inner.shutdown.cancelled() => return Ok(view),
+            }
+        }
+    }
+
+    /// Cancels a call: queued inputs are dropped, running ones are told through their
+    /// container's events and stopped after a grace.
+    pub fn cancel(&self, id: &CallId) -> Result<CallView, FunctionServiceError> {
+        {
+            let mut state = self.lock();
+            let mut call =
+                self.inner
+                    .store
+                    .call(id)?
+                    .ok_or_else(|| FunctionServiceError::NotFound {
+                        what: format!("call `{id}`"),
+                    })?;
+            if !call.cancelled {
+                call.cancelled = true;
+                self.inner.store.put_call(&call)?;
+                let changes = state.cancel(id, now_ms());
+                self.apply(changes)?;
+                self.inner.store.commit()?;
+            }
+        }
+        self.call_view(id)
+    }
+
+    // ---- nodes ----
+
+    /// An event of a function container, from its node.
+    pub fn on_event(&self, event: &Event) -> Result<(), FunctionServiceError> {
+        let Some(warm) = event.owner().warm() else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let mut state = self.lock();
+        let Some(record) = state.warm_of(warm).cloned() else {
+            return Ok(());
+        };
+        let changes = match event {
+            Event::Started {
+                at_ms, image_ms, ..
+            } => state.started(warm, *at_ms, *image_ms),
+            Event::Ready { at_ms, .. } => state.ready(warm, *at_ms, now),
+            Event::InitFailed { message, .. } => {
+                tracing::warn!(container = %warm, function = %record.key, %message, "function container failed its setup");
+                state.setup_failed(&record.key, message, false, now)
+            }
+            Event::StartFailed {
+                message, failure, ..
+            } => {
+                tracing::warn!(container = %warm, function = %record.key, %message, "function container did not start");
+                let mut c = state.container_ended(warm, message, false, now);
+                let more = state.setup_failed(&record.key, message, failure.is_user_error(), now);
+                c.inputs.extend(more.inputs);
+                c.calls.extend(more.calls);
+                c
+            }
+            Event::Exited { cause, message, .. } => {
+                if record.phase == WarmPhase::Fenced {
+                    state.forget(warm)
+                } else {
+                    let never_ready =
+                        matches!(record.phase, WarmPhase::Placed | WarmPhase::Started)
+                            && *cause != EndCause::Stopped;
+                    let why = format!("its container ended ({message})");
+                    let mut c = state.container_ended(warm, &why, false, now);
+                    if never_ready {
+                        let more = state.setup_failed(
+                            &record.key,
+                            &format!("the container exited before it was ready ({message})"),
+                            false,
+                            now,
+                        );
+                        c.inputs.extend(more.inputs);
+                        c.calls.extend(more.calls);
+                    }
+                    c
+                }
+            }
+        };
+        self.apply(changes)?;
+        drop(state);
+        self.inner.reconcile.notify_one();
+        Ok(())
+    }
+
+    /// A container's answer to an input (recorded once; a stale answer is ignored).
+    pub fn on_output(
+        &self,
+        owner: &Owner,
+        input: &InputId,
+        attempt: u32,
+        result: InputResult,
+    ) -> Result<(), FunctionServiceError> {
+        let Some(warm) = owner.warm() else {
+            return Ok(());
+        };
+        let mut state = self.lock();
+        let changes = state.answered(warm, input, attempt, result, now_ms());
+        let ended = !changes.calls.is_empty();
+        self.apply(changes)?;
+        drop(state);
+        if ended {
+            // The output is durable before the agent hears `Noted` and forgets it.
+            self.inner.store.commit()?;
+        }
+        self.inner.reconcile.notify_one();
+        Ok(())
+    }
+
+    /// The router could not hand an input to its container (it is gone): the container
+    /// counts as ended, and what it held goes back to the queue.
+    pub fn delivery_failed(&self, warm: &WarmId, why: &str) -> Result<(), FunctionServiceError> {
+        let mut state = self.lock();
+        if state.warm_of(warm).is_none() {
+            return Ok(());
+        }
+        tracing::warn!(container = %warm, %why, "function container unreachable; re-queueing its inputs");
+        let changes = state.container_ended(warm, why, false, now_ms());
+        self.apply(changes)?;
+        drop(state);
+        self.inner.reconcile.notify_one();
+        Ok(())
+    }
+
+    /// A fenced container's node says it no longer runs it.
+    pub fn stopped(&self, warm: &WarmId) -> Result<(), FunctionServiceError> {
+        let mut state = self.lock();
+        if state
+            .warm_of(warm)
+            .is_some_and(|w| w.phase == WarmPhase::Fenced)
+        {
+            let changes = state.forget(warm);
+            self.apply(changes)?;
+        }
+        Ok(())
+    }
+
+    // ---- scaling (a step of the reconcile pass) ----
+
+    /// What function containers hold, per node: the jobs' placement counts it.
+    pub fn held(&self) -> BTreeMap<NodeId, Held> {
+        let state = self.lock();
+        let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
+        for w in state.warm() {
+            let h = held.entry(w.node.clone()).or_default();
+            h.cpu_millis += w.cpu_millis;
+            h.memory_bytes += w.memory_bytes;
+            h.gpus.extend(w.gpus.iter().copied());
+        }
+        held
+    }
+
+    /// The scaling step: containers on nodes that went down are taken off (their inputs go
+    /// back to the queue), overdue ones given up, each version scaled toward what its
+    /// demand wants (placing new containers over `held`: what jobs and fences hold), idle
+    /// ones drained, and fenced ones stopped where their node is back.
+    pub fn scale(
+        &self,
+        statuses: &[NodeStatus],
+        mut held: BTreeMap<NodeId, Held>,
+        sessions: &BTreeMap<NodeId, usize>,
+        now: u64,
+    ) -> Result<(), FunctionServiceError> {
+        let store = &self.inner.store;
+        let active: BTreeMap<AppName, Option<u64>> = store
+            .apps()?
+            .into_iter()
+            .map(|a| (a.app, a.active))
+            .collect();
+        let mut state = self.lock();
+        let status = |node: &NodeId| statuses.iter().find(|s| &s.id == node);
+        // Containers on nodes that are down, or given up on.
+        let down: Vec<WarmId> = state
+            .warm()
+            .filter(|w| w.phase != WarmPhase::Fenced)
+            .filter(|w| status(&w.node).is_none_or(|s| s.liveness == Liveness::Down))
+            .map(|w| w.id.clone())
+            .collect();
+        for id in down {
+            tracing::warn!(container = %id, "function container's node is down; re-queueing its inputs");
+            let changes = state.container_ended(&id, "its node went down", true, now);
+            self.apply(changes)?;
+        }
+        let overdue = state.overdue(now, DEADLINE_GRACE.as_millis() as u64);
+        for id in overdue {
+            let Some(node) = state.warm_of(&id).map(|w| w.node.clone()) else {
+                continue;
+            };
+            let changes = state.container_ended(&id, "an input ran past its deadline", true, now);
+            self.apply(changes)?;
+            let _ = self.inner.outbound.send(Outbound::Stop { node, warm: id });
+        }
+        // Containers on nodes being drained or preempted finish and go.
+        let leaving: Vec<(WarmId, NodeId)> = state
+            .warm()
+            .filter(|w| matches!(w.phase, WarmPhase::Ready | WarmPhase::Started))
+            .filter(|w| status(&w.node).is_some_and(|s| s.admin.is_some()))
+            .map(|w| (w.id.clone(), w.node.clone()))
+            .collect();
+        for (id, node) in leaving {
+            let changes = state.drain(&id);
+            self.apply(changes)?;
+            let _ = self.inner.outbound.send(Outbound::Drain { node, warm: id });
+        }
+        // Each version toward what it wants, around what jobs, fences and the containers
+        // already placed hold.
+        for w in state.warm() {
+            let h = held.entry(w.node.clone()).or_default();
+            h.cpu_millis += w.cpu_millis;
+            h.memory_bytes += w.memory_bytes;
+            h.gpus.extend(w.gpus.iter().copied());
+        }
+        let mut engine = engine(statuses, &held, false);
+        for key in state.specs.keys().cloned().collect::<Vec<FunctionKey>>() {
+            let current = active.get(&key.app).copied().flatten() == Some(key.version);
+            let Some(spec) = state.specs.get(&key).cloned() else {
+                continue;
+            };
+            let mut obs = Observed {
+                queued: state.queued(&key) as u32,
+                running: state.running(&key) as u32,
+                current,
+                ..Observed::default()
+            };
+            for w in state.warm().filter(|w| w.key == key) {
+                match w.phase {
+                    WarmPhase::Placed | WarmPhase::Started => obs.starting += 1,
+                    WarmPhase::Ready => {
+                        obs.ready
+                            .push((w.id.clone(), state.leased(&w.id) as u32, w.idle_since_ms))
+                    }
+                    WarmPhase::Draining | WarmPhase::Fenced => {}
+                }
+            }
+            if !current
+                && obs.queued == 0
+                && obs.running == 0
+                && obs.starting == 0
+                && obs.ready.is_empty()
+            {
+                continue;
+            }
+            let decision = autoscale::decide(&spec, &obs, now);
+            for id in decision.drain {
+                let Some(node) = state.warm_of(&id).map(|w| w.node.clone()) else {
+                    continue;
+                };
+                tracing::info!(container = %id, function = %key, "draining an idle container");
+                let changes = state.drain(&id);
+                self.apply(changes)?;
+                let _ = self.inner.outbound.send(Outbound::Drain { node, warm: id });
+            }
+            for _ in 0..decision.start {
+                let options = spec.gpu_options();
+                let requests: Vec<Request> = if options.is_empty() {
+                    vec![request(&spec, 0, None)]
+                } else {
+                    options
+                        .iter()
+                        .map(|o| request(&spec, o.count, o.model.clone()))
+                        .collect()
+                };
+                let placed = requests
+                    .iter()
+                    .find_map(|r| engine.place(r).ok().map(|a| (r.clone(), a)));
+                let Some((req, assignment)) = placed else {
+                    tracing::debug!(function = %key, "no room for another container");
+                    break;
+                };
+                let Some(member) = assignment.members.first() else {
+                    break;
+                };
+                let warm = WarmId::from_sequence(store.next_id()?);
+                let record = WarmRecord {
+                    id: warm.clone(),
+                    key: key.clone(),
+                    node: member.node.clone(),
+                    gpus: member.gpus.clone(),
+                    cpu_millis: req.cpu_millis,
+                    memory_bytes: req.memory_bytes,
+                    max_inputs: spec.max_inputs,
+                    phase: WarmPhase::Placed,
+                    placed_at_ms: now,
+                    started_at_ms: None,
+                    image_ms: None,
+                    ready_at_ms: None,
+                    idle_since_ms: now,
+                };
+                let h = held.entry(member.node.clone()).or_default();
+                h.cpu_millis += req.cpu_millis;
+                h.memory_bytes += req.memory_bytes;
+                h.gpus.extend(member.gpus.iter().copied());
+                tracing::info!(container = %warm, function = %key, node = %member.node, "starting a function container");
+                let changes = state.placed(record.clone());
+                self.apply(changes)?;
+                let _ = self.inner.outbound.send(Outbound::Start {
+                    node: member.node.clone(),
+                    spec: start_spec(&key, &spec, &record),
+                });
+            }
+        }
+        // Fenced containers: stop them where their node is back, once per session.
+        let mut sent = self
+            .inner
+            .fenced_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for w in state.warm().filter(|w| w.phase == WarmPhase::Fenced) {
+            let back = status(&w.node).is_some_and(|s| s.liveness != Liveness::Down);
+            if let (true, Some(&session)) = (back, sessions.get(&w.node))
+                && sent.insert((w.id.clone(), session))
+            {
+                let _ = self.inner.outbound.send(Outbound::Stop {
+                    node: w.node.clone(),
+                    warm: w.id.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one container of `spec` asks of a node.
+fn request(
+    spec: &gantry_shared::functions::FunctionSpec,
+    gpus: u32,
+    model: Option<String>,
+) -> Request {
+    Request {
+        nodes: 1,
+        cpu_millis: spec.cpu.value().0,
+        memory_bytes: spec.memory.value().0,
+        gpus,
+        gpu_models: model.into_iter().collect(),
+        min_gpu_memory_bytes: 0,
+        selector: Default::default(),
+        spot: true,
+    }
+}
+
+/// The start of a warm container.
+fn start_spec(
+    key: &FunctionKey,
+    spec: &gantry_shared::functions::FunctionSpec,
+    warm: &WarmRecord,
+) -> AttemptSpec {
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.push(("GANTRY_APP".into(), key.app.to_string()));
+    env.push(("GANTRY_FUNCTION".into(), key.function.to_string()));
+    env.push(("GANTRY_VERSION".into(), key.version.to_string()));
+    env.push(("GANTRY_CONTAINER".into(), warm.id.to_string()));
+    AttemptSpec {
+        owner: Owner::Function(warm.id.clone()),
+        generation: Generation(1),
+        image: spec.image.clone(),
+        command: spec.command.clone(),
+        env,
+        cpu_millis: warm.cpu_millis,
+        memory_bytes: warm.memory_bytes,
+        gpus: warm.gpus.clone(),
+        timeout_ms: None,
+        function: Some(FunctionRuntime {
+            max_inputs: spec.max_inputs,
+            startup_timeout_ms: spec.startup_timeout().as_millis() as u64,
+        }),
+    }
+}
+
+fn app_view(record: &AppRecord, state: &State) -> AppView {
+    let mut functions = Vec::new();
+    for key in state.specs.keys().filter(|k| k.app == record.app) {
+        let current = record.active == Some(key.version);
+        let mut v = FunctionView {
+            name: key.function.clone(),
+            version: key.version,
+            starting: 0,
+            idle: 0,
+            busy: 0,
+            draining: 0,
+            queued: state.queued(key) as u32,
+            running: state.running(key) as u32,
+            desired: 0,
+        };
+        for w in state.warm().filter(|w| &w.key == key) {
+            match w.phase {
+                WarmPhase::Placed | WarmPhase::Started => v.starting += 1,
+                WarmPhase::Ready if state.leased(&w.id) > 0 => v.busy += 1,
+                WarmPhase::Ready => v.idle += 1,
+                WarmPhase::Draining => v.draining += 1,
+                WarmPhase::Fenced => {}
+            }
+        }
+        if let Some(spec) = state.specs.get(key) {
+            v.desired = autoscale::desired(spec, v.queued + v.running, current);
+        }
+        let has_any = v.starting + v.idle + v.busy + v.draining + v.queued + v.running > 0;
+        if current || has_any {
+            functions.push(v);
+        }
+    }
+    AppView {
+        app: record.app.clone(),
+        active_version: record.active,
+        versions: record
+            .deployments
+            .iter()
+            .map(|d| VersionSummary {
+                version: d.version,
+                created_at_ms: d.created_at_ms,
+                functions: d.manifest.functions.keys().cloned().collect(),
+            })
+            .collect(),
+        functions,
+    }
+}
+
+fn call_view(call: &CallRecord, inputs: &[InputRecord]) -> CallView {
+    let mut succeeded = 0;
+    let mut failed = 0;
+    let mut cancelled = 0;
+    let results = inputs
+        .iter()
+        .map(|i| {
+            match i.state {
+                InputState::Succeeded => succeeded += 1,
+                InputState::Failed => failed += 1,
+                InputState::Cancelled => cancelled += 1,
+                _ => {}
+            }
+            let (output, error) = match (&i.result, i.state) {
+                (Some(InputResult::Output(p)), InputState::Succeeded) => (Some(p.clone()), None),
+                (Some(InputResult::Error(e)), InputState::Failed) => (None, Some(e.clone())),
+                _ => (None, None),
+            };
+            InputView {
+                index: i.index,
+                id: i.id.clone(),
+                state: i.state,
+                attempt: i.attempt,
+                output,
+                error,
+                container: i.last.as_ref().map(|(w, _)| w.clone()),
+                node: i.last.as_ref().map(|(_, n)| n.clone()),
+                timings: i.timings.clone(),
+            }
+        })
+        .collect();
+    let ended = succeeded + failed + cancelled;
+    let state = if ended < call.inputs {
+        CallState::Running
+    } else if call.cancelled {
+        CallState::Cancelled
+    } else if failed > 0 {
+        CallState::Failed
+    } else {
+        CallState::Succeeded
+    };
+    CallView {
+        id: call.id.clone(),
+        app: call.key.app.clone(),
+        function: call.key.function.clone(),
+        version: call.key.version,
+        state,
+        created_at_ms: call.created_at_ms,
+        inputs: call.inputs,
+        succeeded,
+        failed,
+        results,
+    }
+}
+
+/// Carries [`Outbound`] messages to nodes until `cancel`, each from its own task; what a
+/// node answers goes back to the service (a delivery that found no container, a fence
+/// that is gone).
+pub async fn run_router<L: NodeLink>(
+    service: FunctionService,
+    link: L,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    cancel: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = rx.recv() => match m { Some(m) => m, None => break },
+        };
+        let service = service.clone();
+        let link = link.clone();
+        tasks.spawn(async move { send(&service, &link, msg).await });
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
+}
+
+async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Outbound) {
+    let grace_ms = DRAIN_GRACE.as_millis() as u64;
+    let owner = |w: &WarmId| Owner::Function(w.clone());
+    let result = match msg {
+        Outbound::Deliver(d) => {
+            let cmd = Command::Deliver {
+                owner: owner(&d.warm),
+                generation: Generation(1),
+                input: d.input,
+            };
+            match link.exchange(&d.node, cmd).await {
+                Ok(CommandReply::Accepted) => Ok(()),
+                Ok(other) => {
+                    service.delivery_failed(&d.warm, &format!("its node answered {other:?}"))
+                }
+                Err(e) => service.delivery_failed(&d.warm, &e),
+            }
+        }
+        Outbound::Start { node, spec } => {
+            let warm = spec.owner.warm().cloned();
+            match link.exchange(&node, Command::Start(spec)).await {
+                Ok(CommandReply::Accepted) => Ok(()),
+                Ok(other) => warm.map_or(Ok(()), |w| {
+                    service.delivery_failed(&w, &format!("its start was refused: {other:?}"))
+                }),
+                Err(e) => warm.map_or(Ok(()), |w| {
+                    service.delivery_failed(&w, &format!("its start did not reach {node}: {e}"))
+                }),
+            }
+        }
+        Outbound::Cancel { node, warm, input } => {
+            let cmd = Command::CancelInput {
+                owner: owner(&warm),
+                generation: Generation(1),
+                input,
+                grace_ms,
+            };
+            link.exchange(&node, cmd).await.map(|_| ()).or(Ok(()))
+        }
+        Outbound::Drain { node, warm } => {
+            let cmd = Command::Drain {
+                owner: owner(&warm),
+                generation: Generation(1),
+                grace_ms,
+            };
+            match link.exchange(&node, cmd).await {
+                Ok(CommandReply::NotRunning) => {
+                    service.delivery_failed(&warm, "it is no longer running")
+                }
+                _ => Ok(()),
+            }
+        }
+        Outbound::Stop { node, warm } => {
+            let cmd = Command::Stop {
+                owner: owner(&warm),
+                generation: Generation(1),
+                grace_ms: 0,
+            };
+            match link.exchange(&node, cmd).await {
+                Ok(CommandReply::NotRunning) => service.stopped(&warm),
+                _ => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "recording a node's answer failed");
+    }
+}
