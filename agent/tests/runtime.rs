@@ -658,3 +658,62 @@ async fn requested_limits_are_enforced_by_the_kernel() {
     );
     h.runtime.stop(&id, Duration::ZERO).await.expect("stop");
 }
+
+/// A function container sees its runtime API socket where `GANTRY_RUNTIME_API` says, can
+/// reach it as a user other than root, and the agent's directory goes with the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_container_sees_its_runtime_api_socket() {
+    use gantry_agent::invoke::{self, Container, Invoke, InvokeConfig, StopReason};
+    use gantry_agent::runtime::BindMount;
+    use gantry_shared::protocol::{Event, FunctionRuntime};
+    use gantry_shared::{AttemptRef, Generation, Owner, WarmId};
+
+    struct Nobody;
+    impl Container for Nobody {
+        fn event(&self, _: Event) {}
+        fn stop(&self, _: StopReason) {}
+    }
+
+    let h = TestHost::new().await;
+    let invoke = Invoke::new(
+        InvokeConfig::new(h.state_dir().join("invoke")),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let attempt = AttemptRef {
+        owner: Owner::Function(WarmId::new("w-1").expect("warm id")),
+        generation: Generation(1),
+    };
+    let id = attempt.owner.container_id(attempt.generation).expect("id");
+    let function = FunctionRuntime {
+        max_inputs: 3,
+        startup_timeout_ms: 60_000,
+    };
+    invoke
+        .open(&id, attempt, &function, std::sync::Arc::new(Nobody))
+        .expect("serve");
+    let mut req = sh_request(
+        "test -S \"$GANTRY_RUNTIME_API\" && echo socket; test -w \"$GANTRY_RUNTIME_API\" && echo writable; \
+         echo \"$GANTRY_RUNTIME_API $GANTRY_MAX_INPUTS\"; id -u",
+    );
+    req.id = Some(id.clone());
+    req.user = Some("1000:1000".into());
+    req.env.extend(invoke::container_env(&function));
+    req.binds.push(BindMount {
+        source: invoke.dir(&id),
+        destination: invoke::CONTAINER_DIR.into(),
+        read_only: false,
+    });
+    let id = h.runtime.start(req).await.expect("start").id;
+    let exit = h.runtime.wait(&id).await.expect("wait");
+    let out = String::from_utf8(h.runtime.logs(&id, Stream::Stdout).expect("logs")).expect("utf8");
+    let err = String::from_utf8(h.runtime.logs(&id, Stream::Stderr).expect("logs")).expect("utf8");
+    assert_eq!(exit.code(), 0, "stderr: {err}");
+    assert_eq!(
+        out, "socket\nwritable\n/run/gantry/runtime.sock 3\n1000\n",
+        "stderr: {err}"
+    );
+    invoke.close(&id).await;
+    assert!(!invoke.dir(&id).exists());
+    h.runtime.remove(&id).expect("remove");
+    assert_eq!(leftovers(h.state_dir(), &[id]), Vec::<String>::new());
+}

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gantry_shared::now_ms;
 use gantry_shared::protocol::{AttemptSpec, CommandReply, Event, Refusal, RefusalCode};
@@ -13,12 +13,14 @@ use gantry_shared::{
 };
 use tokio::sync::Notify;
 
+use super::functions::Functions;
 use super::generations::Generations;
 use super::gpus::GpuGuard;
 use super::outbox::Outbox;
 use crate::image::{ImageStore, RegistryAuth};
+use crate::invoke::{self, FunctionServer};
 use crate::runtime::{
-    ContainerRequest, ContainerState, ExitReason, ExitRecord, Runtime, RuntimeError,
+    BindMount, ContainerRequest, ContainerState, ExitReason, ExitRecord, Runtime, RuntimeError,
 };
 
 /// Exited attempts whose output is kept on the node.
@@ -41,6 +43,8 @@ pub(super) struct Attempts {
     /// Stops that arrived while their container was still starting (image resolution, or
     /// before the shim reported), with their grace: `start` honours them once it can.
     early_stops: Mutex<HashMap<ContainerId, Duration>>,
+    /// Function containers' runtime API servers.
+    functions: Arc<Functions>,
 }
 
 impl Attempts {
@@ -50,6 +54,7 @@ impl Attempts {
         outbox: Outbox,
         generations: Generations,
         gpus: Arc<GpuGuard>,
+        functions: Arc<Functions>,
     ) -> Self {
         Self {
             runtime,
@@ -60,6 +65,7 @@ impl Attempts {
             changed: Arc::new(Notify::new()),
             gpus,
             early_stops: Mutex::default(),
+            functions,
         }
     }
 
@@ -81,6 +87,19 @@ impl Attempts {
                 continue;
             };
             match c.state {
+                ContainerState::Running { .. } if attempt.owner.warm().is_some() => {
+                    // Its runtime API server ended with the agent before, and what it had
+                    // delivered is gone with it: stop it, and the coordinator leases its
+                    // inputs again when it sees the end.
+                    tracing::warn!(
+                        container = %c.id,
+                        "a function container survived an agent restart without its runtime \
+                         API; stopping it (its inputs are leased again)"
+                    );
+                    let (rt, id) = (self.runtime.clone(), c.id.clone());
+                    tokio::spawn(async move { rt.stop(&id, Duration::ZERO).await });
+                    self.clone().watch(c.id, attempt);
+                }
                 ContainerState::Running { .. } => self.clone().watch(c.id, attempt),
                 ContainerState::Exited(exit) => {
                     if !self.generations.is_done(&attempt.owner, attempt.generation) {
@@ -89,6 +108,9 @@ impl Attempts {
                 }
             }
         }
+        // Runtime API directories a previous agent left (the stopped containers' go with
+        // their ends).
+        self.functions.invoke().sweep(|_| false);
         // Starts taken by an agent that died before the container existed.
         for (owner, generation) in self.generations.unfinished() {
             let exists = owner
@@ -203,11 +225,12 @@ impl Attempts {
         }
     }
 
-    /// The image name to run: a local image as is; a fully qualified one pulled from its
-    /// registry if missing; an unqualified one from the cluster's embedded registry.
-    async fn resolve_image(&self, name: &str) -> Result<String, String> {
+    /// The image name to run, and how long getting it took in ms (0 when it was here): a
+    /// local image as is; a fully qualified one pulled from its registry if missing; an
+    /// unqualified one from the cluster's embedded registry.
+    async fn resolve_image(&self, name: &str) -> Result<(String, u64), String> {
         if self.images.get(name).is_ok() {
-            return Ok(name.to_owned());
+            return Ok((name.to_owned(), 0));
         }
         let (reference, auth) = if is_qualified(name) {
             (name.to_owned(), RegistryAuth::Anonymous)
@@ -222,16 +245,19 @@ impl Attempts {
                     format!("{addr}/{name}"),
                     RegistryAuth::Basic("node".into(), token),
                 ),
-                None => return Ok(name.to_owned()), // the start reports it missing
+                None => return Ok((name.to_owned(), 0)), // the start reports it missing
             }
         };
+        let mut image_ms = 0;
         if self.images.get(&reference).is_err() {
+            let pulling = Instant::now();
             self.images
                 .pull(&reference, &auth)
                 .await
                 .map_err(|e| e.to_string())?;
+            image_ms = pulling.elapsed().as_millis() as u64;
         }
-        Ok(reference)
+        Ok((reference, image_ms))
     }
 
     async fn start(self: Arc<Self>, id: ContainerId, spec: AttemptSpec) {
@@ -246,8 +272,8 @@ impl Attempts {
             });
             return;
         }
-        let image = match self.resolve_image(&spec.image).await {
-            Ok(image) => image,
+        let (image, image_ms) = match self.resolve_image(&spec.image).await {
+            Ok(resolved) => resolved,
             Err(message) => {
                 self.finish(Event::StartFailed {
                     owner: spec.owner,
@@ -283,6 +309,21 @@ impl Attempts {
             generation: spec.generation,
         };
         req.attempt = Some(attempt.clone());
+        let server = match &spec.function {
+            Some(function) => match self.serve_function(&id, &attempt, function, &mut req) {
+                Ok(server) => Some(server),
+                Err(message) => {
+                    self.finish(Event::StartFailed {
+                        owner: spec.owner,
+                        generation: spec.generation,
+                        message,
+                        failure: StartFailure::Node,
+                    });
+                    return;
+                }
+            },
+            None => None,
+        };
         match self.runtime.start(req).await {
             Ok(_) => {
                 // Started goes out before anything the watcher reports.
@@ -290,10 +331,14 @@ impl Attempts {
                     owner: spec.owner.clone(),
                     generation: spec.generation,
                     at_ms: now_ms(),
-                    image_ms: 0,
+                    image_ms,
                 };
                 if let Err(e) = self.outbox.push(started) {
                     tracing::error!(container = %id, error = %e, "cannot record an event");
+                }
+                if let Some(server) = server {
+                    // Its `ready` (or setup failure) goes out after `Started`.
+                    server.started().await;
                 }
                 self.changed.notify_one();
                 if let Some(grace) = self.early_stop(&id, None) {
@@ -304,6 +349,9 @@ impl Attempts {
                 self.watch(id, attempt);
             }
             Err(e) => {
+                if server.is_some() {
+                    self.functions.close(&id, &attempt).await;
+                }
                 let failure = match &e {
                     RuntimeError::StartFailed {
                         user_error: true, ..
@@ -323,9 +371,35 @@ impl Attempts {
         }
     }
 
+    /// Serves a function container's runtime API: binds its socket, mounts its directory
+    /// at `/run/gantry` and tells it where through its env.
+    fn serve_function(
+        &self,
+        id: &ContainerId,
+        attempt: &AttemptRef,
+        function: &gantry_shared::protocol::FunctionRuntime,
+        req: &mut ContainerRequest,
+    ) -> Result<Arc<FunctionServer>, String> {
+        let server = self
+            .functions
+            .open(id, attempt.clone(), function)
+            .map_err(|e| e.to_string())?;
+        req.env.extend(invoke::container_env(function));
+        req.binds.push(BindMount {
+            source: self.functions.invoke().dir(id),
+            destination: invoke::CONTAINER_DIR.to_owned(),
+            read_only: false,
+        });
+        Ok(server)
+    }
+
     fn watch(self: Arc<Self>, id: ContainerId, attempt: AttemptRef) {
         tokio::spawn(async move {
             if let Ok(exit) = self.runtime.wait(&id).await {
+                if attempt.owner.warm().is_some() {
+                    // Its server stops and its answers go out before its end does.
+                    self.functions.close(&id, &attempt).await;
+                }
                 self.changed.notify_one();
                 self.report_exit(&id, attempt, &exit);
             }

@@ -9,8 +9,9 @@
 //! One component per responsibility, each in its own file: `attempts` (start, stop,
 //! watch, report), `generations` (the marks that fence stale commands), `gpus` (the
 //! GPU guard: faults stop attempts, marks outlive restarts), `outbox` (events until
-//! acknowledged), `output` (attempts' logs streamed), and `session` (the control
-//! session that routes commands to them). This file assembles them.
+//! acknowledged), `output` (attempts' logs streamed), `functions` (function containers'
+//! runtime API servers, the commands for them and their answers to the coordinator), and
+//! `session` (the control session that routes commands to them). This file assembles them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,9 +26,11 @@ use crate::control::{ControlError, HelloInfo, NodeIdentity};
 use crate::gossip::{GossipSettings, Publisher};
 use crate::gpu::inventory::Inventory;
 use crate::host::Host;
+use crate::invoke::{Invoke, InvokeConfig};
 use crate::store::StoreError;
 
 mod attempts;
+mod functions;
 mod generations;
 mod gpus;
 mod outbox;
@@ -35,6 +38,7 @@ mod output;
 mod session;
 
 use attempts::Attempts;
+use functions::Functions;
 use generations::Generations;
 use gpus::GpuGuard;
 use outbox::Outbox;
@@ -85,12 +89,21 @@ pub async fn run(
     let (runtime, store) = (&host.runtime, &host.store);
     let outbox = Outbox::open(store)?;
     let gpus = Arc::new(GpuGuard::open(store, inventory, runtime.clone())?);
+    let functions = Arc::new(Functions::new(
+        Invoke::new(
+            InvokeConfig::new(config.state_dir.join("invoke")),
+            cancel.child_token(),
+        ),
+        runtime.clone(),
+        outbox.clone(),
+    ));
     let attempts = Arc::new(Attempts::new(
         runtime.clone(),
         host.images.clone(),
         outbox.clone(),
         Generations::open(store)?,
         gpus.clone(),
+        functions.clone(),
     ));
     gpus.restore_marks();
     attempts.resume();
@@ -125,6 +138,7 @@ pub async fn run(
         gpus,
         outbox,
         runtime: runtime.clone(),
+        functions: functions.clone(),
     };
     let link = Link {
         coordinator,
@@ -134,5 +148,6 @@ pub async fn run(
     let result = sessions(config, &link, &publisher, router, &cancel).await;
     gossip_cancel.cancel();
     publisher.shutdown().await;
+    functions.shutdown().await;
     result
 }

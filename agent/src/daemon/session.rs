@@ -1,6 +1,7 @@
 //! The control session: connect (reconnecting with backoff), route the coordinator's
-//! commands to the attempts, the GPU guard and the output, send the outbox's events until
-//! acknowledged, report a spot notice, and say so when the agent stops to be restarted.
+//! commands to the attempts, the GPU guard, the function containers and the output, send
+//! the outbox's events until acknowledged and the function containers' answers until
+//! noted, report a spot notice, and say so when the agent stops to be restarted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::attempts::Attempts;
+use super::functions::Functions;
 use super::gpus::GpuGuard;
 use super::outbox::Outbox;
 use super::{DaemonError, output};
@@ -28,6 +30,7 @@ pub(super) struct Router {
     pub(super) gpus: Arc<GpuGuard>,
     pub(super) outbox: Outbox,
     pub(super) runtime: Runtime,
+    pub(super) functions: Arc<Functions>,
 }
 
 /// Longest wait between reconnection attempts.
@@ -194,6 +197,7 @@ impl Router {
             }
             _ = commands => {}
             _ = events => {}
+            _ = self.functions.send_outputs(session) => {}
         }
     }
 
@@ -214,9 +218,29 @@ impl Router {
                 RefusalCode::Unavailable,
                 "logs are served on their own stream",
             )),
-            Command::Deliver { .. } | Command::CancelInput { .. } | Command::Drain { .. } => {
-                CommandReply::NotRunning
-            }
+            Command::Deliver {
+                owner,
+                generation,
+                input,
+            } => self.functions.deliver(&owner, generation, input),
+            Command::CancelInput {
+                owner,
+                generation,
+                input,
+                grace_ms,
+            } => self.functions.cancel_input(
+                &owner,
+                generation,
+                &input,
+                Duration::from_millis(grace_ms),
+            ),
+            Command::Drain {
+                owner,
+                generation,
+                grace_ms,
+            } => self
+                .functions
+                .drain(&owner, generation, Duration::from_millis(grace_ms)),
         }
     }
 }

@@ -211,6 +211,10 @@ pub fn build(input: &SpecInput<'_>) -> Result<BuiltSpec, SpecError> {
     for f in &input.gpus.driver_files {
         mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev"]}));
     }
+    for b in &req.binds {
+        let mode = if b.read_only { "ro" } else { "rw" };
+        mounts.push(json!({"destination": b.destination, "type": "bind", "source": b.source, "options": ["rbind", mode, "nosuid", "nodev", "noexec"]}));
+    }
 
     let mut namespaces = vec![
         json!({"type": "pid"}),
@@ -449,6 +453,33 @@ mod tests {
             .collect();
         assert_eq!(ns, ["pid", "mount", "ipc", "uts"]);
         assert_eq!(v["hostname"], "c1");
+    }
+
+    #[test]
+    fn agent_binds_are_mounted_without_privileges() {
+        let mut r = ContainerRequest::new("x");
+        r.binds.push(super::super::types::BindMount {
+            source: "/var/lib/gantry/invoke/w-1-g1".into(),
+            destination: "/run/gantry".into(),
+            read_only: false,
+        });
+        let v = to_json(
+            &build_with(&image(), &r, &GpuInjection::default())
+                .expect("spec")
+                .spec,
+        );
+        let mount = v["mounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["destination"] == "/run/gantry")
+            .expect("the bind is mounted");
+        assert_eq!(mount["source"], "/var/lib/gantry/invoke/w-1-g1");
+        assert_eq!(
+            mount["options"],
+            serde_json::json!(["rbind", "rw", "nosuid", "nodev", "noexec"])
+        );
+        assert_eq!(v["process"]["noNewPrivileges"], true);
     }
 
     #[test]

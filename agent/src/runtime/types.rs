@@ -51,6 +51,19 @@ pub struct ContainerRequest {
     /// container started by hand.
     #[serde(default)]
     pub attempt: Option<gantry_shared::AttemptRef>,
+    /// Host directories the agent itself mounts (a function container's runtime API
+    /// socket); never taken from a user, whose host mounts are refused.
+    #[serde(default)]
+    pub binds: Vec<BindMount>,
+}
+
+/// A host directory bind-mounted into a container, `nosuid,nodev,noexec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    pub source: PathBuf,
+    /// Absolute path inside the container.
+    pub destination: String,
+    pub read_only: bool,
 }
 
 impl ContainerRequest {
@@ -72,6 +85,7 @@ impl ContainerRequest {
             timeout: None,
             stop_grace: Duration::from_secs(10),
             attempt: None,
+            binds: Vec::new(),
         }
     }
 }
