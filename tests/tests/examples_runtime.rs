@@ -2,7 +2,9 @@
 //! contract of docs/functions.md: run as plain host processes against
 //! [`FakeRuntimeApi`], they post ready, take inputs (as many at once as GANTRY_MAX_INPUTS),
 //! answer outputs and errors in the documented forms, report a failed setup, and exit 0 when
-//! drained. Then the busybox image that carries them, and that the static binary runs there.
+//! drained. The echo runtime runs against the agent's real runtime API too (the same checks,
+//! both sides of the contract). Then the busybox image that carries them, and that the static
+//! binary runs there.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -299,4 +301,257 @@ fn oci_layout_for_a_registry(dir: &Path, rootfs: &Path) {
         serde_json::json!(["/app/runtime"]),
         "{config}"
     );
+}
+
+/// The rest of the agent, as the real runtime API server sees it: what it reported.
+#[derive(Debug)]
+enum Seen {
+    Event(gantry_shared::protocol::Event),
+    Stop(gantry_agent::invoke::StopReason),
+}
+
+struct Recorder(tokio::sync::mpsc::Sender<Seen>);
+
+impl gantry_agent::invoke::Container for Recorder {
+    fn event(&self, event: gantry_shared::protocol::Event) {
+        let _ = self.0.try_send(Seen::Event(event));
+    }
+    fn stop(&self, reason: gantry_agent::invoke::StopReason) {
+        let _ = self.0.try_send(Seen::Stop(reason));
+    }
+}
+
+/// The agent's runtime API (`gantry_agent::invoke`) on its real socket, for one container.
+struct RealApi {
+    _dir: tempfile::TempDir,
+    invoke: gantry_agent::invoke::Invoke,
+    server: std::sync::Arc<gantry_agent::invoke::FunctionServer>,
+    seen: tokio::sync::mpsc::Receiver<Seen>,
+    env: Vec<(String, String)>,
+}
+
+impl RealApi {
+    async fn open(max_inputs: u32) -> Self {
+        use gantry_shared::{AttemptRef, Generation, Owner, WarmId};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = gantry_agent::invoke::InvokeConfig::new(dir.path().join("invoke"));
+        let invoke =
+            gantry_agent::invoke::Invoke::new(config, tokio_util::sync::CancellationToken::new());
+        let attempt = AttemptRef {
+            owner: Owner::Function(WarmId::new("w-echo").expect("warm id")),
+            generation: Generation(1),
+        };
+        let id = attempt.owner.container_id(attempt.generation).expect("id");
+        let runtime = gantry_shared::protocol::FunctionRuntime {
+            max_inputs,
+            startup_timeout_ms: 30_000,
+        };
+        let (tx, seen) = tokio::sync::mpsc::channel(64);
+        let server = invoke
+            .open(&id, attempt, &runtime, std::sync::Arc::new(Recorder(tx)))
+            .expect("open the runtime API");
+        server.started().await;
+        // What the container gets, with the socket where it is on the host.
+        let mut env = gantry_agent::invoke::container_env(&runtime);
+        for (k, v) in &mut env {
+            if k == "GANTRY_RUNTIME_API" {
+                *v = server.socket().display().to_string();
+            }
+        }
+        Self {
+            _dir: dir,
+            invoke,
+            server,
+            seen,
+            env,
+        }
+    }
+
+    async fn next_seen(&mut self) -> Seen {
+        tokio::time::timeout(Duration::from_secs(30), self.seen.recv())
+            .await
+            .expect("the runtime API reported something in time")
+            .expect("recorder open")
+    }
+
+    fn spawn(&self, extra: &[(&str, &str)]) -> tokio::process::Child {
+        self.spawn_program(&[echo_runtime().to_str().expect("utf-8 path")], extra)
+    }
+
+    fn spawn_program(&self, argv: &[&str], extra: &[(&str, &str)]) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env.iter().cloned());
+        cmd.envs(extra.iter().copied()).kill_on_drop(true);
+        cmd.spawn().expect("spawn echo-runtime")
+    }
+
+    /// The answers queued for the coordinator, waiting up to 30 s for `n` of them.
+    async fn outputs(&self, n: usize) -> Vec<gantry_agent::invoke::OutputReport> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let all: Vec<_> = (self.invoke.outputs())
+                .pending(&std::collections::HashSet::new(), 100)
+                .into_iter()
+                .map(|(_, r)| r)
+                .collect();
+            if all.len() >= n || tokio::time::Instant::now() > deadline {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn exit_code(child: &mut tokio::process::Child) -> Option<i32> {
+    tokio::time::timeout(EXIT_WITHIN, child.wait())
+        .await
+        .expect("the runtime exited in time")
+        .expect("wait")
+        .code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_runtime_against_the_agents_runtime_api() {
+    use gantry_shared::calls::{FailureCause, InputResult, LeasedInput, Payload};
+    use gantry_shared::protocol::Event;
+    use gantry_shared::{CallId, InputId};
+
+    let mut api = RealApi::open(2).await;
+    let mut child = api.spawn(&[]);
+    assert!(matches!(
+        api.next_seen().await,
+        Seen::Event(Event::Ready { .. })
+    ));
+
+    let call = CallId::new("fc-1").expect("call id");
+    let deadline_ms = gantry_shared::now_ms() + 60_000;
+    let binary: &[u8] = &[0, 159, 146, 150, b'\r', b'\n'];
+    let inputs: [(&str, &[u8]); 4] = [
+        ("text/plain", b"hello"),
+        ("text/plain", b"fail:boom"),
+        ("text/plain", b"sleep:50"),
+        ("application/x-custom", binary),
+    ];
+    for (i, (ct, body)) in inputs.iter().enumerate() {
+        let input = LeasedInput {
+            id: InputId::of(&call, i as u32),
+            call: call.clone(),
+            attempt: 1,
+            deadline_ms,
+            payload: Payload::new(*ct, body.to_vec()),
+        };
+        api.server.deliver(input).expect("deliver");
+    }
+    let outputs = api.outputs(inputs.len()).await;
+    assert_eq!(outputs.len(), inputs.len(), "{outputs:?}");
+    let result = |i: u32| {
+        let id = InputId::of(&call, i);
+        let found = outputs.iter().find(|o| o.input == id);
+        found.map(|o| o.result.clone()).expect("an answer")
+    };
+    assert_eq!(
+        result(0),
+        InputResult::Output(Payload::new("text/plain", b"hello".to_vec()))
+    );
+    match result(1) {
+        InputResult::Error(e) => {
+            assert_eq!(
+                (e.cause, e.error_type.as_str()),
+                (FailureCause::User, "EchoError")
+            );
+            assert_eq!(e.message, "boom");
+        }
+        other => panic!("fail:boom answered {other:?}"),
+    }
+    assert_eq!(
+        result(2),
+        InputResult::Output(Payload::new("text/plain", b"slept 50".to_vec()))
+    );
+    assert_eq!(
+        result(3),
+        InputResult::Output(Payload::new("application/x-custom", binary.to_vec()))
+    );
+
+    api.server.drain(Duration::from_secs(30));
+    assert_eq!(
+        exit_code(&mut child).await,
+        Some(0),
+        "exit 0 after the drain"
+    );
+    api.server.shutdown(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_runtime_init_error_against_the_agents_runtime_api() {
+    use gantry_shared::protocol::Event;
+
+    let mut api = RealApi::open(1).await;
+    let mut child = api.spawn(&[("ECHO_INIT_ERROR", "no model here")]);
+    match api.next_seen().await {
+        Seen::Event(Event::InitFailed { message, .. }) => {
+            assert!(message.contains("no model here"), "{message}")
+        }
+        other => panic!("expected InitFailed, saw {other:?}"),
+    }
+    match api.next_seen().await {
+        Seen::Stop(gantry_agent::invoke::StopReason::InitFailed { message }) => {
+            assert!(message.contains("no model here"), "{message}")
+        }
+        other => panic!("expected a stop for the failed setup, saw {other:?}"),
+    }
+    assert_eq!(exit_code(&mut child).await, Some(1));
+    api.server.shutdown(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_sh_against_the_agents_runtime_api() {
+    use gantry_shared::calls::{InputResult, LeasedInput, Payload};
+    use gantry_shared::protocol::Event;
+    use gantry_shared::{CallId, InputId};
+
+    if !have_curl() {
+        eprintln!("skipped: runtime.sh needs curl, and this host has none");
+        return;
+    }
+    let mut api = RealApi::open(1).await;
+    let script = runtime_sh();
+    let mut child = api.spawn_program(&["sh", script.to_str().expect("utf-8 path")], &[]);
+    assert!(matches!(
+        api.next_seen().await,
+        Seen::Event(Event::Ready { .. })
+    ));
+    let call = CallId::new("fc-2").expect("call id");
+    for (i, body) in ["hello", "fail:boom"].iter().enumerate() {
+        let input = LeasedInput {
+            id: InputId::of(&call, i as u32),
+            call: call.clone(),
+            attempt: 1,
+            deadline_ms: gantry_shared::now_ms() + 60_000,
+            payload: Payload::new("text/plain", body.as_bytes().to_vec()),
+        };
+        api.server.deliver(input).expect("deliver");
+    }
+    let outputs = api.outputs(2).await;
+    let result = |i: u32| {
+        let id = InputId::of(&call, i);
+        let found = outputs.iter().find(|o| o.input == id);
+        found.map(|o| o.result.clone()).expect("an answer")
+    };
+    assert_eq!(
+        result(0),
+        InputResult::Output(Payload::new("text/plain", b"hello".to_vec()))
+    );
+    assert!(
+        matches!(result(1), InputResult::Error(e) if e.error_type == "EchoError" && e.message == "boom")
+    );
+    api.server.drain(Duration::from_secs(30));
+    assert_eq!(
+        exit_code(&mut child).await,
+        Some(0),
+        "exit 0 after the drain"
+    );
+    api.server.shutdown(true).await;
 }
