@@ -3,6 +3,8 @@
 use gantry_shared::api::{
     ErrorBody, Job, JobList, JobSpec, JoinTokenRequest, JoinTokenResponse, Node,
 };
+use gantry_shared::calls::{CallRequest, CallView};
+use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -140,6 +142,62 @@ impl ApiClient {
             }
         }
         Ok(())
+    }
+
+    /// Deploys a new version of the manifest's app.
+    pub async fn deploy(&self, manifest: &AppManifest) -> Result<DeploymentView, ClientError> {
+        self.post(&format!("/v1/apps/{}/deployments", manifest.app), manifest)
+            .await
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppView>, ClientError> {
+        self.get("/v1/apps").await
+    }
+
+    pub async fn app(&self, app: &str) -> Result<AppView, ClientError> {
+        self.get(&format!("/v1/apps/{app}")).await
+    }
+
+    /// `stop`, or `rollback` (to `version`, default the one before).
+    pub async fn app_action(
+        &self,
+        app: &str,
+        action: &str,
+        version: Option<u64>,
+    ) -> Result<AppView, ClientError> {
+        let body = match version {
+            Some(v) => serde_json::json!({ "version": v }),
+            None => serde_json::json!({}),
+        };
+        self.post(&format!("/v1/apps/{app}/{action}"), &body).await
+    }
+
+    /// Calls `function` of `app`; with `request.wait` the answer comes once every input
+    /// ended or after the server's long-poll bound.
+    pub async fn call(
+        &self,
+        app: &str,
+        function: &str,
+        request: &CallRequest,
+    ) -> Result<CallView, ClientError> {
+        self.post(
+            &format!("/v1/apps/{app}/functions/{function}/calls"),
+            request,
+        )
+        .await
+    }
+
+    /// The call; with `wait` (`55s`), once every input ended or after that long.
+    pub async fn call_view(&self, id: &str, wait: Option<&str>) -> Result<CallView, ClientError> {
+        match wait {
+            Some(w) => self.get(&format!("/v1/calls/{id}?wait={w}")).await,
+            None => self.get(&format!("/v1/calls/{id}")).await,
+        }
+    }
+
+    pub async fn cancel_call(&self, id: &str) -> Result<CallView, ClientError> {
+        self.post(&format!("/v1/calls/{id}/cancel"), &serde_json::json!({}))
+            .await
     }
 
     pub async fn nodes(&self) -> Result<Vec<Node>, ClientError> {

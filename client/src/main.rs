@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use gantry_client::config::CliConfig;
 use gantry_client::dev::{self, DevConfig};
 use gantry_client::run::RunArgs;
-use gantry_client::{image, print, run as submit};
+use gantry_client::{functions, image, print, run as submit};
 
 #[derive(Parser)]
 #[command(
@@ -118,6 +118,72 @@ enum Command {
     /// API tokens (admin): create one, or revoke every token with a name.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Deploy an app's functions from its manifest (a new immutable version).
+    Deploy {
+        /// The app manifest.
+        #[arg(long, short = 'f', default_value = "gantry.toml")]
+        file: PathBuf,
+    },
+    /// Deployed apps: list, show, stop, roll back.
+    #[command(subcommand)]
+    Apps(AppsCommand),
+    /// Call a function with one input and print its output.
+    Call {
+        app: String,
+        function: String,
+        /// The input: text, `@FILE`, or `-` for standard input (default: empty).
+        #[arg(long, short)]
+        data: Option<String>,
+        /// The input's content type (default: text/plain for text, else
+        /// application/octet-stream).
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Print the call id at once instead of waiting (`gantry calls get ID` later).
+        #[arg(long = "async")]
+        detach: bool,
+    },
+    /// Calls: wait for one's output, show where its time went, cancel it.
+    #[command(subcommand)]
+    Calls(CallsCommand),
+    /// Call a function once per line of a file; print one output per line, in order.
+    Map {
+        app: String,
+        function: String,
+        /// One input per line (`-`: standard input).
+        #[arg(long)]
+        input_file: String,
+        /// Each input's content type.
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppsCommand {
+    List,
+    Show {
+        app: String,
+    },
+    /// Refuse new calls; accepted inputs finish and containers drain.
+    Stop {
+        app: String,
+    },
+    /// Point new calls at an earlier version (default: the one before the active one).
+    Rollback {
+        app: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CallsCommand {
+    /// Wait for a call's outputs and print them.
+    Get { id: String },
+    /// Each input's state, container and where its time went.
+    Show { id: String },
+    /// Drop queued inputs; running ones are told, then stopped.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand)]
@@ -405,6 +471,64 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             }
             Ok(0)
+        }
+        Command::Deploy { file } => {
+            // A bad manifest is reported before anything is sent.
+            functions::read_manifest(&file)?;
+            let client = CliConfig::load()?.client();
+            functions::deploy(&client, &file, json).await
+        }
+        Command::Apps(cmd) => {
+            let client = CliConfig::load()?.client();
+            match cmd {
+                AppsCommand::List => functions::print_apps(&client.apps().await?, json)?,
+                AppsCommand::Show { app } => functions::print_app(&client.app(&app).await?, json)?,
+                AppsCommand::Stop { app } => {
+                    functions::print_app(&client.app_action(&app, "stop", None).await?, json)?
+                }
+                AppsCommand::Rollback { app, version } => functions::print_app(
+                    &client.app_action(&app, "rollback", version).await?,
+                    json,
+                )?,
+            }
+            Ok(0)
+        }
+        Command::Call {
+            app,
+            function,
+            data,
+            content_type,
+            detach,
+        } => {
+            let input = functions::read_data(data.as_deref(), content_type.as_deref())?;
+            let client = CliConfig::load()?.client();
+            functions::call(&client, &app, &function, input, detach, json).await
+        }
+        Command::Calls(cmd) => {
+            let client = CliConfig::load()?.client();
+            match cmd {
+                CallsCommand::Get { id } => {
+                    let view = functions::wait(&client, client.call_view(&id, None).await?).await?;
+                    functions::print_results(&view, json)
+                }
+                CallsCommand::Show { id } => {
+                    functions::print_call(&client.call_view(&id, None).await?, json)?;
+                    Ok(0)
+                }
+                CallsCommand::Cancel { id } => {
+                    functions::print_call(&client.cancel_call(&id).await?, json)?;
+                    Ok(0)
+                }
+            }
+        }
+        Command::Map {
+            app,
+            function,
+            input_file,
+            content_type,
+        } => {
+            let client = CliConfig::load()?.client();
+            functions::map(&client, &app, &function, &input_file, &content_type).await
         }
     }
 }

@@ -98,3 +98,35 @@ fn a_config_file_that_is_not_json_is_named_with_what_to_do() {
     assert!(err.contains("config.json is not valid"), "{err}");
     assert!(err.contains("gantry dev"), "{err}");
 }
+
+#[test]
+fn a_bad_manifest_is_named_by_file_function_and_field_before_anything_is_sent() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let file = home.path().join("gantry.toml");
+    let path = file.to_str().expect("utf-8 path");
+    std::fs::write(
+        &file,
+        "app = \"embed\"\n[functions.encode]\nimage = \"busybox\"\nmax_containers = 0\n",
+    )
+    .expect("write");
+    // No coordinator is configured: the manifest is judged first.
+    let out = gantry(home.path(), &[], &["deploy", "-f", path]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(err.contains("functions.encode.max_containers"), "{err}");
+    assert!(err.contains("gantry.toml"), "{err}");
+    std::fs::write(
+        &file,
+        "app = \"embed\"\n[functions.encode]\nimage = \"busybox\"\nmax_container = 3\n",
+    )
+    .expect("write");
+    let err = stderr(&gantry(home.path(), &[], &["deploy", "-f", path]));
+    assert!(err.contains("max_container") && err.contains("line 4"), "{err}");
+    let missing = home.path().join("nope.toml");
+    let err = stderr(&gantry(
+        home.path(),
+        &[],
+        &["deploy", "-f", missing.to_str().expect("utf-8")],
+    ));
+    assert!(err.contains("cannot read") && err.contains("-f FILE"), "{err}");
+}
