@@ -121,12 +121,18 @@ fn a_bad_manifest_is_named_by_file_function_and_field_before_anything_is_sent() 
     )
     .expect("write");
     let err = stderr(&gantry(home.path(), &[], &["deploy", "-f", path]));
-    assert!(err.contains("max_container") && err.contains("line 4"), "{err}");
+    assert!(
+        err.contains("max_container") && err.contains("line 4"),
+        "{err}"
+    );
     let missing = home.path().join("nope.toml");
     let err = stderr(&gantry(
         home.path(),
         &[],
         &["deploy", "-f", missing.to_str().expect("utf-8")],
     ));
-    assert!(err.contains("cannot read") && err.contains("-f FILE"), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("-f FILE"),
+        "{err}"
+    );
 }

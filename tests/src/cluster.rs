@@ -29,6 +29,9 @@ pub struct ClusterSpec {
     pub memory: String,
     /// Import a busybox root filesystem as image `busybox` on every agent.
     pub busybox: bool,
+    /// Import busybox with the example function runtime (`/app/runtime`) as image `echo`
+    /// on every agent (see [`crate::functions_fixture`]).
+    pub echo: bool,
 }
 
 impl Default for ClusterSpec {
@@ -39,6 +42,7 @@ impl Default for ClusterSpec {
             cpus: "4".into(),
             memory: "4G".into(),
             busybox: false,
+            echo: false,
         }
     }
 }
@@ -94,6 +98,10 @@ impl TestCluster {
         if spec.busybox {
             crate::busybox_rootfs(&rootfs);
         }
+        let echo_rootfs = dir.path().join("echo-rootfs");
+        if spec.echo {
+            crate::functions_fixture::echo_rootfs(&echo_rootfs);
+        }
         let mut agents = Vec::new();
         for i in 0..spec.agents {
             let node = format!("node-{i}");
@@ -124,6 +132,9 @@ impl TestCluster {
         for i in 0..c.agents.len() {
             if c.spec.busybox {
                 crate::import_busybox(c.agent_command(i), &rootfs);
+            }
+            if c.spec.echo {
+                crate::functions_fixture::import_echo(c.agent_command(i), &echo_rootfs);
             }
             c.join(i);
             c.start_agent(i);

@@ -1,0 +1,214 @@
+//! Functions end to end with real processes and real containers: a deployed function
+//! scales from zero, answers calls and maps through the CLI, reports its errors, drains
+//! when idle; and inputs held by an agent that is killed finish elsewhere, each recorded
+//! once.
+
+use std::time::{Duration, Instant};
+
+use gantry_tests::cluster::{ClusterSpec, TestCluster};
+use gantry_tests::netns::wait_until;
+use serde_json::{Value, json};
+
+fn cluster(agents: usize) -> TestCluster {
+    TestCluster::start(ClusterSpec {
+        agents,
+        echo: true,
+        ..ClusterSpec::default()
+    })
+}
+
+/// Deploys `manifest` (TOML) with `gantry deploy -f`.
+fn deploy(c: &TestCluster, manifest: &str) {
+    let file = c.dir.path().join("gantry.toml");
+    std::fs::write(&file, manifest).expect("write manifest");
+    let out = c.gantry(&["deploy", "-f", file.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "deploy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn get(c: &TestCluster, path: &str) -> Value {
+    c.http()
+        .get(format!("http://{}{path}", c.api))
+        .bearer_auth(&c.admin)
+        .send()
+        .expect("get")
+        .json()
+        .expect("json")
+}
+
+fn post(c: &TestCluster, path: &str, body: Value) -> Value {
+    let r = c
+        .http()
+        .post(format!("http://{}{path}", c.api))
+        .bearer_auth(&c.admin)
+        .json(&body)
+        .send()
+        .expect("post");
+    let status = r.status();
+    let v: Value = r.json().expect("json");
+    assert!(status.is_success(), "{path}: {status} {v}");
+    v
+}
+
+/// The app's containers of `function`, counted over every state.
+fn containers(c: &TestCluster, app: &str) -> u64 {
+    let v = get(c, &format!("/v1/apps/{app}"));
+    v["functions"]
+        .as_array()
+        .map(|fs| {
+            fs.iter()
+                .map(|f| {
+                    ["starting", "idle", "busy", "draining"]
+                        .iter()
+                        .map(|k| f[*k].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_function_scales_from_zero_answers_calls_and_maps_and_drains_when_idle() {
+    let c = cluster(1);
+    deploy(
+        &c,
+        r#"
+app = "demo"
+[functions.echo]
+image = "echo"
+command = ["/app/runtime"]
+cpu = "0.25"
+memory = "64M"
+max_inputs = 2
+scaledown_window = "2s"
+env = { GREETING = "hi there" }
+"#,
+    );
+    assert_eq!(containers(&c, "demo"), 0, "nothing runs before a call");
+
+    // The first call scales from zero and prints its output.
+    let started = Instant::now();
+    let out = c.gantry(&["call", "demo", "echo", "--data", "hello"]);
+    assert!(
+        out.status.success(),
+        "call: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+    eprintln!(
+        "scale from zero to the first output: {:?}",
+        started.elapsed()
+    );
+
+    // The function's environment reaches it; a failing input says why and exits 1.
+    let out = c.gantry(&["call", "demo", "echo", "--data", "env:GREETING"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi there");
+    let out = c.gantry(&["call", "demo", "echo", "--data", "fail:boom"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("EchoError") && err.contains("boom"), "{err}");
+
+    // Every input records where its time went.
+    let call = post(
+        &c,
+        "/v1/apps/demo/functions/echo/calls",
+        json!({"input": {"text": "timed"}}),
+    );
+    assert_eq!(call["state"], "succeeded", "{call}");
+    let t = &call["results"][0]["timings"];
+    assert!(t["run_ms"].is_u64() && t["total_ms"].is_u64(), "{call}");
+    let id = call["id"].as_str().expect("id");
+    let show = c.gantry(&["calls", "show", id]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("succeeded") && text.contains("RUN"), "{text}");
+
+    // A map: one output per line, in input order.
+    let inputs: Vec<String> = (0..40).map(|i| format!("\"item-{i}\"")).collect();
+    let file = c.dir.path().join("inputs.jsonl");
+    std::fs::write(&file, inputs.join("\n")).expect("inputs");
+    let out = c.gantry(&[
+        "map",
+        "demo",
+        "echo",
+        "--input-file",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "map: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines, inputs);
+
+    // Idle past the scaledown window: drained to zero, and the next call starts again.
+    wait_until("idle containers drained", Duration::from_secs(30), || {
+        (containers(&c, "demo") == 0).then_some(())
+    });
+    let out = c.gantry(&["call", "demo", "echo", "--data", "again"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "again");
+}
+
+#[test]
+fn inputs_held_by_a_killed_agent_finish_elsewhere_each_recorded_once() {
+    let mut c = cluster(2);
+    deploy(
+        &c,
+        r#"
+app = "slow"
+[functions.work]
+image = "echo"
+command = ["/app/runtime"]
+cpu = "0.25"
+memory = "64M"
+min_containers = 2
+max_containers = 2
+max_inputs = 2
+"#,
+    );
+    wait_until("two warm containers", Duration::from_secs(30), || {
+        let v = get(&c, "/v1/apps/slow");
+        (v["functions"][0]["idle"] == 2).then_some(())
+    });
+    // Four inputs that take a while: two per container, on both nodes.
+    let call = post(
+        &c,
+        "/v1/apps/slow/functions/work/calls",
+        json!({"inputs": (0..4).map(|_| json!({"text": "sleep:4000"})).collect::<Vec<_>>(), "wait": false}),
+    );
+    let id = call["id"].as_str().expect("id").to_owned();
+    let running = wait_until("inputs running", Duration::from_secs(20), || {
+        let v = get(&c, &format!("/v1/calls/{id}"));
+        let rs = v["results"].as_array().cloned().unwrap_or_default();
+        rs.iter().all(|r| r["state"] == "running").then_some(rs)
+    });
+    let victim = running[0]["node"].as_str().expect("node").to_owned();
+    let index = c
+        .agents
+        .iter()
+        .position(|a| a.node == victim)
+        .expect("victim agent");
+    c.kill_host(index);
+    let done = wait_until("every input ended", Duration::from_secs(60), || {
+        let v = get(&c, &format!("/v1/calls/{id}"));
+        (v["state"] != "running").then_some(v)
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let results = done["results"].as_array().expect("results");
+    assert_eq!(results.len(), 4);
+    for r in results {
+        assert_eq!(r["output"]["text"], "slept 4000", "{r}");
+        assert_ne!(r["node"], victim.as_str(), "{r}");
+    }
+    assert!(
+        results.iter().any(|r| r["attempt"].as_u64() >= Some(2)),
+        "an input re-ran after its node died: {done}"
+    );
+}
