@@ -113,6 +113,67 @@ pub fn print_app(a: &AppView, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `gantry functions list` (every app) or `show` (one function, `only`): containers by
+/// state, queue, inputs per second and latency over the last minute.
+pub fn print_functions(
+    apps: &[AppView],
+    only: Option<(&str, &str)>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let rows: Vec<(&AppView, &gantry_shared::functions::FunctionView)> = apps
+        .iter()
+        .flat_map(|a| a.functions.iter().map(move |f| (a, f)))
+        .filter(|(a, f)| {
+            only.is_none_or(|(app, name)| a.app.as_str() == app && f.name.as_str() == name)
+        })
+        .collect();
+    if let Some((app, name)) = only
+        && rows.is_empty()
+    {
+        bail!("no function `{name}` in app `{app}` (see `gantry functions list`)");
+    }
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(a, f)| serde_json::json!({ "app": a.app, "function": f }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:>4} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        "FUNCTION",
+        "VER",
+        "START",
+        "IDLE",
+        "BUSY",
+        "DRAIN",
+        "QUEUED",
+        "RUNNING",
+        "IN/S",
+        "P50",
+        "P99"
+    );
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v}ms"));
+    for (a, f) in rows {
+        println!(
+            "{:<28} {:>4} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>7.1} {:>8} {:>8}",
+            format!("{}/{}", a.app, f.name),
+            f.version,
+            f.starting,
+            f.idle,
+            f.busy,
+            f.draining,
+            f.queued,
+            f.running,
+            f64::from(f.ended_last_minute) / 60.0,
+            ms(f.p50_ms),
+            ms(f.p99_ms)
+        );
+    }
+    Ok(())
+}
+
 /// The input `--data` names: text, `@FILE`, or `-` for standard input.
 pub fn read_data(data: Option<&str>, content_type: Option<&str>) -> anyhow::Result<Payload> {
     let (bytes, guessed) = match data {

@@ -142,6 +142,9 @@ enum Command {
         #[arg(long = "async")]
         detach: bool,
     },
+    /// Functions of every app: containers, queue, inputs per second, latency.
+    #[command(subcommand)]
+    Functions(FunctionsCommand),
     /// Calls: wait for one's output, show where its time went, cancel it.
     #[command(subcommand)]
     Calls(CallsCommand),
@@ -174,6 +177,12 @@ enum AppsCommand {
         #[arg(long)]
         version: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum FunctionsCommand {
+    List,
+    Show { app: String, function: String },
 }
 
 #[derive(Subcommand)]
@@ -503,6 +512,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let input = functions::read_data(data.as_deref(), content_type.as_deref())?;
             let client = CliConfig::load()?.client();
             functions::call(&client, &app, &function, input, detach, json).await
+        }
+        Command::Functions(cmd) => {
+            let client = CliConfig::load()?.client();
+            let apps = client.apps().await?;
+            match cmd {
+                FunctionsCommand::List => functions::print_functions(&apps, None, json)?,
+                FunctionsCommand::Show { app, function } => {
+                    functions::print_functions(&apps, Some((&app, &function)), json)?
+                }
+            }
+            Ok(0)
         }
         Command::Calls(cmd) => {
             let client = CliConfig::load()?.client();

@@ -524,6 +524,11 @@ pub struct FunctionView {
     pub running: u32,
     /// Containers the autoscaler wants now.
     pub desired: u32,
+    /// Inputs that ended in the last minute (÷ 60: inputs per second).
+    pub ended_last_minute: u32,
+    /// Latency (accepted → ended) of those inputs.
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
 }
 
 #[cfg(test)]

@@ -148,6 +148,23 @@ env = { GREETING = "hi there" }
         .collect();
     assert_eq!(lines, inputs);
 
+    // Functions show their inputs per second and latency; /metrics has every phase.
+    let out = c.gantry(&["functions", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("demo/echo") && text.contains("ms"), "{text}");
+    let metrics = c
+        .http()
+        .get(format!("http://{}/metrics", c.api))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    for phase in ["queued", "run", "total"] {
+        let series =
+            format!("gantry_input_phase_seconds_count{{function=\"demo/echo\",phase=\"{phase}\"}}");
+        assert!(metrics.contains(&series), "{series} missing from /metrics");
+    }
+
     // Idle past the scaledown window: drained to zero, and the next call starts again.
     wait_until("idle containers drained", Duration::from_secs(30), || {
         (containers(&c, "demo") == 0).then_some(())

@@ -85,13 +85,15 @@ impl ApiState {
         join: JoinTokens,
         cfg: ApiConfig,
     ) -> Self {
+        let mut metrics = Metrics::new();
+        functions.register_metrics(&mut metrics.registry);
         Self {
             jobs,
             functions,
             nodes,
             tokens,
             join,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             cfg,
         }
     }

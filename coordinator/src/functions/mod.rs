@@ -5,6 +5,7 @@
 //!
 //! - [`state`]: the queues, leases and containers, and their transitions (pure);
 //! - [`autoscale`]: how many containers a version wants (pure);
+//! - [`metrics`]: phase histograms for `/metrics` and each version's recent latencies;
 //! - [`service`]: what the API does (deploy, call, read, cancel), what node events and
 //!   outputs do, the scaling step of each reconcile pass, and the router that sends
 //!   inputs, drains and stops to nodes.
@@ -12,6 +13,7 @@
 //! [`Owner::Function`]: gantry_shared::Owner::Function
 
 pub mod autoscale;
+pub mod metrics;
 pub mod service;
 pub mod state;
 

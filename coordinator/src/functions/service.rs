@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use super::FunctionKey;
 use super::autoscale::{self, Observed};
+use super::metrics::InputMetrics;
 use super::state::{Changes, Delivery, InputRecord, State, WarmPhase, WarmRecord};
 use crate::nodes::liveness::{Liveness, NodeStatus};
 use crate::placement::Request;
@@ -115,6 +116,7 @@ struct Inner {
     calls: watch::Sender<u64>,
     /// Stops of fenced containers sent, per node session.
     fenced_sent: Mutex<HashSet<(WarmId, usize)>>,
+    metrics: InputMetrics,
     shutdown: CancellationToken,
 }
 
@@ -152,11 +154,17 @@ impl FunctionService {
                     reconcile,
                     calls: watch::channel(0).0,
                     fenced_sent: Mutex::default(),
+                    metrics: InputMetrics::default(),
                     shutdown,
                 }),
             },
             rx,
         ))
+    }
+
+    /// Registers the inputs' metrics for `/metrics`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -168,6 +176,9 @@ impl FunctionService {
     fn apply(&self, changes: Changes) -> Result<(), FunctionServiceError> {
         let store = &self.inner.store;
         store.put_inputs(changes.inputs.iter())?;
+        for i in changes.inputs.iter().filter(|i| i.state.is_terminal()) {
+            self.inner.metrics.ended(i);
+        }
         store.put_warm(changes.warm.iter())?;
         for id in &changes.warm_gone {
             store.remove_warm(id)?;
@@ -299,13 +310,16 @@ impl FunctionService {
     pub fn apps(&self) -> Result<Vec<AppView>, FunctionServiceError> {
         let records = self.inner.store.apps()?;
         let state = self.lock();
-        Ok(records.iter().map(|r| app_view(r, &state)).collect())
+        Ok(records
+            .iter()
+            .map(|r| app_view(r, &state, &self.inner.metrics))
+            .collect())
     }
 
     pub fn app(&self, app: &AppName) -> Result<AppView, FunctionServiceError> {
         let record = self.app_record(app)?;
         let state = self.lock();
-        Ok(app_view(&record, &state))
+        Ok(app_view(&record, &state, &self.inner.metrics))
     }
 
     // ---- calls ----
@@ -698,6 +712,10 @@ impl FunctionService {
                 let _ = self.inner.outbound.send(Outbound::Drain { node, warm: id });
             }
             for _ in 0..decision.start {
+                if !state.may_start(&key, now) {
+                    tracing::debug!(function = %key, "backing off before the next start");
+                    break;
+                }
                 let options = spec.gpu_options();
                 let requests: Vec<Request> = if options.is_empty() {
                     vec![request(&spec, 0, None)]
@@ -817,7 +835,8 @@ fn start_spec(
     }
 }
 
-fn app_view(record: &AppRecord, state: &State) -> AppView {
+fn app_view(record: &AppRecord, state: &State, metrics: &InputMetrics) -> AppView {
+    let now = now_ms();
     let mut functions = Vec::new();
     for key in state.specs.keys().filter(|k| k.app == record.app) {
         let current = record.active == Some(key.version);
@@ -831,7 +850,14 @@ fn app_view(record: &AppRecord, state: &State) -> AppView {
             queued: state.queued(key) as u32,
             running: state.running(key) as u32,
             desired: 0,
+            ended_last_minute: 0,
+            p50_ms: None,
+            p99_ms: None,
         };
+        let recent = metrics.recent(key, now);
+        v.ended_last_minute = recent.ended;
+        v.p50_ms = recent.p50_ms;
+        v.p99_ms = recent.p99_ms;
         for w in state.warm().filter(|w| &w.key == key) {
             match w.phase {
                 WarmPhase::Placed | WarmPhase::Started => v.starting += 1,
@@ -844,7 +870,8 @@ fn app_view(record: &AppRecord, state: &State) -> AppView {
         if let Some(spec) = state.specs.get(key) {
             v.desired = autoscale::desired(spec, v.queued + v.running, current);
         }
-        let has_any = v.starting + v.idle + v.busy + v.draining + v.queued + v.running > 0;
+        let has_any = v.starting + v.idle + v.busy + v.draining + v.queued + v.running > 0
+            || recent.ended > 0;
         if current || has_any {
             functions.push(v);
         }

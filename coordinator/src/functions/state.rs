@@ -26,6 +26,10 @@ use super::FunctionKey;
 pub const PLATFORM_RETRIES: u32 = 3;
 /// Consecutive containers of a version that fail their setup before its queued inputs fail.
 pub const INIT_FAILURES: u32 = 3;
+/// After a container ends before it was ready, the version's next start waits 1 s, then
+/// twice as long after each further such end, at most this long (a broken image or runtime
+/// must not be restarted in a loop).
+pub const MAX_START_BACKOFF_MS: u64 = 30_000;
 
 /// Where a warm container is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +187,9 @@ pub struct State {
     leases: HashMap<WarmId, BTreeSet<InputId>>,
     /// Consecutive setup failures per version, and the latest message.
     init_failures: BTreeMap<FunctionKey, (u32, String)>,
+    /// Per version: containers that ended before they were ready, in a row, and when the
+    /// next may be placed (unix ms).
+    start_backoff: BTreeMap<FunctionKey, (u32, u64)>,
 }
 
 impl State {
@@ -230,6 +237,14 @@ impl State {
             }
         }
         s
+    }
+
+    /// Whether a new container of `key` may be placed now (not backing off after
+    /// containers that ended before they were ready).
+    pub fn may_start(&self, key: &FunctionKey, now: u64) -> bool {
+        self.start_backoff
+            .get(key)
+            .is_none_or(|(_, not_before)| *not_before <= now)
     }
 
     pub fn warm(&self) -> impl Iterator<Item = &WarmRecord> {
@@ -328,6 +343,7 @@ impl State {
         let key = w.key.clone();
         let record = w.clone();
         self.init_failures.remove(&key);
+        self.start_backoff.remove(&key);
         let mut changes = Changes {
             warm: vec![record],
             ..Changes::default()
@@ -344,10 +360,7 @@ impl State {
             return changes;
         };
         let timeout_ms = spec.timeout().as_millis() as u64;
-        loop {
-            let Some(queue) = self.queues.get_mut(key) else {
-                break;
-            };
+        while let Some(queue) = self.queues.get_mut(key) {
             let Some(pos) = queue
                 .iter()
                 .position(|id| self.inputs.get(id).is_some_and(|i| i.not_before_ms <= now))
@@ -476,6 +489,14 @@ impl State {
         let Some(mut w) = self.warm.remove(id) else {
             return changes;
         };
+        if matches!(w.phase, WarmPhase::Placed | WarmPhase::Started) {
+            let (n, _) = self.start_backoff.get(&w.key).copied().unwrap_or((0, 0));
+            let delay = 1_000u64
+                .saturating_mul(1 << n.min(16))
+                .min(MAX_START_BACKOFF_MS);
+            self.start_backoff
+                .insert(w.key.clone(), (n + 1, now.saturating_add(delay)));
+        }
         if fenced {
             w.phase = WarmPhase::Fenced;
             self.leases.insert(w.id.clone(), BTreeSet::new());

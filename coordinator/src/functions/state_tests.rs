@@ -242,3 +242,22 @@ fn restore_requeues_inputs_whose_container_is_gone() {
     assert_eq!(s3.queued(&key()), 0);
     assert_eq!(s3.running(&key()), 1);
 }
+
+#[test]
+fn containers_that_end_before_ready_back_off_the_next_start() {
+    let mut s = state("");
+    s.placed(warm(1, 1));
+    assert!(s.may_start(&key(), 0));
+    s.container_ended(&WarmId::from_sequence(1), "start refused", false, 1_000);
+    assert!(!s.may_start(&key(), 1_999));
+    assert!(s.may_start(&key(), 2_000));
+    s.placed(warm(2, 1));
+    s.container_ended(&WarmId::from_sequence(2), "exited", false, 2_000);
+    assert!(!s.may_start(&key(), 3_999), "twice as long the second time");
+    assert!(s.may_start(&key(), 4_000));
+    // A container that becomes ready clears it.
+    s.placed(warm(3, 1));
+    s.ready(&WarmId::from_sequence(3), 4_000, 4_000);
+    s.container_ended(&WarmId::from_sequence(3), "drained", false, 5_000);
+    assert!(s.may_start(&key(), 5_000));
+}
