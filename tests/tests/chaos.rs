@@ -10,8 +10,15 @@
 //!   that is cut off, paused, without its agent, or back for less than [`SETTLE`] (the
 //!   fence has not reached it yet), or within [`SETTLE`] of a coordinator restart.
 //!
+//! Beside the jobs, each round calls a deployed function (the example echo runtime) with a
+//! few inputs that echo, sleep or fail by their own error, so calls are in flight during
+//! every kind of fault.
+//!
 //! Checked at the end: every accepted job ended, and as it should (succeeded, or failed only
-//! by its own exit code after its retries); no container process, mount or cgroup is left.
+//! by its own exit code after its retries); every accepted function input ended with exactly
+//! one outcome, the right one (its echo, or its own error; a platform failure only after the
+//! platform failed it more than its retries allow, which is reported); no container
+//! process, mount or cgroup is left (idle function containers drain).
 //!
 //! The seed is printed; `GANTRY_CHAOS_SEED=N` replays a run's fault schedule and jobs (the
 //! timing of a real cluster still varies). `GANTRY_CHAOS_ROUNDS=N` runs more rounds (20 jobs
@@ -32,6 +39,20 @@ use serde_json::{Value, json};
 const HOSTS: usize = 5;
 const GPUS: &str = "4xH100-80GB,nvlink=2";
 const JOBS_PER_ROUND: usize = 20;
+/// Inputs of the function call each round makes.
+const INPUTS_PER_ROUND: usize = 6;
+/// The function the rounds call.
+const MANIFEST: &str = r#"
+app = "chaos"
+[functions.work]
+image = "echo"
+command = ["/app/runtime"]
+cpu = "0.1"
+memory = "32M"
+max_containers = 6
+max_inputs = 2
+scaledown_window = "3s"
+"#;
 const DEFAULT_ROUNDS: usize = 15;
 /// How long after a host is reachable again (or the coordinator is back) an older
 /// generation may still run there: the node reconnects, the coordinator sends the fence,
@@ -314,6 +335,8 @@ struct Chaos {
     rng: StdRng,
     unsettled: Arc<Mutex<Unsettled>>,
     jobs: Vec<(String, Kind)>,
+    /// Function calls made, each with its inputs' texts.
+    calls: Vec<(String, Vec<String>)>,
     faults: BTreeMap<Fault, usize>,
 }
 
@@ -332,6 +355,43 @@ impl Chaos {
             self.jobs
                 .push((job["id"].as_str().expect("id").to_owned(), kind));
         }
+    }
+
+    /// One call of the function with inputs that echo, sleep or fail. The coordinator may
+    /// be restarting: the call is retried with the same Idempotency-Key until accepted.
+    fn call_round(&mut self, round: usize) {
+        let texts: Vec<String> = (0..INPUTS_PER_ROUND)
+            .map(|i| match self.rng.random_range(0..4) {
+                0 => format!("sleep:{}", self.rng.random_range(100..1500)),
+                1 => format!("fail:round {round} input {i}"),
+                _ => format!("echo {round}/{i}"),
+            })
+            .collect();
+        let body = json!({
+            "inputs": texts.iter().map(|t| json!({"text": t})).collect::<Vec<_>>(),
+            "wait": false,
+        });
+        let key = format!("chaos-call-{round}");
+        let id = wait_until("the call accepted", Duration::from_secs(60), || {
+            let r = self
+                .c
+                .http()
+                .post(format!(
+                    "http://{}/v1/apps/chaos/functions/work/calls",
+                    self.c.api
+                ))
+                .bearer_auth(&self.c.admin)
+                .header("idempotency-key", &key)
+                .json(&body)
+                .send()
+                .ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            let v: Value = r.json().ok()?;
+            v["id"].as_str().map(str::to_owned)
+        });
+        self.calls.push((id, texts));
     }
 
     fn pause_for(&mut self, min: f64, max: f64) {
@@ -443,8 +503,17 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
         agents: HOSTS,
         simulate_gpus: Some(GPUS.into()),
         busybox: true,
+        echo: true,
         ..ClusterSpec::default()
     });
+    let manifest = c.dir.path().join("gantry.toml");
+    std::fs::write(&manifest, MANIFEST).expect("manifest");
+    let out = c.gantry(&["deploy", "-f", manifest.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "deploy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let baseline_mounts: Vec<Vec<String>> =
         c.agents.iter().map(|a| mounts_below(&a.state)).collect();
     let hosts: Vec<Host> = c.agents.iter().map(|a| a.host.clone()).collect();
@@ -453,6 +522,7 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
         rng: StdRng::seed_from_u64(seed),
         unsettled: Arc::default(),
         jobs: Vec::new(),
+        calls: Vec::new(),
         faults: BTreeMap::new(),
     };
 
@@ -486,6 +556,7 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
 
     for round in 0..rounds {
         chaos.submit_round();
+        chaos.call_round(round);
         let fault = FAULTS[chaos.rng.random_range(0..FAULTS.len())];
         eprintln!("chaos: round {round} of {rounds} ({:?})", started.elapsed());
         chaos.fault(fault);
@@ -523,6 +594,57 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
             .entry(format!("{} in {generations} generation(s)", job["state"]))
             .or_insert(0usize) += 1;
         wrong.extend(wrong_ending(*kind, &job));
+    }
+    // Every accepted function input ends once, as it should.
+    let mut inputs_ended: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, texts) in &chaos.calls {
+        let call = wait_until(
+            &format!("call {id} to end"),
+            Duration::from_secs(180),
+            || {
+                let r = chaos
+                    .c
+                    .http()
+                    .get(format!("http://{}/v1/calls/{id}?wait=5s", chaos.c.api))
+                    .bearer_auth(&chaos.c.admin)
+                    .send()
+                    .ok()?;
+                let v: Value = r.json().ok()?;
+                (v["state"].is_string() && v["state"] != "running").then_some(v)
+            },
+        );
+        let results = call["results"].as_array().cloned().unwrap_or_default();
+        if results.len() != texts.len() {
+            wrong.push(format!(
+                "call {id}: {} results for {} inputs",
+                results.len(),
+                texts.len()
+            ));
+        }
+        for (r, text) in results.iter().zip(texts) {
+            let state = r["state"].as_str().unwrap_or("?");
+            let cause = r["error"]["cause"].as_str().unwrap_or("");
+            *inputs_ended
+                .entry(format!("{state} {cause}").trim().to_owned())
+                .or_default() += 1;
+            if state == "failed" && cause == "platform" {
+                eprintln!(
+                    "chaos: call {id} input {}: the platform gave it up: {}",
+                    r["index"], r["error"]["message"]
+                );
+                continue;
+            }
+            let right = if let Some(msg) = text.strip_prefix("fail:") {
+                state == "failed" && cause == "user" && r["error"]["message"] == msg
+            } else if let Some(ms) = text.strip_prefix("sleep:") {
+                state == "succeeded" && r["output"]["text"] == format!("slept {ms}")
+            } else {
+                state == "succeeded" && r["output"]["text"] == text.as_str()
+            };
+            if !right {
+                wrong.push(format!("call {id} input {text:?} ended wrongly: {r}"));
+            }
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let (samples, seen) = sampler.join().expect("sampler");
@@ -562,8 +684,9 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
 
     let violations = violations.lock().unwrap_or_else(|e| e.into_inner()).clone();
     eprintln!(
-        "chaos: seed {seed}, {rounds} rounds, {} jobs, faults {:?}, endings {endings:?}, {samples} samples saw {seen} attempts alive, {:?}",
+        "chaos: seed {seed}, {rounds} rounds, {} jobs, {} function calls (inputs: {inputs_ended:?}), faults {:?}, endings {endings:?}, {samples} samples saw {seen} attempts alive, {:?}",
         ids.len(),
+        chaos.calls.len(),
         chaos.faults,
         started.elapsed()
     );
