@@ -229,3 +229,71 @@ max_inputs = 2
         "an input re-ran after its node died: {done}"
     );
 }
+
+#[test]
+fn a_new_version_takes_new_calls_while_inputs_in_flight_finish_on_the_old_one() {
+    let c = cluster(1);
+    let manifest = |greeting: &str| {
+        format!(
+            r#"
+app = "ver"
+[functions.echo]
+image = "echo"
+command = ["/app/runtime"]
+cpu = "0.25"
+memory = "64M"
+env = {{ GREETING = "{greeting}" }}
+"#
+        )
+    };
+    deploy(&c, &manifest("one"));
+    // An input in flight on version 1.
+    let slow = post(
+        &c,
+        "/v1/apps/ver/functions/echo/calls",
+        json!({"input": {"text": "sleep:2500"}, "wait": false}),
+    );
+    let slow_id = slow["id"].as_str().expect("id").to_owned();
+    wait_until("the slow input running", Duration::from_secs(20), || {
+        let v = get(&c, &format!("/v1/calls/{slow_id}"));
+        (v["results"][0]["state"] == "running").then_some(())
+    });
+    deploy(&c, &manifest("two"));
+    // New calls go to version 2.
+    let out = c.gantry(&["call", "ver", "echo", "--data", "env:GREETING"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "two");
+    // The one in flight finishes on version 1.
+    let done = get(&c, &format!("/v1/calls/{slow_id}?wait=30s"));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["version"], 1);
+    assert_eq!(done["results"][0]["output"]["text"], "slept 2500");
+    // Version 1's container drains once idle; version 2's stays for its window.
+    wait_until("version 1 drained", Duration::from_secs(30), || {
+        let v = get(&c, "/v1/apps/ver");
+        let fs = v["functions"].as_array().cloned().unwrap_or_default();
+        let live = |f: &Value| {
+            ["starting", "idle", "busy", "draining"]
+                .iter()
+                .map(|k| f[*k].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        fs.iter()
+            .all(|f| f["version"] != 1 || live(f) == 0)
+            .then_some(())
+    });
+    // Rollback: calls go to version 1 again.
+    let out = c.gantry(&["apps", "rollback", "ver"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.gantry(&["call", "ver", "echo", "--data", "env:GREETING"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "one");
+    // Stopped: calls are refused with what to do.
+    let out = c.gantry(&["apps", "stop", "ver"]);
+    assert!(out.status.success());
+    let out = c.gantry(&["call", "ver", "echo", "--data", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped"));
+}
