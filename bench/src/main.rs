@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 mod footprint;
+mod functions;
 mod gossip;
 mod placement;
 mod recovery;
@@ -131,6 +132,33 @@ enum Cmd {
         /// Trials of each fault.
         #[arg(long, default_value_t = 20)]
         trials: usize,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Functions on a test host (root; network namespaces): warm sync call round trip, a
+    /// map over 4 warm containers, scale from zero, 0 -> N containers.
+    Functions {
+        /// Timed sequential warm calls.
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
+        /// Inputs of the map.
+        #[arg(long, default_value_t = 20_000)]
+        map_inputs: usize,
+        /// `max_inputs` of each of the map's 4 containers.
+        #[arg(long, default_value_t = 8)]
+        map_max_inputs: u32,
+        /// Scale-from-zero trials.
+        #[arg(long, default_value_t = 20)]
+        cold_trials: usize,
+        /// Containers of the 0 -> N measurement.
+        #[arg(long, default_value_t = 20)]
+        fleet: u32,
+        #[arg(long, default_value_t = 3)]
+        fleet_trials: usize,
+        /// `cpu` of every function container.
+        #[arg(long, default_value = "1")]
+        cpu: String,
         /// Also write the results as JSON here (for BENCHMARKS.md).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -270,6 +298,25 @@ fn main() -> anyhow::Result<()> {
         }),
         Cmd::Recovery { trials, json } => recovery::run(recovery::RecoveryBench {
             trials: trials.max(1),
+            json,
+        }),
+        Cmd::Functions {
+            calls,
+            map_inputs,
+            map_max_inputs,
+            cold_trials,
+            fleet,
+            fleet_trials,
+            cpu,
+            json,
+        } => functions::run(functions::FunctionsBench {
+            calls: calls.max(1),
+            map_inputs: map_inputs.max(1),
+            map_max_inputs: map_max_inputs.max(1),
+            cold_trials: cold_trials.max(1),
+            fleet: fleet.max(1),
+            fleet_trials: fleet_trials.max(1),
+            cpu,
             json,
         }),
         Cmd::ColdStart {
