@@ -29,6 +29,19 @@ pub struct DevConfig {
     /// Instead of waiting for Ctrl-C: push this root filesystem as image `demo`, run a
     /// demo job on it, print its output and exit with its exit code.
     pub demo: Option<PathBuf>,
+    /// Children log from `info` on a terminal too.
+    pub verbose: bool,
+}
+
+/// How the children log: on a terminal (where their stderr goes, as ours does) as text
+/// and, unless `verbose` or GANTRY_LOG says otherwise, only warnings and errors, so their
+/// lines do not bury `gantry dev`'s own; off a terminal (a file, a journal) as they would
+/// by themselves: JSON from `info`.
+fn child_log_level(verbose: bool) -> Option<&'static str> {
+    use std::io::IsTerminal;
+    let quiet =
+        std::io::stderr().is_terminal() && !verbose && std::env::var_os("GANTRY_LOG").is_none();
+    quiet.then_some("warn")
 }
 
 /// Lines a child printed up to the one starting with `until`; the rest of its output is
@@ -71,7 +84,11 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let token_file = cfg.state_dir.join("admin-token");
-    let mut coordinator = Command::new(sibling_binary("gantry-coordinator"))
+    let mut coordinator = Command::new(sibling_binary("gantry-coordinator"));
+    if let Some(level) = child_log_level(cfg.verbose) {
+        coordinator.env("GANTRY_LOG", level);
+    }
+    let mut coordinator = coordinator
         .args([
             "serve",
             "--gossip-listen",
@@ -195,6 +212,9 @@ async fn start_agent(
         ]);
     if let Some(spec) = &cfg.simulate_gpus {
         cmd.args(["--simulate-gpus", spec]);
+    }
+    if let Some(level) = child_log_level(cfg.verbose) {
+        cmd.env("GANTRY_LOG", level);
     }
     let mut agent = cmd
         .stdout(Stdio::piped())

@@ -47,6 +47,10 @@ enum Command {
         /// a job on it, print its output, stop, and exit with the job's exit code.
         #[arg(long, value_name = "ROOTFS")]
         demo: Option<PathBuf>,
+        /// On a terminal, show the coordinator's and agents' logs from `info` up (default:
+        /// only warnings and errors). Off a terminal they are always JSON from `info`.
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Submit a job; without --detach, wait for it and exit with its exit code.
     Run {
@@ -325,6 +329,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             agents,
             simulate_gpus,
             demo,
+            verbose,
         } => {
             let state_dir = state_dir.unwrap_or_else(|| {
                 std::env::var_os("HOME")
@@ -340,6 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 agents,
                 simulate_gpus,
                 demo,
+                verbose,
             })
             .await
         }

@@ -573,14 +573,9 @@ async fn calls_are_durable_queued_and_cancellable_and_refused_clearly() {
             .contains("gantry deploy"),
         "{v}"
     );
-    api.call(
-        "POST",
-        "/v1/apps/embed/deployments",
-        sub,
-        Some(manifest("embed", "")),
-        &[],
-    )
-    .await;
+    let two = manifest("embed", "[functions.echo2]\nimage = \"busybox\"");
+    api.call("POST", "/v1/apps/embed/deployments", sub, Some(two), &[])
+        .await;
     // No such function: the error lists what the version has.
     let (s, _, v) = api
         .call(
@@ -630,12 +625,28 @@ async fn calls_are_durable_queued_and_cancellable_and_refused_clearly() {
         h.get("idempotent-replayed").map(|v| v.as_bytes()),
         Some(&b"true"[..])
     );
+    // The same key and body for another function is another request: refused.
+    let (s, _, v) = api
+        .call(
+            "POST",
+            "/v1/apps/embed/functions/echo2/calls",
+            sub,
+            Some(one.clone()),
+            &[("idempotency-key", "k1")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     let (s, _, app) = api
         .call("GET", "/v1/apps/embed", Some(&api.reader), None, &[])
         .await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(app["functions"][0]["queued"], 1, "{app}");
-    assert_eq!(app["functions"][0]["desired"], 1, "{app}");
+    let echo = app["functions"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["name"] == "echo"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(echo["queued"], 1, "{app}");
+    assert_eq!(echo["desired"], 1, "{app}");
     // Cancel: the queued input ends cancelled.
     let (s, _, v) = api
         .call("POST", &format!("/v1/calls/{id}/cancel"), sub, None, &[])
@@ -655,6 +666,14 @@ async fn calls_are_durable_queued_and_cancellable_and_refused_clearly() {
         )
         .await;
     assert_eq!(v["results"][0]["state"], "cancelled", "{v}");
+    // Cancelling it again changes nothing.
+    let (s, _, again) = api
+        .call("POST", &format!("/v1/calls/{id}/cancel"), sub, None, &[])
+        .await;
+    assert_eq!(
+        (s, again["state"].clone()),
+        (StatusCode::OK, json!("cancelled"))
+    );
     // Bad requests say what is wrong.
     let (s, _, v) = api.call("POST", path, sub, Some("{}".into()), &[]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);

@@ -161,6 +161,12 @@ impl Functions {
                             outputs.done(seq);
                             in_flight.remove(&seq);
                         }
+                        Ok(Response::Refused(refusal)) if refusal.code == RefusalCode::Unavailable => {
+                            // It could not record it now (its store): it asks for it again.
+                            tracing::warn!(%input, %refusal, "the coordinator cannot record an answer now; will resend");
+                            tokio::time::sleep(RESEND_DELAY).await;
+                            in_flight.remove(&seq);
+                        }
                         Ok(Response::Refused(refusal)) => {
                             tracing::warn!(%input, %refusal, "the coordinator refused an answer; dropping it");
                             outputs.done(seq);

@@ -361,7 +361,7 @@ impl State {
                     )
                 })?;
                 functions
-                    .on_output(&owner, &input, attempt, result)
+                    .on_output(&node, &owner, &input, attempt, result)
                     .map_err(|e| {
                         tracing::error!(%node, error = %e, "cannot record an output");
                         Refusal::new(
@@ -478,6 +478,28 @@ impl State {
                 let node = peer.node().ok_or_else(|| {
                     Refusal::new(RefusalCode::NoSession, "say hello before sending events")
                 })?;
+                // Function containers' events first: if recording them fails, the batch is
+                // refused and sent again (their transitions ignore a replay); once the job
+                // events' transaction acknowledges the batch, both are durable.
+                if let Some(functions) = &self.functions {
+                    let refuse = |err: crate::functions::FunctionServiceError| {
+                        tracing::error!(%node, error = %err, "cannot record a function container's event");
+                        Refusal::new(
+                            RefusalCode::Unavailable,
+                            format!(
+                                "the coordinator cannot record events now ({err}); they stay buffered and are sent again"
+                            ),
+                        )
+                    };
+                    let mut any = false;
+                    for e in events.iter().filter(|e| e.event.owner().warm().is_some()) {
+                        functions.on_event(&e.event).map_err(refuse)?;
+                        any = true;
+                    }
+                    if any {
+                        functions.commit().map_err(refuse)?;
+                    }
+                }
                 let now = now_ms();
                 let upto = self
                     .store
@@ -486,14 +508,6 @@ impl State {
                         tracing::error!(%node, error = %e, "cannot record events");
                         Refusal::new(RefusalCode::Unavailable, format!("the coordinator cannot record events now ({e}); they stay buffered and are sent again"))
                     })?;
-                // Function containers' events: their transitions ignore a replay.
-                if let Some(functions) = &self.functions {
-                    for e in events.iter().filter(|e| e.event.owner().warm().is_some()) {
-                        if let Err(err) = functions.on_event(&e.event) {
-                            tracing::error!(%node, error = %err, "cannot record a function container's event");
-                        }
-                    }
-                }
                 self.nodes.changed.notify_one();
                 Ok(Response::EventsAck { upto })
             }

@@ -42,6 +42,9 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// How long past an input's deadline the coordinator waits for its agent's own timeout
 /// report before it gives the container up.
 pub const DEADLINE_GRACE: Duration = Duration::from_secs(30);
+/// How long past a container's startup timeout the coordinator waits for its agent to
+/// report it ready or failed before it gives the container up.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FunctionServiceError {
@@ -334,8 +337,11 @@ impl FunctionService {
         idempotency_key: Option<String>,
     ) -> Result<(CallView, bool), FunctionServiceError> {
         let wait = request.wait;
+        // What the call means: its function and inputs (not whether the caller waits), so
+        // a retry that no longer waits is the same call, and a key reused on another
+        // function is refused.
         let canonical = hex::encode(Sha256::digest(
-            serde_json::to_vec(&request)
+            serde_json::to_vec(&(app, function, &request.input, &request.inputs))
                 .map_err(|e| FunctionServiceError::Internal(e.to_string()))?,
         ));
         let payloads = request.into_inputs()?;
@@ -473,7 +479,13 @@ impl FunctionService {
                     .ok_or_else(|| FunctionServiceError::NotFound {
                         what: format!("call `{id}`"),
                     })?;
-            if !call.cancelled {
+            let ended = self
+                .inner
+                .store
+                .inputs_of(id)?
+                .iter()
+                .all(|i| i.state.is_terminal());
+            if !call.cancelled && !ended {
                 call.cancelled = true;
                 self.inner.store.put_call(&call)?;
                 let changes = state.cancel(id, now_ms());
@@ -486,7 +498,8 @@ impl FunctionService {
 
     // ---- nodes ----
 
-    /// An event of a function container, from its node.
+    /// An event of a function container, from its node (durable at the next
+    /// [`FunctionService::commit`]).
     pub fn on_event(&self, event: &Event) -> Result<(), FunctionServiceError> {
         let Some(warm) = event.owner().warm() else {
             return Ok(());
@@ -544,9 +557,15 @@ impl FunctionService {
         Ok(())
     }
 
+    /// Makes what events wrote durable (before the node's batch is acknowledged).
+    pub fn commit(&self) -> Result<(), FunctionServiceError> {
+        Ok(self.inner.store.commit()?)
+    }
+
     /// A container's answer to an input (recorded once; a stale answer is ignored).
     pub fn on_output(
         &self,
+        node: &NodeId,
         owner: &Owner,
         input: &InputId,
         attempt: u32,
@@ -556,12 +575,21 @@ impl FunctionService {
             return Ok(());
         };
         let mut state = self.lock();
+        // Only the node the input is leased to answers for it.
+        let from_lease_node = state
+            .input(input)
+            .and_then(|i| i.lease.as_ref())
+            .is_some_and(|l| &l.node == node);
+        if !from_lease_node {
+            return Ok(());
+        }
         let changes = state.answered(warm, input, attempt, result, now_ms());
-        let ended = !changes.calls.is_empty();
+        let changed = !changes.inputs.is_empty();
         self.apply(changes)?;
         drop(state);
-        if ended {
-            // The output is durable before the agent hears `Noted` and forgets it.
+        if changed {
+            // The answer (an output, an error, a retry) is durable before the agent hears
+            // `Noted` and forgets it.
             self.inner.store.commit()?;
         }
         self.inner.reconcile.notify_one();
@@ -642,6 +670,26 @@ impl FunctionService {
             let changes = state.container_ended(&id, "its node went down", true, now);
             self.apply(changes)?;
         }
+        // Containers that never became ready although their agent should have said so
+        // (its startup timeout) long ago: given up, and stopped.
+        let stuck: Vec<(WarmId, NodeId)> = state
+            .warm()
+            .filter(|w| matches!(w.phase, WarmPhase::Placed | WarmPhase::Started))
+            .filter(|w| {
+                let startup = state
+                    .specs
+                    .get(&w.key)
+                    .map_or(0, |s| s.startup_timeout().as_millis() as u64);
+                now.saturating_sub(w.placed_at_ms) > startup + STARTUP_GRACE.as_millis() as u64
+            })
+            .map(|w| (w.id.clone(), w.node.clone()))
+            .collect();
+        for (id, node) in stuck {
+            tracing::warn!(container = %id, "function container never became ready; giving it up");
+            let changes = state.container_ended(&id, "it never became ready", true, now);
+            self.apply(changes)?;
+            let _ = self.inner.outbound.send(Outbound::Stop { node, warm: id });
+        }
         let overdue = state.overdue(now, DEADLINE_GRACE.as_millis() as u64);
         for id in overdue {
             let Some(node) = state.warm_of(&id).map(|w| w.node.clone()) else {
@@ -672,6 +720,7 @@ impl FunctionService {
             h.gpus.extend(w.gpus.iter().copied());
         }
         let mut engine = engine(statuses, &held, false);
+        let mut starts = Vec::new();
         for key in state.specs.keys().cloned().collect::<Vec<FunctionKey>>() {
             let current = active.get(&key.app).copied().flatten() == Some(key.version);
             let Some(spec) = state.specs.get(&key).cloned() else {
@@ -758,10 +807,18 @@ impl FunctionService {
                 tracing::info!(container = %warm, function = %key, node = %member.node, "starting a function container");
                 let changes = state.placed(record.clone());
                 self.apply(changes)?;
-                let _ = self.inner.outbound.send(Outbound::Start {
+                starts.push(Outbound::Start {
                     node: member.node.clone(),
                     spec: start_spec(&key, &spec, &record),
                 });
+            }
+        }
+        // A node hears of a container only once its placement is durable: a restarted
+        // coordinator knows every container it started.
+        if !starts.is_empty() {
+            store.commit()?;
+            for start in starts {
+                let _ = self.inner.outbound.send(start);
             }
         }
         // Fenced containers: stop them where their node is back, once per session.
