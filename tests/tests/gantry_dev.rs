@@ -326,3 +326,51 @@ fn gantry_dev_runs_several_agents_with_simulated_gpus() {
         });
     assert!(status.success(), "{status:?}");
 }
+
+/// `gantry dev --demo` on a terminal (a pseudo-terminal from `script`), with and without
+/// `--verbose`: the command line for `script -c`.
+fn dev_demo_on_a_terminal(dir: &Path, rootfs: &Path, verbose: bool) -> String {
+    let (api, control) = free_ports();
+    let state = dir.join(if verbose { "dev-verbose" } else { "dev-quiet" });
+    let quote = |p: &Path| format!("'{}'", p.display());
+    let line = format!(
+        "{} dev --api-listen {api} --control-listen {control} --demo {} --state-dir {}{}",
+        quote(&binary("gantry")),
+        quote(rootfs),
+        quote(&state),
+        if verbose { " --verbose" } else { "" }
+    );
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("HOME", dir.join("home"))
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("GANTRY_LOG")
+        .output()
+        .expect("script (util-linux) runs gantry dev on a pseudo-terminal");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("demo job exited with 0"), "{text}");
+    text
+}
+
+#[test]
+fn gantry_dev_on_a_terminal_shows_only_its_childrens_warnings_as_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = dir.path().join("rootfs");
+    gantry_tests::busybox_rootfs(&rootfs);
+    let quiet = dev_demo_on_a_terminal(dir.path(), &rootfs, false);
+    assert!(
+        !quiet.contains("\"level\":"),
+        "no JSON on a terminal:\n{quiet}"
+    );
+    assert!(
+        !quiet.contains("INFO"),
+        "only warnings and errors from the children:\n{quiet}"
+    );
+    let verbose = dev_demo_on_a_terminal(dir.path(), &rootfs, true);
+    assert!(!verbose.contains("\"level\":"), "{verbose}");
+    assert!(
+        verbose.contains("INFO") && verbose.contains("coordinator serving"),
+        "--verbose shows the children's info lines as text:\n{verbose}"
+    );
+}
