@@ -2,6 +2,8 @@
 """Writes BENCHMARKS.md from the JSON results `bench/run` collected in one directory.
 
 Usage: bench/report.py RESULTS_DIR OUTPUT.md
+       bench/report.py --functions-table RESULTS_DIR   (prints the functions table, Gantry
+                                                        beside Ray, for bench/README.md)
 
 Each metric is the median over the runs (cold-start-N.json, submit-N.json); the spread
 (min-max over runs) is shown beside it, and the report states how noisy the machine was.
@@ -10,6 +12,7 @@ Missing inputs are reported as not measured, never invented.
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -61,7 +64,77 @@ def ratio(ours, peer, lower_is_better=True):
     return f"{ours / peer:.2f}× more" if ours > peer else f"{peer / ours:.2f}× fewer"
 
 
+def goal(value, limit, lower_is_better=True):
+    if value is None:
+        return "not measured"
+    met = value <= limit if lower_is_better else value >= limit
+    return "met" if met else "not met"
+
+
+def functions_table(results):
+    """Gantry's functions (functions.json) beside Ray (ray-functions.json), as lines."""
+    g = load(os.path.join(results, "functions.json"))
+    r = load(os.path.join(results, "ray-functions.json")) or {}
+    if not g:
+        return ["Not measured in this run."]
+    lines = []
+    w = lines.append
+    rv = r.get("version", "?")
+
+    def get(d, *path):
+        for p in path:
+            d = d.get(p) if isinstance(d, dict) else None
+        return d
+
+    def ray_cell(key, stat, what):
+        if key not in r:
+            return "not measured"
+        if "error" in r[key]:
+            return f"did not run: {str(r[key]['error']).replace('|', '/')}"
+        return f"{ms(r[key].get(stat))} ({what})"
+
+    def rate(v):
+        return "—" if v is None else f"{v:,.0f}/s"
+
+    w(f"| metric | Gantry | Ray {rv} | Gantry vs Ray | goal |")
+    w("|---|---|---|---|---|")
+    wp50, wp99 = get(g, "warm", "p50_ms"), get(g, "warm", "p99_ms")
+    w(f"| warm sync call round trip, p50 ({get(g, 'warm', 'n')} sequential calls) | {ms(wp50)} (`POST …/calls`, HTTP, durable) | "
+      f"{ray_cell('warm', 'p50_ms', '`ray.get(f.remote(x))`')} | {ratio(wp50, get(r, 'warm', 'p50_ms'))} | ≤ 2 ms: {goal(wp50, 2)} |")
+    w(f"| … p99 | {ms(wp99)} | {ray_cell('warm', 'p99_ms', 'same')} | {ratio(wp99, get(r, 'warm', 'p99_ms'))} | ≤ 5 ms: {goal(wp99, 5)} |")
+    mp = get(g, "map", "per_s")
+    n = get(g, "map", "inputs") or 0
+    rmap = (f"did not run: {r['map']['error']}" if "error" in r.get("map", {}) else
+            f"{rate(get(r, 'map', 'per_s'))} ({n:,} tasks, 4 workers)") if "map" in r else "not measured"
+    w(f"| map of {n:,} inputs over 4 warm containers (`max_inputs = {get(g, 'map', 'max_inputs')}`), end to end | "
+      f"{rate(mp)} (one call) | {rmap} | {ratio(mp, get(r, 'map', 'per_s'), lower_is_better=False)} | "
+      f"≥ 5,000/s: {goal(mp, 5000, lower_is_better=False)} |")
+    cli = get(g, "map", "cli", "per_s")
+    if cli is not None:
+        w(f"| … through `gantry map` (CLI process, chunks of 500, two in flight) | {rate(cli)} | — | | |")
+    quiet = get(g, "map", "polling_counters", "per_s")
+    if quiet is not None:
+        w(f"| … one call, the client polling the function's counters instead of a long poll on the call | {rate(quiet)} | — | | |")
+    cp50 = get(g, "cold", "p50_ms")
+    w(f"| scale from zero to the first output, cached image, p50 ({get(g, 'cold', 'n')} trials) | {ms(cp50)} | "
+      f"{ray_cell('serve_cold', 'p50_ms', 'Ray Serve, `min_replicas = 0`, through a handle')} | "
+      f"{ratio(cp50, get(r, 'serve_cold', 'p50_ms'))} | ≤ 50 ms: {goal(cp50, 50)} |")
+    w(f"| … an actor's creation to its first result (Ray's nearest to a container start), p50 | — | "
+      f"{ray_cell('actor_cold', 'p50_ms', '`A.remote()`, then a method call')} | {ratio(cp50, get(r, 'actor_cold', 'p50_ms'))} | |")
+    fp50 = get(g, "fleet", "all_ready", "p50_ms")
+    nf = get(g, "fleet", "containers")
+    ract = get(r, "actors", "p50_ms")
+    ra = ("not measured" if "actors" not in r else f"did not run: {r['actors']['error']}" if "error" in r["actors"]
+          else f"{secs(ract)} ({get(r, 'actors', 'actors')} actors created to all answering)")
+    w(f"| 0 → {nf} containers ready, p50 ({get(g, 'fleet', 'all_ready', 'n')} trials) | {secs(fp50)} | {ra} | "
+      f"{ratio(fp50, ract)} | ≤ 2 s: {goal(fp50, 2000)} |")
+    return lines
+
+
 def main():
+    if sys.argv[1] == "--functions-table":
+        print("\n".join(functions_table(sys.argv[2])))
+        return
     results, out = sys.argv[1], sys.argv[2]
     machine = load(os.path.join(results, "machine.json")) or {}
     cold = runs(results, "cold-start")
@@ -197,6 +270,19 @@ def main():
         w("Not measured in this run.")
     w("")
 
+    # Functions.
+    w("## Functions, against Ray")
+    w("")
+    if os.path.exists(os.path.join(results, "functions.json")):
+        w("Gantry through its HTTP API (every input durable before the answer, a real container "
+          "per warm worker, the static echo runtime); Ray through its Python API in the driver "
+          "(no HTTP, nothing durable), a local cluster on 127.0.0.1 with 4 CPUs. The method of "
+          "each row is in bench/README.md (\"Functions\").")
+        w("")
+    for line in functions_table(results):
+        w(line)
+    w("")
+
     # Footprint.
     w("## Resource footprint")
     w("")
@@ -236,8 +322,58 @@ def main():
         with open(notes) as f:
             w(f.read().strip())
             w("")
+    text = keep_unmeasured(results, out, "\n".join(lines))
     with open(out, "w") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
+        f.write(text.rstrip() + "\n")
+
+
+# Which results make each section of BENCHMARKS.md; a section none of whose results this run
+# has is kept from the report before (a `GANTRY_BENCH_ONLY` run rewrites only its own).
+SECTION_INPUTS = {
+    "## Container cold start": ["cold-start-*.json"],
+    "## Job throughput and latency": ["submit-*.json", "slurm.json"],
+    "## Failure recovery": ["recovery.json"],
+    "## Functions, against Ray": ["functions.json", "ray-functions.json"],
+    "## Resource footprint": ["footprint.json", "schedule.json"],
+}
+
+
+def sections(text):
+    """(heading line, body lines) in order; the part before the first heading has None."""
+    out = [(None, [])]
+    for line in text.split("\n"):
+        if line.startswith("## "):
+            out.append((line, []))
+        else:
+            out[-1][1].append(line)
+    return out
+
+
+def keep_unmeasured(results, out, text):
+    try:
+        with open(out) as f:
+            old_text = f.read()
+    except OSError:
+        return text
+    old = {h: b for h, b in sections(old_text) if h}
+    when = re.search(r"^Measured (\S+) on", old_text, flags=re.M)
+    kept = []
+    parts = []
+    for heading, body in sections(text):
+        key = next((k for k in SECTION_INPUTS if heading and heading.startswith(k)), None)
+        measured = key is None or any(glob.glob(os.path.join(results, pat)) for pat in SECTION_INPUTS[key])
+        if not measured:
+            prev = next((h for h in old if h.startswith(key)), None)
+            if prev:
+                heading, body = prev, old[prev]
+                kept.append(key[3:])
+        parts.append(([heading] if heading else []) + body)
+    text = "\n".join("\n".join(p) for p in parts)
+    if kept:
+        note = ("Not measured in this run, kept from the report before"
+                + (f" (measured {when.group(1)})" if when else "") + ": " + ", ".join(kept) + ".")
+        text = text.replace("\n\nEverything runs on this one machine", "\n\n" + note + "\n\nEverything runs on this one machine", 1)
+    return text
 
 
 if __name__ == "__main__":

@@ -44,6 +44,72 @@ pub struct FunctionsBench {
     pub json: Option<PathBuf>,
 }
 
+/// CPU seconds (user + system) process `pid` has used so far; 0 when it is gone.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// Busy CPU seconds of the whole machine so far (`/proc/stat`, all but idle and iowait).
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Where the CPU went over a stretch of the benchmark: the coordinator, the agent, this
+/// process (the client) and the whole machine (the rest: shims, containers, others).
+struct CpuWindow {
+    pids: [u32; 3],
+    start: [f64; 3],
+    machine: f64,
+    wall: Instant,
+}
+
+impl CpuWindow {
+    fn start(coordinator: u32, agent: u32) -> Self {
+        let pids = [coordinator, agent, std::process::id()];
+        Self {
+            pids,
+            start: pids.map(cpu_secs),
+            machine: machine_busy_secs(),
+            wall: Instant::now(),
+        }
+    }
+
+    fn end(&self) -> Value {
+        let now = self.pids.map(cpu_secs);
+        let d = |i: usize| now[i] - self.start[i];
+        json!({
+            "wall_s": self.wall.elapsed().as_secs_f64(),
+            "coordinator_s": d(0),
+            "agent_s": d(1),
+            "client_s": d(2),
+            "machine_busy_s": machine_busy_secs() - self.machine,
+        })
+    }
+}
+
 /// The API of the cluster, with one keep-alive client.
 struct Api {
     http: reqwest::Client,
@@ -193,11 +259,15 @@ pub fn run(b: FunctionsBench) -> anyhow::Result<()> {
         token: c.admin.clone(),
     };
     let mut out = json!({"cpu": b.cpu});
+    let pids = (
+        c.coordinator.child.id(),
+        c.agents[0].proc.as_ref().map_or(0, |p| p.child.id()),
+    );
 
     eprintln!("functions: warm calls");
-    out["warm"] = rt.block_on(warm(&api, &b))?;
+    out["warm"] = rt.block_on(warm(&api, &b, pids))?;
     eprintln!("functions: map of {} inputs", b.map_inputs);
-    out["map"] = rt.block_on(map(&api, &b))?;
+    out["map"] = rt.block_on(map(&api, &b, pids))?;
     out["map"]["cli"] = cli_map(&c, &b).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     rt.block_on(api.stop("map"))?;
     eprintln!("functions: scale from zero, {} trials", b.cold_trials);
@@ -247,7 +317,7 @@ fn phases(views: &[Value]) -> Value {
     Value::Object(o)
 }
 
-async fn warm(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
+async fn warm(api: &Api, b: &FunctionsBench, pids: (u32, u32)) -> anyhow::Result<Value> {
     api.deploy(
         "warm",
         &b.cpu,
@@ -262,6 +332,7 @@ async fn warm(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
     let mut ms = Vec::with_capacity(b.calls);
     let mut server = Vec::with_capacity(b.calls);
     let deadline = Instant::now() + Duration::from_secs(300);
+    let cpu = CpuWindow::start(pids.0, pids.1);
     for i in 0..b.calls {
         let t = Instant::now();
         let v = api.call("warm", &format!("c{i}")).await?;
@@ -272,13 +343,15 @@ async fn warm(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
             break;
         }
     }
+    let cpu = cpu.end();
     api.stop("warm").await?;
     let mut s = stats(&ms);
     s["phases"] = phases(&server);
+    s["cpu"] = cpu;
     Ok(s)
 }
 
-async fn map(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
+async fn map(api: &Api, b: &FunctionsBench, pids: (u32, u32)) -> anyhow::Result<Value> {
     api.deploy(
         "map",
         &b.cpu,
@@ -298,6 +371,7 @@ async fn map(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
         .map(|i| json!({"text": format!("{i}")}))
         .collect();
     let body = json!({"inputs": inputs, "wait": false});
+    let cpu = CpuWindow::start(pids.0, pids.1);
     let t0 = Instant::now();
     let (_, call) = api.post("/v1/apps/map/functions/echo/calls", &body).await?;
     let accepted = t0.elapsed();
@@ -312,6 +386,7 @@ async fn map(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
         }
     };
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu.end();
     if done["state"] != "succeeded" || done["succeeded"].as_u64() != Some(b.map_inputs as u64) {
         bail!(
             "the map ended {} with {} of {} succeeded",
@@ -320,6 +395,7 @@ async fn map(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
             b.map_inputs
         );
     }
+    let quiet = map_polling_counters(api, b, pids).await?;
     let per_node: std::collections::BTreeMap<String, usize> = done["results"]
         .as_array()
         .into_iter()
@@ -338,7 +414,53 @@ async fn map(api: &Api, b: &FunctionsBench) -> anyhow::Result<Value> {
         "per_s": b.map_inputs as f64 / secs,
         "per_container": per_node.values().collect::<Vec<_>>(),
         "phases": phases(done["results"].as_array().map(Vec::as_slice).unwrap_or(&[])),
+        "cpu": cpu,
+        "polling_counters": quiet,
     }))
+}
+
+/// The same map, but the client waits by polling the function's counters (`GET
+/// /v1/apps/map` every 50 ms until nothing is queued or running) and reads the call once at
+/// the end, instead of holding a long poll on the call: a long poll re-reads the whole call
+/// on every output of any call, so this isolates what the wait costs the coordinator.
+async fn map_polling_counters(
+    api: &Api,
+    b: &FunctionsBench,
+    pids: (u32, u32),
+) -> anyhow::Result<Value> {
+    let inputs: Vec<Value> = (0..b.map_inputs)
+        .map(|i| json!({"text": format!("q{i}")}))
+        .collect();
+    let body = json!({"inputs": inputs, "wait": false});
+    let cpu = CpuWindow::start(pids.0, pids.1);
+    let t0 = Instant::now();
+    let (_, call) = api.post("/v1/apps/map/functions/echo/calls", &body).await?;
+    let id = call["id"].as_str().context("call id")?.to_owned();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let v = api.get("/v1/apps/map").await?;
+        let f = &v["functions"][0];
+        if f["queued"] == 0 && f["running"] == 0 {
+            let done = api.get(&format!("/v1/calls/{id}")).await?;
+            if done["state"] != "running" {
+                let secs = t0.elapsed().as_secs_f64();
+                let cpu = cpu.end();
+                if done["succeeded"].as_u64() != Some(b.map_inputs as u64) {
+                    bail!(
+                        "the map ended {} with {} succeeded",
+                        done["state"],
+                        done["succeeded"]
+                    );
+                }
+                return Ok(
+                    json!({"seconds": secs, "per_s": b.map_inputs as f64 / secs, "cpu": cpu}),
+                );
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("the map did not end within 600 s");
+        }
+    }
 }
 
 /// The same inputs through `gantry map` (the CLI process, start to exit).
@@ -519,6 +641,31 @@ fn print_tables(o: &Value, b: &FunctionsBench) {
         "Where the time went, as the coordinator records it per input (p50, ms; whole milliseconds): warm call: {}; scale from zero: {}.",
         ph(&w["phases"]),
         ph(&c["phases"])
+    );
+    let cpu = |v: &Value, n: f64| {
+        let g = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        format!(
+            "{:.2} of the machine's cores busy; per input: coordinator {:.0} µs, agent {:.0} µs, client {:.0} µs, the rest (shims, containers, kernel threads, other work) {:.0} µs of CPU",
+            g("machine_busy_s") / g("wall_s"),
+            g("coordinator_s") / n * 1e6,
+            g("agent_s") / n * 1e6,
+            g("client_s") / n * 1e6,
+            (g("machine_busy_s") - g("coordinator_s") - g("agent_s") - g("client_s")) / n * 1e6,
+        )
+    };
+    let q = &m["polling_counters"];
+    println!();
+    println!(
+        "The same map with the client polling the function's counters every 50 ms instead of a long poll on the call: **{:.0} inputs/s** ({:.2} s).",
+        q["per_s"].as_f64().unwrap_or(f64::NAN),
+        q["seconds"].as_f64().unwrap_or(f64::NAN),
+    );
+    println!();
+    println!(
+        "CPU: warm calls: {}. Map (long poll): {}. Map (counters polled): {}.",
+        cpu(&w["cpu"], w["n"].as_f64().unwrap_or(1.0)),
+        cpu(&m["cpu"], b.map_inputs as f64),
+        cpu(&q["cpu"], b.map_inputs as f64)
     );
     println!();
     println!(
