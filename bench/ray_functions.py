@@ -5,7 +5,8 @@ Usage: ray_functions.py --json OUT [--calls 2000] [--map-inputs 20000] [--cold-t
                         [--fleet 20] [--temp-dir DIR]
 
 Ray runs as a local cluster on 127.0.0.1 started by this process (no dashboard, usage stats
-off, nothing sent elsewhere), with 4 CPUs so that tasks run on 4 warm worker processes, the
+off, nothing sent elsewhere; bench/run starts it in a network namespace that has only
+loopback, since some of Ray's servers bind every address), with 4 CPUs so that tasks run on 4 warm worker processes, the
 peer of Gantry's 4 warm containers:
 - warm task round trip: `ray.get(echo.remote(x))`, sequential, after a warm-up;
 - map: `ray.get([echo.remote(i) for i in range(N)])`, 4 workers already started;
