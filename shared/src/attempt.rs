@@ -194,6 +194,10 @@ pub enum StartFailure {
     /// The node could not run it (runtime or disk trouble, a GPU that just failed, a stop
     /// that arrived first): placed again elsewhere.
     Node,
+    /// Its image's registry stayed unreachable (refused connections, timed out, answered
+    /// 5xx, or, for the cluster's own registry, refused the node's token) for as long as
+    /// the node retries: the platform's fault, placed again.
+    Registry,
 }
 
 impl StartFailure {

@@ -111,6 +111,13 @@ pub enum Event {
         #[serde(default)]
         image_ms: u64,
     },
+    /// The attempt waits on something the platform owes it (its image's registry cannot be
+    /// reached now); the agent keeps trying. For the history, sent once per cause.
+    Waiting {
+        owner: Owner,
+        generation: Generation,
+        message: String,
+    },
     /// A function container said `ready`: it takes inputs from now on.
     Ready {
         owner: Owner,
@@ -150,6 +157,7 @@ impl Event {
     pub fn owner(&self) -> &Owner {
         match self {
             Event::Started { owner, .. }
+            | Event::Waiting { owner, .. }
             | Event::Ready { owner, .. }
             | Event::InitFailed { owner, .. }
             | Event::StartFailed { owner, .. }
@@ -160,6 +168,7 @@ impl Event {
     pub fn generation(&self) -> Generation {
         match self {
             Event::Started { generation, .. }
+            | Event::Waiting { generation, .. }
             | Event::Ready { generation, .. }
             | Event::InitFailed { generation, .. }
             | Event::StartFailed { generation, .. }

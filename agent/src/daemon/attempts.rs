@@ -26,6 +26,11 @@ use crate::runtime::{
 /// Exited attempts whose output is kept on the node.
 const KEEP_EXITED: usize = 100;
 
+/// The longest a start waits for an unreachable registry (also bounded by the attempt's
+/// own timeout): a coordinator restart takes seconds; a registry away for longer than this
+/// is reported and the work placed again.
+pub const PULL_RETRY_FOR: Duration = Duration::from_secs(600);
+
 pub(super) struct Attempts {
     runtime: Runtime,
     images: ImageStore,
@@ -227,37 +232,90 @@ impl Attempts {
 
     /// The image name to run, and how long getting it took in ms (0 when it was here): a
     /// local image as is; a fully qualified one pulled from its registry if missing; an
-    /// unqualified one from the cluster's embedded registry.
-    async fn resolve_image(&self, name: &str) -> Result<(String, u64), String> {
+    /// unqualified one from the cluster's embedded registry. A registry that cannot be
+    /// reached now (see [`ImageError::is_transient`]) is the platform's fault: the pull is
+    /// tried again with backoff until the attempt's timeout or [`PULL_RETRY_FOR`], whichever
+    /// comes first, and the history says what it waits for; a stop ends the wait.
+    async fn resolve_image(
+        &self,
+        id: &ContainerId,
+        spec: &AttemptSpec,
+    ) -> Result<(String, u64), (StartFailure, String)> {
+        let name = spec.image.as_str();
         if self.images.get(name).is_ok() {
             return Ok((name.to_owned(), 0));
         }
-        let (reference, auth) = if is_qualified(name) {
-            (name.to_owned(), RegistryAuth::Anonymous)
-        } else {
-            let registry = self
-                .registry
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            match registry {
-                Some((addr, token)) => (
-                    format!("{addr}/{name}"),
-                    RegistryAuth::Basic("node".into(), token),
-                ),
-                None => return Ok((name.to_owned(), 0)), // the start reports it missing
+        let bound = spec
+            .timeout_ms
+            .map_or(PULL_RETRY_FOR, Duration::from_millis)
+            .min(PULL_RETRY_FOR);
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(250);
+        let mut told = false;
+        loop {
+            // The embedded registry's address and token as the coordinator gave them last.
+            let own_registry = !is_qualified(name);
+            let (reference, auth) = if own_registry {
+                let registry = self
+                    .registry
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                match registry {
+                    Some((addr, token)) => (
+                        format!("{addr}/{name}"),
+                        RegistryAuth::Basic("node".into(), token),
+                    ),
+                    None => return Ok((name.to_owned(), 0)), // the start reports it missing
+                }
+            } else {
+                (name.to_owned(), RegistryAuth::Anonymous)
+            };
+            if self.images.get(&reference).is_ok() {
+                return Ok((reference, 0));
             }
-        };
-        let mut image_ms = 0;
-        if self.images.get(&reference).is_err() {
             let pulling = Instant::now();
-            self.images
-                .pull(&reference, &auth)
-                .await
-                .map_err(|e| e.to_string())?;
-            image_ms = pulling.elapsed().as_millis() as u64;
+            let e = match self.images.pull_from(&reference, &auth, own_registry).await {
+                Ok(_) => return Ok((reference, pulling.elapsed().as_millis() as u64)),
+                Err(e) => e,
+            };
+            if !e.is_transient(own_registry) {
+                return Err((StartFailure::Image, e.to_string()));
+            }
+            if started.elapsed() + delay > bound {
+                return Err((
+                    StartFailure::Registry,
+                    format!("gave up after {:?} of retries: {e}", started.elapsed()),
+                ));
+            }
+            if !told {
+                told = true;
+                tracing::warn!(container = %id, error = %e, "image registry unreachable; retrying");
+                let waiting = Event::Waiting {
+                    owner: spec.owner.clone(),
+                    generation: spec.generation,
+                    message: format!("waiting for its image (retrying): {e}"),
+                };
+                if let Err(err) = self.outbox.push(waiting) {
+                    tracing::error!(container = %id, error = %err, "cannot record an event");
+                }
+                self.changed.notify_one();
+            }
+            // A stop that arrived meanwhile ends the wait (the start reports it).
+            if self.has_early_stop(id) {
+                return Ok((reference, 0));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
-        Ok((reference, image_ms))
+    }
+
+    /// Whether a stop for `id` arrived before its start got that far (kept for the start).
+    fn has_early_stop(&self, id: &ContainerId) -> bool {
+        self.early_stops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(id)
     }
 
     async fn start(self: Arc<Self>, id: ContainerId, spec: AttemptSpec) {
@@ -272,14 +330,14 @@ impl Attempts {
             });
             return;
         }
-        let (image, image_ms) = match self.resolve_image(&spec.image).await {
+        let (image, image_ms) = match self.resolve_image(&id, &spec).await {
             Ok(resolved) => resolved,
-            Err(message) => {
+            Err((failure, message)) => {
                 self.finish(Event::StartFailed {
                     owner: spec.owner,
                     generation: spec.generation,
                     message,
-                    failure: StartFailure::Image,
+                    failure,
                 });
                 return;
             }

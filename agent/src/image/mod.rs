@@ -111,6 +111,20 @@ pub enum ImageError {
     Store(#[from] StoreError),
 }
 
+impl ImageError {
+    /// Whether trying again later may succeed: the registry was unreachable, timed out or
+    /// failed (5xx), or (`own_registry`: the cluster's embedded one, which restarts with
+    /// its coordinator) refused the node's token. A missing image, a bad reference or
+    /// corrupt data will not get better by waiting.
+    pub fn is_transient(&self, own_registry: bool) -> bool {
+        match self {
+            ImageError::Registry { .. } => true,
+            ImageError::Unauthorized { .. } => own_registry,
+            _ => false,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
     move |source| ImageError::Io {
         path: path.to_owned(),

@@ -74,10 +74,10 @@ impl From<Option<RunConfig>> for ImageConfig {
 }
 
 impl ImageStore {
-    fn client(&self, registry: &str) -> Client {
+    fn client(&self, registry: &str, plain_http: bool) -> Client {
         let cfg = &self.inner.pull;
         let mut insecure = cfg.insecure_registries.clone();
-        if is_loopback(registry) {
+        if plain_http || is_loopback(registry) {
             insecure.push(registry.to_owned());
         }
         Client::new(ClientConfig {
@@ -96,6 +96,17 @@ impl ImageStore {
         reference: &str,
         auth: &RegistryAuth,
     ) -> Result<ImageRecord, ImageError> {
+        self.pull_from(reference, auth, false).await
+    }
+
+    /// [`ImageStore::pull`], over plain HTTP when `plain_http`: the cluster's embedded
+    /// registry, which the coordinator serves without TLS at the address it hands out.
+    pub async fn pull_from(
+        &self,
+        reference: &str,
+        auth: &RegistryAuth,
+        plain_http: bool,
+    ) -> Result<ImageRecord, ImageError> {
         let image: Reference =
             reference
                 .parse()
@@ -103,7 +114,7 @@ impl ImageStore {
                     reference: reference.to_owned(),
                     reason: e.to_string(),
                 })?;
-        let client = self.client(image.resolve_registry());
+        let client = self.client(image.resolve_registry(), plain_http);
         let registry_err = |e: OciDistributionError| registry_error(reference, e);
         let (manifest, digest, config) = client
             .pull_manifest_and_config(&image, auth)

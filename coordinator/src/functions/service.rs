@@ -514,6 +514,10 @@ impl FunctionService {
                 at_ms, image_ms, ..
             } => state.started(warm, *at_ms, *image_ms),
             Event::Ready { at_ms, .. } => state.ready(warm, *at_ms, now),
+            Event::Waiting { message, .. } => {
+                tracing::warn!(container = %warm, function = %record.key, %message, "function container waits");
+                Changes::default()
+            }
             Event::InitFailed { message, .. } => {
                 tracing::warn!(container = %warm, function = %record.key, %message, "function container failed its setup");
                 state.setup_failed(&record.key, message, false, now)

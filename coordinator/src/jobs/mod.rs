@@ -70,6 +70,11 @@ pub fn apply(job: &mut Job, node: &NodeId, event: &Event, now_ms: u64) {
     match event {
         // Only function containers say ready or fail their setup.
         Event::Ready { .. } | Event::InitFailed { .. } => {}
+        Event::Waiting { message, .. } => {
+            if job.state == JobState::Running {
+                job.reason = Some(format!("starting on {who}: {message}"));
+            }
+        }
         Event::Started { at_ms, .. } => {
             member.started_at_ms = Some(*at_ms);
             if job.state == JobState::Running {
