@@ -13,7 +13,9 @@ use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
 use gantry_shared::{AppName, CallId, FunctionName};
 use serde::Deserialize;
 
-use super::{ApiError, ApiState, Caller, deserialize_json, parse_body, query_params};
+use super::{
+    ApiError, ApiState, Caller, deserialize_json, idempotency_key, parse_body, query_params,
+};
 use crate::functions::FunctionServiceError;
 use crate::functions::service::MAX_CALL_WAIT;
 use crate::store::tokens::Role;
@@ -70,22 +72,6 @@ fn call_id(raw: String) -> Result<CallId, ApiError> {
     CallId::new(raw.clone()).map_err(|_| ApiError::NotFound {
         what: format!("call `{raw}`"),
     })
-}
-
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    headers
-        .get("idempotency-key")
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 128)
-                .map(str::to_owned)
-                .ok_or(ApiError::BadRequest {
-                    field: Some("Idempotency-Key".into()),
-                    message: "must be 1 to 128 visible ASCII characters".into(),
-                })
-        })
-        .transpose()
 }
 
 /// Deploy a new immutable version of an app (its manifest: `gantry.toml` as JSON). New

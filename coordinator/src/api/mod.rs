@@ -284,19 +284,7 @@ async fn submit_job(
     Spec(spec): Spec,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Submitter)?;
-    let key = headers
-        .get("idempotency-key")
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 128)
-                .map(str::to_owned)
-                .ok_or(ApiError::BadRequest {
-                    field: Some("Idempotency-Key".into()),
-                    message: "must be 1 to 128 visible ASCII characters".into(),
-                })
-        })
-        .transpose()?;
+    let key = idempotency_key(&headers)?;
     let (job, created) = state.jobs.submit(spec, key).await?;
     if created {
         state.metrics.jobs_submitted.inc();
@@ -438,6 +426,23 @@ async fn job_logs(
         axum::body::Body::from_stream(body),
     )
         .into_response())
+}
+
+/// The `Idempotency-Key` header, if sent: 1 to 128 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 128)
+                .map(str::to_owned)
+                .ok_or(ApiError::BadRequest {
+                    field: Some("Idempotency-Key".into()),
+                    message: "must be 1 to 128 visible ASCII characters".into(),
+                })
+        })
+        .transpose()
 }
 
 /// A query string, or a 400 saying what in it is wrong.
