@@ -165,6 +165,16 @@ env = { GREETING = "hi there" }
         assert!(metrics.contains(&series), "{series} missing from /metrics");
     }
 
+    // A function no node could ever hold fails its input saying so, not queued forever.
+    deploy(
+        &c,
+        "app = \"huge\"\n[functions.big]\nimage = \"echo\"\ncommand = [\"/app/runtime\"]\ncpu = \"64\"\n",
+    );
+    let out = c.gantry(&["call", "huge", "big", "--data", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no node could ever hold"), "{err}");
+
     // Idle past the scaledown window: drained to zero, and the next call starts again.
     wait_until("idle containers drained", Duration::from_secs(30), || {
         (containers(&c, "demo") == 0).then_some(())

@@ -30,7 +30,7 @@ use super::autoscale::{self, Observed};
 use super::metrics::InputMetrics;
 use super::state::{Changes, Delivery, InputRecord, State, WarmPhase, WarmRecord};
 use crate::nodes::liveness::{Liveness, NodeStatus};
-use crate::placement::Request;
+use crate::placement::{Never, Request, Unplaceable};
 use crate::reconcile::{Held, NodeLink, engine};
 use crate::store::StoreError;
 use crate::store::functions::{AppRecord, CallRecord, FunctionStore};
@@ -715,6 +715,53 @@ impl FunctionService {
             self.apply(changes)?;
             let _ = self.inner.outbound.send(Outbound::Drain { node, warm: id });
         }
+        // A version whose container no node could ever hold (even empty, every GPU
+        // healthy) fails its queued inputs saying why, instead of queueing them forever.
+        // Judged only when every joined node has described itself.
+        if statuses
+            .iter()
+            .all(|s| crate::reconcile::node_info(s).is_some())
+        {
+            let mut empty = engine(statuses, &BTreeMap::new(), true);
+            let waiting: Vec<FunctionKey> = state
+                .specs
+                .keys()
+                .filter(|k| state.queued(k) > 0)
+                .cloned()
+                .collect();
+            for key in waiting {
+                let Some(spec) = state.specs.get(&key).cloned() else {
+                    continue;
+                };
+                let mut never = None;
+                for r in requests(&spec) {
+                    match empty.place(&r) {
+                        Ok(a) => {
+                            empty.release(&a, &r);
+                            never = None;
+                            break;
+                        }
+                        Err(why)
+                            if why.is_never()
+                                && !matches!(why, Unplaceable::Never(Never::NoNodes)) =>
+                        {
+                            never.get_or_insert(why.to_string());
+                        }
+                        Err(_) => {
+                            never = None;
+                            break;
+                        }
+                    }
+                }
+                if let Some(why) = never {
+                    let message = format!(
+                        "no node could ever hold one of its containers: {why}; ask for less or add a larger node"
+                    );
+                    let changes = state.setup_failed(&key, &message, true, now);
+                    self.apply(changes)?;
+                }
+            }
+        }
         // Each version toward what it wants, around what jobs, fences and the containers
         // already placed hold.
         for w in state.warm() {
@@ -769,16 +816,7 @@ impl FunctionService {
                     tracing::debug!(function = %key, "backing off before the next start");
                     break;
                 }
-                let options = spec.gpu_options();
-                let requests: Vec<Request> = if options.is_empty() {
-                    vec![request(&spec, 0, None)]
-                } else {
-                    options
-                        .iter()
-                        .map(|o| request(&spec, o.count, o.model.clone()))
-                        .collect()
-                };
-                let placed = requests
+                let placed = requests(&spec)
                     .iter()
                     .find_map(|r| engine.place(r).ok().map(|a| (r.clone(), a)));
                 let Some((req, assignment)) = placed else {
@@ -844,6 +882,18 @@ impl FunctionService {
         }
         Ok(())
     }
+}
+
+/// What one container of `spec` asks of a node, for each acceptable GPU choice in order.
+fn requests(spec: &gantry_shared::functions::FunctionSpec) -> Vec<Request> {
+    let options = spec.gpu_options();
+    if options.is_empty() {
+        return vec![request(spec, 0, None)];
+    }
+    options
+        .iter()
+        .map(|o| request(spec, o.count, o.model.clone()))
+        .collect()
 }
 
 /// What one container of `spec` asks of a node.
