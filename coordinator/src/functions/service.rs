@@ -455,16 +455,18 @@ impl FunctionService {
         let mut changed = self.inner.calls.subscribe();
         loop {
             changed.borrow_and_update();
-            let view = self.call_view(id)?;
-            if view.state != CallState::Running {
-                return Ok(view);
+            // The live count, not the store: a map's reader is woken by every input that
+            // ends anywhere, and reads the call's inputs only once they all ended.
+            if self.lock().open_inputs(id) == 0 {
+                return self.call_view(id);
             }
             tokio::select! {
-                r = changed.changed() => if r.is_err() { return Ok(view) },
-                _ = tokio::time::sleep_until(deadline) => return Ok(view),
-                _ = self.inner.shutdown.cancelled() => return Ok(view),
+                r = changed.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.inner.shutdown.cancelled() => break,
             }
         }
+        self.call_view(id)
     }
 
     /// Cancels a call: queued inputs are dropped, running ones are told through their

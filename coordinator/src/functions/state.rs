@@ -190,6 +190,8 @@ pub struct State {
     /// Per version: containers that ended before they were ready, in a row, and when the
     /// next may be placed (unix ms).
     start_backoff: BTreeMap<FunctionKey, (u32, u64)>,
+    /// Inputs not yet ended, per call: a waiting reader checks this, not the store.
+    open: HashMap<CallId, u32>,
 }
 
 impl State {
@@ -224,6 +226,7 @@ impl State {
                     .or_default()
                     .push_back(i.id.clone()),
             }
+            *s.open.entry(i.call.clone()).or_default() += 1;
             s.inputs.insert(i.id.clone(), i);
         }
         // An input whose container is gone is queued again.
@@ -295,6 +298,7 @@ impl State {
                 .entry(i.key.clone())
                 .or_default()
                 .push_back(i.id.clone());
+            *self.open.entry(i.call.clone()).or_default() += 1;
             self.inputs.insert(i.id.clone(), i);
         }
         let mut changes = Changes::default();
@@ -610,6 +614,7 @@ impl State {
             } else if let Some(q) = self.queues.get_mut(&input.key) {
                 q.retain(|x| x != &id);
             }
+            self.closed(&input.call);
             input.state = InputState::Cancelled;
             input.ended_at_ms = Some(now);
             input.timings.total_ms = Some(now.saturating_sub(input.accepted_at_ms));
@@ -697,8 +702,24 @@ impl State {
         input.lease = None;
         input.ended_at_ms = Some(now);
         input.timings.total_ms = Some(now.saturating_sub(input.accepted_at_ms));
+        self.closed(&input.call);
         changes.calls.insert(input.call.clone());
         changes.inputs.push(input.clone());
+    }
+
+    /// One input of `call` ended.
+    fn closed(&mut self, call: &CallId) {
+        if let Some(n) = self.open.get_mut(call) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open.remove(call);
+            }
+        }
+    }
+
+    /// Inputs of `call` that have not ended (0 for a call that ended or is unknown).
+    pub fn open_inputs(&self, call: &CallId) -> u32 {
+        self.open.get(call).copied().unwrap_or(0)
     }
 }
 

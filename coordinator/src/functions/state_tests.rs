@@ -261,3 +261,25 @@ fn containers_that_end_before_ready_back_off_the_next_start() {
     s.container_ended(&WarmId::from_sequence(3), "drained", false, 5_000);
     assert!(s.may_start(&key(), 5_000));
 }
+
+#[test]
+fn each_call_counts_its_inputs_not_yet_ended() {
+    let mut s = state("");
+    let call = CallId::from_sequence(1);
+    s.placed(warm(1, 1));
+    s.ready(&WarmId::from_sequence(1), 0, 0);
+    let c = s.accept(inputs(1, 3, 0), 0);
+    assert_eq!(s.open_inputs(&call), 3);
+    let id = c.deliveries[0].input.id.clone();
+    s.answered(
+        &WarmId::from_sequence(1),
+        &id,
+        1,
+        InputResult::Output(Payload::text("a")),
+        1,
+    );
+    assert_eq!(s.open_inputs(&call), 2);
+    s.cancel(&call, 2);
+    assert_eq!(s.open_inputs(&call), 0);
+    assert_eq!(s.open_inputs(&CallId::from_sequence(9)), 0);
+}
