@@ -356,7 +356,7 @@ def keep_unmeasured(results, out, text):
     except OSError:
         return text
     old = {h: b for h, b in sections(old_text) if h}
-    when = re.search(r"^Measured (\S+) on", old_text, flags=re.M)
+    when = re.search(r"^Measured (\S+) on: (.*?)\. Written by", old_text, flags=re.M)
     kept = []
     parts = []
     for heading, body in sections(text):
@@ -371,7 +371,7 @@ def keep_unmeasured(results, out, text):
     text = "\n".join("\n".join(p) for p in parts)
     if kept:
         note = ("Not measured in this run, kept from the report before"
-                + (f" (measured {when.group(1)})" if when else "") + ": " + ", ".join(kept) + ".")
+                + (f" (measured {when.group(1)} on: {when.group(2)})" if when else "") + ": " + ", ".join(kept) + ".")
         text = text.replace("\n\nEverything runs on this one machine", "\n\n" + note + "\n\nEverything runs on this one machine", 1)
     return text
 
