@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+mod cpu;
 mod footprint;
 mod functions;
 mod gossip;
