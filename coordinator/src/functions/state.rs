@@ -640,12 +640,15 @@ impl State {
     /// answer: their container is treated as gone (its agent reports a timeout itself;
     /// this is for an agent that cannot).
     pub fn overdue(&self, now: u64, grace_ms: u64) -> Vec<WarmId> {
+        // Only leased inputs can be overdue: walk the leases, not every queued input.
         let mut out: BTreeSet<WarmId> = BTreeSet::new();
-        for i in self.inputs.values() {
-            if let Some(l) = &i.lease
-                && l.deadline_ms + grace_ms < now
-            {
-                out.insert(l.warm.clone());
+        for ids in self.leases.values() {
+            for i in ids.iter().filter_map(|id| self.inputs.get(id)) {
+                if let Some(l) = &i.lease
+                    && l.deadline_ms + grace_ms < now
+                {
+                    out.insert(l.warm.clone());
+                }
             }
         }
         out.into_iter().collect()
