@@ -522,7 +522,7 @@ impl FunctionService {
             }
             Event::InitFailed { message, .. } => {
                 tracing::warn!(container = %warm, function = %record.key, %message, "function container failed its setup");
-                state.setup_failed(&record.key, message, false, now)
+                state.container_setup_failed(warm, message, now)
             }
             Event::StartFailed {
                 message, failure, ..
@@ -540,7 +540,8 @@ impl FunctionService {
                 } else {
                     let never_ready =
                         matches!(record.phase, WarmPhase::Placed | WarmPhase::Started)
-                            && *cause != EndCause::Stopped;
+                            && *cause != EndCause::Stopped
+                            && !record.setup_failed;
                     let why = format!("its container ended ({message})");
                     let mut c = state.container_ended(warm, &why, false, now);
                     if never_ready {
@@ -843,6 +844,7 @@ impl FunctionService {
                     image_ms: None,
                     ready_at_ms: None,
                     idle_since_ms: now,
+                    setup_failed: false,
                 };
                 let h = held.entry(member.node.clone()).or_default();
                 h.cpu_millis += req.cpu_millis;

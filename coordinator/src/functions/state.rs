@@ -68,6 +68,9 @@ pub struct WarmRecord {
     pub ready_at_ms: Option<u64>,
     /// Since when it has held nothing (scale-down waits for `scaledown_window` of it).
     pub idle_since_ms: u64,
+    /// Its setup failure was counted (its end then adds none).
+    #[serde(default)]
+    pub setup_failed: bool,
 }
 
 /// An input's current lease.
@@ -589,6 +592,22 @@ impl State {
             };
             self.end(&mut input, InputResult::Error(failure), now, &mut changes);
         }
+        changes
+    }
+
+    /// Container `id` failed its setup (`message`): counted once per container, however
+    /// many ways it is reported (an init error, then its exit).
+    pub fn container_setup_failed(&mut self, id: &WarmId, message: &str, now: u64) -> Changes {
+        let Some(w) = self.warm.get_mut(id) else {
+            return Changes::default();
+        };
+        if w.setup_failed {
+            return Changes::default();
+        }
+        w.setup_failed = true;
+        let (key, record) = (w.key.clone(), w.clone());
+        let mut changes = self.setup_failed(&key, message, false, now);
+        changes.warm.push(record);
         changes
     }
 

@@ -46,6 +46,7 @@ fn warm(n: u64, max_inputs: u32) -> WarmRecord {
         image_ms: None,
         ready_at_ms: None,
         idle_since_ms: 0,
+        setup_failed: false,
     }
 }
 
@@ -282,4 +283,28 @@ fn each_call_counts_its_inputs_not_yet_ended() {
     s.cancel(&call, 2);
     assert_eq!(s.open_inputs(&call), 0);
     assert_eq!(s.open_inputs(&CallId::from_sequence(9)), 0);
+}
+
+#[test]
+fn a_containers_setup_failure_counts_once() {
+    let mut s = state("");
+    s.accept(inputs(1, 1, 0), 0);
+    for n in 1..=2u64 {
+        s.placed(warm(n, 1));
+        // Reported twice for one container: counted once.
+        assert!(
+            s.container_setup_failed(&WarmId::from_sequence(n), "bad", 1)
+                .inputs
+                .is_empty()
+        );
+        assert!(
+            s.container_setup_failed(&WarmId::from_sequence(n), "bad", 1)
+                .inputs
+                .is_empty()
+        );
+    }
+    assert_eq!(s.queued(&key()), 1, "two containers failed, not three");
+    s.placed(warm(3, 1));
+    let c = s.container_setup_failed(&WarmId::from_sequence(3), "bad", 1);
+    assert_eq!(c.inputs.len(), 1, "the third fails the queued input");
 }
