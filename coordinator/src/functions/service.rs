@@ -603,15 +603,25 @@ impl FunctionService {
         Ok(())
     }
 
-    /// The router could not hand an input to its container (it is gone): the container
-    /// counts as ended, and what it held goes back to the queue.
-    pub fn delivery_failed(&self, warm: &WarmId, why: &str) -> Result<(), FunctionServiceError> {
+    /// A command to a container failed: the container counts as ended, and what it held
+    /// goes back to the queue. `gone`: its node said it does not run it; otherwise (no
+    /// answer, a refusal) it may still run there, so it stays as a fence until its node
+    /// confirms it stopped.
+    pub fn delivery_failed(
+        &self,
+        warm: &WarmId,
+        why: &str,
+        gone: bool,
+    ) -> Result<(), FunctionServiceError> {
         let mut state = self.lock();
-        if state.warm_of(warm).is_none() {
+        if state
+            .warm_of(warm)
+            .is_none_or(|w| w.phase == WarmPhase::Fenced)
+        {
             return Ok(());
         }
         tracing::warn!(container = %warm, %why, "function container unreachable; re-queueing its inputs");
-        let changes = state.container_ended(warm, why, false, now_ms());
+        let changes = state.container_ended(warm, why, !gone, now_ms());
         self.apply(changes)?;
         drop(state);
         self.inner.reconcile.notify_one();
@@ -1097,22 +1107,29 @@ async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Outbound) {
             };
             match link.exchange(&d.node, cmd).await {
                 Ok(CommandReply::Accepted) => Ok(()),
-                Ok(other) => {
-                    service.delivery_failed(&d.warm, &format!("its node answered {other:?}"))
+                Ok(CommandReply::NotRunning) => {
+                    service.delivery_failed(&d.warm, "its node no longer runs it", true)
                 }
-                Err(e) => service.delivery_failed(&d.warm, &e),
+                Ok(other) => {
+                    service.delivery_failed(&d.warm, &format!("its node answered {other:?}"), false)
+                }
+                Err(e) => service.delivery_failed(&d.warm, &e, false),
             }
         }
         Outbound::Start { node, spec } => {
             let warm = spec.owner.warm().cloned();
-            match link.exchange(&node, Command::Start(spec)).await {
-                Ok(CommandReply::Accepted) => Ok(()),
-                Ok(other) => warm.map_or(Ok(()), |w| {
-                    service.delivery_failed(&w, &format!("its start was refused: {other:?}"))
-                }),
-                Err(e) => warm.map_or(Ok(()), |w| {
-                    service.delivery_failed(&w, &format!("its start did not reach {node}: {e}"))
-                }),
+            match (link.exchange(&node, Command::Start(spec)).await, warm) {
+                (Ok(CommandReply::Accepted), _) | (_, None) => Ok(()),
+                // Refused: the node did not take it, so nothing runs there.
+                (Ok(other), Some(w)) => {
+                    service.delivery_failed(&w, &format!("its start was refused: {other:?}"), true)
+                }
+                // No answer: it may have started; stopped once the node is reachable.
+                (Err(e), Some(w)) => service.delivery_failed(
+                    &w,
+                    &format!("its start did not reach {node}: {e}"),
+                    false,
+                ),
             }
         }
         Outbound::Cancel { node, warm, input } => {
@@ -1132,7 +1149,7 @@ async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Outbound) {
             };
             match link.exchange(&node, cmd).await {
                 Ok(CommandReply::NotRunning) => {
-                    service.delivery_failed(&warm, "it is no longer running")
+                    service.delivery_failed(&warm, "it is no longer running", true)
                 }
                 _ => Ok(()),
             }
