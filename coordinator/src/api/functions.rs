@@ -1,12 +1,10 @@
 //! Apps, deployments and calls: `/v1/apps…` and `/v1/calls…`. Each handler parses,
 //! authorizes and calls one method of the function service.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use gantry_shared::calls::{CallRequest, CallRequestError, CallState, CallView, PayloadError};
 use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
@@ -15,6 +13,7 @@ use serde::Deserialize;
 
 use super::{
     ApiError, ApiState, Caller, deserialize_json, idempotency_key, parse_body, query_params,
+    replayed, wait_param,
 };
 use crate::functions::FunctionServiceError;
 use crate::functions::service::MAX_CALL_WAIT;
@@ -189,14 +188,7 @@ pub(super) async fn call_function(
     } else {
         StatusCode::OK
     };
-    let mut response = (status, Json(view)).into_response();
-    if !created {
-        response.headers_mut().insert(
-            "idempotent-replayed",
-            header::HeaderValue::from_static("true"),
-        );
-    }
-    Ok(response)
+    Ok(replayed((status, Json(view)).into_response(), !created))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -221,10 +213,7 @@ pub(super) async fn get_call(
     let Some(wait) = q.wait else {
         return Ok(Json(state.functions.call_view(&id)?));
     };
-    let wait: Duration = humantime::parse_duration(&wait).map_err(|e| ApiError::BadRequest {
-        field: Some("wait".into()),
-        message: format!("`{wait}` is not a duration ({e}); e.g. `30s`"),
-    })?;
+    let wait = wait_param(&wait)?;
     Ok(Json(
         state
             .functions

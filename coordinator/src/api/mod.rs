@@ -289,14 +289,30 @@ async fn submit_job(
     if created {
         state.metrics.jobs_submitted.inc();
     }
-    let mut response = (StatusCode::CREATED, Json(job)).into_response();
-    if !created {
+    Ok(replayed(
+        (StatusCode::CREATED, Json(job)).into_response(),
+        !created,
+    ))
+}
+
+/// Marks the answer to a request replayed under its Idempotency-Key
+/// (`Idempotent-Replayed: true`).
+fn replayed(mut response: Response, replay: bool) -> Response {
+    if replay {
         response.headers_mut().insert(
             "idempotent-replayed",
             header::HeaderValue::from_static("true"),
         );
     }
-    Ok(response)
+    response
+}
+
+/// A long poll's `wait` parameter, or a 400 naming it.
+fn wait_param(wait: &str) -> Result<std::time::Duration, ApiError> {
+    humantime::parse_duration(wait).map_err(|e| ApiError::BadRequest {
+        field: Some("wait".into()),
+        message: format!("`{wait}` is not a duration ({e}); e.g. `30s`"),
+    })
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -358,10 +374,7 @@ async fn get_job(
     };
     let wait = match q.wait.as_deref() {
         None => MAX_JOB_WAIT,
-        Some(w) => humantime::parse_duration(w).map_err(|e| ApiError::BadRequest {
-            field: Some("wait".into()),
-            message: format!("`{w}` is not a duration ({e}); e.g. `30s`"),
-        })?,
+        Some(w) => wait_param(w)?,
     };
     Ok(Json(state.jobs.changed_since(&id, since, wait).await?))
 }

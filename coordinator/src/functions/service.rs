@@ -132,7 +132,9 @@ impl FunctionService {
         shutdown: CancellationToken,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Outbound>), FunctionServiceError> {
         let mut specs = BTreeMap::new();
+        let mut active = BTreeMap::new();
         for app in store.apps()? {
+            active.insert(app.app.clone(), app.active);
             for d in &app.deployments {
                 for (name, spec) in &d.manifest.functions {
                     specs.insert(
@@ -146,7 +148,8 @@ impl FunctionService {
                 }
             }
         }
-        let state = State::restore(specs, store.live_inputs()?, store.all_warm()?);
+        let mut state = State::restore(specs, store.live_inputs()?, store.all_warm()?);
+        state.active = active;
         let (tx, rx) = mpsc::unbounded_channel();
         Ok((
             Self {
@@ -241,6 +244,7 @@ impl FunctionService {
         record.active = Some(version);
         store.put_app(&record)?;
         store.commit()?;
+        state.active.insert(record.app.clone(), Some(version));
         drop(state);
         tracing::info!(app = %deployment.app, version, "deployed");
         self.inner.reconcile.notify_one();
@@ -255,7 +259,7 @@ impl FunctionService {
     ) -> Result<AppView, FunctionServiceError> {
         let store = &self.inner.store;
         {
-            let _state = self.lock();
+            let mut state = self.lock();
             let mut record = self.app_record(app)?;
             let target = match version {
                 Some(v) => v,
@@ -282,6 +286,7 @@ impl FunctionService {
             record.active = Some(target);
             store.put_app(&record)?;
             store.commit()?;
+            state.active.insert(app.clone(), Some(target));
         }
         self.inner.reconcile.notify_one();
         self.app(app)
@@ -291,11 +296,12 @@ impl FunctionService {
     /// containers drain.
     pub fn stop(&self, app: &AppName) -> Result<AppView, FunctionServiceError> {
         {
-            let _state = self.lock();
+            let mut state = self.lock();
             let mut record = self.app_record(app)?;
             record.active = None;
             self.inner.store.put_app(&record)?;
             self.inner.store.commit()?;
+            state.active.insert(app.clone(), None);
         }
         self.inner.reconcile.notify_one();
         self.app(app)
@@ -645,14 +651,8 @@ impl FunctionService {
 
     /// What function containers hold, per node: the jobs' placement counts it.
     pub fn held(&self) -> BTreeMap<NodeId, Held> {
-        let state = self.lock();
-        let mut held: BTreeMap<NodeId, Held> = BTreeMap::new();
-        for w in state.warm() {
-            let h = held.entry(w.node.clone()).or_default();
-            h.cpu_millis += w.cpu_millis;
-            h.memory_bytes += w.memory_bytes;
-            h.gpus.extend(w.gpus.iter().copied());
-        }
+        let mut held = BTreeMap::new();
+        self.lock().add_held(&mut held);
         held
     }
 
@@ -668,11 +668,7 @@ impl FunctionService {
         now: u64,
     ) -> Result<(), FunctionServiceError> {
         let store = &self.inner.store;
-        let active: BTreeMap<AppName, Option<u64>> = store
-            .apps()?
-            .into_iter()
-            .map(|a| (a.app, a.active))
-            .collect();
+
         let mut state = self.lock();
         let status = |node: &NodeId| statuses.iter().find(|s| &s.id == node);
         // Containers on nodes that are down, or given up on.
@@ -777,16 +773,11 @@ impl FunctionService {
         }
         // Each version toward what it wants, around what jobs, fences and the containers
         // already placed hold.
-        for w in state.warm() {
-            let h = held.entry(w.node.clone()).or_default();
-            h.cpu_millis += w.cpu_millis;
-            h.memory_bytes += w.memory_bytes;
-            h.gpus.extend(w.gpus.iter().copied());
-        }
+        state.add_held(&mut held);
         let mut engine = engine(statuses, &held, false);
         let mut starts = Vec::new();
         for key in state.specs.keys().cloned().collect::<Vec<FunctionKey>>() {
-            let current = active.get(&key.app).copied().flatten() == Some(key.version);
+            let current = state.is_current(&key);
             let Some(spec) = state.specs.get(&key).cloned() else {
                 continue;
             };

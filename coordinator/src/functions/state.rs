@@ -17,7 +17,7 @@ use gantry_shared::calls::{
     FailureCause, InputFailure, InputResult, InputState, LeasedInput, Payload, PhaseTimings,
 };
 use gantry_shared::functions::FunctionSpec;
-use gantry_shared::{CallId, InputId, NodeId, WarmId};
+use gantry_shared::{AppName, CallId, InputId, NodeId, WarmId};
 use serde::{Deserialize, Serialize};
 
 use super::FunctionKey;
@@ -184,6 +184,9 @@ impl Changes {
 pub struct State {
     /// Every function version that may still have work or containers.
     pub specs: BTreeMap<FunctionKey, FunctionSpec>,
+    /// Per app, the version new calls go to (`None`: stopped), as stored: the scaling step
+    /// reads it every pass.
+    pub active: BTreeMap<AppName, Option<u64>>,
     queues: BTreeMap<FunctionKey, VecDeque<InputId>>,
     inputs: HashMap<InputId, InputRecord>,
     warm: BTreeMap<WarmId, WarmRecord>,
@@ -251,6 +254,21 @@ impl State {
         self.start_backoff
             .get(key)
             .is_none_or(|(_, not_before)| *not_before <= now)
+    }
+
+    /// Whether new calls go to `key`'s version.
+    pub fn is_current(&self, key: &FunctionKey) -> bool {
+        self.active.get(&key.app).copied().flatten() == Some(key.version)
+    }
+
+    /// Adds what the warm containers (fenced ones included) hold to `held`, per node.
+    pub fn add_held(&self, held: &mut BTreeMap<NodeId, crate::reconcile::Held>) {
+        for w in self.warm.values() {
+            let h = held.entry(w.node.clone()).or_default();
+            h.cpu_millis += w.cpu_millis;
+            h.memory_bytes += w.memory_bytes;
+            h.gpus.extend(w.gpus.iter().copied());
+        }
     }
 
     pub fn warm(&self) -> impl Iterator<Item = &WarmRecord> {
