@@ -703,6 +703,10 @@ impl FunctionService {
             self.apply(changes)?;
             let _ = self.inner.outbound.send(Outbound::Stop { node, warm: id });
         }
+        // Leases from before a restart go out again once their node is connected.
+        for d in state.take_redeliveries(|n| sessions.contains_key(n)) {
+            let _ = self.inner.outbound.send(Outbound::Deliver(d));
+        }
         let overdue = state.overdue(now, DEADLINE_GRACE.as_millis() as u64);
         for id in overdue {
             let Some(node) = state.warm_of(&id).map(|w| w.node.clone()) else {

@@ -198,6 +198,10 @@ pub struct State {
     start_backoff: BTreeMap<FunctionKey, (u32, u64)>,
     /// Inputs not yet ended, per call: a waiting reader checks this, not the store.
     open: HashMap<CallId, u32>,
+    /// Leases found at restore: their delivery may not have gone out before the restart,
+    /// so each is sent again (agents ignore an input they already hold) once its node is
+    /// connected.
+    redeliver: Vec<InputId>,
 }
 
 impl State {
@@ -225,6 +229,7 @@ impl State {
                         .entry(l.warm.clone())
                         .or_default()
                         .insert(i.id.clone());
+                    s.redeliver.push(i.id.clone());
                 }
                 _ => s
                     .queues
@@ -254,6 +259,36 @@ impl State {
         self.start_backoff
             .get(key)
             .is_none_or(|(_, not_before)| *not_before <= now)
+    }
+
+    /// The restored leases whose node is `connected` now, as deliveries (sent again; the
+    /// rest wait for their node).
+    pub fn take_redeliveries(&mut self, connected: impl Fn(&NodeId) -> bool) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let mut keep = Vec::new();
+        for id in std::mem::take(&mut self.redeliver) {
+            let Some(i) = self.inputs.get(&id) else {
+                continue;
+            };
+            let Some(l) = &i.lease else { continue };
+            if !connected(&l.node) {
+                keep.push(id);
+                continue;
+            }
+            out.push(Delivery {
+                node: l.node.clone(),
+                warm: l.warm.clone(),
+                input: LeasedInput {
+                    id: i.id.clone(),
+                    call: i.call.clone(),
+                    attempt: l.attempt,
+                    deadline_ms: l.deadline_ms,
+                    payload: i.payload.clone(),
+                },
+            });
+        }
+        self.redeliver = keep;
+        out
     }
 
     /// Whether new calls go to `key`'s version.

@@ -239,9 +239,15 @@ fn restore_requeues_inputs_whose_container_is_gone() {
     let s2 = State::restore(specs.clone(), leased.clone(), Vec::new());
     assert_eq!(s2.queued(&key()), 1);
     // It is still there: the lease stands and its answer will count.
-    let s3 = State::restore(specs, leased, vec![warm(1, 1)]);
+    let mut s3 = State::restore(specs, leased, vec![warm(1, 1)]);
     assert_eq!(s3.queued(&key()), 0);
     assert_eq!(s3.running(&key()), 1);
+    // Its delivery may have been lost with the restart: sent again once its node is back.
+    assert!(s3.take_redeliveries(|_| false).is_empty());
+    let again = s3.take_redeliveries(|_| true);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].input.attempt, 1);
+    assert!(s3.take_redeliveries(|_| true).is_empty(), "once");
 }
 
 #[test]
