@@ -222,7 +222,7 @@ async fn ready_next_response_and_the_output() {
 
     let deadline = now_ms() + 60_000;
     f.server
-        .deliver(input(0, deadline, r#"{"x":1}"#))
+        .deliver(vec![input(0, deadline, r#"{"x":1}"#)])
         .expect("deliver");
     let a = get(&f.sock, "/v1/inputs/next").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
@@ -250,12 +250,8 @@ async fn ready_next_response_and_the_output() {
         o.result,
         InputResult::Output(Payload::new("text/plain", b"out".to_vec()))
     );
-    match o.to_request() {
-        gantry_shared::protocol::Request::Output { input, attempt, .. } => {
-            assert_eq!((input, attempt), (id.clone(), 2))
-        }
-        other => panic!("{other:?}"),
-    }
+    let item = o.to_item();
+    assert_eq!((item.input, item.attempt), (id.clone(), 2));
 
     // Answered already, unknown, or not even an id: 404 with a message.
     let a = post(&f.sock, &path, "text/plain", "again").await;
@@ -286,7 +282,7 @@ async fn errors_bodies_and_limits() {
     f.server.started().await;
     for n in 0..2 {
         f.server
-            .deliver(input(n, now_ms() + 60_000, "x"))
+            .deliver(vec![input(n, now_ms() + 60_000, "x")])
             .expect("deliver");
     }
     let first = get(&f.sock, "/v1/inputs/next").await;
@@ -364,7 +360,7 @@ async fn next_waits_for_a_delivery_and_max_inputs_holds() {
     assert!(a.text().contains("GANTRY_MAX_INPUTS"), "{}", a.text());
     for n in 0..2 {
         f.server
-            .deliver(input(n, now_ms() + 60_000, "x"))
+            .deliver(vec![input(n, now_ms() + 60_000, "x")])
             .expect("deliver");
     }
     let mut ids = HashSet::new();
@@ -376,7 +372,7 @@ async fn next_waits_for_a_delivery_and_max_inputs_holds() {
     assert_eq!(ids.len(), 2);
     // Both held: still too many.
     f.server
-        .deliver(input(2, now_ms() + 60_000, "x"))
+        .deliver(vec![input(2, now_ms() + 60_000, "x")])
         .expect("deliver");
     assert_eq!(
         get(&f.sock, "/v1/inputs/next").await.status,
@@ -402,7 +398,7 @@ async fn next_waits_for_a_delivery_and_max_inputs_holds() {
     let _ = gone.await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     f2.server
-        .deliver(input(0, now_ms() + 60_000, "x"))
+        .deliver(vec![input(0, now_ms() + 60_000, "x")])
         .expect("deliver");
     assert_eq!(
         get(&f2.sock, "/v1/inputs/next").await.status,
@@ -429,7 +425,9 @@ async fn drain_answers_gone_tells_the_container_and_stops_it_after_the_grace() {
     let events: serde_json::Value = serde_json::from_slice(&a.body).expect("json");
     assert_eq!(events, serde_json::json!([{"type": "drain"}]));
     assert!(
-        f.server.deliver(input(0, now_ms() + 60_000, "x")).is_err(),
+        f.server
+            .deliver(vec![input(0, now_ms() + 60_000, "x")])
+            .is_err(),
         "a draining container takes no input"
     );
     let Seen::Stop(StopReason::Drained) = f.next_seen().await else {
@@ -438,12 +436,35 @@ async fn drain_answers_gone_tells_the_container_and_stops_it_after_the_grace() {
 }
 
 #[tokio::test]
+async fn preemption_tells_the_deadline_then_drains_and_stops_at_it() {
+    let mut f = fixture(2, 60_000).await;
+    f.server.started().await;
+    let deadline = now_ms() + 400;
+    f.server.preempt(deadline);
+    let a = get(&f.sock, "/v1/events").await;
+    assert_eq!(a.status, StatusCode::OK);
+    let events: serde_json::Value = serde_json::from_slice(&a.body).expect("json");
+    assert_eq!(
+        events,
+        serde_json::json!([{"type": "preempt", "deadline_ms": deadline}, {"type": "drain"}])
+    );
+    assert_eq!(
+        get(&f.sock, "/v1/inputs/next").await.status,
+        StatusCode::GONE
+    );
+    let Seen::Stop(StopReason::Drained) = f.next_seen().await else {
+        panic!("stopped at the deadline");
+    };
+    assert!(now_ms() >= deadline, "not stopped before the deadline");
+}
+
+#[tokio::test]
 async fn cancel_is_an_event_and_a_stop_if_still_held() {
     let mut f = fixture(2, 60_000).await;
     f.server.started().await;
     for n in 0..2 {
         f.server
-            .deliver(input(n, now_ms() + 60_000, "x"))
+            .deliver(vec![input(n, now_ms() + 60_000, "x")])
             .expect("deliver");
     }
     let a = get(&f.sock, "/v1/inputs/next").await;
@@ -499,7 +520,7 @@ async fn an_input_past_its_deadline_times_out_and_stops_the_container() {
     let mut f = fixture(1, 60_000).await;
     f.server.started().await;
     f.server
-        .deliver(input(0, now_ms() + 300, "x"))
+        .deliver(vec![input(0, now_ms() + 300, "x")])
         .expect("deliver");
     let a = get(&f.sock, "/v1/inputs/next").await;
     assert_eq!(a.status, StatusCode::OK);

@@ -251,6 +251,18 @@ pub enum InputResult {
     Error(InputFailure),
 }
 
+impl InputResult {
+    /// About how many bytes it carries (for batching).
+    pub fn size(&self) -> usize {
+        match self {
+            InputResult::Output(p) => p.bytes.len(),
+            InputResult::Error(e) => {
+                e.error_type.len() + e.message.len() + e.traceback.as_ref().map_or(0, String::len)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InputState {

@@ -14,7 +14,7 @@ use crate::calls::{InputResult, LeasedInput};
 use crate::ids::{ClusterId, InputId, NodeId};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -23,6 +23,40 @@ pub const ALPN: &[u8] = b"gantry-control/3";
 /// of events fit easily, and so does one function input or output at its inline limit of
 /// 2 MiB once base64 has grown it by a third; anything bigger is a bug or an attack.
 pub const MAX_FRAME: usize = 4 << 20;
+
+/// Most payload bytes one `Deliver` or `Outputs` batch carries, and most items: a batch
+/// takes items while it stays under both, and always takes at least one (an item is at most
+/// [`crate::calls::Payload::MAX_BYTES`], which fits a frame alone).
+pub const BATCH_PAYLOAD_BYTES: usize = 1 << 20;
+pub const BATCH_MAX_ITEMS: usize = 512;
+
+/// Splits `items` into batches in order, by the payload bytes `size` counts for each (see
+/// [`BATCH_PAYLOAD_BYTES`]).
+pub fn batches<T>(items: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        match out.last_mut() {
+            Some(last) if last.len() < BATCH_MAX_ITEMS && bytes + n <= BATCH_PAYLOAD_BYTES => {
+                bytes += n;
+                last.push(item);
+            }
+            _ => {
+                bytes = n;
+                out.push(vec![item]);
+            }
+        }
+    }
+    out
+}
+
+impl OutputItem {
+    /// The payload bytes it carries, for [`batches`].
+    pub fn payload_bytes(&self) -> usize {
+        self.result.size()
+    }
+}
 
 /// The DNS name in a node's certificate: `<node-id>.node.gantry`. The coordinator
 /// accepts a connection as node N only if its certificate is valid for N's name.
@@ -71,18 +105,23 @@ pub enum Request {
     /// only grow per node; the coordinator applies each at most once and acknowledges
     /// the highest it has applied.
     Events { events: Vec<SequencedEvent> },
-    /// A function container's answer to input `input` (try `attempt`). The coordinator
-    /// records the first answer for an input's current lease and ignores any other, so a
-    /// resend after a lost reply does no harm.
-    Output {
-        owner: Owner,
-        generation: Generation,
-        input: InputId,
-        attempt: u32,
-        result: InputResult,
-        /// When the container answered (unix ms).
-        at_ms: u64,
-    },
+    /// Function containers' answers, oldest first (a batch: one commit for all of them).
+    /// The coordinator records the first answer for an input's current lease and ignores
+    /// any other, so a resend after a lost reply does no harm. `Noted` covers every answer
+    /// of the batch; a refusal covers none.
+    Outputs { outputs: Vec<OutputItem> },
+}
+
+/// One function container's answer to input `input` (try `attempt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputItem {
+    pub owner: Owner,
+    pub generation: Generation,
+    pub input: InputId,
+    pub attempt: u32,
+    pub result: InputResult,
+    /// When the container answered (unix ms).
+    pub at_ms: u64,
 }
 
 /// A node's resources for jobs.
@@ -202,12 +241,12 @@ pub enum Command {
     ClearGpu {
         index: u32,
     },
-    /// Hand `input` to the function container's runtime API (its next `GET
-    /// /v1/inputs/next`). Refused `NotRunning` when the container is gone.
+    /// Hand `inputs` (in order) to the function container's runtime API (its next `GET
+    /// /v1/inputs/next`s). Refused `NotRunning` when the container is gone.
     Deliver {
         owner: Owner,
         generation: Generation,
-        input: LeasedInput,
+        inputs: Vec<LeasedInput>,
     },
     /// The input's call was cancelled: tell the container through its events, and stop it
     /// if it still holds the input after `grace_ms`.
@@ -218,11 +257,15 @@ pub enum Command {
         grace_ms: u64,
     },
     /// Scale-down: the container gets `410 Gone` from `next` and a `drain` event, finishes
-    /// what it holds and exits; it is stopped if it has not exited after `grace_ms`.
+    /// what it holds and exits; it is stopped if it has not exited after `grace_ms`. With
+    /// `preempt_deadline_ms` its node is being preempted: the container first gets a
+    /// `preempt` event with that deadline (unix ms).
     Drain {
         owner: Owner,
         generation: Generation,
         grace_ms: u64,
+        #[serde(default)]
+        preempt_deadline_ms: Option<u64>,
     },
 }
 
@@ -451,6 +494,51 @@ impl std::fmt::Display for JoinToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::calls::Payload;
+    use crate::{CallId, InputId, WarmId};
+
+    fn output(bytes: usize) -> OutputItem {
+        let call = CallId::new("c-1").expect("call");
+        OutputItem {
+            owner: Owner::Function(WarmId::new("w-1").expect("warm")),
+            generation: Generation(1),
+            input: InputId::of(&call, 0),
+            attempt: 1,
+            // Not UTF-8, so it travels as base64 (the largest encoding).
+            result: InputResult::Output(Payload::new("x/y", vec![0xff; bytes])),
+            at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn batches_keep_order_and_stay_under_a_frame() {
+        let sizes = [10, Payload::MAX_BYTES, 600_000, 600_000, 5, 7];
+        let items: Vec<(usize, usize)> = sizes.iter().copied().enumerate().collect();
+        let got: Vec<Vec<usize>> = batches(items, |(_, n)| *n)
+            .into_iter()
+            .map(|b| b.into_iter().map(|(i, _)| i).collect())
+            .collect();
+        // An item over the byte bound goes alone; the rest fill up to it, in order.
+        assert_eq!(got, vec![vec![0], vec![1], vec![2], vec![3, 4, 5]]);
+        let many = batches(0..(BATCH_MAX_ITEMS * 2 + 1), |_| 1);
+        assert_eq!(
+            many.iter().map(Vec::len).collect::<Vec<_>>(),
+            [BATCH_MAX_ITEMS, BATCH_MAX_ITEMS, 1]
+        );
+        // The largest batches still fit a frame: one answer at the inline limit, or a
+        // full batch's bytes.
+        for batch in batches(
+            vec![
+                output(Payload::MAX_BYTES),
+                output(BATCH_PAYLOAD_BYTES / 2),
+                output(BATCH_PAYLOAD_BYTES / 2),
+            ],
+            OutputItem::payload_bytes,
+        ) {
+            let frame = encode(&Request::Outputs { outputs: batch }).expect("fits a frame");
+            assert!(frame.len() <= MAX_FRAME + 4);
+        }
+    }
 
     #[test]
     fn frames_roundtrip() {

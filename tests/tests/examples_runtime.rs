@@ -443,7 +443,7 @@ async fn echo_runtime_against_the_agents_runtime_api() {
             deadline_ms,
             payload: Payload::new(*ct, body.to_vec()),
         };
-        api.server.deliver(input).expect("deliver");
+        api.server.deliver(vec![input]).expect("deliver");
     }
     let outputs = api.outputs(inputs.len()).await;
     assert_eq!(outputs.len(), inputs.len(), "{outputs:?}");
@@ -532,7 +532,7 @@ async fn runtime_sh_against_the_agents_runtime_api() {
             deadline_ms: gantry_shared::now_ms() + 60_000,
             payload: Payload::new("text/plain", body.as_bytes().to_vec()),
         };
-        api.server.deliver(input).expect("deliver");
+        api.server.deliver(vec![input]).expect("deliver");
     }
     let outputs = api.outputs(2).await;
     let result = |i: u32| {

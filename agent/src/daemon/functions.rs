@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use gantry_shared::calls::LeasedInput;
 use gantry_shared::protocol::{
-    CommandReply, Event, FunctionRuntime, Refusal, RefusalCode, Response,
+    CommandReply, Event, FunctionRuntime, Refusal, RefusalCode, Request, Response, batches,
 };
 use gantry_shared::{AttemptRef, ContainerId, Generation, InputId, Owner};
 use tokio_util::task::TaskTracker;
@@ -22,8 +22,9 @@ use crate::control::Session;
 use crate::invoke::{Container, FunctionServer, Invoke, InvokeError, StopReason};
 use crate::runtime::Runtime;
 
-/// Answers in flight to the coordinator at once.
-const MAX_IN_FLIGHT: usize = 32;
+/// Batches of answers in flight to the coordinator at once: while some wait for its
+/// commit, the answers arriving meanwhile gather into the next batch.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
 /// Wait before sending again an answer the coordinator neither noted nor refused.
 const RESEND_DELAY: Duration = Duration::from_millis(500);
 /// Longest a container's end waits for its answers to reach the coordinator, so the
@@ -90,12 +91,12 @@ impl Functions {
         &self,
         owner: &Owner,
         generation: Generation,
-        input: LeasedInput,
+        inputs: Vec<LeasedInput>,
     ) -> CommandReply {
         let Some(server) = self.server(owner, generation) else {
             return CommandReply::NotRunning;
         };
-        match server.deliver(input) {
+        match server.deliver(inputs) {
             Ok(()) => CommandReply::Accepted,
             Err(e) => CommandReply::Refused(Refusal::new(
                 RefusalCode::Unavailable,
@@ -121,66 +122,89 @@ impl Functions {
         }
     }
 
-    /// `Command::Drain`.
+    /// `Command::Drain` (with a preemption's deadline, if any).
     pub(super) fn drain(
         &self,
         owner: &Owner,
         generation: Generation,
         grace: Duration,
+        preempt_deadline_ms: Option<u64>,
     ) -> CommandReply {
         match self.server(owner, generation) {
             Some(server) => {
-                server.drain(grace);
+                match preempt_deadline_ms {
+                    Some(deadline) => server.preempt(deadline),
+                    None => server.drain(grace),
+                }
                 CommandReply::Accepted
             }
             None => CommandReply::NotRunning,
         }
     }
 
-    /// Sends the containers' answers on `session` until each is noted (or refused, which
-    /// is logged and drops it). Returns when the session fails; unsent answers stay for the
-    /// next session.
+    /// This node's spot-interruption watcher saw a notice: every function container hears
+    /// the deadline at once and drains until it (the coordinator's drains follow).
+    pub(super) fn preempt_all(&self, deadline_ms: u64) {
+        for server in self.invoke.all() {
+            server.preempt(deadline_ms);
+        }
+    }
+
+    /// Sends the containers' answers on `session`, in batches (one request and one commit
+    /// for all the answers waiting), until each is noted (or refused, which is logged and
+    /// drops it). Returns when the session fails; unsent answers stay for the next session.
     pub(super) async fn send_outputs(&self, session: &Session) {
         let outputs = self.invoke.outputs();
         let mut in_flight: HashSet<u64> = HashSet::new();
         let mut sends = FuturesUnordered::new();
         loop {
             let pushed = outputs.pushed();
-            let room = MAX_IN_FLIGHT.saturating_sub(in_flight.len());
-            for (seq, report) in outputs.pending(&in_flight, room) {
-                in_flight.insert(seq);
-                sends.push(async move {
-                    let answer = session.request(&report.to_request()).await;
-                    (seq, report.input, answer)
-                });
+            if sends.len() < MAX_BATCHES_IN_FLIGHT {
+                let waiting = outputs.pending(&in_flight, usize::MAX);
+                let free = MAX_BATCHES_IN_FLIGHT - sends.len();
+                for batch in batches(waiting, |(_, r)| r.result.size())
+                    .into_iter()
+                    .take(free)
+                {
+                    let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+                    in_flight.extend(seqs.iter().copied());
+                    let request = Request::Outputs {
+                        outputs: batch.iter().map(|(_, r)| r.to_item()).collect(),
+                    };
+                    sends.push(async move { (seqs, session.request(&request).await) });
+                }
             }
             tokio::select! {
-                Some((seq, input, answer)) = sends.next(), if !sends.is_empty() => {
+                Some((seqs, answer)) = sends.next(), if !sends.is_empty() => {
+                    let n = seqs.len();
                     match answer {
                         Ok(Response::Noted) => {
-                            outputs.done(seq);
-                            in_flight.remove(&seq);
+                            for seq in &seqs {
+                                outputs.done(*seq);
+                            }
                         }
                         Ok(Response::Refused(refusal)) if refusal.code == RefusalCode::Unavailable => {
-                            // It could not record it now (its store): it asks for it again.
-                            tracing::warn!(%input, %refusal, "the coordinator cannot record an answer now; will resend");
+                            // It could not record them now (its store): it asks for them again.
+                            tracing::warn!(answers = n, %refusal, "the coordinator cannot record answers now; will resend");
                             tokio::time::sleep(RESEND_DELAY).await;
-                            in_flight.remove(&seq);
                         }
                         Ok(Response::Refused(refusal)) => {
-                            tracing::warn!(%input, %refusal, "the coordinator refused an answer; dropping it");
-                            outputs.done(seq);
-                            in_flight.remove(&seq);
+                            tracing::warn!(answers = n, %refusal, "the coordinator refused answers; dropping them");
+                            for seq in &seqs {
+                                outputs.done(*seq);
+                            }
                         }
                         Ok(other) => {
-                            tracing::warn!(%input, answer = ?other, "answer not noted; will resend");
+                            tracing::warn!(answers = n, answer = ?other, "answers not noted; will resend");
                             tokio::time::sleep(RESEND_DELAY).await;
-                            in_flight.remove(&seq);
                         }
                         Err(e) => {
-                            tracing::warn!(%input, error = %e, "sending an answer failed");
+                            tracing::warn!(answers = n, error = %e, "sending answers failed");
                             return;
                         }
+                    }
+                    for seq in &seqs {
+                        in_flight.remove(seq);
                     }
                 }
                 _ = pushed => {}

@@ -61,10 +61,13 @@ pub(super) async fn sessions(
     let (notice_tx, notice_rx) = watch::channel::<Option<u64>>(None);
     if let Some(url) = config.spot_notice.url.clone() {
         let (interval, cancel) = (config.spot_notice.interval, cancel.clone());
+        let functions = router.functions.clone();
         tokio::spawn(async move {
             if let Some(deadline) =
                 crate::preemption::wait_for_notice(&url, interval, &cancel).await
             {
+                // Function containers hear it now, not after the coordinator's round trip.
+                functions.preempt_all(deadline);
                 let _ = notice_tx.send(Some(deadline));
             }
         });
@@ -221,8 +224,8 @@ impl Router {
             Command::Deliver {
                 owner,
                 generation,
-                input,
-            } => self.functions.deliver(&owner, generation, input),
+                inputs,
+            } => self.functions.deliver(&owner, generation, inputs),
             Command::CancelInput {
                 owner,
                 generation,
@@ -238,9 +241,13 @@ impl Router {
                 owner,
                 generation,
                 grace_ms,
-            } => self
-                .functions
-                .drain(&owner, generation, Duration::from_millis(grace_ms)),
+                preempt_deadline_ms,
+            } => self.functions.drain(
+                &owner,
+                generation,
+                Duration::from_millis(grace_ms),
+                preempt_deadline_ms,
+            ),
         }
     }
 }

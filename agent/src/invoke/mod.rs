@@ -179,6 +179,11 @@ impl Invoke {
         self.servers().get(id).cloned()
     }
 
+    /// Every server open now.
+    pub fn all(&self) -> Vec<Arc<FunctionServer>> {
+        self.servers().values().cloned().collect()
+    }
+
     /// Container `id` ended (or never started): its server stops, its directory goes.
     /// Inputs it still held are dropped: the coordinator leases them again.
     pub async fn close(&self, id: &ContainerId) {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gantry_shared::AttemptRef;
-use gantry_shared::protocol::Request;
+use gantry_shared::protocol::OutputItem;
 use tokio::sync::{Notify, Semaphore};
 
 use super::state::OutputReport;
@@ -124,9 +124,9 @@ impl Outputs {
 }
 
 impl OutputReport {
-    /// The request that carries this answer to the coordinator.
-    pub fn to_request(&self) -> Request {
-        Request::Output {
+    /// This answer as an item of the request that carries it to the coordinator.
+    pub fn to_item(&self) -> OutputItem {
+        OutputItem {
             owner: self.attempt_ref.owner.clone(),
             generation: self.attempt_ref.generation,
             input: self.input.clone(),

@@ -163,10 +163,13 @@ impl FunctionServer {
     }
 
     /// Queues `input` for the container's next `GET /v1/inputs/next`.
-    pub fn deliver(&self, input: LeasedInput) -> Result<(), InboxError> {
-        self.shared.inbox().deliver(input)?;
+    pub fn deliver(&self, inputs: Vec<LeasedInput>) -> Result<(), InboxError> {
+        let result = {
+            let mut inbox = self.shared.inbox();
+            inputs.into_iter().try_for_each(|i| inbox.deliver(i))
+        };
         self.shared.poke();
-        Ok(())
+        result
     }
 
     /// The input's call was cancelled: a `cancel` event, and a stop if the container still
@@ -184,6 +187,13 @@ impl FunctionServer {
         self.shared
             .inbox()
             .drain(grace.as_millis() as u64, now_ms());
+        self.shared.poke();
+    }
+
+    /// Its node is being preempted: a `preempt` event with `deadline_ms` (unix ms), then a
+    /// drain that stops the container at the deadline if it still runs.
+    pub fn preempt(&self, deadline_ms: u64) {
+        self.shared.inbox().preempt(deadline_ms, now_ms());
         self.shared.poke();
     }
 

@@ -22,6 +22,9 @@ pub enum RuntimeEvent {
     Cancel { input: InputId },
     /// Finish what you hold, then exit; `next` answers `410 Gone` from now on.
     Drain,
+    /// The node is being preempted: it goes away at `deadline_ms` (unix ms). Save what is
+    /// worth saving; a `drain` follows.
+    Preempt { deadline_ms: u64 },
 }
 
 /// An answer for one input, on its way to the coordinator.
@@ -137,6 +140,8 @@ pub struct Inbox {
     waiting: u32,
     /// Set by a drain: the container is stopped at this time (unix ms) if still running.
     drain_stop_ms: Option<u64>,
+    /// A `preempt` event was queued.
+    preempt_told: bool,
     events: VecDeque<RuntimeEvent>,
     /// A stop was decided: nothing more is decided for this container.
     stopping: bool,
@@ -165,6 +170,7 @@ impl Inbox {
             held: BTreeMap::new(),
             waiting: 0,
             drain_stop_ms: None,
+            preempt_told: false,
             events: VecDeque::new(),
             stopping: false,
         }
@@ -396,6 +402,16 @@ impl Inbox {
                 self.push_event(RuntimeEvent::Drain);
             }
         }
+    }
+
+    /// The node is being preempted: a `preempt` event with the deadline (once), then a
+    /// drain whose grace ends at the deadline.
+    pub fn preempt(&mut self, deadline_ms: u64, now: u64) {
+        if !self.preempt_told {
+            self.preempt_told = true;
+            self.push_event(RuntimeEvent::Preempt { deadline_ms });
+        }
+        self.drain(deadline_ms.saturating_sub(now), now);
     }
 
     fn push_event(&mut self, event: RuntimeEvent) {
@@ -704,6 +720,39 @@ mod tests {
             &b.expire(500)[..],
             [Action::Stop(StopReason::Drained)]
         ));
+    }
+
+    #[test]
+    fn a_preemption_tells_its_deadline_once_then_drains_until_it() {
+        let mut b = inbox(1);
+        b.preempt(5_000, 1_000);
+        b.preempt(5_000, 2_000);
+        assert_eq!(
+            b.take_events(),
+            [
+                RuntimeEvent::Preempt { deadline_ms: 5_000 },
+                RuntimeEvent::Drain
+            ]
+        );
+        assert_eq!(b.begin_next(), Err(InboxError::Draining));
+        assert_eq!(b.next_wake(), Some(5_000));
+        assert!(b.expire(4_999).is_empty());
+        assert!(matches!(
+            &b.expire(5_000)[..],
+            [Action::Stop(StopReason::Drained)]
+        ));
+        // A drain already under way keeps its earlier stop; the deadline is still told.
+        let mut b = inbox(1);
+        b.drain(100, 0);
+        b.preempt(9_000, 10);
+        assert_eq!(
+            b.take_events(),
+            [
+                RuntimeEvent::Drain,
+                RuntimeEvent::Preempt { deadline_ms: 9_000 }
+            ]
+        );
+        assert_eq!(b.next_wake(), Some(100));
     }
 
     #[test]

@@ -225,7 +225,7 @@ async fn connection(incoming: quinn::Incoming, state: Arc<State>, cancel: Cancel
                 let Ok((send, recv)) = stream else { break };
                 let (state, peer) = (state.clone(), peer.clone());
                 streams.spawn(async move {
-                    if let Err(e) = exchange(send, recv, &state, &peer).await {
+                    if let Err(e) = exchange(send, recv, state, peer.clone()).await {
                         tracing::warn!(%remote, error = %e, "closing control connection");
                         peer.conn.close(1u32.into(), e.to_string().as_bytes());
                     }
@@ -250,20 +250,29 @@ impl Peer {
 async fn exchange(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    state: &State,
-    peer: &Peer,
+    state: Arc<State>,
+    peer: Arc<Peer>,
 ) -> Result<(), StreamError> {
     let t = state.cfg.frame_timeout;
     let request: Request = tokio::time::timeout(t, read_frame(&mut recv))
         .await
         .map_err(|_| StreamError::Timeout(t))??;
     let duplicate = match &request {
-        Request::Hello { node, instance, .. } => state.live_duplicate(node, *instance, peer).await,
+        Request::Hello { node, instance, .. } => state.live_duplicate(node, *instance, &peer).await,
         _ => None,
     };
     let response = match duplicate {
         Some(refusal) => Response::Refused(refusal),
-        None => state.handle(request, peer),
+        // The decisions write and commit the store, which waits for the disk: off the
+        // async workers, so other sessions' streams go on meanwhile.
+        None => tokio::task::spawn_blocking(move || state.handle(request, &peer))
+            .await
+            .unwrap_or_else(|e| {
+                Response::Refused(Refusal::new(
+                    RefusalCode::Unavailable,
+                    format!("the request failed ({e}); send it again"),
+                ))
+            }),
     };
     if let Response::Refused(r) = &response {
         tracing::warn!(code = ?r.code, reason = %r.message, "control request refused");
@@ -343,14 +352,7 @@ impl State {
 
     fn decide(&self, request: Request, peer: &Peer) -> Result<Response, Refusal> {
         match request {
-            Request::Output {
-                owner,
-                generation: _,
-                input,
-                attempt,
-                result,
-                at_ms: _,
-            } => {
+            Request::Outputs { outputs } => {
                 let node = peer.node().ok_or_else(|| {
                     Refusal::new(RefusalCode::NoSession, "say hello before sending outputs")
                 })?;
@@ -360,17 +362,15 @@ impl State {
                         "this coordinator serves no functions",
                     )
                 })?;
-                functions
-                    .on_output(&node, &owner, &input, attempt, result)
-                    .map_err(|e| {
-                        tracing::error!(%node, error = %e, "cannot record an output");
-                        Refusal::new(
-                            RefusalCode::Unavailable,
-                            format!(
-                                "the coordinator cannot record the output now ({e}); send it again"
-                            ),
-                        )
-                    })?;
+                functions.on_outputs(&node, outputs).map_err(|e| {
+                    tracing::error!(%node, error = %e, "cannot record outputs");
+                    Refusal::new(
+                        RefusalCode::Unavailable,
+                        format!(
+                            "the coordinator cannot record the outputs now ({e}); send them again"
+                        ),
+                    )
+                })?;
                 Ok(Response::Noted)
             }
             Request::Join {

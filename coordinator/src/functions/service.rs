@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use gantry_shared::calls::{
     CallRequest, CallRequestError, CallState, CallView, InputResult, InputState, InputView,
+    LeasedInput,
 };
 use gantry_shared::functions::{
     AppManifest, AppView, DeploymentView, FunctionView, ManifestValidationError, VersionSummary,
 };
-use gantry_shared::protocol::{AttemptSpec, Command, CommandReply, Event, FunctionRuntime};
+use gantry_shared::protocol::{
+    AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, batches,
+};
 use gantry_shared::{
     AppName, CallId, EndCause, FunctionName, Generation, InputId, NodeId, Owner, WarmId, now_ms,
 };
@@ -34,6 +37,7 @@ use crate::placement::{Never, Request, Unplaceable};
 use crate::reconcile::{Held, NodeLink, engine};
 use crate::store::StoreError;
 use crate::store::functions::{AppRecord, CallRecord, FunctionStore};
+use crate::store::node_admin::AdminMode;
 
 /// The longest one call request waits for its outputs; clients ask again.
 pub const MAX_CALL_WAIT: Duration = Duration::from_secs(55);
@@ -93,6 +97,8 @@ pub enum Outbound {
     Drain {
         node: NodeId,
         warm: WarmId,
+        /// Its node is being preempted: the container hears this deadline (unix ms).
+        preempt_deadline_ms: Option<u64>,
     },
     /// Stop a container taken off its node (a fence) or given up on.
     Stop {
@@ -575,37 +581,40 @@ impl FunctionService {
         Ok(self.inner.store.commit()?)
     }
 
-    /// A container's answer to an input (recorded once; a stale answer is ignored).
-    pub fn on_output(
+    /// Containers' answers to inputs from `node`, in order (each recorded once; a stale
+    /// answer is ignored), durable together before this returns: one commit per batch.
+    pub fn on_outputs(
         &self,
         node: &NodeId,
-        owner: &Owner,
-        input: &InputId,
-        attempt: u32,
-        result: InputResult,
+        outputs: Vec<OutputItem>,
     ) -> Result<(), FunctionServiceError> {
-        let Some(warm) = owner.warm() else {
-            return Ok(());
-        };
-        let mut state = self.lock();
-        // Only the node the input is leased to answers for it.
-        let from_lease_node = state
-            .input(input)
-            .and_then(|i| i.lease.as_ref())
-            .is_some_and(|l| &l.node == node);
-        if !from_lease_node {
-            return Ok(());
+        let mut changed = false;
+        {
+            let mut state = self.lock();
+            let now = now_ms();
+            for o in outputs {
+                let Some(warm) = o.owner.warm() else {
+                    continue;
+                };
+                // Only the node the input is leased to answers for it.
+                let from_lease_node = state
+                    .input(&o.input)
+                    .and_then(|i| i.lease.as_ref())
+                    .is_some_and(|l| &l.node == node);
+                if !from_lease_node {
+                    continue;
+                }
+                let changes = state.answered(warm, &o.input, o.attempt, o.result, now);
+                changed |= !changes.inputs.is_empty();
+                self.apply(changes)?;
+            }
         }
-        let changes = state.answered(warm, input, attempt, result, now_ms());
-        let changed = !changes.inputs.is_empty();
-        self.apply(changes)?;
-        drop(state);
         if changed {
-            // The answer (an output, an error, a retry) is durable before the agent hears
-            // `Noted` and forgets it.
+            // The answers (outputs, errors, retries) are durable before the agent hears
+            // `Noted` and forgets them.
             self.inner.store.commit()?;
+            self.inner.reconcile.notify_one();
         }
-        self.inner.reconcile.notify_one();
         Ok(())
     }
 
@@ -716,17 +725,29 @@ impl FunctionService {
             self.apply(changes)?;
             let _ = self.inner.outbound.send(Outbound::Stop { node, warm: id });
         }
-        // Containers on nodes being drained or preempted finish and go.
-        let leaving: Vec<(WarmId, NodeId)> = state
+        // Containers on nodes being drained or preempted finish and go; on a preempted
+        // node they hear its deadline (the drain's grace, if it names none).
+        let leaving: Vec<(WarmId, NodeId, Option<u64>)> = state
             .warm()
             .filter(|w| matches!(w.phase, WarmPhase::Ready | WarmPhase::Started))
-            .filter(|w| status(&w.node).is_some_and(|s| s.admin.is_some()))
-            .map(|w| (w.id.clone(), w.node.clone()))
+            .filter_map(|w| {
+                let admin = status(&w.node)?.admin.as_ref()?;
+                let deadline = (admin.mode == AdminMode::Preempt).then(|| {
+                    admin
+                        .deadline_ms
+                        .unwrap_or(now + DRAIN_GRACE.as_millis() as u64)
+                });
+                Some((w.id.clone(), w.node.clone(), deadline))
+            })
             .collect();
-        for (id, node) in leaving {
+        for (id, node, preempt_deadline_ms) in leaving {
             let changes = state.drain(&id);
             self.apply(changes)?;
-            let _ = self.inner.outbound.send(Outbound::Drain { node, warm: id });
+            let _ = self.inner.outbound.send(Outbound::Drain {
+                node,
+                warm: id,
+                preempt_deadline_ms,
+            });
         }
         // A version whose container no node could ever hold (even empty, every GPU
         // healthy) fails its queued inputs saying why, instead of queueing them forever.
@@ -817,7 +838,11 @@ impl FunctionService {
                 tracing::info!(container = %id, function = %key, "draining an idle container");
                 let changes = state.drain(&id);
                 self.apply(changes)?;
-                let _ = self.inner.outbound.send(Outbound::Drain { node, warm: id });
+                let _ = self.inner.outbound.send(Outbound::Drain {
+                    node,
+                    warm: id,
+                    preempt_deadline_ms: None,
+                });
             }
             for _ in 0..decision.start {
                 if !state.may_start(&key, now) {
@@ -1069,7 +1094,7 @@ fn call_view(call: &CallRecord, inputs: &[InputRecord]) -> CallView {
 
 /// Carries [`Outbound`] messages to nodes until `cancel`, each from its own task; what a
 /// node answers goes back to the service (a delivery that found no container, a fence
-/// that is gone).
+/// that is gone). The deliveries waiting together for one container go as one `Deliver`.
 pub async fn run_router<L: NodeLink>(
     service: FunctionService,
     link: L,
@@ -1078,39 +1103,108 @@ pub async fn run_router<L: NodeLink>(
 ) {
     let tasks = TaskTracker::new();
     loop {
-        let msg = tokio::select! {
+        let first = tokio::select! {
             _ = cancel.cancelled() => break,
             m = rx.recv() => match m { Some(m) => m, None => break },
         };
-        let service = service.clone();
-        let link = link.clone();
-        tasks.spawn(async move { send(&service, &link, msg).await });
+        let mut waiting = vec![first];
+        while waiting.len() < ROUTER_GATHER {
+            match rx.try_recv() {
+                Ok(m) => waiting.push(m),
+                Err(_) => break,
+            }
+        }
+        for msg in gather_deliveries(waiting) {
+            let service = service.clone();
+            let link = link.clone();
+            tasks.spawn(async move { send(&service, &link, msg).await });
+        }
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
 }
 
-async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Outbound) {
+/// Most messages the router takes from its queue before it sends.
+const ROUTER_GATHER: usize = 4096;
+
+/// A message the router sends: deliveries for one container gathered in order.
+#[derive(Debug)]
+enum Send {
+    Deliver {
+        node: NodeId,
+        warm: WarmId,
+        inputs: Vec<LeasedInput>,
+    },
+    Other(Outbound),
+}
+
+/// Gathers the deliveries among `waiting` by container (in their order, in batches a
+/// frame holds); every other message keeps its place.
+fn gather_deliveries(waiting: Vec<Outbound>) -> Vec<Send> {
+    let mut out = Vec::new();
+    let mut by_warm: BTreeMap<WarmId, (NodeId, Vec<LeasedInput>)> = BTreeMap::new();
+    for msg in waiting {
+        match msg {
+            Outbound::Deliver(d) => {
+                by_warm
+                    .entry(d.warm)
+                    .or_insert_with(|| (d.node, Vec::new()))
+                    .1
+                    .push(d.input);
+            }
+            other => out.push(Send::Other(other)),
+        }
+    }
+    for (warm, (node, inputs)) in by_warm {
+        for batch in batches(inputs, |i| i.payload.bytes.len()) {
+            out.push(Send::Deliver {
+                node: node.clone(),
+                warm: warm.clone(),
+                inputs: batch,
+            });
+        }
+    }
+    out
+}
+
+/// Hands `inputs` to container `warm` on `node`; a container its node no longer runs (or
+/// that the command did not reach) counts as ended.
+async fn deliver<L: NodeLink>(
+    service: &FunctionService,
+    link: &L,
+    node: NodeId,
+    warm: WarmId,
+    inputs: Vec<LeasedInput>,
+) -> Result<(), FunctionServiceError> {
+    let cmd = Command::Deliver {
+        owner: Owner::Function(warm.clone()),
+        generation: Generation(1),
+        inputs,
+    };
+    match link.exchange(&node, cmd).await {
+        Ok(CommandReply::Accepted) => Ok(()),
+        Ok(CommandReply::NotRunning) => {
+            service.delivery_failed(&warm, "its node no longer runs it", true)
+        }
+        Ok(other) => service.delivery_failed(&warm, &format!("its node answered {other:?}"), false),
+        Err(e) => service.delivery_failed(&warm, &e, false),
+    }
+}
+
+async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Send) {
     let grace_ms = DRAIN_GRACE.as_millis() as u64;
     let owner = |w: &WarmId| Owner::Function(w.clone());
-    let result = match msg {
-        Outbound::Deliver(d) => {
-            let cmd = Command::Deliver {
-                owner: owner(&d.warm),
-                generation: Generation(1),
-                input: d.input,
-            };
-            match link.exchange(&d.node, cmd).await {
-                Ok(CommandReply::Accepted) => Ok(()),
-                Ok(CommandReply::NotRunning) => {
-                    service.delivery_failed(&d.warm, "its node no longer runs it", true)
-                }
-                Ok(other) => {
-                    service.delivery_failed(&d.warm, &format!("its node answered {other:?}"), false)
-                }
-                Err(e) => service.delivery_failed(&d.warm, &e, false),
+    let msg = match msg {
+        Send::Deliver { node, warm, inputs } => {
+            if let Err(e) = deliver(service, link, node, warm, inputs).await {
+                tracing::error!(error = %e, "recording a node's answer failed");
             }
+            return;
         }
+        Send::Other(msg) => msg,
+    };
+    let result = match msg {
+        Outbound::Deliver(d) => deliver(service, link, d.node, d.warm, vec![d.input]).await,
         Outbound::Start { node, spec } => {
             let warm = spec.owner.warm().cloned();
             match (link.exchange(&node, Command::Start(spec)).await, warm) {
@@ -1136,11 +1230,16 @@ async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Outbound) {
             };
             link.exchange(&node, cmd).await.map(|_| ()).or(Ok(()))
         }
-        Outbound::Drain { node, warm } => {
+        Outbound::Drain {
+            node,
+            warm,
+            preempt_deadline_ms,
+        } => {
             let cmd = Command::Drain {
                 owner: owner(&warm),
                 generation: Generation(1),
-                grace_ms,
+                grace_ms: preempt_deadline_ms.map_or(grace_ms, |d| d.saturating_sub(now_ms())),
+                preempt_deadline_ms,
             };
             match link.exchange(&node, cmd).await {
                 Ok(CommandReply::NotRunning) => {
@@ -1163,5 +1262,68 @@ async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Outbound) {
     };
     if let Err(e) = result {
         tracing::error!(error = %e, "recording a node's answer failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_shared::calls::Payload;
+
+    fn delivery(node: &str, warm: &str, n: u32) -> Outbound {
+        let call = CallId::new("c-1").expect("call");
+        Outbound::Deliver(Delivery {
+            node: NodeId::new(node).expect("node"),
+            warm: WarmId::new(warm).expect("warm"),
+            input: LeasedInput {
+                id: InputId::of(&call, n),
+                call,
+                attempt: 1,
+                deadline_ms: 1,
+                payload: Payload::text("x"),
+            },
+        })
+    }
+
+    #[test]
+    fn deliveries_are_gathered_per_container_in_order() {
+        let waiting = vec![
+            delivery("n1", "w-1", 0),
+            delivery("n2", "w-2", 1),
+            Outbound::Drain {
+                node: NodeId::new("n1").expect("node"),
+                warm: WarmId::new("w-3").expect("warm"),
+                preempt_deadline_ms: None,
+            },
+            delivery("n1", "w-1", 2),
+            delivery("n1", "w-1", 3),
+        ];
+        let sends = gather_deliveries(waiting);
+        let shape: Vec<String> = sends
+            .iter()
+            .map(|s| match s {
+                Send::Deliver { node, warm, inputs } => format!(
+                    "{node}/{warm}:{}",
+                    inputs
+                        .iter()
+                        .map(|i| i.id.as_str().rsplit('-').next().unwrap_or("").to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                Send::Other(o) => format!("{o:?}")
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .into(),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "Drain",
+                "n1/w-1:00000000,00000002,00000003",
+                "n2/w-2:00000001"
+            ]
+        );
     }
 }
