@@ -3,7 +3,9 @@
 use gantry_shared::api::{
     ErrorBody, Job, JobList, JobSpec, JoinTokenRequest, JoinTokenResponse, Node,
 };
-use gantry_shared::calls::{CallRequest, CallView};
+use gantry_shared::calls::{
+    AppendRequest, AppendView, CallRequest, CallView, OutputOrder, OutputsPage,
+};
 use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -193,6 +195,33 @@ impl ApiClient {
             Some(w) => self.get(&format!("/v1/calls/{id}?wait={w}")).await,
             None => self.get(&format!("/v1/calls/{id}")).await,
         }
+    }
+
+    /// Adds inputs to an open map (see `AppendRequest`).
+    pub async fn append_inputs(
+        &self,
+        id: &str,
+        request: &AppendRequest,
+    ) -> Result<AppendView, ClientError> {
+        self.post(&format!("/v1/calls/{id}/inputs"), request).await
+    }
+
+    /// A page of the call's results from `from` on, waiting up to `wait` for the first.
+    pub async fn call_outputs(
+        &self,
+        id: &str,
+        from: u32,
+        order: OutputOrder,
+        wait: &str,
+    ) -> Result<OutputsPage, ClientError> {
+        let order = match order {
+            OutputOrder::Input => "input",
+            OutputOrder::Completion => "completion",
+        };
+        self.get(&format!(
+            "/v1/calls/{id}/outputs?from={from}&order={order}&wait={wait}"
+        ))
+        .await
     }
 
     pub async fn cancel_call(&self, id: &str) -> Result<CallView, ClientError> {

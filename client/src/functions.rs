@@ -5,14 +5,16 @@ use std::io::{BufRead, Read, Write};
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use gantry_shared::calls::{CallRequest, CallState, CallView, InputState, InputView, Payload};
+use gantry_shared::calls::{
+    AppendRequest, CallRequest, CallState, CallView, InputState, InputView, OutputOrder, Payload,
+};
 use gantry_shared::functions::{AppManifest, AppView};
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, ClientError};
 
 /// How long one request of a call waits for its outputs before asking again.
 const LONG_POLL: &str = "55s";
-/// Inputs per request of `gantry map`; two requests are in flight at once.
+/// Inputs per request of `gantry map`.
 const MAP_CHUNK: usize = 500;
 
 /// Reads and checks `gantry.toml`; errors name the file, the key and the line.
@@ -221,6 +223,7 @@ pub async fn call(
         input: Some(input),
         inputs: Vec::new(),
         wait: !detach,
+        open: false,
     };
     let view = api.call(app, function, &request).await?;
     if detach {
@@ -335,62 +338,122 @@ fn state_name(s: CallState) -> &'static str {
     }
 }
 
-/// `gantry map`: one input per line of `file` (`-`: standard input), sent in chunks with
-/// two in flight; prints one output per line, in input order. Exit 1 if any input failed.
+/// `gantry map`: one input per line of `file` (`-`: standard input), streamed into one
+/// open map (the server holds at most 1,000 outstanding, so a long file waits for room as
+/// it goes); prints one output per line as they come, in input order, or with
+/// [`OutputOrder::Completion`] as they complete, each prefixed by its index and a tab.
+/// Exit 1 if any input failed.
 pub async fn map(
     api: &ApiClient,
     app: &str,
     function: &str,
     file: &str,
     content_type: &str,
+    order: OutputOrder,
 ) -> anyhow::Result<i32> {
-    let reader: Box<dyn BufRead> = if file == "-" {
+    let reader: Box<dyn BufRead + Send> = if file == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
         Box::new(std::io::BufReader::new(
             std::fs::File::open(file).with_context(|| format!("cannot read {file}"))?,
         ))
     };
-    let mut lines = reader.lines();
-    let mut failed = false;
-    let mut next_chunk = || -> anyhow::Result<Vec<Payload>> {
+    // Lines are read on their own thread, so a slow producer on stdin does not hold up
+    // the printing of outputs; the channel's bound is the read-ahead.
+    let (tx, mut chunks) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<Payload>>>(2);
+    let content_type = content_type.to_owned();
+    std::thread::spawn(move || {
         let mut chunk = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.context("reading the inputs")?;
-            let p = Payload::new(content_type, line.into_bytes());
-            p.check()?;
-            chunk.push(p);
-            if chunk.len() == MAP_CHUNK {
-                break;
+        for line in reader.lines() {
+            let p = line
+                .context("reading the inputs")
+                .map(|l| Payload::new(content_type.as_str(), l.into_bytes()))
+                .and_then(|p| p.check().map(|()| p).map_err(anyhow::Error::from));
+            match p {
+                Ok(p) => chunk.push(p),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+            if chunk.len() == MAP_CHUNK && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err()
+            {
+                return;
             }
         }
-        Ok(chunk)
-    };
-    let submit = |inputs: Vec<Payload>| {
-        let request = CallRequest {
-            input: None,
-            inputs,
-            wait: false,
-        };
-        async move { api.call(app, function, &request).await }
-    };
-    let first = next_chunk()?;
-    if first.is_empty() {
-        bail!("{file} holds no inputs; write one input per line");
-    }
-    let mut pending = Some(submit(first).await?);
-    while let Some(call) = pending.take() {
-        let chunk = next_chunk()?;
         if !chunk.is_empty() {
-            pending = Some(submit(chunk).await?);
+            let _ = tx.blocking_send(Ok(chunk));
         }
-        let done = wait(api, call).await?;
-        let mut out = std::io::stdout().lock();
-        for r in &done.results {
-            write_result(&mut out, r, true)?;
+    });
+    let first = match chunks.recv().await {
+        Some(chunk) => chunk?,
+        None => bail!("{file} holds no inputs; write one input per line"),
+    };
+    let mut sent = first.len() as u32;
+    let request = CallRequest {
+        input: None,
+        inputs: first,
+        wait: false,
+        open: true,
+    };
+    let id = api.call(app, function, &request).await?.id.to_string();
+    let feed = async {
+        let fed = async {
+            loop {
+                let chunk = chunks.recv().await.transpose()?;
+                let close = chunk.is_none();
+                let request = AppendRequest {
+                    start: sent,
+                    inputs: chunk.unwrap_or_default(),
+                    close,
+                };
+                append(api, &id, &request).await?;
+                sent += request.inputs.len() as u32;
+                if close {
+                    return anyhow::Ok(());
+                }
+            }
         }
-        out.flush()?;
-        failed |= done.state != CallState::Succeeded;
-    }
+        .await;
+        if fed.is_err() {
+            // Nothing more comes: what was sent is dropped rather than left open.
+            let _ = api.cancel_call(&id).await;
+        }
+        fed
+    };
+    let read = async {
+        let mut from = 0;
+        let mut failed = false;
+        loop {
+            let page = api.call_outputs(&id, from, order, LONG_POLL).await?;
+            let mut out = std::io::stdout().lock();
+            for r in &page.results {
+                if order == OutputOrder::Completion {
+                    write!(out, "{}\t", r.index)?;
+                }
+                write_result(&mut out, r, true)?;
+                failed |= r.state != InputState::Succeeded;
+            }
+            out.flush()?;
+            from = page.next;
+            if page.done {
+                return anyhow::Ok(failed);
+            }
+        }
+    };
+    let ((), failed) = tokio::try_join!(feed, read)?;
     Ok(i32::from(failed))
+}
+
+/// Adds inputs to an open map, asking again while the map is full (429).
+async fn append(api: &ApiClient, id: &str, request: &AppendRequest) -> anyhow::Result<()> {
+    loop {
+        match api.append_inputs(id, request).await {
+            Ok(_) => return Ok(()),
+            Err(ClientError::Api { status: 429, .. }) => {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

@@ -8,6 +8,7 @@ use gantry_client::config::CliConfig;
 use gantry_client::dev::{self, DevConfig};
 use gantry_client::run::RunArgs;
 use gantry_client::{functions, image, print, run as submit};
+use gantry_shared::calls::OutputOrder;
 
 #[derive(Parser)]
 #[command(
@@ -152,7 +153,8 @@ enum Command {
     /// Calls: wait for one's output, show where its time went, cancel it.
     #[command(subcommand)]
     Calls(CallsCommand),
-    /// Call a function once per line of a file; print one output per line, in order.
+    /// Call a function once per line of a file; print one output per line as they come, in
+    /// input order.
     Map {
         app: String,
         function: String,
@@ -162,6 +164,9 @@ enum Command {
         /// Each input's content type.
         #[arg(long, default_value = "application/json")]
         content_type: String,
+        /// Print outputs as they complete, each as `INDEX<TAB>OUTPUT`.
+        #[arg(long)]
+        unordered: bool,
     },
 }
 
@@ -552,9 +557,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             function,
             input_file,
             content_type,
+            unordered,
         } => {
             let client = CliConfig::load()?.client();
-            functions::map(&client, &app, &function, &input_file, &content_type).await
+            let order = if unordered {
+                OutputOrder::Completion
+            } else {
+                OutputOrder::Input
+            };
+            functions::map(&client, &app, &function, &input_file, &content_type, order).await
         }
     }
 }

@@ -713,3 +713,181 @@ async fn calls_are_durable_queued_and_cancellable_and_refused_clearly() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn an_open_map_takes_inputs_in_order_holds_back_beyond_its_bound_and_reads_in_both_orders() {
+    let api = std::sync::Arc::new(Api::new().await);
+    let sub = Some(api.submitter.as_str());
+    let m = manifest("maps", "");
+    api.call("POST", "/v1/apps/maps/deployments", sub, Some(m), &[])
+        .await;
+    let texts = |from: usize, n: usize| -> Vec<Value> {
+        (from..from + n)
+            .map(|i| json!({"text": format!("in-{i}")}))
+            .collect()
+    };
+    // Open with three inputs (no node: they stay queued).
+    let open = json!({"inputs": texts(0, 3), "open": true, "wait": false}).to_string();
+    let (s, _, v) = api
+        .call(
+            "POST",
+            "/v1/apps/maps/functions/echo/calls",
+            sub,
+            Some(open),
+            &[],
+        )
+        .await;
+    assert_eq!((s, &v["open"]), (StatusCode::ACCEPTED, &json!(true)), "{v}");
+    let id = v["id"].as_str().expect("id").to_owned();
+    let inputs = format!("/v1/calls/{id}/inputs");
+    let append = |start: u32, body: Vec<Value>, close: bool| {
+        json!({"start": start, "inputs": body, "close": close}).to_string()
+    };
+    // Two more at their place; sent again, the same answer and nothing added.
+    for replay in [false, true] {
+        let (s, h, v) = api
+            .call(
+                "POST",
+                &inputs,
+                sub,
+                Some(append(3, texts(3, 2), false)),
+                &[],
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(
+            (v["inputs"].as_u64(), v["outstanding"].as_u64()),
+            (Some(5), Some(5))
+        );
+        assert_eq!(h.contains_key("idempotent-replayed"), replay);
+    }
+    // A gap, or other inputs where some already are: 409 naming the next `start`.
+    for (start, body) in [(7, texts(7, 1)), (4, texts(90, 2))] {
+        let (s, _, v) = api
+            .call("POST", &inputs, sub, Some(append(start, body, false)), &[])
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains("`start` 5"), "{msg}");
+    }
+    // More than the bound in one request: refused at once.
+    let (s, _, v) = api
+        .call(
+            "POST",
+            &inputs,
+            sub,
+            Some(append(5, texts(5, 1_001), false)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // Fill the map to its bound of 1,000 outstanding; one more waits for room.
+    let (s, _, v) = api
+        .call(
+            "POST",
+            &inputs,
+            sub,
+            Some(append(5, texts(5, 995), false)),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (s, v["outstanding"].as_u64()),
+        (StatusCode::OK, Some(1_000)),
+        "{v}"
+    );
+    let waiting = {
+        let (api, inputs) = (api.clone(), inputs.clone());
+        tokio::spawn(async move {
+            let sub = Some(api.submitter.as_str());
+            api.call(
+                "POST",
+                &inputs,
+                sub,
+                Some(append(1_000, texts(1_000, 1), false)),
+                &[],
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "an append beyond the bound waits for room"
+    );
+    // Nothing has ended yet: reading outputs from the start finds none, without waiting.
+    let (s, _, v) = api
+        .call(
+            "GET",
+            &format!("/v1/calls/{id}/outputs"),
+            Some(&api.reader),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (
+            v["results"].as_array().map(Vec::len),
+            &v["next"],
+            &v["done"]
+        ),
+        (Some(0), &json!(0), &json!(false))
+    );
+    // Cancelling closes the map: the waiting append hears so, every input ends.
+    let (s, _, v) = api
+        .call("POST", &format!("/v1/calls/{id}/cancel"), sub, None, &[])
+        .await;
+    assert_eq!(
+        (s, &v["state"], &v["open"]),
+        (StatusCode::OK, &json!("cancelled"), &json!(false)),
+        "{v}"
+    );
+    let (s, _, v) = waiting.await.expect("append");
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cancelled"),
+        "{v}"
+    );
+    // Both orders page through all 1,000, and the last page says done.
+    for order in ["input", "completion"] {
+        let mut from = 0;
+        let mut seen = Vec::new();
+        loop {
+            let (s, _, v) = api
+                .call(
+                    "GET",
+                    &format!("/v1/calls/{id}/outputs?from={from}&order={order}&limit=300&wait=1s"),
+                    Some(&api.reader),
+                    None,
+                    &[],
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let page = v["results"].as_array().cloned().unwrap_or_default();
+            assert!(page.len() <= 300);
+            seen.extend(page.iter().map(|r| r["index"].as_u64().unwrap_or(u64::MAX)));
+            assert!(page.iter().all(|r| r["state"] == "cancelled"), "{v}");
+            from = v["next"].as_u64().expect("next");
+            if v["done"] == json!(true) {
+                break;
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1_000).collect::<Vec<u64>>(), "{order}");
+    }
+    // A closed map takes nothing more.
+    let (s, _, v) = api
+        .call(
+            "POST",
+            &inputs,
+            sub,
+            Some(append(1_000, texts(1_000, 1), false)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+}

@@ -158,6 +158,10 @@ pub struct CallRequest {
     pub inputs: Vec<Payload>,
     #[serde(default = "yes")]
     pub wait: bool,
+    /// A streamed map: more inputs may follow (`POST /v1/calls/{id}/inputs`) until one
+    /// says `close`. `inputs` may then be empty.
+    #[serde(default)]
+    pub open: bool,
 }
 
 fn yes() -> bool {
@@ -173,6 +177,7 @@ impl CallRequest {
         let inputs = match (self.input, self.inputs.is_empty()) {
             (Some(one), true) => vec![one],
             (None, false) => self.inputs,
+            (None, true) if self.open => Vec::new(),
             (None, true) => return Err(CallRequestError::NoInput),
             (Some(_), false) => return Err(CallRequestError::Both),
         };
@@ -355,6 +360,81 @@ pub struct CallView {
     pub inputs: u32,
     pub succeeded: u32,
     pub failed: u32,
+    /// A streamed map that takes more inputs (`POST /v1/calls/{id}/inputs`) until closed;
+    /// it runs until it is closed and every input ended.
+    #[serde(default)]
+    pub open: bool,
     /// Each input, in order, with its output or error once it has one.
     pub results: Vec<InputView>,
+}
+
+/// More inputs for an open map: `POST /v1/calls/{id}/inputs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppendRequest {
+    /// The index the first of `inputs` gets: the number of inputs the map holds so far. A
+    /// request sent again (its answer lost) with the same `start` and inputs is answered
+    /// as before and adds nothing.
+    pub start: u32,
+    #[serde(default)]
+    pub inputs: Vec<Payload>,
+    /// No more inputs come after these.
+    #[serde(default)]
+    pub close: bool,
+}
+
+impl AppendRequest {
+    /// The inputs, checked (at most [`MAX_OUTSTANDING`] per request).
+    pub fn checked_inputs(&self) -> Result<(), CallRequestError> {
+        if self.inputs.len() > MAX_OUTSTANDING as usize {
+            return Err(CallRequestError::TooMany {
+                max: MAX_OUTSTANDING as usize,
+            });
+        }
+        for (i, p) in self.inputs.iter().enumerate() {
+            p.check().map_err(|source| CallRequestError::Payload {
+                index: self.start as usize + i,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The most inputs an open map holds outstanding (accepted, not ended): an append that
+/// would go beyond waits for room.
+pub const MAX_OUTSTANDING: u32 = 1_000;
+
+/// An open map after an append.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AppendView {
+    #[schema(value_type = String)]
+    pub call: CallId,
+    /// Inputs the map holds now: the next append's `start`.
+    pub inputs: u32,
+    /// Inputs accepted and not yet ended.
+    pub outstanding: u32,
+    pub open: bool,
+}
+
+/// The order `GET /v1/calls/{id}/outputs` returns results in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputOrder {
+    /// By input index: the ended inputs from `from` on, up to the first that has not ended.
+    #[default]
+    Input,
+    /// As they ended: `from` counts ended inputs in the order they ended.
+    Completion,
+}
+
+/// A page of a call's results, for reading a map's outputs while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OutputsPage {
+    /// Ended inputs, each with its output or error, in the order asked for.
+    pub results: Vec<InputView>,
+    /// The `from` of the next page.
+    pub next: u32,
+    /// Every result has been returned: the call is closed and `next` covers all of it.
+    pub done: bool,
 }

@@ -126,8 +126,9 @@ env = { GREETING = "hi there" }
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(text.contains("succeeded") && text.contains("RUN"), "{text}");
 
-    // A map: one output per line, in input order.
-    let inputs: Vec<String> = (0..40).map(|i| format!("\"item-{i}\"")).collect();
+    // A map, streamed into one open call in chunks (more than the 1,000 a map holds
+    // outstanding): one output per line, in input order.
+    let inputs: Vec<String> = (0..1_200).map(|i| format!("\"item-{i}\"")).collect();
     let file = c.dir.path().join("inputs.jsonl");
     std::fs::write(&file, inputs.join("\n")).expect("inputs");
     let out = c.gantry(&[
@@ -147,6 +148,35 @@ env = { GREETING = "hi there" }
         .map(str::to_owned)
         .collect();
     assert_eq!(lines, inputs);
+    // As they complete: each line is `INDEX<TAB>OUTPUT`, every input once.
+    let out = c.gantry(&[
+        "map",
+        "demo",
+        "echo",
+        "--unordered",
+        "--input-file",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "map --unordered: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.contains("item-"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let mut got: Vec<(usize, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (i, o) = l.split_once('\t').expect("INDEX<TAB>OUTPUT");
+            (i.parse().expect("index"), o.to_owned())
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, inputs.iter().cloned().enumerate().collect::<Vec<_>>());
 
     // Functions show their inputs per second and latency; /metrics has every phase.
     let out = c.gantry(&["functions", "list"]);

@@ -94,6 +94,9 @@ pub enum ApiError {
     NotFound { what: String },
     #[error("{message}")]
     Unavailable { message: String },
+    /// 429 with `Retry-After: 1`.
+    #[error("{message}")]
+    Busy { message: String },
     #[error("the job can never run here: {message}; ask for less or add a larger node")]
     TooLargeForCluster { message: String },
     #[error("{message}")]
@@ -154,6 +157,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict", None),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "busy", None),
             ApiError::TooLargeForCluster { .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "too_large_for_cluster",
@@ -179,6 +183,13 @@ impl IntoResponse for ApiError {
                 field,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }

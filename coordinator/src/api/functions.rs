@@ -6,7 +6,10 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use gantry_shared::calls::{CallRequest, CallRequestError, CallState, CallView, PayloadError};
+use gantry_shared::calls::{
+    AppendRequest, AppendView, CallRequest, CallRequestError, CallState, CallView, OutputOrder,
+    OutputsPage, PayloadError,
+};
 use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
 use gantry_shared::{AppName, CallId, FunctionName};
 use serde::Deserialize;
@@ -41,6 +44,7 @@ impl From<FunctionServiceError> for ApiError {
             },
             FunctionServiceError::NotFound { what } => ApiError::NotFound { what },
             FunctionServiceError::Conflict { message } => ApiError::Conflict { message },
+            FunctionServiceError::Busy { message } => ApiError::Busy { message },
             e @ FunctionServiceError::IdempotencyKeyReused { .. } => {
                 ApiError::IdempotencyKeyReused {
                     message: e.to_string(),
@@ -231,5 +235,79 @@ pub(super) async fn cancel_call(
     Path(id): Path<String>,
 ) -> Result<Json<CallView>, ApiError> {
     caller.require(Role::Submitter)?;
-    Ok(Json(state.functions.cancel(&call_id(id)?)?))
+    Ok(Json(state.functions.cancel(&call_id(id)?).await?))
 }
+
+/// Add inputs to an open map (a call made with `"open": true`) at index `start`, and close
+/// it with `close`. While the map holds 1,000 inputs that have not ended, the request
+/// waits for room (up to 55 s, then 429 with `Retry-After`). Sending a request again with
+/// the same `start` and inputs is safe: it is answered as before and adds nothing.
+#[utoipa::path(post, path = "/v1/calls/{id}/inputs", params(("id" = String, Path)),
+    request_body = AppendRequest,
+    responses((status = 200, body = AppendView), (status = 400, body = gantry_shared::api::ErrorBody),
+        (status = 404, body = gantry_shared::api::ErrorBody), (status = 409, body = gantry_shared::api::ErrorBody),
+        (status = 413, body = gantry_shared::api::ErrorBody), (status = 429, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn append_inputs(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Submitter)?;
+    let id = call_id(id)?;
+    let request: AppendRequest = deserialize_json(&body)?;
+    let (view, replay) = state.functions.append(&id, request).await?;
+    Ok(replayed(
+        (StatusCode::OK, Json(view)).into_response(),
+        replay,
+    ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OutputsQuery {
+    /// Where to read from: an input index (`order=input`) or a count of ended inputs
+    /// (`order=completion`); the previous page's `next`. Default 0.
+    from: Option<u32>,
+    /// `input` (default): in input order, up to the first input that has not ended.
+    /// `completion`: in the order inputs ended.
+    order: Option<OutputOrder>,
+    /// At most this many results (default and most: 1,000).
+    limit: Option<usize>,
+    /// Wait up to this long (at most 55s) for a first result.
+    wait: Option<String>,
+}
+
+/// Read a call's results while it runs, page by page, in input order or as they complete.
+#[utoipa::path(get, path = "/v1/calls/{id}/outputs", params(("id" = String, Path), OutputsQuery),
+    responses((status = 200, body = OutputsPage), (status = 404, body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn call_outputs(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<OutputsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<OutputsPage>, ApiError> {
+    caller.require(Role::Reader)?;
+    let q = query_params(query)?;
+    let id = call_id(id)?;
+    let wait = match q.wait {
+        Some(w) => wait_param(&w)?,
+        None => std::time::Duration::ZERO,
+    };
+    let limit = q.limit.unwrap_or(OUTPUTS_PAGE).clamp(1, OUTPUTS_PAGE);
+    Ok(Json(
+        state
+            .functions
+            .outputs(
+                &id,
+                q.from.unwrap_or(0),
+                q.order.unwrap_or_default(),
+                limit,
+                wait,
+            )
+            .await?,
+    ))
+}
+
+/// The most results one page of `GET /v1/calls/{id}/outputs` holds.
+const OUTPUTS_PAGE: usize = 1_000;

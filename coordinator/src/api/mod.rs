@@ -164,7 +164,9 @@ impl Metrics {
         functions::rollback_app,
         functions::call_function,
         functions::get_call,
-        functions::cancel_call
+        functions::cancel_call,
+        functions::append_inputs,
+        functions::call_outputs
     ),
     components(schemas(
         JobSpec,
@@ -213,6 +215,11 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/calls/{id}", get(functions::get_call))
         .route("/v1/calls/{id}/cancel", post(functions::cancel_call))
+        .route(
+            "/v1/calls/{id}/inputs",
+            post(functions::append_inputs).layer(DefaultBodyLimit::max(functions::MAX_CALL_BODY)),
+        )
+        .route("/v1/calls/{id}/outputs", get(functions::call_outputs))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,

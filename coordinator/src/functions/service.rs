@@ -6,13 +6,13 @@
 //! the store under it (so the store never runs behind the state), and what must reach a
 //! node goes to the router as [`Outbound`] messages, sent from their own tasks.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gantry_shared::calls::{
-    CallRequest, CallRequestError, CallState, CallView, InputResult, InputState, InputView,
-    LeasedInput,
+    AppendRequest, AppendView, CallRequest, CallRequestError, CallState, CallView, InputResult,
+    InputState, InputView, LeasedInput, MAX_OUTSTANDING, OutputOrder, OutputsPage,
 };
 use gantry_shared::functions::{
     AppManifest, AppView, DeploymentView, FunctionView, ManifestValidationError, VersionSummary,
@@ -21,7 +21,7 @@ use gantry_shared::protocol::{
     AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, batches,
 };
 use gantry_shared::{
-    AppName, CallId, EndCause, FunctionName, Generation, InputId, NodeId, Owner, WarmId, now_ms,
+    AppName, CallId, FunctionName, Generation, InputId, NodeId, Owner, WarmId,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, watch};
@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use super::FunctionKey;
 use super::autoscale::{self, Observed};
+use super::clock::{Clock, SystemClock};
 use super::metrics::InputMetrics;
 use super::state::{Changes, Delivery, InputRecord, State, WarmPhase, WarmRecord};
 use crate::nodes::liveness::{Liveness, NodeStatus};
@@ -38,6 +39,9 @@ use crate::reconcile::{Held, NodeLink, engine};
 use crate::store::StoreError;
 use crate::store::functions::{AppRecord, CallRecord, FunctionStore};
 use crate::store::node_admin::AdminMode;
+
+/// Calls whose count of ended inputs is kept in memory at once.
+const DONE_CACHE: usize = 10_000;
 
 /// The longest one call request waits for its outputs; clients ask again.
 pub const MAX_CALL_WAIT: Duration = Duration::from_secs(55);
@@ -60,6 +64,9 @@ pub enum FunctionServiceError {
     NotFound { what: String },
     #[error("{message}")]
     Conflict { message: String },
+    /// Too much outstanding for now: ask again later.
+    #[error("{message}")]
+    Busy { message: String },
     #[error(
         "idempotency key `{key}` was used with a different request body; use a new key for a new call"
     )]
@@ -125,8 +132,15 @@ struct Inner {
     calls: watch::Sender<u64>,
     /// Stops of fenced containers sent, per node session.
     fenced_sent: Mutex<HashSet<(WarmId, usize)>>,
+    /// Per call, how many of its inputs ended so far (the next `done_seq`); a cache of
+    /// the store's count, filled on first use.
+    done: Mutex<HashMap<CallId, u32>>,
+    /// Appends to open maps, one at a time (each checks and extends a call's inputs).
+    appends: tokio::sync::Mutex<()>,
     metrics: InputMetrics,
     shutdown: CancellationToken,
+    /// Where the time comes from (the simulation's is virtual).
+    clock: Arc<dyn Clock>,
 }
 
 impl FunctionService {
@@ -136,6 +150,16 @@ impl FunctionService {
         store: FunctionStore,
         reconcile: Arc<Notify>,
         shutdown: CancellationToken,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Outbound>), FunctionServiceError> {
+        Self::open_with_clock(store, reconcile, shutdown, Arc::new(SystemClock))
+    }
+
+    /// [`FunctionService::open`], reading the time from `clock` (the simulation's).
+    pub fn open_with_clock(
+        store: FunctionStore,
+        reconcile: Arc<Notify>,
+        shutdown: CancellationToken,
+        clock: Arc<dyn Clock>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Outbound>), FunctionServiceError> {
         let mut specs = BTreeMap::new();
         let mut active = BTreeMap::new();
@@ -166,8 +190,11 @@ impl FunctionService {
                     reconcile,
                     calls: watch::channel(0).0,
                     fenced_sent: Mutex::default(),
+                    done: Mutex::default(),
+                    appends: tokio::sync::Mutex::new(()),
                     metrics: InputMetrics::default(),
                     shutdown,
+                    clock,
                 }),
             },
             rx,
@@ -183,11 +210,29 @@ impl FunctionService {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn now(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
     /// Writes a transition's changes and sends what it hands to nodes. Called with the
     /// state locked, so records reach the store in the order the state changed.
-    fn apply(&self, changes: Changes) -> Result<(), FunctionServiceError> {
+    fn apply(&self, mut changes: Changes) -> Result<(), FunctionServiceError> {
         let store = &self.inner.store;
+        let mut done = Vec::new();
+        for i in changes
+            .inputs
+            .iter_mut()
+            .filter(|i| i.state.is_terminal() && i.done_seq.is_none())
+        {
+            let seq = self.next_done(&i.call)?;
+            i.done_seq = Some(seq);
+            done.push((i.call.clone(), seq, i.index));
+        }
         store.put_inputs(changes.inputs.iter())?;
+        // After the inputs: a reader of the order finds each one's end already written.
+        for (call, seq, index) in done {
+            store.put_done(&call, seq, index)?;
+        }
         for i in changes.inputs.iter().filter(|i| i.state.is_terminal()) {
             self.inner.metrics.ended(i);
         }
@@ -208,6 +253,25 @@ impl FunctionService {
             self.inner.calls.send_modify(|v| *v += 1);
         }
         Ok(())
+    }
+
+    /// The next `done_seq` of `call` (called with the state locked, so the count and the
+    /// store agree).
+    fn next_done(&self, call: &CallId) -> Result<u32, FunctionServiceError> {
+        let mut done = self.inner.done.lock().unwrap_or_else(|e| e.into_inner());
+        if !done.contains_key(call) {
+            // A cache: forgetting every entry now and then bounds it, and an entry comes
+            // back from the store's count.
+            if done.len() >= DONE_CACHE {
+                done.clear();
+            }
+            let n = self.inner.store.done_count(call)?;
+            done.insert(call.clone(), n);
+        }
+        let n = done.entry(call.clone()).or_default();
+        let seq = *n;
+        *n += 1;
+        Ok(seq)
     }
 
     // ---- deployments ----
@@ -233,7 +297,7 @@ impl FunctionService {
         let deployment = DeploymentView {
             app: manifest.app.clone(),
             version,
-            created_at_ms: now_ms(),
+            created_at_ms: self.now(),
             manifest,
         };
         for (name, spec) in &deployment.manifest.functions {
@@ -327,14 +391,14 @@ impl FunctionService {
         let state = self.lock();
         Ok(records
             .iter()
-            .map(|r| app_view(r, &state, &self.inner.metrics))
+            .map(|r| app_view(r, &state, &self.inner.metrics, self.now()))
             .collect())
     }
 
     pub fn app(&self, app: &AppName) -> Result<AppView, FunctionServiceError> {
         let record = self.app_record(app)?;
         let state = self.lock();
-        Ok(app_view(&record, &state, &self.inner.metrics))
+        Ok(app_view(&record, &state, &self.inner.metrics, self.now()))
     }
 
     // ---- calls ----
@@ -348,12 +412,12 @@ impl FunctionService {
         request: CallRequest,
         idempotency_key: Option<String>,
     ) -> Result<(CallView, bool), FunctionServiceError> {
-        let wait = request.wait;
+        let (wait, open) = (request.wait, request.open);
         // What the call means: its function and inputs (not whether the caller waits), so
         // a retry that no longer waits is the same call, and a key reused on another
         // function is refused.
         let canonical = hex::encode(Sha256::digest(
-            serde_json::to_vec(&(app, function, &request.input, &request.inputs))
+            serde_json::to_vec(&(app, function, &request.input, &request.inputs, open))
                 .map_err(|e| FunctionServiceError::Internal(e.to_string()))?,
         ));
         let payloads = request.into_inputs()?;
@@ -386,7 +450,7 @@ impl FunctionService {
             function: function.clone(),
         };
         let id = CallId::from_sequence(self.inner.store.next_id()?);
-        let now = now_ms();
+        let now = self.now();
         let inputs: Vec<InputRecord> = payloads
             .into_iter()
             .enumerate()
@@ -407,6 +471,7 @@ impl FunctionService {
             created_at_ms: now,
             inputs: inputs.len() as u32,
             cancelled: false,
+            open,
         };
         let store = self.inner.store.clone();
         let (call_id, created) = {
@@ -444,16 +509,206 @@ impl FunctionService {
         Ok((view, created))
     }
 
-    /// The call as it is now.
-    pub fn call_view(&self, id: &CallId) -> Result<CallView, FunctionServiceError> {
-        let store = &self.inner.store;
-        let call = store
+    fn call_record(&self, id: &CallId) -> Result<CallRecord, FunctionServiceError> {
+        self.inner
+            .store
             .call(id)?
             .ok_or_else(|| FunctionServiceError::NotFound {
                 what: format!("call `{id}`"),
-            })?;
-        let inputs = store.inputs_of(id)?;
+            })
+    }
+
+    /// The call as it is now.
+    pub fn call_view(&self, id: &CallId) -> Result<CallView, FunctionServiceError> {
+        let call = self.call_record(id)?;
+        let inputs = self.inner.store.inputs_of(id)?;
         Ok(call_view(&call, &inputs))
+    }
+
+    /// Adds inputs to an open map (closing it with `close`). Waits (up to
+    /// [`MAX_CALL_WAIT`]) while the map holds too many outstanding inputs to take them all;
+    /// `Busy` after that. A request sent again with the same `start` and inputs is answered
+    /// as before (`true`: it was a replay).
+    pub async fn append(
+        &self,
+        id: &CallId,
+        request: AppendRequest,
+    ) -> Result<(AppendView, bool), FunctionServiceError> {
+        request.checked_inputs()?;
+        let n = request.inputs.len() as u32;
+        let deadline = tokio::time::Instant::now() + MAX_CALL_WAIT;
+        let mut changed = self.inner.calls.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let guard = self.inner.appends.lock().await;
+            let mut call = self.call_record(id)?;
+            if request.start < call.inputs || (request.start == call.inputs && n == 0 && !call.open)
+            {
+                // Sent before: the same inputs at the same places (a lost answer).
+                let stored = self
+                    .inner
+                    .store
+                    .inputs_from(id, request.start, n as usize)?;
+                let same = request.start + n <= call.inputs
+                    && stored.len() == request.inputs.len()
+                    && stored
+                        .iter()
+                        .zip(&request.inputs)
+                        .all(|(s, p)| &s.payload == p)
+                    && (!request.close || !call.open);
+                if !same {
+                    return Err(FunctionServiceError::Conflict {
+                        message: format!(
+                            "call `{id}` already holds inputs {}..{} and these differ; the next input goes at `start` {}",
+                            request.start,
+                            call.inputs.min(request.start + n),
+                            call.inputs
+                        ),
+                    });
+                }
+                return Ok((self.append_view(&call), true));
+            }
+            if call.cancelled {
+                return Err(FunctionServiceError::Conflict {
+                    message: format!("call `{id}` was cancelled; it takes no more inputs"),
+                });
+            }
+            if !call.open {
+                return Err(FunctionServiceError::Conflict {
+                    message: format!(
+                        "call `{id}` is closed with {} inputs; start a new map for more",
+                        call.inputs
+                    ),
+                });
+            }
+            if request.start > call.inputs {
+                return Err(FunctionServiceError::Conflict {
+                    message: format!(
+                        "call `{id}` holds {} inputs, so the next goes at `start` {}, not {}",
+                        call.inputs, call.inputs, request.start
+                    ),
+                });
+            }
+            let outstanding = self.lock().open_inputs(id);
+            if outstanding + n <= MAX_OUTSTANDING {
+                let now = self.now();
+                let inputs: Vec<InputRecord> = request
+                    .inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, payload)| {
+                        let index = request.start + i as u32;
+                        InputRecord::new(
+                            InputId::of(id, index),
+                            id.clone(),
+                            index,
+                            call.key.clone(),
+                            payload.clone(),
+                            now,
+                        )
+                    })
+                    .collect();
+                call.inputs += n;
+                call.open = !request.close;
+                let store = self.inner.store.clone();
+                let (stored_call, stored_inputs) = (call.clone(), inputs.clone());
+                tokio::task::spawn_blocking(move || {
+                    store.append_inputs(&stored_call, &stored_inputs)
+                })
+                .await
+                .map_err(|e| FunctionServiceError::Internal(e.to_string()))??;
+                {
+                    let mut state = self.lock();
+                    let mut changes = state.accept(inputs, now);
+                    // A long poll on the call wakes: it may have just been closed.
+                    changes.calls.insert(id.clone());
+                    self.apply(changes)?;
+                }
+                drop(guard);
+                self.inner.reconcile.notify_one();
+                return Ok((self.append_view(&call), false));
+            }
+            drop(guard);
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.inner.shutdown.cancelled() => break,
+            }
+        }
+        Err(FunctionServiceError::Busy {
+            message: format!(
+                "call `{id}` holds {} inputs that have not ended (at most {MAX_OUTSTANDING}); send these {n} again once some have",
+                self.lock().open_inputs(id)
+            ),
+        })
+    }
+
+    fn append_view(&self, call: &CallRecord) -> AppendView {
+        AppendView {
+            call: call.id.clone(),
+            inputs: call.inputs,
+            outstanding: self.lock().open_inputs(&call.id),
+            open: call.open,
+        }
+    }
+
+    /// A page of the call's results from `from` on, in `order` (at most `limit`), waiting
+    /// up to `wait` for the first one.
+    pub async fn outputs(
+        &self,
+        id: &CallId,
+        from: u32,
+        order: OutputOrder,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<OutputsPage, FunctionServiceError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_CALL_WAIT);
+        let mut changed = self.inner.calls.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let call = self.call_record(id)?;
+            let page = self.outputs_page(&call, from, order, limit.max(1))?;
+            if !page.results.is_empty() || page.done {
+                return Ok(page);
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return Ok(page) },
+                _ = tokio::time::sleep_until(deadline) => return Ok(page),
+                _ = self.inner.shutdown.cancelled() => return Ok(page),
+            }
+        }
+    }
+
+    fn outputs_page(
+        &self,
+        call: &CallRecord,
+        from: u32,
+        order: OutputOrder,
+        limit: usize,
+    ) -> Result<OutputsPage, FunctionServiceError> {
+        let store = &self.inner.store;
+        let ended: Vec<InputRecord> = match order {
+            OutputOrder::Input => store
+                .inputs_from(&call.id, from, limit)?
+                .into_iter()
+                .take_while(|i| i.state.is_terminal())
+                .collect(),
+            OutputOrder::Completion => {
+                let mut out = Vec::new();
+                for index in store.done_since(&call.id, from, limit)? {
+                    if let Some(i) = store.input(&call.id, index)? {
+                        out.push(i);
+                    }
+                }
+                out
+            }
+        };
+        let next = from + ended.len() as u32;
+        Ok(OutputsPage {
+            results: ended.iter().map(input_view).collect(),
+            next,
+            done: !call.open && next >= call.inputs,
+        })
     }
 
     /// The call once every input ended, or as it is after `wait` (at most
@@ -468,8 +723,9 @@ impl FunctionService {
         loop {
             changed.borrow_and_update();
             // The live count, not the store: a map's reader is woken by every input that
-            // ends anywhere, and reads the call's inputs only once they all ended.
-            if self.lock().open_inputs(id) == 0 {
+            // ends anywhere, and reads the call's inputs only once they all ended (and an
+            // open map was closed).
+            if self.lock().open_inputs(id) == 0 && !self.call_record(id)?.open {
                 return self.call_view(id);
             }
             tokio::select! {
@@ -483,26 +739,21 @@ impl FunctionService {
 
     /// Cancels a call: queued inputs are dropped, running ones are told through their
     /// container's events and stopped after a grace.
-    pub fn cancel(&self, id: &CallId) -> Result<CallView, FunctionServiceError> {
+    /// An open map is closed too.
+    pub async fn cancel(&self, id: &CallId) -> Result<CallView, FunctionServiceError> {
         {
+            // No append rewrites the call's record meanwhile.
+            let _appends = self.inner.appends.lock().await;
             let mut state = self.lock();
-            let mut call =
-                self.inner
-                    .store
-                    .call(id)?
-                    .ok_or_else(|| FunctionServiceError::NotFound {
-                        what: format!("call `{id}`"),
-                    })?;
-            let ended = self
-                .inner
-                .store
-                .inputs_of(id)?
-                .iter()
-                .all(|i| i.state.is_terminal());
-            if !call.cancelled && !ended {
+            let mut call = self.call_record(id)?;
+            let ended = state.open_inputs(id) == 0;
+            if !call.cancelled && (!ended || call.open) {
                 call.cancelled = true;
+                call.open = false;
                 self.inner.store.put_call(&call)?;
-                let changes = state.cancel(id, now_ms());
+                let mut changes = state.cancel(id, self.now());
+                // A long poll on the call wakes: it may have just ended.
+                changes.calls.insert(id.clone());
                 self.apply(changes)?;
                 self.inner.store.commit()?;
             }
@@ -518,7 +769,7 @@ impl FunctionService {
         let Some(warm) = event.owner().warm() else {
             return Ok(());
         };
-        let now = now_ms();
+        let now = self.now();
         let mut state = self.lock();
         let Some(record) = state.warm_of(warm).cloned() else {
             return Ok(());
@@ -550,12 +801,18 @@ impl FunctionService {
                 if record.phase == WarmPhase::Fenced {
                     state.forget(warm)
                 } else {
+                    // Only its own end counts against its setup: not one the platform
+                    // caused (its host crashed under it, Gantry stopped it).
                     let never_ready =
                         matches!(record.phase, WarmPhase::Placed | WarmPhase::Started)
-                            && *cause != EndCause::Stopped
+                            && !cause.ended_by_gantry()
                             && !record.setup_failed;
                     let why = format!("its container ended ({message})");
-                    let mut c = state.container_ended(warm, &why, false, now);
+                    let mut c = if cause.ended_by_gantry() {
+                        state.container_lost(warm, &why, false, now)
+                    } else {
+                        state.container_ended(warm, &why, false, now)
+                    };
                     if never_ready {
                         let more = state.setup_failed(
                             &record.key,
@@ -591,7 +848,7 @@ impl FunctionService {
         let mut changed = false;
         {
             let mut state = self.lock();
-            let now = now_ms();
+            let now = self.now();
             for o in outputs {
                 let Some(warm) = o.owner.warm() else {
                     continue;
@@ -636,7 +893,7 @@ impl FunctionService {
             return Ok(());
         }
         tracing::warn!(container = %warm, %why, "function container unreachable; re-queueing its inputs");
-        let changes = state.container_ended(warm, why, !gone, now_ms());
+        let changes = state.container_ended(warm, why, !gone, self.now());
         self.apply(changes)?;
         drop(state);
         self.inner.reconcile.notify_one();
@@ -689,7 +946,7 @@ impl FunctionService {
             .collect();
         for id in down {
             tracing::warn!(container = %id, "function container's node is down; re-queueing its inputs");
-            let changes = state.container_ended(&id, "its node went down", true, now);
+            let changes = state.container_lost(&id, "its node went down", true, now);
             self.apply(changes)?;
         }
         // Containers that never became ready although their agent should have said so
@@ -980,8 +1237,7 @@ fn start_spec(
     }
 }
 
-fn app_view(record: &AppRecord, state: &State, metrics: &InputMetrics) -> AppView {
-    let now = now_ms();
+fn app_view(record: &AppRecord, state: &State, metrics: &InputMetrics, now: u64) -> AppView {
     let mut functions = Vec::new();
     for key in state.specs.keys().filter(|k| k.app == record.app) {
         let current = record.active == Some(key.version);
@@ -1037,39 +1293,39 @@ fn app_view(record: &AppRecord, state: &State, metrics: &InputMetrics) -> AppVie
     }
 }
 
+fn input_view(i: &InputRecord) -> InputView {
+    let (output, error) = match (&i.result, i.state) {
+        (Some(InputResult::Output(p)), InputState::Succeeded) => (Some(p.clone()), None),
+        (Some(InputResult::Error(e)), InputState::Failed) => (None, Some(e.clone())),
+        _ => (None, None),
+    };
+    InputView {
+        index: i.index,
+        id: i.id.clone(),
+        state: i.state,
+        attempt: i.attempt,
+        output,
+        error,
+        container: i.last.as_ref().map(|(w, _)| w.clone()),
+        node: i.last.as_ref().map(|(_, n)| n.clone()),
+        timings: i.timings.clone(),
+    }
+}
+
 fn call_view(call: &CallRecord, inputs: &[InputRecord]) -> CallView {
     let mut succeeded = 0;
     let mut failed = 0;
     let mut cancelled = 0;
-    let results = inputs
-        .iter()
-        .map(|i| {
-            match i.state {
-                InputState::Succeeded => succeeded += 1,
-                InputState::Failed => failed += 1,
-                InputState::Cancelled => cancelled += 1,
-                _ => {}
-            }
-            let (output, error) = match (&i.result, i.state) {
-                (Some(InputResult::Output(p)), InputState::Succeeded) => (Some(p.clone()), None),
-                (Some(InputResult::Error(e)), InputState::Failed) => (None, Some(e.clone())),
-                _ => (None, None),
-            };
-            InputView {
-                index: i.index,
-                id: i.id.clone(),
-                state: i.state,
-                attempt: i.attempt,
-                output,
-                error,
-                container: i.last.as_ref().map(|(w, _)| w.clone()),
-                node: i.last.as_ref().map(|(_, n)| n.clone()),
-                timings: i.timings.clone(),
-            }
-        })
-        .collect();
+    for i in inputs {
+        match i.state {
+            InputState::Succeeded => succeeded += 1,
+            InputState::Failed => failed += 1,
+            InputState::Cancelled => cancelled += 1,
+            _ => {}
+        }
+    }
     let ended = succeeded + failed + cancelled;
-    let state = if ended < call.inputs {
+    let state = if ended < call.inputs || call.open {
         CallState::Running
     } else if call.cancelled {
         CallState::Cancelled
@@ -1088,7 +1344,8 @@ fn call_view(call: &CallRecord, inputs: &[InputRecord]) -> CallView {
         inputs: call.inputs,
         succeeded,
         failed,
-        results,
+        open: call.open,
+        results: inputs.iter().map(input_view).collect(),
     }
 }
 
@@ -1238,7 +1495,7 @@ async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Send) {
             let cmd = Command::Drain {
                 owner: owner(&warm),
                 generation: Generation(1),
-                grace_ms: preempt_deadline_ms.map_or(grace_ms, |d| d.saturating_sub(now_ms())),
+                grace_ms: preempt_deadline_ms.map_or(grace_ms, |d| d.saturating_sub(service.now())),
                 preempt_deadline_ms,
             };
             match link.exchange(&node, cmd).await {

@@ -28,7 +28,8 @@ pub const PLATFORM_RETRIES: u32 = 3;
 pub const INIT_FAILURES: u32 = 3;
 /// After a container ends before it was ready, the version's next start waits 1 s, then
 /// twice as long after each further such end, at most this long (a broken image or runtime
-/// must not be restarted in a loop).
+/// must not be restarted in a loop). A container its host took with it does not count
+/// ([`State::container_lost`]).
 pub const MAX_START_BACKOFF_MS: u64 = 30_000;
 
 /// Where a warm container is in its life.
@@ -111,6 +112,11 @@ pub struct InputRecord {
     pub last: Option<(WarmId, NodeId)>,
     #[serde(default)]
     pub timings: PhaseTimings,
+    /// Once ended: how many of its call's inputs ended before it (the order
+    /// `GET /v1/calls/{id}/outputs?order=completion` reads). Set by the service as the end
+    /// is written.
+    #[serde(default)]
+    pub done_seq: Option<u32>,
 }
 
 impl InputRecord {
@@ -139,6 +145,7 @@ impl InputRecord {
             ended_at_ms: None,
             last: None,
             timings: PhaseTimings::default(),
+            done_seq: None,
         }
     }
 }
@@ -536,10 +543,30 @@ impl State {
         changes
     }
 
-    /// A container ended (exited, start failed, lost with its node, or a delivery found it
-    /// gone): what it held goes back to the front of the queue as a platform failure.
-    /// `fenced`: its node is down, so it may still run there; it stays as a fence.
+    /// A container ended (exited, start failed, or a command to it failed): what it held
+    /// goes back to the front of the queue as a platform failure, and if it was not ready
+    /// yet the version's next start backs off. `fenced`: it may still run on its node; it
+    /// stays as a fence.
     pub fn container_ended(&mut self, id: &WarmId, why: &str, fenced: bool, now: u64) -> Changes {
+        if let Some(w) = self
+            .warm
+            .get(id)
+            .filter(|w| matches!(w.phase, WarmPhase::Placed | WarmPhase::Started))
+        {
+            let (n, _) = self.start_backoff.get(&w.key).copied().unwrap_or((0, 0));
+            let delay = 1_000u64
+                .saturating_mul(1 << n.min(16))
+                .min(MAX_START_BACKOFF_MS);
+            self.start_backoff
+                .insert(w.key.clone(), (n + 1, now.saturating_add(delay)));
+        }
+        self.container_lost(id, why, fenced, now)
+    }
+
+    /// [`State::container_ended`] for a container the platform lost (its host crashed or
+    /// went down under it): nothing is wrong with the function, so its next start does not
+    /// back off.
+    pub fn container_lost(&mut self, id: &WarmId, why: &str, fenced: bool, now: u64) -> Changes {
         let mut changes = Changes::default();
         let held: Vec<InputId> = self
             .leases
@@ -549,14 +576,6 @@ impl State {
         let Some(mut w) = self.warm.remove(id) else {
             return changes;
         };
-        if matches!(w.phase, WarmPhase::Placed | WarmPhase::Started) {
-            let (n, _) = self.start_backoff.get(&w.key).copied().unwrap_or((0, 0));
-            let delay = 1_000u64
-                .saturating_mul(1 << n.min(16))
-                .min(MAX_START_BACKOFF_MS);
-            self.start_backoff
-                .insert(w.key.clone(), (n + 1, now.saturating_add(delay)));
-        }
         if fenced {
             w.phase = WarmPhase::Fenced;
             self.leases.insert(w.id.clone(), BTreeSet::new());

@@ -34,9 +34,13 @@ pub struct CallRecord {
     pub id: CallId,
     pub key: FunctionKey,
     pub created_at_ms: u64,
+    /// Inputs it holds so far (final once it is not `open`).
     pub inputs: u32,
     #[serde(default)]
     pub cancelled: bool,
+    /// A streamed map that still takes inputs.
+    #[serde(default)]
+    pub open: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -53,6 +57,10 @@ pub struct FunctionStore {
     calls: sled::Tree,
     idempotency: sled::Tree,
     inputs: sled::Tree,
+    /// Each call's ended inputs in the order they ended: `<call>/<n:08x>` → the input's
+    /// index (JSON). An index of the inputs' `done_seq`, which is written
+    /// with the input's end; repaired from them at open.
+    done: sled::Tree,
     warm: sled::Tree,
 }
 
@@ -64,6 +72,7 @@ impl FunctionStore {
             calls: db.open_tree("fn_calls")?,
             idempotency: db.open_tree("fn_idempotency")?,
             inputs: db.open_tree("fn_inputs")?,
+            done: db.open_tree("fn_done")?,
             warm: db.open_tree("fn_warm")?,
             store,
         })
@@ -155,6 +164,70 @@ impl FunctionStore {
         Ok(())
     }
 
+    /// Adds inputs to an open call and writes its record, durably.
+    pub fn append_inputs(
+        &self,
+        call: &CallRecord,
+        inputs: &[InputRecord],
+    ) -> Result<(), StoreError> {
+        self.put_inputs(inputs)?;
+        self.put_call(call)?;
+        self.commit()
+    }
+
+    /// Input `index` of `call`.
+    pub fn input(&self, call: &CallId, index: u32) -> Result<Option<InputRecord>, StoreError> {
+        let id = gantry_shared::InputId::of(call, index);
+        Ok(match self.inputs.get(id.as_str())? {
+            Some(v) => Some(serde_json::from_slice(&v)?),
+            None => None,
+        })
+    }
+
+    /// Up to `limit` of a call's inputs from index `from` on, in order.
+    pub fn inputs_from(
+        &self,
+        call: &CallId,
+        from: u32,
+        limit: usize,
+    ) -> Result<Vec<InputRecord>, StoreError> {
+        let start = gantry_shared::InputId::of(call, from);
+        scan_from(&self.inputs, &format!("{call}-"), start.as_str(), limit)
+    }
+
+    fn done_key(call: &CallId, seq: u32) -> String {
+        format!("{call}/{seq:08x}")
+    }
+
+    /// Notes that input `index` of `call` was the `seq`th to end (not yet durable).
+    pub fn put_done(&self, call: &CallId, seq: u32, index: u32) -> Result<(), StoreError> {
+        self.done
+            .insert(Self::done_key(call, seq), serde_json::to_vec(&index)?)?;
+        Ok(())
+    }
+
+    /// How many of a call's inputs have ended.
+    pub fn done_count(&self, call: &CallId) -> Result<u32, StoreError> {
+        let mut n = 0;
+        for kv in self.done.scan_prefix(format!("{call}/").as_bytes()) {
+            kv?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The indices of a call's inputs that ended `from`th to `from + limit`th, in the order
+    /// they ended.
+    pub fn done_since(
+        &self,
+        call: &CallId,
+        from: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StoreError> {
+        let start = Self::done_key(call, from);
+        scan_from(&self.done, &format!("{call}/"), &start, limit)
+    }
+
     /// A call's inputs in order.
     pub fn inputs_of(&self, call: &CallId) -> Result<Vec<InputRecord>, StoreError> {
         self.inputs
@@ -176,7 +249,8 @@ impl FunctionStore {
         Ok(())
     }
 
-    /// Inputs that have not ended (read once, at start).
+    /// Inputs that have not ended (read once, at start). The order of ended inputs
+    /// (`fn_done`) is repaired on the way: an end whose index entry a crash lost gets it.
     pub fn live_inputs(&self) -> Result<Vec<InputRecord>, StoreError> {
         let mut out = Vec::new();
         for kv in self.inputs.iter() {
@@ -186,6 +260,10 @@ impl FunctionStore {
                 InputState::Succeeded | InputState::Failed | InputState::Cancelled
             ) {
                 out.push(i);
+            } else if let Some(seq) = i.done_seq
+                && !self.done.contains_key(Self::done_key(&i.call, seq))?
+            {
+                self.put_done(&i.call, seq, i.index)?;
             }
         }
         Ok(out)
@@ -211,5 +289,86 @@ impl FunctionStore {
             .iter()
             .map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
             .collect()
+    }
+}
+
+/// Up to `limit` records of `tree` from key `start` on, while their keys begin with
+/// `prefix`, decoded.
+fn scan_from<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    prefix: &str,
+    start: &str,
+    limit: usize,
+) -> Result<Vec<T>, StoreError> {
+    tree.range(start..)
+        .take_while(|kv| {
+            kv.as_ref()
+                .map_or(true, |(k, _)| k.starts_with(prefix.as_bytes()))
+        })
+        .take(limit)
+        .map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_shared::calls::{InputResult, Payload};
+    use gantry_shared::{FunctionName, InputId};
+
+    #[test]
+    fn the_order_inputs_ended_in_is_read_in_pages_and_repaired_from_the_inputs() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("store");
+        let fns = store.functions().expect("functions");
+        let call = CallId::from_sequence(7);
+        let key = FunctionKey {
+            app: AppName::new("a").expect("app"),
+            version: 1,
+            function: FunctionName::new("f").expect("fn"),
+        };
+        let mut inputs: Vec<InputRecord> = (0..4)
+            .map(|i| {
+                InputRecord::new(
+                    InputId::of(&call, i),
+                    call.clone(),
+                    i,
+                    key.clone(),
+                    Payload::text("x"),
+                    1,
+                )
+            })
+            .collect();
+        // Inputs 2, 0 and 3 ended in that order; the index entry of the last was lost.
+        for (seq, index) in [(0, 2), (1, 0), (2, 3)] {
+            let i = &mut inputs[index as usize];
+            i.state = InputState::Succeeded;
+            i.result = Some(InputResult::Output(Payload::text("y")));
+            i.done_seq = Some(seq);
+            if seq < 2 {
+                fns.put_done(&call, seq, index).expect("done");
+            }
+        }
+        // Another call's input sorts right after this call's.
+        let next = CallId::from_sequence(8);
+        let other = InputRecord::new(InputId::of(&next, 0), next, 0, key, Payload::text("z"), 1);
+        fns.put_inputs(inputs.iter().chain([&other]))
+            .expect("inputs");
+        assert_eq!(fns.done_count(&call).expect("count"), 2);
+        let live = fns.live_inputs().expect("live");
+        assert_eq!(
+            live.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+            [InputId::of(&call, 1), other.id.clone()]
+        );
+        assert_eq!(fns.done_count(&call).expect("count"), 3, "repaired at read");
+        assert_eq!(fns.done_since(&call, 0, 10).expect("all"), [2, 0, 3]);
+        assert_eq!(fns.done_since(&call, 1, 1).expect("page"), [0]);
+        let from_two: Vec<u32> = fns
+            .inputs_from(&call, 2, 10)
+            .expect("from")
+            .iter()
+            .map(|i| i.index)
+            .collect();
+        assert_eq!(from_two, [2, 3], "a range stops at the call's end");
     }
 }
