@@ -143,6 +143,7 @@ def main():
     recovery = load(os.path.join(results, "recovery.json"))
     schedule = load(os.path.join(results, "schedule.json"))
     footprint = load(os.path.join(results, "footprint.json"))
+    fsim = load(os.path.join(results, "functions-sim.json"))
     noise = []
     lines = []
     w = lines.append
@@ -283,6 +284,36 @@ def main():
         w(line)
     w("")
 
+    # Functions on the in-process simulation.
+    w("## Functions scale-up, in the in-process simulation")
+    w("")
+    if fsim and fsim.get("runs"):
+        sim_runs = fsim["runs"]
+        n = fsim.get("containers")
+
+        def worst(key):
+            values = [r.get(key) for r in sim_runs]
+            return None if None in values else max(values)
+
+        decided, ready = worst("decided_ms"), worst("ready_ms")
+        start = fsim.get("start_ms", ["?", "?"])
+        sim_ms = lambda v: "—" if v is None else f"{v} ms"
+        w(f"The real coordinator (store, reconciler, function service, autoscaler, router) against "
+          f"{fsim.get('nodes')} fake agents on a virtual clock, one map of {fsim.get('inputs'):,} inputs "
+          f"(`gantry-bench functions-sim`; the method is in bench/README.md). Simulated time from the "
+          f"map's acceptance, the worst of {len(sim_runs)} seeds, in steps of {fsim.get('step_ms')} ms:")
+        w("")
+        w("| metric | simulated | goal |")
+        w("|---|---|---|")
+        w(f"| 0 → {n} containers decided (placed, starts sent) | {sim_ms(decided)} | ≤ 1 s: {goal(decided, 1000)} |")
+        w(f"| 0 → {n} containers ready (simulated start delays {start[0]}–{start[1]} ms) | {sim_ms(ready)} | |")
+        step = med([r.get("deciding_step_wall_ms") for r in sim_runs])
+        if step is not None:
+            w(f"| wall time of the step that decided them (the pass, its commit, the starts sent and answered), median | {step:.1f} ms | |")
+    else:
+        w("Not measured in this run.")
+    w("")
+
     # Footprint.
     w("## Resource footprint")
     w("")
@@ -334,6 +365,7 @@ SECTION_INPUTS = {
     "## Job throughput and latency": ["submit-*.json", "slurm.json"],
     "## Failure recovery": ["recovery.json"],
     "## Functions, against Ray": ["functions.json", "ray-functions.json"],
+    "## Functions scale-up, in the in-process simulation": ["functions-sim.json"],
     "## Resource footprint": ["footprint.json", "schedule.json"],
 }
 

@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 
 mod cpu;
 mod footprint;
+mod function_sim;
 mod functions;
 mod gossip;
 mod placement;
@@ -160,6 +161,36 @@ enum Cmd {
         /// `cpu` of every function container.
         #[arg(long, default_value = "1")]
         cpu: String,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Functions on the in-process simulation (the real coordinator against fake agents on
+    /// a virtual clock): simulated time from a map's acceptance to N containers decided
+    /// and ready, and the wall time it took.
+    FunctionsSim {
+        /// Seeds, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        seeds: Vec<u64>,
+        #[arg(long, default_value_t = 250)]
+        nodes: usize,
+        /// Containers to reach.
+        #[arg(long, default_value_t = 200)]
+        containers: u32,
+        /// The function's `max_containers`.
+        #[arg(long, default_value_t = 250)]
+        max_containers: u32,
+        /// Inputs of the map (one container each, up to `max_containers`).
+        #[arg(long, default_value_t = 1000)]
+        inputs: usize,
+        /// Virtual time per step of the simulation.
+        #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+        step: Duration,
+        /// Shortest and longest simulated start of a container (to its `ready`).
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        start_min: Duration,
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        start_max: Duration,
         /// Also write the results as JSON here (for BENCHMARKS.md).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -318,6 +349,27 @@ fn main() -> anyhow::Result<()> {
             fleet: fleet.max(1),
             fleet_trials: fleet_trials.max(1),
             cpu,
+            json,
+        }),
+        Cmd::FunctionsSim {
+            seeds,
+            nodes,
+            containers,
+            max_containers,
+            inputs,
+            step,
+            start_min,
+            start_max,
+            json,
+        } => function_sim::run(function_sim::FunctionSimBench {
+            seeds,
+            nodes,
+            containers,
+            max_containers,
+            inputs,
+            step,
+            start_min,
+            start_max,
             json,
         }),
         Cmd::ColdStart {

@@ -1,9 +1,11 @@
 //! gantry-tests: end-to-end tests across real processes, and the helpers they share.
 //! The multi-host harness: [`netns`] makes test hosts (network namespaces on a bridge), runs
 //! processes in them, does faults to them and cleans up after them; [`cluster`] starts a
-//! coordinator and agents on such hosts.
+//! coordinator and agents on such hosts. [`function_sim`] runs the coordinator's functions
+//! layer against fake agents in one process on a virtual clock.
 
 pub mod cluster;
+pub mod function_sim;
 pub mod functions_fixture;
 pub mod netns;
 

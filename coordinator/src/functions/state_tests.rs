@@ -270,6 +270,35 @@ fn containers_that_end_before_ready_back_off_the_next_start() {
 }
 
 #[test]
+fn containers_lost_with_their_host_before_ready_do_not_back_off_the_next_start() {
+    // A host that crashes under eight starting containers is the platform's failure: the
+    // version starts new ones elsewhere at once (it waited 30 s before).
+    let mut s = state("");
+    s.accept(inputs(1, 8, 0), 0);
+    for n in 1..=8 {
+        s.placed(warm(n, 1));
+    }
+    s.started(&WarmId::from_sequence(1), 10, 0);
+    for n in 1..=8 {
+        s.container_lost(
+            &WarmId::from_sequence(n),
+            "its node went down",
+            n % 2 == 0,
+            100,
+        );
+    }
+    assert!(s.may_start(&key(), 100));
+    assert_eq!(
+        s.queued(&key()),
+        8,
+        "their inputs wait for the next containers"
+    );
+    // Fenced ones stay (they may still run), the others are gone.
+    assert_eq!(s.warm().count(), 4);
+    assert!(s.warm().all(|w| w.phase == WarmPhase::Fenced));
+}
+
+#[test]
 fn each_call_counts_its_inputs_not_yet_ended() {
     let mut s = state("");
     let call = CallId::from_sequence(1);
