@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gantry_membership::MembershipConfig;
+
+use crate::gpu::GpuConfig;
 use gantry_shared::config::{ConfigError, LogConfig, duration_text, host_port, phi};
 use gantry_shared::{CpuMillis, parse_memory};
 use serde::Deserialize;
@@ -36,6 +38,8 @@ pub struct AgentConfig {
     pub memory: Option<u64>,
     /// Simulated GPUs instead of NVML (`8xH100-80GB,nvlink=4,numa=2`); for testing.
     pub simulate_gpus: Option<String>,
+    /// Where real GPUs' driver files and CDI specs are (`[gpu]`).
+    pub gpu: GpuConfig,
     /// The address other nodes and containers reach this node at; by default the one this
     /// host reaches the coordinator from.
     pub address: Option<IpAddr>,
@@ -61,6 +65,7 @@ impl Default for AgentConfig {
             cpus: None,
             memory: None,
             simulate_gpus: None,
+            gpu: GpuConfig::default(),
             address: None,
             labels: BTreeMap::new(),
             gossip: MembershipConfig::default(),
@@ -132,6 +137,22 @@ impl AgentConfig {
         if let Some(spec) = &self.simulate_gpus {
             crate::gpu::simulated::parse_spec(spec, "check")
                 .map_err(|e| bad("simulate_gpus", e.to_string()))?;
+        }
+        let gpu = &self.gpu;
+        let paths = [("gpu.ld_cache", std::slice::from_ref(&gpu.ld_cache))]
+            .into_iter()
+            .chain([
+                ("gpu.cdi_dirs", gpu.cdi_dirs.as_slice()),
+                ("gpu.lib_dirs", gpu.lib_dirs.as_slice()),
+                ("gpu.bin_dirs", gpu.bin_dirs.as_slice()),
+            ]);
+        for (key, list) in paths {
+            if let Some(p) = list.iter().find(|p| !p.is_absolute()) {
+                return Err(bad(
+                    key,
+                    format!("`{}` is not an absolute path", p.display()),
+                ));
+            }
         }
         for (k, v) in &self.labels {
             gantry_shared::gossip::parse_label(&format!("{k}={v}"))
@@ -290,6 +311,12 @@ interval = "5s"
 [log]
 level = "debug"
 format = "json"
+[gpu]
+cdi_dirs = ["/etc/cdi"]
+cdi_hooks = false
+ld_cache = "/run/ld.so.cache"
+lib_dirs = ["/opt/nvidia/lib"]
+bin_dirs = ["/opt/nvidia/bin"]
 "#,
         )
         .expect("valid");
@@ -304,6 +331,12 @@ format = "json"
         assert!(c.spot_notice.url.is_some());
         assert_eq!(c.spot_notice.interval, Duration::from_secs(5));
         assert_eq!(c.log.level, "debug");
+        assert_eq!(c.gpu.cdi_dirs, [Path::new("/etc/cdi")]);
+        assert!(!c.gpu.cdi_hooks);
+        assert_eq!(c.gpu.ld_cache, Path::new("/run/ld.so.cache"));
+        assert_eq!(c.gpu.lib_dirs, [Path::new("/opt/nvidia/lib")]);
+        assert_eq!(c.gpu.bin_dirs, [Path::new("/opt/nvidia/bin")]);
+        assert_eq!(c.gpu.dev, Path::new("/dev"), "not configurable");
     }
 
     #[test]
@@ -327,6 +360,9 @@ format = "json"
                 "spot_notice.interval",
             ),
             ("[log]\nlevel = \"=[\"", "log.level"),
+            ("[gpu]\nld_cache = \"ld.so.cache\"", "gpu.ld_cache"),
+            ("[gpu]\ncdi_dirs = [\"/etc/cdi\", \"cdi\"]", "gpu.cdi_dirs"),
+            ("[gpu]\ndev = \"/tmp\"", "gpu.dev"),
             ("cpu = \"4\"", "cpu"),
         ] {
             let e = check(text).expect_err(text);

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::gpu::GpuConfig;
 use crate::image::{ImageError, ImageStore, PullConfig};
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::store::{LocalStore, StoreError};
@@ -19,6 +20,8 @@ pub struct HostConfig {
     pub shim_pool: usize,
     /// The GPUs are simulated: nothing is injected into containers.
     pub simulated_gpus: bool,
+    /// Where real GPUs' devices, driver files and CDI specs are.
+    pub gpu: GpuConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,7 @@ impl Host {
         let runtime_config = RuntimeConfig {
             shim_pool: config.shim_pool,
             simulated_gpus: config.simulated_gpus,
+            gpu: config.gpu,
             ..RuntimeConfig::new(state_dir, exe)
         };
         let runtime = Runtime::open(runtime_config, images.clone(), &store).await?;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use gantry_agent::config::AgentConfig;
+use gantry_agent::gpu::GpuConfig;
 use gantry_agent::gpu::inventory::HealthEvent;
 use gantry_agent::host::{Host, HostConfig};
 use gantry_agent::image::{ImageConfig, PullConfig, RegistryAuth};
@@ -114,12 +115,12 @@ fn main() -> ExitCode {
                 Ok(0)
             })
         }
-        command => block_on(one_shot(&state_dir, command)),
+        command => block_on(one_shot(&state_dir, file.gpu, command)),
     }
 }
 
 /// The commands that act on this host's state without a daemon.
-async fn one_shot(state_dir: &Path, command: Command) -> anyhow::Result<i32> {
+async fn one_shot(state_dir: &Path, gpu: GpuConfig, command: Command) -> anyhow::Result<i32> {
     let pull = match &command {
         Command::Image(ImageCommand::Pull {
             insecure_registries,
@@ -136,6 +137,7 @@ async fn one_shot(state_dir: &Path, command: Command) -> anyhow::Result<i32> {
             pull,
             shim_pool: 0,
             simulated_gpus: false,
+            gpu,
         },
     )
     .await?;

@@ -62,6 +62,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             pull: PullConfig::default(),
             shim_pool: SHIM_POOL,
             simulated_gpus: config.simulate_gpus.is_some(),
+            gpu: config.gpu.clone(),
         },
     )
     .await?;
@@ -71,6 +72,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .ok_or(ServeError::NoCoordinator)?;
     let addr = crate::control::resolve(coordinator).await?;
     let inventory = inventory.unwrap_or_else(Inventory::empty);
+    if config.simulate_gpus.is_none() && !inventory.current().is_empty() {
+        // Which driver files GPU containers get, said once at start (and per container).
+        match crate::gpu::inject::probe(&config.gpu) {
+            Ok(source) => {
+                tracing::info!(driver = %source, "NVIDIA driver files for GPU containers")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "GPU containers cannot start until this is fixed")
+            }
+        }
+    }
     let cpu_millis = config.cpus.map(|c| c.0).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u64 * 1000)

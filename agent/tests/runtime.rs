@@ -471,11 +471,25 @@ async fn assigned_gpu_devices_are_injected_and_nothing_else() {
         )
         .expect("mknod");
     }
+    // A driver library where no fixed directory would look; the linker cache (fabricated
+    // here as glibc writes it) says where it is.
+    let lib = dir.path().join("opt/nvidia/lib");
+    std::fs::create_dir_all(&lib).expect("mkdir");
+    std::fs::write(lib.join("libcuda.so.1"), "fake-cuda").expect("write");
+    let ld_cache = dir.path().join("ld.so.cache");
+    std::fs::write(
+        &ld_cache,
+        ld_cache_bytes("libcuda.so.1", &lib.join("libcuda.so.1")),
+    )
+    .expect("write");
     let h = TestHost::with(|cfg| {
-        cfg.gpu_host = gantry_agent::gpu::HostPaths {
+        cfg.gpu = gantry_agent::gpu::GpuConfig {
             dev,
+            cdi_dirs: vec![dir.path().join("no-cdi")],
+            ld_cache,
             lib_dirs: vec![],
             bin_dirs: vec![],
+            ..Default::default()
         }
     })
     .await;
@@ -485,7 +499,8 @@ async fn assigned_gpu_devices_are_injected_and_nothing_else() {
         "ls /dev | grep nvidia | tr '\\n' ' '; echo; \
          echo NVIDIA=$NVIDIA_VISIBLE_DEVICES CUDA=$CUDA_VISIBLE_DEVICES; \
          head -c 4 /dev/nvidia1 | od -An -tx1; \
-         mknod /tmp/mem c 1 1 && (head -c 1 /tmp/mem >/dev/null 2>&1 && echo mem-readable || echo mem-denied)",
+         mknod /tmp/mem c 1 1 && (head -c 1 /tmp/mem >/dev/null 2>&1 && echo mem-readable || echo mem-denied); \
+         cat /usr/local/nvidia/lib64/libcuda.so.1; echo; echo LD=$LD_LIBRARY_PATH",
     );
     req.gpus = vec![1];
     req.env = vec![("NVIDIA_VISIBLE_DEVICES".into(), "all".into())];
@@ -512,6 +527,136 @@ async fn assigned_gpu_devices_are_injected_and_nothing_else() {
     assert_eq!(
         lines[3], "mem-denied",
         "the device cgroup refuses unassigned devices"
+    );
+    assert_eq!(
+        lines[4], "fake-cuda",
+        "the driver library found through the linker cache"
+    );
+    assert_eq!(lines[5], "LD=/usr/local/nvidia/lib64");
+}
+
+/// A glibc `ld.so.cache` (format 1.1) with one native library, as `ldconfig` writes it.
+fn ld_cache_bytes(name: &str, path: &std::path::Path) -> Vec<u8> {
+    let abi: u32 = if cfg!(target_arch = "aarch64") {
+        0x0a00
+    } else {
+        0x0300
+    };
+    let strings_at = 48 + 24;
+    let mut strings = Vec::new();
+    strings.extend_from_slice(name.as_bytes());
+    strings.push(0);
+    let path_at = strings_at + strings.len();
+    strings.extend_from_slice(path.to_string_lossy().as_bytes());
+    strings.push(0);
+    let mut b = b"glibc-ld.so.cache1.1".to_vec();
+    b.extend_from_slice(&1u32.to_ne_bytes());
+    b.extend_from_slice(&(strings.len() as u32).to_ne_bytes());
+    b.extend_from_slice(&[0; 20]);
+    b.extend_from_slice(&(0x0003 | abi).to_ne_bytes());
+    b.extend_from_slice(&(strings_at as u32).to_ne_bytes());
+    b.extend_from_slice(&(path_at as u32).to_ne_bytes());
+    b.extend_from_slice(&[0; 12]);
+    b.extend_from_slice(&strings);
+    b
+}
+
+/// A host with a CDI spec (as `nvidia-ctk cdi generate` writes one): the container gets
+/// the spec's device nodes, mounts and env, and libcontainer runs its createContainer
+/// hook after the mounts and before pivot_root, with the state on stdin, the way
+/// `nvidia-ctk hook update-ldcache` needs (here a script that finds the rootfs through the
+/// bundle's config.json and records what it saw inside it).
+#[tokio::test(flavor = "multi_thread")]
+async fn cdi_spec_edits_and_hooks_reach_the_container() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cdi = dir.path().join("cdi");
+    let driver = dir.path().join("driver");
+    std::fs::create_dir_all(&cdi).expect("mkdir");
+    std::fs::create_dir_all(&driver).expect("mkdir");
+    std::fs::write(driver.join("libfake.so.1"), "fake-driver").expect("write");
+    let hook = dir.path().join("hook.sh");
+    // Finds the rootfs as nvidia-ctk does: the bundle from the state on stdin, then
+    // root.path from the bundle's config.json.
+    let script = r#"#!/bin/sh
+bundle=$(tr -d ' \n' | sed -n 's/.*"bundle":"\([^"]*\)".*/\1/p')
+root=$(tr -d ' \n' < "$bundle/config.json" | sed -n 's/.*"root":{"path":"\([^"]*\)".*/\1/p')
+cat "$root/usr/lib/gantry-test/libfake.so.1" > "$root/hook-saw" || echo no-rootfs > "$root/hook-saw"
+"#;
+    std::fs::write(&hook, script).expect("write hook");
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let spec = format!(
+        r#"cdiVersion: 0.5.0
+kind: nvidia.com/gpu
+devices:
+- name: "0"
+  containerEdits:
+    deviceNodes:
+    - path: /dev/nvidia0
+      hostPath: /dev/zero
+containerEdits:
+  env:
+  - NVIDIA_VISIBLE_DEVICES=void
+  - FROM_CDI=yes
+  deviceNodes:
+  - path: /dev/nvidiactl
+    hostPath: /dev/null
+  mounts:
+  - hostPath: {lib}
+    containerPath: /usr/lib/gantry-test/libfake.so.1
+    options: [ro, nosuid, nodev, bind]
+  hooks:
+  - hookName: createContainer
+    path: {hook}
+    args: [hook.sh, update-ldcache]
+    env: [PATH=/usr/bin:/bin:/usr/sbin:/sbin]
+"#,
+        lib = driver.join("libfake.so.1").display(),
+        hook = hook.display(),
+    );
+    std::fs::write(cdi.join("nvidia.yaml"), spec).expect("write spec");
+    let h = TestHost::with(|cfg| {
+        cfg.gpu = gantry_agent::gpu::GpuConfig {
+            cdi_dirs: vec![cdi.clone()],
+            ..Default::default()
+        }
+    })
+    .await;
+    let rt = &h.runtime;
+    let mut req = sh_request(
+        "ls /dev | grep nvidia | tr '\\n' ' '; echo; \
+         echo NVIDIA=$NVIDIA_VISIBLE_DEVICES CDI=$FROM_CDI; \
+         cat /usr/lib/gantry-test/libfake.so.1; echo; \
+         cat /hook-saw; echo",
+    );
+    req.gpus = vec![0];
+    let id = rt.start(req).await.expect("start");
+    let id = id.id;
+    let exit = rt.wait(&id).await.expect("wait");
+    let out = String::from_utf8_lossy(&rt.logs(&id, Stream::Stdout).expect("logs")).into_owned();
+    let err = String::from_utf8_lossy(&rt.logs(&id, Stream::Stderr).expect("logs")).into_owned();
+    assert_eq!(exit.code(), 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0].trim(), "nvidia0 nvidiactl", "{out}");
+    assert_eq!(
+        lines[1], "NVIDIA=0 CDI=yes",
+        "Gantry's visibility wins over the spec's void"
+    );
+    assert_eq!(lines[2], "fake-driver", "the spec's mount");
+    assert_eq!(
+        lines[3], "fake-driver",
+        "the hook ran with the rootfs and the spec's mounts in place"
+    );
+
+    // A spec that names a missing file: the start fails with the file and the field.
+    std::fs::remove_file(driver.join("libfake.so.1")).expect("rm");
+    let mut req = sh_request("true");
+    req.gpus = vec![0];
+    let err = rt.start(req).await.expect_err("missing driver file");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("nvidia.yaml") && msg.contains("containerEdits.mounts[0].hostPath"),
+        "{msg}"
     );
 }
 

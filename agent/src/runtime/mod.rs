@@ -32,7 +32,7 @@ pub use shim::files;
 pub use types::*;
 
 use crate::fsutil::{self, Durability};
-use crate::gpu::{self, GpuError, HostPaths};
+use crate::gpu::{self, GpuConfig, GpuError};
 use crate::image::{ImageError, ImageStore};
 use crate::store::{LocalStore, StoreError, Table};
 
@@ -51,8 +51,8 @@ pub struct RuntimeConfig {
     pub log_cap_bytes: u64,
     /// How long to wait for a shim to report the container started.
     pub start_timeout: Duration,
-    /// Where to find NVIDIA devices and driver files.
-    pub gpu_host: HostPaths,
+    /// Where to find NVIDIA devices, driver files and CDI specs.
+    pub gpu: GpuConfig,
     /// This host's GPUs are simulated: assigned indices set the visibility variables but
     /// no device is injected (there is none).
     pub simulated_gpus: bool,
@@ -72,7 +72,7 @@ impl RuntimeConfig {
             shim_binary: shim_binary.into(),
             log_cap_bytes: 64 << 20,
             start_timeout: Duration::from_secs(60),
-            gpu_host: HostPaths::default(),
+            gpu: GpuConfig::default(),
             simulated_gpus: false,
             shim_pool: 2,
         }
@@ -253,8 +253,11 @@ impl Runtime {
         let gpus = if self.inner.cfg.simulated_gpus {
             gpu::inject::simulated(&req.gpus)?
         } else {
-            gpu::injection(&req.gpus, &self.inner.cfg.gpu_host)?
+            gpu::injection(&req.gpus, &self.inner.cfg.gpu)?
         };
+        if !req.gpus.is_empty() {
+            tracing::info!(container = %id, gpus = ?req.gpus, driver = %gpus.source, "GPU edits");
+        }
         let dir = self.container_dir(&id);
         let cgroup_path = self.cgroup_path(&id);
         let built = spec::build(&spec::SpecInput {

@@ -126,7 +126,8 @@ fn valid_env_name(name: &str) -> bool {
 }
 
 /// Merges image env and request env (request wins), strips `NVIDIA_*` from the request,
-/// then sets the GPU visibility variables Gantry owns.
+/// lays a CDI spec's env over them, appends the driver's library directories to
+/// `LD_LIBRARY_PATH`, then sets the GPU visibility variables Gantry owns.
 fn env(input: &SpecInput<'_>) -> Result<(Vec<String>, Vec<String>), SpecError> {
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
@@ -152,6 +153,26 @@ fn env(input: &SpecInput<'_>) -> Result<(Vec<String>, Vec<String>), SpecError> {
         }
         set(k, v, &mut vars);
     }
+    for (k, v) in &input.gpus.env {
+        // The visibility variables are Gantry's (a CDI spec sets NVIDIA_VISIBLE_DEVICES=void
+        // for the legacy hook's sake).
+        if !gantry_owned(k) && valid_env_name(k) {
+            set(k, v, &mut vars);
+        }
+    }
+    if !input.gpus.library_path.is_empty() {
+        let current = vars.get("LD_LIBRARY_PATH").cloned().unwrap_or_default();
+        let mut dirs: Vec<&str> = current.split(':').filter(|d| !d.is_empty()).collect();
+        for dir in &input.gpus.library_path {
+            let dir = dir.to_str().unwrap_or_default();
+            if !dir.is_empty() && !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        // After the image's and the user's own (a CUDA forward-compat libcuda wins).
+        let joined = dirs.join(":");
+        set("LD_LIBRARY_PATH", &joined, &mut vars);
+    }
     if !vars.contains_key("PATH") {
         set("PATH", DEFAULT_PATH, &mut vars);
     }
@@ -171,6 +192,34 @@ fn env(input: &SpecInput<'_>) -> Result<(Vec<String>, Vec<String>), SpecError> {
     }
     let env = order.iter().map(|k| format!("{k}={}", vars[k])).collect();
     Ok((env, stripped))
+}
+
+/// Variables only Gantry sets in a GPU container.
+fn gantry_owned(name: &str) -> bool {
+    name == "NVIDIA_VISIBLE_DEVICES"
+        || name == "CUDA_VISIBLE_DEVICES"
+        || name.starts_with("GANTRY_")
+}
+
+/// The OCI `hooks` object for a CDI spec's hooks, by stage.
+fn hooks(gpus: &GpuInjection) -> Value {
+    let mut by_stage = serde_json::Map::new();
+    for h in &gpus.hooks {
+        let mut hook = json!({"path": h.path, "args": h.args});
+        if !h.env.is_empty() {
+            hook["env"] = json!(h.env);
+        }
+        if let Some(t) = h.timeout {
+            hook["timeout"] = json!(t);
+        }
+        if let Value::Array(list) = by_stage
+            .entry(h.stage.oci_name())
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
+            list.push(hook);
+        }
+    }
+    Value::Object(by_stage)
 }
 
 pub fn build(input: &SpecInput<'_>) -> Result<BuiltSpec, SpecError> {
@@ -208,8 +257,8 @@ pub fn build(input: &SpecInput<'_>) -> Result<BuiltSpec, SpecError> {
             mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
         }
     }
-    for f in &input.gpus.driver_files {
-        mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev"]}));
+    for m in &input.gpus.mounts {
+        mounts.push(json!({"destination": m.container, "type": "bind", "source": m.host, "options": ["rbind", "ro", "nosuid", "nodev"]}));
     }
     for b in &req.binds {
         let mode = if b.read_only { "ro" } else { "rw" };
@@ -234,7 +283,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<BuiltSpec, SpecError> {
     }
 
     let cpu_quota = req.resources.cpu.0 * CPU_PERIOD_US / 1000;
-    let spec = json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "root": {"path": input.rootfs, "readonly": false},
         "hostname": input.id.as_str(),
@@ -263,6 +312,9 @@ pub fn build(input: &SpecInput<'_>) -> Result<BuiltSpec, SpecError> {
             "readonlyPaths": READONLY_PATHS,
         },
     });
+    if !input.gpus.hooks.is_empty() {
+        spec["hooks"] = hooks(input.gpus);
+    }
     let spec: Spec = serde_json::from_value(spec).map_err(|e| SpecError::Invalid(e.to_string()))?;
     Ok(BuiltSpec { spec, stripped_env })
 }
@@ -347,7 +399,7 @@ pub fn to_json(spec: &Spec) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::DeviceNode;
+    use crate::gpu::inject::{DeviceNode, Hook, HookStage, Mount};
 
     fn host() -> HostFacts {
         HostFacts {
@@ -515,8 +567,11 @@ mod tests {
                 major: 195,
                 minor: 3,
             }],
-            driver_files: vec!["/usr/bin/nvidia-smi".into()],
-            simulated: false,
+            mounts: vec![Mount {
+                host: "/usr/local/nvidia/bin/nvidia-smi".into(),
+                container: "/usr/bin/nvidia-smi".into(),
+            }],
+            ..GpuInjection::default()
         };
         let built = build_with(&image(), &r, &gpus).expect("spec");
         assert_eq!(
@@ -540,8 +595,49 @@ mod tests {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|m| m["destination"] == "/usr/bin/nvidia-smi")
+                .any(|m| m["destination"] == "/usr/bin/nvidia-smi"
+                    && m["source"] == "/usr/local/nvidia/bin/nvidia-smi")
         );
+        assert!(v.get("hooks").is_none_or(Value::is_null), "no hooks: {v}");
+    }
+
+    #[test]
+    fn driver_env_library_path_and_hooks() {
+        let mut r = ContainerRequest::new("x");
+        r.env = vec![(
+            "LD_LIBRARY_PATH".into(),
+            "/opt/lib:/usr/local/nvidia/lib64".into(),
+        )];
+        let gpus = GpuInjection {
+            indices: vec![0],
+            env: vec![
+                ("NVIDIA_VISIBLE_DEVICES".into(), "void".into()),
+                ("NVIDIA_CTK_LIBCUDA_DIR".into(), "/usr/lib64".into()),
+            ],
+            library_path: vec!["/usr/local/nvidia/lib64".into(), "/usr/lib64".into()],
+            hooks: vec![Hook {
+                stage: HookStage::CreateContainer,
+                path: "/usr/bin/nvidia-ctk".into(),
+                args: vec!["nvidia-ctk".into(), "hook".into(), "update-ldcache".into()],
+                env: vec![],
+                timeout: Some(10),
+            }],
+            ..GpuInjection::default()
+        };
+        let v = to_json(&build_with(&image(), &r, &gpus).expect("spec").spec);
+        let env = env_of(&v);
+        for want in [
+            "NVIDIA_VISIBLE_DEVICES=0",
+            "NVIDIA_CTK_LIBCUDA_DIR=/usr/lib64",
+            "LD_LIBRARY_PATH=/opt/lib:/usr/local/nvidia/lib64:/usr/lib64",
+        ] {
+            assert!(env.contains(&want), "{want} in {env:?}");
+        }
+        assert!(!env.contains(&"NVIDIA_VISIBLE_DEVICES=void"), "{env:?}");
+        let hook = &v["hooks"]["createContainer"][0];
+        assert_eq!(hook["path"], "/usr/bin/nvidia-ctk");
+        assert_eq!(hook["args"][2], "update-ldcache");
+        assert_eq!(hook["timeout"], 10);
     }
 
     fn env_of(spec: &serde_json::Value) -> Vec<&str> {
