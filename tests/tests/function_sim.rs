@@ -390,3 +390,55 @@ async fn a_host_that_crashes_while_its_containers_start_costs_a_retry_not_the_in
     assert_clean(&sim, 2_000, seed);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn containers_on_a_preempted_node_hear_its_deadline_and_their_work_finishes() {
+    let seed = seed();
+    eprintln!("function sim seed: {seed} (replay with GANTRY_SIM_SEED={seed})");
+    let mut sim = FunctionSim::new(SimConfig {
+        run_ms: 2_000..4_000,
+        ..SimConfig::new(seed)
+    });
+    let (app, f): (AppName, FunctionName) = (name("spot"), name("f"));
+    sim.deploy(manifest(json!({"app": "spot", "functions": {"f": {
+        "image": "sim", "cpu": "1", "memory": "1G", "max_containers": 16, "max_inputs": 1,
+        "scaledown_window": "2s",
+    }}})));
+    let payloads: Vec<Payload> = (0..48).map(|i| Payload::text(&format!("in-{i}"))).collect();
+    let call = sim.map(&app, &f, &payloads).await;
+    let ready = sim
+        .step_until(10_000, |s| s.counts(&app, &f).ready == 16)
+        .await;
+    assert!(ready, "seed {seed}: 16 containers never ready");
+    let host = (0..sim.nodes())
+        .find(|i| sim.containers_on(*i) > 0)
+        .expect("a host with containers");
+    let on_host = sim.containers_on(host);
+    let deadline = sim.now() + 20_000;
+    sim.preempt(host, deadline);
+    let done = sim
+        .step_until(60_000, |s| {
+            let c = s.counts(&app, &f);
+            c.queued + c.running == 0
+        })
+        .await;
+    assert!(done, "seed {seed}: the inputs did not end");
+    // Every container on the node heard the node's deadline, with a grace that ends there.
+    let told: Vec<&(gantry_shared::NodeId, u64, u64)> = sim.stats.preempt_drains.iter().collect();
+    assert_eq!(told.len(), on_host, "seed {seed}: {told:?}");
+    for (node, d, grace) in &told {
+        assert_eq!((node, *d), (sim.node_id(host), deadline), "seed {seed}");
+        assert!(*grace <= 20_000 && *grace > 0, "seed {seed}: grace {grace}");
+    }
+    // Nothing new went to the node, and every input ended with its own output.
+    assert_eq!(
+        sim.containers_on(host),
+        0,
+        "seed {seed}: the preempted node runs containers"
+    );
+    let ended = check_outputs(&sim, &[(call, payloads)], seed);
+    assert!(ended.failed.is_empty(), "seed {seed}: {ended:?}");
+    let v = &sim.stats.violations;
+    assert!(v.is_empty(), "seed {seed}: {v:#?}");
+    sim.shutdown().await;
+}

@@ -85,6 +85,7 @@ cpu = "0.25"
 memory = "64M"
 max_inputs = 2
 scaledown_window = "2s"
+retries = 1
 env = { GREETING = "hi there" }
 "#,
     );
@@ -111,6 +112,17 @@ env = { GREETING = "hi there" }
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("EchoError") && err.contains("boom"), "{err}");
+    // Its retry ran 1 s later by itself (nothing else happened meanwhile to hand it out).
+    let call = post(
+        &c,
+        "/v1/apps/demo/functions/echo/calls",
+        json!({"input": {"text": "fail:twice"}}),
+    );
+    assert_eq!(
+        (&call["state"], &call["results"][0]["attempt"]),
+        (&json!("failed"), &json!(2)),
+        "{call}"
+    );
 
     // Every input records where its time went.
     let call = post(

@@ -22,9 +22,10 @@ use crate::control::Session;
 use crate::invoke::{Container, FunctionServer, Invoke, InvokeError, StopReason};
 use crate::runtime::Runtime;
 
-/// Batches of answers in flight to the coordinator at once: while some wait for its
-/// commit, the answers arriving meanwhile gather into the next batch.
-const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// Batches of answers in flight to the coordinator at once: while one waits for its
+/// commit, the answers arriving meanwhile gather into the next batch (the busier the
+/// node, the larger the batches and the fewer the commits; an answer alone goes at once).
+const MAX_BATCHES_IN_FLIGHT: usize = 1;
 /// Wait before sending again an answer the coordinator neither noted nor refused.
 const RESEND_DELAY: Duration = Duration::from_millis(500);
 /// Longest a container's end waits for its answers to reach the coordinator, so the

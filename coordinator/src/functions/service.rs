@@ -20,9 +20,7 @@ use gantry_shared::functions::{
 use gantry_shared::protocol::{
     AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, batches,
 };
-use gantry_shared::{
-    AppName, CallId, FunctionName, Generation, InputId, NodeId, Owner, WarmId,
-};
+use gantry_shared::{AppName, CallId, FunctionName, Generation, InputId, NodeId, Owner, WarmId};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -868,9 +866,10 @@ impl FunctionService {
         }
         if changed {
             // The answers (outputs, errors, retries) are durable before the agent hears
-            // `Noted` and forgets them.
+            // `Noted` and forgets them. No scaling pass is woken: an answer only frees a
+            // slot, which `answered` fills at once; idle containers are drained by the
+            // periodic pass, after their window.
             self.inner.store.commit()?;
-            self.inner.reconcile.notify_one();
         }
         Ok(())
     }
@@ -1059,6 +1058,12 @@ impl FunctionService {
         let mut engine = engine(statuses, &held, false);
         let mut starts = Vec::new();
         for key in state.specs.keys().cloned().collect::<Vec<FunctionKey>>() {
+            // Retries whose delay has passed go to free slots (no other transition may
+            // come along to hand them out).
+            if state.queued(&key) > 0 {
+                let changes = state.dispatch(&key, now);
+                self.apply(changes)?;
+            }
             let current = state.is_current(&key);
             let Some(spec) = state.specs.get(&key).cloned() else {
                 continue;

@@ -83,6 +83,8 @@ pub(super) struct Agent {
     pub events: Vec<Event>,
     /// Answers not yet noted (they die with the host, as the agent's do).
     pub outputs: Vec<OutputItem>,
+    /// A preemption notice: when it came and the deadline (unix ms).
+    pub preempted: Option<(u64, u64)>,
 }
 
 /// What a command did that the driver records.
@@ -92,6 +94,8 @@ pub(super) struct Noted {
     pub started: bool,
     /// A drain came after this much idleness (ms).
     pub drained_idle_ms: Option<u64>,
+    /// A drain told a preemption: its deadline and grace (ms).
+    pub preempt: Option<(u64, u64)>,
     /// The contract the coordinator broke, if it did.
     pub violation: Option<String>,
 }
@@ -107,6 +111,7 @@ impl Agent {
             lost: Vec::new(),
             events: Vec::new(),
             outputs: Vec::new(),
+            preempted: None,
         }
     }
 
@@ -207,6 +212,7 @@ impl Agent {
                     if preempt_deadline_ms.is_none() && !c.draining {
                         noted.drained_idle_ms = Some(now.saturating_sub(c.last_active));
                     }
+                    noted.preempt = preempt_deadline_ms.map(|d| (d, grace_ms));
                     c.draining = true;
                     let stop = now + grace_ms;
                     if c.exit_at.is_none_or(|(at, _)| stop < at) {

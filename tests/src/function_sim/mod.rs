@@ -30,6 +30,7 @@ use gantry_coordinator::nodes::liveness::{Liveness, NodeStatus};
 use gantry_coordinator::reconcile::link::Delivered;
 use gantry_coordinator::reconcile::{ChannelLink, Reconciler};
 use gantry_coordinator::store::Store;
+use gantry_coordinator::store::node_admin::{AdminMode, AdminState};
 use gantry_shared::calls::{CallRequest, CallView, Payload};
 use gantry_shared::functions::{AppManifest, FunctionView};
 use gantry_shared::gossip::{AgentGossip, GpuInfo, NodeResources};
@@ -108,6 +109,8 @@ pub struct SimStats {
     pub starts: usize,
     /// Per drain for scale-down: how long its container had been idle (ms).
     pub drained_idle_ms: Vec<u64>,
+    /// Per drain for a preemption: the node, the deadline told and the grace (ms).
+    pub preempt_drains: Vec<(NodeId, u64, u64)>,
     /// Answers the containers produced, per input: container and attempt.
     pub produced: HashMap<InputId, Vec<(WarmId, u32)>>,
     /// Broken invariants, with the time.
@@ -309,6 +312,16 @@ impl FunctionSim {
         self.link.disconnect(&agent.id);
     }
 
+    /// Node `i` gets a spot-interruption notice: it goes away at `deadline_ms`.
+    pub fn preempt(&mut self, i: usize, deadline_ms: u64) {
+        self.agents[i].preempted = Some((self.now, deadline_ms));
+    }
+
+    /// Node `i`'s id.
+    pub fn node_id(&self, i: usize) -> &NodeId {
+        &self.agents[i].id
+    }
+
     /// One step of virtual time.
     pub async fn step(&mut self) {
         self.now += self.config.step_ms;
@@ -429,6 +442,11 @@ impl FunctionSim {
             let (reply, noted) = agent.handle(d.command, self.now, &self.shape);
             self.stats.starts += usize::from(noted.started);
             self.stats.drained_idle_ms.extend(noted.drained_idle_ms);
+            if let Some((deadline, grace)) = noted.preempt {
+                self.stats
+                    .preempt_drains
+                    .push((d.node.clone(), deadline, grace));
+            }
             if let Some(v) = noted.violation {
                 self.stats.violations.push(format!("t={}: {v}", self.now));
             }
@@ -498,6 +516,10 @@ fn status(a: &Agent, c: &SimConfig, now: u64) -> NodeStatus {
                 .collect(),
         }),
         gossip_error: None,
-        admin: None,
+        admin: a.preempted.map(|(since_ms, deadline)| AdminState {
+            mode: AdminMode::Preempt,
+            since_ms,
+            deadline_ms: Some(deadline),
+        }),
     }
 }
