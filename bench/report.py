@@ -111,7 +111,7 @@ def functions_table(results):
       f"≥ 5,000/s: {goal(mp, 5000, lower_is_better=False)} |")
     cli = get(g, "map", "cli", "per_s")
     if cli is not None:
-        w(f"| … through `gantry map` (CLI process, chunks of 500, two in flight) | {rate(cli)} | — | | |")
+        w(f"| … through `gantry map` (CLI process, one streamed map fed in chunks of 500) | {rate(cli)} | — | | |")
     quiet = get(g, "map", "polling_counters", "per_s")
     if quiet is not None:
         w(f"| … one call, the client polling the function's counters instead of a long poll on the call | {rate(quiet)} | — | | |")
@@ -389,6 +389,9 @@ def keep_unmeasured(results, out, text):
         return text
     old = {h: b for h, b in sections(old_text) if h}
     when = re.search(r"^Measured (\S+) on: (.*?)\. Written by", old_text, flags=re.M)
+    # A section the report before had itself kept keeps its own provenance.
+    earlier = re.search(r"^Not measured in this run, kept from the report before \(measured (\S+) on: (.*?)\): (.*)\.$", old_text, flags=re.M)
+    earlier_kept = set(earlier.group(3).split(", ")) if earlier else set()
     kept = []
     parts = []
     for heading, body in sections(text):
@@ -401,9 +404,14 @@ def keep_unmeasured(results, out, text):
                 kept.append(key[3:])
         parts.append(([heading] if heading else []) + body)
     text = "\n".join("\n".join(p) for p in parts)
-    if kept:
-        note = ("Not measured in this run, kept from the report before"
-                + (f" (measured {when.group(1)} on: {when.group(2)})" if when else "") + ": " + ", ".join(kept) + ".")
+    notes = []
+    for source, names in ((earlier, [k for k in kept if k in earlier_kept]),
+                          (when, [k for k in kept if k not in earlier_kept])):
+        if names:
+            notes.append("Not measured in this run, kept from the report before"
+                         + (f" (measured {source.group(1)} on: {source.group(2)})" if source else "")
+                         + ": " + ", ".join(names) + ".")
+    for note in reversed(notes):
         text = text.replace("\n\nEverything runs on this one machine", "\n\n" + note + "\n\nEverything runs on this one machine", 1)
     return text
 

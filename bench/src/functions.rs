@@ -6,7 +6,7 @@
 //!   (`min_containers = 1`), each from just before the `POST …/calls` to its `200`;
 //! - **map**: one call of N inputs over 4 warm containers, from the `POST` to the moment a
 //!   long poll on the call says every input ended; and the same inputs through `gantry map`
-//!   (chunks of 500, two in flight), the CLI process from start to exit;
+//!   (one streamed map fed in chunks of 500), the CLI process from start to exit;
 //! - **scale from zero**: a sync call to a deployed function with no container, the image
 //!   cached on the node; between trials the function drains to zero (`scaledown_window =
 //!   "2s"`, waited until `GET /v1/apps/{app}` shows no container);
@@ -542,7 +542,7 @@ fn print_tables(o: &Value, b: &FunctionsBench) {
     );
     println!();
     println!(
-        "Map of {} inputs over 4 warm containers (`max_inputs = {}`), one `POST` and a long poll: **{:.0} inputs/s** ({:.2} s; accepted durably in {:.2} s). Through `gantry map` (chunks of 500, two in flight): {}.",
+        "Map of {} inputs over 4 warm containers (`max_inputs = {}`), one `POST` and a long poll: **{:.0} inputs/s** ({:.2} s; accepted durably in {:.2} s). Through `gantry map` (one streamed map fed in chunks of 500): {}.",
         b.map_inputs,
         b.map_max_inputs,
         m["per_s"].as_f64().unwrap_or(f64::NAN),
