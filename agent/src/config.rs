@@ -50,6 +50,7 @@ pub struct AgentConfig {
     #[serde(with = "GossipSection")]
     pub gossip: MembershipConfig,
     pub spot_notice: SpotNoticeConfig,
+    pub registry: RegistrySettings,
     /// On a clean stop (SIGTERM), how long the coordinator keeps this node's work in place
     /// waiting for the agent to come back ("0s": re-place it as soon as the node is down).
     #[serde(with = "duration_text")]
@@ -70,6 +71,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             gossip: MembershipConfig::default(),
             spot_notice: SpotNoticeConfig::default(),
+            registry: RegistrySettings::default(),
             restart_hold: Duration::from_secs(15),
             log: LogConfig::default(),
         }
@@ -119,6 +121,16 @@ impl Default for SpotNoticeConfig {
     }
 }
 
+/// `[registry]`: how images are pulled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    /// CA certificates (PEM) trusted for registries over HTTPS besides the system's roots
+    /// and the cluster CA: for the embedded registry when the coordinator's API
+    /// certificate comes from a private CA, or for a private registry.
+    pub ca_file: Option<PathBuf>,
+}
+
 impl AgentConfig {
     /// Reads and checks `file`; a missing file is the defaults unless `required`.
     pub fn load(file: &Path, required: bool) -> Result<Self, ConfigError> {
@@ -146,6 +158,12 @@ impl AgentConfig {
                 ("gpu.lib_dirs", gpu.lib_dirs.as_slice()),
                 ("gpu.bin_dirs", gpu.bin_dirs.as_slice()),
             ]);
+        if let Some(p) = self.registry.ca_file.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(bad(
+                "registry.ca_file",
+                format!("`{}` is not an absolute path", p.display()),
+            ));
+        }
         for (key, list) in paths {
             if let Some(p) = list.iter().find(|p| !p.is_absolute()) {
                 return Err(bad(
@@ -317,6 +335,8 @@ cdi_hooks = false
 ld_cache = "/run/ld.so.cache"
 lib_dirs = ["/opt/nvidia/lib"]
 bin_dirs = ["/opt/nvidia/bin"]
+[registry]
+ca_file = "/etc/gantry/registry-ca.pem"
 "#,
         )
         .expect("valid");
@@ -337,6 +357,10 @@ bin_dirs = ["/opt/nvidia/bin"]
         assert_eq!(c.gpu.lib_dirs, [Path::new("/opt/nvidia/lib")]);
         assert_eq!(c.gpu.bin_dirs, [Path::new("/opt/nvidia/bin")]);
         assert_eq!(c.gpu.dev, Path::new("/dev"), "not configurable");
+        assert_eq!(
+            c.registry.ca_file.as_deref(),
+            Some(Path::new("/etc/gantry/registry-ca.pem"))
+        );
     }
 
     #[test]
@@ -363,6 +387,8 @@ bin_dirs = ["/opt/nvidia/bin"]
             ("[gpu]\nld_cache = \"ld.so.cache\"", "gpu.ld_cache"),
             ("[gpu]\ncdi_dirs = [\"/etc/cdi\", \"cdi\"]", "gpu.cdi_dirs"),
             ("[gpu]\ndev = \"/tmp\"", "gpu.dev"),
+            ("[registry]\nca_file = \"ca.pem\"", "registry.ca_file"),
+            ("[registry]\ninsecure = true", "registry.insecure"),
             ("cpu = \"4\"", "cpu"),
         ] {
             let e = check(text).expect_err(text);

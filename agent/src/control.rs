@@ -112,12 +112,21 @@ pub enum Trust<'a> {
     Ca(&'a str),
 }
 
+/// The cluster's embedded registry as the coordinator announced it at hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterRegistry {
+    /// `host:port`.
+    pub address: String,
+    /// It serves HTTPS (else plain HTTP).
+    pub tls: bool,
+}
+
 /// One QUIC connection to the coordinator.
 #[derive(Debug)]
 pub struct Session {
     conn: quinn::Connection,
-    /// The embedded registry's address, from the coordinator's welcome.
-    registry: std::sync::Mutex<Option<String>>,
+    /// The embedded registry, from the coordinator's welcome.
+    registry: std::sync::Mutex<Option<ClusterRegistry>>,
     /// The coordinator's gossip address, from its welcome.
     gossip: std::sync::Mutex<Option<SocketAddr>>,
     _endpoint: quinn::Endpoint,
@@ -221,8 +230,8 @@ impl Session {
             .map_err(|_| stream(format!("no answer within {FRAME_TIMEOUT:?}")))?
     }
 
-    /// The embedded registry's address the coordinator announced, if any.
-    pub fn registry(&self) -> Option<String> {
+    /// The embedded registry the coordinator announced, if any.
+    pub fn registry(&self) -> Option<ClusterRegistry> {
         self.registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -340,8 +349,15 @@ pub async fn connect(
     };
     match session.request(&hello).await? {
         Response::Welcome {
-            registry, gossip, ..
+            registry,
+            registry_tls,
+            gossip,
+            ..
         } => {
+            let registry = registry.map(|address| ClusterRegistry {
+                address,
+                tls: registry_tls,
+            });
             *session.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
             *session.gossip.lock().unwrap_or_else(|e| e.into_inner()) = gossip;
             Ok(session)

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use gantry_agent::config::AgentConfig;
-use gantry_agent::gpu::GpuConfig;
 use gantry_agent::gpu::inventory::HealthEvent;
 use gantry_agent::host::{Host, HostConfig};
 use gantry_agent::image::{ImageConfig, PullConfig, RegistryAuth};
@@ -115,22 +114,27 @@ fn main() -> ExitCode {
                 Ok(0)
             })
         }
-        command => block_on(one_shot(&state_dir, file.gpu, command)),
+        command => block_on(one_shot(&state_dir, file, command)),
     }
 }
 
 /// The commands that act on this host's state without a daemon.
-async fn one_shot(state_dir: &Path, gpu: GpuConfig, command: Command) -> anyhow::Result<i32> {
+async fn one_shot(state_dir: &Path, file: AgentConfig, command: Command) -> anyhow::Result<i32> {
     let pull = match &command {
         Command::Image(ImageCommand::Pull {
             insecure_registries,
             ..
         }) => PullConfig {
             insecure_registries: insecure_registries.clone(),
+            extra_roots: match &file.registry.ca_file {
+                Some(path) => gantry_agent::image::read_roots(path)?,
+                None => Vec::new(),
+            },
             ..PullConfig::default()
         },
         _ => PullConfig::default(),
     };
+    let gpu = file.gpu;
     let host = Host::open(
         state_dir,
         HostConfig {

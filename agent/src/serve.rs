@@ -16,7 +16,7 @@ use crate::gpu::inventory::{Inventory, InventoryError};
 use crate::gpu::nvml::NvmlSource;
 use crate::gpu::simulated::SimulatedSource;
 use crate::host::{Host, HostConfig, HostError};
-use crate::image::PullConfig;
+use crate::image::{CaFileError, PullConfig, pem_roots, read_roots};
 
 /// Shims the daemon keeps started ahead of time.
 const SHIM_POOL: usize = 2;
@@ -37,6 +37,8 @@ pub enum ServeError {
     Memory(#[source] MemInfoError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    RegistryCa(#[from] CaFileError),
 }
 
 /// Why the host's memory is unknown.
@@ -52,14 +54,16 @@ pub enum MemInfoError {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
     let state_dir = &config.state_dir;
     // The GPUs: discovered before the runtime, which must know if they are real.
-    let node = NodeIdentity::load(&state_dir.join("identity"))
+    let identity = NodeIdentity::load(&state_dir.join("identity")).ok();
+    let node = identity
+        .as_ref()
         .map(|i| i.node.to_string())
-        .unwrap_or_else(|_| "local".into());
+        .unwrap_or_else(|| "local".into());
     let inventory = gpu_inventory(state_dir, config.simulate_gpus.as_deref(), &node)?;
     let host = Host::open(
         state_dir,
         HostConfig {
-            pull: PullConfig::default(),
+            pull: pull_config(&config, identity.as_ref())?,
             shim_pool: SHIM_POOL,
             simulated_gpus: config.simulate_gpus.is_some(),
             gpu: config.gpu.clone(),
@@ -102,6 +106,27 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     crate::daemon::run(&config, addr, capacity, &host, &inventory, shutdown).await?;
     Ok(())
+}
+
+/// How the daemon pulls: besides the system's roots it trusts the cluster CA (the
+/// embedded registry's certificate may come from it; only the coordinator holds a server
+/// certificate from it) and `registry.ca_file`.
+fn pull_config(
+    config: &AgentConfig,
+    identity: Option<&NodeIdentity>,
+) -> Result<PullConfig, CaFileError> {
+    let mut extra_roots = match &config.registry.ca_file {
+        Some(path) => read_roots(path)?,
+        None => Vec::new(),
+    };
+    if let Some(identity) = identity {
+        // Parsed at join already; a CA that fails here fails the control session too.
+        extra_roots.extend(pem_roots(identity.ca_pem.as_bytes()).unwrap_or_default());
+    }
+    Ok(PullConfig {
+        extra_roots,
+        ..PullConfig::default()
+    })
 }
 
 /// The GPUs to offer: the simulated spec if given, else NVML's; a host without NVML

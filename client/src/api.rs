@@ -9,6 +9,7 @@ use gantry_shared::calls::{
 use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -16,6 +17,18 @@ pub enum ClientError {
         "cannot reach the coordinator at {url}: {source}; is it running (`gantry-coordinator serve`) and is GANTRY_ADDR right?"
     )]
     Connect { url: String, source: reqwest::Error },
+    #[error(
+        "the coordinator at {url} presented a certificate this client does not trust ({reason}); set GANTRY_CA (or `ca_file` in the CLI's config.json) to the CA certificate (PEM) that signed it: for a certificate from the cluster CA, the coordinator's <state_dir>/ca/ca.pem"
+    )]
+    Untrusted { url: String, reason: String },
+    #[error(
+        "TLS with the coordinator at {url} failed ({reason}); if it serves plain HTTP, use an http:// address, else set GANTRY_CA to the CA certificate (PEM) that signed its certificate"
+    )]
+    Tls { url: String, reason: String },
+    #[error("cannot use the CA file {} (GANTRY_CA / `ca_file`): {reason}", path.display())]
+    CaFile { path: PathBuf, reason: String },
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(reqwest::Error),
     #[error("{message} (HTTP {status})")]
     Api {
         status: u16,
@@ -26,6 +39,44 @@ pub enum ClientError {
     Decode(reqwest::Error),
 }
 
+impl ClientError {
+    /// A request that got no answer: a certificate the client cannot verify or a failed
+    /// handshake say so (and what to set); anything else is a connection failure.
+    fn unanswered(url: &str, source: reqwest::Error) -> Self {
+        let url = url.to_owned();
+        match tls_error(&source) {
+            Some(rustls::Error::InvalidCertificate(e)) => ClientError::Untrusted {
+                url,
+                reason: format!("{e:?}"),
+            },
+            Some(e) => ClientError::Tls {
+                url,
+                reason: e.to_string(),
+            },
+            None => ClientError::Connect { url, source },
+        }
+    }
+}
+
+/// The TLS failure behind a request's error, if that was it. (rustls reports it inside
+/// `io::Error`s, whose `source()` skips the error they wrap.)
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
 #[derive(Clone)]
 pub struct ApiClient {
     base: String,
@@ -34,18 +85,36 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// `addr` is `host:port` or a full `http://…` URL.
-    pub fn new(addr: &str, token: &str) -> Self {
+    /// `addr` is `host:port` (plain HTTP) or a full `http://…` or `https://…` URL. An
+    /// https:// coordinator's certificate is verified with `ca_file` (PEM) if given,
+    /// else with the system's roots.
+    pub fn new(addr: &str, token: &str, ca_file: Option<&Path>) -> Result<Self, ClientError> {
         let base = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.trim_end_matches('/').to_owned()
         } else {
             format!("http://{addr}")
         };
-        Self {
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = ca_file {
+            let bad = |reason: String| ClientError::CaFile {
+                path: path.to_owned(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| bad(format!("not PEM certificates ({e})")))?;
+            if roots.is_empty() {
+                return Err(bad("no `BEGIN CERTIFICATE` block".into()));
+            }
+            // Only these roots, as `curl --cacert`: a private CA is not mixed with the
+            // public ones.
+            http = http.tls_certs_only(roots);
+        }
+        Ok(Self {
             base,
             token: token.to_owned(),
-            http: reqwest::Client::new(),
-        }
+            http: http.build().map_err(ClientError::Setup)?,
+        })
     }
 
     pub async fn create_join_token(&self, ttl: &str) -> Result<JoinTokenResponse, ClientError> {
@@ -262,8 +331,13 @@ impl ApiClient {
         .await
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The HTTP client, for requests this type has no method for (the registry's).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
@@ -281,15 +355,18 @@ impl ApiClient {
 
     /// Sends `req` with the token; an error status becomes the API's error message.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = req
-            .bearer_auth(&self.token)
+        Self::check(self.send_raw(req).await?).await
+    }
+
+    /// Sends `req` with the token; any status is the caller's to read.
+    pub(crate) async fn send_raw(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        req.bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|source| ClientError::Connect {
-                url: self.base.clone(),
-                source,
-            })?;
-        Self::check(resp).await
+            .map_err(|source| ClientError::unanswered(&self.base, source))
     }
 
     async fn decode<R: DeserializeOwned>(resp: reqwest::Response) -> Result<R, ClientError> {
@@ -311,5 +388,46 @@ impl ApiClient {
             });
         }
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("request failed")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_tls_failure_is_found_inside_io_errors() {
+        use std::io::ErrorKind;
+        let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        // As hyper-util reports it: an io::Error around the handshake's io::Error.
+        let handshake = std::io::Error::new(ErrorKind::InvalidData, untrusted);
+        let e = Outer(std::io::Error::other(handshake));
+        assert!(matches!(
+            tls_error(&e),
+            Some(rustls::Error::InvalidCertificate(_))
+        ));
+        let refused = Outer(std::io::Error::from(ErrorKind::ConnectionRefused));
+        assert!(tls_error(&refused).is_none());
+    }
+
+    #[test]
+    fn a_ca_file_that_cannot_be_used_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "nothing\n").expect("write");
+        for path in [empty, dir.path().join("missing.pem")] {
+            let e = match ApiClient::new("https://127.0.0.1:1", "t", Some(&path)) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{} was accepted", path.display()),
+            };
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains("GANTRY_CA"),
+                "{e}"
+            );
+        }
     }
 }

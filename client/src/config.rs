@@ -1,20 +1,25 @@
 //! Where the CLI finds the coordinator (`~/.config/gantry/config.json`, written by
-//! `gantry dev`; GANTRY_ADDR and GANTRY_TOKEN override it), and the files `gantry dev`
-//! keeps beside it.
+//! `gantry dev`; GANTRY_ADDR, GANTRY_TOKEN and GANTRY_CA override it), and the files
+//! `gantry dev` keeps beside it.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, ClientError};
 
-/// Where the CLI finds the coordinator: `gantry dev` writes it; GANTRY_ADDR and
-/// GANTRY_TOKEN override it.
+/// Where the CLI finds the coordinator: `gantry dev` writes it; GANTRY_ADDR, GANTRY_TOKEN
+/// and GANTRY_CA override it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CliConfig {
+    /// `host:port` (plain HTTP) or `http://…` / `https://…`.
     pub addr: String,
     pub token: String,
+    /// The CA certificate (PEM) an https:// coordinator's certificate is verified with;
+    /// the system's roots when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl CliConfig {
@@ -43,8 +48,15 @@ impl CliConfig {
         let token = std::env::var("GANTRY_TOKEN")
             .ok()
             .or_else(|| file.as_ref().map(|f| f.token.clone()));
+        let ca_file = std::env::var_os("GANTRY_CA")
+            .map(PathBuf::from)
+            .or_else(|| file.as_ref().and_then(|f| f.ca_file.clone()));
         match (addr, token) {
-            (Some(addr), Some(token)) => Ok(Self { addr, token }),
+            (Some(addr), Some(token)) => Ok(Self {
+                addr,
+                token,
+                ca_file,
+            }),
             _ => bail!(
                 "no coordinator configured: start one with `gantry dev`, or set GANTRY_ADDR and GANTRY_TOKEN"
             ),
@@ -75,8 +87,8 @@ impl CliConfig {
         Ok(())
     }
 
-    pub fn client(&self) -> ApiClient {
-        ApiClient::new(&self.addr, &self.token)
+    pub fn client(&self) -> Result<ApiClient, ClientError> {
+        ApiClient::new(&self.addr, &self.token, self.ca_file.as_deref())
     }
 }
 

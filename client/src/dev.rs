@@ -85,6 +85,10 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let token_file = cfg.state_dir.join("admin-token");
     let mut coordinator = Command::new(sibling_binary("gantry-coordinator"));
+    // Its own configuration file (absent: the defaults), never the host's
+    // /etc/gantry/coordinator.toml or GANTRY_CONFIG: the dev cluster stays plain HTTP on
+    // loopback whatever a production coordinator on this host serves.
+    coordinator.env("GANTRY_CONFIG", cfg.state_dir.join("coordinator.toml"));
     if let Some(level) = child_log_level(cfg.verbose) {
         coordinator.env("GANTRY_LOG", level);
     }
@@ -134,6 +138,7 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
     CliConfig {
         addr: api.clone(),
         token,
+        ca_file: None,
     }
     .save()?;
     println!(
@@ -180,7 +185,9 @@ async fn start_agent(
     token: &str,
 ) -> anyhow::Result<Child> {
     if !state.join("identity").join("identity.json").exists() {
-        let join = ApiClient::new(api, token).create_join_token("10m").await?;
+        let join = ApiClient::new(api, token, None)?
+            .create_join_token("10m")
+            .await?;
         let status = Command::new(sibling_binary("gantry-agent"))
             .env("GANTRY_STATE_DIR", state)
             .env("GANTRY_CONFIG", state.join("agent.toml"))

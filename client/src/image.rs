@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
+use crate::api::ApiClient;
 use crate::config::CliConfig;
 
 /// `gantry image import`: packs a root filesystem (a directory or an uncompressed tarball)
@@ -58,55 +59,25 @@ pub async fn import_image(
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
     }))?;
-    let http = reqwest::Client::new();
-    let base = if cfg.addr.starts_with("http") {
-        cfg.addr.trim_end_matches('/').to_owned()
-    } else {
-        format!("http://{}", cfg.addr)
-    };
-    let check = |r: reqwest::Response, what: &str| -> anyhow::Result<()> {
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            bail!("the registry refused the {what} (HTTP {})", r.status())
-        }
-    };
+    let api = cfg.client()?;
     for (blob, d) in [(layer, &layer_digest), (config.clone(), &config_digest)] {
-        let r = http
-            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .bearer_auth(&cfg.token)
-            .body(blob)
-            .send()
-            .await?;
-        check(r, "upload")?;
+        let url = api.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}"));
+        let r = api.send_raw(api.http().post(url).body(blob)).await?;
+        refused(r, "upload").await?;
     }
-    let r = http
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .bearer_auth(&cfg.token)
+    let put = api
+        .http()
+        .put(api.url(&format!("/v2/{repo}/manifests/{tag}")))
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(manifest.clone())
-        .send()
-        .await?;
-    check(r, "manifest")?;
+        .body(manifest.clone());
+    refused(api.send_raw(put).await?, "manifest").await?;
     Ok(digest(&manifest))
 }
 
 /// `gantry image list`: `repo:tag` for every image in the embedded registry.
 pub async fn list_images(cfg: &CliConfig) -> anyhow::Result<Vec<String>> {
-    let http = reqwest::Client::new();
-    let base = if cfg.addr.starts_with("http") {
-        cfg.addr.trim_end_matches('/').to_owned()
-    } else {
-        format!("http://{}", cfg.addr)
-    };
-    let catalog: serde_json::Value = http
-        .get(format!("{base}/v2/_catalog"))
-        .bearer_auth(&cfg.token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let api = cfg.client()?;
+    let catalog = get_json(&api, "/v2/_catalog").await?;
     let mut out = Vec::new();
     for repo in catalog["repositories"]
         .as_array()
@@ -114,14 +85,7 @@ pub async fn list_images(cfg: &CliConfig) -> anyhow::Result<Vec<String>> {
         .flatten()
         .filter_map(|r| r.as_str())
     {
-        let tags: serde_json::Value = http
-            .get(format!("{base}/v2/{repo}/tags/list"))
-            .bearer_auth(&cfg.token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let tags = get_json(&api, &format!("/v2/{repo}/tags/list")).await?;
         out.extend(
             tags["tags"]
                 .as_array()
@@ -132,4 +96,25 @@ pub async fn list_images(cfg: &CliConfig) -> anyhow::Result<Vec<String>> {
         );
     }
     Ok(out)
+}
+
+async fn get_json(api: &ApiClient, path: &str) -> anyhow::Result<serde_json::Value> {
+    let r = api.send_raw(api.http().get(api.url(path))).await?;
+    Ok(refused(r, "listing").await?.json().await?)
+}
+
+/// `r` if it succeeded; else what the registry (or the API) said about refusing `what`.
+async fn refused(r: reqwest::Response, what: &str) -> anyhow::Result<reqwest::Response> {
+    let status = r.status();
+    if status.is_success() {
+        return Ok(r);
+    }
+    // The API's error body (`https_required`, …) or the registry's (`errors: [..]`).
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    let message = body["error"]["message"]
+        .as_str()
+        .or_else(|| body["errors"][0]["message"].as_str())
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    bail!("the registry refused the {what} (HTTP {status}){message}")
 }

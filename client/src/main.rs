@@ -400,7 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             .await
         }
         Command::Jobs(cmd) => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             match cmd {
                 JobsCommand::List { state } => {
                     let mut jobs = Vec::new();
@@ -421,7 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Logs { id, follow, rank } => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             client
                 .logs(&id, follow, rank, &mut std::io::stdout())
                 .await?;
@@ -448,7 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Nodes(cmd) => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             match cmd {
                 NodesCommand::List => print::print_nodes(&client.nodes().await?, json)?,
                 NodesCommand::Show { id } => print::print_node(&client.node(&id).await?, json)?,
@@ -474,7 +474,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Tokens(cmd) => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             match cmd {
                 TokensCommand::Create { role, name } => {
                     let created = client.create_api_token(&role, &name).await?;
@@ -495,11 +495,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Deploy { file } => {
             // A bad manifest is reported before anything is sent.
             functions::read_manifest(&file)?;
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             functions::deploy(&client, &file, json).await
         }
         Command::Apps(cmd) => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             match cmd {
                 AppsCommand::List => functions::print_apps(&client.apps().await?, json)?,
                 AppsCommand::Show { app } => functions::print_app(&client.app(&app).await?, json)?,
@@ -521,11 +521,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             detach,
         } => {
             let input = functions::read_data(data.as_deref(), content_type.as_deref())?;
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             functions::call(&client, &app, &function, input, detach, json).await
         }
         Command::Functions(cmd) => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             let apps = client.apps().await?;
             match cmd {
                 FunctionsCommand::List => functions::print_functions(&apps, None, json)?,
@@ -536,7 +536,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Calls(cmd) => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             match cmd {
                 CallsCommand::Get { id } => {
                     let view = functions::wait(&client, client.call_view(&id, None).await?).await?;
@@ -559,7 +559,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             content_type,
             unordered,
         } => {
-            let client = CliConfig::load()?.client();
+            let client = CliConfig::load()?.client()?;
             let order = if unordered {
                 OutputOrder::Completion
             } else {

@@ -38,7 +38,7 @@ pub struct RunArgs {
 /// Submits a job; unless detached, waits for it and returns its exit code.
 pub async fn run(cfg: &CliConfig, args: RunArgs, json: bool) -> anyhow::Result<i32> {
     let spec = spec(args.clone())?;
-    let client = cfg.client();
+    let client = cfg.client()?;
     let job = client.submit(&spec).await?;
     if args.detach {
         print_job(&job, json)?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use gantry_shared::config::{ConfigError, HostPort, LogConfig, Phi, duration_text};
 use serde::{Deserialize, Serialize};
 
-use crate::api::ApiConfig;
+use crate::api::{ApiConfig, ApiTls};
 use crate::control::ControlConfig;
 use crate::nodes::liveness::ClusterConfig;
 use crate::server::CoordinatorConfig;
@@ -26,11 +26,13 @@ pub struct CoordinatorSettings {
     pub state_dir: PathBuf,
     /// The HTTP API.
     pub api_listen: SocketAddr,
+    /// `[api]`: TLS for the HTTP API and the embedded registry on it.
+    pub api: ApiSettings,
     /// The QUIC control plane agents connect to.
     pub control_listen: SocketAddr,
-    /// The embedded registry's address as nodes reach it (`host:port`); default: the API
-    /// address, unless it listens on all interfaces.
-    pub registry_address: Option<HostPort>,
+    /// The embedded registry's address as nodes reach it (`host:port`, or with a scheme);
+    /// default: the API address, unless it listens on all interfaces.
+    pub registry_address: Option<RegistryAddress>,
     pub gossip: GossipSettings,
     pub liveness: LivenessSettings,
     pub log: LogConfig,
@@ -41,11 +43,132 @@ impl Default for CoordinatorSettings {
         Self {
             state_dir: "/var/lib/gantry/coordinator".into(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            api: ApiSettings::default(),
             control_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             registry_address: None,
             gossip: GossipSettings::default(),
             liveness: LivenessSettings::default(),
             log: LogConfig::default(),
+        }
+    }
+}
+
+/// `[api]`: how the HTTP API (and the embedded registry on it) is served. With TLS it
+/// serves HTTPS only; without, plain HTTP (loopback, or behind a TLS-terminating proxy).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ApiTable", into = "ApiTable")]
+pub struct ApiSettings {
+    pub tls: Option<ApiTls>,
+}
+
+/// `[api]` as written: the pairs are checked when it becomes [`ApiSettings`].
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ApiTable {
+    /// The certificate chain (PEM, leaf first) and its private key (PEM): both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    /// Instead of the files: DNS names and IP addresses for a certificate the cluster CA
+    /// issues at each start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tls_names: Vec<String>,
+}
+
+impl TryFrom<ApiTable> for ApiSettings {
+    type Error = String;
+
+    fn try_from(t: ApiTable) -> Result<Self, String> {
+        let tls = match (t.tls_cert, t.tls_key, t.tls_names.is_empty()) {
+            (None, None, true) => None,
+            (None, None, false) => Some(ApiTls::ClusterCa { names: t.tls_names }),
+            (Some(cert), Some(key), true) => Some(ApiTls::Files { cert, key }),
+            (Some(_), Some(_), false) => {
+                return Err(
+                    "`tls_names` (a certificate from the cluster CA) and `tls_cert` + \
+                            `tls_key` (your own) exclude each other: keep one"
+                        .into(),
+                );
+            }
+            (cert, _, _) => {
+                let (set, missing) = match cert {
+                    Some(_) => ("tls_cert", "tls_key"),
+                    None => ("tls_key", "tls_cert"),
+                };
+                return Err(format!(
+                    "`{set}` is set without `{missing}`: give both (the certificate chain \
+                     and its private key, PEM files) or neither"
+                ));
+            }
+        };
+        Ok(Self { tls })
+    }
+}
+
+impl From<ApiSettings> for ApiTable {
+    fn from(s: ApiSettings) -> Self {
+        match s.tls {
+            None => Self::default(),
+            Some(ApiTls::Files { cert, key }) => Self {
+                tls_cert: Some(cert),
+                tls_key: Some(key),
+                ..Self::default()
+            },
+            Some(ApiTls::ClusterCa { names }) => Self {
+                tls_names: names,
+                ..Self::default()
+            },
+        }
+    }
+}
+
+/// `registry_address`: `host:port` as nodes reach the embedded registry, optionally with a
+/// scheme: `https://` where they reach it through a TLS-terminating proxy, `http://` for
+/// plain HTTP; without one, the API's own scheme.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RegistryAddress {
+    pub host_port: HostPort,
+    /// HTTPS (`Some(true)`), plain HTTP (`Some(false)`), or as the API (`None`).
+    pub tls: Option<bool>,
+}
+
+impl std::str::FromStr for RegistryAddress {
+    type Err = String;
+
+    fn from_str(v: &str) -> Result<Self, String> {
+        let (tls, rest) = match v.split_once("://") {
+            Some(("https", rest)) => (Some(true), rest),
+            Some(("http", rest)) => (Some(false), rest),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "`{v}`: the scheme `{scheme}` is neither `https` nor `http`"
+                ));
+            }
+            None => (None, v),
+        };
+        let host_port = rest.parse().map_err(|e| {
+            format!("{e} (write `host:port`, or `https://host:port` behind a TLS proxy)")
+        })?;
+        Ok(Self { host_port, tls })
+    }
+}
+
+impl TryFrom<String> for RegistryAddress {
+    type Error = String;
+
+    fn try_from(v: String) -> Result<Self, String> {
+        v.parse()
+    }
+}
+
+impl From<RegistryAddress> for String {
+    fn from(r: RegistryAddress) -> String {
+        match r.tls {
+            None => r.host_port.into(),
+            Some(true) => format!("https://{}", r.host_port.as_str()),
+            Some(false) => format!("http://{}", r.host_port.as_str()),
         }
     }
 }
@@ -115,16 +238,14 @@ impl CoordinatorSettings {
             state_dir: self.state_dir.clone(),
             api: ApiConfig {
                 listen: self.api_listen,
+                tls: self.api.tls.clone(),
                 ..ApiConfig::default()
             },
             control: ControlConfig {
                 listen: self.control_listen,
                 ..ControlConfig::default()
             },
-            registry_address: self
-                .registry_address
-                .as_ref()
-                .map(|r| r.as_str().to_owned()),
+            registry_address: self.registry_address.clone(),
             cluster: ClusterConfig {
                 membership: gantry_membership::MembershipConfig {
                     listen: self.gossip.listen,
@@ -192,5 +313,68 @@ mod tests {
         }
         let e = check("[gossip]\ninterval = \"often\"").expect_err("bad duration");
         assert!(e.to_string().contains("is not a duration"), "{e}");
+    }
+
+    #[test]
+    fn api_tls_is_a_pair_of_files_or_names_for_the_cluster_ca() {
+        let c =
+            check("[api]\ntls_cert = \"/etc/gantry/api.crt\"\ntls_key = \"/etc/gantry/api.key\"\n")
+                .expect("valid");
+        assert_eq!(
+            c.server().api.tls,
+            Some(ApiTls::Files {
+                cert: "/etc/gantry/api.crt".into(),
+                key: "/etc/gantry/api.key".into()
+            })
+        );
+        let c = check("[api]\ntls_names = [\"gantry.example\", \"10.0.0.1\"]\n").expect("valid");
+        assert_eq!(
+            c.server().api.tls,
+            Some(ApiTls::ClusterCa {
+                names: vec!["gantry.example".into(), "10.0.0.1".into()]
+            })
+        );
+        let both = "[api]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_names = [\"x\"]";
+        for (text, says) in [
+            (
+                "\n[api]\ntls_cert = \"/c.pem\"",
+                "`tls_cert` is set without `tls_key`",
+            ),
+            (
+                "\n[api]\ntls_key = \"/k.pem\"",
+                "`tls_key` is set without `tls_cert`",
+            ),
+            (both, "exclude each other"),
+        ] {
+            let e = check(text).expect_err(text);
+            assert_eq!(e.key.as_deref(), Some("api"), "{text}: {e}");
+            let e = e.to_string();
+            assert!(e.starts_with("c.toml: `api`:") && e.contains(says), "{e}");
+        }
+        let e = check("\n[api]\ntls_key = \"/k.pem\"").expect_err("half a pair");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = check("[api]\ntls_crt = \"/c.pem\"").expect_err("unknown key");
+        assert_eq!(e.key.as_deref(), Some("api.tls_crt"), "{e}");
+    }
+
+    #[test]
+    fn the_registry_address_may_name_its_scheme() {
+        for (text, tls) in [
+            ("registry_address = \"r.example:5000\"", None),
+            ("registry_address = \"https://r.example:443\"", Some(true)),
+            ("registry_address = \"http://10.0.0.1:7080\"", Some(false)),
+        ] {
+            let c = check(text).expect(text);
+            let r = c.server().registry_address.expect("set");
+            assert_eq!(r.tls, tls, "{text}");
+            assert!(r.host_port.as_str().ends_with(char::is_numeric), "{text}");
+        }
+        for text in [
+            "registry_address = \"ftp://r.example:21\"",
+            "registry_address = \"https://r.example\"",
+        ] {
+            let e = check(text).expect_err(text);
+            assert_eq!(e.key.as_deref(), Some("registry_address"), "{e}");
+        }
     }
 }

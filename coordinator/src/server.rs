@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiConfig, ApiState};
 use crate::ca::ClusterCa;
+use crate::config::RegistryAddress;
 use crate::control::{ControlConfig, ControlServer};
 use crate::functions::FunctionService;
 use crate::jobs::service::JobService;
@@ -23,9 +24,10 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     pub api: ApiConfig,
     pub control: ControlConfig,
-    /// The registry address nodes use (`host:port`); default: the API's bound address
-    /// unless it listens on all interfaces.
-    pub registry_address: Option<String>,
+    /// The registry address nodes use (`host:port`, its scheme that of the API unless
+    /// it names one); default: the API's bound address unless it listens on all
+    /// interfaces.
+    pub registry_address: Option<RegistryAddress>,
     /// Gossip and the node liveness view. A wildcard gossip address without an advertised
     /// one advertises the control address's IP, or else the host's first non-loopback
     /// IPv4 address.
@@ -36,8 +38,18 @@ pub struct CoordinatorConfig {
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub api: std::net::SocketAddr,
+    /// The API serves HTTPS (only).
+    pub api_tls: bool,
     pub control: std::net::SocketAddr,
     pub gossip: std::net::SocketAddr,
+}
+
+impl Bound {
+    /// The API's URL as clients use it (`GANTRY_ADDR`).
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.api)
+    }
 }
 
 /// Runs the coordinator until `cancel` fires. `on_bound` is called once it serves (with
@@ -50,6 +62,14 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.state_dir)?;
     let store = Store::open(&cfg.state_dir.join("db"))?;
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.state_dir.join("ca"))?);
+    // The API's certificate, before anything listens or the admin token is made: a bad
+    // file stops the start and a fixed one gets the first start's token.
+    let tls = cfg
+        .api
+        .tls
+        .as_ref()
+        .map(|t| api::server_config(t, &ca))
+        .transpose()?;
     let tokens = store.api_tokens()?;
     let admin = tokens.bootstrap_admin()?;
     let join = store.join_tokens(ca.ca_sha256())?;
@@ -65,10 +85,15 @@ pub async fn run(
     // Nodes reach the embedded registry at the API's address, unless told otherwise.
     let api_addr = listener.local_addr()?;
     let mut control_cfg = cfg.control.clone();
-    control_cfg.registry = cfg
+    control_cfg.registry = match &cfg.registry_address {
+        Some(r) => Some(r.host_port.as_str().to_owned()),
+        None => (!api_addr.ip().is_unspecified()).then(|| api_addr.to_string()),
+    };
+    control_cfg.registry_tls = cfg
         .registry_address
-        .clone()
-        .or_else(|| (!api_addr.ip().is_unspecified()).then(|| api_addr.to_string()));
+        .as_ref()
+        .and_then(|r| r.tls)
+        .unwrap_or(tls.is_some());
     let mut cluster_cfg = cfg.cluster.clone();
     if cluster_cfg.membership.advertise.is_none()
         && cluster_cfg.membership.listen.ip().is_unspecified()
@@ -114,10 +139,11 @@ pub async fn run(
     .with_functions(functions.clone());
     let bound = Bound {
         api: listener.local_addr()?,
+        api_tls: tls.is_some(),
         control: control.local_addr()?,
         gossip: cluster.gossip_addr(),
     };
-    tracing::info!(cluster = %ca.cluster(), api = %bound.api, control = %bound.control, "coordinator serving");
+    tracing::info!(cluster = %ca.cluster(), api = %bound.api_url(), control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
     let router = api::router(ApiState::new(
         JobService::new(
@@ -152,7 +178,7 @@ pub async fn run(
         changed,
         cancel.clone(),
     ));
-    api::serve(listener, router, cancel.clone()).await?;
+    api::serve(listener, tls, router, cancel.clone()).await?;
     control_task.await?;
     scheduler.await?;
     router_task.await?;

@@ -338,6 +338,11 @@ pub enum Response {
         /// Where the embedded registry is (`host:port`): unqualified image names resolve
         /// there.
         registry: Option<String>,
+        /// The registry speaks HTTPS (its certificate from the cluster CA, or one the
+        /// node's trust store verifies); plain HTTP when false (and from older
+        /// coordinators).
+        #[serde(default)]
+        registry_tls: bool,
         /// Where the coordinator gossips (`ip:port`): the agent's gossip seed.
         #[serde(default)]
         gossip: Option<std::net::SocketAddr>,

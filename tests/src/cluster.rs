@@ -32,6 +32,9 @@ pub struct ClusterSpec {
     /// Import busybox with the example function runtime (`/app/runtime`) as image `echo`
     /// on every agent (see [`crate::functions_fixture`]).
     pub echo: bool,
+    /// The API (and the embedded registry) serves HTTPS with a certificate the cluster CA
+    /// issues for the bridge address (`[api] tls_names`); clients here trust that CA.
+    pub api_tls: bool,
 }
 
 impl Default for ClusterSpec {
@@ -43,6 +46,7 @@ impl Default for ClusterSpec {
             memory: "4G".into(),
             busybox: false,
             echo: false,
+            api_tls: false,
         }
     }
 }
@@ -84,8 +88,14 @@ impl TestCluster {
             .and_then(|s| s.local_addr())
             .expect("a free gossip port")
             .to_string();
+        // Its own configuration file, never the host's.
+        let config = match spec.api_tls {
+            true => format!("[api]\ntls_names = [\"{bridge}\"]\n"),
+            false => String::new(),
+        };
+        std::fs::write(dir.path().join("coordinator.toml"), config).expect("coordinator.toml");
         let mut coordinator = Proc::spawn(coordinator_command(
-            &dir.path().join("coordinator"),
+            dir.path(),
             &format!("{bridge}:0"),
             &format!("{bridge}:0"),
             &gossip,
@@ -151,8 +161,8 @@ impl TestCluster {
     pub fn restart_coordinator(&mut self) {
         self.coordinator.kill9();
         let cmd = coordinator_command(
-            &self.dir.path().join("coordinator"),
-            &self.api,
+            self.dir.path(),
+            self.api.trim_start_matches("https://"),
             &self.control,
             &self.gossip,
         );
@@ -208,7 +218,7 @@ impl TestCluster {
     pub fn join(&self, i: usize) {
         let token: Value = self
             .http()
-            .post(format!("http://{}/v1/join-tokens", self.api))
+            .post(self.url("/v1/join-tokens"))
             .bearer_auth(&self.admin)
             .json(&serde_json::json!({"ttl": "10m"}))
             .send()
@@ -282,17 +292,34 @@ impl TestCluster {
     }
 
     pub fn http(&self) -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("http client")
+        let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(ca) = self.ca_file() {
+            let pem = std::fs::read(ca).expect("cluster CA");
+            http = http.tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("CA")]);
+        }
+        http.build().expect("http client")
+    }
+
+    /// The API's URL for `path` (`/v1/nodes`).
+    pub fn url(&self, path: &str) -> String {
+        match self.api.starts_with("https://") {
+            true => format!("{}{path}", self.api),
+            false => format!("http://{}{path}", self.api),
+        }
+    }
+
+    /// The cluster CA's certificate, which the API's is issued by when `api_tls`.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.spec
+            .api_tls
+            .then(|| self.dir.path().join("coordinator/ca/ca.pem"))
     }
 
     /// `GET /v1/nodes`.
     pub fn nodes(&self) -> Vec<Value> {
         let v: Value = self
             .http()
-            .get(format!("http://{}/v1/nodes", self.api))
+            .get(self.url("/v1/nodes"))
             .bearer_auth(&self.admin)
             .send()
             .expect("nodes")
@@ -341,7 +368,7 @@ impl TestCluster {
     pub fn submit(&self, spec: Value) -> Value {
         let r = self
             .http()
-            .post(format!("http://{}/v1/jobs", self.api))
+            .post(self.url("/v1/jobs"))
             .bearer_auth(&self.admin)
             .json(&spec)
             .send()
@@ -354,7 +381,7 @@ impl TestCluster {
 
     pub fn job(&self, id: &str) -> Value {
         self.http()
-            .get(format!("http://{}/v1/jobs/{id}", self.api))
+            .get(self.url(&format!("/v1/jobs/{id}")))
             .bearer_auth(&self.admin)
             .send()
             .expect("job")
@@ -373,7 +400,7 @@ impl TestCluster {
     /// The job's output (stdout and stderr).
     pub fn logs(&self, id: &str) -> String {
         self.http()
-            .get(format!("http://{}/v1/jobs/{id}/logs", self.api))
+            .get(self.url(&format!("/v1/jobs/{id}/logs")))
             .bearer_auth(&self.admin)
             .send()
             .expect("logs")
@@ -383,8 +410,11 @@ impl TestCluster {
 
     /// The `gantry` CLI against this cluster.
     pub fn gantry(&self, args: &[&str]) -> std::process::Output {
-        Command::new(binary("gantry"))
-            .env("GANTRY_ADDR", &self.api)
+        let mut cmd = Command::new(binary("gantry"));
+        if let Some(ca) = self.ca_file() {
+            cmd.env("GANTRY_CA", ca);
+        }
+        cmd.env("GANTRY_ADDR", &self.api)
             .env("GANTRY_TOKEN", &self.admin)
             .args(args)
             .stdin(Stdio::null())
@@ -398,11 +428,13 @@ impl TestCluster {
     }
 }
 
-/// `gantry-coordinator serve` on `state` with the given listen addresses.
-fn coordinator_command(state: &std::path::Path, api: &str, control: &str, gossip: &str) -> Command {
+/// `gantry-coordinator serve` on `dir`'s `coordinator` state and `coordinator.toml`, with
+/// the given listen addresses.
+fn coordinator_command(dir: &std::path::Path, api: &str, control: &str, gossip: &str) -> Command {
     let mut cmd = Command::new(binary("gantry-coordinator"));
-    cmd.args(["serve", "--state-dir"])
-        .arg(state)
+    cmd.env("GANTRY_CONFIG", dir.join("coordinator.toml"))
+        .args(["serve", "--state-dir"])
+        .arg(dir.join("coordinator"))
         .args(["--api-listen", api])
         .args(["--control-listen", control])
         .args(["--gossip-listen", gossip]);

@@ -42,9 +42,14 @@ fn gantry_dev_runs_jobs_through_the_cli() {
     );
 
     let (api, control) = free_ports();
+    // A production configuration in the environment (here: TLS on the API) is not the dev
+    // cluster's: it stays plain HTTP on loopback.
+    let production = dir.path().join("coordinator.toml");
+    std::fs::write(&production, "[api]\ntls_names = [\"127.0.0.1\"]\n").expect("config");
     let mut cmd = Command::new(binary("gantry"));
     cmd.env("HOME", &home)
         .env_remove("XDG_CONFIG_HOME")
+        .env("GANTRY_CONFIG", &production)
         .args([
             "dev",
             "--node",

@@ -17,7 +17,8 @@ use super::functions::Functions;
 use super::generations::Generations;
 use super::gpus::GpuGuard;
 use super::outbox::Outbox;
-use crate::image::{ImageStore, RegistryAuth};
+use crate::control::ClusterRegistry;
+use crate::image::{ImageStore, RegistryAuth, Scheme};
 use crate::invoke::{self, FunctionServer};
 use crate::runtime::{
     BindMount, ContainerRequest, ContainerState, ExitReason, ExitRecord, Runtime, RuntimeError,
@@ -34,9 +35,9 @@ pub const PULL_RETRY_FOR: Duration = Duration::from_secs(600);
 pub(super) struct Attempts {
     runtime: Runtime,
     images: ImageStore,
-    /// The cluster registry (address, token) from the current session, for unqualified
+    /// The cluster registry and its token from the current session, for unqualified
     /// image names.
-    registry: Mutex<Option<(String, String)>>,
+    registry: Mutex<Option<(ClusterRegistry, String)>>,
     outbox: Outbox,
     /// Highest generation taken per owner: commands for older ones are refused, and a
     /// repeated start of the same one is a no-op.
@@ -79,8 +80,8 @@ impl Attempts {
         self.changed.clone()
     }
 
-    /// The cluster registry of the current session (address, token), if it has one.
-    pub(super) fn set_registry(&self, registry: Option<(String, String)>) {
+    /// The cluster registry of the current session and its token, if it has one.
+    pub(super) fn set_registry(&self, registry: Option<(ClusterRegistry, String)>) {
         *self.registry.lock().unwrap_or_else(PoisonError::into_inner) = registry;
     }
 
@@ -253,29 +254,35 @@ impl Attempts {
         let mut delay = Duration::from_millis(250);
         let mut told = false;
         loop {
-            // The embedded registry's address and token as the coordinator gave them last.
+            // The embedded registry, its scheme and token as the coordinator gave them
+            // last.
             let own_registry = !is_qualified(name);
-            let (reference, auth) = if own_registry {
+            let (reference, auth, scheme) = if own_registry {
                 let registry = self
                     .registry
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 match registry {
-                    Some((addr, token)) => (
-                        format!("{addr}/{name}"),
+                    Some((registry, token)) => (
+                        format!("{}/{name}", registry.address),
                         RegistryAuth::Basic("node".into(), token),
+                        if registry.tls {
+                            Scheme::Https
+                        } else {
+                            Scheme::Http
+                        },
                     ),
                     None => return Ok((name.to_owned(), 0)), // the start reports it missing
                 }
             } else {
-                (name.to_owned(), RegistryAuth::Anonymous)
+                (name.to_owned(), RegistryAuth::Anonymous, Scheme::Auto)
             };
             if self.images.get(&reference).is_ok() {
                 return Ok((reference, 0));
             }
             let pulling = Instant::now();
-            let e = match self.images.pull_from(&reference, &auth, own_registry).await {
+            let e = match self.images.pull_from(&reference, &auth, scheme).await {
                 Ok(_) => return Ok((reference, pulling.elapsed().as_millis() as u64)),
                 Err(e) => e,
             };

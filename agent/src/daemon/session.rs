@@ -85,7 +85,7 @@ pub(super) async fn sessions(
                 router.attempts.set_registry(
                     session
                         .registry()
-                        .map(|addr| (addr, identity.registry_token.clone())),
+                        .map(|registry| (registry, identity.registry_token.clone())),
                 );
                 if let Some(addr) = session.coordinator_gossip() {
                     publisher.contact(addr);

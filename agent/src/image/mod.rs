@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::fsutil;
 use crate::store::{LocalStore, StoreError, Table};
-pub use pull::{PullConfig, RegistryAuth};
+pub use pull::{CaFileError, PullConfig, RegistryAuth, Scheme, pem_roots, read_roots};
 pub use unpack::Compression;
 
 /// PATH for images that do not set one (the value Docker uses): an imported image gets it

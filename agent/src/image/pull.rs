@@ -2,12 +2,16 @@
 //! linux/amd64, layers downloaded once per digest (single flight), digests verified by the
 //! client before anything is unpacked into the cache.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use futures_util::{StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
+use oci_client::client::{
+    Certificate, CertificateEncoding, ClientConfig, ClientProtocol, linux_amd64_resolver,
+};
 use oci_client::errors::{DigestError, OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::{Client, Reference};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
 
 use super::{Compression, ImageConfig, ImageError, ImageRecord, ImageStore, unix_now};
@@ -22,6 +26,10 @@ pub struct PullConfig {
     pub insecure_registries: Vec<String>,
     /// Layers downloaded at once per pull.
     pub max_concurrent_downloads: usize,
+    /// CA certificates trusted for registries over HTTPS besides the system's roots: the
+    /// cluster CA (the embedded registry's certificate may come from it) and
+    /// `registry.ca_file`.
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 impl Default for PullConfig {
@@ -29,8 +37,21 @@ impl Default for PullConfig {
         Self {
             insecure_registries: Vec::new(),
             max_concurrent_downloads: 3,
+            extra_roots: Vec::new(),
         }
     }
+}
+
+/// How a pull speaks to its registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// HTTPS, except loopback registries and `insecure_registries` (plain HTTP), as
+    /// Docker does.
+    Auto,
+    /// Plain HTTP: the embedded registry of a coordinator that serves no TLS.
+    Http,
+    /// HTTPS even on loopback: the embedded registry of a coordinator that serves TLS.
+    Https,
 }
 
 fn is_loopback(registry: &str) -> bool {
@@ -39,6 +60,50 @@ fn is_loopback(registry: &str) -> bool {
         .map(|(h, _)| h)
         .unwrap_or(registry);
     host == "localhost" || host.starts_with("127.") || host == "[::1]"
+}
+
+/// The registries a client for `registry` speaks plain HTTP to.
+fn plain_http(cfg: &PullConfig, registry: &str, scheme: Scheme) -> Vec<String> {
+    let mut insecure = cfg.insecure_registries.clone();
+    insecure.retain(|r| scheme != Scheme::Https || r != registry);
+    let plain = match scheme {
+        Scheme::Auto => is_loopback(registry),
+        Scheme::Http => true,
+        Scheme::Https => false,
+    };
+    if plain {
+        insecure.push(registry.to_owned());
+    }
+    insecure
+}
+
+/// A CA file for registries could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use {} (`registry.ca_file`) as CA certificates for registries: {reason}", path.display())]
+pub struct CaFileError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The certificates in a PEM file (`registry.ca_file`), to trust for registries.
+pub fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
+    let bad = |reason: String| CaFileError {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let roots = pem_roots(&pem).map_err(bad)?;
+    if roots.is_empty() {
+        return Err(bad("no `BEGIN CERTIFICATE` block".into()));
+    }
+    Ok(roots)
+}
+
+/// The certificates in PEM text.
+pub fn pem_roots(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates ({e})"))
 }
 
 /// The parts of an OCI image config file Gantry uses.
@@ -74,14 +139,21 @@ impl From<Option<RunConfig>> for ImageConfig {
 }
 
 impl ImageStore {
-    fn client(&self, registry: &str, plain_http: bool) -> Client {
+    fn client(&self, registry: &str, scheme: Scheme) -> Client {
         let cfg = &self.inner.pull;
-        let mut insecure = cfg.insecure_registries.clone();
-        if plain_http || is_loopback(registry) {
-            insecure.push(registry.to_owned());
-        }
+        // DER was parsed when the roots were read: the client cannot fail on them (and
+        // would fall back to a default configuration if it did).
+        let extra_root_certificates = cfg
+            .extra_roots
+            .iter()
+            .map(|der| Certificate {
+                encoding: CertificateEncoding::Der,
+                data: der.to_vec(),
+            })
+            .collect();
         Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure),
+            protocol: ClientProtocol::HttpsExcept(plain_http(cfg, registry, scheme)),
+            extra_root_certificates,
             platform_resolver: Some(Box::new(linux_amd64_resolver)),
             max_concurrent_download: cfg.max_concurrent_downloads.max(1),
             connect_timeout: Some(std::time::Duration::from_secs(10)),
@@ -96,16 +168,16 @@ impl ImageStore {
         reference: &str,
         auth: &RegistryAuth,
     ) -> Result<ImageRecord, ImageError> {
-        self.pull_from(reference, auth, false).await
+        self.pull_from(reference, auth, Scheme::Auto).await
     }
 
-    /// [`ImageStore::pull`], over plain HTTP when `plain_http`: the cluster's embedded
-    /// registry, which the coordinator serves without TLS at the address it hands out.
+    /// [`ImageStore::pull`] with the scheme given: the cluster's embedded registry is
+    /// spoken to as the coordinator says it serves it.
     pub async fn pull_from(
         &self,
         reference: &str,
         auth: &RegistryAuth,
-        plain_http: bool,
+        scheme: Scheme,
     ) -> Result<ImageRecord, ImageError> {
         let image: Reference =
             reference
@@ -114,7 +186,7 @@ impl ImageStore {
                     reference: reference.to_owned(),
                     reason: e.to_string(),
                 })?;
-        let client = self.client(image.resolve_registry(), plain_http);
+        let client = self.client(image.resolve_registry(), scheme);
         let registry_err = |e: OciDistributionError| registry_error(reference, e);
         let (manifest, digest, config) = client
             .pull_manifest_and_config(&image, auth)
@@ -279,6 +351,42 @@ mod tests {
         assert!(is_loopback("localhost"));
         assert!(!is_loopback("registry.example.com:5000"));
         assert!(!is_loopback("10.0.0.1:5000"));
+    }
+
+    #[test]
+    fn the_scheme_decides_plain_http() {
+        let cfg = PullConfig {
+            insecure_registries: vec!["10.0.0.9:5000".into()],
+            ..PullConfig::default()
+        };
+        let plain =
+            |registry, scheme| plain_http(&cfg, registry, scheme).contains(&registry.to_owned());
+        assert!(plain("127.0.0.1:7080", Scheme::Auto), "loopback, as Docker");
+        assert!(!plain("registry.example:443", Scheme::Auto));
+        assert!(plain("10.0.0.9:5000", Scheme::Auto), "listed insecure");
+        assert!(
+            plain("10.0.0.1:7080", Scheme::Http),
+            "a plain embedded registry"
+        );
+        // A coordinator serving TLS is spoken HTTPS to, on loopback or listed alike.
+        assert!(!plain("127.0.0.1:7080", Scheme::Https));
+        assert!(!plain("10.0.0.9:5000", Scheme::Https));
+    }
+
+    #[test]
+    fn roots_are_read_from_pem_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.example".to_owned()]).expect("ca");
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.cert.pem().repeat(2)).expect("write");
+        assert_eq!(read_roots(&good).expect("roots").len(), 2);
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "nothing here\n").expect("write");
+        for path in [empty, dir.path().join("missing.pem")] {
+            let e = read_roots(&path).expect_err("refused").to_string();
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(e.contains("`registry.ca_file`"), "{e}");
+        }
     }
 
     #[test]

@@ -37,10 +37,12 @@ use crate::store::tokens::{ApiTokens, Role};
 mod extract;
 mod functions;
 mod nodes;
+mod tls;
 mod tokens;
 
 pub use extract::{ApiError, Caller, Spec};
 use nodes::*;
+pub use tls::{ApiTls, TlsError, server_config};
 use tokens::*;
 
 /// Settings of the HTTP API.
@@ -51,6 +53,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Largest page `GET /v1/jobs` returns.
     pub max_page: usize,
+    /// Serve HTTPS only, with this certificate; `None`: plain HTTP (loopback, `gantry
+    /// dev`, or behind a TLS-terminating proxy).
+    pub tls: Option<ApiTls>,
 }
 
 impl Default for ApiConfig {
@@ -59,6 +64,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
             max_body_bytes: 1 << 20,
             max_page: 500,
+            tls: None,
         }
     }
 }
@@ -228,13 +234,22 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `cancel` fires, finishing in-flight requests.
+/// Serves `router` on `listener` until `cancel` fires, finishing in-flight requests; over
+/// TLS only when `tls` is given.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     router: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    let stop = async move { cancel.cancelled().await };
+    if let Some(config) = tls {
+        let listener = tls::TlsListener::new(listener, config);
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await;
+    }
     // Without TCP_NODELAY a response's last small write (the end of a streamed body)
     // waits for the client's delayed ACK: ~40 ms on every `gantry run`.
     let listener = listener.tap_io(|tcp| {
@@ -243,7 +258,7 @@ pub async fn serve(
         }
     });
     axum::serve(listener, router)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .with_graceful_shutdown(stop)
         .await
 }
 

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gantry_client::api::ApiClient;
-use gantry_coordinator::config::CoordinatorSettings;
+use gantry_coordinator::config::{CoordinatorSettings, RegistryAddress};
 use gantry_coordinator::server;
-use gantry_shared::config::{HostPort, Phi};
+use gantry_shared::config::Phi;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -61,10 +61,11 @@ struct ServeFlags {
     /// QUIC control-plane address, where agents connect (default 0.0.0.0:7443).
     #[arg(long)]
     control_listen: Option<SocketAddr>,
-    /// The embedded registry's address as nodes reach it, `host:port` (default: the
-    /// API address, unless it listens on all interfaces).
+    /// The embedded registry's address as nodes reach it, `host:port`, or
+    /// `https://host:port` behind a TLS proxy (default: the API address, unless it listens
+    /// on all interfaces; HTTPS when the API serves it).
     #[arg(long)]
-    registry_address: Option<HostPort>,
+    registry_address: Option<RegistryAddress>,
     /// UDP address to gossip on (port 0: any free port; default 0.0.0.0:7946).
     #[arg(long)]
     gossip_listen: Option<SocketAddr>,
@@ -125,11 +126,16 @@ enum TokenCommand {
         /// How long it stays valid.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// The API: `host:port`, or `https://host:port` when it serves TLS.
         #[arg(long, env = "GANTRY_ADDR", default_value = "127.0.0.1:7080")]
         api: String,
         /// An admin token.
         #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
         token: String,
+        /// The CA certificate (PEM) that signed the API's certificate, for an https://
+        /// address: the cluster CA is `<state_dir>/ca/ca.pem` (default: the system's roots).
+        #[arg(long, env = "GANTRY_CA")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -216,7 +222,12 @@ async fn run(
                 if let Some(token) = admin {
                     println!("admin token (shown once, store it safely): {token}");
                 }
-                println!("api listening on {}", bound.api);
+                // A bare address for plain HTTP (as always), the URL for HTTPS.
+                if bound.api_tls {
+                    println!("api listening on {}", bound.api_url());
+                } else {
+                    println!("api listening on {}", bound.api);
+                }
                 println!("gossip listening on {}", bound.gossip);
                 println!("control listening on {}", bound.control);
                 // systemd (Type=notify): every endpoint is bound and serving.
@@ -225,8 +236,15 @@ async fn run(
             .await
         }
         Command::Config(ConfigCommand::Check) => unreachable!("answered before the runtime starts"),
-        Command::Token(TokenCommand::Create { ttl, api, token }) => {
-            let created = ApiClient::new(&api, &token).create_join_token(&ttl).await?;
+        Command::Token(TokenCommand::Create {
+            ttl,
+            api,
+            token,
+            ca_file,
+        }) => {
+            let created = ApiClient::new(&api, &token, ca_file.as_deref())?
+                .create_join_token(&ttl)
+                .await?;
             println!("{}", created.token);
             eprintln!(
                 "valid for {}s; join a node with: gantry-agent join --coordinator CONTROL_ADDR --token <token>",

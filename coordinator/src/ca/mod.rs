@@ -124,13 +124,25 @@ impl ClusterCa {
         hex::encode(Sha256::digest(self.ca_der.as_ref()))
     }
 
-    /// A fresh server certificate for this coordinator, chained to the CA.
+    /// A fresh server certificate for this coordinator's control endpoint, chained to the
+    /// CA.
     pub fn server_identity(&self) -> Result<Identity, CaError> {
+        self.issue_server(vec![COORDINATOR_DNS_NAME.to_owned()], "Gantry coordinator")
+    }
+
+    /// A fresh server certificate for the HTTP API (`api.tls_names`): DNS names and IP
+    /// addresses as clients reach it. Issued at every start, so it never outlives a
+    /// restart by more than [`NODE_CERT_DAYS`].
+    pub fn api_identity(&self, names: &[String]) -> Result<Identity, CaError> {
+        self.issue_server(names.to_vec(), "Gantry API")
+    }
+
+    fn issue_server(&self, names: Vec<String>, common_name: &str) -> Result<Identity, CaError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![COORDINATOR_DNS_NAME.to_owned()])?;
+        let mut params = CertificateParams::new(names)?;
         params
             .distinguished_name
-            .push(DnType::CommonName, "Gantry coordinator");
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = time_in_days(NODE_CERT_DAYS);
@@ -227,6 +239,29 @@ mod tests {
             cert.verify_is_valid_for_subject_name(&name("coordinator.gantry"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn api_certificates_name_what_they_were_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ClusterCa::load_or_create(dir.path()).expect("create");
+        let names = ["10.0.0.1".to_owned(), "gantry.example".to_owned()];
+        let id = ca.api_identity(&names).expect("issue");
+        assert_eq!(id.chain[1], *ca.ca_der(), "chained to the cluster CA");
+        let cert = webpki::EndEntityCert::try_from(&id.chain[0]).expect("parse");
+        let name = |n: &str| rustls_pki_types::ServerName::try_from(n.to_owned()).expect("name");
+        for ok in ["10.0.0.1", "gantry.example"] {
+            assert!(
+                cert.verify_is_valid_for_subject_name(&name(ok)).is_ok(),
+                "{ok}"
+            );
+        }
+        for not in ["10.0.0.2", "coordinator.gantry"] {
+            assert!(
+                cert.verify_is_valid_for_subject_name(&name(not)).is_err(),
+                "{not}"
+            );
+        }
     }
 
     #[test]

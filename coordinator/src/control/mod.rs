@@ -41,6 +41,9 @@ pub struct ControlConfig {
     /// The embedded registry's address as nodes reach it (`host:port`), told to each node
     /// at hello; `None` if nodes should not use it.
     pub registry: Option<String>,
+    /// Nodes speak HTTPS to the registry (verified with the cluster CA, their trust store
+    /// or their `registry.ca_file`).
+    pub registry_tls: bool,
     /// The coordinator's gossip address, told to each node at hello (its gossip seed).
     pub gossip: Option<SocketAddr>,
 }
@@ -52,6 +55,7 @@ impl Default for ControlConfig {
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
             registry: None,
+            registry_tls: false,
             gossip: None,
         }
     }
@@ -436,6 +440,7 @@ impl State {
                     cluster,
                     node,
                     registry: self.cfg.registry.clone(),
+                    registry_tls: self.cfg.registry_tls,
                     gossip: self.cfg.gossip,
                 })
             }
