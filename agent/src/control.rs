@@ -14,7 +14,7 @@ use gantry_shared::protocol::{
     self, ALPN, COORDINATOR_DNS_NAME, JoinToken, NodeCapacity, PROTOCOL_VERSION, Refusal, Request,
     Response,
 };
-use gantry_shared::{ClusterId, NodeId};
+use gantry_shared::{ClusterId, GossipKey, NodeId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
@@ -62,7 +62,9 @@ pub enum ControlError {
     NotJoined { dir: PathBuf },
 }
 
-/// What a joined node keeps: its name, its cluster, its certificate and key, the CA.
+/// What a joined node keeps: its name, its cluster, its certificate and key, the CA, and
+/// the cluster's gossip key. Stored readable by root only (the file 0600, its directory
+/// 0700): the keys are secrets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeIdentity {
     pub node: NodeId,
@@ -73,6 +75,10 @@ pub struct NodeIdentity {
     /// Reader token for the cluster's embedded registry.
     #[serde(default)]
     pub registry_token: String,
+    /// The key gossip datagrams are authenticated with, from the join (or, for a node
+    /// that joined before gossip was authenticated, from its first hello since).
+    #[serde(default)]
+    pub gossip_key: Option<GossipKey>,
 }
 
 impl NodeIdentity {
@@ -91,7 +97,8 @@ impl NodeIdentity {
             })
     }
 
-    fn save(&self, dir: &Path) -> Result<(), ControlError> {
+    /// Stores the identity in `dir`, replacing what is there.
+    pub fn save(&self, dir: &Path) -> Result<(), ControlError> {
         use std::os::unix::fs::PermissionsExt;
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -100,7 +107,7 @@ impl NodeIdentity {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
         let path = dir.join(Self::FILE);
-        fsutil::write_json_atomic(&path, self, Durability::Host).map_err(io(&path))
+        fsutil::write_json_private(&path, self, Durability::Host).map_err(io(&path))
     }
 }
 
@@ -129,6 +136,8 @@ pub struct Session {
     registry: std::sync::Mutex<Option<ClusterRegistry>>,
     /// The coordinator's gossip address, from its welcome.
     gossip: std::sync::Mutex<Option<SocketAddr>>,
+    /// The cluster's gossip key, from the coordinator's welcome.
+    gossip_key: std::sync::Mutex<Option<GossipKey>>,
     _endpoint: quinn::Endpoint,
 }
 
@@ -205,6 +214,7 @@ impl Session {
             conn,
             registry: std::sync::Mutex::new(None),
             gossip: std::sync::Mutex::new(None),
+            gossip_key: std::sync::Mutex::new(None),
             _endpoint: endpoint,
         })
     }
@@ -241,6 +251,14 @@ impl Session {
     /// The coordinator's gossip address it announced, if any.
     pub fn coordinator_gossip(&self) -> Option<SocketAddr> {
         *self.gossip.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cluster's gossip key, from the welcome (none before it).
+    pub fn gossip_key(&self) -> Option<GossipKey> {
+        self.gossip_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The underlying connection (for streams of the protocols built on this session).
@@ -301,6 +319,7 @@ pub async fn join(
             certificate_pem,
             ca_pem,
             registry_token,
+            gossip_key,
         } => {
             let identity = NodeIdentity {
                 node,
@@ -309,6 +328,7 @@ pub async fn join(
                 key_pem: key.serialize_pem(),
                 ca_pem,
                 registry_token,
+                gossip_key: Some(gossip_key),
             };
             identity.save(dir)?;
             Ok(identity)
@@ -352,6 +372,7 @@ pub async fn connect(
             registry,
             registry_tls,
             gossip,
+            gossip_key,
             ..
         } => {
             let registry = registry.map(|address| ClusterRegistry {
@@ -360,6 +381,7 @@ pub async fn connect(
             });
             *session.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
             *session.gossip.lock().unwrap_or_else(|e| e.into_inner()) = gossip;
+            *session.gossip_key.lock().unwrap_or_else(|e| e.into_inner()) = Some(gossip_key);
             Ok(session)
         }
         Response::Refused(r) => Err(ControlError::Refused(r)),

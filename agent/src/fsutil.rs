@@ -19,6 +19,16 @@ pub enum Durability {
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, then rename.
 /// Readers see the old content or the new, never a prefix.
 pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
+    write_atomic_as(path, bytes, durability, None)
+}
+
+/// [`write_atomic`] with the file's permissions set to `mode` before it gets its name.
+fn write_atomic_as(
+    path: &Path,
+    bytes: &[u8],
+    durability: Durability,
+    mode: Option<u32>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -26,6 +36,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> io::Re
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = File::create(&tmp)?;
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
     f.write_all(bytes)?;
     if durability == Durability::Host {
         f.sync_all()?;
@@ -44,8 +58,27 @@ pub fn write_json_atomic<T: serde::Serialize>(
     value: &T,
     durability: Durability,
 ) -> io::Result<()> {
+    write_json_as(path, value, durability, None)
+}
+
+/// [`write_json_atomic`] for secrets: the file is readable and writable by its owner only
+/// (0600), also when it replaces one that was not.
+pub fn write_json_private<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    durability: Durability,
+) -> io::Result<()> {
+    write_json_as(path, value, durability, Some(0o600))
+}
+
+fn write_json_as<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    durability: Durability,
+    mode: Option<u32>,
+) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    write_atomic(path, &bytes, durability)
+    write_atomic_as(path, &bytes, durability, mode)
 }
 
 /// Reads a JSON file; `Ok(None)` when it does not exist.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use gantry_membership::{Member, MembershipConfig, MembershipError};
 use gantry_shared::gossip::{AgentGossip, GPU_KEY_PREFIX, GpuInfo, NodeResources};
 use gantry_shared::protocol::NodeCapacity;
-use gantry_shared::{ClusterId, NodeId};
+use gantry_shared::{ClusterId, GossipKey, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -46,10 +46,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Joins gossip as `node` and starts publishing.
+    /// Joins gossip in `cluster` (its id, and the key its datagrams are authenticated
+    /// with) as `node` and starts publishing.
     pub async fn start(
         node: &NodeId,
-        cluster: &ClusterId,
+        cluster: (&ClusterId, &GossipKey),
         instance: u64,
         settings: GossipSettings,
         inventory: &Inventory,
@@ -68,7 +69,8 @@ impl Publisher {
             Member::start(
                 node.as_str(),
                 instance,
-                cluster.as_str(),
+                cluster.0.as_str(),
+                cluster.1,
                 &membership,
                 first.to_key_values(),
             )

@@ -33,13 +33,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use gantry_agent::gossip::{GossipSettings, describe};
 use gantry_agent::gpu::simulated::parse_spec;
-use gantry_membership::{Member, MemberView, MembershipConfig, Traffic};
+use gantry_membership::{GossipKey, Member, MemberView, MembershipConfig, Traffic};
 use gantry_shared::gossip::{AgentGossip, KEY_RESOURCES, coordinator_key_values};
 use gantry_shared::protocol::NodeCapacity;
 
 use crate::percentile;
 
 const CLUSTER: &str = "gantry-bench-gossip";
+/// Every member seals its datagrams with it, as in a real cluster (the bytes measured
+/// include the stamp and tag).
+const KEY: GossipKey = GossipKey::from_bytes([0x5a; 32]);
 /// The coordinator's member name (`gantry_coordinator::nodes::liveness::COORDINATOR_MEMBER`).
 const OBSERVER: &str = "@coordinator";
 /// What each agent declares: a typical 8-GPU node.
@@ -281,9 +284,16 @@ fn agent_gossip(
 async fn start_agent(i: usize, generation: u64, cfg: &MembershipConfig) -> anyhow::Result<Agent> {
     let name = format!("bench-node-{i:03}");
     let gossip = agent_gossip(&name, i, cfg)?;
-    let member = Member::start(&name, generation, CLUSTER, cfg, gossip.to_key_values())
-        .await
-        .with_context(|| format!("starting member {name}"))?;
+    let member = Member::start(
+        &name,
+        generation,
+        CLUSTER,
+        &KEY,
+        cfg,
+        gossip.to_key_values(),
+    )
+    .await
+    .with_context(|| format!("starting member {name}"))?;
     Ok(Agent {
         name,
         generation,
@@ -336,6 +346,7 @@ async fn converge(bench: &GossipBench, n: usize, row: &mut Row) -> anyhow::Resul
         OBSERVER,
         1,
         CLUSTER,
+        &KEY,
         &member_config(&bench.membership, Vec::new()),
         coordinator_key_values("127.0.0.1:7443", "127.0.0.1:8080"),
     )

@@ -117,7 +117,7 @@ pub async fn run(
     let node_admin = store.node_admin()?;
     let cluster = Cluster::start(
         cluster_cfg,
-        ca.cluster(),
+        (ca.cluster(), ca.gossip_key()),
         (&cfg.control.listen.to_string(), &api_addr.to_string()),
         nodes.clone(),
         join.clone(),

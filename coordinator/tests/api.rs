@@ -1,5 +1,6 @@
 //! The HTTP API through its router (no network): auth and roles, validation with field
-//! names, size limits, idempotency, paging, cancel, OpenAPI and metrics.
+//! names, size limits, idempotency, paging, cancel, OpenAPI and metrics (the gossip drop
+//! counters included).
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -10,13 +11,15 @@ use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig};
 use gantry_coordinator::nodes::service::NodeService;
 use gantry_coordinator::store::Store;
 use gantry_coordinator::store::tokens::Role;
-use gantry_shared::ClusterId;
+use gantry_shared::{ClusterId, GossipKey};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 struct Api {
     router: axum::Router,
+    /// Where the coordinator's gossip member listens (UDP, 127.0.0.1).
+    gossip: std::net::SocketAddr,
     /// Where the function service's messages to nodes go (no nodes here).
     _outbound: tokio::sync::mpsc::UnboundedReceiver<gantry_coordinator::functions::Outbound>,
     admin: String,
@@ -48,7 +51,10 @@ impl Api {
                 },
                 ..ClusterConfig::default()
             },
-            &ClusterId::new("test").expect("id"),
+            (
+                &ClusterId::new("test").expect("id"),
+                &GossipKey::from_bytes([1; 32]),
+            ),
             ("127.0.0.1:7443", "127.0.0.1:7080"),
             nodes.clone(),
             join.clone(),
@@ -69,6 +75,7 @@ impl Api {
             CancellationToken::new(),
         )
         .expect("function service");
+        let gossip = cluster.gossip_addr();
         let node_service = NodeService::new(store, cluster, nodes, node_admin);
         let router = api::router(ApiState::new(
             jobs,
@@ -80,6 +87,7 @@ impl Api {
         ));
         Self {
             router,
+            gossip,
             _outbound: outbound,
             admin,
             submitter,
@@ -373,6 +381,46 @@ async fn metrics_count_requests_by_route_without_ids() {
     assert!(text.contains("gantry_jobs_submitted_total 1"), "{text}");
     assert!(text.contains(r#"route="/v1/jobs/{id}""#), "{text}");
     assert!(!text.contains(&id), "no job ids in metrics: {text}");
+}
+
+#[tokio::test]
+async fn metrics_count_gossip_datagrams_that_do_not_authenticate() {
+    let api = Api::new().await;
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    // A datagram of the right length signed with nothing, and one too short to be signed.
+    stranger
+        .send_to(&[0u8; 100], api.gossip)
+        .await
+        .expect("send");
+    stranger.send_to(b"hi", api.gossip).await.expect("send");
+    let scrape = async || {
+        let (s, _, text) = api.call("GET", "/metrics", None, None, &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        text.as_str().expect("text").to_owned()
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = scrape().await;
+        let line = |l: &str| text.lines().any(|t| t == l);
+        if line(r#"gantry_gossip_datagrams_dropped_total{reason="bad_mac"} 1"#)
+            && line(r#"gantry_gossip_datagrams_dropped_total{reason="short"} 1"#)
+        {
+            assert!(
+                line(r#"gantry_gossip_datagrams_dropped_total{reason="stale"} 0"#),
+                "{text}"
+            );
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("gantry_gossip_sent_bytes_total ")),
+                "{text}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

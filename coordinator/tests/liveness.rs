@@ -8,9 +8,9 @@ use std::time::Duration;
 use gantry_coordinator::nodes::Nodes;
 use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig, Liveness, NodeStatus};
 use gantry_coordinator::store::Store;
-use gantry_membership::{ChannelTransport, GossipTransport, Member, MembershipConfig};
+use gantry_membership::{GossipTransport, InProcessNetwork, Member, MembershipConfig};
 use gantry_shared::gossip::{AgentGossip, GpuInfo, NodeResources};
-use gantry_shared::{ClusterId, NodeId};
+use gantry_shared::{ClusterId, GossipKey, NodeId};
 use tokio_util::sync::CancellationToken;
 
 fn gossip_cfg(port: u16, seeds: Vec<String>) -> MembershipConfig {
@@ -47,7 +47,8 @@ async fn the_view_reads_gossip_over_the_in_process_transport() {
     let token = joins.create(Duration::from_secs(60)).expect("token");
     joins.redeem(&token, &node).expect("joined");
 
-    let transport = GossipTransport::InProcess(ChannelTransport::default());
+    let transport = GossipTransport::InProcess(InProcessNetwork::default());
+    let key = GossipKey::from_bytes([1; 32]);
     let cancel = CancellationToken::new();
     let cluster = Cluster::start(
         ClusterConfig {
@@ -56,7 +57,7 @@ async fn the_view_reads_gossip_over_the_in_process_transport() {
             transport: transport.clone(),
             ..ClusterConfig::default()
         },
-        &ClusterId::new("c1").expect("cluster id"),
+        (&ClusterId::new("c1").expect("cluster id"), &key),
         ("127.0.0.1:7443", "127.0.0.1:7080"),
         Nodes::default(),
         joins,
@@ -70,6 +71,7 @@ async fn the_view_reads_gossip_over_the_in_process_transport() {
         "n1",
         1,
         "c1",
+        &key,
         &gossip_cfg(7101, vec![cluster.gossip_addr().to_string()]),
         agent_gossip().to_key_values(),
     )

@@ -1,25 +1,32 @@
 //! Cluster membership: one chitchat member per process (every agent and the coordinator),
-//! gossiping over UDP.
+//! gossiping over UDP datagrams authenticated with the cluster's gossip key.
 //!
 //! chitchat (Scuttlebutt reconciliation, phi-accrual failure detection) does the work;
 //! this crate owns how Gantry configures it ([`MembershipConfig`], with defaults chosen for
-//! fast detection), counts the bytes each member sends and receives (for `/metrics` and
-//! the gossip benchmark), and turns chitchat's state into plain [`MemberView`]s. What the
-//! key-values mean is `gantry_shared::gossip`'s business.
+//! fast detection), the transport under it (`transport`: every datagram sealed with an
+//! HMAC (`seal`) and dropped unless it opens, over UDP or an [`InProcessNetwork`]), what
+//! a member moved and dropped (for `/metrics` and the gossip benchmark), and turns
+//! chitchat's state into plain [`MemberView`]s. What the key-values mean is
+//! `gantry_shared::gossip`'s business.
+
+mod in_process;
+mod seal;
+mod transport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use chitchat::transport::ChannelTransport;
-use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpTransport};
 use chitchat::{
-    ChitchatConfig, ChitchatEnvelope, ChitchatHandle, ChitchatId, FailureDetectorConfig,
-    ProtocolVersion,
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
 };
+pub use gantry_shared::GossipKey;
+pub use in_process::InProcessNetwork;
+pub use seal::{DropReason, MAX_CLOCK_SKEW};
 use serde::{Deserialize, Serialize};
+use transport::SealedTransport;
+pub use transport::Traffic;
 
 /// How a member gossips and decides that a peer is dead.
 ///
@@ -81,15 +88,16 @@ pub enum MembershipError {
 }
 
 /// Where a member's datagrams travel. The product gossips over UDP; simulations and
-/// tests can put members in one process on chitchat's own in-memory twin, which can also
-/// cut links between members (a partition). Both are counted the same way.
+/// tests can put members in one process on an [`InProcessNetwork`], which can also cut
+/// links between members (a partition) and carry forged bytes. Both run the same
+/// authenticating socket and are counted the same way.
 #[derive(Clone, Default)]
 pub enum GossipTransport {
     #[default]
     Udp,
-    /// In process: every member opened on one `ChannelTransport` reaches the others. Its
-    /// `listen` addresses are only names, so each member needs its own explicit port.
-    InProcess(ChannelTransport),
+    /// In process: every member opened on one network reaches the others. Its `listen`
+    /// addresses are only names, so each member needs its own explicit port.
+    InProcess(InProcessNetwork),
 }
 
 impl std::fmt::Debug for GossipTransport {
@@ -99,13 +107,6 @@ impl std::fmt::Debug for GossipTransport {
             GossipTransport::InProcess(_) => "in process",
         })
     }
-}
-
-/// Bytes a member has sent and received through gossip since it started.
-#[derive(Debug, Default)]
-pub struct Traffic {
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
 }
 
 /// One member as this process sees it.
@@ -134,11 +135,13 @@ pub struct Member {
 }
 
 impl Member {
-    /// Starts gossiping over UDP as `node` (generation `generation`) in cluster `cluster`.
+    /// Starts gossiping over UDP as `node` (generation `generation`) in cluster `cluster`,
+    /// sealing and opening every datagram with the cluster's `key`.
     pub async fn start(
         node: &str,
         generation: u64,
         cluster: &str,
+        key: &GossipKey,
         cfg: &MembershipConfig,
         key_values: Vec<(String, String)>,
     ) -> Result<Self, MembershipError> {
@@ -147,6 +150,7 @@ impl Member {
             node,
             generation,
             cluster,
+            key,
             cfg,
             key_values,
         )
@@ -159,6 +163,7 @@ impl Member {
         node: &str,
         generation: u64,
         cluster: &str,
+        key: &GossipKey,
         cfg: &MembershipConfig,
         key_values: Vec<(String, String)>,
     ) -> Result<Self, MembershipError> {
@@ -215,11 +220,12 @@ impl Member {
                 // of ~170 (bench/README.md). Every Gantry member speaks it.
                 protocol_version: ProtocolVersion::V1,
             };
-            let counting = CountingTransport {
-                inner: transport.clone(),
+            let sealed = SealedTransport {
+                network: transport.clone(),
+                key: key.clone(),
                 traffic: traffic.clone(),
             };
-            match chitchat::spawn_chitchat(config, key_values.clone(), &counting).await {
+            match chitchat::spawn_chitchat(config, key_values.clone(), &sealed).await {
                 Ok(handle) => return Ok(Self { handle, traffic }),
                 Err(source) if cfg.listen.port() == 0 && attempts < 5 => {
                     tracing::debug!(error = %source, "gossip port taken meanwhile; retrying");
@@ -308,182 +314,5 @@ fn free_udp_port(listen: SocketAddr) -> std::io::Result<SocketAddr> {
     std::net::UdpSocket::bind(listen)?.local_addr()
 }
 
-/// A transport that counts the bytes through it.
-struct CountingTransport {
-    inner: GossipTransport,
-    traffic: Arc<Traffic>,
-}
-
-#[async_trait::async_trait]
-impl Transport for CountingTransport {
-    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let inner = match &self.inner {
-            GossipTransport::Udp => UdpTransport.open(listen_addr).await?,
-            GossipTransport::InProcess(channel) => channel.open(listen_addr).await?,
-        };
-        Ok(Box::new(CountingSocket {
-            inner,
-            traffic: self.traffic.clone(),
-        }))
-    }
-}
-
-struct CountingSocket {
-    inner: Box<dyn Socket>,
-    traffic: Arc<Traffic>,
-}
-
-#[async_trait::async_trait]
-impl Socket for CountingSocket {
-    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    async fn send(
-        &mut self,
-        to: SocketAddr,
-        envelope: ChitchatEnvelope,
-    ) -> anyhow::Result<SendOutcome> {
-        let out = self.inner.send(to, envelope).await?;
-        self.traffic
-            .sent
-            .fetch_add(out.num_bytes_sent as u64, Ordering::Relaxed);
-        Ok(out)
-    }
-
-    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-        let out = self.inner.recv().await?;
-        self.traffic
-            .received
-            .fetch_add(out.num_bytes_received as u64, Ordering::Relaxed);
-        Ok(out)
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(seeds: Vec<String>) -> MembershipConfig {
-        MembershipConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            seeds,
-            gossip_interval: Duration::from_millis(50),
-            ..MembershipConfig::default()
-        }
-    }
-
-    async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) {
-        for _ in 0..200 {
-            if f().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("timed out waiting for {what}");
-    }
-
-    /// The same behaviour over UDP and over the in-process twin.
-    async fn converge_see_changes_and_detect_death(transport: GossipTransport) {
-        // The in-process transport's addresses are names: each member gets its own port.
-        let on = |port: u16, seeds: Vec<String>| match transport {
-            GossipTransport::Udp => cfg(seeds),
-            GossipTransport::InProcess(_) => MembershipConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], port)),
-                ..cfg(seeds)
-            },
-        };
-        let start = async |name: &str, port: u16, seeds: Vec<String>, kv| {
-            Member::start_on(&transport, name, 1, "c1", &on(port, seeds), kv)
-                .await
-                .expect(name)
-        };
-        let a = start("a", 7001, vec![], vec![("k".into(), "1".into())]).await;
-        let seed = vec![a.gossip_addr().to_string()];
-        let b = start("b", 7002, seed.clone(), vec![]).await;
-        let c = start("c", 7003, seed, vec![]).await;
-        wait_for("c to see a and b live", async || {
-            let m = c.members().await;
-            m.iter().filter(|v| v.live).count() == 3
-        })
-        .await;
-        a.set(vec![("k".into(), "2".into())]).await;
-        wait_for("c to see a's new value", async || {
-            c.members()
-                .await
-                .iter()
-                .any(|v| v.node == "a" && v.key_values.get("k").map(String::as_str) == Some("2"))
-        })
-        .await;
-        assert!(b.traffic().sent.load(Ordering::Relaxed) > 0);
-        b.shutdown().await;
-        wait_for("c to declare b dead", async || {
-            c.members().await.iter().any(|v| v.node == "b" && !v.live)
-        })
-        .await;
-        a.shutdown().await;
-        c.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn members_converge_see_changes_and_detect_death_over_udp() {
-        converge_see_changes_and_detect_death(GossipTransport::Udp).await;
-    }
-
-    #[tokio::test]
-    async fn members_converge_see_changes_and_detect_death_in_process() {
-        converge_see_changes_and_detect_death(GossipTransport::InProcess(
-            ChannelTransport::default(),
-        ))
-        .await;
-    }
-
-    #[tokio::test]
-    async fn in_process_members_need_a_port() {
-        let e = Member::start_on(
-            &GossipTransport::InProcess(ChannelTransport::default()),
-            "a",
-            1,
-            "c1",
-            &cfg(vec![]),
-            vec![],
-        )
-        .await
-        .err();
-        assert!(matches!(e, Some(MembershipError::InProcessPort { .. })));
-    }
-
-    #[tokio::test]
-    async fn another_cluster_is_not_joined() {
-        let a = Member::start("a", 1, "c1", &cfg(vec![]), vec![])
-            .await
-            .expect("a");
-        let x = Member::start(
-            "x",
-            1,
-            "other",
-            &cfg(vec![a.gossip_addr().to_string()]),
-            vec![],
-        )
-        .await
-        .expect("x");
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(a.members().await.iter().all(|v| v.node != "x"));
-        assert!(x.members().await.iter().all(|v| v.node != "a"));
-    }
-
-    #[tokio::test]
-    async fn bad_settings_are_refused() {
-        let mut c = cfg(vec![]);
-        c.phi_threshold = 0.0;
-        assert!(matches!(
-            Member::start("a", 1, "c", &c, vec![]).await,
-            Err(MembershipError::Phi(_))
-        ));
-        let c = MembershipConfig::default();
-        assert!(matches!(
-            Member::start("a", 1, "c", &c, vec![]).await,
-            Err(MembershipError::NoAdvertise { .. })
-        ));
-    }
-}
+mod tests;

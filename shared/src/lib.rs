@@ -8,11 +8,13 @@ pub mod calls;
 pub mod config;
 pub mod functions;
 pub mod gossip;
+pub mod gossip_key;
 pub mod ids;
 pub mod protocol;
 pub mod resources;
 
 pub use attempt::{AttemptRef, EndCause, Generation, GpuFault, Owner, StartFailure};
+pub use gossip_key::{BadGossipKey, GossipKey};
 pub use ids::{
     AppName, CallId, ClusterId, ContainerId, FunctionName, IdError, InputId, JobId, NodeId, WarmId,
 };

@@ -11,10 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::attempt::{EndCause, Generation, Owner, StartFailure};
 use crate::calls::{InputResult, LeasedInput};
+use crate::gossip_key::GossipKey;
 use crate::ids::{ClusterId, InputId, NodeId};
 
-/// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Bumped on any incompatible change to the messages below. 5: `joined` and `welcome`
+/// carry the cluster's gossip key.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -331,6 +333,9 @@ pub enum Response {
         ca_pem: String,
         /// An API token (reader) the node pulls images from the embedded registry with.
         registry_token: String,
+        /// The key every gossip datagram is authenticated with; the node keeps it with
+        /// its identity.
+        gossip_key: GossipKey,
     },
     Welcome {
         cluster: ClusterId,
@@ -346,6 +351,9 @@ pub enum Response {
         /// Where the coordinator gossips (`ip:port`): the agent's gossip seed.
         #[serde(default)]
         gossip: Option<std::net::SocketAddr>,
+        /// The cluster's gossip key, as at join: a node that joined before gossip was
+        /// authenticated (or lost the key) learns it here.
+        gossip_key: GossipKey,
     },
     /// The request was acted on.
     Noted,

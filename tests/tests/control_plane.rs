@@ -1,6 +1,7 @@
 //! The control plane end to end on loopback: a real coordinator endpoint (QUIC, mutual
-//! TLS, cluster CA, join tokens) and the agent's client. Covers the join flow and every
-//! way a peer must be refused, and that bad frames close only the offending connection.
+//! TLS, cluster CA, join tokens) and the agent's client. Covers the join flow (with the
+//! cluster's gossip key handed out at join and at hello), every way a peer must be
+//! refused, and that bad frames close only the offending connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,13 +31,14 @@ fn hello(instance: u64) -> HelloInfo {
         gossip: None,
     }
 }
-use gantry_shared::{ClusterId, NodeId};
+use gantry_shared::{ClusterId, GossipKey, NodeId};
 use tokio_util::sync::CancellationToken;
 
 struct Cluster {
     addr: SocketAddr,
     tokens: JoinTokens,
     ca_pem: String,
+    gossip_key: GossipKey,
     cancel: CancellationToken,
     dir: tempfile::TempDir,
     _store_db: Store,
@@ -49,6 +51,7 @@ impl Cluster {
         let store = Store::open(&dir.path().join("db")).expect("store");
         let tokens = store.join_tokens(ca.ca_sha256()).expect("tokens");
         let ca_pem = ca.ca_pem().to_owned();
+        let gossip_key = ca.gossip_key().clone();
         let cfg = ControlConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             ..ControlConfig::default()
@@ -70,6 +73,7 @@ impl Cluster {
             addr,
             tokens,
             ca_pem,
+            gossip_key,
             cancel,
             dir,
             _store_db: store,
@@ -154,6 +158,35 @@ async fn an_agent_joins_once_and_then_connects_with_its_certificate() {
     )
     .await
     .expect("the token was not used up by the refused join");
+}
+
+#[tokio::test]
+async fn the_gossip_key_is_handed_out_at_join_and_at_every_hello() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::start().await;
+    let dir = c.dir.path().join("agent-k");
+    let identity = control::join(c.addr, &c.token(), NodeId::new("gpu-k").expect("id"), &dir)
+        .await
+        .expect("join");
+    assert_eq!(identity.gossip_key.as_ref(), Some(&c.gossip_key));
+    // Kept with the identity, which only its owner may read.
+    let stored = NodeIdentity::load(&dir).expect("stored");
+    assert_eq!(stored.gossip_key.as_ref(), Some(&c.gossip_key));
+    let mode = std::fs::metadata(dir.join("identity.json"))
+        .expect("identity file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Every welcome carries it too: how a node that joined before gossip was authenticated
+    // (an identity without the key) learns it.
+    let before = NodeIdentity {
+        gossip_key: None,
+        ..identity
+    };
+    let session = control::connect(c.addr, &before, hello(1))
+        .await
+        .expect("session");
+    assert_eq!(session.gossip_key().as_ref(), Some(&c.gossip_key));
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Cluster membership on test hosts (network namespaces on a bridge): agents gossip their
 //! capacity, GPUs and liveness, the coordinator's view follows faults, GPU health events
-//! reach it, and two agents cannot be one node.
+//! reach it, two agents cannot be one node, and strangers without the cluster's gossip key
+//! change nothing.
 
 use std::time::Duration;
 
@@ -256,4 +257,156 @@ fn two_agents_claiming_one_node_id_are_refused() {
     let nodes = c.nodes();
     assert_eq!(state_of(&nodes, "node-0"), Some("ready"), "{nodes:?}");
     assert_eq!(node_of(&nodes, "node-0").expect("node")["connected"], true);
+}
+
+/// Strangers on the cluster network, from the test process on the bridge: a gossip member
+/// with a key of its own and plain chitchat in the clear (the cluster's id, claiming a
+/// node with 8 GPUs), both contacting the coordinator's and every agent's gossip port.
+/// Nobody answers them, the view keeps exactly the two nodes as they were, and the
+/// coordinator counts the datagrams it dropped in `/metrics`.
+#[test]
+fn strangers_without_the_gossip_key_change_nothing() {
+    use gantry_membership::{GossipKey, Member, MembershipConfig};
+    use gantry_shared::gossip::{AgentGossip, GpuInfo, NodeResources};
+
+    let c = TestCluster::start(ClusterSpec {
+        agents: 2,
+        simulate_gpus: Some("2xA100-40GB".into()),
+        ..ClusterSpec::default()
+    });
+    let before = c.nodes();
+    let cluster = std::fs::read_to_string(c.dir.path().join("coordinator/ca/cluster-id"))
+        .expect("cluster id")
+        .trim()
+        .to_owned();
+    let seeds: Vec<String> = std::iter::once(c.gossip.clone())
+        .chain(c.agents.iter().map(|a| format!("{}:7946", a.host.ip())))
+        .collect();
+    let bridge = std::net::IpAddr::from(c.net.bridge_ip());
+    let claim = |node: &str| {
+        AgentGossip {
+            addr: bridge,
+            labels: Default::default(),
+            resources: NodeResources {
+                cpu_millis: 512_000,
+                free_cpu_millis: 512_000,
+                memory_bytes: 4 << 40,
+                free_memory_bytes: 4 << 40,
+            },
+            free_gpus: (0..8).collect(),
+            gpus: (0..8)
+                .map(|i| GpuInfo::simulated(node, i, "H100-80GB", 80 << 30))
+                .collect(),
+        }
+        .to_key_values()
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (keyed_knows, clear_knows) = runtime.block_on(async {
+        let keyed = Member::start(
+            "node-8",
+            1,
+            &cluster,
+            &GossipKey::from_bytes([9; 32]),
+            &MembershipConfig {
+                listen: std::net::SocketAddr::new(bridge, 0),
+                seeds: seeds.clone(),
+                gossip_interval: Duration::from_millis(100),
+                ..MembershipConfig::default()
+            },
+            claim("node-8"),
+        )
+        .await
+        .expect("keyed stranger");
+        let listen = std::net::UdpSocket::bind((bridge, 0))
+            .and_then(|s| s.local_addr())
+            .expect("a free port");
+        let clear = chitchat::spawn_chitchat(
+            chitchat::ChitchatConfig {
+                chitchat_id: chitchat::ChitchatId::new("node-9".to_owned(), 1, listen),
+                cluster_id: cluster.clone(),
+                gossip_interval: Duration::from_millis(100),
+                listen_addr: listen,
+                seed_nodes: seeds,
+                failure_detector_config: chitchat::FailureDetectorConfig::default(),
+                marked_for_deletion_grace_period: Duration::from_secs(3_600),
+                catchup_callback: None,
+                extra_liveness_predicate: None,
+                protocol_version: chitchat::ProtocolVersion::V1,
+            },
+            claim("node-9"),
+            &chitchat::transport::UdpTransport,
+        )
+        .await
+        .expect("stranger in the clear");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let known = (
+            keyed.members().await.len(),
+            clear.with_chitchat(|c| c.node_states().len()).await,
+        );
+        keyed.shutdown().await;
+        let _ = clear.shutdown().await;
+        known
+    });
+    assert_eq!(
+        (keyed_knows, clear_knows),
+        (1, 1),
+        "a stranger learned of members"
+    );
+    let after = c.nodes();
+    assert_eq!(after.len(), 2, "{after:?}");
+    for name in ["node-0", "node-1"] {
+        let (was, is) = (
+            node_of(&before, name).expect("before"),
+            node_of(&after, name).expect("after"),
+        );
+        assert_eq!(is["state"], "ready", "{is}");
+        for field in ["address", "cpu_millis", "free_cpu_millis", "gpus"] {
+            assert_eq!(is[field], was[field], "{name} {field}");
+        }
+    }
+    let metrics = c
+        .http()
+        .get(format!("http://{}/metrics", c.api))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"gantry_gossip_datagrams_dropped_total{reason="bad_mac"} "#))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no bad_mac count in {metrics}"));
+    assert!(dropped >= 10, "{dropped} datagrams dropped: {metrics}");
+}
+
+/// A node that joined before gossip was authenticated has no gossip key with its identity:
+/// its agent learns the key from its first hello, stores it, gossips with it, and the node
+/// is ready as before.
+#[test]
+fn a_node_joined_without_a_gossip_key_learns_it_at_hello() {
+    let mut c = TestCluster::start(ClusterSpec::default());
+    c.kill_agent(0);
+    let file = c.agents[0].state.join("identity/identity.json");
+    let mut identity: Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("identity")).expect("json");
+    let key = identity["gossip_key"].clone();
+    assert!(key.is_string(), "the join stored the key: {identity}");
+    identity
+        .as_object_mut()
+        .expect("object")
+        .remove("gossip_key");
+    std::fs::write(&file, identity.to_string()).expect("write");
+    c.start_agent(0);
+    let stored = gantry_tests::netns::wait_until(
+        "the agent to store the key",
+        Duration::from_secs(30),
+        || {
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(&file).expect("identity")).expect("json");
+            v.get("gossip_key").cloned()
+        },
+    );
+    assert_eq!(stored, key);
+    // Ready again: its new run gossips (a node whose gossip is dropped stays suspect).
+    std::thread::sleep(Duration::from_secs(2));
+    c.wait_state("node-0", "ready", Duration::from_secs(30));
 }

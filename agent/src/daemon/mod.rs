@@ -10,8 +10,10 @@
 //! watch, report), `generations` (the marks that fence stale commands), `gpus` (the
 //! GPU guard: faults stop attempts, marks outlive restarts), `outbox` (events until
 //! acknowledged), `output` (attempts' logs streamed), `functions` (function containers'
-//! runtime API servers, the commands for them and their answers to the coordinator), and
-//! `session` (the control session that routes commands to them). This file assembles them.
+//! runtime API servers, the commands for them and their answers to the coordinator),
+//! `gossip_key` (the cluster's key for a node that joined without one, and a changed one)
+//! and `session` (the control session that routes commands to them). This file assembles
+//! them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +34,7 @@ use crate::store::StoreError;
 mod attempts;
 mod functions;
 mod generations;
+mod gossip_key;
 mod gpus;
 mod outbox;
 mod output;
@@ -111,10 +114,22 @@ pub async fn run(
         let (gpus, cancel) = (gpus.clone(), cancel.clone());
         async move { gpus.stop_on_faults(cancel).await }
     });
+    // A node joined before gossip was authenticated learns the key before it gossips.
+    let hello = HelloInfo {
+        capacity,
+        instance,
+        gossip: None,
+    };
+    let Some((identity, key)) =
+        gossip_key::learn(identity, coordinator, hello, &config.state_dir, &cancel).await?
+    else {
+        functions.shutdown().await;
+        return Ok(());
+    };
     let gossip_cancel = cancel.child_token();
     let publisher = Publisher::start(
         &identity.node,
-        &identity.cluster,
+        (&identity.cluster, &key),
         instance,
         GossipSettings {
             membership: config.gossip.clone(),
@@ -129,9 +144,8 @@ pub async fn run(
     )
     .await?;
     let hello = HelloInfo {
-        capacity,
-        instance,
         gossip: Some(publisher.gossip_addr()),
+        ..hello
     };
     let router = Router {
         attempts,

@@ -34,7 +34,7 @@ pub(super) struct Router {
 }
 
 /// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Who to open sessions to, as whom, and what to say at hello.
 pub(super) struct Link<'a> {
@@ -82,6 +82,7 @@ pub(super) async fn sessions(
             Ok(session) => {
                 tracing::info!(%coordinator, node = %identity.node, "control session open");
                 backoff = Duration::from_millis(200);
+                super::gossip_key::compare(&session, identity, &config.state_dir);
                 router.attempts.set_registry(
                     session
                         .registry()
@@ -107,17 +108,7 @@ pub(super) async fn sessions(
                 }
                 tracing::warn!("control session lost; reconnecting");
             }
-            Err(ControlError::Refused(r))
-                if matches!(
-                    r.code,
-                    RefusalCode::Cluster
-                        | RefusalCode::Identity
-                        | RefusalCode::ProtocolVersion
-                        | RefusalCode::DuplicateNode
-                ) =>
-            {
-                return Err(ControlError::Refused(r).into());
-            }
+            Err(e) if fatal(&e) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the coordinator")
             }
@@ -128,6 +119,20 @@ pub(super) async fn sessions(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// A refusal that trying again cannot change: this agent must stop and say why.
+pub(super) fn fatal(e: &ControlError) -> bool {
+    matches!(
+        e,
+        ControlError::Refused(r) if matches!(
+            r.code,
+            RefusalCode::Cluster
+                | RefusalCode::Identity
+                | RefusalCode::ProtocolVersion
+                | RefusalCode::DuplicateNode
+        )
+    )
 }
 
 impl Router {

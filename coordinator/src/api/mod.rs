@@ -93,6 +93,7 @@ impl ApiState {
     ) -> Self {
         let mut metrics = Metrics::new();
         functions.register_metrics(&mut metrics.registry);
+        nodes.register_metrics(&mut metrics.registry);
         Self {
             jobs,
             functions,

@@ -1,12 +1,15 @@
 //! The cluster certificate authority: created on the coordinator's first start, it signs
 //! the coordinator's own server certificate at every start and each node's client
 //! certificate at join time. Node certificates carry exactly one name,
-//! `<node-id>.node.gantry`, whatever the request asked for.
+//! `<node-id>.node.gantry`, whatever the request asked for. Beside it lives the cluster's
+//! other secret, the key gossip is authenticated with (`gossip_key`).
+
+mod gossip_key;
 
 use std::path::{Path, PathBuf};
 
 use gantry_shared::protocol::{COORDINATOR_DNS_NAME, node_dns_name};
-use gantry_shared::{ClusterId, NodeId};
+use gantry_shared::{BadGossipKey, ClusterId, GossipKey, NodeId};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -35,6 +38,12 @@ pub enum CaError {
     BadCsr(rcgen::Error),
     #[error("cannot issue certificate: {0}")]
     Issue(#[from] rcgen::Error),
+    #[error(
+        "the cluster's gossip key {path} is unreadable ({source}); restore it from backup (a \
+         new one, made if the file is removed, reaches each agent at its next connection and \
+         is used once that agent restarts)"
+    )]
+    GossipKey { path: PathBuf, source: BadGossipKey },
 }
 
 /// The CA, loaded or created in the coordinator's state directory.
@@ -43,6 +52,7 @@ pub struct ClusterCa {
     ca_pem: String,
     ca_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    gossip_key: GossipKey,
 }
 
 /// A certificate and its private key, ready for rustls.
@@ -52,7 +62,8 @@ pub struct Identity {
 }
 
 impl ClusterCa {
-    /// Loads `ca.pem`, `ca.key` and `cluster-id` from `dir`, or creates a new cluster.
+    /// Loads `ca.pem`, `ca.key`, `cluster-id` and `gossip.key` from `dir`, or creates a new
+    /// cluster (and a gossip key, for a cluster created before there was one).
     pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -99,11 +110,13 @@ impl ClusterCa {
                 path: cert_path.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
             })?;
+        let gossip_key = gossip_key::load_or_create(dir)?;
         Ok(Self {
             cluster,
             ca_pem,
             ca_der,
             issuer,
+            gossip_key,
         })
     }
 
@@ -117,6 +130,11 @@ impl ClusterCa {
 
     pub fn ca_der(&self) -> &CertificateDer<'static> {
         &self.ca_der
+    }
+
+    /// The key every gossip datagram of this cluster is authenticated with.
+    pub fn gossip_key(&self) -> &GossipKey {
+        &self.gossip_key
     }
 
     /// SHA-256 of the CA certificate (hex): what join tokens pin.
@@ -208,6 +226,7 @@ mod tests {
         let b = ClusterCa::load_or_create(dir.path()).expect("reload");
         assert_eq!(a.cluster(), b.cluster());
         assert_eq!(a.ca_sha256(), b.ca_sha256());
+        assert_eq!(a.gossip_key(), b.gossip_key());
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(dir.path().join("ca.key"))
                 .expect("key")

@@ -409,6 +409,7 @@ impl State {
                     certificate_pem,
                     ca_pem: self.ca.ca_pem().to_owned(),
                     registry_token,
+                    gossip_key: self.ca.gossip_key().clone(),
                 })
             }
             Request::Hello {
@@ -442,6 +443,7 @@ impl State {
                     registry: self.cfg.registry.clone(),
                     registry_tls: self.cfg.registry_tls,
                     gossip: self.cfg.gossip,
+                    gossip_key: self.ca.gossip_key().clone(),
                 })
             }
             Request::Preempting { deadline_ms } => {

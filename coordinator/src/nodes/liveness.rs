@@ -23,11 +23,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gantry_membership::{GossipTransport, Member, MemberView, MembershipConfig, MembershipError};
+use gantry_membership::{
+    GossipTransport, Member, MemberView, MembershipConfig, MembershipError, Traffic,
+};
 use gantry_shared::gossip::{self, AgentGossip};
 use gantry_shared::now_ms;
 use gantry_shared::protocol::NodeCapacity;
-use gantry_shared::{ClusterId, NodeId};
+use gantry_shared::{ClusterId, GossipKey, NodeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::nodes::Nodes;
@@ -48,7 +50,7 @@ pub struct ClusterConfig {
     /// this long: agents reconnect (backoff up to 5 s) and reconcile; only then are the
     /// silent ones down and their work lost.
     pub startup_grace: Duration,
-    /// Where gossip travels: UDP in the product, chitchat's in-memory twin in tests.
+    /// Where gossip travels: UDP in the product, an in-process network in tests.
     pub transport: GossipTransport,
 }
 
@@ -209,10 +211,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Joins gossip and starts keeping the view; runs until `cancel` fires.
+    /// Joins gossip in `cluster` (its id, and the key its datagrams are authenticated
+    /// with) and starts keeping the view; runs until `cancel` fires.
     pub async fn start(
         cfg: ClusterConfig,
-        cluster: &ClusterId,
+        cluster: (&ClusterId, &GossipKey),
         endpoints: (&str, &str),
         nodes: Nodes,
         joined: JoinTokens,
@@ -224,7 +227,8 @@ impl Cluster {
                 &cfg.transport,
                 COORDINATOR_MEMBER,
                 now_ms(),
-                cluster.as_str(),
+                cluster.0.as_str(),
+                cluster.1,
                 &cfg.membership,
                 gossip::coordinator_key_values(endpoints.0, endpoints.1),
             )
@@ -299,6 +303,11 @@ impl Cluster {
 
     pub fn gossip_addr(&self) -> SocketAddr {
         self.member.gossip_addr()
+    }
+
+    /// What the coordinator's gossip moved and dropped (for `/metrics`).
+    pub fn gossip_traffic(&self) -> Arc<Traffic> {
+        self.member.traffic()
     }
 
     /// Every joined or connected node, by id.

@@ -1,10 +1,12 @@
 //! Nodes. This module: the nodes with an open control session (who is connected, what
 //! they offer, and the connection to send them commands on; rebuilt from sessions, never
 //! persisted). Beside it: `liveness` (the view of every node as up, suspect or down, from
-//! gossip and sessions) and `service` (what the API does with nodes). Their durable
-//! records (drain/preempt state, join tokens, joined nodes) are in `store/`.
+//! gossip and sessions), `service` (what the API does with nodes) and `metrics` (gossip's
+//! counters for `/metrics`). Their durable records (drain/preempt state, join tokens,
+//! joined nodes) are in `store/`.
 
 pub mod liveness;
+mod metrics;
 pub mod service;
 
 use std::collections::HashMap;

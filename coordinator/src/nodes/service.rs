@@ -57,6 +57,14 @@ impl NodeService {
         }
     }
 
+    /// Registers the coordinator's gossip counters (datagrams dropped, bytes) for
+    /// `/metrics`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(super::metrics::GossipMetrics(
+            self.cluster.gossip_traffic(),
+        )));
+    }
+
     /// Every joined node, with what the coordinator has reserved on each.
     pub fn list(&self) -> Result<Vec<Node>, NodeServiceError> {
         let jobs = self.store.active_jobs()?;
