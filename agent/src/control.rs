@@ -138,6 +138,8 @@ pub struct Session {
     gossip: std::sync::Mutex<Option<SocketAddr>>,
     /// The cluster's gossip key, from the coordinator's welcome.
     gossip_key: std::sync::Mutex<Option<GossipKey>>,
+    /// The highest of this node's events the coordinator has applied, from its welcome.
+    events_applied: std::sync::atomic::AtomicU64,
     _endpoint: quinn::Endpoint,
 }
 
@@ -215,6 +217,7 @@ impl Session {
             registry: std::sync::Mutex::new(None),
             gossip: std::sync::Mutex::new(None),
             gossip_key: std::sync::Mutex::new(None),
+            events_applied: std::sync::atomic::AtomicU64::new(0),
             _endpoint: endpoint,
         })
     }
@@ -246,6 +249,12 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The highest of this node's events the coordinator said it has applied.
+    pub fn events_applied(&self) -> u64 {
+        self.events_applied
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The coordinator's gossip address it announced, if any.
@@ -373,8 +382,12 @@ pub async fn connect(
             registry_tls,
             gossip,
             gossip_key,
+            events_applied,
             ..
         } => {
+            session
+                .events_applied
+                .store(events_applied, std::sync::atomic::Ordering::Relaxed);
             let registry = registry.map(|address| ClusterRegistry {
                 address,
                 tls: registry_tls,

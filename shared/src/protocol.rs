@@ -354,6 +354,11 @@ pub enum Response {
         /// The cluster's gossip key, as at join: a node that joined before gossip was
         /// authenticated (or lost the key) learns it here.
         gossip_key: GossipKey,
+        /// The highest of this node's events the coordinator has applied. Less than the
+        /// agent had acknowledged means the coordinator lost some (restored from a
+        /// backup): the agent sends the ends of attempts it remembers again.
+        #[serde(default)]
+        events_applied: u64,
     },
     /// The request was acted on.
     Noted,

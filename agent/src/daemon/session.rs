@@ -91,6 +91,17 @@ pub(super) async fn sessions(
                 if let Some(addr) = session.coordinator_gossip() {
                     publisher.contact(addr);
                 }
+                // A coordinator restored from a backup lost events it had acknowledged:
+                // the ends of attempts among them go again.
+                match router.outbox.recall(session.events_applied()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        applied = session.events_applied(),
+                        ends = n,
+                        "the coordinator lost events it had acknowledged (restored from a backup?); sending the ends of attempts again"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "cannot read the acknowledged ends"),
+                }
                 let pokes = async {
                     loop {
                         changed.notified().await;

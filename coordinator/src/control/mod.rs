@@ -437,6 +437,12 @@ impl State {
                     },
                 );
                 tracing::info!(%node, ?capacity, instance, "node session opened");
+                let events_applied = self.store.node_events_applied(&node).map_err(|e| {
+                    Refusal::new(
+                        RefusalCode::Unavailable,
+                        format!("the coordinator cannot read its store now ({e}); say hello again"),
+                    )
+                })?;
                 Ok(Response::Welcome {
                     cluster,
                     node,
@@ -444,6 +450,7 @@ impl State {
                     registry_tls: self.cfg.registry_tls,
                     gossip: self.cfg.gossip,
                     gossip_key: self.ca.gossip_key().clone(),
+                    events_applied,
                 })
             }
             Request::Preempting { deadline_ms } => {

@@ -454,6 +454,15 @@ impl Store {
     /// Applies a node's events at most once each, durably: in one transaction, the jobs
     /// change and the node's applied sequence number advances. Returns the highest
     /// sequence number now applied (what to acknowledge).
+    /// The highest of `node`'s events applied (0 before any).
+    pub fn node_events_applied(&self, node: &NodeId) -> Result<u64, StoreError> {
+        let seqs = self.db.open_tree("node_event_seq")?;
+        Ok(seqs
+            .get(node.as_str().as_bytes())?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
     pub fn apply_node_events(
         &self,
         node: &NodeId,
@@ -475,10 +484,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let seqs = self.db.open_tree("node_event_seq")?;
         let key = node.as_str().as_bytes();
-        let applied = seqs
-            .get(key)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let applied = self.node_events_applied(node)?;
         // A replay of something already applied is skipped.
         let fresh: Vec<&SequencedEvent> = events.iter().filter(|e| e.seq > applied).collect();
         let Some(last) = fresh.iter().map(|e| e.seq).max() else {
