@@ -810,7 +810,7 @@ async fn an_open_map_takes_inputs_in_order_holds_back_beyond_its_bound_and_reads
         assert_eq!(h.contains_key("idempotent-replayed"), replay);
     }
     // A gap, or other inputs where some already are: 409 naming the next `start`.
-    for (start, body) in [(7, texts(7, 1)), (4, texts(90, 2))] {
+    for (start, body) in [(7, texts(7, 1)), (4, texts(90, 2)), (u32::MAX, texts(0, 2))] {
         let (s, _, v) = api
             .call("POST", &inputs, sub, Some(append(start, body, false)), &[])
             .await;

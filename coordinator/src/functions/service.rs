@@ -547,7 +547,7 @@ impl FunctionService {
                     .inner
                     .store
                     .inputs_from(id, request.start, n as usize)?;
-                let same = request.start + n <= call.inputs
+                let same = request.start.saturating_add(n) <= call.inputs
                     && stored.len() == request.inputs.len()
                     && stored
                         .iter()
@@ -559,7 +559,7 @@ impl FunctionService {
                         message: format!(
                             "call `{id}` already holds inputs {}..{} and these differ; the next input goes at `start` {}",
                             request.start,
-                            call.inputs.min(request.start + n),
+                            call.inputs.min(request.start.saturating_add(n)),
                             call.inputs
                         ),
                     });
@@ -575,6 +575,14 @@ impl FunctionService {
                 return Err(FunctionServiceError::Conflict {
                     message: format!(
                         "call `{id}` is closed with {} inputs; start a new map for more",
+                        call.inputs
+                    ),
+                });
+            }
+            if call.inputs.checked_add(n).is_none() {
+                return Err(FunctionServiceError::Conflict {
+                    message: format!(
+                        "call `{id}` holds {} inputs, the most one map can; start a new map for more",
                         call.inputs
                     ),
                 });
@@ -701,7 +709,7 @@ impl FunctionService {
                 out
             }
         };
-        let next = from + ended.len() as u32;
+        let next = from.saturating_add(ended.len() as u32);
         Ok(OutputsPage {
             results: ended.iter().map(input_view).collect(),
             next,
