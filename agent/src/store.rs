@@ -129,6 +129,15 @@ impl Table {
             .collect()
     }
 
+    /// The keys, in order (nothing decoded).
+    pub fn keys(&self) -> Result<Vec<String>, StoreError> {
+        self.tree
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
     fn decode<T: DeserializeOwned>(&self, key: &str, v: &[u8]) -> Result<T, StoreError> {
         serde_json::from_slice(v).map_err(|source| StoreError::Decode {
             tree: self.name,

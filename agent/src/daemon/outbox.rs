@@ -61,10 +61,13 @@ impl Outbox {
     }
 
     pub(super) fn ack(&self, upto: u64) -> Result<(), StoreError> {
+        let mut kept = false;
         for (key, e) in self.table.list::<SequencedEvent>()? {
             if e.seq <= upto {
                 if matches!(e.event, Event::Exited { .. } | Event::StartFailed { .. }) {
-                    self.ends.put(&key, &e)?;
+                    // Durable with the removal's flush just below.
+                    self.ends.put_unflushed(&key, &e)?;
+                    kept = true;
                 }
                 self.table.remove(&key)?;
             }
@@ -72,9 +75,11 @@ impl Outbox {
         if self.meta.get::<u64>("acked")?.is_none_or(|a| a < upto) {
             self.meta.put("acked", &upto)?;
         }
-        let ends = self.ends.list::<SequencedEvent>()?;
-        for (key, _) in ends.iter().take(ends.len().saturating_sub(KEPT_ENDS)) {
-            self.ends.remove(key)?;
+        if kept {
+            let keys = self.ends.keys()?;
+            for key in keys.iter().take(keys.len().saturating_sub(KEPT_ENDS)) {
+                self.ends.remove(key)?;
+            }
         }
         Ok(())
     }

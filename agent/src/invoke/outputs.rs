@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gantry_shared::AttemptRef;
-use gantry_shared::protocol::OutputItem;
 use tokio::sync::{Notify, Semaphore};
 
 use super::state::OutputReport;
@@ -119,20 +118,6 @@ impl Outputs {
                 return;
             }
             taken.await;
-        }
-    }
-}
-
-impl OutputReport {
-    /// This answer as an item of the request that carries it to the coordinator.
-    pub fn to_item(&self) -> OutputItem {
-        OutputItem {
-            owner: self.attempt_ref.owner.clone(),
-            generation: self.attempt_ref.generation,
-            input: self.input.clone(),
-            attempt: self.attempt,
-            result: self.result.clone(),
-            at_ms: self.at_ms,
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use gantry_shared::calls::{FailureCause, InputFailure, InputResult, LeasedInput};
-use gantry_shared::protocol::{Event, FunctionRuntime};
+use gantry_shared::protocol::{Event, FunctionRuntime, OutputItem};
 use gantry_shared::{AttemptRef, CallId, InputId};
 use serde::Serialize;
 
@@ -38,6 +38,20 @@ pub struct OutputReport {
     pub result: InputResult,
     /// When the container answered (unix ms).
     pub at_ms: u64,
+}
+
+impl OutputReport {
+    /// This answer as an item of the request that carries it to the coordinator.
+    pub fn to_item(&self) -> OutputItem {
+        OutputItem {
+            owner: self.attempt_ref.owner.clone(),
+            generation: self.attempt_ref.generation,
+            input: self.input.clone(),
+            attempt: self.attempt,
+            result: self.result.clone(),
+            at_ms: self.at_ms,
+        }
+    }
 }
 
 /// Why the agent stops a function container.

@@ -257,16 +257,17 @@ impl FunctionService {
     /// store agree).
     fn next_done(&self, call: &CallId) -> Result<u32, FunctionServiceError> {
         let mut done = self.inner.done.lock().unwrap_or_else(|e| e.into_inner());
-        if !done.contains_key(call) {
-            // A cache: forgetting every entry now and then bounds it, and an entry comes
-            // back from the store's count.
-            if done.len() >= DONE_CACHE {
-                done.clear();
-            }
-            let n = self.inner.store.done_count(call)?;
-            done.insert(call.clone(), n);
+        // A cache: forgetting every entry now and then bounds it, and an entry comes back
+        // from the store's count.
+        if done.len() >= DONE_CACHE && !done.contains_key(call) {
+            done.clear();
         }
-        let n = done.entry(call.clone()).or_default();
+        let n = match done.entry(call.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.inner.store.done_count(call)?)
+            }
+        };
         let seq = *n;
         *n += 1;
         Ok(seq)
@@ -568,7 +569,9 @@ impl FunctionService {
             }
             if call.cancelled {
                 return Err(FunctionServiceError::Conflict {
-                    message: format!("call `{id}` was cancelled; it takes no more inputs"),
+                    message: format!(
+                        "call `{id}` was cancelled; it takes no more inputs: start a new map"
+                    ),
                 });
             }
             if !call.open {
@@ -694,11 +697,7 @@ impl FunctionService {
     ) -> Result<OutputsPage, FunctionServiceError> {
         let store = &self.inner.store;
         let ended: Vec<InputRecord> = match order {
-            OutputOrder::Input => store
-                .inputs_from(&call.id, from, limit)?
-                .into_iter()
-                .take_while(|i| i.state.is_terminal())
-                .collect(),
+            OutputOrder::Input => store.ended_from(&call.id, from, limit)?,
             OutputOrder::Completion => {
                 let mut out = Vec::new();
                 for index in store.done_since(&call.id, from, limit)? {
@@ -941,7 +940,6 @@ impl FunctionService {
         now: u64,
     ) -> Result<(), FunctionServiceError> {
         let store = &self.inner.store;
-
         let mut state = self.lock();
         let status = |node: &NodeId| statuses.iter().find(|s| &s.id == node);
         // Containers on nodes that are down, or given up on.

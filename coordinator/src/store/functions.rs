@@ -192,7 +192,22 @@ impl FunctionStore {
         limit: usize,
     ) -> Result<Vec<InputRecord>, StoreError> {
         let start = gantry_shared::InputId::of(call, from);
-        scan_from(&self.inputs, &format!("{call}-"), start.as_str(), limit)
+        scan_from(&self.inputs, &format!("{call}-"), start.as_str(), limit).collect()
+    }
+
+    /// Up to `limit` of a call's inputs from index `from` on that have ended, stopping at
+    /// the first that has not (decoding nothing past it: a long poll asks this on every
+    /// wake-up).
+    pub fn ended_from(
+        &self,
+        call: &CallId,
+        from: u32,
+        limit: usize,
+    ) -> Result<Vec<InputRecord>, StoreError> {
+        let start = gantry_shared::InputId::of(call, from);
+        scan_from::<InputRecord>(&self.inputs, &format!("{call}-"), start.as_str(), limit)
+            .take_while(|i| i.as_ref().map_or(true, |i| i.state.is_terminal()))
+            .collect()
     }
 
     fn done_key(call: &CallId, seq: u32) -> String {
@@ -225,7 +240,7 @@ impl FunctionStore {
         limit: usize,
     ) -> Result<Vec<u32>, StoreError> {
         let start = Self::done_key(call, from);
-        scan_from(&self.done, &format!("{call}/"), &start, limit)
+        scan_from(&self.done, &format!("{call}/"), &start, limit).collect()
     }
 
     /// A call's inputs in order.
@@ -293,21 +308,20 @@ impl FunctionStore {
 }
 
 /// Up to `limit` records of `tree` from key `start` on, while their keys begin with
-/// `prefix`, decoded.
-fn scan_from<T: serde::de::DeserializeOwned>(
+/// `prefix`, decoded as they are read.
+fn scan_from<'a, T: serde::de::DeserializeOwned>(
     tree: &sled::Tree,
-    prefix: &str,
+    prefix: &'a str,
     start: &str,
     limit: usize,
-) -> Result<Vec<T>, StoreError> {
+) -> impl Iterator<Item = Result<T, StoreError>> + 'a {
     tree.range(start..)
-        .take_while(|kv| {
+        .take_while(move |kv| {
             kv.as_ref()
                 .map_or(true, |(k, _)| k.starts_with(prefix.as_bytes()))
         })
         .take(limit)
         .map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
-        .collect()
 }
 
 #[cfg(test)]
@@ -370,5 +384,12 @@ mod tests {
             .map(|i| i.index)
             .collect();
         assert_eq!(from_two, [2, 3], "a range stops at the call's end");
+        let ended = |from| -> Vec<u32> {
+            let got = fns.ended_from(&call, from, 10).expect("ended");
+            got.iter().map(|i| i.index).collect()
+        };
+        assert_eq!(ended(0), [0], "stops at input 1, which has not ended");
+        assert_eq!(ended(1), Vec::<u32>::new());
+        assert_eq!(ended(2), [2, 3]);
     }
 }
