@@ -547,7 +547,7 @@ impl FunctionService {
                 let stored = self
                     .inner
                     .store
-                    .inputs_from(id, request.start, n as usize)?;
+                    .inputs_from(id, request.start, n as usize, |_| true)?;
                 let same = request.start.saturating_add(n) <= call.inputs
                     && stored.len() == request.inputs.len()
                     && stored
@@ -697,7 +697,9 @@ impl FunctionService {
     ) -> Result<OutputsPage, FunctionServiceError> {
         let store = &self.inner.store;
         let ended: Vec<InputRecord> = match order {
-            OutputOrder::Input => store.ended_from(&call.id, from, limit)?,
+            OutputOrder::Input => {
+                store.inputs_from(&call.id, from, limit, |i| i.state.is_terminal())?
+            }
             OutputOrder::Completion => {
                 let mut out = Vec::new();
                 for index in store.done_since(&call.id, from, limit)? {

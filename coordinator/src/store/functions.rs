@@ -184,29 +184,18 @@ impl FunctionStore {
         })
     }
 
-    /// Up to `limit` of a call's inputs from index `from` on, in order.
+    /// Up to `limit` of a call's inputs from index `from` on, in order, while `keep` holds
+    /// (decoding nothing past the first it refuses: a long poll asks on every wake-up).
     pub fn inputs_from(
         &self,
         call: &CallId,
         from: u32,
         limit: usize,
-    ) -> Result<Vec<InputRecord>, StoreError> {
-        let start = gantry_shared::InputId::of(call, from);
-        scan_from(&self.inputs, &format!("{call}-"), start.as_str(), limit).collect()
-    }
-
-    /// Up to `limit` of a call's inputs from index `from` on that have ended, stopping at
-    /// the first that has not (decoding nothing past it: a long poll asks this on every
-    /// wake-up).
-    pub fn ended_from(
-        &self,
-        call: &CallId,
-        from: u32,
-        limit: usize,
+        keep: impl Fn(&InputRecord) -> bool,
     ) -> Result<Vec<InputRecord>, StoreError> {
         let start = gantry_shared::InputId::of(call, from);
         scan_from::<InputRecord>(&self.inputs, &format!("{call}-"), start.as_str(), limit)
-            .take_while(|i| i.as_ref().map_or(true, |i| i.state.is_terminal()))
+            .take_while(|i| i.as_ref().map_or(true, &keep))
             .collect()
     }
 
@@ -378,14 +367,16 @@ mod tests {
         assert_eq!(fns.done_since(&call, 0, 10).expect("all"), [2, 0, 3]);
         assert_eq!(fns.done_since(&call, 1, 1).expect("page"), [0]);
         let from_two: Vec<u32> = fns
-            .inputs_from(&call, 2, 10)
+            .inputs_from(&call, 2, 10, |_| true)
             .expect("from")
             .iter()
             .map(|i| i.index)
             .collect();
         assert_eq!(from_two, [2, 3], "a range stops at the call's end");
         let ended = |from| -> Vec<u32> {
-            let got = fns.ended_from(&call, from, 10).expect("ended");
+            let got = fns
+                .inputs_from(&call, from, 10, |i| i.state.is_terminal())
+                .expect("ended");
             got.iter().map(|i| i.index).collect()
         };
         assert_eq!(ended(0), [0], "stops at input 1, which has not ended");
