@@ -162,6 +162,21 @@ fn alive(host: &Host) -> Vec<Seen> {
         .collect()
 }
 
+/// The function containers alive on `host` (their `GANTRY_CONTAINER`).
+fn function_containers(host: &Host) -> BTreeSet<String> {
+    host.pids()
+        .into_iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/environ")).ok())
+        .filter_map(|env| {
+            env.split(|b| *b == 0).find_map(|var| {
+                String::from_utf8_lossy(var)
+                    .strip_prefix("GANTRY_CONTAINER=")
+                    .map(str::to_owned)
+            })
+        })
+        .collect()
+}
+
 /// One look at every host: violations of the two invariants that hold at every instant.
 /// Returns the attempts it saw (job, generation).
 fn check_sample(
@@ -655,12 +670,32 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
         ids.len()
     );
 
-    // Nothing left behind: containers, mounts, cgroups.
+    // Nothing left behind: containers (function containers go once idle for their
+    // scaledown window, and a drain lost to a fault goes again), mounts, cgroups.
     for (i, a) in chaos.c.agents.iter().enumerate() {
+        let mut told: Option<Instant> = None;
         wait_until(
             &format!("no container left on {}", a.node),
-            Duration::from_secs(20),
-            || alive(&a.host).is_empty().then_some(()),
+            Duration::from_secs(30),
+            || {
+                let functions = function_containers(&a.host);
+                if !functions.is_empty() && told.is_none_or(|t| t.elapsed().as_secs() >= 5) {
+                    told = Some(Instant::now());
+                    let app = chaos
+                        .c
+                        .http()
+                        .get(format!("http://{}/v1/apps/chaos", chaos.c.api))
+                        .bearer_auth(&chaos.c.admin)
+                        .send()
+                        .and_then(|r| r.text())
+                        .unwrap_or_default();
+                    eprintln!(
+                        "{}: function containers {functions:?}; the app: {app}",
+                        a.node
+                    );
+                }
+                (alive(&a.host).is_empty() && functions.is_empty()).then_some(())
+            },
         );
         let parent = gantry_agent::runtime::cgroup::parent_for(&a.state);
         wait_until(

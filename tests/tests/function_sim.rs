@@ -442,3 +442,43 @@ async fn containers_on_a_preempted_node_hear_its_deadline_and_their_work_finishe
     assert!(v.is_empty(), "seed {seed}: {v:#?}");
     sim.shutdown().await;
 }
+
+/// An idle container's drain lost on its way (its node cut off for a moment, too briefly
+/// to be called down) goes again when the node is back: the container still stops, and
+/// nothing is left running or held.
+#[tokio::test(flavor = "current_thread")]
+async fn a_drain_lost_while_a_node_is_cut_off_for_a_moment_is_sent_again() {
+    let seed = seed();
+    eprintln!("function sim seed: {seed} (replay with GANTRY_SIM_SEED={seed})");
+    let mut sim = FunctionSim::new(SimConfig::new(seed));
+    let (app, f): (AppName, FunctionName) = (name("lossy"), name("f"));
+    sim.deploy(manifest(json!({"app": "lossy", "functions": {"f": {
+        "image": "sim", "cpu": "1", "memory": "1G", "max_containers": 2, "max_inputs": 1,
+        "scaledown_window": "2s",
+    }}})));
+    let payloads: Vec<Payload> = (0..4).map(|i| Payload::text(&format!("in-{i}"))).collect();
+    let call = sim.map(&app, &f, &payloads).await;
+    let done = sim
+        .step_until(30_000, |s| {
+            let c = s.counts(&app, &f);
+            c.queued + c.running == 0
+        })
+        .await;
+    assert!(done, "seed {seed}: the inputs did not end");
+    check_outputs(&sim, &[(call, payloads)], seed);
+    // Idle now: their drains go out 2 s from now, while their nodes are cut off (1.5 s,
+    // shorter than it takes to call a node down).
+    let idle_since = sim.now();
+    sim.step_until(1_900, |s| s.now() >= idle_since + 1_900)
+        .await;
+    let hosts: Vec<usize> = (0..sim.nodes())
+        .filter(|i| sim.containers_on(*i) > 0)
+        .collect();
+    assert!(!hosts.is_empty(), "seed {seed}: no container to drain");
+    for i in &hosts {
+        sim.fault(*i, Fault::Partition, 1_500);
+    }
+    until_scaled_to_zero(&mut sim, &[(app, f)], 20_000, seed).await;
+    assert_clean(&sim, 2_000, seed);
+    sim.shutdown().await;
+}

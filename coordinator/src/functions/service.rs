@@ -6,7 +6,7 @@
 //! the store under it (so the store never runs behind the state), and what must reach a
 //! node goes to the router as [`Outbound`] messages, sent from their own tasks.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,11 @@ pub const DEADLINE_GRACE: Duration = Duration::from_secs(30);
 /// How long past a container's startup timeout the coordinator waits for its agent to
 /// report it ready or failed before it gives the container up.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(60);
+/// How long a fenced container's stop, or a draining one's drain, stands before it goes
+/// again while the container remains: the first may have been lost with a node session
+/// or timed out while the node was paused (a drain or stop is idempotent on the node).
+/// A new session of the node sends them again at once.
+pub const RESEND_AFTER: Duration = crate::reconcile::link::COMMAND_TIMEOUT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FunctionServiceError {
@@ -128,8 +133,9 @@ struct Inner {
     reconcile: Arc<Notify>,
     /// Bumped whenever an input of some call ends: long polls wait on it.
     calls: watch::Sender<u64>,
-    /// Stops of fenced containers sent, per node session.
-    fenced_sent: Mutex<HashSet<(WarmId, usize)>>,
+    /// The last stop of each fenced container and drain of each draining one: the node
+    /// session it went on and when (see [`RESEND_AFTER`]).
+    resent: Mutex<HashMap<WarmId, (usize, u64)>>,
     /// Per call, how many of its inputs ended so far (the next `done_seq`); a cache of
     /// the store's count, filled on first use.
     done: Mutex<HashMap<CallId, u32>>,
@@ -187,7 +193,7 @@ impl FunctionService {
                     outbound: tx,
                     reconcile,
                     calls: watch::channel(0).0,
-                    fenced_sent: Mutex::default(),
+                    resent: Mutex::default(),
                     done: Mutex::default(),
                     appends: tokio::sync::Mutex::new(()),
                     metrics: InputMetrics::default(),
@@ -958,7 +964,7 @@ impl FunctionService {
         }
         // Containers that never became ready although their agent should have said so
         // (its startup timeout) long ago: given up, and stopped.
-        let stuck: Vec<(WarmId, NodeId)> = state
+        let stuck: Vec<WarmId> = state
             .warm()
             .filter(|w| matches!(w.phase, WarmPhase::Placed | WarmPhase::Started))
             .filter(|w| {
@@ -968,13 +974,13 @@ impl FunctionService {
                     .map_or(0, |s| s.startup_timeout().as_millis() as u64);
                 now.saturating_sub(w.placed_at_ms) > startup + STARTUP_GRACE.as_millis() as u64
             })
-            .map(|w| (w.id.clone(), w.node.clone()))
+            .map(|w| w.id.clone())
             .collect();
-        for (id, node) in stuck {
+        for id in stuck {
             tracing::warn!(container = %id, "function container never became ready; giving it up");
+            // Fenced: stopped below.
             let changes = state.container_ended(&id, "it never became ready", true, now);
             self.apply(changes)?;
-            let _ = self.inner.outbound.send(Outbound::Stop { node, warm: id });
         }
         // Leases from before a restart go out again once their node is connected.
         for d in state.take_redeliveries(|n| sessions.contains_key(n)) {
@@ -982,36 +988,21 @@ impl FunctionService {
         }
         let overdue = state.overdue(now, DEADLINE_GRACE.as_millis() as u64);
         for id in overdue {
-            let Some(node) = state.warm_of(&id).map(|w| w.node.clone()) else {
-                continue;
-            };
+            // Fenced: stopped below.
             let changes = state.container_ended(&id, "an input ran past its deadline", true, now);
             self.apply(changes)?;
-            let _ = self.inner.outbound.send(Outbound::Stop { node, warm: id });
         }
-        // Containers on nodes being drained or preempted finish and go; on a preempted
-        // node they hear its deadline (the drain's grace, if it names none).
-        let leaving: Vec<(WarmId, NodeId, Option<u64>)> = state
+        // Containers on nodes being drained or preempted finish and go (their drains are
+        // sent below).
+        let leaving: Vec<WarmId> = state
             .warm()
             .filter(|w| matches!(w.phase, WarmPhase::Ready | WarmPhase::Started))
-            .filter_map(|w| {
-                let admin = status(&w.node)?.admin.as_ref()?;
-                let deadline = (admin.mode == AdminMode::Preempt).then(|| {
-                    admin
-                        .deadline_ms
-                        .unwrap_or(now + DRAIN_GRACE.as_millis() as u64)
-                });
-                Some((w.id.clone(), w.node.clone(), deadline))
-            })
+            .filter(|w| status(&w.node).is_some_and(|s| s.admin.is_some()))
+            .map(|w| w.id.clone())
             .collect();
-        for (id, node, preempt_deadline_ms) in leaving {
+        for id in leaving {
             let changes = state.drain(&id);
             self.apply(changes)?;
-            let _ = self.inner.outbound.send(Outbound::Drain {
-                node,
-                warm: id,
-                preempt_deadline_ms,
-            });
         }
         // A version whose container no node could ever hold (even empty, every GPU
         // healthy) fails its queued inputs saying why, instead of queueing them forever.
@@ -1102,17 +1093,9 @@ impl FunctionService {
             }
             let decision = autoscale::decide(&spec, &obs, now);
             for id in decision.drain {
-                let Some(node) = state.warm_of(&id).map(|w| w.node.clone()) else {
-                    continue;
-                };
                 tracing::info!(container = %id, function = %key, "draining an idle container");
                 let changes = state.drain(&id);
                 self.apply(changes)?;
-                let _ = self.inner.outbound.send(Outbound::Drain {
-                    node,
-                    warm: id,
-                    preempt_deadline_ms: None,
-                });
             }
             for _ in 0..decision.start {
                 if !state.may_start(&key, now) {
@@ -1167,21 +1150,49 @@ impl FunctionService {
                 let _ = self.inner.outbound.send(start);
             }
         }
-        // Fenced containers: stop them where their node is back, once per session.
-        let mut sent = self
-            .inner
-            .fenced_sent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for w in state.warm().filter(|w| w.phase == WarmPhase::Fenced) {
-            let back = status(&w.node).is_some_and(|s| s.liveness != Liveness::Down);
-            if let (true, Some(&session)) = (back, sessions.get(&w.node))
-                && sent.insert((w.id.clone(), session))
-            {
-                let _ = self.inner.outbound.send(Outbound::Stop {
+        // Fenced containers are stopped and draining ones drained where their node is up
+        // and connected: at once, again in each new session of the node, and again every
+        // RESEND_AFTER while they remain (a message lost with a session or timed out on a
+        // paused node would otherwise leave the container running for ever).
+        let mut sent = self.inner.resent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.retain(|id, _| {
+            state
+                .warm_of(id)
+                .is_some_and(|w| matches!(w.phase, WarmPhase::Fenced | WarmPhase::Draining))
+        });
+        let resend_ms = RESEND_AFTER.as_millis() as u64;
+        for w in state.warm() {
+            let node = status(&w.node).filter(|s| s.liveness != Liveness::Down);
+            let (Some(node), Some(&session)) = (node, sessions.get(&w.node)) else {
+                continue;
+            };
+            let due = sent
+                .get(&w.id)
+                .is_none_or(|&(s, at)| s != session || now.saturating_sub(at) >= resend_ms);
+            let msg = match w.phase {
+                WarmPhase::Fenced => Outbound::Stop {
                     node: w.node.clone(),
                     warm: w.id.clone(),
-                });
+                },
+                // On a preempted node it hears the node's deadline (the drain's grace if
+                // the notice names none).
+                WarmPhase::Draining => Outbound::Drain {
+                    node: w.node.clone(),
+                    warm: w.id.clone(),
+                    preempt_deadline_ms: node
+                        .admin
+                        .as_ref()
+                        .filter(|a| a.mode == AdminMode::Preempt)
+                        .map(|a| {
+                            a.deadline_ms
+                                .unwrap_or(now + DRAIN_GRACE.as_millis() as u64)
+                        }),
+                },
+                _ => continue,
+            };
+            if due {
+                sent.insert(w.id.clone(), (session, now));
+                let _ = self.inner.outbound.send(msg);
             }
         }
         Ok(())
