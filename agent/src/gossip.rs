@@ -1,10 +1,12 @@
 //! What this agent tells the cluster through gossip: its address, labels, state, cpu and
-//! memory (total and what its running containers leave free) and its GPUs with their
-//! health (`gantry_shared::gossip` defines the keys).
+//! memory (total and what its running containers leave free), its GPUs with their
+//! health, and the images in its store that short image names can resolve to
+//! (`gantry_shared::gossip` defines the keys).
 //!
 //! A task republishes whenever something changes (a container starts or exits: the daemon
 //! pokes it; a GPU's health changes: the inventory's watch fires) and every `refresh`
-//! interval in any case. Unchanged values cost nothing: chitchat gossips only new versions.
+//! interval in any case (which also picks up images the daemon pulled). Unchanged values
+//! cost nothing: chitchat gossips only new versions.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,13 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_membership::{Member, MembershipConfig, MembershipError};
-use gantry_shared::gossip::{AgentGossip, GPU_KEY_PREFIX, GpuInfo, NodeResources};
+use gantry_shared::gossip::{AgentGossip, GPU_KEY_PREFIX, GpuInfo, LocalImages, NodeResources};
 use gantry_shared::protocol::NodeCapacity;
 use gantry_shared::{ClusterId, GossipKey, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::gpu::inventory::Inventory;
+use crate::image::ImageStore;
 use crate::runtime::{ContainerState, ContainerStatus, Runtime};
 
 /// How the agent gossips and what it says about itself: the agent's one gossip type,
@@ -47,14 +50,13 @@ pub struct Publisher {
 
 impl Publisher {
     /// Joins gossip in `cluster` (its id, and the key its datagrams are authenticated
-    /// with) as `node` and starts publishing.
+    /// with) as `node` and starts publishing what `inventory`, `runtime` and `images` hold.
     pub async fn start(
         node: &NodeId,
         cluster: (&ClusterId, &GossipKey),
         instance: u64,
         settings: GossipSettings,
-        inventory: &Inventory,
-        runtime: Runtime,
+        (inventory, runtime, images): (&Inventory, Runtime, ImageStore),
         cancel: CancellationToken,
     ) -> Result<Self, MembershipError> {
         let mut membership = settings.membership.clone();
@@ -62,8 +64,9 @@ impl Publisher {
             membership.advertise = Some(SocketAddr::new(settings.addr, membership.listen.port()));
         }
         let refresh = settings.refresh;
-        let current =
-            move |gpus: &[GpuInfo], runtime: &Runtime| describe(&settings, gpus, &runtime.list());
+        let current = move |gpus: &[GpuInfo], runtime: &Runtime| {
+            describe(&settings, gpus, &runtime.list(), local_images(&images))
+        };
         let first = current(&inventory.current(), &runtime);
         let member = Arc::new(
             Member::start(
@@ -132,12 +135,25 @@ impl Publisher {
     }
 }
 
-/// What the node publishes, from its capacity, GPUs and containers. Running containers
-/// (and ones still starting) hold their cpu, memory and GPUs.
+/// The images in `store` that short names can resolve to; unlisted (the coordinator then
+/// takes the node as possibly holding any) when the store cannot be read.
+fn local_images(store: &ImageStore) -> LocalImages {
+    match store.names() {
+        Ok(names) => LocalImages::from_stored(names),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list local images for gossip");
+            LocalImages::Unlisted
+        }
+    }
+}
+
+/// What the node publishes, from its capacity, GPUs, containers and local images. Running
+/// containers (and ones still starting) hold their cpu, memory and GPUs.
 pub fn describe(
     settings: &GossipSettings,
     gpus: &[GpuInfo],
     containers: &[ContainerStatus],
+    images: LocalImages,
 ) -> AgentGossip {
     let (mut cpu, mut memory) = (0u64, 0u64);
     let mut held = std::collections::BTreeSet::new();
@@ -167,6 +183,7 @@ pub fn describe(
             .filter(|i| !held.contains(i))
             .collect(),
         gpus: gpus.to_vec(),
+        images,
     }
 }
 
@@ -230,6 +247,7 @@ mod tests {
                 container("a", 1500, vec![1, 2], true),
                 container("b", 4000, vec![0], false),
             ],
+            LocalImages::Unlisted,
         );
         assert_eq!(g.resources.free_cpu_millis, 6500);
         assert_eq!(g.resources.free_memory_bytes, 7 << 30);

@@ -34,7 +34,7 @@ use anyhow::Context;
 use gantry_agent::gossip::{GossipSettings, describe};
 use gantry_agent::gpu::simulated::parse_spec;
 use gantry_membership::{GossipKey, Member, MemberView, MembershipConfig, Traffic};
-use gantry_shared::gossip::{AgentGossip, KEY_RESOURCES, coordinator_key_values};
+use gantry_shared::gossip::{AgentGossip, KEY_RESOURCES, LocalImages, coordinator_key_values};
 use gantry_shared::protocol::NodeCapacity;
 
 use crate::percentile;
@@ -278,7 +278,9 @@ fn agent_gossip(
             gpus: gpus.len() as u32,
         },
     };
-    Ok(describe(&settings, &gpus, &[]))
+    // An operator's one imported image, as a typical node has.
+    let images = LocalImages::from_stored(["busybox:latest".to_owned()]);
+    Ok(describe(&settings, &gpus, &[], images))
 }
 
 async fn start_agent(i: usize, generation: u64, cfg: &MembershipConfig) -> anyhow::Result<Agent> {

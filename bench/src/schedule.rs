@@ -74,6 +74,7 @@ fn node(i: usize) -> anyhow::Result<NodeStatus> {
             },
             free_gpus: (0..8).collect(),
             gpus,
+            images: Default::default(),
         }),
         gossip_error: None,
         admin: None,

@@ -18,10 +18,8 @@ pub async fn import_image(
     cmd: Vec<String>,
 ) -> anyhow::Result<String> {
     use sha2::{Digest, Sha256};
-    let (repo, tag) = name
-        .rsplit_once(':')
-        .filter(|(_, t)| !t.contains('/'))
-        .unwrap_or((name, "latest"));
+    // Where the agents and the coordinator's image check look for the short name.
+    let (repo, tag) = gantry_shared::image_name::registry_path(name);
     let layer = if source.is_dir() {
         let src = source.to_owned();
         tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {

@@ -4,6 +4,8 @@
 //!   the OpenAPI document.
 //! - `ca/`: the cluster CA; node certificates from join CSRs.
 //! - `config`: the coordinator's settings (`coordinator.toml`, flags laid over it).
+//! - `images`: whether a submitted job's or function's short image name is anywhere (the
+//!   registry, or a node's own store as gossip lists it).
 //! - `control/`: the QUIC control endpoint with mutual TLS; sessions with agents.
 //! - `jobs/`: job state transitions (pure), the rank environment of gangs, and the job
 //!   service the API calls.
@@ -23,6 +25,7 @@ pub mod ca;
 pub mod config;
 pub mod control;
 pub mod functions;
+pub mod images;
 pub mod jobs;
 pub mod nodes;
 pub mod placement;

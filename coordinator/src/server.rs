@@ -12,11 +12,13 @@ use crate::ca::ClusterCa;
 use crate::config::RegistryAddress;
 use crate::control::{ControlConfig, ControlServer};
 use crate::functions::FunctionService;
+use crate::images::{ImageCheck, PushTo};
 use crate::jobs::service::JobService;
 use crate::nodes::Nodes;
 use crate::nodes::liveness::{Cluster, ClusterConfig};
 use crate::nodes::service::NodeService;
 use crate::reconcile;
+use crate::registry::RegistryState;
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -94,6 +96,14 @@ pub async fn run(
         .as_ref()
         .and_then(|r| r.tls)
         .unwrap_or(tls.is_some());
+    // Users push where nodes pull, unless the API listens on every interface.
+    let push_to = PushTo {
+        address: match &control_cfg.registry {
+            Some(address) => address.clone(),
+            None => format!("COORDINATOR:{}", api_addr.port()),
+        },
+        tls: control_cfg.registry_tls,
+    };
     let mut cluster_cfg = cfg.cluster.clone();
     if cluster_cfg.membership.advertise.is_none()
         && cluster_cfg.membership.listen.ip().is_unspecified()
@@ -145,6 +155,7 @@ pub async fn run(
     };
     tracing::info!(cluster = %ca.cluster(), api = %bound.api_url(), control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
+    let registry = RegistryState::open(&cfg.state_dir.join("registry"), tokens.clone())?;
     let router = api::router(ApiState::new(
         JobService::new(
             store.clone(),
@@ -154,13 +165,12 @@ pub async fn run(
         ),
         functions.clone(),
         NodeService::new(store.clone(), cluster.clone(), nodes.clone(), node_admin),
-        tokens.clone(),
+        ImageCheck::new(registry.clone(), cluster.clone(), push_to),
+        tokens,
         join,
         cfg.api.clone(),
     ))
-    .merge(crate::registry::router(
-        crate::registry::RegistryState::open(&cfg.state_dir.join("registry"), tokens)?,
-    ));
+    .merge(crate::registry::router(registry));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
     let changed = nodes.changed.clone();
     let link = reconcile::QuicLink { nodes };

@@ -5,10 +5,12 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
+use gantry_coordinator::images::{ImageCheck, PushTo};
 use gantry_coordinator::jobs::service::JobService;
 use gantry_coordinator::nodes::Nodes;
 use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig};
 use gantry_coordinator::nodes::service::NodeService;
+use gantry_coordinator::registry::RegistryState;
 use gantry_coordinator::store::Store;
 use gantry_coordinator::store::tokens::Role;
 use gantry_shared::{ClusterId, GossipKey};
@@ -76,11 +78,21 @@ impl Api {
         )
         .expect("function service");
         let gossip = cluster.gossip_addr();
+        // No nodes here: every short image name is accepted (nobody can tell).
+        let images = ImageCheck::new(
+            RegistryState::open(&dir.path().join("registry"), tokens.clone()).expect("registry"),
+            cluster.clone(),
+            PushTo {
+                address: "127.0.0.1:7080".into(),
+                tls: false,
+            },
+        );
         let node_service = NodeService::new(store, cluster, nodes, node_admin);
         let router = api::router(ApiState::new(
             jobs,
             functions,
             node_service,
+            images,
             tokens,
             join,
             cfg,

@@ -31,6 +31,7 @@ fn agent_gossip() -> AgentGossip {
         gpus: (0..2)
             .map(|index| GpuInfo::simulated("n1", index, "H100-80GB", 80 << 30))
             .collect(),
+        images: Default::default(),
     }
 }
 

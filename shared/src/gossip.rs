@@ -1,17 +1,18 @@
 //! What cluster members publish about themselves through chitchat gossip, and its compact
 //! encoding as chitchat key-values.
 //!
-//! Every agent publishes its address, labels, state, cpu/memory (total and free) and one
-//! key per GPU; the coordinator publishes its role and endpoints. Values are short JSON
+//! Every agent publishes its address, labels, state, cpu/memory (total and free), one key
+//! per GPU and the images its own store holds under names a short image name can match
+//! ([`LocalImages`]); the coordinator publishes its role and endpoints. Values are short JSON
 //! objects with one-letter field names, and each GPU has its own key, so a health change
 //! re-gossips ~150 bytes, not the whole inventory. A node with 8 GPUs encodes to about
 //! 1.5 KB, far below one gossip datagram (64 KB).
 //!
 //! Gossip is advisory: the coordinator places against its own ledger of reservations and
 //! the capacity the node declared on its authenticated control session; gossip adds
-//! liveness, free capacity as the node sees it, labels and GPU health.
+//! liveness, free capacity as the node sees it, labels, GPU health and local images.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,8 @@ pub const KEY_RESOURCES: &str = "res";
 /// Number of GPUs: keys `gpu.0` .. `gpu.<n-1>` are current, any above are stale.
 pub const KEY_GPU_COUNT: &str = "gpus";
 pub const GPU_KEY_PREFIX: &str = "gpu.";
+/// The node's local images ([`LocalImages`]); absent from agents that predate it.
+pub const KEY_IMAGES: &str = "imgs";
 /// The coordinator's control (QUIC) and API (HTTP) addresses.
 pub const KEY_CONTROL: &str = "control";
 pub const KEY_API: &str = "api";
@@ -147,6 +150,76 @@ struct ResourcesWire {
     f: Vec<u32>,
 }
 
+/// The images a node holds in its own store that a short (unqualified) image name can
+/// resolve to there ([`crate::image_name::answers_unqualified`]), so the coordinator can
+/// refuse a job whose short image is on no node and not in the cluster's registry. Gossiped
+/// as a JSON array of names, at most [`LocalImages::MAX_BYTES`] of them; a node with more
+/// says `*`: it may hold anything.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LocalImages {
+    /// Not published (an agent older than this key): it may hold anything.
+    #[default]
+    Unreported,
+    /// Every such image, by the name it is stored under (`busybox:latest`,
+    /// `docker.io/library/busybox:latest`).
+    Listed(BTreeSet<String>),
+    /// Not listed: more than fit in [`LocalImages::MAX_BYTES`], or the node could not read
+    /// its store. It may hold anything.
+    Unlisted,
+}
+
+impl LocalImages {
+    /// Most bytes of names a node publishes (about 300 names of typical length; a datagram
+    /// holds 64 KB): enough for what operators import by hand, while a node's gossip stays
+    /// small. Past it the node says it has too many to list.
+    pub const MAX_BYTES: usize = 8 << 10;
+
+    /// The names among `stored` (every name in a node's image store) that short names can
+    /// resolve to, bounded by [`LocalImages::MAX_BYTES`].
+    pub fn from_stored(stored: impl IntoIterator<Item = String>) -> Self {
+        let names: BTreeSet<String> = stored
+            .into_iter()
+            .filter(|n| crate::image_name::answers_unqualified(n))
+            .collect();
+        // Each name costs its bytes plus quotes and a comma in the JSON array.
+        let bytes: usize = names.iter().map(|n| n.len() + 3).sum();
+        match bytes <= Self::MAX_BYTES {
+            true => Self::Listed(names),
+            false => Self::Unlisted,
+        }
+    }
+
+    /// Whether the node holds the short name `image`; `None` when it cannot be told.
+    pub fn holds(&self, image: &str) -> Option<bool> {
+        match self {
+            Self::Listed(names) => Some(
+                crate::image_name::local_candidates(image)
+                    .iter()
+                    .any(|c| names.contains(c)),
+            ),
+            Self::Unreported | Self::Unlisted => None,
+        }
+    }
+
+    fn to_wire(&self) -> Option<String> {
+        match self {
+            Self::Unreported => None,
+            Self::Listed(names) => Some(json(names)),
+            Self::Unlisted => Some("*".into()),
+        }
+    }
+
+    fn from_wire(raw: Option<&str>) -> Result<Self, GossipError> {
+        match raw {
+            None => Ok(Self::Unreported),
+            Some("*") => Ok(Self::Unlisted),
+            Some(raw) => serde_json::from_str(raw)
+                .map(Self::Listed)
+                .map_err(|_| bad(KEY_IMAGES, raw)),
+        }
+    }
+}
+
 /// Everything an agent publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentGossip {
@@ -156,6 +229,7 @@ pub struct AgentGossip {
     /// Indices of GPUs not held by a container.
     pub free_gpus: Vec<u32>,
     pub gpus: Vec<GpuInfo>,
+    pub images: LocalImages,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -240,6 +314,7 @@ impl AgentGossip {
             ),
             (KEY_GPU_COUNT.into(), self.gpus.len().to_string()),
         ];
+        kv.extend(self.images.to_wire().map(|v| (KEY_IMAGES.into(), v)));
         for (i, g) in self.gpus.iter().enumerate() {
             kv.push((
                 format!("{GPU_KEY_PREFIX}{i}"),
@@ -319,6 +394,7 @@ impl AgentGossip {
             },
             free_gpus: res.f,
             gpus,
+            images: LocalImages::from_wire(get(KEY_IMAGES))?,
         })
     }
 }
@@ -368,6 +444,7 @@ mod tests {
             },
             free_gpus: vec![0, 1, 2, 4],
             gpus,
+            images: LocalImages::from_stored(["busybox:latest".to_string()]),
         }
     }
 
@@ -409,6 +486,51 @@ mod tests {
             AgentGossip::decode(|k| kv.get(k).map(String::as_str)),
             Err(GossipError::Missing { .. })
         ));
+    }
+
+    #[test]
+    fn local_images_roundtrip_and_answer_short_names() {
+        let mut n = node();
+        for images in [
+            LocalImages::Unreported,
+            LocalImages::Unlisted,
+            LocalImages::from_stored(Vec::new()),
+            LocalImages::from_stored(
+                [
+                    "team/x:v1",
+                    "docker.io/library/alpine:3",
+                    "10.0.0.1:7080/y:latest",
+                ]
+                .map(String::from),
+            ),
+        ] {
+            n.images = images;
+            assert_eq!(roundtrip(&n), Ok(n.clone()));
+        }
+        assert_eq!(n.images.holds("team/x:v1"), Some(true));
+        assert_eq!(n.images.holds("alpine:3"), Some(true));
+        assert_eq!(n.images.holds("team/x"), Some(false), "only :v1 is there");
+        assert_eq!(
+            n.images.holds("y"),
+            Some(false),
+            "pulled from the cluster registry: not a local image"
+        );
+        assert_eq!(LocalImages::Unlisted.holds("y"), None);
+        assert_eq!(LocalImages::Unreported.holds("y"), None);
+    }
+
+    #[test]
+    fn too_many_local_images_are_unlisted() {
+        let many = (0..1000).map(|i| format!("team/image-number-{i}:latest"));
+        assert_eq!(LocalImages::from_stored(many), LocalImages::Unlisted);
+        let mut n = node();
+        n.images = LocalImages::from_stored((0..200).map(|i| format!("img-{i}:latest")));
+        let bytes: usize = n
+            .to_key_values()
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        assert!(bytes < 2_000 + LocalImages::MAX_BYTES, "{bytes} bytes");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod functions;
 pub mod gossip;
 pub mod gossip_key;
 pub mod ids;
+pub mod image_name;
 pub mod protocol;
 pub mod resources;
 

@@ -1,6 +1,7 @@
 //! Jobs through the whole path with real processes on loopback: HTTP API → coordinator →
 //! QUIC → agent → shim → container, and back as events. Includes kill -9 of the agent
-//! and of the coordinator while a job runs.
+//! and of the coordinator while a job runs, and the image check at submission (a short
+//! image name that is nowhere is refused).
 
 use std::process::Command;
 use std::time::Duration;
@@ -92,6 +93,42 @@ impl Cluster {
         self.agent = Some(p);
     }
 
+    /// `GET /v1/nodes`.
+    async fn nodes(&self) -> Value {
+        reqwest::Client::new()
+            .get(format!("http://{}/v1/nodes", self.api))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .expect("nodes")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Waits until the node is ready: connected, and its gossip (its images with it) heard.
+    async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if self.nodes().await[0]["state"] == "ready" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the node never became ready");
+    }
+
+    /// The `gantry` CLI as the admin, with a home of its own.
+    fn gantry(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("gantry"))
+            .env("HOME", self.dir.path().join("home"))
+            .env_remove("XDG_CONFIG_HOME")
+            .env("GANTRY_ADDR", &self.api)
+            .env("GANTRY_TOKEN", &self.admin)
+            .args(args)
+            .output()
+            .expect("gantry")
+    }
+
     /// POSTs a job spec as the admin.
     async fn post(&self, spec: Value) -> reqwest::Response {
         reqwest::Client::new()
@@ -161,15 +198,7 @@ async fn jobs_run_and_report_their_exit_codes() {
             .contains("exited with 3"),
         "{job}"
     );
-    let nodes: Value = reqwest::Client::new()
-        .get(format!("http://{}/v1/nodes", c.api))
-        .bearer_auth(&c.admin)
-        .send()
-        .await
-        .expect("nodes")
-        .json()
-        .await
-        .expect("json");
+    let nodes = c.nodes().await;
     assert_eq!(nodes[0]["id"], "e2e-node", "{nodes}");
     assert_eq!(nodes[0]["cpu_millis"], 2000);
     // Larger than any node (2 cores here): refused at submission, saying why.
@@ -185,18 +214,70 @@ async fn jobs_run_and_report_their_exit_codes() {
             .contains("can never run here: no node has 64 cpu"),
         "{body}"
     );
-    let missing = c
+}
+
+/// A short image name must be somewhere: in a node's own store (imported there) or in the
+/// cluster's registry. One that is nowhere is refused at submission with 422, naming it and
+/// saying how to push it, for jobs and for functions alike; one that is only in the node's
+/// store, or only in the registry, runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_image_that_is_nowhere_is_refused_at_submission() {
+    let c = Cluster::start().await;
+    // Until the node has gossiped what it holds, the coordinator cannot tell, and accepts.
+    c.wait_ready().await;
+    let resp = c
         .post(json!({"name": "e2e", "image": "no-such-image", "command": ["true"]}))
         .await;
-    let missing: Value = missing.json().await.expect("job");
-    let missing = missing["id"].as_str().expect("id").to_owned();
-    let job = c.wait_state(&missing, &["failed"]).await;
+    assert_eq!(resp.status().as_u16(), 422);
+    let body: Value = resp.json().await.expect("error body");
+    assert_eq!(body["error"]["code"], "image_not_found", "{body}");
+    assert_eq!(body["error"]["field"], "image", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    for part in [
+        "image `no-such-image`",
+        "gantry image import DIR|TAR --name no-such-image",
+        &format!("docker://{}/no-such-image", c.api),
+    ] {
+        assert!(message.contains(part), "{part}: {body}");
+    }
+    // busybox is only in the node's own store (imported there, never pushed).
+    let local = c.submit("echo from-the-node").await;
+    // Pushed to the registry only: the node pulls it.
+    let rootfs = c.dir.path().join("rootfs");
+    let pushed = c.gantry(&[
+        "image",
+        "import",
+        rootfs.to_str().expect("utf-8"),
+        "--name",
+        "team/pushed:v1",
+    ]);
     assert!(
-        job["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("not on this host"),
-        "{job}"
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let pulled = c
+        .submit_spec(json!({"name": "e2e", "image": "team/pushed:v1",
+            "command": ["echo", "from-the-registry"],
+            "resources": {"cpu": "0.5", "memory": "128M"}}))
+        .await;
+    for id in [&local, &pulled] {
+        let job = c.wait_state(id, &["succeeded", "failed"]).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    // A function is judged the same way when it is deployed.
+    let manifest = c.dir.path().join("gantry.toml");
+    std::fs::write(
+        &manifest,
+        "app = \"nowhere\"\n[functions.f]\nimage = \"no-such-fn-image\"\n",
+    )
+    .expect("manifest");
+    let deploy = c.gantry(&["deploy", "-f", manifest.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&deploy.stderr);
+    assert!(!deploy.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("image `no-such-fn-image` is not in the cluster's registry"),
+        "{stderr}"
     );
 }
 
@@ -271,15 +352,7 @@ async fn a_node_cut_off_loses_its_member_and_its_late_exit_is_ignored() {
     // Past the coordinator's 10 s idle timeout: the session is gone.
     let mut cut = false;
     for _ in 0..200 {
-        let nodes: Value = reqwest::Client::new()
-            .get(format!("http://{}/v1/nodes", c.api))
-            .bearer_auth(&c.admin)
-            .send()
-            .await
-            .expect("nodes")
-            .json()
-            .await
-            .expect("json");
+        let nodes = c.nodes().await;
         // Joined nodes stay listed; the session is what goes.
         if nodes[0]["connected"] == false && nodes[0]["state"] == "down" {
             cut = true;

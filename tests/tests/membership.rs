@@ -297,6 +297,7 @@ fn strangers_without_the_gossip_key_change_nothing() {
             gpus: (0..8)
                 .map(|i| GpuInfo::simulated(node, i, "H100-80GB", 80 << 30))
                 .collect(),
+            images: Default::default(),
         }
         .to_key_values()
     };

@@ -243,6 +243,7 @@ impl FakeAgent {
                 gpus: (0..GPUS_PER_NODE)
                     .map(|g| GpuInfo::simulated(self.id.as_str(), g, "H100-80GB", 80 << 30))
                     .collect(),
+                images: Default::default(),
             }),
             gossip_error: None,
             admin: None,

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use gantry_shared::image_name::is_qualified;
 use gantry_shared::now_ms;
 use gantry_shared::protocol::{AttemptSpec, CommandReply, Event, Refusal, RefusalCode};
 use gantry_shared::{
@@ -534,26 +535,5 @@ impl Attempts {
                 }
             }
         }
-    }
-}
-
-/// `registry.example.com/x`, `localhost:5000/x`: names a registry, as Docker reads it.
-fn is_qualified(image: &str) -> bool {
-    image.split_once('/').is_some_and(|(first, _)| {
-        first.contains('.') || first.contains(':') || first == "localhost"
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qualified_image_names() {
-        assert!(is_qualified("127.0.0.1:5000/team/x:v1"));
-        assert!(is_qualified("registry.example.com/x"));
-        assert!(is_qualified("localhost/x"));
-        assert!(!is_qualified("busybox"));
-        assert!(!is_qualified("team/x"));
     }
 }

@@ -138,8 +138,7 @@ pub async fn run(
             refresh: GOSSIP_REFRESH,
             capacity,
         },
-        inventory,
-        runtime.clone(),
+        (inventory, runtime.clone(), host.images.clone()),
         gossip_cancel.clone(),
     )
     .await?;

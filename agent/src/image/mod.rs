@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use gantry_shared::image_name::with_default_tag;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -170,11 +171,7 @@ impl ImageStore {
     /// Looks an image up by the name it was imported or pulled under. Short names also
     /// match with `:latest`, and the normalized registry form (`docker.io/library/…`).
     pub fn get(&self, name: &str) -> Result<ImageRecord, ImageError> {
-        let mut candidates = vec![name.to_owned(), with_default_tag(name)];
-        if let Ok(r) = name.parse::<oci_client::Reference>() {
-            candidates.push(r.whole());
-        }
-        for key in candidates {
+        for key in candidates(name) {
             if let Some(rec) = self.inner.table.get::<ImageRecord>(&key)? {
                 return Ok(rec);
             }
@@ -182,6 +179,11 @@ impl ImageStore {
         Err(ImageError::NotFound {
             name: name.to_owned(),
         })
+    }
+
+    /// The names of every image held, nothing decoded (what gossip publishes).
+    pub fn names(&self) -> Result<Vec<String>, ImageError> {
+        Ok(self.inner.table.keys()?)
     }
 
     pub fn list(&self) -> Result<Vec<ImageRecord>, ImageError> {
@@ -367,14 +369,15 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// `name` plus `:latest` when it has neither a tag nor a digest.
-fn with_default_tag(name: &str) -> String {
-    let last = name.rsplit('/').next().unwrap_or(name);
-    if last.contains(':') || last.contains('@') {
-        name.to_owned()
-    } else {
-        format!("{name}:latest")
-    }
+/// The names `name` may be stored under, in the order [`ImageStore::get`] tries them.
+/// Lazy: the last one needs the full reference grammar, a regex that takes tens of
+/// milliseconds to compile (once per process, so in every `gantry-agent run`), and is
+/// only worked out when the plain names missed (`index.docker.io/…`, `docker.io/busybox`).
+fn candidates(name: &str) -> impl Iterator<Item = String> + '_ {
+    let parsed = std::iter::once_with(|| name.parse::<oci_client::Reference>().ok());
+    gantry_shared::image_name::local_candidates(name)
+        .into_iter()
+        .chain(parsed.flatten().map(|r| r.whole()))
 }
 
 fn validate_name(name: &str) -> Result<String, ImageError> {
@@ -415,15 +418,26 @@ fn tar_directory(dir: &Path, out: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The coordinator judges a short image name by the names gossip lists
+    /// (`image_name::local_candidates`); the lookup here must try the same ones.
     #[test]
-    fn default_tag() {
-        assert_eq!(with_default_tag("busybox"), "busybox:latest");
-        assert_eq!(with_default_tag("busybox:1"), "busybox:1");
-        assert_eq!(
-            with_default_tag("127.0.0.1:5000/x"),
-            "127.0.0.1:5000/x:latest"
-        );
-        assert_eq!(with_default_tag("r/x@sha256:ab"), "r/x@sha256:ab");
+    fn short_names_are_looked_up_as_the_coordinator_expects() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        for name in [
+            "busybox".to_owned(),
+            "busybox:1.36".into(),
+            "team/x".into(),
+            "team/x:v1".into(),
+            format!("x@{digest}"),
+        ] {
+            let mut here: Vec<String> = candidates(&name).collect();
+            here.dedup();
+            assert_eq!(
+                here,
+                gantry_shared::image_name::local_candidates(&name),
+                "{name}"
+            );
+        }
     }
 
     #[test]

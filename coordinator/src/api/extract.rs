@@ -101,8 +101,21 @@ pub enum ApiError {
     TooLargeForCluster { message: String },
     #[error("{message}")]
     IdempotencyKeyReused { message: String },
+    /// A short image name that is nowhere (`crate::images`); `field` names where it was.
+    #[error("{message}")]
+    ImageNotFound { field: String, message: String },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl ApiError {
+    /// The image named at `field` is nowhere.
+    pub(super) fn image_not_found(field: impl Into<String>, e: ImageNotFound) -> Self {
+        ApiError::ImageNotFound {
+            field: field.into(),
+            message: e.to_string(),
+        }
+    }
 }
 
 impl From<JobServiceError> for ApiError {
@@ -170,6 +183,11 @@ impl IntoResponse for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
                 Some("Idempotency-Key".into()),
+            ),
+            ApiError::ImageNotFound { field, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "image_not_found",
+                Some(field.clone()),
             ),
             ApiError::Internal(_) => {
                 tracing::error!(error = %self, "API request failed");

@@ -78,10 +78,12 @@ fn call_id(raw: String) -> Result<CallId, ApiError> {
 }
 
 /// Deploy a new immutable version of an app (its manifest: `gantry.toml` as JSON). New
-/// calls go to it; inputs in flight finish on the version they started on.
+/// calls go to it; inputs in flight finish on the version they started on. A function whose
+/// short image name is neither in the cluster's registry nor on any node is 422.
 #[utoipa::path(post, path = "/v1/apps/{app}/deployments", params(("app" = String, Path)),
     request_body = AppManifest,
-    responses((status = 201, body = DeploymentView), (status = 400, body = gantry_shared::api::ErrorBody)))]
+    responses((status = 201, body = DeploymentView), (status = 400, body = gantry_shared::api::ErrorBody),
+        (status = 422, body = gantry_shared::api::ErrorBody)))]
 pub(super) async fn deploy(
     State(state): State<ApiState>,
     caller: Caller,
@@ -99,6 +101,15 @@ pub(super) async fn deploy(
                 manifest.app
             ),
         });
+    }
+    // Checked here too so that a malformed image is a 400 naming it, not a missing one.
+    manifest.validate().map_err(FunctionServiceError::from)?;
+    for (name, function) in &manifest.functions {
+        state
+            .images
+            .require(&function.image)
+            .await
+            .map_err(|e| ApiError::image_not_found(format!("functions.{name}.image"), e))?;
     }
     let deployment = state.functions.deploy(manifest)?;
     Ok((StatusCode::CREATED, Json(deployment)).into_response())

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 use crate::functions::FunctionService;
+use crate::images::{ImageCheck, ImageNotFound};
 use crate::jobs::service::{JobService, JobServiceError, MAX_JOB_WAIT};
 use crate::nodes::service::{AdminMode, NodeService, NodeServiceError};
 use crate::store::joins::JoinTokens;
@@ -71,11 +72,14 @@ impl Default for ApiConfig {
 
 /// What the handlers call: one service per domain. Handlers validate and call one
 /// service method; they never reach into the store, the reconciler or the QUIC layer.
+/// Validation includes the image check for requests that name images (`images`): a short
+/// image name that is nowhere is refused before the service sees the request.
 #[derive(Clone)]
 pub struct ApiState {
     jobs: JobService,
     functions: FunctionService,
     nodes: NodeService,
+    images: ImageCheck,
     tokens: ApiTokens,
     join: JoinTokens,
     metrics: Arc<Metrics>,
@@ -87,6 +91,7 @@ impl ApiState {
         jobs: JobService,
         functions: FunctionService,
         nodes: NodeService,
+        images: ImageCheck,
         tokens: ApiTokens,
         join: JoinTokens,
         cfg: ApiConfig,
@@ -98,6 +103,7 @@ impl ApiState {
             jobs,
             functions,
             nodes,
+            images,
             tokens,
             join,
             metrics: Arc::new(metrics),
@@ -296,6 +302,7 @@ async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
 
 /// Submit a job. With an `Idempotency-Key` header, a retried request returns the job the
 /// first one created (with `Idempotent-Replayed: true`); the same key with another body is 422.
+/// A short image name that is neither in the cluster's registry nor on any node is 422 too.
 #[utoipa::path(post, path = "/v1/jobs", request_body = JobSpec,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
     responses((status = 201, body = Job), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -308,6 +315,11 @@ async fn submit_job(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Submitter)?;
     let key = idempotency_key(&headers)?;
+    state
+        .images
+        .require(&spec.image)
+        .await
+        .map_err(|e| ApiError::image_not_found("image", e))?;
     let (job, created) = state.jobs.submit(spec, key).await?;
     if created {
         state.metrics.jobs_submitted.inc();

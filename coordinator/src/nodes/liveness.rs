@@ -534,6 +534,7 @@ mod tests {
             resources: Default::default(),
             free_gpus: vec![],
             gpus: vec![],
+            images: Default::default(),
         };
         gpus.gpus = (0..2)
             .map(|index| gantry_shared::gossip::GpuInfo {

@@ -47,6 +47,7 @@ fn node(name: &str, gpus: u32) -> NodeStatus {
             gpus: (0..gpus)
                 .map(|g| GpuInfo::simulated(name, g, "H100-80GB", 80 << 30))
                 .collect(),
+            images: Default::default(),
         }),
         gossip_error: None,
         admin: None,

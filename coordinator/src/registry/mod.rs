@@ -46,6 +46,26 @@ impl RegistryState {
     fn blob(&self, hex: &str) -> PathBuf {
         self.root.join("blobs/sha256").join(hex)
     }
+
+    /// Whether a manifest is here for `repo` under `reference` (a tag or a digest), as a
+    /// pull of `repo:reference` would find it. A name the registry could never hold is not.
+    pub async fn has_manifest(&self, repo: &str, reference: &str) -> bool {
+        if !valid_repo(repo) {
+            return false;
+        }
+        let path = if reference.starts_with("sha256:") {
+            match hex_of(reference) {
+                Ok(hex) => self.root.join("media-types").join(hex),
+                Err(_) => return false,
+            }
+        } else if valid_tag(reference) {
+            self.root.join("tags").join(repo).join(reference)
+        } else {
+            return false;
+        };
+        // A file: `tags/team/x` is a directory when `team/x` is a repository.
+        tokio::fs::metadata(path).await.is_ok_and(|m| m.is_file())
+    }
 }
 
 /// The registry's routes; blobs stream, so the API's body limit does not apply here.
@@ -160,16 +180,19 @@ enum Target<'a> {
     Manifest { repo: &'a str, reference: &'a str },
 }
 
+/// A repository name the registry stores: lowercase path components, nothing that leaves
+/// its directory.
+fn valid_repo(r: &str) -> bool {
+    !r.is_empty()
+        && !r.starts_with('/')
+        && !r.ends_with('/')
+        && !r.contains("..")
+        && !r.contains("//")
+        && r.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c))
+}
+
 fn parse(path: &str) -> Option<Target<'_>> {
-    let valid_repo = |r: &str| {
-        !r.is_empty()
-            && !r.starts_with('/')
-            && !r.ends_with('/')
-            && !r.contains("..")
-            && !r.contains("//")
-            && r.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c))
-    };
     let path = path.trim_start_matches('/');
     let (repo, target) = if let Some(repo) = path.strip_suffix("/tags/list") {
         (repo, Target::Tags { repo })
@@ -690,5 +713,27 @@ mod tests {
         ] {
             assert!(parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn knows_which_manifests_it_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::open(&dir.path().join("db")).expect("store");
+        let root = dir.path().join("registry");
+        let state = RegistryState::open(&root, store.api_tokens().expect("tokens")).expect("open");
+        let hex = "ab".repeat(32);
+        std::fs::create_dir_all(root.join("tags/team/x")).expect("tags");
+        std::fs::write(root.join("tags/team/x/v1"), format!("sha256:{hex}")).expect("tag");
+        std::fs::write(root.join("media-types").join(&hex), "application/json").expect("type");
+        assert!(state.has_manifest("team/x", "v1").await);
+        assert!(state.has_manifest("x", &format!("sha256:{hex}")).await);
+        assert!(!state.has_manifest("team/x", "v2").await);
+        assert!(
+            !state.has_manifest("team", "x").await,
+            "a repository, not a tag"
+        );
+        assert!(!state.has_manifest("Team/x", "v1").await);
+        assert!(!state.has_manifest("../registry/tags/team/x", "v1").await);
+        assert!(!state.has_manifest("x", "sha256:00").await);
     }
 }

@@ -514,6 +514,7 @@ fn status(a: &Agent, c: &SimConfig, now: u64) -> NodeStatus {
             gpus: (0..c.gpus)
                 .map(|g| GpuInfo::simulated(a.id.as_str(), g, "H100-80GB", 80 << 30))
                 .collect(),
+            images: Default::default(),
         }),
         gossip_error: None,
         admin: a.preempted.map(|(since_ms, deadline)| AdminState {
