@@ -11,6 +11,7 @@ use gantry_agent::gpu::inventory::HealthEvent;
 use gantry_agent::host::{Host, HostConfig};
 use gantry_agent::image::{ImageConfig, PullConfig, RegistryAuth};
 use gantry_agent::local;
+use gantry_agent::runtime::{Forked, PreforkedShim};
 use tokio_util::sync::CancellationToken;
 
 mod flags;
@@ -33,6 +34,16 @@ fn main() -> ExitCode {
         };
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
+    // `run` forks its shim now, while this process has one thread: the shim is ready by
+    // the time the store is open, without an exec. Failing that, the runtime spawns one.
+    let preforked = match &cli.command {
+        Command::Run(_) => match gantry_agent::runtime::prefork() {
+            Ok(Forked::Shim(code)) => return ExitCode::from(code.clamp(0, 255) as u8),
+            Ok(Forked::Agent(shim)) => Some(Ok(shim)),
+            Err(e) => Some(Err(e)),
+        },
+        _ => None,
+    };
     // A missing file is the defaults (flags only; `join` creates it).
     let explicit = cli.config.is_some();
     let config = cli
@@ -79,6 +90,12 @@ fn main() -> ExitCode {
     // SIGHUP reloads the file's log level, unless a flag fixed it.
     let reload = (serving && cli.log.is_none()).then_some(reload);
     let state_dir = file.state_dir.clone();
+    let preforked = preforked.and_then(|shim| {
+        shim.inspect_err(
+            |e| tracing::debug!(error = %e, "no pre-forked shim; the runtime spawns one"),
+        )
+        .ok()
+    });
     match cli.command {
         Command::Join {
             coordinator,
@@ -114,12 +131,23 @@ fn main() -> ExitCode {
                 Ok(0)
             })
         }
-        command => block_on(one_shot(&state_dir, file, command)),
+        // `run` waits on one container: a runtime without worker threads starts sooner.
+        command @ Command::Run(_) => block_on_with(
+            current_thread(),
+            one_shot(&state_dir, file, command, preforked),
+        ),
+        command => block_on(one_shot(&state_dir, file, command, preforked)),
     }
 }
 
-/// The commands that act on this host's state without a daemon.
-async fn one_shot(state_dir: &Path, file: AgentConfig, command: Command) -> anyhow::Result<i32> {
+/// The commands that act on this host's state without a daemon. `shim` is the one `run`
+/// forked at the start.
+async fn one_shot(
+    state_dir: &Path,
+    file: AgentConfig,
+    command: Command,
+    shim: Option<PreforkedShim>,
+) -> anyhow::Result<i32> {
     let pull = match &command {
         Command::Image(ImageCommand::Pull {
             insecure_registries,
@@ -145,6 +173,9 @@ async fn one_shot(state_dir: &Path, file: AgentConfig, command: Command) -> anyh
         },
     )
     .await?;
+    if let Some(shim) = shim {
+        host.runtime.give_shim(shim);
+    }
     let code = match command {
         Command::Run(args) => {
             let detach = args.detach;
@@ -228,7 +259,20 @@ fn exit_on<E: Into<anyhow::Error>>(result: Result<i32, E>) -> ExitCode {
 }
 
 fn block_on(f: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCode {
-    let rt = match tokio::runtime::Runtime::new() {
+    block_on_with(tokio::runtime::Runtime::new(), f)
+}
+
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn block_on_with(
+    rt: std::io::Result<tokio::runtime::Runtime>,
+    f: impl std::future::Future<Output = anyhow::Result<i32>>,
+) -> ExitCode {
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gantry-agent: cannot start the async runtime: {e}");

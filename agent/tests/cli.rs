@@ -99,6 +99,85 @@ fn run_prints_output_and_exits_with_the_container_code() {
     );
 }
 
+/// Processes whose command line mentions `marker`: a `run` and the shim it forked (which
+/// keeps the command line it was forked with).
+fn processes_mentioning(marker: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(marker) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The one-shot path end to end: a real container from a forked shim, its output and
+/// code, and nothing left once the command returns (mount, cgroup, libcontainer state,
+/// container directory, the shim). A run that fails before its start leaves no shim
+/// waiting either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreground_run_leaves_nothing_behind() {
+    let dir = setup();
+    let state = dir.path().join("state");
+    let out = agent(
+        &state,
+        &[
+            "run",
+            "--name",
+            "oneshot-leak-check",
+            "--image",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup | grep -c oneshot-leak-check; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_ne!(
+        text(&out.stdout).trim(),
+        "0",
+        "the container ran in its cgroup"
+    );
+    let id = ContainerId::new("oneshot-leak-check").expect("id");
+    assert_eq!(
+        leftovers(&state, std::slice::from_ref(&id)),
+        Vec::<String>::new()
+    );
+    assert!(!state.join("containers/oneshot-leak-check").exists());
+    assert_eq!(
+        processes_mentioning("oneshot-leak-check"),
+        Vec::<i32>::new()
+    );
+
+    let out = agent(
+        &state,
+        &[
+            "run",
+            "--name",
+            "oneshot-no-image",
+            "--image",
+            "nope",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        eventually(Duration::from_secs(5), || processes_mentioning(
+            "oneshot-no-image"
+        )
+        .is_empty())
+        .await,
+        "the forked shim exits when the run never assigns it: {:?}",
+        processes_mentioning("oneshot-no-image")
+    );
+}
+
 #[test]
 fn run_rejects_bad_input_with_a_clear_message() {
     let dir = setup();

@@ -28,6 +28,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
 pub use logs::Stream;
+pub use pool::{Forked, PreforkedShim, prefork};
 pub use shim::files;
 pub use types::*;
 
@@ -215,6 +216,14 @@ impl Runtime {
         rt.readopt().await?;
         rt.inner.pool.refill();
         Ok(rt)
+    }
+
+    /// Hands the runtime a shim forked before this process started threads; the next
+    /// start uses it instead of spawning one.
+    pub fn give_shim(&self, shim: PreforkedShim) {
+        if let Some(idle) = shim.into_idle() {
+            self.inner.pool.give(idle);
+        }
     }
 
     /// The container's cgroup path, relative to the hierarchy roots.

@@ -6,9 +6,13 @@
 //! container then costs one pipe write. Idle shims exit when their stdin closes, which
 //! happens when the pool drops them or the agent dies, so they never outlive the agent
 //! without a container. The pool refills in the background after each start.
+//!
+//! A one-shot `gantry-agent run` keeps no pool: it forks its one shim from itself at the
+//! very start, while it is still single-threaded ([`prefork`]), so the shim is ready by
+//! the time the store is open and costs neither an exec nor dynamic linking.
 
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +35,98 @@ impl IdleShim {
     }
 }
 
+/// A shim [`prefork`] started from this process, for [`super::Runtime::give_shim`].
+/// Dropped unused, it closes the shim's stdin and the shim exits.
+pub struct PreforkedShim {
+    idle: Option<IdleShim>,
+    /// The forked process, which only forks the detached shim and exits; reaped when this
+    /// is dropped.
+    launcher: nix::unistd::Pid,
+}
+
+impl PreforkedShim {
+    pub(super) fn into_idle(mut self) -> Option<IdleShim> {
+        self.idle.take()
+    }
+}
+
+impl Drop for PreforkedShim {
+    /// The launcher exits right after its one fork, long before the caller is done
+    /// opening its store, so the wait returns at once.
+    fn drop(&mut self) {
+        if let Err(e) = nix::sys::wait::waitpid(self.launcher, None) {
+            tracing::warn!(error = %e, "reaping the pre-forked shim's launcher");
+        }
+    }
+}
+
+/// What [`prefork`] returns in each of the two processes.
+pub enum Forked {
+    /// The calling process, with a shim waiting for its container directory.
+    Agent(PreforkedShim),
+    /// The forked process has run shim mode to its end: exit with this code.
+    Shim(i32),
+}
+
+/// Forks a pooled shim (`shim --pooled`, without the exec) from this process. Only for a
+/// process that has not started any thread yet: the shim goes on to call libcontainer,
+/// which forks, and a fork of a multi-threaded process could inherit locks held by
+/// threads that do not exist in the child. Refused (`EBUSY`) when threads exist, and
+/// (`EBADF`) when this process was started without stdin, stdout or stderr; the caller
+/// then lets the runtime spawn its shim.
+pub fn prefork() -> std::io::Result<Forked> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    let (assign_r, assign_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    // A descriptor that took the place of a closed standard one would be overwritten
+    // while the child moves the pipes into place.
+    if [assign_r.as_raw_fd(), ready_w.as_raw_fd(), null.as_raw_fd()]
+        .iter()
+        .any(|fd| *fd <= libc::STDERR_FILENO)
+    {
+        return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: this process has a single thread (checked above), so the child is a
+    // complete copy and may run any code.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Agent(PreforkedShim {
+            idle: Some(IdleShim {
+                assign: std::fs::File::from(assign_w),
+                ready: ready_r,
+            }),
+            launcher: child,
+        })),
+        nix::unistd::ForkResult::Child => {
+            // The descriptors `spawn_pooled` gives an exec'd shim: the assignment pipe as
+            // stdin, the ready pipe as stdout, stderr to /dev/null (the shim logs to its
+            // container directory once assigned). The agent's ends are closed, so the
+            // shim sees EOF on stdin when the agent goes away without assigning it.
+            drop((assign_w, ready_r));
+            let moved = [
+                (assign_r.as_raw_fd(), libc::STDIN_FILENO),
+                (ready_w.as_raw_fd(), libc::STDOUT_FILENO),
+                (null.as_raw_fd(), libc::STDERR_FILENO),
+            ]
+            .into_iter()
+            .try_for_each(|(fd, to)| nix::unistd::dup2(fd, to).map(drop));
+            drop((assign_r, ready_w, null));
+            if moved.is_err() {
+                // The agent reads EOF on the ready pipe: "shim exited without reporting".
+                return Ok(Forked::Shim(2));
+            }
+            // SAFETY: prctl with a NUL-terminated name, so that `ps` shows a shim.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"gantry-shim".as_ptr(), 0, 0, 0) };
+            Ok(Forked::Shim(super::shim::main(
+                super::shim::Assignment::Later,
+            )))
+        }
+    }
+}
+
 pub(super) struct ShimPool {
     binary: PathBuf,
     size: usize,
@@ -46,6 +142,14 @@ impl ShimPool {
             idle: Mutex::default(),
             refilling: AtomicBool::new(false),
         })
+    }
+
+    /// Adds a shim started elsewhere (see [`prefork`]); it is used before pooled ones.
+    pub(super) fn give(&self, shim: IdleShim) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(shim);
     }
 
     pub(super) fn take(&self) -> Option<IdleShim> {
