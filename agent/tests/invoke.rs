@@ -69,6 +69,7 @@ async fn fixture(max_inputs: u32, startup_timeout_ms: u64) -> Fixture {
             &FunctionRuntime {
                 max_inputs,
                 startup_timeout_ms,
+                web: None,
             },
             Arc::new(Recorder(tx)),
         )
@@ -626,6 +627,7 @@ async fn closing_stops_the_server_and_leaves_nothing() {
             &FunctionRuntime {
                 max_inputs: 1,
                 startup_timeout_ms: 1_000,
+                web: None,
             },
             Arc::new(Recorder(tx)),
         )

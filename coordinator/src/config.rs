@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{ApiConfig, ApiTls};
 use crate::control::ControlConfig;
 use crate::nodes::liveness::ClusterConfig;
-use crate::server::CoordinatorConfig;
+use crate::server::{CoordinatorConfig, IngressConfig};
 
 pub const DEFAULT_PATH: &str = "/etc/gantry/coordinator.toml";
 
@@ -30,6 +30,12 @@ pub struct CoordinatorSettings {
     pub api: ApiSettings,
     /// The QUIC control plane agents connect to.
     pub control_listen: SocketAddr,
+    /// Web endpoints' HTTP ingress; default: the API's address with the next port
+    /// (127.0.0.1:7081), or port 0 when the API's is 0. HTTPS when the API serves it.
+    pub ingress_listen: Option<SocketAddr>,
+    /// With a domain, `APP--LABEL.DOMAIN` names a web endpoint by host (besides
+    /// `/APP/LABEL/` by path).
+    pub ingress_domain: Option<String>,
     /// The embedded registry's address as nodes reach it (`host:port`, or with a scheme);
     /// default: the API address, unless it listens on all interfaces.
     pub registry_address: Option<RegistryAddress>,
@@ -45,6 +51,8 @@ impl Default for CoordinatorSettings {
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
             api: ApiSettings::default(),
             control_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            ingress_listen: None,
+            ingress_domain: None,
             registry_address: None,
             gossip: GossipSettings::default(),
             liveness: LivenessSettings::default(),
@@ -244,6 +252,17 @@ impl CoordinatorSettings {
             control: ControlConfig {
                 listen: self.control_listen,
                 ..ControlConfig::default()
+            },
+            ingress: IngressConfig {
+                listen: self.ingress_listen.unwrap_or_else(|| {
+                    let mut at = self.api_listen;
+                    // (Port 0 stays 0: any free port; 65535 wraps to it.)
+                    if at.port() != 0 {
+                        at.set_port(at.port().wrapping_add(1));
+                    }
+                    at
+                }),
+                domain: self.ingress_domain.clone(),
             },
             registry_address: self.registry_address.clone(),
             cluster: ClusterConfig {

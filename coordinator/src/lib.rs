@@ -26,6 +26,7 @@ pub mod config;
 pub mod control;
 pub mod functions;
 pub mod images;
+pub mod ingress;
 pub mod jobs;
 pub mod nodes;
 pub mod placement;

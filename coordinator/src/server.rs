@@ -26,6 +26,8 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     pub api: ApiConfig,
     pub control: ControlConfig,
+    /// Web endpoints' HTTP ingress.
+    pub ingress: IngressConfig,
     /// The registry address nodes use (`host:port`, its scheme that of the API unless
     /// it names one); default: the API's bound address unless it listens on all
     /// interfaces.
@@ -36,6 +38,22 @@ pub struct CoordinatorConfig {
     pub cluster: ClusterConfig,
 }
 
+/// The ingress's address and its host-name domain (see [`crate::ingress`]).
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    pub listen: std::net::SocketAddr,
+    pub domain: Option<String>,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7081)),
+            domain: None,
+        }
+    }
+}
+
 /// Where a started coordinator listens, reported once every endpoint is bound.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
@@ -44,6 +62,8 @@ pub struct Bound {
     pub api_tls: bool,
     pub control: std::net::SocketAddr,
     pub gossip: std::net::SocketAddr,
+    /// Web endpoints' ingress (HTTPS when the API serves it).
+    pub ingress: std::net::SocketAddr,
 }
 
 impl Bound {
@@ -86,6 +106,17 @@ pub async fn run(
         })?;
     // Nodes reach the embedded registry at the API's address, unless told otherwise.
     let api_addr = listener.local_addr()?;
+    let ingress_listener = tokio::net::TcpListener::bind(cfg.ingress.listen)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen on {} for the web ingress: {e}; pick a free port (`ingress_listen`)",
+                    cfg.ingress.listen
+                ),
+            )
+        })?;
     let mut control_cfg = cfg.control.clone();
     control_cfg.registry = match &cfg.registry_address {
         Some(r) => Some(r.host_port.as_str().to_owned()),
@@ -152,6 +183,7 @@ pub async fn run(
         api_tls: tls.is_some(),
         control: control.local_addr()?,
         gossip: cluster.gossip_addr(),
+        ingress: ingress_listener.local_addr()?,
     };
     tracing::info!(cluster = %ca.cluster(), api = %bound.api_url(), control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
@@ -166,11 +198,24 @@ pub async fn run(
         functions.clone(),
         NodeService::new(store.clone(), cluster.clone(), nodes.clone(), node_admin),
         ImageCheck::new(registry.clone(), cluster.clone(), push_to),
-        tokens,
+        tokens.clone(),
         join,
         cfg.api.clone(),
     ))
     .merge(crate::registry::router(registry));
+    let ingress = crate::ingress::Ingress::new(
+        functions.clone(),
+        nodes.clone(),
+        tokens,
+        cfg.ingress.domain.clone(),
+    )
+    .router();
+    let ingress_task = tokio::spawn(api::serve(
+        ingress_listener,
+        tls.clone(),
+        ingress,
+        cancel.clone(),
+    ));
     let control_task = tokio::spawn(control.serve(cancel.clone()));
     let changed = nodes.changed.clone();
     let link = reconcile::QuicLink { nodes };
@@ -189,6 +234,7 @@ pub async fn run(
         cancel.clone(),
     ));
     api::serve(listener, tls, router, cancel.clone()).await?;
+    ingress_task.await??;
     control_task.await?;
     scheduler.await?;
     router_task.await?;

@@ -75,6 +75,135 @@ pub struct FunctionSpec {
     /// Inputs per container the autoscaler aims for (default: `max_inputs`).
     #[serde(default)]
     pub target_inputs: Option<u32>,
+    /// Serves HTTP through the coordinator's ingress instead of taking calls.
+    #[serde(default)]
+    pub web: Option<WebSpec>,
+}
+
+/// A web endpoint (contract H): any HTTP server listening on `port` in the container's own
+/// network namespace (`$PORT` says which), reached through the coordinator's ingress at
+/// `/APP/LABEL/…` or `APP--LABEL.DOMAIN`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebSpec {
+    /// The port the server listens on in its container (default 8000).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// How the agent knows the server is up: `GET /PATH` (a 2xx or 3xx answer) or `tcp`
+    /// (a connection is accepted), the default; it must pass within `startup_timeout`.
+    #[serde(default)]
+    pub readiness: Option<String>,
+    /// Requests one container serves at once; more wait in the ingress (default 100).
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: u32,
+    /// Requests per container the autoscaler aims for (default: 70 % of `max_concurrency`).
+    #[serde(default)]
+    pub target_concurrency: Option<u32>,
+    /// Requests held while no container can take them; beyond it `429` (default 1,000).
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+    /// Served without a bearer token.
+    #[serde(default)]
+    pub public: bool,
+    /// The endpoint's name in its address (default: the function's name, lower-cased,
+    /// `_` as `-`).
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+fn default_port() -> u16 {
+    8000
+}
+
+fn default_max_concurrency() -> u32 {
+    100
+}
+
+fn default_max_pending() -> u32 {
+    1000
+}
+
+impl WebSpec {
+    pub const MAX_CONCURRENCY: u32 = 10_000;
+    pub const MAX_PENDING: u32 = 100_000;
+
+    /// Requests per container the autoscaler aims for.
+    pub fn target_concurrency(&self) -> u32 {
+        self.target_concurrency
+            .unwrap_or(self.max_concurrency * 7 / 10)
+            .max(1)
+    }
+
+    /// The readiness probe, parsed (validated at deploy).
+    pub fn probe(&self) -> Result<crate::protocol::Readiness, String> {
+        crate::protocol::Readiness::parse(self.readiness.as_deref().unwrap_or("tcp"))
+    }
+
+    /// The endpoint's label: the one given, or one made from the function's name.
+    pub fn label_for(&self, function: &FunctionName) -> String {
+        self.label
+            .clone()
+            .unwrap_or_else(|| function.as_str().to_ascii_lowercase().replace('_', "-"))
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        let err = |field: &'static str, message: String| Err(FieldError { field, message });
+        if self.port == 0 {
+            return err("web.port", "must be between 1 and 65535".into());
+        }
+        if let Err(message) = self.probe() {
+            return err("web.readiness", message);
+        }
+        per_container(
+            (
+                "web.max_concurrency",
+                self.max_concurrency,
+                Self::MAX_CONCURRENCY,
+            ),
+            ("web.target_concurrency", self.target_concurrency),
+        )?;
+        if self.max_pending > Self::MAX_PENDING {
+            return err(
+                "web.max_pending",
+                format!("must be at most {}", Self::MAX_PENDING),
+            );
+        }
+        if let Some(label) = &self.label
+            && let Err(e) = AppName::new(label.clone())
+        {
+            return err(
+                "web.label",
+                format!(
+                    "{e}: a label is 1 to 63 lower-case letters, digits and `-`, as in a host name"
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A per-container limit (`max_inputs`, `max_concurrency`) between 1 and `bound`, and the
+/// autoscaler's target for it, if given, between 1 and the limit.
+fn per_container(
+    (limit_field, limit, bound): (&'static str, u32, u32),
+    (target_field, target): (&'static str, Option<u32>),
+) -> Result<(), FieldError> {
+    if limit == 0 || limit > bound {
+        return Err(FieldError {
+            field: limit_field,
+            message: format!("must be between 1 and {bound}"),
+        });
+    }
+    if let Some(t) = target
+        && (t == 0 || t > limit)
+    {
+        let short = limit_field.rsplit('.').next().unwrap_or(limit_field);
+        return Err(FieldError {
+            field: target_field,
+            message: format!("must be between 1 and {short} ({limit})"),
+        });
+    }
+    Ok(())
 }
 
 /// A parsed duration as the standard library's.
@@ -249,6 +378,14 @@ impl FunctionSpec {
         self.target_inputs.unwrap_or(self.max_inputs).max(1)
     }
 
+    /// What the autoscaler aims for per container: requests in flight for a web endpoint,
+    /// inputs otherwise.
+    pub fn target_per_container(&self) -> u32 {
+        self.web
+            .as_ref()
+            .map_or_else(|| self.target_inputs(), WebSpec::target_concurrency)
+    }
+
     pub fn startup_timeout(&self) -> Duration {
         self.startup_timeout
             .as_ref()
@@ -410,19 +547,12 @@ impl FunctionSpec {
                 format!("must be at most max_containers ({})", self.max_containers),
             );
         }
-        if self.max_inputs == 0 || self.max_inputs > Self::MAX_INPUTS {
-            return err(
-                "max_inputs",
-                format!("must be between 1 and {}", Self::MAX_INPUTS),
-            );
-        }
-        if let Some(t) = self.target_inputs
-            && (t == 0 || t > self.max_inputs)
-        {
-            return err(
-                "target_inputs",
-                format!("must be between 1 and max_inputs ({})", self.max_inputs),
-            );
+        per_container(
+            ("max_inputs", self.max_inputs, Self::MAX_INPUTS),
+            ("target_inputs", self.target_inputs),
+        )?;
+        if let Some(web) = &self.web {
+            web.validate()?;
         }
         Ok(())
     }
@@ -460,7 +590,42 @@ impl AppManifest {
                 })
             })?;
         }
+        // Two web endpoints of one app cannot share an address.
+        let mut labels: BTreeMap<String, &FunctionName> = BTreeMap::new();
+        for (name, web) in self
+            .functions
+            .iter()
+            .filter_map(|(n, f)| Some((n, f.web.as_ref()?)))
+        {
+            let label = web.label_for(name);
+            if AppName::new(label.clone()).is_err() {
+                return Err(ManifestValidationError::Function(ManifestError {
+                    function: name.clone(),
+                    field: "web.label",
+                    message: format!(
+                        "the function's name does not make a label (`{label}`); give one: 1 to 63 lower-case letters, digits and `-`"
+                    ),
+                }));
+            }
+            if let Some(other) = labels.insert(label.clone(), name) {
+                return Err(ManifestValidationError::Function(ManifestError {
+                    function: name.clone(),
+                    field: "web.label",
+                    message: format!(
+                        "`{label}` is also the label of function `{other}`; give one of them another `label`"
+                    ),
+                }));
+            }
+        }
         Ok(())
+    }
+
+    /// The function serving web endpoint `label`, if any.
+    pub fn web_function(&self, label: &str) -> Option<(&FunctionName, &FunctionSpec, &WebSpec)> {
+        self.functions.iter().find_map(|(name, f)| {
+            let web = f.web.as_ref()?;
+            (web.label_for(name) == label).then_some((name, f, web))
+        })
     }
 }
 
@@ -537,6 +702,75 @@ mod tests {
 
     fn manifest(toml_text: &str) -> AppManifest {
         toml::from_str(toml_text).expect("manifest parses")
+    }
+
+    #[test]
+    fn a_web_table_parses_with_defaults_and_its_mistakes_are_named() {
+        let m = manifest(
+            r#"
+app = "site"
+[functions.serve_model]
+image = "vllm"
+[functions.serve_model.web]
+readiness = "GET /health"
+"#,
+        );
+        m.validate().expect("valid");
+        let (name, f, web) = m.web_function("serve-model").expect("label from the name");
+        assert_eq!(name.as_str(), "serve_model");
+        assert_eq!(
+            (web.port, web.max_concurrency, web.max_pending),
+            (8000, 100, 1000)
+        );
+        assert_eq!(
+            (web.target_concurrency(), f.target_per_container()),
+            (70, 70)
+        );
+        assert!(!web.public);
+        assert_eq!(
+            web.probe(),
+            Ok(crate::protocol::Readiness::Http {
+                path: "/health".into()
+            })
+        );
+        let tcp = manifest("app = \"a\"\n[functions.f]\nimage = \"x\"\n[functions.f.web]\n");
+        let web = tcp.functions.values().next().and_then(|f| f.web.clone());
+        assert_eq!(
+            web.map(|w| w.probe()),
+            Some(Ok(crate::protocol::Readiness::Tcp))
+        );
+
+        let bad = |table: &str| {
+            manifest(&format!(
+                "app = \"a\"\n[functions.f]\nimage = \"x\"\n[functions.f.web]\n{table}\n"
+            ))
+            .validate()
+            .expect_err(table)
+            .to_string()
+        };
+        assert!(bad("port = 0").contains("functions.f.web.port"));
+        assert!(bad("readiness = \"POST /x\"").contains("GET /health"));
+        assert!(bad("readiness = \"GET health\"").contains("web.readiness"));
+        assert!(bad("max_concurrency = 0").contains("web.max_concurrency"));
+        assert!(bad("max_concurrency = 4\ntarget_concurrency = 5").contains("max_concurrency (4)"));
+        assert!(bad("max_pending = 1000000").contains("web.max_pending"));
+        assert!(bad("label = \"Has_Upper\"").contains("web.label"));
+        // Two endpoints of one app cannot share a label.
+        let twice = manifest(
+            r#"
+app = "a"
+[functions.x]
+image = "x"
+[functions.x.web]
+label = "api"
+[functions.y]
+image = "x"
+[functions.y.web]
+label = "api"
+"#,
+        );
+        let e = twice.validate().expect_err("one label twice").to_string();
+        assert!(e.contains("`api` is also the label of function `x`"), "{e}");
     }
 
     #[test]

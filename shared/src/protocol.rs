@@ -16,7 +16,7 @@ use crate::ids::{ClusterId, InputId, NodeId};
 
 /// Bumped on any incompatible change to the messages below. 5: `joined` and `welcome`
 /// carry the cluster's gossip key.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -269,6 +269,14 @@ pub enum Command {
         #[serde(default)]
         preempt_deadline_ms: Option<u64>,
     },
+    /// Open a connection to the web endpoint container's server for one request: after
+    /// `Accepted`, the rest of this stream is that connection's bytes both ways (the
+    /// coordinator's ingress speaks HTTP/1.1 over it). `NotRunning` when the container is
+    /// gone, not ready or draining; `Refused` when its server does not accept.
+    Web {
+        owner: Owner,
+        generation: Generation,
+    },
 }
 
 /// Which stream a log chunk carries.
@@ -310,6 +318,55 @@ pub struct FunctionRuntime {
     pub max_inputs: u32,
     /// Longest from start to `ready`; past it the container fails its setup.
     pub startup_timeout_ms: u64,
+    /// A web endpoint: it serves HTTP in its own network namespace and is ready when its
+    /// probe passes (it does not use the runtime API).
+    #[serde(default)]
+    pub web: Option<WebRuntime>,
+}
+
+/// A web endpoint's container, as its agent serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebRuntime {
+    /// Where the server listens in the container's network namespace.
+    pub port: u16,
+    pub readiness: Readiness,
+}
+
+/// How an agent knows a web endpoint's server is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Readiness {
+    /// A TCP connection to the port is accepted.
+    Tcp,
+    /// `GET path` answers 2xx or 3xx.
+    Http { path: String },
+}
+
+impl Readiness {
+    /// `tcp`, or `GET /path`.
+    pub fn parse(text: &str) -> Result<Readiness, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("tcp") {
+            return Ok(Readiness::Tcp);
+        }
+        let bad = || {
+            format!(
+                "`{text}` is not a probe; write `GET /health` (an HTTP GET that answers 2xx or 3xx) or `tcp` (a connection is accepted)"
+            )
+        };
+        let (method, path) = text.split_once(' ').ok_or_else(bad)?;
+        let path = path.trim();
+        if method != "GET"
+            || !path.starts_with('/')
+            || path.len() > 1024
+            || path.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(bad());
+        }
+        Ok(Readiness::Http {
+            path: path.to_owned(),
+        })
+    }
 }
 
 /// An agent's answer to a command.

@@ -69,6 +69,8 @@ pub struct TestCluster {
     pub net: TestNet,
     pub spec: ClusterSpec,
     pub api: String,
+    /// The web endpoints' ingress (kept across coordinator restarts).
+    pub ingress: String,
     pub control: String,
     pub gossip: String,
     pub admin: String,
@@ -96,12 +98,13 @@ impl TestCluster {
         std::fs::write(dir.path().join("coordinator.toml"), config).expect("coordinator.toml");
         let mut coordinator = Proc::spawn(coordinator_command(
             dir.path(),
-            &format!("{bridge}:0"),
+            [&format!("{bridge}:0"), &format!("{bridge}:0")],
             &format!("{bridge}:0"),
             &gossip,
         ));
         let lines = coordinator.lines_until("control listening on");
         let api = field(&lines, "api listening on").expect("api address");
+        let ingress = field(&lines, "ingress listening on").expect("ingress address");
         let control = field(&lines, "control listening on").expect("control address");
         let admin = field(&lines, "admin token (shown once, store it safely):").expect("admin");
         let rootfs = dir.path().join("rootfs");
@@ -134,6 +137,7 @@ impl TestCluster {
             net,
             spec,
             api,
+            ingress,
             control,
             gossip,
             admin,
@@ -162,7 +166,7 @@ impl TestCluster {
         self.coordinator.kill9();
         let cmd = coordinator_command(
             self.dir.path(),
-            self.api.trim_start_matches("https://"),
+            [self.api.trim_start_matches("https://"), &self.ingress],
             &self.control,
             &self.gossip,
         );
@@ -409,6 +413,19 @@ impl TestCluster {
     }
 
     /// The `gantry` CLI against this cluster.
+    /// Deploys `manifest` (TOML) with `gantry deploy -f`; panics with its stderr if that
+    /// fails.
+    pub fn deploy(&self, manifest: &str) {
+        let file = self.dir.path().join("gantry.toml");
+        std::fs::write(&file, manifest).expect("write manifest");
+        let out = self.gantry(&["deploy", "-f", file.to_str().expect("utf-8")]);
+        assert!(
+            out.status.success(),
+            "deploy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn gantry(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(binary("gantry"));
         if let Some(ca) = self.ca_file() {
@@ -430,12 +447,18 @@ impl TestCluster {
 
 /// `gantry-coordinator serve` on `dir`'s `coordinator` state and `coordinator.toml`, with
 /// the given listen addresses.
-fn coordinator_command(dir: &std::path::Path, api: &str, control: &str, gossip: &str) -> Command {
+fn coordinator_command(
+    dir: &std::path::Path,
+    [api, ingress]: [&str; 2],
+    control: &str,
+    gossip: &str,
+) -> Command {
     let mut cmd = Command::new(binary("gantry-coordinator"));
     cmd.env("GANTRY_CONFIG", dir.join("coordinator.toml"))
         .args(["serve", "--state-dir"])
         .arg(dir.join("coordinator"))
         .args(["--api-listen", api])
+        .args(["--ingress-listen", ingress])
         .args(["--control-listen", control])
         .args(["--gossip-listen", gossip]);
     cmd

@@ -155,6 +155,8 @@ impl Coordinator {
             "127.0.0.1:0",
             "--api-listen",
             api,
+            "--ingress-listen",
+            "127.0.0.1:0",
             "--control-listen",
             control,
             "--state-dir",

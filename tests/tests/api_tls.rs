@@ -73,6 +73,8 @@ fn operator_certificate_files_serve_https_to_clients_that_trust_their_ca() {
                 "127.0.0.1:0",
                 "--api-listen",
                 &api,
+                "--ingress-listen",
+                "127.0.0.1:0",
             ])
             .args(["--control-listen", &control, "--state-dir"])
             .arg(d.join("state"));

@@ -521,14 +521,7 @@ fn jobs_survive_a_seeded_schedule_of_faults() {
         echo: true,
         ..ClusterSpec::default()
     });
-    let manifest = c.dir.path().join("gantry.toml");
-    std::fs::write(&manifest, MANIFEST).expect("manifest");
-    let out = c.gantry(&["deploy", "-f", manifest.to_str().expect("utf-8")]);
-    assert!(
-        out.status.success(),
-        "deploy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.deploy(MANIFEST);
     let baseline_mounts: Vec<Vec<String>> =
         c.agents.iter().map(|a| mounts_below(&a.state)).collect();
     let hosts: Vec<Host> = c.agents.iter().map(|a| a.host.clone()).collect();

@@ -482,3 +482,50 @@ async fn a_drain_lost_while_a_node_is_cut_off_for_a_moment_is_sent_again() {
     assert_clean(&sim, 2_000, seed);
     sim.shutdown().await;
 }
+
+/// The coordinator is killed right after it placed containers, before their starts went
+/// out. Restarted from its store, it sends those starts again once each node is connected
+/// (a node ignores a start it took), so the containers start and the inputs end, instead
+/// of the placements holding their slots until their startup timeout.
+#[tokio::test(flavor = "current_thread")]
+async fn starts_lost_with_a_coordinator_crash_are_sent_again_after_the_restart() {
+    let seed = seed();
+    eprintln!("function sim seed: {seed} (replay with GANTRY_SIM_SEED={seed})");
+    let mut sim = FunctionSim::new(SimConfig::new(seed));
+    let (app, f): (AppName, FunctionName) = (name("restart"), name("f"));
+    sim.deploy(manifest(json!({"app": "restart", "functions": {"f": {
+        "image": "sim", "cpu": "1", "memory": "1G", "max_containers": 4, "max_inputs": 1,
+        "scaledown_window": "2s", "timeout": "300s",
+    }}})));
+    let payloads: Vec<Payload> = (0..8).map(|i| Payload::text(&format!("in-{i}"))).collect();
+    let call = sim.map(&app, &f, &payloads).await;
+    sim.crash_coordinator_after_a_pass().await;
+    let c = sim.counts(&app, &f);
+    assert_eq!(
+        c.placed, 4,
+        "seed {seed}: the placements survive the crash: {c:?}"
+    );
+    assert_eq!(sim.stats.starts, 0, "seed {seed}: no start reached a node");
+    let t0 = sim.now();
+    let done = sim
+        .step_until(10_000, |s| {
+            let c = s.counts(&app, &f);
+            c.queued + c.running == 0
+        })
+        .await;
+    assert!(
+        done,
+        "seed {seed}: the inputs did not end within 10 s of the restart: {:?}, {} containers started",
+        sim.counts(&app, &f),
+        sim.stats.starts
+    );
+    let ended = check_outputs(&sim, &[(call, payloads)], seed);
+    assert!(ended.failed.is_empty(), "seed {seed}: {ended:?}");
+    eprintln!(
+        "function sim: 8 inputs ended {} ms after a restart that lost 4 starts",
+        sim.now() - t0
+    );
+    until_scaled_to_zero(&mut sim, &[(app, f)], 10_000, seed).await;
+    assert_clean(&sim, 2_000, seed);
+    sim.shutdown().await;
+}

@@ -17,18 +17,6 @@ fn cluster(agents: usize) -> TestCluster {
     })
 }
 
-/// Deploys `manifest` (TOML) with `gantry deploy -f`.
-fn deploy(c: &TestCluster, manifest: &str) {
-    let file = c.dir.path().join("gantry.toml");
-    std::fs::write(&file, manifest).expect("write manifest");
-    let out = c.gantry(&["deploy", "-f", file.to_str().expect("utf-8")]);
-    assert!(
-        out.status.success(),
-        "deploy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn get(c: &TestCluster, path: &str) -> Value {
     c.http()
         .get(format!("http://{}{path}", c.api))
@@ -74,8 +62,7 @@ fn containers(c: &TestCluster, app: &str) -> u64 {
 #[test]
 fn a_function_scales_from_zero_answers_calls_and_maps_and_drains_when_idle() {
     let c = cluster(1);
-    deploy(
-        &c,
+    c.deploy(
         r#"
 app = "demo"
 [functions.echo]
@@ -208,8 +195,7 @@ env = { GREETING = "hi there" }
     }
 
     // A function no node could ever hold fails its input saying so, not queued forever.
-    deploy(
-        &c,
+    c.deploy(
         "app = \"huge\"\n[functions.big]\nimage = \"echo\"\ncommand = [\"/app/runtime\"]\ncpu = \"64\"\n",
     );
     let out = c.gantry(&["call", "huge", "big", "--data", "x"]);
@@ -228,8 +214,7 @@ env = { GREETING = "hi there" }
 #[test]
 fn inputs_held_by_a_killed_agent_finish_elsewhere_each_recorded_once() {
     let mut c = cluster(2);
-    deploy(
-        &c,
+    c.deploy(
         r#"
 app = "slow"
 [functions.work]
@@ -298,7 +283,7 @@ env = {{ GREETING = "{greeting}" }}
 "#
         )
     };
-    deploy(&c, &manifest("one"));
+    c.deploy(&manifest("one"));
     // An input in flight on version 1.
     let slow = post(
         &c,
@@ -310,7 +295,7 @@ env = {{ GREETING = "{greeting}" }}
         let v = get(&c, &format!("/v1/calls/{slow_id}"));
         (v["results"][0]["state"] == "running").then_some(())
     });
-    deploy(&c, &manifest("two"));
+    c.deploy(&manifest("two"));
     // New calls go to version 2.
     let out = c.gantry(&["call", "ver", "echo", "--data", "env:GREETING"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "two");

@@ -22,7 +22,8 @@ use crate::control::ClusterRegistry;
 use crate::image::{ImageStore, RegistryAuth, Scheme};
 use crate::invoke::{self, FunctionServer};
 use crate::runtime::{
-    BindMount, ContainerRequest, ContainerState, ExitReason, ExitRecord, Runtime, RuntimeError,
+    BindMount, ContainerRequest, ContainerState, ExitReason, ExitRecord, NetworkMode, Runtime,
+    RuntimeError,
 };
 
 /// Exited attempts whose output is kept on the node.
@@ -214,6 +215,13 @@ impl Attempts {
                     self.early_stop(&id, Some(grace));
                     CommandReply::Accepted
                 } else {
+                    // Never taken here: its start may still be on its way (commands travel
+                    // on streams of their own, and a stop can overtake a start delayed by a
+                    // cut-off network). Marked ended, so that start is a no-op when it
+                    // comes: the sender takes this answer to mean it will never run.
+                    if let Err(e) = self.generations.done(owner, generation) {
+                        tracing::warn!(%owner, %generation, error = %e, "cannot fence a start that has not arrived");
+                    }
                     CommandReply::NotRunning
                 }
             }
@@ -405,6 +413,9 @@ impl Attempts {
                 if let Some(server) = server {
                     // Its `ready` (or setup failure) goes out after `Started`.
                     server.started().await;
+                    if let Some(web) = spec.function.as_ref().and_then(|f| f.web.as_ref()) {
+                        self.functions.serve_web(&id, &server, web).await;
+                    }
                 }
                 self.changed.notify_one();
                 if let Some(grace) = self.early_stop(&id, None) {
@@ -451,6 +462,12 @@ impl Attempts {
             .open(id, attempt.clone(), function)
             .map_err(|e| e.to_string())?;
         req.env.extend(invoke::container_env(function));
+        // A web endpoint's server gets its own network namespace (so every container of
+        // it may listen on the same port), reached by the agent from inside.
+        if let Some(web) = &function.web {
+            req.network = NetworkMode::Isolated;
+            req.env.push(("PORT".to_owned(), web.port.to_string()));
+        }
         req.binds.push(BindMount {
             source: self.functions.invoke().dir(id),
             destination: invoke::CONTAINER_DIR.to_owned(),

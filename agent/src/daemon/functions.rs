@@ -12,14 +12,15 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use gantry_shared::calls::LeasedInput;
 use gantry_shared::protocol::{
-    CommandReply, Event, FunctionRuntime, Refusal, RefusalCode, Request, Response, batches,
+    CommandReply, Event, FunctionRuntime, Refusal, RefusalCode, Request, Response, WebRuntime,
+    batches,
 };
 use gantry_shared::{AttemptRef, ContainerId, Generation, InputId, Owner};
 use tokio_util::task::TaskTracker;
 
 use super::outbox::Outbox;
 use crate::control::Session;
-use crate::invoke::{Container, FunctionServer, Invoke, InvokeError, StopReason};
+use crate::invoke::{Container, FunctionServer, Invoke, InvokeError, StopReason, WebRequest};
 use crate::runtime::Runtime;
 
 /// Batches of answers in flight to the coordinator at once: while one waits for its
@@ -104,6 +105,41 @@ impl Functions {
                 format!("{owner} generation {generation}: {e}"),
             )),
         }
+    }
+
+    /// A web endpoint's container runs: its server is probed until ready (see
+    /// [`FunctionServer::serve_web`]).
+    pub(super) async fn serve_web(
+        &self,
+        id: &ContainerId,
+        server: &FunctionServer,
+        web: &WebRuntime,
+    ) {
+        let path = self.runtime.cgroup_path(id);
+        match crate::runtime::cgroup::pids(&path).first() {
+            Some(&pid) => server.serve_web(pid, web).await,
+            // It ended already; its end is reported as any other.
+            None => tracing::warn!(container = %id, "web endpoint container has no process left"),
+        }
+    }
+
+    /// `Command::Web`: a connection to the web endpoint container's server for one
+    /// request. `NotRunning` when the container is gone; refused (`Unavailable`) when it
+    /// is not ready, draining, or its server does not accept: the ingress tries another.
+    pub(super) async fn web(
+        &self,
+        owner: &Owner,
+        generation: Generation,
+    ) -> Result<(tokio::net::TcpStream, WebRequest), CommandReply> {
+        let Some(server) = self.server(owner, generation) else {
+            return Err(CommandReply::NotRunning);
+        };
+        server.web_connect().await.map_err(|e| {
+            CommandReply::Refused(Refusal::new(
+                RefusalCode::Unavailable,
+                format!("{owner} generation {generation}: {e}"),
+            ))
+        })
     }
 
     /// `Command::CancelInput`.

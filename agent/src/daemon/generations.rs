@@ -134,4 +134,20 @@ mod tests {
         assert!(marks.unfinished().is_empty());
         assert_eq!(marks.known(&owner).expect("known"), Generation(2));
     }
+
+    #[test]
+    fn a_stop_that_overtakes_its_start_leaves_the_start_nothing_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open(dir.path()).expect("store");
+        let marks = Generations::open(&store).expect("marks");
+        let owner = Owner::Function(gantry_shared::WarmId::from_sequence(7));
+        // The stop of a generation never taken here marks it ended...
+        marks.done(&owner, Generation(1)).expect("done");
+        // ...so when its start arrives it is the generation known (a no-op for
+        // `take_start`), nothing is left unfinished, and nothing older may start.
+        assert_eq!(marks.known(&owner).expect("known"), Generation(1));
+        assert!(marks.is_done(&owner, Generation(1)));
+        assert!(!marks.is_starting(&owner, Generation(1)));
+        assert!(marks.unfinished().is_empty());
+    }
 }

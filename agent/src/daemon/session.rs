@@ -158,23 +158,43 @@ impl Router {
                 };
                 let router = self.clone();
                 tokio::spawn(async move {
-                    let (reply, logs) = match control::read_frame::<Command>(&mut rx).await {
+                    let (mut logs, mut web) = (None, None);
+                    let reply = match control::read_frame::<Command>(&mut rx).await {
                         Ok(Command::Logs {
                             owner,
                             generation,
                             follow,
-                        }) => output::logs(&router.runtime, &owner, generation, follow),
-                        Ok(cmd) => (router.route(cmd), None),
-                        Err(e) => (
-                            CommandReply::Refused(Refusal::new(RefusalCode::NoSession, e)),
-                            None,
-                        ),
+                        }) => {
+                            let (reply, l) =
+                                output::logs(&router.runtime, &owner, generation, follow);
+                            logs = l;
+                            reply
+                        }
+                        Ok(Command::Web { owner, generation }) => {
+                            match router.functions.web(&owner, generation).await {
+                                Ok(conn) => {
+                                    web = Some(conn);
+                                    CommandReply::Accepted
+                                }
+                                Err(reply) => reply,
+                            }
+                        }
+                        Ok(cmd) => router.route(cmd),
+                        Err(e) => CommandReply::Refused(Refusal::new(RefusalCode::NoSession, e)),
                     };
                     if let Ok(frame) = protocol::encode(&reply) {
                         let _ = tx.write_all(&frame).await;
                     }
                     if let Some((id, follow)) = logs {
                         output::stream(&router.runtime, &mut tx, &id, follow).await;
+                    }
+                    if let Some((mut server, request)) = web {
+                        // The rest of the stream is the connection, both ways; each side's
+                        // end is passed on (a finished stream, a closed socket).
+                        let mut stream = tokio::io::join(rx, tx);
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut server).await;
+                        drop(request);
+                        return;
                     }
                     let _ = tx.finish();
                 });
@@ -233,9 +253,9 @@ impl Router {
                 .attempts
                 .stop(&owner, generation, Duration::from_millis(grace_ms)),
             Command::Start(spec) => self.attempts.take_start(spec),
-            Command::Logs { .. } => CommandReply::Refused(Refusal::new(
+            Command::Logs { .. } | Command::Web { .. } => CommandReply::Refused(Refusal::new(
                 RefusalCode::Unavailable,
-                "logs are served on their own stream",
+                "logs and web connections are served on their own stream",
             )),
             Command::Deliver {
                 owner,

@@ -60,9 +60,12 @@ impl IntoResponse for ApiError {
             ApiError::Inbox(InboxError::TooMany { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Inbox(InboxError::Draining) => StatusCode::GONE,
             ApiError::Inbox(InboxError::NotHeld { .. }) => StatusCode::NOT_FOUND,
-            ApiError::Inbox(InboxError::SetupFailed | InboxError::AlreadyReady) => {
-                StatusCode::CONFLICT
-            }
+            ApiError::Inbox(
+                InboxError::SetupFailed
+                | InboxError::AlreadyReady
+                | InboxError::NotReady
+                | InboxError::NotWeb,
+            ) => StatusCode::CONFLICT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BadBody(_) | ApiError::Read(_) => StatusCode::BAD_REQUEST,
             ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,

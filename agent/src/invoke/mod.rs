@@ -27,6 +27,7 @@ mod api;
 mod outputs;
 mod server;
 mod state;
+mod web;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ use gantry_shared::{AttemptRef, ContainerId};
 use tokio_util::sync::CancellationToken;
 
 pub use outputs::Outputs;
-pub use server::{Container, FunctionServer};
+pub use server::{Container, FunctionServer, WebError, WebRequest};
 pub use state::{Action, Inbox, InboxError, Next, OutputReport, RuntimeEvent, StopReason};
 
 /// Where the runtime API's directory is mounted in a function container.

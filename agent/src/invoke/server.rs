@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use gantry_shared::calls::LeasedInput;
-use gantry_shared::protocol::{Event, FunctionRuntime};
+use gantry_shared::protocol::{Event, FunctionRuntime, WebRuntime};
 use gantry_shared::{AttemptRef, ContainerId, InputId, now_ms};
 use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::outputs::Outputs;
 use super::state::{Action, Inbox, InboxError, StopReason};
+use super::web::{self, WebTarget};
 use super::{InvokeConfig, InvokeError, SOCKET_NAME};
 
 /// Connections beyond the container's slots (events, answers, ready).
@@ -49,6 +50,8 @@ pub(super) struct Shared {
     pub(super) config: InvokeConfig,
     container: Arc<dyn Container>,
     outputs: Outputs,
+    /// A web endpoint's server, once the container runs.
+    web: std::sync::OnceLock<WebTarget>,
 }
 
 impl Shared {
@@ -130,6 +133,7 @@ impl FunctionServer {
             config,
             container,
             outputs,
+            web: std::sync::OnceLock::new(),
         });
         let tracker = TaskTracker::new();
         tracker.spawn(accept(
@@ -160,6 +164,47 @@ impl FunctionServer {
     pub async fn started(&self) {
         let actions = self.shared.inbox().started(now_ms());
         self.shared.apply(actions).await;
+    }
+
+    /// A web endpoint's container runs as process `pid` (one of its processes): its
+    /// namespace's loopback goes up and its server is probed until `readiness` passes,
+    /// which makes it ready (the startup timeout runs meanwhile). A namespace that cannot
+    /// be entered fails its setup.
+    pub async fn serve_web(&self, pid: i32, web: &WebRuntime) {
+        let target = match WebTarget::of_process(pid, web.port).await {
+            Ok(t) => t,
+            Err(e) => {
+                let message = format!("cannot reach the container's network namespace: {e}");
+                let failed = self.shared.inbox().init_error(message);
+                if let Ok(actions) = failed {
+                    self.shared.apply(actions).await;
+                }
+                return;
+            }
+        };
+        let _ = self.shared.web.set(target.clone());
+        let (shared, readiness) = (self.shared.clone(), web.readiness.clone());
+        self.tracker.spawn(async move {
+            if web::probe(&target, &readiness, &shared.cancel).await {
+                let actions = shared.inbox().ready(now_ms());
+                if let Ok(actions) = actions {
+                    shared.apply(actions).await;
+                }
+            }
+        });
+    }
+
+    /// A connection to the web endpoint's server for one request, counted until the
+    /// returned guard drops: refused while the container is not ready, draining or
+    /// stopping.
+    pub async fn web_connect(&self) -> Result<(tokio::net::TcpStream, WebRequest), WebError> {
+        let target = self.shared.web.get().cloned().ok_or(WebError::NotReady)?;
+        self.shared.inbox().web_begin().map_err(WebError::Refused)?;
+        let guard = WebRequest {
+            shared: self.shared.clone(),
+        };
+        let stream = target.connect().await.map_err(WebError::Connect)?;
+        Ok((stream, guard))
     }
 
     /// Queues `input` for the container's next `GET /v1/inputs/next`.
@@ -211,6 +256,36 @@ impl FunctionServer {
         self.tracker.wait().await;
         if remove {
             remove_dir(&self.dir);
+        }
+    }
+}
+
+/// Why a web request cannot go to the container.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("the container's server is not ready")]
+    NotReady,
+    #[error("{0}")]
+    Refused(InboxError),
+    #[error("cannot connect to the container's server: {0}")]
+    Connect(std::io::Error),
+}
+
+/// One web request in flight to a container; its end is counted when this drops (the
+/// last one after a drain stops the container).
+pub struct WebRequest {
+    shared: Arc<Shared>,
+}
+
+impl Drop for WebRequest {
+    fn drop(&mut self) {
+        let actions = self.shared.inbox().web_end();
+        if actions.is_empty() {
+            return;
+        }
+        let shared = self.shared.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { shared.apply(actions).await });
         }
     }
 }

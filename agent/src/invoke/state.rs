@@ -65,6 +65,8 @@ pub enum StopReason {
     Cancelled { input: InputId },
     /// It had not exited after the drain's grace.
     Drained,
+    /// A web endpoint's last request ended after its drain.
+    WebDrained,
 }
 
 impl std::fmt::Display for StopReason {
@@ -79,6 +81,7 @@ impl std::fmt::Display for StopReason {
                 "it still held cancelled input {input} after the cancel's grace"
             ),
             StopReason::Drained => write!(f, "it had not exited after the drain's grace"),
+            StopReason::WebDrained => write!(f, "its last request ended after a drain"),
         }
     }
 }
@@ -110,6 +113,10 @@ pub enum InboxError {
     SetupFailed,
     #[error("the container already said ready; report errors per input")]
     AlreadyReady,
+    #[error("the container is not ready yet")]
+    NotReady,
+    #[error("the container is not a web endpoint")]
+    NotWeb,
 }
 
 /// An input handed out and not answered yet.
@@ -159,6 +166,9 @@ pub struct Inbox {
     events: VecDeque<RuntimeEvent>,
     /// A stop was decided: nothing more is decided for this container.
     stopping: bool,
+    /// A web endpoint's container: its requests in flight (`None` for one that speaks the
+    /// runtime API).
+    web_requests: Option<u32>,
 }
 
 /// What a `next` finds.
@@ -187,7 +197,41 @@ impl Inbox {
             preempt_told: false,
             events: VecDeque::new(),
             stopping: false,
+            web_requests: runtime.web.as_ref().map(|_| 0),
         }
+    }
+
+    /// A web request may go to the container: it is ready and neither draining nor
+    /// stopping. Each one taken is ended with [`Inbox::web_end`].
+    pub fn web_begin(&mut self) -> Result<(), InboxError> {
+        let Some(n) = self.web_requests else {
+            return Err(InboxError::NotWeb);
+        };
+        if self.stopping || self.draining() {
+            return Err(InboxError::Draining);
+        }
+        if self.setup != Setup::Ready {
+            return Err(InboxError::NotReady);
+        }
+        self.web_requests = Some(n + 1);
+        Ok(())
+    }
+
+    /// A web request's connection ended: once drained, the last one stops the container.
+    pub fn web_end(&mut self) -> Vec<Action> {
+        if let Some(n) = self.web_requests.as_mut() {
+            *n = n.saturating_sub(1);
+        }
+        self.web_drained().into_iter().collect()
+    }
+
+    /// A drained web endpoint with no request left is stopped at once (it does not read
+    /// the runtime API's `drain` event).
+    fn web_drained(&mut self) -> Option<Action> {
+        if self.web_requests == Some(0) && self.draining() {
+            return self.stop(StopReason::WebDrained);
+        }
+        None
     }
 
     pub fn max_inputs(&self) -> u32 {
@@ -491,6 +535,7 @@ impl Inbox {
         if self.drain_stop_ms.is_some_and(|at| at <= now) {
             actions.extend(self.stop(StopReason::Drained));
         }
+        actions.extend(self.web_drained());
         actions
     }
 
@@ -577,6 +622,7 @@ mod tests {
             &FunctionRuntime {
                 max_inputs,
                 startup_timeout_ms: 1_000,
+                web: None,
             },
         )
     }

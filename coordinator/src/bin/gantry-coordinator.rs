@@ -61,6 +61,10 @@ struct ServeFlags {
     /// QUIC control-plane address, where agents connect (default 0.0.0.0:7443).
     #[arg(long)]
     control_listen: Option<SocketAddr>,
+    /// Web endpoints' HTTP ingress (default: the API's address with the next port,
+    /// 127.0.0.1:7081; port 0 when the API's is 0).
+    #[arg(long)]
+    ingress_listen: Option<SocketAddr>,
     /// The embedded registry's address as nodes reach it, `host:port`, or
     /// `https://host:port` behind a TLS proxy (default: the API address, unless it listens
     /// on all interfaces; HTTPS when the API serves it).
@@ -104,6 +108,9 @@ impl ServeFlags {
         set(&mut s.state_dir, self.state_dir);
         set(&mut s.api_listen, self.api_listen);
         set(&mut s.control_listen, self.control_listen);
+        if self.ingress_listen.is_some() {
+            s.ingress_listen = self.ingress_listen;
+        }
         if self.registry_address.is_some() {
             s.registry_address = self.registry_address;
         }
@@ -228,6 +235,7 @@ async fn run(
                 } else {
                     println!("api listening on {}", bound.api);
                 }
+                println!("ingress listening on {}", bound.ingress);
                 println!("gossip listening on {}", bound.gossip);
                 println!("control listening on {}", bound.control);
                 // systemd (Type=notify): every endpoint is bound and serving.

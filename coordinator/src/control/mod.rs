@@ -315,6 +315,27 @@ pub(crate) async fn command(
     Ok((reply, rx))
 }
 
+/// Opens a connection to web endpoint container `owner`'s server through its node's
+/// session: after the node's `Accepted`, the stream's two halves are that connection.
+/// Any other answer comes back as the error.
+pub(crate) async fn open_web(
+    conn: &quinn::Connection,
+    owner: gantry_shared::Owner,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let cmd = gantry_shared::protocol::Command::Web {
+        owner,
+        generation: gantry_shared::Generation(1),
+    };
+    tx.write_all(&protocol::encode(&cmd).map_err(|e| e.to_string())?)
+        .await
+        .map_err(|e| e.to_string())?;
+    match read_frame(&mut rx).await.map_err(|e| e.to_string())? {
+        gantry_shared::protocol::CommandReply::Accepted => Ok((tx, rx)),
+        other => Err(format!("the node answered {other:?}")),
+    }
+}
+
 impl State {
     /// Another agent holds a live session as `node`: a hello from a different run of an
     /// agent (another `instance`) is refused while the existing session still answers a

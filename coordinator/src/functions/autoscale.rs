@@ -1,7 +1,8 @@
 //! The autoscaler, as a pure decision per function version: from its demand (queued and
 //! running inputs) and its containers, how many to start and which idle ones to drain.
 //!
-//! desired = ceil(demand / target_inputs) + buffer_containers while there is demand,
+//! desired = ceil(demand / target) + buffer_containers while there is demand (target:
+//! `target_inputs`, or a web endpoint's `target_concurrency`, its requests being its demand),
 //! clamped to [min_containers, max_containers]; 0 demand wants min_containers. A version
 //! that new calls no longer reach (superseded by a deploy, or its app stopped) wants no
 //! containers beyond its demand and drains idle ones at once. Scale-up is immediate; a
@@ -38,13 +39,13 @@ pub struct Scale {
 pub fn desired(spec: &FunctionSpec, demand: u32, current: bool) -> u32 {
     if !current {
         return demand
-            .div_ceil(spec.target_inputs())
+            .div_ceil(spec.target_per_container())
             .min(spec.max_containers);
     }
     let want = if demand == 0 {
         0
     } else {
-        demand.div_ceil(spec.target_inputs()) + spec.buffer_containers
+        demand.div_ceil(spec.target_per_container()) + spec.buffer_containers
     };
     want.clamp(spec.min_containers, spec.max_containers)
 }

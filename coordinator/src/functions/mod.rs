@@ -9,7 +9,9 @@
 //! - [`metrics`]: phase histograms for `/metrics` and each version's recent latencies;
 //! - [`service`]: what the API does (deploy, call, read, cancel), what node events and
 //!   outputs do, the scaling step of each reconcile pass, and the router that sends
-//!   inputs, drains and stops to nodes.
+//!   inputs, drains and stops to nodes;
+//! - [`web`]: web endpoints' requests in flight and waiting (pure, in memory), which the
+//!   ingress takes containers through and the autoscaler reads as demand.
 //!
 //! [`Owner::Function`]: gantry_shared::Owner::Function
 
@@ -18,6 +20,7 @@ pub mod clock;
 pub mod metrics;
 pub mod service;
 pub mod state;
+pub mod web;
 
 use std::fmt;
 

@@ -15,10 +15,12 @@ use gantry_shared::calls::{
     InputState, InputView, LeasedInput, MAX_OUTSTANDING, OutputOrder, OutputsPage,
 };
 use gantry_shared::functions::{
-    AppManifest, AppView, DeploymentView, FunctionView, ManifestValidationError, VersionSummary,
+    AppManifest, AppView, DeploymentView, FunctionSpec, FunctionView, ManifestValidationError,
+    VersionSummary, WebSpec,
 };
 use gantry_shared::protocol::{
-    AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, batches,
+    AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, Readiness, WebRuntime,
+    batches,
 };
 use gantry_shared::{AppName, CallId, FunctionName, Generation, InputId, NodeId, Owner, WarmId};
 use sha2::{Digest, Sha256};
@@ -133,6 +135,9 @@ struct Inner {
     reconcile: Arc<Notify>,
     /// Bumped whenever an input of some call ends: long polls wait on it.
     calls: watch::Sender<u64>,
+    /// Wakes web requests waiting for a container: one became ready or went, or a request
+    /// ended.
+    web_changed: Notify,
     /// The last stop of each fenced container and drain of each draining one: the node
     /// session it went on and when (see [`RESEND_AFTER`]).
     resent: Mutex<HashMap<WarmId, (usize, u64)>>,
@@ -193,6 +198,7 @@ impl FunctionService {
                     outbound: tx,
                     reconcile,
                     calls: watch::channel(0).0,
+                    web_changed: Notify::new(),
                     resent: Mutex::default(),
                     done: Mutex::default(),
                     appends: tokio::sync::Mutex::new(()),
@@ -255,6 +261,10 @@ impl FunctionService {
         }
         if !changes.calls.is_empty() {
             self.inner.calls.send_modify(|v| *v += 1);
+        }
+        if !changes.warm.is_empty() || !changes.warm_gone.is_empty() {
+            // A container became ready (or went): waiting web requests look again.
+            self.inner.web_changed.notify_waiters();
         }
         Ok(())
     }
@@ -406,6 +416,85 @@ impl FunctionService {
         Ok(app_view(&record, &state, &self.inner.metrics, self.now()))
     }
 
+    // ---- web endpoints ----
+
+    /// Web endpoint `label` of `app`'s active version, if it has one.
+    pub fn web_endpoint(&self, app: &AppName, label: &str) -> Option<WebEndpoint> {
+        let state = self.lock();
+        let version = state.active.get(app).copied().flatten()?;
+        state
+            .specs
+            .iter()
+            .filter(|(k, _)| &k.app == app && k.version == version)
+            .find_map(|(key, spec)| {
+                let web = spec.web.as_ref()?;
+                (web.label_for(&key.function) == label).then(|| WebEndpoint {
+                    key: key.clone(),
+                    spec: spec.clone(),
+                    web: web.clone(),
+                })
+            })
+    }
+
+    /// A ready container of `endpoint` for one request (not one of `skip`): the one with
+    /// the fewest requests in flight below `max_concurrency`. With none free the request
+    /// waits (the autoscaler sees it as demand and starts containers) until `deadline`;
+    /// beyond `max_pending` waiting it is refused at once.
+    pub async fn web_acquire(
+        &self,
+        endpoint: &WebEndpoint,
+        deadline: tokio::time::Instant,
+        skip: &[WarmId],
+    ) -> Result<WebLease, WebWaitError> {
+        let key = &endpoint.key;
+        let mut waiting = false;
+        let result = loop {
+            let changed = self.inner.web_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = self.lock();
+                let candidates = state.ready_of(key);
+                let taken = state
+                    .web
+                    .take(&candidates, endpoint.web.max_concurrency, skip);
+                if let Some((warm, node)) = taken {
+                    break Ok(WebLease {
+                        service: self.clone(),
+                        warm,
+                        node,
+                    });
+                }
+                if !waiting {
+                    if !state.web.wait(key, endpoint.web.max_pending) {
+                        return Err(WebWaitError::TooMany {
+                            waiting: endpoint.web.max_pending,
+                        });
+                    }
+                    waiting = true;
+                    // New demand: the scaling pass starts what it wants.
+                    self.inner.reconcile.notify_one();
+                }
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => break Err(WebWaitError::Timeout),
+                _ = self.inner.shutdown.cancelled() => break Err(WebWaitError::Timeout),
+            }
+        };
+        if waiting {
+            self.lock().web.unwait(key);
+        }
+        result
+    }
+
+    /// A web request on `warm` ended.
+    fn web_done(&self, warm: &WarmId) {
+        let now = self.now();
+        self.lock().web_done(warm, now);
+        self.inner.web_changed.notify_waiters();
+    }
+
     // ---- calls ----
 
     /// Accepts a call of the app's active version, durably, and hands its inputs to free
@@ -446,6 +535,19 @@ impl FunctionService {
                 what: format!(
                     "function `{function}` in app `{app}` (version {version} has: {})",
                     names.join(", ")
+                ),
+            });
+        }
+        if let Some(web) = deployment
+            .manifest
+            .functions
+            .get(function)
+            .and_then(|f| f.web.as_ref())
+        {
+            return Err(FunctionServiceError::Conflict {
+                message: format!(
+                    "function `{function}` is a web endpoint: send it HTTP requests through the ingress at /{app}/{}/",
+                    web.label_for(function)
                 ),
             });
         }
@@ -1067,9 +1169,11 @@ impl FunctionService {
             let Some(spec) = state.specs.get(&key).cloned() else {
                 continue;
             };
+            // Web requests count as inputs: waiting ones as queued, ones in flight as
+            // running.
             let mut obs = Observed {
-                queued: state.queued(&key) as u32,
-                running: state.running(&key) as u32,
+                queued: state.queued(&key) as u32 + state.web.waiting(&key),
+                running: state.running(&key) as u32 + state.web_running(&key),
                 current,
                 ..Observed::default()
             };
@@ -1078,7 +1182,7 @@ impl FunctionService {
                     WarmPhase::Placed | WarmPhase::Started => obs.starting += 1,
                     WarmPhase::Ready => {
                         obs.ready
-                            .push((w.id.clone(), state.leased(&w.id) as u32, w.idle_since_ms))
+                            .push((w.id.clone(), state.busy(&w.id), w.idle_since_ms))
                     }
                     WarmPhase::Draining | WarmPhase::Fenced => {}
                 }
@@ -1144,21 +1248,32 @@ impl FunctionService {
         }
         // A node hears of a container only once its placement is durable: a restarted
         // coordinator knows every container it started.
+        let mut sent = self.inner.resent.lock().unwrap_or_else(|e| e.into_inner());
         if !starts.is_empty() {
             store.commit()?;
             for start in starts {
+                if let Outbound::Start { node, spec } = &start
+                    && let (Some(warm), Some(&session)) = (spec.owner.warm(), sessions.get(node))
+                {
+                    sent.insert(warm.clone(), (session, now));
+                }
                 let _ = self.inner.outbound.send(start);
             }
         }
-        // Fenced containers are stopped and draining ones drained where their node is up
-        // and connected: at once, again in each new session of the node, and again every
-        // RESEND_AFTER while they remain (a message lost with a session or timed out on a
-        // paused node would otherwise leave the container running for ever).
-        let mut sent = self.inner.resent.lock().unwrap_or_else(|e| e.into_inner());
+        // Containers whose last message may not have arrived get it again where their
+        // node is up and connected. A placed one's start, in each new session of its node
+        // (the coordinator restarted, or the session it went on ended; a node ignores a
+        // start it took). A fenced one's stop and a draining one's drain at once, in each
+        // new session, and every RESEND_AFTER while they remain (a message lost with a
+        // session or timed out on a paused node would otherwise leave the container
+        // running for ever).
         sent.retain(|id, _| {
-            state
-                .warm_of(id)
-                .is_some_and(|w| matches!(w.phase, WarmPhase::Fenced | WarmPhase::Draining))
+            state.warm_of(id).is_some_and(|w| {
+                matches!(
+                    w.phase,
+                    WarmPhase::Placed | WarmPhase::Fenced | WarmPhase::Draining
+                )
+            })
         });
         let resend_ms = RESEND_AFTER.as_millis() as u64;
         for w in state.warm() {
@@ -1166,10 +1281,21 @@ impl FunctionService {
             let (Some(node), Some(&session)) = (node, sessions.get(&w.node)) else {
                 continue;
             };
-            let due = sent
-                .get(&w.id)
-                .is_none_or(|&(s, at)| s != session || now.saturating_sub(at) >= resend_ms);
+            let last = sent.get(&w.id).copied();
+            let due = match w.phase {
+                WarmPhase::Placed => last.is_none_or(|(s, _)| s != session),
+                _ => last.is_none_or(|(s, at)| s != session || now.saturating_sub(at) >= resend_ms),
+            };
             let msg = match w.phase {
+                WarmPhase::Placed => {
+                    let Some(spec) = state.specs.get(&w.key) else {
+                        continue;
+                    };
+                    Outbound::Start {
+                        node: w.node.clone(),
+                        spec: start_spec(&w.key, spec, w),
+                    }
+                }
                 WarmPhase::Fenced => Outbound::Stop {
                     node: w.node.clone(),
                     warm: w.id.clone(),
@@ -1257,6 +1383,11 @@ fn start_spec(
         function: Some(FunctionRuntime {
             max_inputs: spec.max_inputs,
             startup_timeout_ms: spec.startup_timeout().as_millis() as u64,
+            web: spec.web.as_ref().map(|w| WebRuntime {
+                port: w.port,
+                // Checked at deploy.
+                readiness: w.probe().unwrap_or(Readiness::Tcp),
+            }),
         }),
     }
 }
@@ -1272,8 +1403,8 @@ fn app_view(record: &AppRecord, state: &State, metrics: &InputMetrics, now: u64)
             idle: 0,
             busy: 0,
             draining: 0,
-            queued: state.queued(key) as u32,
-            running: state.running(key) as u32,
+            queued: state.queued(key) as u32 + state.web.waiting(key),
+            running: state.running(key) as u32 + state.web_running(key),
             desired: 0,
             ended_last_minute: 0,
             p50_ms: None,
@@ -1286,7 +1417,7 @@ fn app_view(record: &AppRecord, state: &State, metrics: &InputMetrics, now: u64)
         for w in state.warm().filter(|w| &w.key == key) {
             match w.phase {
                 WarmPhase::Placed | WarmPhase::Started => v.starting += 1,
-                WarmPhase::Ready if state.leased(&w.id) > 0 => v.busy += 1,
+                WarmPhase::Ready if state.busy(&w.id) > 0 => v.busy += 1,
                 WarmPhase::Ready => v.idle += 1,
                 WarmPhase::Draining => v.draining += 1,
                 WarmPhase::Fenced => {}
@@ -1371,6 +1502,36 @@ fn call_view(call: &CallRecord, inputs: &[InputRecord]) -> CallView {
         open: call.open,
         results: inputs.iter().map(input_view).collect(),
     }
+}
+
+/// A function version serving a web endpoint, as the ingress routes to it.
+#[derive(Debug, Clone)]
+pub struct WebEndpoint {
+    pub key: FunctionKey,
+    pub spec: FunctionSpec,
+    pub web: WebSpec,
+}
+
+/// A web request's container: its request counts as in flight there until this drops.
+pub struct WebLease {
+    service: FunctionService,
+    pub warm: WarmId,
+    pub node: NodeId,
+}
+
+impl Drop for WebLease {
+    fn drop(&mut self) {
+        self.service.web_done(&self.warm);
+    }
+}
+
+/// Why a web request got no container.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebWaitError {
+    #[error("{waiting} requests already wait for a container of this endpoint")]
+    TooMany { waiting: u32 },
+    #[error("no container of this endpoint became free in time")]
+    Timeout,
 }
 
 /// Carries [`Outbound`] messages to nodes until `cancel`, each from its own task; what a

@@ -21,6 +21,7 @@ use gantry_shared::{AppName, CallId, InputId, NodeId, WarmId};
 use serde::{Deserialize, Serialize};
 
 use super::FunctionKey;
+use super::web::WebTraffic;
 
 /// Platform failures an input survives before it fails saying why.
 pub const PLATFORM_RETRIES: u32 = 3;
@@ -209,6 +210,8 @@ pub struct State {
     /// so each is sent again (agents ignore an input they already hold) once its node is
     /// connected.
     redeliver: Vec<InputId>,
+    /// Web endpoints' requests (in memory only).
+    pub web: WebTraffic,
 }
 
 impl State {
@@ -327,6 +330,40 @@ impl State {
 
     pub fn leased(&self, warm: &WarmId) -> usize {
         self.leases.get(warm).map_or(0, BTreeSet::len)
+    }
+
+    /// What a container holds: inputs leased, or web requests in flight.
+    pub fn busy(&self, warm: &WarmId) -> u32 {
+        self.leased(warm) as u32 + self.web.in_flight(warm)
+    }
+
+    /// The ready containers of `key` and their nodes (where web requests may go).
+    pub fn ready_of(&self, key: &FunctionKey) -> Vec<(WarmId, NodeId)> {
+        self.warm
+            .values()
+            .filter(|w| &w.key == key && w.phase == WarmPhase::Ready)
+            .map(|w| (w.id.clone(), w.node.clone()))
+            .collect()
+    }
+
+    /// A web request on `warm` ended: a container left with nothing is idle from `now`
+    /// (in memory: after a restart, idleness counts from the restore).
+    pub fn web_done(&mut self, warm: &WarmId, now: u64) {
+        if self.web.done(warm)
+            && self.leased(warm) == 0
+            && let Some(w) = self.warm.get_mut(warm)
+        {
+            w.idle_since_ms = now;
+        }
+    }
+
+    /// Web requests of `key` in flight.
+    pub fn web_running(&self, key: &FunctionKey) -> u32 {
+        self.warm
+            .values()
+            .filter(|w| &w.key == key)
+            .map(|w| self.web.in_flight(&w.id))
+            .sum()
     }
 
     pub fn queued(&self, key: &FunctionKey) -> usize {

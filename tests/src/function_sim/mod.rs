@@ -150,8 +150,10 @@ pub struct FunctionSim {
     index: HashMap<NodeId, usize>,
     link: ChannelLink,
     commands: mpsc::UnboundedReceiver<Delivered>,
-    service: FunctionService,
-    reconciler: Reconciler<ChannelLink>,
+    /// The coordinator's service and reconciler (`None` only inside a restart, while the
+    /// old ones close the store).
+    service: Option<FunctionService>,
+    reconciler: Option<Reconciler<ChannelLink>>,
     /// The service's wake-up for the reconciler.
     wake: Arc<Notify>,
     last_pass: Option<u64>,
@@ -221,8 +223,8 @@ impl FunctionSim {
             index,
             link,
             commands,
-            service,
-            reconciler,
+            service: Some(service),
+            reconciler: Some(reconciler),
             wake,
             last_pass: None,
             cancel,
@@ -238,11 +240,11 @@ impl FunctionSim {
     }
 
     pub fn service(&self) -> &FunctionService {
-        &self.service
+        self.service.as_ref().expect("the coordinator runs")
     }
 
     pub fn deploy(&self, manifest: AppManifest) {
-        self.service.deploy(manifest).expect("deployed");
+        self.service().deploy(manifest).expect("deployed");
     }
 
     /// Calls `function` of `app` with `inputs` (a map), without waiting; returns the call.
@@ -251,7 +253,7 @@ impl FunctionSim {
             serde_json::from_value(serde_json::json!({"inputs": inputs, "wait": false}))
                 .expect("call request");
         let (view, _) = self
-            .service
+            .service()
             .call(app, function, request, None)
             .await
             .expect("call accepted");
@@ -259,12 +261,12 @@ impl FunctionSim {
     }
 
     pub fn call_view(&self, call: &CallId) -> CallView {
-        self.service.call_view(call).expect("call")
+        self.service().call_view(call).expect("call")
     }
 
     /// The active version of `function` as the service reports it.
     pub fn counts(&self, app: &AppName, function: &FunctionName) -> Counts {
-        let view = self.service.app(app).expect("app");
+        let view = self.service().app(app).expect("app");
         view.functions
             .iter()
             .filter(|f| &f.name == function && Some(f.version) == view.active_version)
@@ -275,7 +277,7 @@ impl FunctionSim {
 
     /// Nodes where the service still accounts for a container (fenced ones included).
     pub fn nodes_held(&self) -> usize {
-        self.service.held().len()
+        self.service().held().len()
     }
 
     /// Containers running on the nodes (those of crashed hosts are dead).
@@ -322,8 +324,71 @@ impl FunctionSim {
         &self.agents[i].id
     }
 
+    /// The coordinator is killed right after its next reconcile pass, before the router
+    /// sent anything that pass decided (starts, deliveries, drains are lost with it), and
+    /// starts again from its store: every node opens a new session.
+    pub async fn crash_coordinator_after_a_pass(&mut self) {
+        self.advance();
+        self.pass(true);
+        // The router has not run since the pass (nothing awaited): aborted, it sends none
+        // of what the pass queued, and the old service records nothing more.
+        self.cancel.cancel();
+        let old_router = std::mem::replace(&mut self.router, tokio::spawn(async {}));
+        old_router.abort();
+        let _ = old_router.await;
+        assert!(
+            self.commands.try_recv().is_err(),
+            "nothing of the last pass reached the link"
+        );
+        // The old service and reconciler close the store (sled holds a lock on it).
+        let db = self._dir.path().join("db");
+        let (wake, cancel) = (Arc::new(Notify::new()), CancellationToken::new());
+        self.reconciler = None;
+        self.service = None;
+        let (service, outbound) = {
+            let store = Store::open(&db).expect("the store again");
+            let (service, outbound) = FunctionService::open_with_clock(
+                store.functions().expect("function store"),
+                wake.clone(),
+                cancel.clone(),
+                Arc::new(self.clock.clone()),
+            )
+            .expect("function service after a restart");
+            self.reconciler = Some(Reconciler::new(
+                store,
+                self.link.clone(),
+                Some(service.clone()),
+            ));
+            (service, outbound)
+        };
+        self.router = tokio::spawn(run_router(
+            service.clone(),
+            self.link.clone(),
+            outbound,
+            cancel.clone(),
+        ));
+        (self.service, self.wake, self.cancel) = (Some(service), wake, cancel);
+        self.last_pass = None;
+        for a in &mut self.agents {
+            if a.reachable() {
+                self.sessions += 1;
+                a.session = self.sessions;
+                self.link.connect(&a.id, self.sessions);
+            }
+        }
+    }
+
     /// One step of virtual time.
     pub async fn step(&mut self) {
+        self.advance();
+        self.pass(false);
+        self.exchange().await;
+        self.check();
+    }
+
+    /// Moves time one step: faults that are over heal, containers progress, the agents'
+    /// reports reach the coordinator.
+    fn advance(&mut self) {
         self.now += self.config.step_ms;
         self.clock.set(self.now);
         let now = self.now;
@@ -342,7 +407,12 @@ impl FunctionSim {
             a.progress(now);
         }
         self.deliver_reports();
-        let due = self.last_pass.is_none_or(|t| now >= t + PASS_EVERY_MS);
+    }
+
+    /// A reconcile pass if the service asked for one or one is due (or `now`).
+    fn pass(&mut self, now_anyway: bool) {
+        let now = self.now;
+        let due = now_anyway || self.last_pass.is_none_or(|t| now >= t + PASS_EVERY_MS);
         if take_wake(&self.wake) || due {
             let statuses: Vec<NodeStatus> = self
                 .agents
@@ -350,13 +420,13 @@ impl FunctionSim {
                 .map(|a| status(a, &self.config, now))
                 .collect();
             self.reconciler
+                .as_mut()
+                .expect("the coordinator runs")
                 .pass(&statuses, now)
                 .expect("reconcile pass");
             self.last_pass = Some(now);
             self.stats.passes += 1;
         }
-        self.exchange().await;
-        self.check();
     }
 
     /// Steps until `done` holds (checked after each step) or `limit_ms` of virtual time
@@ -375,6 +445,7 @@ impl FunctionSim {
     /// The reachable agents' answers (one batch per node, as the agent sends them), then
     /// their events, made durable with one commit before any is acknowledged.
     fn deliver_reports(&mut self) {
+        let service = self.service.as_ref().expect("the coordinator runs");
         for a in self.agents.iter_mut().filter(|a| a.reachable()) {
             if !a.outputs.is_empty() {
                 let outputs = std::mem::take(&mut a.outputs);
@@ -387,7 +458,7 @@ impl FunctionSim {
                             .push((w.clone(), o.attempt));
                     }
                 }
-                self.service
+                service
                     .on_outputs(&a.id, outputs)
                     .expect("outputs recorded");
             }
@@ -396,12 +467,12 @@ impl FunctionSim {
         for (i, a) in self.agents.iter().enumerate() {
             if a.reachable() && !a.events.is_empty() {
                 for e in &a.events {
-                    self.service.on_event(e).expect("event recorded");
+                    self.service().on_event(e).expect("event recorded");
                 }
                 acked.push(i);
             }
         }
-        self.service.commit().expect("commit");
+        self.service().commit().expect("commit");
         for i in acked {
             self.agents[i].events.clear();
         }

@@ -1,0 +1,205 @@
+//! Web endpoints end to end with real processes and real containers: busybox `httpd` as a
+//! function (contract H) behind the coordinator's ingress. A request to an endpoint at
+//! zero is held while its container starts and is answered; a token is required unless
+//! the endpoint is public; requests beyond `max_concurrency` wait and the endpoint scales
+//! out; beyond `max_pending` they get 429; idle containers drain and stop.
+
+use std::time::{Duration, Instant};
+
+use gantry_tests::cluster::{ClusterSpec, TestCluster};
+use gantry_tests::netns::wait_until;
+use serde_json::Value;
+
+/// A busybox `httpd` serving `/tmp/www` on `$PORT`: `index.html` says hello, and the CGI
+/// `/cgi-bin/slow` answers after a second.
+const HTTPD: &str = r#"["sh", "-c", "mkdir -p /tmp/www/cgi-bin && echo hello > /tmp/www/index.html && printf '#!/bin/sh\necho Content-Type: text/plain\necho\nsleep 1\necho slow\n' > /tmp/www/cgi-bin/slow && chmod +x /tmp/www/cgi-bin/slow && exec httpd -f -p $PORT -h /tmp/www"]"#;
+
+fn cluster(agents: usize) -> TestCluster {
+    TestCluster::start(ClusterSpec {
+        agents,
+        busybox: true,
+        ..ClusterSpec::default()
+    })
+}
+
+/// The app's view of `function`.
+fn function(c: &TestCluster, app: &str, function: &str) -> Value {
+    let v: Value = c
+        .http()
+        .get(c.url(&format!("/v1/apps/{app}")))
+        .bearer_auth(&c.admin)
+        .send()
+        .expect("app")
+        .json()
+        .expect("json");
+    v["functions"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["name"] == function).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn live(f: &Value) -> u64 {
+    ["starting", "idle", "busy", "draining"]
+        .iter()
+        .map(|k| f[*k].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn ingress_get(c: &TestCluster, path: &str, token: Option<&str>) -> (u16, String) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let mut req = client.get(format!("http://{}{path}", c.ingress));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().expect("ingress request");
+    let status = r.status().as_u16();
+    (status, r.text().expect("body"))
+}
+
+#[test]
+fn a_web_endpoint_at_zero_answers_its_first_request_and_drains_when_idle() {
+    let c = cluster(1);
+    c.deploy(&format!(
+        r#"
+app = "site"
+[functions.www]
+image = "busybox"
+command = {HTTPD}
+cpu = "0.2"
+memory = "64M"
+scaledown_window = "2s"
+startup_timeout = "20s"
+[functions.www.web]
+port = 8000
+readiness = "GET /index.html"
+
+[functions.open_door]
+image = "busybox"
+command = {HTTPD}
+cpu = "0.2"
+memory = "64M"
+scaledown_window = "2s"
+[functions.open_door.web]
+public = true
+"#
+    ));
+    assert_eq!(
+        live(&function(&c, "site", "www")),
+        0,
+        "nothing runs before a request"
+    );
+
+    // The first request is held while a container starts, then answered.
+    let t0 = Instant::now();
+    let (status, body) = ingress_get(&c, "/site/www/index.html", Some(&c.admin));
+    assert_eq!((status, body.trim()), (200, "hello"), "the first request");
+    eprintln!(
+        "web: first request from zero answered in {:?}",
+        t0.elapsed()
+    );
+    let (status, body) = ingress_get(&c, "/site/www/cgi-bin/slow", Some(&c.admin));
+    assert_eq!((status, body.trim()), (200, "slow"));
+    assert_eq!(
+        live(&function(&c, "site", "www")),
+        1,
+        "one container serves both"
+    );
+
+    // A token is needed unless the endpoint is public; unknown endpoints are 404.
+    let (status, body) = ingress_get(&c, "/site/www/index.html", None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("Bearer"), "{body}");
+    let (status, body) = ingress_get(&c, "/site/www/index.html", Some("not-a-token"));
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = ingress_get(&c, "/site/open-door/index.html", None);
+    assert_eq!((status, body.trim()), (200, "hello"), "a public endpoint");
+    let (status, body) = ingress_get(&c, "/site/nothing/", Some(&c.admin));
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("/APP/LABEL/"), "{body}");
+
+    // A web endpoint takes no calls.
+    let r = c
+        .http()
+        .post(c.url("/v1/apps/site/functions/www/calls"))
+        .bearer_auth(&c.admin)
+        .json(&serde_json::json!({"input": {"text": "x"}}))
+        .send()
+        .expect("call");
+    let status = r.status().as_u16();
+    let text = r.text().expect("body");
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("/site/www/"), "{text}");
+
+    // Idle past its window, every container drains and stops.
+    wait_until(
+        "the endpoints back at zero",
+        Duration::from_secs(30),
+        || {
+            let (a, b) = (
+                function(&c, "site", "www"),
+                function(&c, "site", "open_door"),
+            );
+            (live(&a) + live(&b) == 0).then_some(())
+        },
+    );
+}
+
+#[test]
+fn requests_beyond_max_concurrency_wait_and_the_endpoint_scales_out() {
+    let c = cluster(2);
+    c.deploy(&format!(
+        r#"
+app = "busy"
+[functions.slow]
+image = "busybox"
+command = {HTTPD}
+cpu = "0.2"
+memory = "64M"
+max_containers = 2
+scaledown_window = "2s"
+[functions.slow.web]
+max_concurrency = 1
+target_concurrency = 1
+max_pending = 4
+"#
+    ));
+    // Four slow requests at once, at zero: all four wait in the ingress (max_pending 4
+    // holds them), two containers start (one request each) and the other two follow.
+    let started = Instant::now();
+    let results: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| ingress_get(&c, "/busy/slow/cgi-bin/slow", Some(&c.admin))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    });
+    for (status, body) in &results {
+        assert_eq!((*status, body.trim()), (200, "slow"), "{results:?}");
+    }
+    let f = function(&c, "busy", "slow");
+    assert_eq!(live(&f), 2, "scaled out to its two containers: {f}");
+    eprintln!(
+        "web: four 1 s requests on two containers took {:?}",
+        started.elapsed()
+    );
+
+    // Beyond max_pending (with both containers busy): 429 with Retry-After.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| ingress_get(&c, "/busy/slow/cgi-bin/slow", Some(&c.admin)).0))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    });
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(refused + served, 8, "{statuses:?}");
+    assert!(refused >= 1, "eight at once on 2 + 4 places: {statuses:?}");
+}
