@@ -12,16 +12,18 @@
 //! (`Command::Web`, mutual TLS), where the agent joins it to a TCP connection into the
 //! container's network namespace; HTTP/1.1 runs end to end over it, so bodies stream both
 //! ways and upgrades (WebSocket) pass through. A container that refuses or cannot be
-//! reached before the request is sent is skipped for another.
+//! reached before the request is sent is skipped for another; one lost before its response
+//! began is too, for a request that can be sent again unchanged (an idempotent method
+//! without a body), and any other request gets `502`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use gantry_shared::{AppName, Owner};
+use gantry_shared::{AppName, Owner, WarmId};
 use hyper_util::rt::TokioIo;
 
 use crate::functions::FunctionService;
@@ -140,9 +142,13 @@ impl Ingress {
 
     /// A connection to a container of `endpoint`: a lease on it and the stream to its
     /// server. Containers that refuse or cannot be reached are skipped.
+    /// `skip` holds the containers that failed this request so far (and gets those that
+    /// fail here).
     async fn connect(
         &self,
         endpoint: &WebEndpoint,
+        deadline: tokio::time::Instant,
+        skip: &mut Vec<WarmId>,
     ) -> Result<
         (
             WebLease,
@@ -150,10 +156,8 @@ impl Ingress {
         ),
         Response,
     > {
-        let deadline = tokio::time::Instant::now() + endpoint.spec.startup_timeout() + HOLD_GRACE;
-        let mut skip = Vec::new();
         loop {
-            let lease = match self.functions.web_acquire(endpoint, deadline, &skip).await {
+            let lease = match self.functions.web_acquire(endpoint, deadline, skip).await {
                 Ok(lease) => lease,
                 Err(e @ WebWaitError::TooMany { .. }) => {
                     let mut r = plain(
@@ -204,7 +208,7 @@ impl Ingress {
     }
 }
 
-async fn handle(State(ingress): State<Arc<Ingress>>, mut req: Request) -> Response {
+async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
     let started = Instant::now();
     let Some((endpoint, path)) = ingress.route(&req) else {
         return plain(
@@ -223,46 +227,74 @@ async fn handle(State(ingress): State<Arc<Ingress>>, mut req: Request) -> Respon
             return r;
         }
     }
-    let (lease, io) = match ingress.connect(&endpoint).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (warm, function) = (lease.warm.clone(), endpoint.key.to_string());
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
-        Ok(c) => c,
-        Err(e) => {
-            return plain(
-                StatusCode::BAD_GATEWAY,
-                &format!("cannot speak HTTP to the container: {e}"),
-            );
-        }
-    };
-    // The request counts as in flight on its container until the connection ends: its
-    // response body sent, or an upgraded connection closed.
-    let lease = Arc::new(lease);
-    let held = lease.clone();
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-        drop(held);
-    });
-    let upgrade = req
-        .headers()
-        .contains_key(header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
     match path.parse::<Uri>() {
-        Ok(uri) => *req.uri_mut() = uri,
+        Ok(uri) => parts.uri = uri,
         Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("bad path: {e}")),
     }
-    let mut response = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(%function, container = %warm, error = %e, "web request failed");
-            return plain(
-                StatusCode::BAD_GATEWAY,
-                &format!("the container's server did not answer: {e}"),
-            );
+    let upgrade = parts
+        .headers
+        .contains_key(header::UPGRADE)
+        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
+    // A request that can be sent again unchanged (an idempotent method, no body) goes to
+    // another container when its container fails before answering; any other gets 502.
+    let replayable = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0");
+    let mut body = Some(body);
+    let deadline = tokio::time::Instant::now() + endpoint.spec.startup_timeout() + HOLD_GRACE;
+    let mut skip = Vec::new();
+    let function = endpoint.key.to_string();
+    let (lease, mut response) = loop {
+        let (lease, io) = match ingress.connect(&endpoint, deadline, &mut skip).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let warm = lease.warm.clone();
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
+            Ok(c) => c,
+            Err(e) => {
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("cannot speak HTTP to the container: {e}"),
+                );
+            }
+        };
+        // The request counts as in flight on its container until the connection ends: its
+        // response body sent, or an upgraded connection closed.
+        let lease = Arc::new(lease);
+        let held = lease.clone();
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+            drop(held);
+        });
+        let mut req = hyper::Request::new(body.take().unwrap_or_else(Body::empty));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        match sender.send_request(req).await {
+            Ok(r) => break (lease, r),
+            Err(e) if replayable && skip.len() + 1 < MAX_TRIES => {
+                tracing::warn!(%function, container = %warm, error = %e, "web request lost with its container; sending it to another");
+                skip.push(warm);
+            }
+            Err(e) => {
+                tracing::warn!(%function, container = %warm, error = %e, "web request failed");
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the container's server did not answer: {e}"),
+                );
+            }
         }
     };
+    let warm = lease.warm.clone();
     let status = response.status();
     tracing::info!(%function, container = %warm, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "web request");
     if status == StatusCode::SWITCHING_PROTOCOLS

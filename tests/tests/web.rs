@@ -10,9 +10,11 @@ use gantry_tests::cluster::{ClusterSpec, TestCluster};
 use gantry_tests::netns::wait_until;
 use serde_json::Value;
 
-/// A busybox `httpd` serving `/tmp/www` on `$PORT`: `index.html` says hello, and the CGI
-/// `/cgi-bin/slow` answers after a second.
-const HTTPD: &str = r#"["sh", "-c", "mkdir -p /tmp/www/cgi-bin && echo hello > /tmp/www/index.html && printf '#!/bin/sh\necho Content-Type: text/plain\necho\nsleep 1\necho slow\n' > /tmp/www/cgi-bin/slow && chmod +x /tmp/www/cgi-bin/slow && exec httpd -f -p $PORT -h /tmp/www"]"#;
+/// A busybox `httpd` serving `/tmp/www` on `$PORT`: `index.html` says hello; the CGI
+/// `/cgi-bin/slow` answers after a second (its head at once), `/cgi-bin/slow3` after three
+/// (nothing before), and
+/// `/cgi-bin/events` sends an event, waits two seconds and sends another.
+const HTTPD: &str = r#"["sh", "-c", "mkdir -p /tmp/www/cgi-bin && cd /tmp/www && echo hello > index.html && printf '#!/bin/sh\necho Content-Type: text/plain\necho\nsleep 1\necho slow\n' > cgi-bin/slow && printf '#!/bin/sh\nsleep 3\necho Content-Type: text/plain\necho\necho slow\n' > cgi-bin/slow3 && printf '#!/bin/sh\necho Content-Type: text/event-stream\necho\necho data: one\necho\nsleep 2\necho data: two\necho\n' > cgi-bin/events && chmod +x cgi-bin/* && exec httpd -f -p $PORT -h /tmp/www"]"#;
 
 fn cluster(agents: usize) -> TestCluster {
     TestCluster::start(ClusterSpec {
@@ -57,6 +59,18 @@ fn ingress_get(c: &TestCluster, path: &str, token: Option<&str>) -> (u16, String
     let r = req.send().expect("ingress request");
     let status = r.status().as_u16();
     (status, r.text().expect("body"))
+}
+
+/// The agent whose host runs a container of the functions (by its `GANTRY_CONTAINER`).
+fn host_with_a_container(c: &TestCluster) -> Option<usize> {
+    c.agents.iter().position(|a| {
+        a.host.pids().into_iter().any(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|v| v.starts_with(b"GANTRY_CONTAINER="))
+            })
+        })
+    })
 }
 
 #[test]
@@ -202,4 +216,94 @@ max_pending = 4
     let served = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(refused + served, 8, "{statuses:?}");
     assert!(refused >= 1, "eight at once on 2 + 4 places: {statuses:?}");
+}
+
+#[test]
+fn responses_stream_and_a_request_lost_with_its_node_goes_to_another_if_it_can() {
+    let mut c = cluster(2);
+    c.deploy(&format!(
+        r#"
+app = "stream"
+[functions.ev]
+image = "busybox"
+command = {HTTPD}
+cpu = "0.2"
+memory = "64M"
+max_containers = 2
+scaledown_window = "60s"
+[functions.ev.web]
+max_concurrency = 4
+"#
+    ));
+    let (status, _) = ingress_get(&c, "/stream/ev/index.html", Some(&c.admin));
+    assert_eq!(status, 200, "warm-up");
+
+    // An event stream arrives event by event, not buffered to its end.
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let t0 = Instant::now();
+    let mut r = client
+        .get(format!("http://{}/stream/ev/cgi-bin/events", c.ingress))
+        .bearer_auth(&c.admin)
+        .send()
+        .expect("events");
+    assert_eq!(r.status(), 200);
+    let mut first = [0u8; 64];
+    let n = std::io::Read::read(&mut r, &mut first).expect("the first event");
+    let at_first = t0.elapsed();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut r, &mut rest).expect("the rest");
+    let at_end = t0.elapsed();
+    assert!(
+        String::from_utf8_lossy(&first[..n]).contains("data: one") && rest.contains("data: two"),
+        "{:?} then {rest:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    assert!(
+        at_end - at_first >= Duration::from_millis(1500),
+        "the first event came at {at_first:?}, the end at {at_end:?}: it was held back"
+    );
+
+    // The node serving two slow requests dies under them: the GET (idempotent, no body)
+    // is answered by another container; the POST, which cannot be sent again, fails
+    // (never hangs).
+    let host = host_with_a_container(&c).expect("a host runs the container");
+    let url = format!("http://{}/stream/ev/cgi-bin/slow3", c.ingress);
+    let (get, post) = std::thread::scope(|s| {
+        let get = s.spawn(|| {
+            let t = Instant::now();
+            let r = client.get(&url).bearer_auth(&c.admin).send();
+            (
+                r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())),
+                t.elapsed(),
+            )
+        });
+        let post = s.spawn(|| {
+            let t = Instant::now();
+            let r = client.post(&url).bearer_auth(&c.admin).body("x=1").send();
+            (
+                r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())),
+                t.elapsed(),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        c.agents[host].host.kill();
+        (get.join().expect("get"), post.join().expect("post"))
+    });
+    let (get, took) = get;
+    let (status, body) = get.expect("the GET is answered");
+    assert_eq!((status, body.trim()), (200, "slow"), "after {took:?}");
+    eprintln!("web: a GET whose node died was answered elsewhere after {took:?}");
+    let (post, took) = post;
+    match post {
+        Ok((status, body)) => assert_eq!(status, 502, "{body}"),
+        Err(e) => panic!("the POST got no answer after {took:?}: {e}"),
+    }
+    assert!(
+        took < Duration::from_secs(25),
+        "the POST failed only after {took:?}"
+    );
+    c.kill_host(host);
 }
