@@ -104,6 +104,27 @@ def actors(n, trials):
     return {"actors": n, **stats(ms)}
 
 
+# Ray Serve's scale from zero (also bench/ray_web.py's): as fast as its autoscaler goes.
+SERVE_COLD_CONFIG = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
+                     "upscale_delay_s": 0, "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2,
+                     "target_ongoing_requests": 1}
+
+
+def serve_replicas(app):
+    from ray import serve
+    st = serve.status().applications[app].deployments
+    d = next(iter(st.values()))
+    return sum(d.replica_states.values()) if d.replica_states else 0
+
+
+def serve_wait_zero(app):
+    deadline = time.monotonic() + 60
+    while serve_replicas(app) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("Serve did not scale to zero within 60 s")
+        time.sleep(0.05)
+
+
 def serve_cold(trials):
     from ray import serve
 
@@ -111,9 +132,7 @@ def serve_cold(trials):
         serve.start(proxy_location="Disabled")
     except Exception:  # older releases: no Disabled location
         serve.start(http_options={"host": "127.0.0.1"})
-    config = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
-              "upscale_delay_s": 0, "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2,
-              "target_ongoing_requests": 1}
+    config = dict(SERVE_COLD_CONFIG)
 
     def make(cfg):
         @serve.deployment(autoscaling_config=cfg, ray_actor_options={"num_cpus": 0.1})
@@ -129,23 +148,11 @@ def serve_cold(trials):
         config.pop("downscale_to_zero_delay_s")
         handle = serve.run(make(config).bind(), name="cold", route_prefix=None)
 
-    def replicas():
-        st = serve.status().applications["cold"].deployments
-        d = next(iter(st.values()))
-        return sum(d.replica_states.values()) if d.replica_states else 0
-
-    def wait_zero():
-        deadline = time.monotonic() + 60
-        while replicas() > 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError("Serve did not scale to zero within 60 s")
-            time.sleep(0.05)
-
     handle.remote("first").result(timeout_s=120)
     ms = []
     budget = time.monotonic() + 400
     for i in range(trials):
-        wait_zero()
+        serve_wait_zero("cold")
         time.sleep(0.3)
         t = time.perf_counter()
         assert handle.remote(f"c{i}").result(timeout_s=120) == f"c{i}"

@@ -4,6 +4,8 @@
 Usage: bench/report.py RESULTS_DIR OUTPUT.md
        bench/report.py --functions-table RESULTS_DIR   (prints the functions table, Gantry
                                                         beside Ray, for bench/README.md)
+       bench/report.py --web-table RESULTS_DIR         (the web endpoints table, Gantry's
+                                                        ingress beside Ray Serve's proxy)
 
 Each metric is the median over the runs (cold-start-N.json, submit-N.json); the spread
 (min-max over runs) is shown beside it, and the report states how noisy the machine was.
@@ -131,9 +133,62 @@ def functions_table(results):
     return lines
 
 
+def web_table(results):
+    """Gantry's web endpoints (web.json) beside Ray Serve's HTTP proxy (ray-web.json)."""
+    g = load(os.path.join(results, "web.json"))
+    r = load(os.path.join(results, "ray-web.json")) or {}
+    if not g:
+        return ["Not measured in this run."]
+
+    def get(d, *path):
+        for p in path:
+            d = d.get(p) if isinstance(d, dict) else None
+        return d
+
+    def rate(v):
+        return "—" if v is None else f"{v:,.0f}/s"
+
+    def ray(key, *path, fmt=ms, what=""):
+        if key not in r:
+            return "not measured"
+        if "error" in r[key]:
+            return f"did not run: {str(r[key]['error']).replace('|', '/')}"
+        return fmt(get(r, key, *path)) + what
+
+    lines = []
+    w = lines.append
+    si, sd = get(g, "sequential", "ingress") or {}, get(g, "sequential", "direct") or {}
+    ci, cd = get(g, "concurrent", "ingress") or {}, get(g, "concurrent", "direct") or {}
+    c = g.get("cold") or {}
+    conc = g.get("concurrency", "?")
+    added = (si.get("p50_ms") - sd.get("p50_ms")) if si.get("p50_ms") is not None and sd.get("p50_ms") is not None else None
+    added99 = (si.get("p99_ms") - sd.get("p99_ms")) if si.get("p99_ms") is not None and sd.get("p99_ms") is not None else None
+    w(f"| metric | Gantry (ingress) | Gantry, directly | Ray Serve {r.get('version', '?')} (HTTP proxy) | goal |")
+    w("|---|---|---|---|---|")
+    w(f"| one request at a time, p50 ({si.get('n', '?')} each way) | {ms(si.get('p50_ms'))} | {ms(sd.get('p50_ms'))} | "
+      f"{ray('warm', 'sequential', 'p50_ms')} | |")
+    w(f"| … p99 | {ms(si.get('p99_ms'))} | {ms(sd.get('p99_ms'))} | {ray('warm', 'sequential', 'p99_ms')} | |")
+    w(f"| latency the ingress adds over directly, p50 / p99 | {ms(added)} / {ms(added99)} | | | "
+      f"p50 ≤ 1 ms: {goal(added, 1)} |")
+    w(f"| requests/s, {conc} at a time over 4 warm containers (replicas) | {rate(ci.get('per_s'))} | {rate(cd.get('per_s'))} | "
+      f"{ray('warm', 'concurrent', 'per_s', fmt=rate)} | |")
+    w(f"| … p50 / p99 latency | {ms(ci.get('p50_ms'))} / {ms(ci.get('p99_ms'))} | {ms(cd.get('p50_ms'))} / {ms(cd.get('p99_ms'))} | "
+      f"{ray('warm', 'concurrent', 'p50_ms')} / {ray('warm', 'concurrent', 'p99_ms')} | |")
+    rc = r.get("cold", {})
+    rn = f" ({rc.get('n')} trials)" if "n" in rc else ""
+    w(f"| scale from zero to the first byte, cached image, p50 ({c.get('n', '?')} trials) | {ms(c.get('p50_ms'))} | — | "
+      f"{ray('cold', 'p50_ms', what=rn)} | ≤ 60 ms: {goal(c.get('p50_ms'), 60)} |")
+    w(f"| … p90 / max | {ms(c.get('p90_ms'))} / {ms(c.get('max_ms'))} | — | "
+      f"{ray('cold', 'p90_ms')} / {ray('cold', 'max_ms')} | |")
+    return lines
+
+
 def main():
     if sys.argv[1] == "--functions-table":
         print("\n".join(functions_table(sys.argv[2])))
+        return
+    if sys.argv[1] == "--web-table":
+        print("\n".join(web_table(sys.argv[2])))
         return
     results, out = sys.argv[1], sys.argv[2]
     machine = load(os.path.join(results, "machine.json")) or {}
@@ -284,6 +339,21 @@ def main():
         w(line)
     w("")
 
+    # Web endpoints.
+    w("## Web endpoints, against Ray Serve")
+    w("")
+    if os.path.exists(os.path.join(results, "web.json")):
+        w("Busybox `httpd` in 4 warm containers serving a 6-byte file, reached through the "
+          "coordinator's ingress (bearer token, QUIC to the agent, TCP into the container's "
+          "namespace) and directly (the same servers on their namespaces' loopback); Ray Serve: "
+          "4 replicas answering the same body through its HTTP proxy. One load generator for all "
+          "(`gantry-bench http-load`, one thread). The method is in bench/README.md (\"Web "
+          "endpoints\").")
+        w("")
+    for line in web_table(results):
+        w(line)
+    w("")
+
     # Functions on the in-process simulation.
     w("## Functions scale-up, in the in-process simulation")
     w("")
@@ -365,9 +435,39 @@ SECTION_INPUTS = {
     "## Job throughput and latency": ["submit-*.json", "slurm.json"],
     "## Failure recovery": ["recovery.json"],
     "## Functions, against Ray": ["functions.json", "ray-functions.json"],
+    "## Web endpoints": ["web.json", "ray-web.json"],
     "## Functions scale-up, in the in-process simulation": ["functions-sim.json"],
     "## Resource footprint": ["footprint.json", "schedule.json"],
 }
+
+
+# Rows of a measured section that come from other results: when this run lacks those, the
+# row is kept from the report before (a cold-start-only run keeps the full-path row).
+KEPT_ROWS = {
+    "## Container cold start": [("| full path:", ["submit-*.json"])],
+}
+
+
+def keep_rows(results, key, body, old):
+    prev = next((b for h, b in old.items() if h.startswith(key)), None)
+    if prev is None:
+        return body
+    body = list(body)
+    for prefix, inputs in KEPT_ROWS[key]:
+        if any(glob.glob(os.path.join(results, pat)) for pat in inputs):
+            continue
+        if any(line.startswith(prefix) for line in body):
+            continue
+        row = next((line for line in prev if line.startswith(prefix)), None)
+        if row is None:
+            continue
+        if "not measured in this run" not in row:
+            cells = row.split(" | ")
+            cells[0] += " (not measured in this run: kept from the report before)"
+            row = " | ".join(cells)
+        last = max((i for i, line in enumerate(body) if line.startswith("|")), default=len(body) - 1)
+        body.insert(last + 1, row)
+    return body
 
 
 def sections(text):
@@ -389,9 +489,13 @@ def keep_unmeasured(results, out, text):
         return text
     old = {h: b for h, b in sections(old_text) if h}
     when = re.search(r"^Measured (\S+) on: (.*?)\. Written by", old_text, flags=re.M)
-    # A section the report before had itself kept keeps its own provenance.
-    earlier = re.search(r"^Not measured in this run, kept from the report before \(measured (\S+) on: (.*?)\): (.*)\.$", old_text, flags=re.M)
-    earlier_kept = set(earlier.group(3).split(", ")) if earlier else set()
+    when = (when.group(1), when.group(2)) if when else None
+    # A section the report before had itself kept keeps its own provenance (one line per
+    # date and machine).
+    provenance = {}
+    for m in re.finditer(r"^Not measured in this run, kept from the report before \(measured (\S+) on: (.*?)\): (.*)\.$", old_text, flags=re.M):
+        for name in m.group(3).split(", "):
+            provenance[name] = (m.group(1), m.group(2))
     kept = []
     parts = []
     for heading, body in sections(text):
@@ -402,15 +506,18 @@ def keep_unmeasured(results, out, text):
             if prev:
                 heading, body = prev, old[prev]
                 kept.append(key[3:])
+        elif key and key in KEPT_ROWS and old:
+            body = keep_rows(results, key, body, old)
         parts.append(([heading] if heading else []) + body)
     text = "\n".join("\n".join(p) for p in parts)
+    by_source = {}
+    for name in kept:
+        by_source.setdefault(provenance.get(name, when), []).append(name)
     notes = []
-    for source, names in ((earlier, [k for k in kept if k in earlier_kept]),
-                          (when, [k for k in kept if k not in earlier_kept])):
-        if names:
-            notes.append("Not measured in this run, kept from the report before"
-                         + (f" (measured {source.group(1)} on: {source.group(2)})" if source else "")
-                         + ": " + ", ".join(names) + ".")
+    for source, names in by_source.items():
+        notes.append("Not measured in this run, kept from the report before"
+                     + (f" (measured {source[0]} on: {source[1]})" if source else "")
+                     + ": " + ", ".join(names) + ".")
     for note in reversed(notes):
         text = text.replace("\n\nEverything runs on this one machine", "\n\n" + note + "\n\nEverything runs on this one machine", 1)
     return text

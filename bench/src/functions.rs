@@ -45,15 +45,28 @@ pub struct FunctionsBench {
     pub json: Option<PathBuf>,
 }
 
-/// The API of the cluster, with one keep-alive client.
-struct Api {
+/// The API of the cluster, with one keep-alive client (also `gantry-bench web`'s).
+pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
     token: String,
 }
 
 impl Api {
-    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    /// The cluster's API as its admin.
+    pub(crate) fn of(c: &TestCluster) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .tcp_nodelay(true)
+                .pool_max_idle_per_host(4)
+                .build()?,
+            base: format!("http://{}", c.api),
+            token: c.admin.clone(),
+        })
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
         let r = self
             .http
             .post(format!("{}{path}", self.base))
@@ -73,7 +86,7 @@ impl Api {
         Ok((status, v))
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         let r = self
             .http
             .get(format!("{}{path}", self.base))
@@ -107,7 +120,7 @@ impl Api {
     }
 
     /// (starting, idle, busy, draining) over the app's functions.
-    async fn containers(&self, app: &str) -> anyhow::Result<[u64; 4]> {
+    pub(crate) async fn containers(&self, app: &str) -> anyhow::Result<[u64; 4]> {
         let v = self.get(&format!("/v1/apps/{app}")).await?;
         let mut n = [0; 4];
         for f in v["functions"].as_array().into_iter().flatten() {
@@ -120,7 +133,7 @@ impl Api {
 
     /// Polls the app every `every` until `ok` holds for its container counts; returns the
     /// time it took.
-    async fn wait_containers(
+    pub(crate) async fn wait_containers(
         &self,
         app: &str,
         what: &str,
@@ -143,7 +156,7 @@ impl Api {
     }
 
     /// Stops the app and waits until none of its containers is left.
-    async fn stop(&self, app: &str) -> anyhow::Result<()> {
+    pub(crate) async fn stop(&self, app: &str) -> anyhow::Result<()> {
         self.post(&format!("/v1/apps/{app}/stop"), &json!({}))
             .await?;
         self.wait_containers(app, "no container", Duration::from_millis(50), |n| {
@@ -184,15 +197,7 @@ pub fn run(b: FunctionsBench) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let api = Api {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(4)
-            .build()?,
-        base: format!("http://{}", c.api),
-        token: c.admin.clone(),
-    };
+    let api = Api::of(&c)?;
     let mut out = json!({"cpu": b.cpu});
     let pids = (
         c.coordinator.child.id(),
@@ -221,7 +226,7 @@ pub fn run(b: FunctionsBench) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stats(v: &[f64]) -> Value {
+pub(crate) fn stats(v: &[f64]) -> Value {
     json!({
         "n": v.len(),
         "p50_ms": percentile(v, 50.0),

@@ -18,10 +18,12 @@ mod footprint;
 mod function_sim;
 mod functions;
 mod gossip;
+mod http_load;
 mod placement;
 mod recovery;
 mod schedule;
 mod submit;
+mod web;
 use clap::{Parser, Subcommand};
 use gantry_agent::image::{ImageConfig, ImageStore, PullConfig};
 use gantry_agent::runtime::{ContainerRequest, Runtime, RuntimeConfig, Stream};
@@ -164,6 +166,46 @@ enum Cmd {
         /// Also write the results as JSON here (for BENCHMARKS.md).
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Web endpoints on a test host (root; network namespaces): requests through the
+    /// ingress to 4 warm containers against the same servers directly, and scale from zero
+    /// to the first byte.
+    Web {
+        /// Requests one at a time, each way.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Requests of the concurrent load, each way.
+        #[arg(long, default_value_t = 10_000)]
+        load_requests: usize,
+        /// Requests at once in the concurrent load (busybox httpd's listen backlog is 9:
+        /// more than ~8 per container overflows it directly, and SYNs wait 1 s to retry).
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Scale-from-zero trials.
+        #[arg(long, default_value_t = 20)]
+        cold_trials: usize,
+        /// `cpu` of every container.
+        #[arg(long, default_value = "1")]
+        cpu: String,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The web benchmarks' load generator alone, against a loopback address (what
+    /// `bench/ray_web.py` runs against Ray Serve's HTTP proxy); prints JSON.
+    HttpLoad {
+        /// A loopback address (127.0.0.0/8).
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// What every body must be.
+        #[arg(long)]
+        expect_body: Option<String>,
     },
     /// Functions on the in-process simulation (the real coordinator against fake agents on
     /// a virtual clock): simulated time from a map's acceptance to N containers decided
@@ -351,6 +393,40 @@ fn main() -> anyhow::Result<()> {
             cpu,
             json,
         }),
+        Cmd::Web {
+            requests,
+            load_requests,
+            concurrency,
+            cold_trials,
+            cpu,
+            json,
+        } => web::run(web::WebBench {
+            requests: requests.max(web::ROUNDS),
+            load_requests: load_requests.max(1),
+            concurrency: concurrency.max(1),
+            cold_trials: cold_trials.max(1),
+            cpu,
+            json,
+        }),
+        Cmd::HttpLoad {
+            addr,
+            path,
+            requests,
+            concurrency,
+            expect_body,
+        } => {
+            let o = http_load::run(http_load::Load {
+                target: http_load::Target::Addr(addr),
+                path,
+                token: None,
+                requests,
+                concurrency: concurrency.max(1),
+                expect_body: expect_body.map(String::into_bytes),
+                deadline: Duration::from_secs(300),
+            })?;
+            println!("{}", o.to_json());
+            Ok(())
+        }
         Cmd::FunctionsSim {
             seeds,
             nodes,
