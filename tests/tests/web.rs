@@ -1,8 +1,12 @@
-//! Web endpoints end to end with real processes and real containers: busybox `httpd` as a
-//! function (contract H) behind the coordinator's ingress. A request to an endpoint at
-//! zero is held while its container starts and is answered; a token is required unless
-//! the endpoint is public; requests beyond `max_concurrency` wait and the endpoint scales
-//! out; beyond `max_pending` they get 429; idle containers drain and stop.
+//! Web endpoints end to end with real processes and real containers: busybox `httpd` (and
+//! an `nc` upgrade server) as functions (contract H) behind the coordinator's ingress. A
+//! request to an endpoint at zero is held while its container starts and is answered; a
+//! token is required unless the endpoint is public; requests beyond `max_concurrency` wait
+//! and the endpoint scales out; beyond `max_pending` they get 429; idle containers drain
+//! and stop; an event stream arrives event by event; an upgraded connection carries bytes
+//! both ways; a new version takes new requests while one in flight finishes on the old;
+//! kill -9 of the serving host answers an idempotent request elsewhere and fails a POST
+//! with 502, never hanging.
 
 use std::time::{Duration, Instant};
 
@@ -306,4 +310,107 @@ max_concurrency = 4
         "the POST failed only after {took:?}"
     );
     c.kill_host(host);
+}
+
+/// A server that upgrades every connection to a raw echo (`101`, then every byte back): the
+/// way WebSocket and other upgrades pass through the ingress.
+const UPGRADE: &str = r#"["sh", "-c", "printf '#!/bin/sh\nwhile read -r l; do l=$(printf %s \"$l\" | tr -d \"\\\\r\"); [ -z \"$l\" ] && break; done\nprintf \"HTTP/1.1 101 Switching Protocols\\\\r\\\\nUpgrade: echo\\\\r\\\\nConnection: Upgrade\\\\r\\\\n\\\\r\\\\n\"\nexec cat\n' > /tmp/up && chmod +x /tmp/up && exec nc -ll -p $PORT -e /tmp/up"]"#;
+
+#[test]
+fn an_upgraded_connection_passes_through_and_a_new_version_takes_new_requests() {
+    use std::io::{BufRead, BufReader, Write};
+    let c = cluster(1);
+    let manifest = |version: &str| {
+        format!(
+            r#"
+app = "up"
+[functions.echo]
+image = "busybox"
+command = {UPGRADE}
+cpu = "0.2"
+memory = "64M"
+scaledown_window = "60s"
+env = {{ VERSION = "{version}" }}
+[functions.echo.web]
+
+[functions.www]
+image = "busybox"
+command = {HTTPD}
+cpu = "0.2"
+memory = "64M"
+scaledown_window = "60s"
+env = {{ VERSION = "{version}" }}
+[functions.www.web]
+"#
+        )
+    };
+    c.deploy(&manifest("1"));
+
+    // The upgrade: 101 through the ingress, then bytes both ways.
+    let mut s = std::net::TcpStream::connect(&c.ingress).expect("connect to the ingress");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /up/echo/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        c.admin
+    )
+    .expect("request");
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("response head");
+        if line.trim().is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for word in ["ping\n", "pong again\n"] {
+        s.write_all(word.as_bytes()).expect("write");
+        let mut back = String::new();
+        reader.read_line(&mut back).expect("echo");
+        assert_eq!(back, word, "echoed through the upgraded connection");
+    }
+    drop((s, reader));
+
+    // A request in flight finishes on the version it went to; the next go to the new one.
+    let slow = std::thread::scope(|sc| {
+        let slow = sc.spawn(|| ingress_get(&c, "/up/www/cgi-bin/slow", Some(&c.admin)));
+        std::thread::sleep(Duration::from_millis(300));
+        c.deploy(&manifest("2"));
+        slow.join().expect("slow request")
+    });
+    assert_eq!(
+        (slow.0, slow.1.trim()),
+        (200, "slow"),
+        "the request in flight"
+    );
+    let (status, body) = ingress_get(&c, "/up/www/index.html", Some(&c.admin));
+    assert_eq!((status, body.trim()), (200, "hello"), "on the new version");
+    wait_until(
+        "version 1 drained, version 2 serving",
+        Duration::from_secs(30),
+        || {
+            let v: Value = c
+                .http()
+                .get(c.url("/v1/apps/up"))
+                .bearer_auth(&c.admin)
+                .send()
+                .ok()?
+                .json()
+                .ok()?;
+            let live_of = |version: u64| -> u64 {
+                v["functions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| f["version"] == version && f["name"] == "www")
+                    .map(live)
+                    .sum()
+            };
+            (live_of(1) == 0 && live_of(2) == 1).then_some(())
+        },
+    );
 }
