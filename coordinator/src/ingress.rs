@@ -270,17 +270,36 @@ async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
         // response body sent, or an upgraded connection closed.
         let lease = Arc::new(lease);
         let held = lease.clone();
+        // This try's answer status, once its head arrived (dropped unsent: none came).
+        let (answered, status) = tokio::sync::oneshot::channel::<u16>();
+        let (functions, key) = (ingress.functions.clone(), endpoint.key.clone());
+        let leased = Instant::now();
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
             drop(held);
+            if let Ok(status) = status.await {
+                let ms = |d: Duration| d.as_millis() as u64;
+                functions.web_request_ended(
+                    &key,
+                    ms(leased - started),
+                    ms(leased.elapsed()),
+                    status,
+                );
+            }
         });
         let mut req = hyper::Request::new(body.take().unwrap_or_else(Body::empty));
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
+        if upgrade.is_none() {
+            strip_hop_by_hop(req.headers_mut());
+        }
         match sender.send_request(req).await {
-            Ok(r) => break (lease, r),
+            Ok(r) => {
+                let _ = answered.send(r.status().as_u16());
+                break (lease, r);
+            }
             Err(e) if replayable && skip.len() + 1 < MAX_TRIES => {
                 tracing::warn!(%function, container = %warm, error = %e, "web request lost with its container; sending it to another");
                 skip.push(warm);
@@ -309,7 +328,40 @@ async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
             drop(lease);
         });
     }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        // The client's connection to the ingress is its own (kept alive or not as the
+        // client and the ingress agree), not the container's.
+        strip_hop_by_hop(response.headers_mut());
+    }
     response.map(Body::new)
+}
+
+/// Removes the headers that describe one connection (RFC 9110, 7.6.1): those `Connection`
+/// names, and the standard ones.
+fn strip_hop_by_hop(headers: &mut axum::http::HeaderMap) {
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
 }
 
 /// A plain-text answer.
@@ -320,4 +372,29 @@ fn plain(status: StatusCode, message: &str) -> Response {
         format!("{message}\n"),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_connection() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-trace"),
+        );
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type", "content-length"]);
+    }
 }

@@ -125,6 +125,18 @@ public = true
         1,
         "one container serves both"
     );
+    // Requests count as the function's inputs (once their connection ended): in /metrics,
+    // with their wait for a container as `queued`, and in the recent latencies.
+    let series = [
+        "gantry_input_phase_seconds_count{function=\"site/www\",phase=\"queued\"} 2",
+        "gantry_input_phase_seconds_count{function=\"site/www\",phase=\"total\"} 2",
+        "gantry_inputs_ended_total{function=\"site/www\",outcome=\"succeeded\"} 2",
+    ];
+    wait_until("both requests in /metrics", Duration::from_secs(10), || {
+        let metrics = c.http().get(c.url("/metrics")).send().ok()?.text().ok()?;
+        series.iter().all(|s| metrics.contains(s)).then_some(())
+    });
+    assert_eq!(function(&c, "site", "www")["ended_last_minute"], 2);
 
     // A token is needed unless the endpoint is public; unknown endpoints are 404.
     let (status, body) = ingress_get(&c, "/site/www/index.html", None);

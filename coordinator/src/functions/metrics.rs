@@ -1,7 +1,7 @@
 //! What the functions export and show about their inputs: Prometheus histograms of each
 //! phase (`gantry_input_phase_seconds{function, phase}`), counts of ended inputs by outcome,
 //! and a recent window per function version for `gantry functions`: inputs ended in the
-//! last minute and their p50/p99 latency.
+//! last minute and their p50/p99 latency. A web endpoint's requests count as its inputs.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -122,6 +122,42 @@ impl InputMetrics {
             while q.len() > WINDOW_CAP {
                 q.pop_front();
             }
+        }
+    }
+
+    /// Counts a web request that ended at `now` (unix ms): `queued` is its wait for a
+    /// container (a cold start included), `run` from then to the end of its response,
+    /// `total` both; a 5xx from the container is `failed`.
+    pub fn web_request_ended(
+        &self,
+        key: &FunctionKey,
+        held_ms: u64,
+        run_ms: u64,
+        status: u16,
+        now: u64,
+    ) {
+        let function = format!("{}/{}", key.app, key.function);
+        let outcome = if status >= 500 { "failed" } else { "succeeded" };
+        self.outcomes
+            .get_or_create(&OutcomeLabels {
+                function: function.clone(),
+                outcome,
+            })
+            .inc();
+        let total = held_ms + run_ms;
+        for (phase, ms) in [("queued", held_ms), ("run", run_ms), ("total", total)] {
+            self.phases
+                .get_or_create(&PhaseLabels {
+                    function: function.clone(),
+                    phase,
+                })
+                .observe(ms as f64 / 1000.0);
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let q = recent.entry(key.clone()).or_default();
+        q.push_back((now, total));
+        while q.len() > WINDOW_CAP {
+            q.pop_front();
         }
     }
 

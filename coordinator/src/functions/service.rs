@@ -488,6 +488,14 @@ impl FunctionService {
         result
     }
 
+    /// A web request to `key` ended with `status`: into the metrics and the recent window
+    /// (`gantry functions`), as an input would.
+    pub fn web_request_ended(&self, key: &FunctionKey, held_ms: u64, run_ms: u64, status: u16) {
+        self.inner
+            .metrics
+            .web_request_ended(key, held_ms, run_ms, status, self.now());
+    }
+
     /// A web request on `warm` ended.
     fn web_done(&self, warm: &WarmId) {
         let now = self.now();
