@@ -228,6 +228,10 @@ async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
         }
     }
     let (mut parts, body) = req.into_parts();
+    if !endpoint.web.public {
+        // The caller's Gantry token is for the ingress, never for the container's code.
+        parts.headers.remove(header::AUTHORIZATION);
+    }
     match path.parse::<Uri>() {
         Ok(uri) => parts.uri = uri,
         Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("bad path: {e}")),

@@ -328,6 +328,10 @@ max_concurrency = 4
 /// way WebSocket and other upgrades pass through the ingress.
 const UPGRADE: &str = r#"["sh", "-c", "printf '#!/bin/sh\nwhile read -r l; do l=$(printf %s \"$l\" | tr -d \"\\\\r\"); [ -z \"$l\" ] && break; done\nprintf \"HTTP/1.1 101 Switching Protocols\\\\r\\\\nUpgrade: echo\\\\r\\\\nConnection: Upgrade\\\\r\\\\n\\\\r\\\\n\"\nexec cat\n' > /tmp/up && chmod +x /tmp/up && exec nc -ll -p $PORT -e /tmp/up"]"#;
 
+/// A server that answers every request with the request's head as it arrived (its lines
+/// joined by `;`).
+const HEAD_ECHO: &str = r#"["sh", "-c", "printf '#!/bin/sh\nh=\nwhile read -r l; do l=$(printf %%s \"$l\" | tr -d \"\\\\r\"); [ -z \"$l\" ] && break; h=\"$h$l;\"; done\nprintf \"HTTP/1.1 200 OK\\\\r\\\\nContent-Type: text/plain\\\\r\\\\nConnection: close\\\\r\\\\n\\\\r\\\\n%%s\" \"$h\"\n' > /tmp/head && chmod +x /tmp/head && exec nc -ll -p $PORT -e /tmp/head"]"#;
+
 #[test]
 fn an_upgraded_connection_passes_through_and_a_new_version_takes_new_requests() {
     use std::io::{BufRead, BufReader, Write};
@@ -353,10 +357,27 @@ memory = "64M"
 scaledown_window = "60s"
 env = {{ VERSION = "{version}" }}
 [functions.www.web]
+
+[functions.head]
+image = "busybox"
+command = {HEAD_ECHO}
+cpu = "0.2"
+memory = "64M"
+[functions.head.web]
 "#
         )
     };
     c.deploy(&manifest("1"));
+
+    // What the container gets: the request with its path under the endpoint, without
+    // the caller's Gantry token or the client's connection headers.
+    let (status, head) = ingress_get(&c, "/up/head/x/y?z=1", Some(&c.admin));
+    assert_eq!(status, 200, "{head}");
+    assert!(head.starts_with("GET /x/y?z=1 HTTP/1.1;"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("authorization") && !head.contains(&c.admin),
+        "the container saw the caller's token: {head}"
+    );
 
     // The upgrade: 101 through the ingress, then bytes both ways.
     let mut s = std::net::TcpStream::connect(&c.ingress).expect("connect to the ingress");
