@@ -638,6 +638,44 @@ mod tests {
         }
     }
 
+    fn web_inbox() -> Inbox {
+        Inbox::new(
+            attempt(),
+            &FunctionRuntime {
+                max_inputs: 1,
+                startup_timeout_ms: 1_000,
+                web: Some(gantry_shared::protocol::WebRuntime {
+                    port: 8000,
+                    readiness: gantry_shared::protocol::Readiness::Tcp,
+                }),
+            },
+        )
+    }
+
+    #[test]
+    fn a_web_endpoint_takes_requests_once_ready_and_stops_after_its_last_when_drained() {
+        let mut web = web_inbox();
+        assert_eq!(web.web_begin(), Err(InboxError::NotReady));
+        web.started(1);
+        web.ready(2).expect("ready");
+        assert_eq!(web.web_begin(), Ok(()));
+        assert_eq!(web.web_begin(), Ok(()));
+        // Drained with two requests in flight: no stop until the last ends, and no new one.
+        web.drain(30_000, 3);
+        assert_eq!(web.expire(4), []);
+        assert_eq!(web.web_begin(), Err(InboxError::Draining));
+        assert_eq!(web.web_end(), []);
+        assert_eq!(web.web_end(), [Action::Stop(StopReason::WebDrained)]);
+        // Drained with nothing in flight: stopped at the next look.
+        let mut idle = web_inbox();
+        idle.started(1);
+        idle.ready(2).expect("ready");
+        idle.drain(30_000, 3);
+        assert_eq!(idle.expire(3), [Action::Stop(StopReason::WebDrained)]);
+        // A runtime API container takes no web requests.
+        assert_eq!(inbox(1).web_begin(), Err(InboxError::NotWeb));
+    }
+
     #[test]
     fn ready_before_started_waits_for_it() {
         let mut b = inbox(1);
