@@ -1294,6 +1294,9 @@ impl FunctionService {
                 WarmPhase::Placed => last.is_none_or(|(s, _)| s != session),
                 _ => last.is_none_or(|(s, at)| s != session || now.saturating_sub(at) >= resend_ms),
             };
+            if !due {
+                continue;
+            }
             let msg = match w.phase {
                 WarmPhase::Placed => {
                     let Some(spec) = state.specs.get(&w.key) else {
@@ -1324,10 +1327,8 @@ impl FunctionService {
                 },
                 _ => continue,
             };
-            if due {
-                sent.insert(w.id.clone(), (session, now));
-                let _ = self.inner.outbound.send(msg);
-            }
+            sent.insert(w.id.clone(), (session, now));
+            let _ = self.inner.outbound.send(msg);
         }
         Ok(())
     }
