@@ -346,8 +346,10 @@ impl State {
             .collect()
     }
 
-    /// A web request on `warm` ended: a container left with nothing is idle from `now`
-    /// (in memory: after a restart, idleness counts from the restore).
+    /// A web request on `warm` ended: a container left with nothing is idle from `now`.
+    /// Only in memory (a write per request would cost a disk write each): after a
+    /// restart a web container counts as idle since its stored record's time, usually
+    /// when it became ready, so one whose window has passed is drained soon after.
     pub fn web_done(&mut self, warm: &WarmId, now: u64) {
         if self.web.done(warm)
             && self.leased(warm) == 0
