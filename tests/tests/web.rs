@@ -146,6 +146,7 @@ public = true
     assert_eq!(status, 401, "{body}");
     let (status, body) = ingress_get(&c, "/site/open-door/index.html", None);
     assert_eq!((status, body.trim()), (200, "hello"), "a public endpoint");
+    assert_eq!(namespace_threads(&c), 2, "one per web container");
     let (status, body) = ingress_get(&c, "/site/nothing/", Some(&c.admin));
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("/APP/LABEL/"), "{body}");
@@ -175,6 +176,29 @@ public = true
             (live(&a) + live(&b) == 0).then_some(())
         },
     );
+    // Each web container's namespace thread in the agent ended with it.
+    wait_until("no namespace thread left", Duration::from_secs(10), || {
+        (namespace_threads(&c) == 0).then_some(())
+    });
+}
+
+/// The agent's (the first's) threads that make sockets in web containers' namespaces.
+fn namespace_threads(c: &TestCluster) -> usize {
+    let agent = c.agents[0]
+        .proc
+        .as_ref()
+        .expect("the agent runs")
+        .child
+        .id();
+    std::fs::read_dir(format!("/proc/{agent}/task"))
+        .map(|threads| {
+            threads
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .filter(|name| name.trim() == "gantry-netns")
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 #[test]

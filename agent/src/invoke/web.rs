@@ -3,14 +3,14 @@
 //! ready, and opens one connection into the namespace for each request the coordinator's
 //! ingress sends (`Command::Web`).
 //!
-//! A socket belongs to the network namespace of the thread that made it, so every socket
-//! into a container is made on a short-lived thread that enters the namespace first and
-//! ends after; no thread of the agent's runtime ever changes namespace.
+//! A socket belongs to the network namespace of the thread that made it, so each container
+//! has one thread that enters its namespace, brings its loopback up and then only makes
+//! sockets there; the runtime connects them. No thread of the agent's runtime ever changes
+//! namespace.
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_shared::protocol::Readiness;
@@ -27,54 +27,63 @@ const PROBE_MAX: Duration = Duration::from_millis(50);
 /// Longest one HTTP probe may take to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A web endpoint container's server: its network namespace and port.
+/// A web endpoint container's server: a thread that lives in the container's network
+/// namespace and makes sockets there for the runtime to connect, and the server's port.
+/// The thread ends when the last clone of this is dropped.
 #[derive(Debug, Clone)]
 pub struct WebTarget {
-    netns: Arc<File>,
+    sockets: std::sync::mpsc::Sender<Socket>,
     port: u16,
 }
 
+/// Where the namespace's thread sends a socket it made.
+type Socket = tokio::sync::oneshot::Sender<std::io::Result<tokio::net::TcpSocket>>;
+
 impl WebTarget {
     /// The server on `port` in the network namespace of process `pid` (one of the
-    /// container's), with the namespace's loopback brought up.
+    /// container's): the namespace's thread starts and brings its loopback up.
     pub async fn of_process(pid: i32, port: u16) -> std::io::Result<Self> {
         let netns = File::open(format!("/proc/{pid}/ns/net"))?;
-        let target = Self {
-            netns: Arc::new(netns),
-            port,
-        };
-        target.inside(loopback_up).await?;
-        Ok(target)
-    }
-
-    /// A connection to the server.
-    pub async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let stream = self
-            .inside(move || std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))
-            .await?;
-        stream.set_nonblocking(true)?;
-        stream.set_nodelay(true)?;
-        tokio::net::TcpStream::from_std(stream)
-    }
-
-    /// Runs `f` on a new thread inside the namespace (the thread ends with it).
-    async fn inside<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-    ) -> std::io::Result<T> {
-        let netns = self.netns.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (sockets, requests) = std::sync::mpsc::channel::<Socket>();
+        let (ready, up) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("gantry-netns".into())
             .spawn(move || {
-                let result = setns(netns.as_ref(), CloneFlags::CLONE_NEWNET)
+                // This thread stays in the namespace: it only ever makes sockets there.
+                let entered = setns(&netns, CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)
-                    .and_then(|()| f());
-                let _ = tx.send(result);
+                    .and_then(|()| loopback_up());
+                let entered_ok = entered.is_ok();
+                let _ = ready.send(entered);
+                if !entered_ok {
+                    return;
+                }
+                for reply in requests {
+                    let _ = reply.send(tokio::net::TcpSocket::new_v4());
+                }
             })?;
-        rx.await
-            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread died")))
+        up.await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread died")))?;
+        Ok(Self { sockets, port })
+    }
+
+    /// A connection to the server: a socket made in its namespace, connected from here.
+    pub async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let gone = || std::io::Error::other("the container's namespace thread ended");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.sockets.send(tx).map_err(|_| gone())?;
+        let socket = rx.await.map_err(|_| gone())??;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection to {addr} in the container within {CONNECT_TIMEOUT:?}"),
+                )
+            })??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
     }
 }
 
