@@ -116,6 +116,8 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
         field(&lines, "api listening on").context("the coordinator printed no API address")?;
     let control = field(&lines, "control listening on")
         .context("the coordinator printed no control address")?;
+    let ingress = field(&lines, "ingress listening on")
+        .context("the coordinator printed no ingress address")?;
     let token = read_secret(&token_file).with_context(|| {
         format!("no admin token in {}: this coordinator state was created outside `gantry dev`; set GANTRY_TOKEN or use a fresh --state-dir", token_file.display())
     })?;
@@ -142,7 +144,7 @@ pub async fn run(cfg: DevConfig) -> anyhow::Result<i32> {
     }
     .save()?;
     println!(
-        "gantry dev is running: API http://{api}, {} agent(s){}, state in {}",
+        "gantry dev is running: API http://{api}, {} agent(s){}, web endpoints at http://{ingress}/APP/LABEL/, state in {}",
         cfg.agents,
         cfg.simulate_gpus
             .as_deref()

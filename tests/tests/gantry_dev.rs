@@ -293,6 +293,7 @@ fn gantry_dev_runs_several_agents_with_simulated_gpus() {
     let mut dev = Proc::spawn(cmd);
     let line = dev.line_after("gantry dev is running");
     assert!(line.contains("3 agent(s) with simulated GPUs"), "{line}");
+    assert!(line.contains("web endpoints at http://"), "{line}");
     let nodes = gantry_tests::netns::wait_until(
         "three ready nodes with 4 simulated GPUs",
         Duration::from_secs(30),
