@@ -184,25 +184,42 @@ impl Api {
     }
 }
 
+/// A cluster of one agent offering enough for every container of every phase (the offer
+/// is accounting; the cores are this machine's), with `images` (`busybox`, `echo`), a
+/// single-threaded runtime, the API, and the coordinator's and the agent's pids.
+pub(crate) struct OneAgent {
+    pub c: TestCluster,
+    pub rt: tokio::runtime::Runtime,
+    pub api: Api,
+    pub pids: (u32, u32),
+}
+
+impl OneAgent {
+    pub(crate) fn start(images: ClusterSpec) -> anyhow::Result<Self> {
+        let c = TestCluster::start(ClusterSpec {
+            agents: 1,
+            cpus: "64".into(),
+            memory: "32G".into(),
+            ..images
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let api = Api::of(&c)?;
+        let pids = (
+            c.coordinator.child.id(),
+            c.agents[0].proc.as_ref().map_or(0, |p| p.child.id()),
+        );
+        Ok(Self { c, rt, api, pids })
+    }
+}
+
 pub fn run(b: FunctionsBench) -> anyhow::Result<()> {
-    // One agent offering enough for every container of every phase (the offer is
-    // accounting; the cores are this machine's).
-    let c = TestCluster::start(ClusterSpec {
-        agents: 1,
-        cpus: "64".into(),
-        memory: "32G".into(),
+    let OneAgent { c, rt, api, pids } = OneAgent::start(ClusterSpec {
         echo: true,
         ..ClusterSpec::default()
-    });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let api = Api::of(&c)?;
+    })?;
     let mut out = json!({"cpu": b.cpu});
-    let pids = (
-        c.coordinator.child.id(),
-        c.agents[0].proc.as_ref().map_or(0, |p| p.child.id()),
-    );
 
     eprintln!("functions: warm calls");
     out["warm"] = rt.block_on(warm(&api, &b, pids))?;

@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use gantry_tests::cluster::{ClusterSpec, TestCluster};
+use gantry_tests::cluster::ClusterSpec;
 use serde_json::{Value, json};
 
 use crate::cpu::CpuWindow;
-use crate::functions::{Api, stats};
+use crate::functions::{Api, OneAgent, stats};
 use crate::http_load::{self, Load, Outcome, Target};
 
 /// The directory httpd serves; also what tells its processes apart from other tests'.
@@ -74,22 +74,11 @@ async fn deploy(api: &Api, app: &str, cpu: &str, extra: Value) -> anyhow::Result
 }
 
 pub fn run(b: WebBench) -> anyhow::Result<()> {
-    let c = TestCluster::start(ClusterSpec {
-        agents: 1,
-        cpus: "64".into(),
-        memory: "32G".into(),
+    let OneAgent { c, rt, api, pids } = OneAgent::start(ClusterSpec {
         busybox: true,
         ..ClusterSpec::default()
-    });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let api = Api::of(&c)?;
+    })?;
     let ingress: std::net::SocketAddr = c.ingress.parse().context("ingress address")?;
-    let pids = (
-        c.coordinator.child.id(),
-        c.agents[0].proc.as_ref().map_or(0, |p| p.child.id()),
-    );
     let cgroup = gantry_agent::runtime::cgroup::parent_for(&c.agents[0].state);
     let mut out = json!({"cpu": b.cpu, "concurrency": b.concurrency});
 

@@ -311,23 +311,18 @@ max_concurrency = 4
     // (never hangs).
     let host = host_with_a_container(&c).expect("a host runs the container");
     let url = format!("http://{}/stream/ev/cgi-bin/slow3", c.ingress);
+    // Sends `req`; its status and body (or its error), and how long it took.
+    let timed = |req: reqwest::blocking::RequestBuilder| {
+        let t = Instant::now();
+        let r = req.bearer_auth(&c.admin).send();
+        (
+            r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())),
+            t.elapsed(),
+        )
+    };
     let (get, post) = std::thread::scope(|s| {
-        let get = s.spawn(|| {
-            let t = Instant::now();
-            let r = client.get(&url).bearer_auth(&c.admin).send();
-            (
-                r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())),
-                t.elapsed(),
-            )
-        });
-        let post = s.spawn(|| {
-            let t = Instant::now();
-            let r = client.post(&url).bearer_auth(&c.admin).body("x=1").send();
-            (
-                r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())),
-                t.elapsed(),
-            )
-        });
+        let get = s.spawn(|| timed(client.get(&url)));
+        let post = s.spawn(|| timed(client.post(&url).body("x=1")));
         std::thread::sleep(Duration::from_secs(1));
         c.agents[host].host.kill();
         (get.join().expect("get"), post.join().expect("post"))
@@ -394,7 +389,7 @@ memory = "64M"
     c.deploy(&manifest("1"));
 
     // What the container gets: the request with its path under the endpoint, without
-    // the caller's Gantry token or the client's connection headers.
+    // the caller's Gantry token.
     let (status, head) = ingress_get(&c, "/up/head/x/y?z=1", Some(&c.admin));
     assert_eq!(status, 200, "{head}");
     assert!(head.starts_with("GET /x/y?z=1 HTTP/1.1;"), "{head}");
