@@ -32,6 +32,9 @@ pub struct ClusterSpec {
     /// Import busybox with the example function runtime (`/app/runtime`) as image `echo`
     /// on every agent (see [`crate::functions_fixture`]).
     pub echo: bool,
+    /// Import busybox with the WebSocket echo server (`/app/ws-echo`) as image `ws-echo` on
+    /// every agent (see [`crate::functions_fixture`]).
+    pub ws_echo: bool,
     /// The API (and the embedded registry) serves HTTPS with a certificate the cluster CA
     /// issues for the bridge address (`[api] tls_names`); clients here trust that CA.
     pub api_tls: bool,
@@ -46,6 +49,7 @@ impl Default for ClusterSpec {
             memory: "4G".into(),
             busybox: false,
             echo: false,
+            ws_echo: false,
             api_tls: false,
         }
     }
@@ -115,6 +119,10 @@ impl TestCluster {
         if spec.echo {
             crate::functions_fixture::echo_rootfs(&echo_rootfs);
         }
+        let ws_echo_rootfs = dir.path().join("ws-echo-rootfs");
+        if spec.ws_echo {
+            crate::functions_fixture::ws_echo_rootfs(&ws_echo_rootfs);
+        }
         let mut agents = Vec::new();
         for i in 0..spec.agents {
             let node = format!("node-{i}");
@@ -149,6 +157,9 @@ impl TestCluster {
             }
             if c.spec.echo {
                 crate::functions_fixture::import_echo(c.agent_command(i), &echo_rootfs);
+            }
+            if c.spec.ws_echo {
+                crate::functions_fixture::import_ws_echo(c.agent_command(i), &ws_echo_rootfs);
             }
             c.join(i);
             c.start_agent(i);

@@ -1,5 +1,6 @@
 //! Fixtures for function tests: the example runtimes (`examples/echo-runtime`, built static,
-//! and `examples/runtime.sh`), a busybox image that carries them, and [`FakeRuntimeApi`], a
+//! and `examples/runtime.sh`) and the WebSocket echo server (`tests/fixtures/ws-echo`, a web
+//! endpoint's container), busybox images that carry them, and [`FakeRuntimeApi`], a
 //! stand-in for the agent's runtime API that checks a runtime speaks the contract
 //! (docs/functions.md) without an agent or a container.
 
@@ -30,17 +31,31 @@ fn target_dir() -> PathBuf {
 }
 
 /// `examples/echo-runtime`, built static (`+crt-static`, so it runs in busybox or scratch) into
-/// `<target>/echo-runtime` once per process; cargo's lock makes concurrent test processes safe
-/// and a rebuild of an unchanged tree is a no-op. Returns the binary's path.
+/// `<target>/echo-runtime` once per process (see [`build_static`]). Returns the binary's path.
 pub fn echo_runtime() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(build_echo_runtime).clone()
+    BUILT
+        .get_or_init(|| build_static("examples/echo-runtime", "echo-runtime"))
+        .clone()
 }
 
-fn build_echo_runtime() -> PathBuf {
+/// `tests/fixtures/ws-echo`, a WebSocket echo server on `$PORT`, built static into
+/// `<target>/ws-echo` once per process (see [`build_static`]). Returns the binary's path.
+pub fn ws_echo() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_static("tests/fixtures/ws-echo", "ws-echo"))
+        .clone()
+}
+
+/// Builds binary `name` of the crate at `crate_dir` (relative to the repository root; its own
+/// workspace) static, with `+crt-static` so it runs in busybox or scratch, into
+/// `<target>/<name>`; cargo's lock makes concurrent test processes safe and a rebuild of an
+/// unchanged tree is a no-op. Returns the binary's path.
+fn build_static(crate_dir: &str, name: &str) -> PathBuf {
     const TRIPLE: &str = "x86_64-unknown-linux-gnu";
-    let manifest = repo().join("examples/echo-runtime/Cargo.toml");
-    let target = target_dir().join("echo-runtime");
+    let manifest = repo().join(crate_dir).join("Cargo.toml");
+    let target = target_dir().join(name);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     // What the outer cargo set for this build (its target dir, flags, package variables,
@@ -57,17 +72,17 @@ fn build_echo_runtime() -> PathBuf {
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .args(["build", "--release", "--manifest-path"])
         .arg(&manifest)
-        .args(["--target", TRIPLE, "--target-dir"])
+        .args(["--bin", name, "--target", TRIPLE, "--target-dir"])
         .arg(&target)
         .output()
-        .expect("running cargo to build examples/echo-runtime");
+        .unwrap_or_else(|e| panic!("running cargo to build {crate_dir}: {e}"));
     assert!(
         out.status.success(),
-        "building examples/echo-runtime statically failed ({}): {}",
+        "building {crate_dir} statically failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let bin = target.join(TRIPLE).join("release/echo-runtime");
+    let bin = target.join(TRIPLE).join("release").join(name);
     assert!(bin.is_file(), "cargo built no {}", bin.display());
     bin
 }
@@ -105,6 +120,25 @@ pub fn echo_rootfs(dir: &Path) {
 /// `image import ROOTFS --name echo --cmd /app/runtime`.
 pub fn import_echo(agent: Command, rootfs: &Path) {
     import_image(agent, rootfs, "echo", &["/app/runtime"]);
+}
+
+/// Builds at `dir` the busybox root filesystem of [`crate::busybox_rootfs`] plus
+/// `/app/ws-echo` (the static [`ws_echo`] server). Import it on an agent with
+/// [`import_ws_echo`] (image `ws-echo`); deploy as a web endpoint with
+/// `command = ["/app/ws-echo"]`.
+pub fn ws_echo_rootfs(dir: &Path) {
+    crate::busybox_rootfs(dir);
+    let app = dir.join("app");
+    std::fs::create_dir_all(&app).expect("mkdir /app");
+    let bin = ws_echo();
+    std::fs::copy(&bin, app.join("ws-echo"))
+        .unwrap_or_else(|e| panic!("copying {} into the rootfs: {e}", bin.display()));
+}
+
+/// Runs `agent` (a `gantry-agent` command with its state directory set) as
+/// `image import ROOTFS --name ws-echo --cmd /app/ws-echo`.
+pub fn import_ws_echo(agent: Command, rootfs: &Path) {
+    import_image(agent, rootfs, "ws-echo", &["/app/ws-echo"]);
 }
 
 /// Runs `agent` (a `gantry-agent` command with its state directory set) as `image import
