@@ -2,206 +2,21 @@
 //! an HTTP/1.1 client on the socket plays the container, a recorder plays the rest of the
 //! agent (events and stops), and the answers are read from the real output queue.
 
+mod support;
+
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode};
-use gantry_agent::invoke::{
-    Container, FunctionServer, Invoke, InvokeConfig, OutputReport, StopReason,
-};
-use gantry_shared::calls::{FailureCause, InputResult, LeasedInput, Payload};
+use axum::http::StatusCode;
+use gantry_agent::invoke::StopReason;
+use gantry_shared::calls::{FailureCause, InputResult, Payload};
 use gantry_shared::protocol::{Event, FunctionRuntime};
-use gantry_shared::{AttemptRef, CallId, ContainerId, Generation, InputId, Owner, WarmId, now_ms};
-use hyper_util::rt::TokioIo;
+use gantry_shared::{CallId, ContainerId, InputId, now_ms};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-/// What the server asked of the rest of the agent.
-#[derive(Debug)]
-enum Seen {
-    Event(Event),
-    Stop(StopReason),
-}
-
-struct Recorder(mpsc::Sender<Seen>);
-
-impl Container for Recorder {
-    fn event(&self, event: Event) {
-        let _ = self.0.try_send(Seen::Event(event));
-    }
-    fn stop(&self, reason: StopReason) {
-        let _ = self.0.try_send(Seen::Stop(reason));
-    }
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    invoke: Invoke,
-    server: Arc<FunctionServer>,
-    id: ContainerId,
-    seen: mpsc::Receiver<Seen>,
-    sock: PathBuf,
-}
-
-fn attempt() -> AttemptRef {
-    AttemptRef {
-        owner: Owner::Function(WarmId::new("w-1").expect("warm id")),
-        generation: Generation(3),
-    }
-}
-
-async fn fixture(max_inputs: u32, startup_timeout_ms: u64) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = InvokeConfig::new(dir.path().join("invoke"));
-    config.events_poll = Duration::from_millis(300);
-    let invoke = Invoke::new(config, CancellationToken::new());
-    let attempt = attempt();
-    let id = attempt.owner.container_id(attempt.generation).expect("id");
-    let (tx, seen) = mpsc::channel(64);
-    let server = invoke
-        .open(
-            &id,
-            attempt,
-            &FunctionRuntime {
-                max_inputs,
-                startup_timeout_ms,
-                web: None,
-            },
-            Arc::new(Recorder(tx)),
-        )
-        .expect("bind");
-    let sock = server.socket();
-    assert_eq!(sock, invoke.dir(&id).join("runtime.sock"));
-    Fixture {
-        _dir: dir,
-        invoke,
-        server,
-        id,
-        seen,
-        sock,
-    }
-}
-
-impl Fixture {
-    async fn next_seen(&mut self) -> Seen {
-        tokio::time::timeout(Duration::from_secs(5), self.seen.recv())
-            .await
-            .expect("the server did something in time")
-            .expect("recorder open")
-    }
-
-    async fn no_more_seen(&mut self) {
-        if let Ok(Some(s)) =
-            tokio::time::timeout(Duration::from_millis(200), self.seen.recv()).await
-        {
-            panic!("unexpected: {s:?}");
-        }
-    }
-
-    /// The answers queued for the coordinator, waiting up to 5 s for `n` of them.
-    async fn outputs(&self, n: usize) -> Vec<OutputReport> {
-        let outputs = self.invoke.outputs();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let all: Vec<OutputReport> = outputs
-                .pending(&HashSet::new(), 100)
-                .into_iter()
-                .map(|(_, r)| r)
-                .collect();
-            if all.len() >= n || tokio::time::Instant::now() > deadline {
-                return all;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-fn input(n: u32, deadline_ms: u64, body: &str) -> LeasedInput {
-    let call = CallId::new("fc-1").expect("call id");
-    LeasedInput {
-        id: InputId::of(&call, n),
-        call,
-        attempt: 2,
-        deadline_ms,
-        payload: Payload::new("application/json", body.as_bytes().to_vec()),
-    }
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One HTTP/1.1 request on its own connection to the socket.
-async fn call(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> Answer {
-    let stream = UnixStream::connect(sock).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    let conn = tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "gantry");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Body::from(body)).expect("request"))
-        .await
-        .expect("response");
-    let (parts, body) = resp.into_parts();
-    let body = axum::body::to_bytes(Body::new(body), usize::MAX)
-        .await
-        .expect("body")
-        .to_vec();
-    drop(sender);
-    conn.abort();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
-}
-
-async fn get(sock: &Path, path: &str) -> Answer {
-    call(sock, "GET", path, &[], Vec::new()).await
-}
-
-async fn post(sock: &Path, path: &str, content_type: &str, body: &str) -> Answer {
-    call(
-        sock,
-        "POST",
-        path,
-        &[("content-type", content_type)],
-        body.as_bytes().to_vec(),
-    )
-    .await
-}
-
-fn header<'a>(a: &'a Answer, name: &str) -> &'a str {
-    a.headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("header {name} in {:?}", a.headers))
-}
+use support::*;
 
 #[tokio::test]
 async fn ready_next_response_and_the_output() {
@@ -627,6 +442,7 @@ async fn closing_stops_the_server_and_leaves_nothing() {
             &FunctionRuntime {
                 max_inputs: 1,
                 startup_timeout_ms: 1_000,
+                timeout_ms: 60_000,
                 web: None,
             },
             Arc::new(Recorder(tx)),

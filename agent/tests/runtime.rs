@@ -832,6 +832,7 @@ async fn a_function_container_sees_its_runtime_api_socket() {
     let function = FunctionRuntime {
         max_inputs: 3,
         startup_timeout_ms: 60_000,
+        timeout_ms: 60_000,
         web: None,
     };
     invoke

@@ -147,7 +147,7 @@ impl Ingress {
     async fn connect(
         &self,
         endpoint: &WebEndpoint,
-        deadline: tokio::time::Instant,
+        (arrived_ms, deadline): (u64, tokio::time::Instant),
         skip: &mut Vec<WarmId>,
     ) -> Result<
         (
@@ -157,7 +157,11 @@ impl Ingress {
         Response,
     > {
         loop {
-            let lease = match self.functions.web_acquire(endpoint, deadline, skip).await {
+            let acquired = self
+                .functions
+                .web_acquire(endpoint, arrived_ms, deadline, skip)
+                .await;
+            let lease = match acquired {
                 Ok(lease) => lease,
                 Err(e @ WebWaitError::TooMany { .. }) => {
                     let mut r = plain(
@@ -210,6 +214,7 @@ impl Ingress {
 
 async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
     let started = Instant::now();
+    let arrived_ms = ingress.functions.now_ms();
     let Some((endpoint, path)) = ingress.route(&req) else {
         return plain(
             StatusCode::NOT_FOUND,
@@ -256,7 +261,10 @@ async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
     let mut skip = Vec::new();
     let function = endpoint.key.to_string();
     let (lease, mut response) = loop {
-        let (lease, io) = match ingress.connect(&endpoint, deadline, &mut skip).await {
+        let (lease, io) = match ingress
+            .connect(&endpoint, (arrived_ms, deadline), &mut skip)
+            .await
+        {
             Ok(c) => c,
             Err(r) => return r,
         };
@@ -280,15 +288,19 @@ async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
         let leased = Instant::now();
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
+            let (warm, mut timings) = (held.warm.clone(), held.timings.clone());
             drop(held);
             if let Ok(status) = status.await {
                 let ms = |d: Duration| d.as_millis() as u64;
-                functions.web_request_ended(
-                    &key,
-                    ms(leased - started),
-                    ms(leased.elapsed()),
-                    status,
+                timings.run_ms = Some(ms(leased.elapsed()));
+                timings.total_ms = Some(ms(started.elapsed()));
+                tracing::info!(
+                    function = %key, container = %warm, status, ms = timings.total_ms,
+                    queued_ms = timings.queued_ms, placement_ms = timings.placement_ms,
+                    image_ms = timings.image_ms, startup_ms = timings.startup_ms,
+                    run_ms = timings.run_ms, "web request"
                 );
+                functions.web_request_ended(&key, &timings, status);
             }
         });
         let mut req = hyper::Request::new(body.take().unwrap_or_else(Body::empty));
@@ -317,9 +329,7 @@ async fn handle(State(ingress): State<Arc<Ingress>>, req: Request) -> Response {
             }
         }
     };
-    let warm = lease.warm.clone();
     let status = response.status();
-    tracing::info!(%function, container = %warm, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "web request");
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = upgrade
     {

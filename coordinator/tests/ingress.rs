@@ -196,7 +196,10 @@ async fn a_request_no_container_takes_gives_up_at_its_deadline() {
         .expect("endpoint");
     let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
     let waited = tokio::time::Instant::now();
-    let result = f.functions.web_acquire(&endpoint, deadline, &[]).await;
+    let result = f
+        .functions
+        .web_acquire(&endpoint, f.functions.now_ms(), deadline, &[])
+        .await;
     assert!(
         matches!(result, Err(WebWaitError::Timeout)),
         "no container: a timeout (504 at the ingress)"

@@ -80,15 +80,19 @@ pub struct FunctionSpec {
     pub web: Option<WebSpec>,
 }
 
-/// A web endpoint (contract H): any HTTP server listening on `port` in the container's own
-/// network namespace (`$PORT` says which), reached through the coordinator's ingress at
-/// `/APP/LABEL/…` or `APP--LABEL.DOMAIN`.
+/// A web endpoint, reached through the coordinator's ingress at `/APP/LABEL/…` or
+/// `APP--LABEL.DOMAIN`: any HTTP server listening on `port` in the container's own network
+/// namespace (`$PORT` says which; contract H), or a runtime API program that takes each
+/// request as an `http` input (`via = "runtime_api"`; contract P).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebSpec {
+    /// How requests reach the code (default: an HTTP server on `port`).
+    #[serde(default)]
+    pub via: WebVia,
     /// The port the server listens on in its container (default 8000).
-    #[serde(default = "default_port")]
-    pub port: u16,
+    #[serde(default)]
+    pub port: Option<u16>,
     /// How the agent knows the server is up: `GET /PATH` (a 2xx or 3xx answer) or `tcp`
     /// (a connection is accepted), the default; it must pass within `startup_timeout`.
     #[serde(default)]
@@ -111,8 +115,16 @@ pub struct WebSpec {
     pub label: Option<String>,
 }
 
-fn default_port() -> u16 {
-    8000
+/// How a web endpoint's requests reach its code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebVia {
+    /// An HTTP server on `port` in the container (contract H).
+    #[default]
+    Port,
+    /// Each request is an input of kind `http` on the runtime API, answered with a status,
+    /// headers and a body (contract P; bodies of at most 2 MiB each way).
+    RuntimeApi,
 }
 
 fn default_max_concurrency() -> u32 {
@@ -126,6 +138,12 @@ fn default_max_pending() -> u32 {
 impl WebSpec {
     pub const MAX_CONCURRENCY: u32 = 10_000;
     pub const MAX_PENDING: u32 = 100_000;
+    pub const DEFAULT_PORT: u16 = 8000;
+
+    /// The port the server listens on (`via = "port"`).
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(Self::DEFAULT_PORT)
+    }
 
     /// Requests per container the autoscaler aims for.
     pub fn target_concurrency(&self) -> u32 {
@@ -148,7 +166,22 @@ impl WebSpec {
 
     fn validate(&self) -> Result<(), FieldError> {
         let err = |field: &'static str, message: String| Err(FieldError { field, message });
-        if self.port == 0 {
+        if self.via == WebVia::RuntimeApi {
+            let given = [
+                ("web.port", self.port.is_some()),
+                ("web.readiness", self.readiness.is_some()),
+            ];
+            if let Some((field, _)) = given.into_iter().find(|(_, g)| *g) {
+                return err(
+                    field,
+                    "a `via = \"runtime_api\"` endpoint takes its requests as inputs and is ready \
+                     at `POST /v1/ready`, with no port or probe; remove it, or serve HTTP on a \
+                     port with `via = \"port\"`"
+                        .into(),
+                );
+            }
+        }
+        if self.port == Some(0) {
             return err("web.port", "must be between 1 and 65535".into());
         }
         if let Err(message) = self.probe() {
@@ -719,8 +752,8 @@ readiness = "GET /health"
         let (name, f, web) = m.web_function("serve-model").expect("label from the name");
         assert_eq!(name.as_str(), "serve_model");
         assert_eq!(
-            (web.port, web.max_concurrency, web.max_pending),
-            (8000, 100, 1000)
+            (web.via, web.port(), web.max_concurrency, web.max_pending),
+            (WebVia::Port, 8000, 100, 1000)
         );
         assert_eq!(
             (web.target_concurrency(), f.target_per_container()),
@@ -755,6 +788,13 @@ readiness = "GET /health"
         assert!(bad("max_concurrency = 4\ntarget_concurrency = 5").contains("max_concurrency (4)"));
         assert!(bad("max_pending = 1000000").contains("web.max_pending"));
         assert!(bad("label = \"Has_Upper\"").contains("web.label"));
+        // A runtime API endpoint has no port and no probe.
+        let inputs = manifest(
+            "app = \"a\"\n[functions.f]\nimage = \"x\"\n[functions.f.web]\nvia = \"runtime_api\"\n",
+        );
+        inputs.validate().expect("valid");
+        assert!(bad("via = \"runtime_api\"\nport = 80").contains("functions.f.web.port: a `via"));
+        assert!(bad("via = \"runtime_api\"\nreadiness = \"tcp\"").contains("web.readiness"));
         // Two endpoints of one app cannot share a label.
         let twice = manifest(
             r#"

@@ -15,8 +15,8 @@ use crate::gossip_key::GossipKey;
 use crate::ids::{ClusterId, InputId, NodeId};
 
 /// Bumped on any incompatible change to the messages below. 5: `joined` and `welcome`
-/// carry the cluster's gossip key.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// carry the cluster's gossip key. 7: web endpoints served through the runtime API.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -314,22 +314,27 @@ pub struct AttemptSpec {
 /// How a function container is served its inputs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionRuntime {
-    /// Inputs the container may hold at once.
+    /// Inputs the container may hold at once (a web endpoint's: its `max_concurrency`).
     pub max_inputs: u32,
     /// Longest from start to `ready`; past it the container fails its setup.
     pub startup_timeout_ms: u64,
-    /// A web endpoint: it serves HTTP in its own network namespace and is ready when its
-    /// probe passes (it does not use the runtime API).
+    /// Longest one input may run: the deadline the agent gives a web request that it
+    /// turns into an input (calls' inputs carry theirs from the coordinator).
+    pub timeout_ms: u64,
+    /// A web endpoint, and how its requests reach the code.
     #[serde(default)]
     pub web: Option<WebRuntime>,
 }
 
 /// A web endpoint's container, as its agent serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WebRuntime {
-    /// Where the server listens in the container's network namespace.
-    pub port: u16,
-    pub readiness: Readiness,
+#[serde(rename_all = "snake_case", tag = "via")]
+pub enum WebRuntime {
+    /// An HTTP server on `port` in the container's own network namespace, ready when its
+    /// probe passes; the container does not use the runtime API.
+    Port { port: u16, readiness: Readiness },
+    /// Each request becomes an `http` input on the runtime API; ready at `POST /v1/ready`.
+    RuntimeApi,
 }
 
 /// How an agent knows a web endpoint's server is up.

@@ -437,6 +437,23 @@ impl TestCluster {
         );
     }
 
+    /// The app view's entry for `function` of `app` (every version's, the newest first
+    /// found), or null.
+    pub fn function_view(&self, app: &str, function: &str) -> Value {
+        let v: Value = self
+            .http()
+            .get(self.url(&format!("/v1/apps/{app}")))
+            .bearer_auth(&self.admin)
+            .send()
+            .expect("app")
+            .json()
+            .expect("json");
+        v["functions"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["name"] == function).cloned())
+            .unwrap_or(Value::Null)
+    }
+
     pub fn gantry(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(binary("gantry"));
         if let Some(ca) = self.ca_file() {
@@ -508,4 +525,12 @@ pub fn processes(host: &Host, argv: &[&str]) -> usize {
         .into_iter()
         .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
         .count()
+}
+
+/// The containers a function view counts that live (starting, idle, busy or draining).
+pub fn live_containers(f: &Value) -> u64 {
+    ["starting", "idle", "busy", "draining"]
+        .iter()
+        .map(|k| f[*k].as_u64().unwrap_or(0))
+        .sum()
 }

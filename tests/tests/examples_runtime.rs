@@ -345,6 +345,7 @@ impl RealApi {
         let runtime = gantry_shared::protocol::FunctionRuntime {
             max_inputs,
             startup_timeout_ms: 30_000,
+            timeout_ms: 60_000,
             web: None,
         };
         let (tx, seen) = tokio::sync::mpsc::channel(64);

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use gantry_tests::cluster::{ClusterSpec, TestCluster};
+use gantry_tests::cluster::{ClusterSpec, TestCluster, live_containers};
 use gantry_tests::netns::wait_until;
 use serde_json::Value;
 
@@ -26,29 +26,6 @@ fn cluster(agents: usize) -> TestCluster {
         busybox: true,
         ..ClusterSpec::default()
     })
-}
-
-/// The app's view of `function`.
-fn function(c: &TestCluster, app: &str, function: &str) -> Value {
-    let v: Value = c
-        .http()
-        .get(c.url(&format!("/v1/apps/{app}")))
-        .bearer_auth(&c.admin)
-        .send()
-        .expect("app")
-        .json()
-        .expect("json");
-    v["functions"]
-        .as_array()
-        .and_then(|fs| fs.iter().find(|f| f["name"] == function).cloned())
-        .unwrap_or(Value::Null)
-}
-
-fn live(f: &Value) -> u64 {
-    ["starting", "idle", "busy", "draining"]
-        .iter()
-        .map(|k| f[*k].as_u64().unwrap_or(0))
-        .sum()
 }
 
 fn ingress_get(c: &TestCluster, path: &str, token: Option<&str>) -> (u16, String) {
@@ -105,7 +82,7 @@ public = true
 "#
     ));
     assert_eq!(
-        live(&function(&c, "site", "www")),
+        live_containers(&c.function_view("site", "www")),
         0,
         "nothing runs before a request"
     );
@@ -121,7 +98,7 @@ public = true
     let (status, body) = ingress_get(&c, "/site/www/cgi-bin/slow", Some(&c.admin));
     assert_eq!((status, body.trim()), (200, "slow"));
     assert_eq!(
-        live(&function(&c, "site", "www")),
+        live_containers(&c.function_view("site", "www")),
         1,
         "one container serves both"
     );
@@ -136,7 +113,7 @@ public = true
         let metrics = c.http().get(c.url("/metrics")).send().ok()?.text().ok()?;
         series.iter().all(|s| metrics.contains(s)).then_some(())
     });
-    assert_eq!(function(&c, "site", "www")["ended_last_minute"], 2);
+    assert_eq!(c.function_view("site", "www")["ended_last_minute"], 2);
 
     // A token is needed unless the endpoint is public; unknown endpoints are 404.
     let (status, body) = ingress_get(&c, "/site/www/index.html", None);
@@ -170,10 +147,10 @@ public = true
         Duration::from_secs(30),
         || {
             let (a, b) = (
-                function(&c, "site", "www"),
-                function(&c, "site", "open_door"),
+                c.function_view("site", "www"),
+                c.function_view("site", "open_door"),
             );
-            (live(&a) + live(&b) == 0).then_some(())
+            (live_containers(&a) + live_containers(&b) == 0).then_some(())
         },
     );
     // Each web container's namespace thread in the agent ended with it.
@@ -235,8 +212,12 @@ max_pending = 4
     for (status, body) in &results {
         assert_eq!((*status, body.trim()), (200, "slow"), "{results:?}");
     }
-    let f = function(&c, "busy", "slow");
-    assert_eq!(live(&f), 2, "scaled out to its two containers: {f}");
+    let f = c.function_view("busy", "slow");
+    assert_eq!(
+        live_containers(&f),
+        2,
+        "scaled out to its two containers: {f}"
+    );
     eprintln!(
         "web: four 1 s requests on two containers took {:?}",
         started.elapsed()
@@ -459,10 +440,97 @@ memory = "64M"
                     .into_iter()
                     .flatten()
                     .filter(|f| f["version"] == version && f["name"] == "www")
-                    .map(live)
+                    .map(live_containers)
                     .sum()
             };
             (live_of(1) == 0 && live_of(2) == 1).then_some(())
         },
+    );
+}
+
+#[test]
+fn an_endpoint_on_the_runtime_api_takes_each_request_as_an_input() {
+    let c = TestCluster::start(ClusterSpec {
+        agents: 1,
+        echo: true,
+        ..ClusterSpec::default()
+    });
+    c.deploy(
+        r#"
+app = "api"
+[functions.echo]
+image = "echo"
+command = ["/app/runtime"]
+cpu = "0.2"
+memory = "64M"
+scaledown_window = "60s"
+[functions.echo.web]
+via = "runtime_api"
+max_concurrency = 4
+"#,
+    );
+    // The first request, at zero, waits for the container's `ready`; the echo runtime
+    // answers with what the request was (its `x-echo-*` headers) and its body.
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let r = client
+        .post(format!("http://{}/api/echo/status/201?q=1", c.ingress))
+        .bearer_auth(&c.admin)
+        .header("x-trace", "t-1")
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .expect("request");
+    let header = |r: &reqwest::blocking::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(r.status(), 201);
+    for (name, value) in [
+        ("x-echo-method", "POST"),
+        ("x-echo-path", "/status/201"),
+        ("x-echo-query", "q=1"),
+        ("x-echo-x-trace", "t-1"),
+        ("content-type", "text/plain"),
+    ] {
+        assert_eq!(header(&r, name).as_deref(), Some(value), "{name}");
+    }
+    assert!(
+        header(&r, "x-echo-authorization").is_none(),
+        "the token reached the code"
+    );
+    assert_eq!(r.text().expect("body"), "hello");
+
+    // The function's error is a 500 naming its type.
+    let r = client
+        .post(format!("http://{}/api/echo/", c.ingress))
+        .bearer_auth(&c.admin)
+        .body("fail:no such item")
+        .send()
+        .expect("request");
+    assert_eq!(r.status(), 500);
+    assert!(r.text().expect("body").contains("EchoError"));
+
+    // Each request's time is accounted as a call's: the first one's wait was the
+    // container's cold start (placement, image, startup), in /metrics.
+    let series = [
+        "gantry_input_phase_seconds_count{function=\"api/echo\",phase=\"startup\"} 1",
+        "gantry_input_phase_seconds_count{function=\"api/echo\",phase=\"placement\"} 1",
+        "gantry_input_phase_seconds_count{function=\"api/echo\",phase=\"run\"} 2",
+        "gantry_inputs_ended_total{function=\"api/echo\",outcome=\"failed\"} 1",
+        "gantry_inputs_ended_total{function=\"api/echo\",outcome=\"succeeded\"} 1",
+    ];
+    wait_until("both requests in /metrics", Duration::from_secs(10), || {
+        let metrics = c.http().get(c.url("/metrics")).send().ok()?.text().ok()?;
+        series.iter().all(|s| metrics.contains(s)).then_some(())
+    });
+    assert_eq!(
+        live_containers(&c.function_view("api", "echo")),
+        1,
+        "one container"
     );
 }

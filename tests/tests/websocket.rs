@@ -8,9 +8,8 @@
 use std::net::TcpStream;
 use std::time::Duration;
 
-use gantry_tests::cluster::{ClusterSpec, TestCluster};
+use gantry_tests::cluster::{ClusterSpec, TestCluster, live_containers};
 use gantry_tests::netns::wait_until;
-use serde_json::Value;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::HandshakeError;
 use tungstenite::handshake::client::Response;
@@ -33,30 +32,6 @@ memory = "64M"
 scaledown_window = "60s"
 [functions.echo.web]
 "#;
-
-/// The app's view of `function`.
-fn function(c: &TestCluster, app: &str, function: &str) -> Value {
-    let v: Value = c
-        .http()
-        .get(c.url(&format!("/v1/apps/{app}")))
-        .bearer_auth(&c.admin)
-        .send()
-        .expect("app")
-        .json()
-        .expect("json");
-    v["functions"]
-        .as_array()
-        .and_then(|fs| fs.iter().find(|f| f["name"] == function).cloned())
-        .unwrap_or(Value::Null)
-}
-
-/// Containers of `f` (its view) in any phase.
-fn live(f: &Value) -> u64 {
-    ["starting", "idle", "busy", "draining"]
-        .iter()
-        .map(|k| f[*k].as_u64().unwrap_or(0))
-        .sum()
-}
 
 /// A WebSocket handshake with the ingress for `path`, with `token` as the bearer token; the
 /// socket's reads and writes time out, so nothing can hang.
@@ -100,7 +75,7 @@ fn a_websocket_passes_through_the_ingress_and_echoes() {
     });
     c.deploy(MANIFEST);
     assert_eq!(
-        live(&function(&c, "sockets", "echo")),
+        live_containers(&c.function_view("sockets", "echo")),
         0,
         "nothing runs before a connection"
     );
@@ -116,7 +91,7 @@ fn a_websocket_passes_through_the_ingress_and_echoes() {
         Err(e) => panic!("a WebSocket without a token: {e}"),
     }
     assert_eq!(
-        live(&function(&c, "sockets", "echo")),
+        live_containers(&c.function_view("sockets", "echo")),
         0,
         "a refused handshake starts no container"
     );
@@ -143,7 +118,7 @@ fn a_websocket_passes_through_the_ingress_and_echoes() {
     );
 
     // An open socket is a request in flight: its container is busy.
-    let f = function(&c, "sockets", "echo");
+    let f = c.function_view("sockets", "echo");
     assert_eq!(
         (f["busy"].as_u64(), f["running"].as_u64()),
         (Some(1), Some(1)),
@@ -173,7 +148,7 @@ fn a_websocket_passes_through_the_ingress_and_echoes() {
         "the container idle once the socket closed",
         Duration::from_secs(10),
         || {
-            let f = function(&c, "sockets", "echo");
+            let f = c.function_view("sockets", "echo");
             (f["busy"] == 0 && f["running"] == 0 && f["idle"] == 1).then_some(())
         },
     );

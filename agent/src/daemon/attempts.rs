@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use gantry_shared::image_name::is_qualified;
 use gantry_shared::now_ms;
-use gantry_shared::protocol::{AttemptSpec, CommandReply, Event, Refusal, RefusalCode};
+use gantry_shared::protocol::{AttemptSpec, CommandReply, Event, Refusal, RefusalCode, WebRuntime};
 use gantry_shared::{
     AttemptRef, ContainerId, CpuMillis, EndCause, Generation, Owner, Resources, StartFailure,
 };
@@ -464,9 +464,9 @@ impl Attempts {
         req.env.extend(invoke::container_env(function));
         // A web endpoint's server gets its own network namespace (so every container of
         // it may listen on the same port), reached by the agent from inside.
-        if let Some(web) = &function.web {
+        if let Some(WebRuntime::Port { port, .. }) = &function.web {
             req.network = NetworkMode::Isolated;
-            req.env.push(("PORT".to_owned(), web.port.to_string()));
+            req.env.push(("PORT".to_owned(), port.to_string()));
         }
         req.binds.push(BindMount {
             source: self.functions.invoke().dir(id),

@@ -20,7 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use super::outbox::Outbox;
 use crate::control::Session;
-use crate::invoke::{Container, FunctionServer, Invoke, InvokeError, StopReason, WebRequest};
+use crate::invoke::{
+    Container, FunctionServer, Invoke, InvokeError, StopReason, WebConnection, WebRequest,
+};
 use crate::runtime::Runtime;
 
 /// Batches of answers in flight to the coordinator at once: while one waits for its
@@ -107,30 +109,33 @@ impl Functions {
         }
     }
 
-    /// A web endpoint's container runs: its server is probed until ready (see
-    /// [`FunctionServer::serve_web`]).
+    /// A web endpoint's container runs: an HTTP server's is probed until ready (see
+    /// [`FunctionServer::serve_web`]); one taking requests as inputs says `ready` itself.
     pub(super) async fn serve_web(
         &self,
         id: &ContainerId,
         server: &FunctionServer,
         web: &WebRuntime,
     ) {
+        let WebRuntime::Port { port, readiness } = web else {
+            return;
+        };
         let path = self.runtime.cgroup_path(id);
         match crate::runtime::cgroup::pids(&path).first() {
-            Some(&pid) => server.serve_web(pid, web).await,
+            Some(&pid) => server.serve_web(pid, *port, readiness).await,
             // It ended already; its end is reported as any other.
             None => tracing::warn!(container = %id, "web endpoint container has no process left"),
         }
     }
 
-    /// `Command::Web`: a connection to the web endpoint container's server for one
-    /// request. `NotRunning` when the container is gone; refused (`Unavailable`) when it
+    /// `Command::Web`: where one request's stream goes (the container's server, or the
+    /// agent taking it as an input). `NotRunning` when the container is gone; refused (`Unavailable`) when it
     /// is not ready, draining, or its server does not accept: the ingress tries another.
     pub(super) async fn web(
         &self,
         owner: &Owner,
         generation: Generation,
-    ) -> Result<(tokio::net::TcpStream, WebRequest), CommandReply> {
+    ) -> Result<(WebConnection, WebRequest), CommandReply> {
         let Some(server) = self.server(owner, generation) else {
             return Err(CommandReply::NotRunning);
         };

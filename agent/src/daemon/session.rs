@@ -188,11 +188,9 @@ impl Router {
                     if let Some((id, follow)) = logs {
                         output::stream(&router.runtime, &mut tx, &id, follow).await;
                     }
-                    if let Some((mut server, request)) = web {
-                        // The rest of the stream is the connection, both ways; each side's
-                        // end is passed on (a finished stream, a closed socket).
-                        let mut stream = tokio::io::join(rx, tx);
-                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut server).await;
+                    if let Some((connection, request)) = web {
+                        // The rest of the stream is the request's connection.
+                        connection.serve(tokio::io::join(rx, tx)).await;
                         drop(request);
                         return;
                     }

@@ -15,6 +15,7 @@ use gantry_shared::calls::{FailureCause, InputFailure, InputResult, LeasedInput,
 use gantry_shared::now_ms;
 use serde::Deserialize;
 
+use super::http_input::{AnswerHead, INPUT_KIND};
 use super::server::Shared;
 use super::state::{InboxError, Next};
 
@@ -122,7 +123,16 @@ async fn next(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
             Ok(Next::Input(input)) => {
                 waiting.waiting = false;
                 s.poke();
-                return Ok(input_response(input));
+                let head = s.pending().head(&input.id);
+                let mut response = input_response(input);
+                match head {
+                    Some(head) => head.describe(response.headers_mut()),
+                    None => {
+                        let call = HeaderValue::from_static("call");
+                        response.headers_mut().insert(INPUT_KIND, call);
+                    }
+                }
+                return Ok(response);
             }
             Ok(Next::Wait) => {}
             Err(e) => {
@@ -189,6 +199,13 @@ async fn response(
     payload
         .check()
         .map_err(|e| ApiError::BadBody(e.to_string()))?;
+    // A web request's input: its answer's status and headers travel with it.
+    if let Ok(input) = gantry_shared::InputId::new(id.as_str())
+        && s.pending().contains(&input)
+    {
+        let head = AnswerHead::parse(&headers).map_err(ApiError::BadBody)?;
+        s.pending().set_answer(&input, head);
+    }
     let actions = s
         .inbox()
         .answer(&id, InputResult::Output(payload), now_ms())?;

@@ -24,6 +24,7 @@
 //! [`Payload::MAX_BYTES`]: gantry_shared::calls::Payload::MAX_BYTES
 
 mod api;
+mod http_input;
 mod outputs;
 mod server;
 mod state;
@@ -39,7 +40,7 @@ use gantry_shared::{AttemptRef, ContainerId};
 use tokio_util::sync::CancellationToken;
 
 pub use outputs::Outputs;
-pub use server::{Container, FunctionServer, WebError, WebRequest};
+pub use server::{Container, FunctionServer, WebConnection, WebError, WebRequest};
 pub use state::{Action, Inbox, InboxError, Next, OutputReport, RuntimeEvent, StopReason};
 
 /// Where the runtime API's directory is mounted in a function container.

@@ -4,18 +4,21 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use gantry_shared::calls::LeasedInput;
-use gantry_shared::protocol::{Event, FunctionRuntime, WebRuntime};
+use gantry_shared::protocol::{Event, FunctionRuntime, Readiness, WebRuntime};
 use gantry_shared::{AttemptRef, ContainerId, InputId, now_ms};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::http_input::PendingRequests;
 use super::outputs::Outputs;
 use super::state::{Action, Inbox, InboxError, StopReason};
 use super::web::{self, WebTarget};
@@ -50,13 +53,25 @@ pub(super) struct Shared {
     pub(super) config: InvokeConfig,
     container: Arc<dyn Container>,
     outputs: Outputs,
-    /// A web endpoint's server, once the container runs.
+    /// A web endpoint's server, once the container runs (`via = "port"`).
     web: std::sync::OnceLock<WebTarget>,
+    /// A web endpoint whose requests become inputs (`via = "runtime_api"`).
+    web_inputs: bool,
+    /// Web requests waiting for their inputs' answers.
+    pending: Mutex<PendingRequests>,
+    /// Numbers the inputs made of web requests.
+    pub(super) web_sequence: AtomicU64,
+    /// The deadline a web request's input gets, from its arrival.
+    pub(super) timeout_ms: u64,
 }
 
 impl Shared {
     pub(super) fn inbox(&self) -> MutexGuard<'_, Inbox> {
         self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn pending(&self) -> MutexGuard<'_, PendingRequests> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The state changed outside a decision: wake the waiters and the timer.
@@ -71,6 +86,7 @@ impl Shared {
             match action {
                 Action::Event(event) => self.container.event(event),
                 Action::Output(report) => self.outputs.push(report).await,
+                Action::WebAnswer { input, result } => self.pending().reply(&input, result),
                 Action::Stop(reason) => {
                     tracing::warn!(container = %self.id, %reason, "stopping the function container");
                     self.container.stop(reason);
@@ -134,6 +150,10 @@ impl FunctionServer {
             container,
             outputs,
             web: std::sync::OnceLock::new(),
+            web_inputs: matches!(runtime.web, Some(WebRuntime::RuntimeApi)),
+            pending: Mutex::default(),
+            web_sequence: AtomicU64::new(0),
+            timeout_ms: runtime.timeout_ms,
         });
         let tracker = TaskTracker::new();
         tracker.spawn(accept(
@@ -166,12 +186,12 @@ impl FunctionServer {
         self.shared.apply(actions).await;
     }
 
-    /// A web endpoint's container runs as process `pid` (one of its processes): its
-    /// namespace's loopback goes up and its server is probed until `readiness` passes,
-    /// which makes it ready (the startup timeout runs meanwhile). A namespace that cannot
-    /// be entered fails its setup.
-    pub async fn serve_web(&self, pid: i32, web: &WebRuntime) {
-        let target = match WebTarget::of_process(pid, web.port).await {
+    /// A web endpoint's container with an HTTP server on `port` runs as process `pid` (one
+    /// of its processes): its namespace's loopback goes up and its server is probed until
+    /// `readiness` passes, which makes it ready (the startup timeout runs meanwhile). A
+    /// namespace that cannot be entered fails its setup.
+    pub async fn serve_web(&self, pid: i32, port: u16, readiness: &Readiness) {
+        let target = match WebTarget::of_process(pid, port).await {
             Ok(t) => t,
             Err(e) => {
                 let message = format!("cannot reach the container's network namespace: {e}");
@@ -183,7 +203,7 @@ impl FunctionServer {
             }
         };
         let _ = self.shared.web.set(target.clone());
-        let (shared, readiness) = (self.shared.clone(), web.readiness.clone());
+        let (shared, readiness) = (self.shared.clone(), readiness.clone());
         self.tracker.spawn(async move {
             if web::probe(&target, &readiness, &shared.cancel).await {
                 let actions = shared.inbox().ready(now_ms());
@@ -194,17 +214,23 @@ impl FunctionServer {
         });
     }
 
-    /// A connection to the web endpoint's server for one request, counted until the
+    /// Where a stream from the ingress goes, counted as a request in flight until the
     /// returned guard drops: refused while the container is not ready, draining or
     /// stopping.
-    pub async fn web_connect(&self) -> Result<(tokio::net::TcpStream, WebRequest), WebError> {
-        let target = self.shared.web.get().cloned().ok_or(WebError::NotReady)?;
+    pub async fn web_connect(&self) -> Result<(WebConnection, WebRequest), WebError> {
+        let target = match self.shared.web_inputs {
+            true => None,
+            false => Some(self.shared.web.get().cloned().ok_or(WebError::NotReady)?),
+        };
         self.shared.inbox().web_begin().map_err(WebError::Refused)?;
         let guard = WebRequest {
             shared: self.shared.clone(),
         };
-        let stream = target.connect().await.map_err(WebError::Connect)?;
-        Ok((stream, guard))
+        let connection = match target {
+            Some(target) => WebTo::Server(target.connect().await.map_err(WebError::Connect)?),
+            None => WebTo::Inputs(self.shared.clone()),
+        };
+        Ok((WebConnection(connection), guard))
     }
 
     /// Queues `input` for the container's next `GET /v1/inputs/next`.
@@ -229,16 +255,27 @@ impl FunctionServer {
     /// Scale-down: `410 Gone` for `next`, a `drain` event, and a stop if the container
     /// still runs after `grace`.
     pub fn drain(&self, grace: Duration) {
-        self.shared
+        let actions = self
+            .shared
             .inbox()
             .drain(grace.as_millis() as u64, now_ms());
-        self.shared.poke();
+        self.answer_web(actions);
     }
 
     /// Its node is being preempted: a `preempt` event with `deadline_ms` (unix ms), then a
     /// drain that stops the container at the deadline if it still runs.
     pub fn preempt(&self, deadline_ms: u64) {
-        self.shared.inbox().preempt(deadline_ms, now_ms());
+        let actions = self.shared.inbox().preempt(deadline_ms, now_ms());
+        self.answer_web(actions);
+    }
+
+    /// Carries out a drain's decisions: answers to web requests the container never took.
+    fn answer_web(&self, actions: Vec<Action>) {
+        for action in actions {
+            if let Action::WebAnswer { input, result } = action {
+                self.shared.pending().reply(&input, result);
+            }
+        }
         self.shared.poke();
     }
 
@@ -252,10 +289,55 @@ impl FunctionServer {
     /// this returns. With `remove`, the directory (and the socket) go too.
     pub async fn shutdown(&self, remove: bool) {
         self.shared.cancel.cancel();
+        // Web requests waiting for an answer get their end (`503`).
+        self.shared.pending().clear();
         self.tracker.close();
         self.tracker.wait().await;
         if remove {
             remove_dir(&self.dir);
+        }
+    }
+}
+
+/// Where a stream from the ingress goes.
+pub struct WebConnection(WebTo);
+
+enum WebTo {
+    /// A connection to the container's HTTP server (`via = "port"`).
+    Server(tokio::net::TcpStream),
+    /// The agent serves the stream, each request an input (`via = "runtime_api"`).
+    Inputs(Arc<Shared>),
+}
+
+impl WebConnection {
+    /// Carries `stream` (HTTP/1.1 from the ingress) until either side ends it.
+    pub async fn serve<S>(self, mut stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.0 {
+            WebTo::Server(mut server) => {
+                // Both ways; each side's end is passed on (a finished stream, a closed
+                // socket).
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut server).await;
+            }
+            WebTo::Inputs(shared) => {
+                // Served until the ingress closes it. When the server stops, every request
+                // waiting for an answer gets its `503` at once (`shutdown`), which the
+                // connection gets a moment to carry.
+                let router = super::http_input::router(shared.clone());
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                let stopped = async {
+                    shared.cancel.cancelled().await;
+                    tokio::time::sleep(CLOSE_GRACE).await;
+                };
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stopped => {}
+                }
+            }
         }
     }
 }

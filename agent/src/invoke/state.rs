@@ -4,7 +4,7 @@
 //! deadline does when it passes. Every method takes the time (unix ms) and returns what
 //! to do; the server (`server.rs`) carries it out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use gantry_shared::calls::{FailureCause, InputFailure, InputResult, LeasedInput};
 use gantry_shared::protocol::{Event, FunctionRuntime, OutputItem};
@@ -93,6 +93,8 @@ pub enum Action {
     Event(Event),
     /// An answer for an input, to the coordinator.
     Output(OutputReport),
+    /// An answer for a web request's input, to the request (not the coordinator).
+    WebAnswer { input: InputId, result: InputResult },
     /// Stop the container now.
     Stop(StopReason),
 }
@@ -166,9 +168,12 @@ pub struct Inbox {
     events: VecDeque<RuntimeEvent>,
     /// A stop was decided: nothing more is decided for this container.
     stopping: bool,
-    /// A web endpoint's container: its requests in flight (`None` for one that speaks the
-    /// runtime API).
+    /// A web endpoint's container: its requests in flight (`None` for one that takes
+    /// calls).
     web_requests: Option<u32>,
+    /// Inputs queued or held that are web requests' (`via = "runtime_api"`): answered to
+    /// the request, never reported to the coordinator.
+    web_inputs: BTreeSet<InputId>,
 }
 
 /// What a `next` finds.
@@ -198,7 +203,40 @@ impl Inbox {
             events: VecDeque::new(),
             stopping: false,
             web_requests: runtime.web.as_ref().map(|_| 0),
+            web_inputs: BTreeSet::new(),
         }
+    }
+
+    /// A web request that became an input (`via = "runtime_api"`): queued for the next
+    /// `next` like a delivery. Refused while draining or stopping.
+    pub fn deliver_web(&mut self, input: LeasedInput) -> Result<(), InboxError> {
+        if self.web_requests.is_none() {
+            return Err(InboxError::NotWeb);
+        }
+        let id = input.id.clone();
+        self.deliver(input)?;
+        self.web_inputs.insert(id);
+        Ok(())
+    }
+
+    /// A web request went away before its answer: not handed out yet, its input is
+    /// dropped; held, the container finishes it and its answer goes nowhere.
+    pub fn forget_web(&mut self, input: &InputId) {
+        if self.web_inputs.contains(input) && !self.held.contains_key(input) {
+            self.queued.retain(|q| &q.id != input);
+            self.web_inputs.remove(input);
+        }
+    }
+
+    /// An answer for `input`: to its web request, or to the coordinator.
+    fn answer_of(&mut self, report: OutputReport) -> Action {
+        if self.web_inputs.remove(&report.input) {
+            return Action::WebAnswer {
+                input: report.input,
+                result: report.result,
+            };
+        }
+        Action::Output(report)
     }
 
     /// A web request may go to the container: it is ready and neither draining nor
@@ -422,14 +460,15 @@ impl Inbox {
         if held.cancelled_stop_ms.is_some() {
             return Err(not_held());
         }
-        Ok(vec![Action::Output(OutputReport {
+        let report = OutputReport {
             attempt_ref: self.attempt.clone(),
             input: id,
             call: held.call,
             attempt: held.attempt,
             result,
             at_ms: now,
-        })])
+        };
+        Ok(vec![self.answer_of(report)])
     }
 
     /// `Command::CancelInput`: a queued input is dropped; a held one gets a cancel event
@@ -447,29 +486,48 @@ impl Inbox {
     }
 
     /// `Command::Drain`: `next` answers 410 from now on, inputs not handed out are dropped
-    /// (the coordinator leases them again when the container ends), and the container is
-    /// stopped if it still runs `grace_ms` from now.
-    pub fn drain(&mut self, grace_ms: u64, now: u64) {
+    /// (the coordinator leases them again when the container ends; a web request's is
+    /// answered as not taken, to be sent again), and the container is stopped if it still
+    /// runs `grace_ms` from now.
+    pub fn drain(&mut self, grace_ms: u64, now: u64) -> Vec<Action> {
         let stop_at = now.saturating_add(grace_ms);
         match self.drain_stop_ms {
-            Some(at) if at <= stop_at => {}
-            Some(_) => self.drain_stop_ms = Some(stop_at),
+            Some(at) if at <= stop_at => Vec::new(),
+            Some(_) => {
+                self.drain_stop_ms = Some(stop_at);
+                Vec::new()
+            }
             None => {
                 self.drain_stop_ms = Some(stop_at);
-                self.queued.clear();
                 self.push_event(RuntimeEvent::Drain);
+                let queued: Vec<LeasedInput> = self.queued.drain(..).collect();
+                queued
+                    .into_iter()
+                    .filter(|q| self.web_inputs.remove(&q.id))
+                    .map(|q| Action::WebAnswer {
+                        input: q.id,
+                        result: InputResult::Error(InputFailure {
+                            cause: FailureCause::Platform,
+                            error_type: "Draining".into(),
+                            message: "the container began draining before it took the \
+                                      request; send it again"
+                                .into(),
+                            traceback: None,
+                        }),
+                    })
+                    .collect()
             }
         }
     }
 
     /// The node is being preempted: a `preempt` event with the deadline (once), then a
     /// drain whose grace ends at the deadline.
-    pub fn preempt(&mut self, deadline_ms: u64, now: u64) {
+    pub fn preempt(&mut self, deadline_ms: u64, now: u64) -> Vec<Action> {
         if !self.preempt_told {
             self.preempt_told = true;
             self.push_event(RuntimeEvent::Preempt { deadline_ms });
         }
-        self.drain(deadline_ms.saturating_sub(now), now);
+        self.drain(deadline_ms.saturating_sub(now), now)
     }
 
     fn push_event(&mut self, event: RuntimeEvent) {
@@ -540,7 +598,7 @@ impl Inbox {
     }
 
     fn timeout(
-        &self,
+        &mut self,
         input: InputId,
         call: CallId,
         attempt: u32,
@@ -548,7 +606,7 @@ impl Inbox {
         now: u64,
     ) -> Action {
         let late_by = now.saturating_sub(deadline_ms);
-        Action::Output(OutputReport {
+        self.answer_of(OutputReport {
             attempt_ref: self.attempt.clone(),
             input: input.clone(),
             call,
@@ -622,6 +680,7 @@ mod tests {
             &FunctionRuntime {
                 max_inputs,
                 startup_timeout_ms: 1_000,
+                timeout_ms: 60_000,
                 web: None,
             },
         )
@@ -644,7 +703,8 @@ mod tests {
             &FunctionRuntime {
                 max_inputs: 1,
                 startup_timeout_ms: 1_000,
-                web: Some(gantry_shared::protocol::WebRuntime {
+                timeout_ms: 60_000,
+                web: Some(gantry_shared::protocol::WebRuntime::Port {
                     port: 8000,
                     readiness: gantry_shared::protocol::Readiness::Tcp,
                 }),

@@ -97,42 +97,19 @@ impl InputMetrics {
                 outcome,
             })
             .inc();
-        let t: &PhaseTimings = &input.timings;
-        for (phase, ms) in [
-            ("queued", t.queued_ms),
-            ("placement", t.placement_ms),
-            ("image", t.image_ms),
-            ("startup", t.startup_ms),
-            ("run", t.run_ms),
-            ("total", t.total_ms),
-        ] {
-            if let Some(ms) = ms {
-                self.phases
-                    .get_or_create(&PhaseLabels {
-                        function: function.clone(),
-                        phase,
-                    })
-                    .observe(ms as f64 / 1000.0);
-            }
-        }
-        if let (Some(total), Some(at)) = (t.total_ms, input.ended_at_ms) {
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            let q = recent.entry(input.key.clone()).or_default();
-            q.push_back((at, total));
-            while q.len() > WINDOW_CAP {
-                q.pop_front();
-            }
+        self.observe(&function, &input.timings);
+        if let (Some(total), Some(at)) = (input.timings.total_ms, input.ended_at_ms) {
+            self.remember(&input.key, at, total);
         }
     }
 
-    /// Counts a web request that ended at `now` (unix ms): `queued` is its wait for a
-    /// container (a cold start included), `run` from then to the end of its response,
-    /// `total` both; a 5xx from the container is `failed`.
+    /// Counts a web request that ended at `now` (unix ms) with `timings`: its wait for a
+    /// container (queued and, when that container started for it, its cold start), its
+    /// run (from then to the end of its response) and its total; a 5xx is `failed`.
     pub fn web_request_ended(
         &self,
         key: &FunctionKey,
-        held_ms: u64,
-        run_ms: u64,
+        timings: &PhaseTimings,
         status: u16,
         now: u64,
     ) {
@@ -144,18 +121,38 @@ impl InputMetrics {
                 outcome,
             })
             .inc();
-        let total = held_ms + run_ms;
-        for (phase, ms) in [("queued", held_ms), ("run", run_ms), ("total", total)] {
-            self.phases
-                .get_or_create(&PhaseLabels {
-                    function: function.clone(),
-                    phase,
-                })
-                .observe(ms as f64 / 1000.0);
+        self.observe(&function, timings);
+        if let Some(total) = timings.total_ms {
+            self.remember(key, now, total);
         }
+    }
+
+    /// Each phase `t` has, into its histogram.
+    fn observe(&self, function: &str, t: &PhaseTimings) {
+        for (phase, ms) in [
+            ("queued", t.queued_ms),
+            ("placement", t.placement_ms),
+            ("image", t.image_ms),
+            ("startup", t.startup_ms),
+            ("run", t.run_ms),
+            ("total", t.total_ms),
+        ] {
+            if let Some(ms) = ms {
+                self.phases
+                    .get_or_create(&PhaseLabels {
+                        function: function.to_owned(),
+                        phase,
+                    })
+                    .observe(ms as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// A latency of `total` ms that ended at `at`, in `key`'s recent window.
+    fn remember(&self, key: &FunctionKey, at: u64, total: u64) {
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let q = recent.entry(key.clone()).or_default();
-        q.push_back((now, total));
+        q.push_back((at, total));
         while q.len() > WINDOW_CAP {
             q.pop_front();
         }

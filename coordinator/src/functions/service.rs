@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use gantry_shared::calls::{
     AppendRequest, AppendView, CallRequest, CallRequestError, CallState, CallView, InputResult,
-    InputState, InputView, LeasedInput, MAX_OUTSTANDING, OutputOrder, OutputsPage,
+    InputState, InputView, LeasedInput, MAX_OUTSTANDING, OutputOrder, OutputsPage, PhaseTimings,
 };
 use gantry_shared::functions::{
     AppManifest, AppView, DeploymentView, FunctionSpec, FunctionView, ManifestValidationError,
-    VersionSummary, WebSpec,
+    VersionSummary, WebSpec, WebVia,
 };
 use gantry_shared::protocol::{
     AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, Readiness, WebRuntime,
@@ -436,13 +436,15 @@ impl FunctionService {
             })
     }
 
-    /// A ready container of `endpoint` for one request (not one of `skip`): the one with
-    /// the fewest requests in flight below `max_concurrency`. With none free the request
-    /// waits (the autoscaler sees it as demand and starts containers) until `deadline`;
-    /// beyond `max_pending` waiting it is refused at once.
+    /// A ready container of `endpoint` for one request that arrived at `arrived_ms` (unix
+    /// ms; not one of `skip`): the one with the fewest requests in flight below
+    /// `max_concurrency`. With none free the request waits (the autoscaler sees it as
+    /// demand and starts containers) until `deadline`; beyond `max_pending` waiting it is
+    /// refused at once. The lease says where the wait went, as an input's timings do.
     pub async fn web_acquire(
         &self,
         endpoint: &WebEndpoint,
+        arrived_ms: u64,
         deadline: tokio::time::Instant,
         skip: &[WarmId],
     ) -> Result<WebLease, WebWaitError> {
@@ -459,10 +461,12 @@ impl FunctionService {
                     .web
                     .take(&candidates, endpoint.web.max_concurrency, skip);
                 if let Some((warm, node)) = taken {
+                    let timings = state.wait_phases(&warm, arrived_ms, self.now());
                     break Ok(WebLease {
                         service: self.clone(),
                         warm,
                         node,
+                        timings,
                     });
                 }
                 if !waiting {
@@ -488,12 +492,18 @@ impl FunctionService {
         result
     }
 
-    /// A web request to `key` ended with `status`: into the metrics and the recent window
-    /// (`gantry functions`), as an input would.
-    pub fn web_request_ended(&self, key: &FunctionKey, held_ms: u64, run_ms: u64, status: u16) {
+    /// A web request to `key` ended with `status` after `timings` (its wait, from its
+    /// lease, and its run): into the metrics and the recent window (`gantry functions`),
+    /// as an input would.
+    pub fn web_request_ended(&self, key: &FunctionKey, timings: &PhaseTimings, status: u16) {
         self.inner
             .metrics
-            .web_request_ended(key, held_ms, run_ms, status, self.now());
+            .web_request_ended(key, timings, status, self.now());
+    }
+
+    /// The time by the service's clock (unix ms).
+    pub fn now_ms(&self) -> u64 {
+        self.now()
     }
 
     /// A web request on `warm` ended.
@@ -1390,12 +1400,20 @@ fn start_spec(
         gpus: warm.gpus.clone(),
         timeout_ms: None,
         function: Some(FunctionRuntime {
-            max_inputs: spec.max_inputs,
+            // A web endpoint's container holds up to its `max_concurrency` requests.
+            max_inputs: spec
+                .web
+                .as_ref()
+                .map_or(spec.max_inputs, |w| w.max_concurrency),
             startup_timeout_ms: spec.startup_timeout().as_millis() as u64,
-            web: spec.web.as_ref().map(|w| WebRuntime {
-                port: w.port,
-                // Checked at deploy.
-                readiness: w.probe().unwrap_or(Readiness::Tcp),
+            timeout_ms: spec.timeout().as_millis() as u64,
+            web: spec.web.as_ref().map(|w| match w.via {
+                WebVia::Port => WebRuntime::Port {
+                    port: w.port(),
+                    // Checked at deploy.
+                    readiness: w.probe().unwrap_or(Readiness::Tcp),
+                },
+                WebVia::RuntimeApi => WebRuntime::RuntimeApi,
             }),
         }),
     }
@@ -1526,6 +1544,8 @@ pub struct WebLease {
     service: FunctionService,
     pub warm: WarmId,
     pub node: NodeId,
+    /// Where the request's wait for it went (queued, and the container's cold start).
+    pub timings: PhaseTimings,
 }
 
 impl Drop for WebLease {

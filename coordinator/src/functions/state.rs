@@ -795,15 +795,26 @@ impl State {
         }
     }
 
-    /// Where an input's wait before its (final) lease went: the parts of it that overlap
-    /// the cold start of the container it got (placement until the image was being
-    /// fetched, the image, start until ready) count as those phases; the rest was queueing.
+    /// Where an input's wait before its (final) lease went (see [`State::wait_phases`]).
     fn note_wait(&self, input: &mut InputRecord, lease: Option<&Lease>) {
         let Some(lease) = lease else { return };
-        let (from, to) = (input.accepted_at_ms, lease.at_ms);
+        let t = self.wait_phases(&lease.warm, input.accepted_at_ms, lease.at_ms);
+        input.timings = PhaseTimings {
+            run_ms: input.timings.run_ms,
+            total_ms: input.timings.total_ms,
+            ..t
+        };
+    }
+
+    /// Where a wait from `from` to `to` (unix ms) for container `warm` went: the parts of
+    /// it that overlap the container's cold start (placement until the image was being
+    /// fetched, the image, start until ready) count as those phases; the rest was
+    /// queueing. Only `queued_ms` is set when the container was ready before the wait.
+    pub fn wait_phases(&self, warm: &WarmId, from: u64, to: u64) -> PhaseTimings {
         let overlap = |a: u64, b: u64| b.min(to).saturating_sub(a.max(from));
+        let mut t = PhaseTimings::default();
         let mut cold = 0;
-        if let Some(w) = self.warm.get(&lease.warm)
+        if let Some(w) = self.warm.get(warm)
             && let (Some(started), Some(ready)) = (w.started_at_ms, w.ready_at_ms)
             && ready > from
         {
@@ -812,12 +823,13 @@ impl State {
             let placement = overlap(w.placed_at_ms, fetching);
             let image = overlap(fetching, started);
             let startup = overlap(started, ready);
-            input.timings.placement_ms = Some(placement);
-            input.timings.image_ms = Some(image);
-            input.timings.startup_ms = Some(startup);
+            t.placement_ms = Some(placement);
+            t.image_ms = Some(image);
+            t.startup_ms = Some(startup);
             cold = placement + image + startup;
         }
-        input.timings.queued_ms = Some(to.saturating_sub(from).saturating_sub(cold));
+        t.queued_ms = Some(to.saturating_sub(from).saturating_sub(cold));
+        t
     }
 
     fn end(

@@ -114,6 +114,25 @@ fn inputs_wait_for_a_ready_container_and_fill_its_slots_only() {
     assert_eq!(t.image_ms, Some(5));
     assert_eq!(t.startup_ms, Some(10));
     assert_eq!(t.queued_ms, Some(2));
+
+    // A web request's wait splits the same way: one that arrived at 25 waited through the
+    // last 5 ms of the start; one that came once the container was ready only queued.
+    let w = WarmId::from_sequence(1);
+    let cold = s.wait_phases(&w, 25, 31);
+    assert_eq!(
+        (
+            cold.placement_ms,
+            cold.image_ms,
+            cold.startup_ms,
+            cold.queued_ms
+        ),
+        (Some(0), Some(0), Some(5), Some(1))
+    );
+    let warm = s.wait_phases(&w, 35, 36);
+    assert_eq!(
+        (warm.startup_ms, warm.queued_ms, warm.run_ms),
+        (None, Some(1), None)
+    );
 }
 
 #[test]

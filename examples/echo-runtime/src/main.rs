@@ -17,6 +17,11 @@
 //! process with code N (a crash), `env:NAME` answers that variable, `whoami` answers the
 //! host name (the container id); anything else is echoed back with its content type.
 //! `ECHO_INIT_ERROR=MESSAGE` makes the setup fail with that message.
+//!
+//! A web request (an input of kind `http`, from a `via = "runtime_api"` endpoint) gets the
+//! same answer as a response, with status 200 (or `NNN` for the path `/status/NNN`) and
+//! the headers `x-echo-method`, `x-echo-path` and `x-echo-query`, plus `x-echo-NAME` for
+//! each request header `NAME` that starts with `x-`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -41,11 +46,16 @@ struct Response {
 impl Response {
     /// The first header named `name` (case-insensitive, as HTTP says).
     fn header(&self, name: &str) -> Option<&str> {
-        let found = self
-            .headers
+        self.headers_named(name).next()
+    }
+
+    /// Every header named `name`, in order.
+    fn headers_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str> {
+        let name = name.to_owned();
+        self.headers
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name));
-        found.map(|(_, v)| v.as_str())
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(&name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -55,6 +65,17 @@ impl Api {
         &self,
         method: &str,
         path: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> io::Result<Response> {
+        self.request_with(method, path, &[], body)
+    }
+
+    /// One request with extra header lines (`Name: value` each).
+    fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        extra: &[String],
         body: Option<(&str, &[u8])>,
     ) -> io::Result<Response> {
         let mut stream = UnixStream::connect(&self.socket).map_err(|e| {
@@ -67,11 +88,16 @@ impl Api {
             )
         })?;
         let (content_type, bytes) = body.unwrap_or(("application/octet-stream", &[]));
-        let head = format!(
+        let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: gantry\r\nConnection: close\r\n\
-             Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+             Content-Type: {content_type}\r\nContent-Length: {}\r\n",
             bytes.len()
         );
+        for line in extra {
+            head.push_str(line);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
         stream.write_all(head.as_bytes())?;
         stream.write_all(bytes)?;
         let mut raw = Vec::new();
@@ -228,6 +254,36 @@ fn run_input(content_type: &str, body: &[u8]) -> Answer {
     }
 }
 
+/// The status and headers answering a web request's input: what the request was.
+fn http_answer(input: &Response) -> Vec<String> {
+    let path = input.header("Gantry-Http-Path").unwrap_or_default();
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(200);
+    let mut lines = vec![format!("Gantry-Http-Status: {status}")];
+    for (name, header) in [
+        ("method", "Gantry-Http-Method"),
+        ("path", "Gantry-Http-Path"),
+        ("query", "Gantry-Http-Query"),
+    ] {
+        let value = input.header(header).unwrap_or_default();
+        lines.push(format!("Gantry-Http-Header: x-echo-{name}: {value}"));
+    }
+    for line in input.headers_named("Gantry-Http-Header") {
+        if let Some((name, value)) = line.split_once(':')
+            && name.to_ascii_lowercase().starts_with("x-")
+        {
+            let name = name.trim().to_ascii_lowercase();
+            lines.push(format!(
+                "Gantry-Http-Header: x-echo-{name}: {}",
+                value.trim()
+            ));
+        }
+    }
+    lines
+}
+
 /// One worker: takes inputs until the container is drained (`410 Gone`).
 fn worker(api: Api) -> io::Result<()> {
     loop {
@@ -257,7 +313,12 @@ fn worker(api: Api) -> io::Result<()> {
         let (path, resp) = match run_input(content_type, &input.body) {
             Answer::Output(ct, out) => {
                 let path = format!("/v1/inputs/{id}/response");
-                let resp = api.request("POST", &path, Some((&ct, &out)))?;
+                let http = if input.header("Gantry-Input-Kind") == Some("http") {
+                    http_answer(&input)
+                } else {
+                    Vec::new()
+                };
+                let resp = api.request_with("POST", &path, &http, Some((&ct, &out)))?;
                 (path, resp)
             }
             Answer::Error(message) => {
