@@ -1,12 +1,15 @@
 //! Web endpoints end to end with real processes and real containers: busybox `httpd` (and
-//! an `nc` upgrade server) as functions (contract H) behind the coordinator's ingress. A
-//! request to an endpoint at zero is held while its container starts and is answered; a
-//! token is required unless the endpoint is public; requests beyond `max_concurrency` wait
-//! and the endpoint scales out; beyond `max_pending` they get 429; idle containers drain
-//! and stop; an event stream arrives event by event; an upgraded connection carries bytes
-//! both ways; a new version takes new requests while one in flight finishes on the old;
-//! kill -9 of the serving host answers an idempotent request elsewhere and fails a POST
-//! with 502, never hanging.
+//! an `nc` upgrade server) as functions (contract H), and the echo runtime taking requests
+//! as inputs (contract P), behind the coordinator's ingress. A request to an endpoint at
+//! zero is held while its container starts and is answered; a token is required unless
+//! the endpoint is public; requests beyond `max_concurrency` wait and the endpoint scales
+//! out; beyond `max_pending` they get 429; idle containers drain and stop, during traffic
+//! too, losing no request; an event stream arrives event by event; an upgraded connection
+//! carries bytes both ways; a new version takes new requests while one in flight finishes
+//! on the old; kill -9 of the serving host answers an idempotent request elsewhere and
+//! fails a POST with 502, never hanging; a request as an input carries its method, path,
+//! query, headers and body, and its answer's status, headers and body come back. (A real
+//! WebSocket: `websocket.rs`.)
 
 use std::time::{Duration, Instant};
 
@@ -533,4 +536,55 @@ max_concurrency = 4
         1,
         "one container"
     );
+}
+
+#[test]
+fn scaling_down_during_traffic_loses_no_request() {
+    let c = cluster(1);
+    c.deploy(&format!(
+        r#"
+app = "calm"
+[functions.www]
+image = "busybox"
+command = {HTTPD}
+cpu = "0.2"
+memory = "64M"
+max_containers = 3
+scaledown_window = "2s"
+[functions.www.web]
+max_concurrency = 1
+target_concurrency = 1
+"#
+    ));
+    // A burst scales out to three containers.
+    let burst: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| ingress_get(&c, "/calm/www/cgi-bin/slow", Some(&c.admin)).0))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    });
+    assert_eq!(burst, [200, 200, 200]);
+    assert_eq!(live_containers(&c.function_view("calm", "www")), 3);
+
+    // Then steady traffic that one container serves: the other two go idle, drain and
+    // stop while requests keep coming, and every request is answered.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut answered = 0;
+    let mut least = u64::MAX;
+    while Instant::now() < until {
+        let (status, body) = ingress_get(&c, "/calm/www/index.html", Some(&c.admin));
+        assert_eq!(
+            (status, body.trim()),
+            (200, "hello"),
+            "request {answered} while scaling down"
+        );
+        answered += 1;
+        least = least.min(live_containers(&c.function_view("calm", "www")));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("web: {answered} requests answered while scaling down from 3 to {least}");
+    assert_eq!(least, 1, "scaled down to one container during the traffic");
 }
