@@ -3,7 +3,8 @@
 //! as inputs (contract P), behind the coordinator's ingress. A request to an endpoint at
 //! zero is held while its container starts and is answered; a token is required unless
 //! the endpoint is public; requests beyond `max_concurrency` wait and the endpoint scales
-//! out; beyond `max_pending` they get 429; idle containers drain and stop, during traffic
+//! out; beyond `max_pending` they get 429, and one held past `startup_timeout` + 30 s for a
+//! container that never gets ready gets 504; idle containers drain and stop, during traffic
 //! too, losing no request; an event stream arrives event by event; an upgraded connection
 //! carries bytes both ways; a new version takes new requests while one in flight finishes
 //! on the old; kill -9 of the serving host answers an idempotent request elsewhere and
@@ -587,4 +588,33 @@ target_concurrency = 1
     }
     eprintln!("web: {answered} requests answered while scaling down from 3 to {least}");
     assert_eq!(least, 1, "scaled down to one container during the traffic");
+}
+
+#[test]
+fn a_request_to_an_endpoint_that_never_gets_ready_ends_with_504() {
+    let c = cluster(1);
+    // The probe asks for a page the server does not have: no container ever gets ready.
+    c.deploy(&format!(
+        r#"
+app = "broken"
+[functions.www]
+image = "busybox"
+command = {HTTPD}
+cpu = "0.2"
+memory = "64M"
+startup_timeout = "1s"
+[functions.www.web]
+readiness = "GET /health"
+"#
+    ));
+    let t0 = Instant::now();
+    let (status, body) = ingress_get(&c, "/broken/www/index.html", Some(&c.admin));
+    let took = t0.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("startup_timeout"), "{body}");
+    // Held for its startup_timeout (1 s) and 30 s more, not for ever.
+    assert!(
+        took >= Duration::from_secs(30) && took < Duration::from_secs(50),
+        "answered after {took:?}"
+    );
 }
