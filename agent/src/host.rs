@@ -22,6 +22,10 @@ pub struct HostConfig {
     pub simulated_gpus: bool,
     /// Where real GPUs' devices, driver files and CDI specs are.
     pub gpu: GpuConfig,
+    /// For a one-shot `run`: the store opens in the background while the container starts
+    /// (its image is found in the records' files), and containers earlier agents left are
+    /// left for the next agent to re-adopt.
+    pub quick_start: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +61,18 @@ impl Host {
             path: state_dir.to_owned(),
             source,
         })?;
-        let store = LocalStore::open(&state_dir.join("db"))?;
+        let db = state_dir.join("db");
+        let store = match config.quick_start {
+            true => LocalStore::open_in_background(&db)?,
+            false => LocalStore::open(&db)?,
+        };
         let images = ImageStore::open(&state_dir.join("images"), &store, config.pull)?;
         let exe = std::env::current_exe().map_err(HostError::Exe)?;
         let runtime_config = RuntimeConfig {
             shim_pool: config.shim_pool,
             simulated_gpus: config.simulated_gpus,
             gpu: config.gpu,
+            readopt: !config.quick_start,
             ..RuntimeConfig::new(state_dir, exe)
         };
         let runtime = Runtime::open(runtime_config, images.clone(), &store).await?;

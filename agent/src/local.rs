@@ -55,13 +55,29 @@ pub async fn run(host: &Host, req: ContainerRequest, detach: bool) -> Result<i32
         source,
     })?;
     let grace = req.stop_grace;
-    let status = match host.runtime.start(req).await {
+    let mut status = match host.runtime.start(req.clone()).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("gantry-agent: {e}");
             return Ok(125);
         }
     };
+    // The image was looked up while the store opened; it must be what the store says.
+    if !host.images.stale_files()?.is_empty() {
+        eprintln!(
+            "gantry-agent: the image's record had changed; starting again with the current one"
+        );
+        host.runtime.stop(&status.id, Duration::ZERO).await?;
+        host.runtime.wait(&status.id).await?;
+        host.runtime.remove(&status.id)?;
+        status = match host.runtime.start(req).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("gantry-agent: {e}");
+                return Ok(125);
+            }
+        };
+    }
     let id = status.id;
     if detach {
         println!("{id}");

@@ -163,6 +163,7 @@ async fn one_shot(
         _ => PullConfig::default(),
     };
     let gpu = file.gpu;
+    let quick_start = matches!(command, Command::Run(_));
     let host = Host::open(
         state_dir,
         HostConfig {
@@ -170,6 +171,7 @@ async fn one_shot(
             shim_pool: 0,
             simulated_gpus: false,
             gpu,
+            quick_start,
         },
     )
     .await?;

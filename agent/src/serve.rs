@@ -67,6 +67,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             shim_pool: SHIM_POOL,
             simulated_gpus: config.simulate_gpus.is_some(),
             gpu: config.gpu.clone(),
+            quick_start: false,
         },
     )
     .await?;

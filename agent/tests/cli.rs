@@ -433,6 +433,27 @@ fn a_start_that_was_never_recorded_is_rolled_back() {
 }
 
 #[test]
+fn a_run_while_another_agent_holds_the_state_is_refused_and_leaves_nothing() {
+    let dir = setup();
+    let state = dir.path().join("state");
+    // This test process plays the other agent: it holds the state's database.
+    let _held = gantry_agent::store::LocalStore::open(&state.join("db")).expect("store");
+    let out = agent(
+        &state,
+        &[
+            "run", "--name", "second", "--image", "busybox", "--", "true",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--state-dir"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!state.join("containers/second").exists(), "nothing left");
+}
+
+#[test]
 fn a_compressed_rootfs_tarball_imports_and_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = common::busybox_rootfs(dir.path());

@@ -4,10 +4,13 @@
 //! - `layers/sha256/<hex>/` — one unpacked layer per blob digest, shared by every image that
 //!   uses it; it appears (by rename) only once fully unpacked and digest-verified.
 //! - `tmp/` — downloads and half-unpacked layers; cleared at open.
+//! - `records/` — a copy of the image records as files, for lookups while the store opens
+//!   (`records.rs`).
 //!
 //! Images are read-only: containers stack these directories as overlayfs lower layers.
 
 mod pull;
+mod records;
 mod unpack;
 
 use std::collections::HashMap;
@@ -143,6 +146,9 @@ pub struct ImageStore {
 struct Inner {
     root: PathBuf,
     table: Table,
+    files: records::RecordFiles,
+    /// Records found in the files (not the store), to check once the store is open.
+    from_files: Mutex<Vec<ImageRecord>>,
     pull: PullConfig,
     /// One async lock per layer digest being fetched (single flight).
     layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -157,10 +163,22 @@ impl ImageStore {
         for dir in [root.join("layers/sha256"), tmp] {
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
+        let files = records::RecordFiles::open(root).map_err(io_err(&root.join("records")))?;
+        let table = store.table("images")?;
+        if table.is_ready() {
+            // Records written before the files existed (or a file lost in a host crash).
+            for (_, rec) in table.list::<ImageRecord>()? {
+                if let Err(e) = files.put(&rec) {
+                    tracing::warn!(image = %rec.name, error = %e, "cannot file an image record");
+                }
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
-                table: store.table("images")?,
+                table,
+                files,
+                from_files: Mutex::default(),
                 pull,
                 layer_locks: Mutex::default(),
                 downloads: AtomicU64::new(0),
@@ -170,7 +188,19 @@ impl ImageStore {
 
     /// Looks an image up by the name it was imported or pulled under. Short names also
     /// match with `:latest`, and the normalized registry form (`docker.io/library/…`).
+    /// While the store is still opening, its copy in files is looked at first.
     pub fn get(&self, name: &str) -> Result<ImageRecord, ImageError> {
+        if !self.inner.table.is_ready()
+            && let Some(rec) = candidates(name).find_map(|key| self.inner.files.get(&key))
+        {
+            let mut found = self
+                .inner
+                .from_files
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            found.push(rec.clone());
+            return Ok(rec);
+        }
         for key in candidates(name) {
             if let Some(rec) = self.inner.table.get::<ImageRecord>(&key)? {
                 return Ok(rec);
@@ -179,6 +209,34 @@ impl ImageStore {
         Err(ImageError::NotFound {
             name: name.to_owned(),
         })
+    }
+
+    /// Checks the records found in the files against the store (waiting for it to open):
+    /// the names whose store record differs (a file left stale by a crash), each file now
+    /// rewritten from the store.
+    pub fn stale_files(&self) -> Result<Vec<String>, ImageError> {
+        let found: Vec<ImageRecord> = std::mem::take(
+            &mut *self
+                .inner
+                .from_files
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut stale = Vec::new();
+        for rec in found {
+            let stored: Option<ImageRecord> = self.inner.table.get(&rec.name)?;
+            if stored.as_ref() == Some(&rec) {
+                continue;
+            }
+            tracing::warn!(image = %rec.name, "an image record's file differed from the store");
+            if let Some(stored) = &stored
+                && let Err(e) = self.inner.files.put(stored)
+            {
+                tracing::warn!(image = %rec.name, error = %e, "cannot file an image record");
+            }
+            stale.push(rec.name);
+        }
+        Ok(stale)
     }
 
     /// The names of every image held, nothing decoded (what gossip publishes).
@@ -278,6 +336,10 @@ impl ImageStore {
 
     fn put_record(&self, rec: &ImageRecord) -> Result<(), ImageError> {
         self.inner.table.put(&rec.name, rec)?;
+        // The store has it: a file that cannot be written only makes early lookups slower.
+        if let Err(e) = self.inner.files.put(rec) {
+            tracing::warn!(image = %rec.name, error = %e, "cannot file an image record");
+        }
         Ok(())
     }
 
@@ -438,6 +500,67 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// A store opened in the background at `db`, once the last process's lock is gone
+    /// (sled releases it from a thread after the drop).
+    fn reopen_in_background(db: &Path) -> LocalStore {
+        (0..100)
+            .find_map(|_| {
+                LocalStore::open_in_background(db).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("reopen")
+    }
+
+    #[tokio::test]
+    async fn while_the_store_opens_records_come_from_their_files_and_are_checked_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (db, root, rootfs) = (
+            dir.path().join("db"),
+            dir.path().join("images"),
+            dir.path().join("rootfs"),
+        );
+        std::fs::create_dir_all(&rootfs).expect("rootfs");
+        std::fs::write(rootfs.join("hello"), "hi").expect("file");
+        let imported = {
+            let store = LocalStore::open(&db).expect("store");
+            let images = ImageStore::open(&root, &store, PullConfig::default()).expect("images");
+            images
+                .import(&rootfs, "x", ImageConfig::default())
+                .await
+                .expect("import")
+        };
+
+        // Found in its file before the store has opened; the store agrees.
+        let store = reopen_in_background(&db);
+        let images = ImageStore::open(&root, &store, PullConfig::default()).expect("images");
+        assert!(!store.is_open());
+        assert_eq!(images.get("x").expect("found"), imported);
+        assert!(!store.is_open(), "the lookup did not wait for the store");
+        assert!(images.stale_files().expect("checked").is_empty());
+        assert!(store.is_open());
+        drop((images, store));
+
+        // A file that differs from the store (left by a crash) is found stale after the
+        // start, and rewritten from the store.
+        let files = records::RecordFiles::open(&root).expect("files");
+        let mut wrong = imported.clone();
+        wrong.digest = format!("sha256:{}", "00".repeat(32));
+        std::fs::write(
+            root.join("records")
+                .join(format!("{}.json", hex::encode(Sha256::digest(b"x:latest")))),
+            serde_json::to_vec(&wrong).expect("json"),
+        )
+        .expect("tamper");
+        assert_eq!(files.get("x:latest"), Some(wrong.clone()));
+        let store = reopen_in_background(&db);
+        let images = ImageStore::open(&root, &store, PullConfig::default()).expect("images");
+        assert_eq!(images.get("x").expect("found"), wrong);
+        assert_eq!(images.stale_files().expect("checked"), ["x:latest"]);
+        assert_eq!(files.get("x:latest"), Some(imported));
     }
 
     #[test]

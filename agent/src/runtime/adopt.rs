@@ -59,7 +59,7 @@ impl Runtime {
                 self.finish(&tracked, exit);
             } else if let Some(pidfd) = open_shim_from(&dir) {
                 tracing::info!(container = %rec.id, "re-adopted running container");
-                self.watch(tracked, pidfd, dir);
+                self.watch(tracked, Some(pidfd), dir);
             } else {
                 let exit = self.cleanup_lost(&dir).await;
                 self.finish(&tracked, exit);

@@ -62,6 +62,9 @@ pub struct RuntimeConfig {
     /// Shims kept started ahead of time to cut container start latency (0: none, which
     /// suits one-shot processes such as the operator commands).
     pub shim_pool: usize,
+    /// Re-adopt (or roll back) what earlier agents left at open. Off only for a one-shot
+    /// `run`, which starts one new container and leaves the rest to the next agent.
+    pub readopt: bool,
 }
 
 impl RuntimeConfig {
@@ -76,6 +79,7 @@ impl RuntimeConfig {
             gpu: GpuConfig::default(),
             simulated_gpus: false,
             shim_pool: 2,
+            readopt: true,
         }
     }
 }
@@ -213,7 +217,9 @@ impl Runtime {
                 pool,
             }),
         };
-        rt.readopt().await?;
+        if rt.inner.cfg.readopt {
+            rt.readopt().await?;
+        }
         rt.inner.pool.refill();
         Ok(rt)
     }
@@ -357,10 +363,6 @@ impl Runtime {
             .map_err(io_err(dir))?;
         fsutil::write_json_atomic(&dir.join(files::SHIM_CONFIG), shim_cfg, Durability::Process)
             .map_err(io_err(dir))?;
-        // Recorded before the shim exists and flushed while it starts: if the agent dies
-        // before the flush lands, the restarted agent finds a directory without a record
-        // and rolls the never-acknowledged start back (see `readopt`).
-        self.inner.table.put_unflushed(record.id.as_str(), record)?;
         let binary = &self.inner.cfg.shim_binary;
         let ready_r = match self.inner.pool.take().map(|idle| idle.assign(dir)) {
             Some(Ok(ready)) => ready,
@@ -370,6 +372,11 @@ impl Runtime {
             }
             None => pool::spawn_for(binary, dir).map_err(io_err(binary))?,
         };
+        // Recorded and flushed while the shim starts the container (and, for a one-shot
+        // `run`, once the store it opens meanwhile is open): if the agent dies before the
+        // flush lands, the restarted agent finds a directory without a record and rolls
+        // the never-acknowledged start back (see `readopt`).
+        self.inner.table.put_unflushed(record.id.as_str(), record)?;
         self.inner.table.flush().await?;
         let timeout = self.inner.cfg.start_timeout;
         let mut report = std::pin::pin!(read_line(ready_r));
@@ -404,11 +411,18 @@ impl Runtime {
                 started_at_ms,
                 ..
             } => {
-                let pidfd = open_shim(shim).ok_or_else(|| RuntimeError::StartFailed {
-                    id: record.id.clone(),
-                    message: "shim vanished right after starting the container".into(),
-                    user_error: false,
-                })?;
+                let pidfd = match open_shim(shim) {
+                    Some(fd) => Some(fd),
+                    // The container ended at once: its shim recorded the exit and left.
+                    None if dir.join(files::EXIT).is_file() => None,
+                    None => {
+                        return Err(RuntimeError::StartFailed {
+                            id: record.id.clone(),
+                            message: "shim vanished right after starting the container".into(),
+                            user_error: false,
+                        });
+                    }
+                };
                 Ok(Launched {
                     pidfd,
                     started_at_ms,
@@ -423,10 +437,12 @@ impl Runtime {
     }
 
     /// Waits on the shim's pidfd in a task; on exit, collects the exit record.
-    fn watch(&self, tracked: Arc<Tracked>, pidfd: OwnedFd, dir: PathBuf) {
+    fn watch(&self, tracked: Arc<Tracked>, pidfd: Option<OwnedFd>, dir: PathBuf) {
         let rt = self.clone();
         tokio::spawn(async move {
-            exited(pidfd).await;
+            if let Some(pidfd) = pidfd {
+                exited(pidfd).await;
+            }
             // The shim writes exit.json before it exits; without one it died abnormally.
             let exit = match fsutil::read_json::<ExitRecord>(&dir.join(files::EXIT)) {
                 Ok(Some(e)) => e,
@@ -554,7 +570,9 @@ impl Runtime {
 }
 
 struct Launched {
-    pidfd: OwnedFd,
+    /// The shim, to watch; `None` when it had already ended (the container exited at once
+    /// and its exit is recorded).
+    pidfd: Option<OwnedFd>,
     started_at_ms: u64,
 }
 
