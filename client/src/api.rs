@@ -156,6 +156,30 @@ impl ApiClient {
         Ok(r.revoked)
     }
 
+    /// Creates a secret (or replaces it, with `replace` in `req`).
+    pub async fn create_secret(
+        &self,
+        req: &gantry_shared::secrets::CreateSecret,
+    ) -> Result<gantry_shared::secrets::SecretView, ClientError> {
+        self.post("/v1/secrets", req).await
+    }
+
+    /// The secrets: names and keys.
+    pub async fn secrets(&self) -> Result<Vec<gantry_shared::secrets::SecretView>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            secrets: Vec<gantry_shared::secrets::SecretView>,
+        }
+        let list: List = self.get("/v1/secrets").await?;
+        Ok(list.secrets)
+    }
+
+    pub async fn delete_secret(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/secrets/{name}"))))
+            .await?;
+        Ok(())
+    }
+
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ClientError> {
         self.post("/v1/jobs", spec).await
     }

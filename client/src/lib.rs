@@ -1,5 +1,5 @@
 //! gantry-client: the `gantry` command line. A client of the coordinator's HTTP API
-//! (`api`), the commands built on it (`run`, `print`, `image`, `functions`), where it finds the
+//! (`api`), the commands built on it (`run`, `print`, `image`, `functions`, `secrets`), where it finds the
 //! coordinator (`config`), and `gantry dev` (`dev`), which runs a coordinator and agents on
 //! this machine as child processes. It links no server code: no sled, quinn or axum.
 
@@ -10,3 +10,4 @@ pub mod functions;
 pub mod image;
 pub mod print;
 pub mod run;
+pub mod secrets;

@@ -88,6 +88,10 @@ enum Command {
         /// `KEY=VALUE`, repeatable.
         #[arg(long, short, value_parser = parse_env)]
         env: Vec<(String, String)>,
+        /// A secret the job gets: `NAME` (environment variables) or `NAME:files` (files
+        /// under /run/secrets/NAME/); repeatable.
+        #[arg(long = "secret", value_parser = gantry_client::secrets::parse_use)]
+        secrets: Vec<gantry_shared::secrets::SecretUse>,
         #[arg(long, default_value_t = 0)]
         retries: u32,
         /// Wait before the first retry, e.g. `1s` (doubling per failure, at most 5m).
@@ -123,6 +127,9 @@ enum Command {
     /// API tokens (admin): create one, or revoke every token with a name.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Secrets: create (admin), list names and keys, delete (admin).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Deploy an app's functions from its manifest (a new immutable version).
     Deploy {
         /// The app manifest.
@@ -217,6 +224,26 @@ enum TokensCommand {
     },
     /// Revoke every token named NAME (not the one making the request).
     Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Create a secret from `KEY=VALUE` pairs and/or an env file.
+    Create {
+        name: String,
+        /// `KEY=VALUE`, repeatable (keys: letters, digits and `_`).
+        pairs: Vec<String>,
+        /// Read `KEY=VALUE` lines from FILE (a `.env` file).
+        #[arg(long, value_name = "FILE")]
+        from_env_file: Option<PathBuf>,
+        /// Replace a secret of that name (containers started afterwards get the new values).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the secrets: names and keys, never values.
+    List,
+    /// Delete a secret (running containers keep what they got).
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -367,6 +394,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             spot,
             priority,
             env,
+            secrets,
             retries,
             retry_delay,
             timeout,
@@ -389,6 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     spot,
                     priority,
                     env,
+                    secrets,
                     retries,
                     retry_delay,
                     timeout,
@@ -488,6 +517,34 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 TokensCommand::Revoke { name } => {
                     let revoked = client.revoke_api_tokens(&name).await?;
                     println!("revoked {revoked} token(s) named `{name}`");
+                }
+            }
+            Ok(0)
+        }
+        Command::Secret(cmd) => {
+            let client = CliConfig::load()?.client()?;
+            match cmd {
+                SecretCommand::Create {
+                    name,
+                    pairs,
+                    from_env_file,
+                    force,
+                } => {
+                    let values = gantry_client::secrets::values(&pairs, from_env_file.as_deref())?;
+                    let view =
+                        gantry_client::secrets::create(&client, &name, values, force).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&view)?);
+                    } else {
+                        println!("secret `{name}`: {}", view.keys.join(", "));
+                    }
+                }
+                SecretCommand::List => {
+                    gantry_client::secrets::print_list(&client.secrets().await?, json)?
+                }
+                SecretCommand::Delete { name } => {
+                    client.delete_secret(&name).await?;
+                    println!("deleted secret `{name}`");
                 }
             }
             Ok(0)

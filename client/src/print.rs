@@ -234,7 +234,7 @@ fn gpu_summary(n: &Node) -> String {
     format!("{free}/{} {}{sim}", n.gpus.len(), models.join("+"))
 }
 
-fn ago(now_ms: u64, then_ms: u64) -> String {
+pub fn ago(now_ms: u64, then_ms: u64) -> String {
     let s = now_ms.saturating_sub(then_ms) / 1000;
     match s {
         0..60 => format!("{s}s ago"),

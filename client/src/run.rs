@@ -27,6 +27,8 @@ pub struct RunArgs {
     pub spot: bool,
     pub priority: i32,
     pub env: Vec<(String, String)>,
+    /// Secrets the job gets (`--secret NAME[:files]`).
+    pub secrets: Vec<gantry_shared::secrets::SecretUse>,
     pub retries: u32,
     /// Wait before the first retry (doubling per failure, at most 5 minutes).
     pub retry_delay: Option<String>,
@@ -64,6 +66,7 @@ fn spec(args: RunArgs) -> anyhow::Result<JobSpec> {
         image: args.image,
         command: args.command,
         env: args.env.into_iter().collect(),
+        secrets: args.secrets,
         resources: JobResources {
             cpu: field("resources.cpu", args.cpu)?,
             memory: field("resources.memory", args.memory)?,

@@ -41,7 +41,19 @@ pub struct CoordinatorSettings {
     pub registry_address: Option<RegistryAddress>,
     pub gossip: GossipSettings,
     pub liveness: LivenessSettings,
+    /// `[secrets]`: where the key that encrypts secrets at rest is.
+    pub secrets: SecretsSettings,
     pub log: LogConfig,
+}
+
+/// `[secrets]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsSettings {
+    /// The AES-256 key file (64 hex digits, 0600), made on the first start; default
+    /// `<state_dir>/secrets.key`. Without it the stored secrets cannot be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for CoordinatorSettings {
@@ -56,6 +68,7 @@ impl Default for CoordinatorSettings {
             registry_address: None,
             gossip: GossipSettings::default(),
             liveness: LivenessSettings::default(),
+            secrets: SecretsSettings::default(),
             log: LogConfig::default(),
         }
     }
@@ -244,6 +257,7 @@ impl CoordinatorSettings {
     pub fn server(&self) -> CoordinatorConfig {
         CoordinatorConfig {
             state_dir: self.state_dir.clone(),
+            secrets_key_file: self.secrets.key_file.clone(),
             api: ApiConfig {
                 listen: self.api_listen,
                 tls: self.api.tls.clone(),

@@ -15,6 +15,8 @@
 //! - `reconcile/`: the reconciler: a pure plan per pass (evictions, fences, starts, stops,
 //!   placements) and its executor, commands to agents through a `NodeLink`.
 //! - `registry/`: the embedded OCI registry.
+//! - `secrets`: secrets encrypted at rest (AES-256-GCM under a key file), resolved into a
+//!   container's start only.
 //! - `store/`: everything durable (sled), one module per kind of record: jobs and fences
 //!   (mod), API tokens and roles (`tokens`), join tokens and joined nodes (`joins`), node
 //!   drain/preempt state (`node_admin`). Nothing else opens a sled tree.
@@ -32,5 +34,6 @@ pub mod nodes;
 pub mod placement;
 pub mod reconcile;
 pub mod registry;
+pub mod secrets;
 pub mod server;
 pub mod store;

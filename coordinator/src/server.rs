@@ -24,6 +24,8 @@ use crate::store::Store;
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
+    /// The key that encrypts secrets at rest; default `<state_dir>/secrets.key`.
+    pub secrets_key_file: Option<PathBuf>,
     pub api: ApiConfig,
     pub control: ControlConfig,
     /// Web endpoints' HTTP ingress.
@@ -83,6 +85,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)?;
     let store = Store::open(&cfg.state_dir.join("db"))?;
+    let key_file = cfg
+        .secrets_key_file
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("secrets.key"));
+    store.open_secrets(&key_file)?;
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.state_dir.join("ca"))?);
     // The API's certificate, before anything listens or the admin token is made: a bad
     // file stops the start and a fixed one gets the first start's token.

@@ -49,6 +49,10 @@ pub struct JobSpec {
     /// Higher runs first.
     #[serde(default)]
     pub priority: i32,
+    /// Secrets the job's containers get: `"NAME"` (environment variables) or
+    /// `{"name": "NAME", "mount": "files"}` (files under `/run/secrets/NAME/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secrets::SecretUse>,
 }
 
 fn one() -> u32 {
@@ -180,6 +184,9 @@ impl JobSpec {
             })
         };
         let l = SpecLimits::DEFAULT;
+        if let Err(e) = crate::secrets::check_uses(&self.secrets) {
+            return err("secrets", &e.to_string());
+        }
         let too_long = |field, what: &str, max: usize| {
             Err(FieldError {
                 field,

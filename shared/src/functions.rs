@@ -78,6 +78,10 @@ pub struct FunctionSpec {
     /// Serves HTTP through the coordinator's ingress instead of taking calls.
     #[serde(default)]
     pub web: Option<WebSpec>,
+    /// Secrets its containers get: `"NAME"` (environment variables) or
+    /// `{ name = "NAME", mount = "files" }` (files under `/run/secrets/NAME/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secrets::SecretUse>,
 }
 
 /// A web endpoint, reached through the coordinator's ingress at `/APP/LABEL/…` or
@@ -447,6 +451,9 @@ impl FunctionSpec {
     pub fn validate(&self) -> Result<(), FieldError> {
         let err = |field: &'static str, message: String| Err(FieldError { field, message });
         let l = SpecLimits::DEFAULT;
+        if let Err(e) = crate::secrets::check_uses(&self.secrets) {
+            return err("secrets", e.to_string());
+        }
         if self.image.trim().is_empty() {
             return err(
                 "image",

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod image_name;
 pub mod protocol;
 pub mod resources;
+pub mod secrets;
 
 pub use attempt::{AttemptRef, EndCause, Generation, GpuFault, Owner, StartFailure};
 pub use gossip_key::{BadGossipKey, GossipKey};

@@ -15,8 +15,9 @@ use crate::gossip_key::GossipKey;
 use crate::ids::{ClusterId, InputId, NodeId};
 
 /// Bumped on any incompatible change to the messages below. 5: `joined` and `welcome`
-/// carry the cluster's gossip key. 7: web endpoints served through the runtime API.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// carry the cluster's gossip key. 7: web endpoints served through the runtime API. 8:
+/// secrets in `AttemptSpec`.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -309,6 +310,9 @@ pub struct AttemptSpec {
     /// Set for a function's container: the agent serves the runtime API to it.
     #[serde(default)]
     pub function: Option<FunctionRuntime>,
+    /// The secrets the container gets, with their values (kept in memory only).
+    #[serde(default)]
+    pub secrets: Vec<crate::secrets::SecretDelivery>,
 }
 
 /// How a function container is served its inputs.

@@ -38,6 +38,9 @@ pub struct ClusterSpec {
     /// The API (and the embedded registry) serves HTTPS with a certificate the cluster CA
     /// issues for the bridge address (`[api] tls_names`); clients here trust that CA.
     pub api_tls: bool,
+    /// The coordinator's and agents' logs go to files under the cluster's directory
+    /// (`logs/`), for a test to read, instead of the test's output.
+    pub logs_to_files: bool,
 }
 
 impl Default for ClusterSpec {
@@ -51,6 +54,7 @@ impl Default for ClusterSpec {
             echo: false,
             ws_echo: false,
             api_tls: false,
+            logs_to_files: false,
         }
     }
 }
@@ -100,12 +104,16 @@ impl TestCluster {
             false => String::new(),
         };
         std::fs::write(dir.path().join("coordinator.toml"), config).expect("coordinator.toml");
-        let mut coordinator = Proc::spawn(coordinator_command(
+        let mut first = coordinator_command(
             dir.path(),
             [&format!("{bridge}:0"), &format!("{bridge}:0")],
             &format!("{bridge}:0"),
             &gossip,
-        ));
+        );
+        if spec.logs_to_files {
+            first.stderr(log_file(dir.path(), "coordinator"));
+        }
+        let mut coordinator = Proc::spawn(first);
         let lines = coordinator.lines_until("control listening on");
         let api = field(&lines, "api listening on").expect("api address");
         let ingress = field(&lines, "ingress listening on").expect("ingress address");
@@ -185,7 +193,11 @@ impl TestCluster {
         // The old sockets are gone with the process; a bind can still race the kernel
         // releasing them, so a start that fails is tried again for a while.
         loop {
-            let mut p = Proc::spawn(cmd_clone(&cmd));
+            let mut again = cmd_clone(&cmd);
+            if self.spec.logs_to_files {
+                again.stderr(log_file(self.dir.path(), "coordinator"));
+            }
+            let mut p = Proc::spawn(again);
             let ready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 p.lines_until("control listening on")
             }));
@@ -198,6 +210,39 @@ impl TestCluster {
                 "the coordinator did not start again within 10 s"
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the coordinator (after it was stopped) expecting it to refuse: returns its
+    /// error output once it exited non-zero. Panics if it is still up after 15 s.
+    pub fn coordinator_refuses_to_start(&self) -> String {
+        let mut cmd = coordinator_command(
+            self.dir.path(),
+            [self.api.trim_start_matches("https://"), &self.ingress],
+            &self.control,
+            &self.gossip,
+        );
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the coordinator");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(!status.success(), "the coordinator exited 0");
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return err;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the coordinator started although it should have refused");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -274,7 +319,11 @@ impl TestCluster {
 
     /// Starts (or restarts) agent `i` and waits until it serves.
     pub fn start_agent(&mut self, i: usize) {
-        let mut p = Proc::spawn(self.serve_command(i));
+        let mut cmd = self.serve_command(i);
+        if self.spec.logs_to_files {
+            cmd.stderr(log_file(self.dir.path(), &self.agents[i].node));
+        }
+        let mut p = Proc::spawn(cmd);
         p.line_after("agent serving");
         self.agents[i].proc = Some(p);
     }
@@ -490,6 +539,17 @@ fn coordinator_command(
         .args(["--control-listen", control])
         .args(["--gossip-listen", gossip]);
     cmd
+}
+
+/// `<dir>/logs/<name>.log`, opened for appending (a restarted process adds to it).
+fn log_file(dir: &std::path::Path, name: &str) -> std::fs::File {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).expect("logs directory");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{name}.log")))
+        .expect("log file")
 }
 
 /// A copy of `cmd` (program, arguments, environment).

@@ -371,6 +371,7 @@ impl Attempts {
         req.id = Some(id.clone());
         req.command = (!spec.command.is_empty()).then(|| spec.command.clone());
         req.env = spec.env.clone();
+        req.secrets = spec.secrets.clone();
         req.resources = Resources {
             cpu: CpuMillis(spec.cpu_millis),
             memory_bytes: spec.memory_bytes,

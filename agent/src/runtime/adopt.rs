@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gantry_shared::ContainerId;
 use tokio::sync::watch;
 
 use super::{
@@ -84,6 +85,12 @@ impl Runtime {
     /// Kills whatever a container directory still runs and removes it: for starts that
     /// were never acknowledged, and for starts that failed after the shim was launched.
     pub(super) async fn roll_back(&self, dir: &Path) {
+        if let Some(id) = dir
+            .file_name()
+            .and_then(|n| ContainerId::new(n.to_string_lossy()).ok())
+        {
+            super::secrets::SecretsDir::remove_for(&self.inner.cfg.secrets_dir, &id);
+        }
         if let Some(pidfd) = open_shim_from(dir) {
             // A supervising shim stops its container on request; a shim still inside
             // libcontainer's create does not read the FIFO yet and is killed.

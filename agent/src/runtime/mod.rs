@@ -12,6 +12,7 @@ mod adopt;
 pub mod cgroup;
 pub mod logs;
 mod pool;
+mod secrets;
 pub mod shim;
 pub mod spec;
 mod types;
@@ -65,13 +66,19 @@ pub struct RuntimeConfig {
     /// Re-adopt (or roll back) what earlier agents left at open. Off only for a one-shot
     /// `run`, which starts one new container and leaves the rest to the next agent.
     pub readopt: bool,
+    /// Where a starting container's secrets (and its spec, which holds them) are written:
+    /// a directory on a tmpfs, refused otherwise. Emptied once the container runs.
+    pub secrets_dir: PathBuf,
 }
 
 impl RuntimeConfig {
     pub fn new(state_dir: impl Into<PathBuf>, shim_binary: impl Into<PathBuf>) -> Self {
         let state_dir = state_dir.into();
+        let cgroup_parent = cgroup::parent_for(&state_dir);
         Self {
-            cgroup_parent: cgroup::parent_for(&state_dir),
+            secrets_dir: PathBuf::from("/dev/shm/gantry-secrets")
+                .join(cgroup_parent.trim_start_matches("gantry/")),
+            cgroup_parent,
             state_dir,
             shim_binary: shim_binary.into(),
             log_cap_bytes: 64 << 20,
@@ -88,6 +95,8 @@ impl RuntimeConfig {
 pub enum RuntimeError {
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error("cannot hold a container's secrets in {path}: {message}")]
+    Secrets { path: PathBuf, message: String },
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
     #[error(transparent)]
@@ -263,6 +272,39 @@ impl Runtime {
     /// case nothing of it is left on the host).
     pub async fn start(&self, req: ContainerRequest) -> Result<ContainerStatus, RuntimeError> {
         let id = req.id.clone().unwrap_or_else(ContainerId::generate);
+        if req.secrets.is_empty() {
+            return self.start_as(id, req, None).await;
+        }
+        // Secrets go to memory only: the spec (which holds the variables) is gone once the
+        // container runs, the files it mounts once it ends.
+        let memory = secrets::SecretsDir::create(&self.inner.cfg.secrets_dir, &id)?;
+        let mut req = req;
+        match memory.write(&req.secrets) {
+            Ok(binds) => req.binds.extend(binds),
+            Err(e) => {
+                memory.remove();
+                return Err(e);
+            }
+        }
+        let result = self
+            .start_as(id.clone(), req, Some(memory.spec_path()))
+            .await;
+        match &result {
+            Ok(_) => memory.remove_spec(),
+            Err(_) => memory.remove(),
+        }
+        let _ = std::fs::remove_file(self.container_dir(&id).join(files::SPEC));
+        result
+    }
+
+    /// [`Runtime::start`] with the spec at `spec_at` (on memory, for secrets; linked from
+    /// the container's directory) instead of in the container's directory.
+    async fn start_as(
+        &self,
+        id: ContainerId,
+        req: ContainerRequest,
+        spec_at: Option<PathBuf>,
+    ) -> Result<ContainerStatus, RuntimeError> {
         let image = self.inner.images.get(&req.image)?;
         let layers = self.inner.images.layer_dirs(&image)?;
         let gpus = if self.inner.cfg.simulated_gpus {
@@ -320,7 +362,9 @@ impl Runtime {
             stop_grace: req.stop_grace,
             user: req.user.clone().or_else(|| image.config.user.clone()),
         };
-        let result = self.launch(&dir, &record, &built.spec, &shim_cfg).await;
+        let result = self
+            .launch(&dir, &record, (&built.spec, spec_at.as_deref()), &shim_cfg)
+            .await;
         self.inner.pool.refill();
         match result {
             Ok(ready) => {
@@ -354,13 +398,19 @@ impl Runtime {
         &self,
         dir: &Path,
         record: &ContainerRecord,
-        spec: &oci_spec::runtime::Spec,
+        (spec, spec_at): (&oci_spec::runtime::Spec, Option<&Path>),
         shim_cfg: &ShimConfig,
     ) -> Result<Launched, RuntimeError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         // Process durability is enough: after a host crash there is no container to find.
-        fsutil::write_json_atomic(&dir.join(files::SPEC), spec, Durability::Process)
-            .map_err(io_err(dir))?;
+        match spec_at {
+            None => fsutil::write_json_atomic(&dir.join(files::SPEC), spec, Durability::Process)
+                .map_err(io_err(dir))?,
+            Some(at) => {
+                fsutil::write_json_private(at, spec, Durability::Process).map_err(io_err(at))?;
+                std::os::unix::fs::symlink(at, dir.join(files::SPEC)).map_err(io_err(dir))?;
+            }
+        }
         fsutil::write_json_atomic(&dir.join(files::SHIM_CONFIG), shim_cfg, Durability::Process)
             .map_err(io_err(dir))?;
         let binary = &self.inner.cfg.shim_binary;
@@ -454,6 +504,7 @@ impl Runtime {
 
     fn finish(&self, tracked: &Tracked, exit: ExitRecord) {
         let mut rec = lock_record(tracked);
+        secrets::SecretsDir::remove_for(&self.inner.cfg.secrets_dir, &rec.id);
         rec.exit = Some(exit.clone());
         if let Err(e) = self.inner.table.put(rec.id.as_str(), &*rec) {
             tracing::error!(container = %rec.id, error = %e, "cannot persist exit");
@@ -563,6 +614,7 @@ impl Runtime {
         }
         let dir = self.container_dir(id);
         fsutil::remove_dir_all_if_exists(&dir).map_err(io_err(&dir))?;
+        secrets::SecretsDir::remove_for(&self.inner.cfg.secrets_dir, id);
         self.inner.table.remove(id.as_str())?;
         self.lock().remove(id);
         Ok(())

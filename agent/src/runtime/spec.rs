@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use gantry_shared::ContainerId;
+use gantry_shared::secrets::SecretMount;
 use oci_spec::runtime::Spec;
 use serde_json::{Value, json};
 
@@ -152,6 +153,17 @@ fn env(input: &SpecInput<'_>) -> Result<(Vec<String>, Vec<String>), SpecError> {
             continue;
         }
         set(k, v, &mut vars);
+    }
+    // A secret's value wins over the request's env.
+    for secret in input
+        .request
+        .secrets
+        .iter()
+        .filter(|s| s.mount == SecretMount::Env)
+    {
+        for (k, v) in secret.values.iter() {
+            set(k, v, &mut vars);
+        }
     }
     for (k, v) in &input.gpus.env {
         // The visibility variables are Gantry's (a CDI spec sets NVIDIA_VISIBLE_DEVICES=void

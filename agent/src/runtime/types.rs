@@ -55,6 +55,11 @@ pub struct ContainerRequest {
     /// socket); never taken from a user, whose host mounts are refused.
     #[serde(default)]
     pub binds: Vec<BindMount>,
+    /// Secrets, as environment variables or files under `/run/secrets/NAME/`: written to
+    /// memory only (the runtime's secrets directory, a tmpfs) and gone from the host once
+    /// the container runs. Never serialized.
+    #[serde(skip)]
+    pub secrets: Vec<gantry_shared::secrets::SecretDelivery>,
 }
 
 /// A host directory bind-mounted into a container, `nosuid,nodev,noexec`.
@@ -86,6 +91,7 @@ impl ContainerRequest {
             stop_grace: Duration::from_secs(10),
             attempt: None,
             binds: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 }

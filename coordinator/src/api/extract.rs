@@ -104,6 +104,9 @@ pub enum ApiError {
     /// A short image name that is nowhere (`crate::images`); `field` names where it was.
     #[error("{message}")]
     ImageNotFound { field: String, message: String },
+    /// A secret named at `field` does not exist.
+    #[error("{message}")]
+    SecretNotFound { field: String, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -118,6 +121,27 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What a secrets error means to a caller; `field` names where the secret was named.
+    pub(super) fn secret(field: &str, e: crate::secrets::SecretStoreError) -> Self {
+        use crate::secrets::SecretStoreError as E;
+        match e {
+            e @ E::NotFound { .. } => ApiError::SecretNotFound {
+                field: field.to_owned(),
+                message: format!("{field}: {e}"),
+            },
+            e @ E::Exists { .. } => ApiError::Conflict {
+                message: e.to_string(),
+            },
+            E::Invalid(e) => ApiError::BadRequest {
+                field: Some("values".into()),
+                message: e.to_string(),
+            },
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<JobServiceError> for ApiError {
     fn from(e: JobServiceError) -> Self {
         match e {
@@ -127,6 +151,7 @@ impl From<JobServiceError> for ApiError {
                 message: e.to_string(),
             },
             JobServiceError::Unavailable { message } => ApiError::Unavailable { message },
+            JobServiceError::Secret(e) => ApiError::secret("secrets", e),
             JobServiceError::Store(e) => ApiError::Internal(e.to_string()),
             JobServiceError::Internal(e) => ApiError::Internal(e),
         }
@@ -187,6 +212,11 @@ impl IntoResponse for ApiError {
             ApiError::ImageNotFound { field, .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "image_not_found",
+                Some(field.clone()),
+            ),
+            ApiError::SecretNotFound { field, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "secret_not_found",
                 Some(field.clone()),
             ),
             ApiError::Internal(_) => {

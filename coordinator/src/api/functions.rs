@@ -50,6 +50,7 @@ impl From<FunctionServiceError> for ApiError {
                     message: e.to_string(),
                 }
             }
+            FunctionServiceError::Secret { field, error } => ApiError::secret(&field, error),
             FunctionServiceError::Store(e) => ApiError::Internal(e.to_string()),
             FunctionServiceError::Internal(e) => ApiError::Internal(e),
         }

@@ -12,7 +12,7 @@ use axum::extract::{
 use axum::http::{HeaderMap, StatusCode, header, request::Parts};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use gantry_shared::JobId;
 use gantry_shared::api::{
@@ -38,6 +38,7 @@ use crate::store::tokens::{ApiTokens, Role};
 mod extract;
 mod functions;
 mod nodes;
+mod secrets;
 mod tls;
 mod tokens;
 
@@ -82,6 +83,7 @@ pub struct ApiState {
     images: ImageCheck,
     tokens: ApiTokens,
     join: JoinTokens,
+    secrets: crate::secrets::Secrets,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
@@ -100,6 +102,7 @@ impl ApiState {
         functions.register_metrics(&mut metrics.registry);
         nodes.register_metrics(&mut metrics.registry);
         Self {
+            secrets: jobs.secrets().clone(),
             jobs,
             functions,
             nodes,
@@ -179,7 +182,10 @@ impl Metrics {
         functions::get_call,
         functions::cancel_call,
         functions::append_inputs,
-        functions::call_outputs
+        functions::call_outputs,
+        secrets::create_secret,
+        secrets::list_secrets,
+        secrets::delete_secret
     ),
     components(schemas(
         JobSpec,
@@ -211,6 +217,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/join-tokens", post(create_join_token))
         .route("/v1/tokens", post(create_api_token))
         .route("/v1/tokens/revoke", post(revoke_api_tokens))
+        .route(
+            "/v1/secrets",
+            post(secrets::create_secret).get(secrets::list_secrets),
+        )
+        .route("/v1/secrets/{name}", delete(secrets::delete_secret))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))

@@ -22,6 +22,7 @@ use gantry_shared::protocol::{
     AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, Readiness, WebRuntime,
     batches,
 };
+use gantry_shared::secrets::SecretUse;
 use gantry_shared::{AppName, CallId, FunctionName, Generation, InputId, NodeId, Owner, WarmId};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, watch};
@@ -76,6 +77,12 @@ pub enum FunctionServiceError {
         "idempotency key `{key}` was used with a different request body; use a new key for a new call"
     )]
     IdempotencyKeyReused { key: String },
+    /// A secret the manifest names, at `field`.
+    #[error("{field}: {error}")]
+    Secret {
+        field: String,
+        error: crate::secrets::SecretStoreError,
+    },
     #[error(transparent)]
     Store(StoreError),
     #[error("internal error: {0}")]
@@ -100,6 +107,8 @@ pub enum Outbound {
     Start {
         node: NodeId,
         spec: AttemptSpec,
+        /// The secrets the container gets: their values go into `spec` only as it is sent.
+        secrets: Vec<SecretUse>,
     },
     Cancel {
         node: NodeId,
@@ -295,6 +304,16 @@ impl FunctionService {
     /// flight finish on the version they started on; the old version's containers drain.
     pub fn deploy(&self, manifest: AppManifest) -> Result<DeploymentView, FunctionServiceError> {
         manifest.validate()?;
+        for (name, f) in &manifest.functions {
+            self.inner
+                .store
+                .secrets()
+                .check_exist(&f.secrets)
+                .map_err(|e| FunctionServiceError::Secret {
+                    field: format!("functions.{name}.secrets"),
+                    error: e,
+                })?;
+        }
         let store = &self.inner.store;
         let mut state = self.lock();
         let mut record = store.app(&manifest.app)?.unwrap_or(AppRecord {
@@ -1261,6 +1280,7 @@ impl FunctionService {
                 starts.push(Outbound::Start {
                     node: member.node.clone(),
                     spec: start_spec(&key, &spec, &record),
+                    secrets: spec.secrets.clone(),
                 });
             }
         }
@@ -1270,7 +1290,7 @@ impl FunctionService {
         if !starts.is_empty() {
             store.commit()?;
             for start in starts {
-                if let Outbound::Start { node, spec } = &start
+                if let Outbound::Start { node, spec, .. } = &start
                     && let (Some(warm), Some(&session)) = (spec.owner.warm(), sessions.get(node))
                 {
                     sent.insert(warm.clone(), (session, now));
@@ -1315,6 +1335,7 @@ impl FunctionService {
                     Outbound::Start {
                         node: w.node.clone(),
                         spec: start_spec(&w.key, spec, w),
+                        secrets: spec.secrets.clone(),
                     }
                 }
                 WarmPhase::Fenced => Outbound::Stop {
@@ -1399,6 +1420,7 @@ fn start_spec(
         memory_bytes: warm.memory_bytes,
         gpus: warm.gpus.clone(),
         timeout_ms: None,
+        secrets: Vec::new(),
         function: Some(FunctionRuntime {
             // A web endpoint's container holds up to its `max_concurrency` requests.
             max_inputs: spec
@@ -1599,6 +1621,8 @@ pub async fn run_router<L: NodeLink>(
 const ROUTER_GATHER: usize = 4096;
 
 /// A message the router sends: deliveries for one container gathered in order.
+// Moved once from the queue to its send; a box would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Send {
     Deliver {
@@ -1676,8 +1700,23 @@ async fn send<L: NodeLink>(service: &FunctionService, link: &L, msg: Send) {
     };
     let result = match msg {
         Outbound::Deliver(d) => deliver(service, link, d.node, d.warm, vec![d.input]).await,
-        Outbound::Start { node, spec } => {
+        Outbound::Start {
+            node,
+            mut spec,
+            secrets,
+        } => {
             let warm = spec.owner.warm().cloned();
+            match service.inner.store.secrets().resolve(&secrets) {
+                Ok(values) => spec.secrets = values,
+                Err(e) => {
+                    let Some(w) = warm else { return };
+                    let why = format!("its start was not sent: {e}");
+                    if let Err(e) = service.delivery_failed(&w, &why, true) {
+                        tracing::error!(error = %e, "cannot record a start not sent");
+                    }
+                    return;
+                }
+            }
             match (link.exchange(&node, Command::Start(spec)).await, warm) {
                 (Ok(CommandReply::Accepted), _) | (_, None) => Ok(()),
                 // Refused: the node did not take it, so nothing runs there.

@@ -32,6 +32,9 @@ pub enum JobServiceError {
     IdempotencyKeyReused { key: String },
     #[error("{message}")]
     Unavailable { message: String },
+    /// A secret the job names (does not exist).
+    #[error(transparent)]
+    Secret(crate::secrets::SecretStoreError),
     /// The store failed: not the caller's doing.
     #[error(transparent)]
     Store(StoreError),
@@ -77,12 +80,21 @@ impl JobService {
 
     /// Accepts a job, durably, unless no node could ever hold it. With an idempotency key,
     /// a replay of the same spec returns the job created first (`false`).
+    /// The secrets jobs may name.
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        self.store.secrets()
+    }
+
     pub async fn submit(
         &self,
         spec: JobSpec,
         idempotency_key: Option<String>,
     ) -> Result<(Job, bool), JobServiceError> {
         self.check_fits(&spec)?;
+        self.store
+            .secrets()
+            .check_exist(&spec.secrets)
+            .map_err(JobServiceError::Secret)?;
         // Compare what the spec means, not its bytes: reformatted JSON is the same request.
         let canonical = hex::encode(Sha256::digest(
             serde_json::to_vec(&spec).map_err(|e| JobServiceError::Internal(e.to_string()))?,

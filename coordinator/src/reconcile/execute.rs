@@ -8,8 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use gantry_shared::api::JobState;
-use gantry_shared::protocol::{Command, CommandReply};
-use gantry_shared::{EndCause, Generation, JobId, NodeId};
+use gantry_shared::protocol::{Command, CommandReply, Event};
+use gantry_shared::secrets::SecretUse;
+use gantry_shared::{EndCause, Generation, JobId, NodeId, Owner, StartFailure};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::task::TaskTracker;
 
@@ -30,6 +31,14 @@ pub enum Outcome {
     },
     /// A stop of a member of a finished job did not go out: the next pass tries again.
     StopFailed(MemberKey),
+    /// A start that could not be sent because a secret it names is gone: the member's
+    /// start failed (the job's doing, like a bad image).
+    StartRefused {
+        job: JobId,
+        node: NodeId,
+        generation: Generation,
+        message: String,
+    },
     /// The node's answer to the stop of a member taken off it.
     Fenced {
         key: MemberKey,
@@ -56,16 +65,44 @@ pub fn execute<L: NodeLink>(
 ) -> Result<Vec<(JobId, Generation)>, StoreError> {
     let (placed, sends) = apply(store, actions, now_ms)?;
     let recorded: HashSet<&(JobId, Generation)> = placed.iter().collect();
-    for (member, command, kind) in sends {
+    for (member, mut command, kind, secrets) in sends {
         let (job, generation, _) = &member;
         if kind == (SendKind::Start { placed: true })
             && !recorded.contains(&(job.clone(), *generation))
         {
             continue; // the job changed meanwhile (cancelled): nothing to start
         }
+        if let Err(message) = with_secrets(store, &mut command, &secrets) {
+            let (job, generation, node) = member;
+            let refused = Outcome::StartRefused {
+                job,
+                node,
+                generation,
+                message,
+            };
+            if reports.tx.send(refused).is_ok() {
+                reports.ready.notify_one();
+            }
+            continue;
+        }
         spawn_send(link, tasks, reports, member, command, kind);
     }
     Ok(placed)
+}
+
+/// Puts the values of `secrets` into a start command, or says why it cannot.
+fn with_secrets(store: &Store, command: &mut Command, secrets: &[SecretUse]) -> Result<(), String> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    let values = store
+        .secrets()
+        .resolve(secrets)
+        .map_err(|e| e.to_string())?;
+    if let Command::Start(spec) = command {
+        spec.secrets = values;
+    }
+    Ok(())
 }
 
 /// The store part of a pass: every write, then one commit if anything was written.
@@ -78,7 +115,7 @@ pub fn apply(
 ) -> Result<
     (
         Vec<(JobId, Generation)>,
-        Vec<(MemberKey, Command, SendKind)>,
+        Vec<(MemberKey, Command, SendKind, Vec<SecretUse>)>,
     ),
     StoreError,
 > {
@@ -129,7 +166,8 @@ pub fn apply(
                 member,
                 command,
                 kind,
-            } => sends.push((member, command, kind)),
+                secrets,
+            } => sends.push((member, command, kind, secrets)),
         }
     }
     if wrote {
@@ -197,6 +235,22 @@ pub fn apply_outcomes(
     let mut wrote = false;
     for outcome in outcomes {
         match outcome {
+            Outcome::StartRefused {
+                job,
+                node,
+                generation,
+                message,
+            } => {
+                tracing::warn!(%job, %node, error = %message, "start not sent");
+                let failed = Event::StartFailed {
+                    owner: Owner::Job(job.clone()),
+                    generation,
+                    message,
+                    failure: StartFailure::Spec,
+                };
+                store.update_job_deferred(&job, |j| jobs::apply(j, &node, &failed, now_ms))?;
+                wrote = true;
+            }
             Outcome::Undelivered {
                 job,
                 node,

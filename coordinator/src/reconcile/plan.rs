@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use gantry_shared::api::{Attempt, Job, JobState};
 use gantry_shared::protocol::{AttemptSpec, Command};
+use gantry_shared::secrets::SecretUse;
 use gantry_shared::{Generation, JobId, NodeId, Owner};
 
 use super::place::{Held, add_held, engine, job_seq, ledger, request};
@@ -69,6 +70,9 @@ pub struct Memory {
 }
 
 /// One step toward what should run.
+// A pass's actions are made and consumed once each; boxing the start would only add an
+// allocation per start.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Record that `node` may still run this member and must stop it (store).
@@ -93,6 +97,9 @@ pub enum Action {
         member: MemberKey,
         command: Command,
         kind: SendKind,
+        /// The secrets a start's container gets: their values go into the command just
+        /// before it is sent (never into the plan, the store or a log).
+        secrets: Vec<SecretUse>,
     },
 }
 
@@ -114,6 +121,17 @@ impl Action {
             member,
             command,
             kind,
+            secrets: Vec::new(),
+        }
+    }
+
+    /// A member's start, with the secrets of its job.
+    fn start(member: MemberKey, job: &Job, command: Command, placed: bool) -> Self {
+        Action::Send {
+            member,
+            command,
+            kind: SendKind::Start { placed },
+            secrets: job.spec.secrets.clone(),
         }
     }
 }
@@ -235,7 +253,7 @@ fn resend_unconfirmed(snap: &Snapshot<'_>, memory: &mut Memory, actions: &mut Ve
             if memory.delivered.insert((key.clone(), session)) {
                 tracing::info!(job = %job.id, node = %m.node, generation = %m.generation, "sending an unconfirmed start again");
                 let start = start_command(job, &current, m);
-                actions.push(Action::send(key, start, SendKind::Start { placed: false }));
+                actions.push(Action::start(key, job, start, false));
             }
         }
     }
@@ -374,7 +392,7 @@ fn place_pending(
                         memory.delivered.insert((key.clone(), session));
                     }
                     let start = start_command(job, &current, m);
-                    actions.push(Action::send(key, start, SendKind::Start { placed: true }));
+                    actions.push(Action::start(key, job, start, true));
                 }
             }
         }
@@ -419,6 +437,7 @@ pub fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Comma
             .as_ref()
             .map(|t| t.value().as_millis() as u64),
         function: None,
+        secrets: Vec::new(),
     })
 }
 

@@ -261,6 +261,7 @@ fn a_preempted_member_is_fenced_and_its_next_generation_waits_for_it_to_stop() {
                     grace_ms,
                 },
             kind: SendKind::Fence,
+            ..
         } => Some((member.2.clone(), owner.clone(), *generation, *grace_ms)),
         _ => None,
     });

@@ -65,6 +65,11 @@ pub struct FunctionStore {
 }
 
 impl FunctionStore {
+    /// The secrets function containers may name.
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        self.store.secrets()
+    }
+
     pub(super) fn open(store: Store) -> Result<Self, StoreError> {
         let db = &store.db;
         Ok(Self {

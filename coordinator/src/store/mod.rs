@@ -78,6 +78,8 @@ pub struct Store {
     /// or says it does not run it; until then it holds its resources there.
     fences: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
+    /// The secrets, once opened with their key ([`Store::open_secrets`]).
+    secrets: crate::secrets::Secrets,
     /// Woken after every commit: long polls (`GET /v1/jobs/{id}?changed_since=`) wait on it.
     changed: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -202,6 +204,7 @@ impl Store {
             active: Default::default(),
             fences: db.open_tree("fences")?,
             commits: Default::default(),
+            secrets: Default::default(),
             changed: Default::default(),
             db,
         };
@@ -338,6 +341,23 @@ impl Store {
     }
 
     /// Apps, calls, inputs and warm containers.
+    /// Opens the secrets with the key in `key_file` (made on the first start); a missing
+    /// or wrong key is refused and changes nothing.
+    pub fn open_secrets(&self, key_file: &Path) -> Result<(), crate::secrets::SecretStoreError> {
+        let store = crate::secrets::SecretStore::open(
+            self.db.open_tree("secrets")?,
+            self.db.open_tree("secrets_meta")?,
+            key_file,
+        )?;
+        self.secrets.set(store);
+        Ok(())
+    }
+
+    /// The secrets (usable once [`Store::open_secrets`] succeeded).
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
+    }
+
     pub fn functions(&self) -> Result<functions::FunctionStore, StoreError> {
         functions::FunctionStore::open(self.clone())
     }

@@ -379,7 +379,9 @@ fn mount_rootfs(dir: &Path, layers: &[PathBuf]) -> Result<(), ShimError> {
 fn set_user(dir: &Path, rootfs: &Path, user: &str) -> Result<(), ShimError> {
     let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap_or_default();
     let resolved = resolve_user(user, &read("etc/passwd"), &read("etc/group"))?;
-    let spec_path = dir.join(files::SPEC);
+    // A container with secrets has its spec on memory (config.json links there): the
+    // rewrite stays there too.
+    let spec_path = fs::canonicalize(dir.join(files::SPEC)).map_err(io("finding config.json"))?;
     let mut spec: serde_json::Value = fsutil::read_json(&spec_path)
         .map_err(io("reading config.json"))?
         .ok_or_else(|| ShimError::Missing {
