@@ -156,6 +156,32 @@ impl ApiClient {
         Ok(r.revoked)
     }
 
+    /// Every schedule with its next and last run.
+    pub async fn schedules(
+        &self,
+    ) -> Result<Vec<gantry_shared::schedules::ScheduleView>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            schedules: Vec<gantry_shared::schedules::ScheduleView>,
+        }
+        let list: List = self.get("/v1/schedules").await?;
+        Ok(list.schedules)
+    }
+
+    /// Creates or replaces a job template's schedule.
+    pub async fn put_schedule(
+        &self,
+        req: &gantry_shared::schedules::CreateJobSchedule,
+    ) -> Result<gantry_shared::schedules::ScheduleView, ClientError> {
+        self.post("/v1/schedules", req).await
+    }
+
+    pub async fn delete_schedule(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/schedules/{name}"))))
+            .await?;
+        Ok(())
+    }
+
     /// Creates a secret (or replaces it, with `replace` in `req`).
     pub async fn create_secret(
         &self,

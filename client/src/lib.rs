@@ -10,4 +10,5 @@ pub mod functions;
 pub mod image;
 pub mod print;
 pub mod run;
+pub mod schedules;
 pub mod secrets;

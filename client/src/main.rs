@@ -130,6 +130,10 @@ enum Command {
     /// Secrets: create (admin), list names and keys, delete (admin).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Schedules: list all (functions' come from their manifests); create or delete a job
+    /// template's.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// Deploy an app's functions from its manifest (a new immutable version).
     Deploy {
         /// The app manifest.
@@ -224,6 +228,34 @@ enum TokensCommand {
     },
     /// Revoke every token named NAME (not the one making the request).
     Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum SchedulesCommand {
+    /// Every schedule with its next and last run.
+    List,
+    /// Submit a job template on a cron expression or every period (replaces one of that
+    /// name).
+    Create {
+        name: String,
+        /// A cron expression (`*/5 * * * *`: 5 fields, or 6 with seconds first).
+        #[arg(long, conflicts_with = "period")]
+        cron: Option<String>,
+        /// The cron expression's IANA time zone (default UTC).
+        #[arg(long, requires = "cron")]
+        timezone: Option<String>,
+        /// Every this long instead (`30s`, `1h`).
+        #[arg(long)]
+        period: Option<String>,
+        /// Run a tick even while the run before is still going (default: skip it).
+        #[arg(long)]
+        allow_overlap: bool,
+        /// The job to submit each tick: a job spec as JSON, as `POST /v1/jobs` takes.
+        #[arg(long, value_name = "FILE")]
+        job: PathBuf,
+    },
+    /// Delete a job template's schedule.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -517,6 +549,36 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 TokensCommand::Revoke { name } => {
                     let revoked = client.revoke_api_tokens(&name).await?;
                     println!("revoked {revoked} token(s) named `{name}`");
+                }
+            }
+            Ok(0)
+        }
+        Command::Schedules(cmd) => {
+            let client = CliConfig::load()?.client()?;
+            match cmd {
+                SchedulesCommand::List => {
+                    gantry_client::schedules::print_list(&client.schedules().await?, json)?
+                }
+                SchedulesCommand::Create {
+                    name,
+                    cron,
+                    timezone,
+                    period,
+                    allow_overlap,
+                    job,
+                } => {
+                    let req = gantry_client::schedules::create_request(
+                        &name,
+                        (cron, timezone, period),
+                        allow_overlap,
+                        &job,
+                    )?;
+                    let view = client.put_schedule(&req).await?;
+                    gantry_client::schedules::print_list(&[view], json)?;
+                }
+                SchedulesCommand::Delete { name } => {
+                    client.delete_schedule(&name).await?;
+                    println!("deleted schedule `{name}`");
                 }
             }
             Ok(0)

@@ -15,6 +15,7 @@
 //! - `reconcile/`: the reconciler: a pure plan per pass (evictions, fences, starts, stops,
 //!   placements) and its executor, commands to agents through a `NodeLink`.
 //! - `registry/`: the embedded OCI registry.
+//! - `schedules`: functions and job templates run on a cron expression or a period.
 //! - `secrets`: secrets encrypted at rest (AES-256-GCM under a key file), resolved into a
 //!   container's start only.
 //! - `store/`: everything durable (sled), one module per kind of record: jobs and fences
@@ -34,6 +35,7 @@ pub mod nodes;
 pub mod placement;
 pub mod reconcile;
 pub mod registry;
+pub mod schedules;
 pub mod secrets;
 pub mod server;
 pub mod store;

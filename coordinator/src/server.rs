@@ -195,13 +195,18 @@ pub async fn run(
     tracing::info!(cluster = %ca.cluster(), api = %bound.api_url(), control = %bound.control, "coordinator serving");
     on_bound(bound, admin);
     let registry = RegistryState::open(&cfg.state_dir.join("registry"), tokens.clone())?;
+    let jobs = JobService::new(
+        store.clone(),
+        cluster.clone(),
+        nodes.clone(),
+        cancel.clone(),
+    );
+    let schedules_task = tokio::spawn(crate::schedules::run(
+        crate::schedules::ScheduleService::new(store.clone(), functions.clone(), jobs.clone()),
+        cancel.clone(),
+    ));
     let router = api::router(ApiState::new(
-        JobService::new(
-            store.clone(),
-            cluster.clone(),
-            nodes.clone(),
-            cancel.clone(),
-        ),
+        jobs,
         functions.clone(),
         NodeService::new(store.clone(), cluster.clone(), nodes.clone(), node_admin),
         ImageCheck::new(registry.clone(), cluster.clone(), push_to),
@@ -242,6 +247,7 @@ pub async fn run(
     ));
     api::serve(listener, tls, router, cancel.clone()).await?;
     ingress_task.await??;
+    schedules_task.await?;
     control_task.await?;
     scheduler.await?;
     router_task.await?;

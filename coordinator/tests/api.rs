@@ -2,20 +2,16 @@
 //! names, size limits, idempotency, paging, cancel, OpenAPI and metrics (the gossip drop
 //! counters included).
 
+mod support;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gantry_coordinator::api::{self, ApiConfig, ApiState};
 use gantry_coordinator::images::{ImageCheck, PushTo};
-use gantry_coordinator::jobs::service::JobService;
-use gantry_coordinator::nodes::Nodes;
-use gantry_coordinator::nodes::liveness::{Cluster, ClusterConfig};
 use gantry_coordinator::nodes::service::NodeService;
 use gantry_coordinator::registry::RegistryState;
-use gantry_coordinator::store::Store;
 use gantry_coordinator::store::tokens::Role;
-use gantry_shared::{ClusterId, GossipKey};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 struct Api {
@@ -33,7 +29,16 @@ struct Api {
 impl Api {
     async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
+        let support::Services {
+            store,
+            join,
+            nodes,
+            node_admin,
+            cluster,
+            jobs,
+            functions,
+            outbound,
+        } = support::services(dir.path()).await;
         let tokens = store.api_tokens().expect("tokens");
         let admin = tokens.bootstrap_admin().expect("bootstrap").expect("admin");
         let submitter = tokens.create(Role::Submitter, "ci").expect("token");
@@ -42,41 +47,6 @@ impl Api {
             max_body_bytes: 4096,
             ..ApiConfig::default()
         };
-        let join = store.join_tokens("ab".repeat(32)).expect("join tokens");
-        let nodes = Nodes::default();
-        let node_admin = store.node_admin().expect("admin");
-        let cluster = Cluster::start(
-            ClusterConfig {
-                membership: gantry_membership::MembershipConfig {
-                    listen: "127.0.0.1:0".parse().expect("addr"),
-                    ..Default::default()
-                },
-                ..ClusterConfig::default()
-            },
-            (
-                &ClusterId::new("test").expect("id"),
-                &GossipKey::from_bytes([1; 32]),
-            ),
-            ("127.0.0.1:7443", "127.0.0.1:7080"),
-            nodes.clone(),
-            join.clone(),
-            node_admin.clone(),
-            CancellationToken::new(),
-        )
-        .await
-        .expect("cluster view");
-        let jobs = JobService::new(
-            store.clone(),
-            cluster.clone(),
-            nodes.clone(),
-            tokio_util::sync::CancellationToken::new(),
-        );
-        let (functions, outbound) = gantry_coordinator::functions::FunctionService::open(
-            store.functions().expect("function store"),
-            nodes.changed.clone(),
-            CancellationToken::new(),
-        )
-        .expect("function service");
         let gossip = cluster.gossip_addr();
         // No nodes here: every short image name is accepted (nobody can tell).
         let images = ImageCheck::new(

@@ -82,6 +82,9 @@ pub struct FunctionSpec {
     /// `{ name = "NAME", mount = "files" }` (files under `/run/secrets/NAME/`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<crate::secrets::SecretUse>,
+    /// Called with an empty input on a cron expression or every period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::schedules::ScheduleSpec>,
 }
 
 /// A web endpoint, reached through the coordinator's ingress at `/APP/LABEL/…` or
@@ -454,6 +457,17 @@ impl FunctionSpec {
         if let Err(e) = crate::secrets::check_uses(&self.secrets) {
             return err("secrets", e.to_string());
         }
+        if let Some(schedule) = &self.schedule {
+            if self.web.is_some() {
+                return err(
+                    "schedule",
+                    "a web endpoint takes requests, not calls: it cannot run on a schedule".into(),
+                );
+            }
+            if let Err(e) = schedule.parse() {
+                return err("schedule", e.to_string());
+            }
+        }
         if self.image.trim().is_empty() {
             return err(
                 "image",
@@ -800,6 +814,22 @@ readiness = "GET /health"
             "app = \"a\"\n[functions.f]\nimage = \"x\"\n[functions.f.web]\nvia = \"runtime_api\"\n",
         );
         inputs.validate().expect("valid");
+        let scheduled = |extra: &str| {
+            manifest(&format!(
+                "app = \"a\"\n[functions.f]\nimage = \"x\"\nschedule = {extra}\n"
+            ))
+            .validate()
+        };
+        scheduled("{ period = \"1h\" }").expect("valid");
+        let e = scheduled("{ cron = \"bad\" }")
+            .expect_err("bad cron")
+            .to_string();
+        assert!(e.contains("functions.f.schedule"), "{e}");
+        let web = manifest(
+            "app = \"a\"\n[functions.f]\nimage = \"x\"\nschedule = { period = \"1h\" }\n[functions.f.web]\n",
+        );
+        let e = web.validate().expect_err("web with a schedule").to_string();
+        assert!(e.contains("cannot run on a schedule"), "{e}");
         assert!(bad("via = \"runtime_api\"\nport = 80").contains("functions.f.web.port: a `via"));
         assert!(bad("via = \"runtime_api\"\nreadiness = \"tcp\"").contains("web.readiness"));
         // Two endpoints of one app cannot share a label.

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod image_name;
 pub mod protocol;
 pub mod resources;
+pub mod schedules;
 pub mod secrets;
 
 pub use attempt::{AttemptRef, EndCause, Generation, GpuFault, Owner, StartFailure};

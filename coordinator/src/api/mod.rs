@@ -38,6 +38,7 @@ use crate::store::tokens::{ApiTokens, Role};
 mod extract;
 mod functions;
 mod nodes;
+mod schedules;
 mod secrets;
 mod tls;
 mod tokens;
@@ -84,6 +85,7 @@ pub struct ApiState {
     tokens: ApiTokens,
     join: JoinTokens,
     secrets: crate::secrets::Secrets,
+    schedules: crate::schedules::ScheduleService,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
@@ -101,7 +103,13 @@ impl ApiState {
         let mut metrics = Metrics::new();
         functions.register_metrics(&mut metrics.registry);
         nodes.register_metrics(&mut metrics.registry);
+        let schedules = crate::schedules::ScheduleService::new(
+            jobs.store().clone(),
+            functions.clone(),
+            jobs.clone(),
+        );
         Self {
+            schedules,
             secrets: jobs.secrets().clone(),
             jobs,
             functions,
@@ -185,7 +193,10 @@ impl Metrics {
         functions::call_outputs,
         secrets::create_secret,
         secrets::list_secrets,
-        secrets::delete_secret
+        secrets::delete_secret,
+        schedules::list_schedules,
+        schedules::put_schedule,
+        schedules::delete_schedule
     ),
     components(schemas(
         JobSpec,
@@ -222,6 +233,11 @@ pub fn router(state: ApiState) -> Router {
             post(secrets::create_secret).get(secrets::list_secrets),
         )
         .route("/v1/secrets/{name}", delete(secrets::delete_secret))
+        .route(
+            "/v1/schedules",
+            post(schedules::put_schedule).get(schedules::list_schedules),
+        )
+        .route("/v1/schedules/{name}", delete(schedules::delete_schedule))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))

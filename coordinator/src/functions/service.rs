@@ -437,6 +437,26 @@ impl FunctionService {
 
     // ---- web endpoints ----
 
+    /// The functions of active versions that run on a schedule.
+    pub fn scheduled(
+        &self,
+    ) -> Vec<(
+        AppName,
+        FunctionName,
+        gantry_shared::schedules::ScheduleSpec,
+    )> {
+        let state = self.lock();
+        state
+            .specs
+            .iter()
+            .filter(|(k, _)| state.active.get(&k.app).copied().flatten() == Some(k.version))
+            .filter_map(|(k, spec)| {
+                let schedule = spec.schedule.clone()?;
+                Some((k.app.clone(), k.function.clone(), schedule))
+            })
+            .collect()
+    }
+
     /// Web endpoint `label` of `app`'s active version, if it has one.
     pub fn web_endpoint(&self, app: &AppName, label: &str) -> Option<WebEndpoint> {
         let state = self.lock();

@@ -80,6 +80,11 @@ impl JobService {
 
     /// Accepts a job, durably, unless no node could ever hold it. With an idempotency key,
     /// a replay of the same spec returns the job created first (`false`).
+    /// The store jobs live in.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The secrets jobs may name.
     pub fn secrets(&self) -> &crate::secrets::Secrets {
         self.store.secrets()

@@ -358,6 +358,11 @@ impl Store {
         &self.secrets
     }
 
+    /// The schedules' records (`crate::schedules`).
+    pub fn schedules_tree(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree("schedules")?)
+    }
+
     pub fn functions(&self) -> Result<functions::FunctionStore, StoreError> {
         functions::FunctionStore::open(self.clone())
     }
