@@ -67,7 +67,8 @@ pub struct RuntimeConfig {
     /// `run`, which starts one new container and leaves the rest to the next agent.
     pub readopt: bool,
     /// Where a starting container's secrets (and its spec, which holds them) are written:
-    /// a directory on a tmpfs, refused otherwise. Emptied once the container runs.
+    /// a directory on a tmpfs, refused otherwise. The spec goes once the container runs,
+    /// the files it mounts once it ends.
     pub secrets_dir: PathBuf,
 }
 
