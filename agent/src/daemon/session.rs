@@ -295,7 +295,8 @@ async fn say_restarting(session: &Session, hold: Duration) {
     let request = Request::Restarting {
         back_within_ms: hold.as_millis() as u64,
     };
-    match tokio::time::timeout(Duration::from_secs(1), session.request(&request)).await {
+    // Generous: a notice lost to a busy machine turns a restart into a lost node.
+    match tokio::time::timeout(Duration::from_secs(3), session.request(&request)).await {
         Ok(Ok(Response::Noted)) => {
             tracing::info!(hold = ?hold, "told the coordinator this agent is restarting")
         }
