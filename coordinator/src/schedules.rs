@@ -211,18 +211,16 @@ impl ScheduleService {
     /// next time.
     pub async fn pass(&self, now: u64) -> Result<(), ScheduleServiceError> {
         self.sync_functions(now)?;
-        let records: Vec<(String, ScheduleRecord)> = self
-            .tree()?
+        let tree = self.tree()?;
+        let records: Vec<(String, sled::IVec, ScheduleRecord)> = tree
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                Ok((
-                    String::from_utf8_lossy(&k).into_owned(),
-                    serde_json::from_slice(&v)?,
-                ))
+                let rec = serde_json::from_slice(&v)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v, rec))
             })
             .collect::<Result<_, ScheduleServiceError>>()?;
-        for (key, mut rec) in records {
+        for (key, read, mut rec) in records {
             let Some(due) = rec.next_run_ms.filter(|n| *n <= now) else {
                 continue;
             };
@@ -246,7 +244,14 @@ impl ScheduleService {
             // One run for however many ticks passed (a catch-up after downtime), then on.
             rec.next_run_ms = rec.spec.parse().ok().and_then(|s| s.next_after(now));
             tracing::info!(schedule = %key, last = ?rec.last_run, next_ms = ?rec.next_run_ms, "schedule ticked");
-            self.put(&key, &rec)?;
+            // Only over the record as read: one replaced or deleted meanwhile (the API)
+            // stays as it was made.
+            let written =
+                tree.compare_and_swap(&key, Some(read), Some(serde_json::to_vec(&rec)?))?;
+            if written.is_err() {
+                tracing::info!(schedule = %key, "schedule changed while it ticked; its new form stands");
+            }
+            tree.flush()?;
         }
         Ok(())
     }
