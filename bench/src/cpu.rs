@@ -71,3 +71,18 @@ impl CpuWindow {
         })
     }
 }
+
+/// A [`CpuWindow`]'s result over `n` units of work, in words: how busy the machine was and
+/// the CPU each process spent per `unit` (`client` names the load's own process, `rest`
+/// what else the machine ran).
+pub fn summary(v: &Value, n: f64, (unit, client, rest): (&str, &str, &str)) -> String {
+    let g = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "{:.2} of the machine's cores busy; per {unit}: coordinator {:.0} µs, agent {:.0} µs, {client} {:.0} µs, the rest ({rest}) {:.0} µs of CPU",
+        g("machine_busy_s") / g("wall_s"),
+        g("coordinator_s") / n * 1e6,
+        g("agent_s") / n * 1e6,
+        g("client_s") / n * 1e6,
+        (g("machine_busy_s") - g("coordinator_s") - g("agent_s") - g("client_s")) / n * 1e6,
+    )
+}

@@ -600,14 +600,14 @@ fn print_tables(o: &Value, b: &FunctionsBench) {
         ph(&c["phases"])
     );
     let cpu = |v: &Value, n: f64| {
-        let g = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        format!(
-            "{:.2} of the machine's cores busy; per input: coordinator {:.0} µs, agent {:.0} µs, client {:.0} µs, the rest (shims, containers, kernel threads, other work) {:.0} µs of CPU",
-            g("machine_busy_s") / g("wall_s"),
-            g("coordinator_s") / n * 1e6,
-            g("agent_s") / n * 1e6,
-            g("client_s") / n * 1e6,
-            (g("machine_busy_s") - g("coordinator_s") - g("agent_s") - g("client_s")) / n * 1e6,
+        crate::cpu::summary(
+            v,
+            n,
+            (
+                "input",
+                "client",
+                "shims, containers, kernel threads, other work",
+            ),
         )
     };
     let q = &m["polling_counters"];

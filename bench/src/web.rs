@@ -352,14 +352,10 @@ fn print_tables(o: &Value, b: &WebBench) {
         f(&c["max_ms"])
     );
     let cpu = |v: &Value, n: f64| {
-        let g = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        format!(
-            "{:.2} of the machine's cores busy; per request: coordinator {:.0} µs, agent {:.0} µs, the load generator {:.0} µs, the rest (httpd, kernel, other work) {:.0} µs of CPU",
-            g("machine_busy_s") / g("wall_s"),
-            g("coordinator_s") / n * 1e6,
-            g("agent_s") / n * 1e6,
-            g("client_s") / n * 1e6,
-            (g("machine_busy_s") - g("coordinator_s") - g("agent_s") - g("client_s")) / n * 1e6,
+        crate::cpu::summary(
+            v,
+            n,
+            ("request", "the load generator", "httpd, kernel, other work"),
         )
     };
     println!();
