@@ -34,6 +34,9 @@ pub enum ScheduleServiceError {
         field: &'static str,
         message: String,
     },
+    /// A secret the job template names.
+    #[error(transparent)]
+    Secret(crate::secrets::SecretStoreError),
     #[error("schedule `{name}` not found")]
     NotFound { name: String },
     #[error("schedules store: {0}")]
@@ -114,7 +117,8 @@ impl ScheduleService {
             .map_err(|e| ScheduleServiceError::Store(e.to_string()))
     }
 
-    /// Creates or replaces a job schedule; its first run is its first tick from `now`.
+    /// Creates or replaces a job schedule (its template naming only secrets that exist);
+    /// its first run is its first tick from `now`.
     pub fn put_job(
         &self,
         req: CreateJobSchedule,
@@ -124,6 +128,10 @@ impl ScheduleService {
             field: e.field,
             message: e.message,
         })?;
+        self.store
+            .secrets()
+            .check_exist(&req.job.secrets)
+            .map_err(ScheduleServiceError::Secret)?;
         let key = job_key(&req.name);
         let last_run = self.get(&key)?.and_then(|r| r.last_run);
         // (A replaced schedule starts over: runs of the old one do not hold it back.)

@@ -20,6 +20,7 @@ impl From<ScheduleServiceError> for ApiError {
             ScheduleServiceError::Invalid { field, message } => {
                 ApiError::InvalidSpec { field, message }
             }
+            ScheduleServiceError::Secret(e) => ApiError::secret("job.secrets", e),
             ScheduleServiceError::NotFound { name } => ApiError::NotFound {
                 what: format!("schedule `{name}`"),
             },
@@ -54,11 +55,6 @@ pub(super) async fn put_schedule(
 ) -> Result<(StatusCode, Json<ScheduleView>), ApiError> {
     caller.require(Role::Submitter)?;
     let req: CreateJobSchedule = parse_body(&body)?;
-    // Its template must be one the cluster could run, naming secrets that exist.
-    state
-        .secrets
-        .check_exist(&req.job.secrets)
-        .map_err(|e| ApiError::secret("job.secrets", e))?;
     let s = state.schedules.clone();
     let view = tokio::task::spawn_blocking(move || s.put_job(req, now_ms()))
         .await
