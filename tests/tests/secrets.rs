@@ -55,6 +55,24 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
+/// `gantry [front…] run [--detach]` on busybox with secret `db` as variables and `keys`
+/// as files, running `command`.
+fn with_secrets(
+    c: &TestCluster,
+    front: &[&str],
+    detach: bool,
+    command: &[&str],
+) -> std::process::Output {
+    let mut all = front.to_vec();
+    all.extend(["run", "--image", "busybox", "--memory", "64M"]);
+    if detach {
+        all.push("--detach");
+    }
+    all.extend(["--secret", "db", "--secret", "keys:files", "--"]);
+    all.extend(command);
+    c.gantry(&all)
+}
+
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -105,22 +123,17 @@ fn secrets_reach_containers_and_nothing_else() {
 
     // A job gets one as variables and one as files; it prints only their hashes.
     let run = |c: &TestCluster| {
-        c.gantry(&[
-            "run",
-            "--image",
-            "busybox",
-            "--memory",
-            "64M",
-            "--secret",
-            "db",
-            "--secret",
-            "keys:files",
-            "--",
-            "sh",
-            "-c",
-            "printf %s \"$PASSWORD\" | sha256sum; sha256sum < /run/secrets/keys/TOKEN; \
-             touch /run/secrets/keys/x 2>/dev/null && echo writable || echo read-only",
-        ])
+        with_secrets(
+            c,
+            &[],
+            false,
+            &[
+                "sh",
+                "-c",
+                "printf %s \"$PASSWORD\" | sha256sum; sha256sum < /run/secrets/keys/TOKEN; \
+                 touch /run/secrets/keys/x 2>/dev/null && echo writable || echo read-only",
+            ],
+        )
     };
     let out = run(&c);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -140,25 +153,9 @@ fn secrets_reach_containers_and_nothing_else() {
         stderr(&out)
     );
 
-    // A container with secrets that is still running: its spec and files are gone from
-    // the host already (checked below with everything else).
-    let out = c.gantry(&[
-        "--output",
-        "json",
-        "run",
-        "--detach",
-        "--image",
-        "busybox",
-        "--memory",
-        "64M",
-        "--secret",
-        "db",
-        "--secret",
-        "keys:files",
-        "--",
-        "sleep",
-        "120",
-    ]);
+    // A container with secrets that is still running: its spec is gone from the host
+    // already, its files are on memory only (checked below with everything else).
+    let out = with_secrets(&c, &["--output", "json"], true, &["sleep", "120"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the job as JSON");
     let sleeper = job["id"].as_str().expect("job id").to_owned();
