@@ -759,6 +759,26 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_is_checked_at_deploy_and_never_on_a_web_endpoint() {
+        let scheduled = |extra: &str| {
+            manifest(&format!(
+                "app = \"a\"\n[functions.f]\nimage = \"x\"\nschedule = {extra}\n"
+            ))
+            .validate()
+        };
+        scheduled("{ period = \"1h\" }").expect("valid");
+        let e = scheduled("{ cron = \"bad\" }")
+            .expect_err("bad cron")
+            .to_string();
+        assert!(e.contains("functions.f.schedule"), "{e}");
+        let web = manifest(
+            "app = \"a\"\n[functions.f]\nimage = \"x\"\nschedule = { period = \"1h\" }\n[functions.f.web]\n",
+        );
+        let e = web.validate().expect_err("web with a schedule").to_string();
+        assert!(e.contains("cannot run on a schedule"), "{e}");
+    }
+
+    #[test]
     fn a_web_table_parses_with_defaults_and_its_mistakes_are_named() {
         let m = manifest(
             r#"
@@ -814,22 +834,6 @@ readiness = "GET /health"
             "app = \"a\"\n[functions.f]\nimage = \"x\"\n[functions.f.web]\nvia = \"runtime_api\"\n",
         );
         inputs.validate().expect("valid");
-        let scheduled = |extra: &str| {
-            manifest(&format!(
-                "app = \"a\"\n[functions.f]\nimage = \"x\"\nschedule = {extra}\n"
-            ))
-            .validate()
-        };
-        scheduled("{ period = \"1h\" }").expect("valid");
-        let e = scheduled("{ cron = \"bad\" }")
-            .expect_err("bad cron")
-            .to_string();
-        assert!(e.contains("functions.f.schedule"), "{e}");
-        let web = manifest(
-            "app = \"a\"\n[functions.f]\nimage = \"x\"\nschedule = { period = \"1h\" }\n[functions.f.web]\n",
-        );
-        let e = web.validate().expect_err("web with a schedule").to_string();
-        assert!(e.contains("cannot run on a schedule"), "{e}");
         assert!(bad("via = \"runtime_api\"\nport = 80").contains("functions.f.web.port: a `via"));
         assert!(bad("via = \"runtime_api\"\nreadiness = \"tcp\"").contains("web.readiness"));
         // Two endpoints of one app cannot share a label.
