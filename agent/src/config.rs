@@ -51,6 +51,7 @@ pub struct AgentConfig {
     pub gossip: MembershipConfig,
     pub spot_notice: SpotNoticeConfig,
     pub registry: RegistrySettings,
+    pub volumes: VolumeSettings,
     /// On a clean stop (SIGTERM), how long the coordinator keeps this node's work in place
     /// waiting for the agent to come back ("0s": re-place it as soon as the node is down).
     #[serde(with = "duration_text")]
@@ -72,6 +73,7 @@ impl Default for AgentConfig {
             gossip: MembershipConfig::default(),
             spot_notice: SpotNoticeConfig::default(),
             registry: RegistrySettings::default(),
+            volumes: VolumeSettings::default(),
             restart_hold: Duration::from_secs(15),
             log: LogConfig::default(),
         }
@@ -131,6 +133,16 @@ pub struct RegistrySettings {
     pub ca_file: Option<PathBuf>,
 }
 
+/// `[volumes]`: where volumes' files live besides the state directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumeSettings {
+    /// A directory on a filesystem every node that declares it mounts alike (NFS,
+    /// CephFS): shared volumes live under it, and this node may run what mounts them.
+    /// Without it the node holds local volumes only.
+    pub shared_path: Option<PathBuf>,
+}
+
 impl AgentConfig {
     /// Reads and checks `file`; a missing file is the defaults unless `required`.
     pub fn load(file: &Path, required: bool) -> Result<Self, ConfigError> {
@@ -158,6 +170,17 @@ impl AgentConfig {
                 ("gpu.lib_dirs", gpu.lib_dirs.as_slice()),
                 ("gpu.bin_dirs", gpu.bin_dirs.as_slice()),
             ]);
+        if let Some(p) = self
+            .volumes
+            .shared_path
+            .as_ref()
+            .filter(|p| !p.is_absolute())
+        {
+            return Err(bad(
+                "volumes.shared_path",
+                format!("`{}` is not an absolute path", p.display()),
+            ));
+        }
         if let Some(p) = self.registry.ca_file.as_ref().filter(|p| !p.is_absolute()) {
             return Err(bad(
                 "registry.ca_file",

@@ -237,6 +237,7 @@ mod tests {
                 cpu_millis: 8000,
                 memory_bytes: 8 << 30,
                 gpus: 4,
+                shared_volumes: false,
             },
         };
         let gpus = parse_spec("4xA100-40GB", "n").expect("spec");

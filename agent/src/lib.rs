@@ -3,7 +3,7 @@
 //! the event outbox), [`join`] joins a cluster, [`local`] holds the one-shot operator
 //! commands. Below them: images (pull, import, content-addressed layer cache), the
 //! container runtime (shims that run containers through libcontainer and outlive the
-//! agent), GPU discovery and device injection, gossip, and the local store.
+//! agent), GPU discovery and device injection, gossip, the local store and volumes.
 
 pub mod config;
 pub mod control;
@@ -20,3 +20,4 @@ pub mod preemption;
 pub mod runtime;
 pub mod serve;
 pub mod store;
+pub mod volumes;

@@ -1,6 +1,6 @@
 //! `gantry-agent serve` assembled: from the settings ([`AgentConfig`], the configuration
 //! file with the flags over it) to a running daemon. Discovers the GPUs (NVML or a simulated spec),
-//! opens the host's store, images and runtime (re-adopting containers), resolves the
+//! opens the host's store, images, runtime (re-adopting containers) and volumes, resolves the
 //! coordinator, works out what the node offers, tells systemd it is ready and runs the
 //! daemon until shutdown.
 
@@ -39,6 +39,8 @@ pub enum ServeError {
     Daemon(#[from] DaemonError),
     #[error(transparent)]
     RegistryCa(#[from] CaFileError),
+    #[error(transparent)]
+    Volumes(#[from] crate::volumes::VolumesError),
 }
 
 /// Why the host's memory is unknown.
@@ -97,15 +99,28 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Some(m) => m,
         None => host_memory().map_err(ServeError::Memory)?,
     };
+    let volumes = crate::volumes::Volumes::open(
+        &state_dir.join("volumes"),
+        config.volumes.shared_path.as_deref(),
+    )?;
     let capacity = NodeCapacity {
         cpu_millis,
         memory_bytes,
         gpus: inventory.current().len() as u32,
+        shared_volumes: volumes.has_shared(),
     };
     println!("agent serving; coordinator {addr}");
     // systemd (Type=notify): started; containers of an earlier run are re-adopted by now.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    crate::daemon::run(&config, addr, capacity, &host, &inventory, shutdown).await?;
+    crate::daemon::run(
+        &config,
+        addr,
+        capacity,
+        (&host, &volumes),
+        &inventory,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

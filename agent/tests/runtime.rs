@@ -849,6 +849,7 @@ async fn a_function_container_sees_its_runtime_api_socket() {
         source: invoke.dir(&id),
         destination: invoke::CONTAINER_DIR.into(),
         read_only: false,
+        exec: false,
     });
     let id = h.runtime.start(req).await.expect("start").id;
     let exit = h.runtime.wait(&id).await.expect("wait");

@@ -276,6 +276,7 @@ fn agent_gossip(
             cpu_millis: 192_000,
             memory_bytes: 2 << 40,
             gpus: gpus.len() as u32,
+            shared_volumes: false,
         },
     };
     // An operator's one imported image, as a typical node has.

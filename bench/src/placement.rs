@@ -103,6 +103,7 @@ fn cluster(n: usize) -> anyhow::Result<Vec<NodeInfo>> {
             memory_bytes: 1024 * GIB,
             labels,
             gpus,
+            shared_volumes: false,
         });
     }
     Ok(nodes)

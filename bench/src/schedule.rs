@@ -54,6 +54,7 @@ fn node(i: usize) -> anyhow::Result<NodeStatus> {
         cpu_millis: 256_000,
         memory_bytes: 2 << 40,
         gpus: 8,
+        shared_volumes: false,
     };
     Ok(NodeStatus {
         id,

@@ -253,6 +253,7 @@ async fn demo(cfg: &CliConfig, rootfs: &Path) -> anyhow::Result<i32> {
         priority: 0,
         env: vec![("GREETING".into(), "hello from a Gantry job".into())],
         secrets: Vec::new(),
+        volumes: Vec::new(),
         retries: 0,
         retry_delay: None,
         timeout: Some("1m".into()),

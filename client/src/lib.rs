@@ -1,5 +1,5 @@
 //! gantry-client: the `gantry` command line. A client of the coordinator's HTTP API
-//! (`api`), the commands built on it (`run`, `print`, `image`, `functions`, `secrets`), where it finds the
+//! (`api`), the commands built on it (`run`, `print`, `image`, `functions`, `secrets`, `volumes`), where it finds the
 //! coordinator (`config`), and `gantry dev` (`dev`), which runs a coordinator and agents on
 //! this machine as child processes. It links no server code: no sled, quinn or axum.
 
@@ -12,3 +12,4 @@ pub mod print;
 pub mod run;
 pub mod schedules;
 pub mod secrets;
+pub mod volumes;

@@ -92,6 +92,12 @@ enum Command {
         /// under /run/secrets/NAME/); repeatable.
         #[arg(long = "secret", value_parser = gantry_client::secrets::parse_use)]
         secrets: Vec<gantry_shared::secrets::SecretUse>,
+        /// A volume mounted into the job's containers: `NAME:/path`; repeatable.
+        #[arg(long = "volume", value_parser = gantry_client::volumes::parse_mount)]
+        volumes: Vec<(
+            gantry_shared::volumes::MountPath,
+            gantry_shared::volumes::VolumeUse,
+        )>,
         #[arg(long, default_value_t = 0)]
         retries: u32,
         /// Wait before the first retry, e.g. `1s` (doubling per failure, at most 5m).
@@ -427,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             priority,
             env,
             secrets,
+            volumes,
             retries,
             retry_delay,
             timeout,
@@ -450,6 +457,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     priority,
                     env,
                     secrets,
+                    volumes,
                     retries,
                     retry_delay,
                     timeout,

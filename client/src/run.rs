@@ -29,6 +29,11 @@ pub struct RunArgs {
     pub env: Vec<(String, String)>,
     /// Secrets the job gets (`--secret NAME[:files]`).
     pub secrets: Vec<gantry_shared::secrets::SecretUse>,
+    /// Volumes mounted into the job's containers (`--volume NAME:/path`).
+    pub volumes: Vec<(
+        gantry_shared::volumes::MountPath,
+        gantry_shared::volumes::VolumeUse,
+    )>,
     pub retries: u32,
     /// Wait before the first retry (doubling per failure, at most 5 minutes).
     pub retry_delay: Option<String>,
@@ -67,6 +72,7 @@ fn spec(args: RunArgs) -> anyhow::Result<JobSpec> {
         command: args.command,
         env: args.env.into_iter().collect(),
         secrets: args.secrets,
+        volumes: crate::volumes::mounts(args.volumes)?,
         resources: JobResources {
             cpu: field("resources.cpu", args.cpu)?,
             memory: field("resources.memory", args.memory)?,

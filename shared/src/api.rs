@@ -53,6 +53,11 @@ pub struct JobSpec {
     /// `{"name": "NAME", "mount": "files"}` (files under `/run/secrets/NAME/`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<crate::secrets::SecretUse>,
+    /// Volumes mounted into each container: `{"/data": "NAME"}`. The coordinator records
+    /// where each lives as it accepts the job.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub volumes: crate::volumes::VolumeMounts,
 }
 
 fn one() -> u32 {
@@ -186,6 +191,9 @@ impl JobSpec {
         let l = SpecLimits::DEFAULT;
         if let Err(e) = crate::secrets::check_uses(&self.secrets) {
             return err("secrets", &e.to_string());
+        }
+        if let Err(e) = crate::volumes::check_mounts(&self.volumes) {
+            return err("volumes", &e.to_string());
         }
         let too_long = |field, what: &str, max: usize| {
             Err(FieldError {

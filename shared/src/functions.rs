@@ -82,6 +82,11 @@ pub struct FunctionSpec {
     /// `{ name = "NAME", mount = "files" }` (files under `/run/secrets/NAME/`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<crate::secrets::SecretUse>,
+    /// Volumes mounted into each container: `{ "/data" = "NAME" }`. The coordinator
+    /// records where each lives as it deploys the version.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub volumes: crate::volumes::VolumeMounts,
     /// Called with an empty input on a cron expression or every period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<crate::schedules::ScheduleSpec>,
@@ -456,6 +461,9 @@ impl FunctionSpec {
         let l = SpecLimits::DEFAULT;
         if let Err(e) = crate::secrets::check_uses(&self.secrets) {
             return err("secrets", e.to_string());
+        }
+        if let Err(e) = crate::volumes::check_mounts(&self.volumes) {
+            return err("volumes", e.to_string());
         }
         if let Some(schedule) = &self.schedule {
             if self.web.is_some() {

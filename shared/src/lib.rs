@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod resources;
 pub mod schedules;
 pub mod secrets;
+pub mod volumes;
 
 pub use attempt::{AttemptRef, EndCause, Generation, GpuFault, Owner, StartFailure};
 pub use gossip_key::{BadGossipKey, GossipKey};

@@ -13,11 +13,13 @@ use crate::attempt::{EndCause, Generation, Owner, StartFailure};
 use crate::calls::{InputResult, LeasedInput};
 use crate::gossip_key::GossipKey;
 use crate::ids::{ClusterId, InputId, NodeId};
+use crate::volumes::{VolumeBackend, VolumeName, VolumeOp};
 
 /// Bumped on any incompatible change to the messages below. 5: `joined` and `welcome`
 /// carry the cluster's gossip key. 7: web endpoints served through the runtime API. 8:
-/// secrets in `AttemptSpec`.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// secrets in `AttemptSpec`. 9: volumes (`Command::Volume`, `AttemptSpec.volumes`, a
+/// node's shared volume storage in its capacity).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -133,6 +135,10 @@ pub struct NodeCapacity {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
     pub gpus: u32,
+    /// The node declares shared volume storage (`[volumes] shared_path`): it may run what
+    /// mounts a shared volume, and serve such volumes' files.
+    #[serde(default)]
+    pub shared_volumes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +284,15 @@ pub enum Command {
         owner: Owner,
         generation: Generation,
     },
+    /// Act on a volume whose files this node holds (see [`VolumeOp`] for what each
+    /// operation streams). Answered with a [`crate::volumes::VolumeReply`] frame, not a
+    /// `CommandReply`: after the request's bytes for a write, or before the file's
+    /// bytes for a read.
+    Volume {
+        name: VolumeName,
+        backend: VolumeBackend,
+        op: VolumeOp,
+    },
 }
 
 /// Which stream a log chunk carries.
@@ -313,6 +328,9 @@ pub struct AttemptSpec {
     /// The secrets the container gets, with their values (kept in memory only).
     #[serde(default)]
     pub secrets: Vec<crate::secrets::SecretDelivery>,
+    /// The volumes mounted into the container.
+    #[serde(default)]
+    pub volumes: Vec<crate::volumes::VolumeAttach>,
 }
 
 /// How a function container is served its inputs.
@@ -634,6 +652,7 @@ mod tests {
                 cpu_millis: 2000,
                 memory_bytes: 1 << 30,
                 gpus: 0,
+                shared_volumes: false,
             },
             instance: 1,
             gossip: None,

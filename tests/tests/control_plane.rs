@@ -21,6 +21,7 @@ const CAPACITY: NodeCapacity = NodeCapacity {
     cpu_millis: 2000,
     memory_bytes: 1 << 30,
     gpus: 0,
+    shared_volumes: false,
 };
 
 /// What an agent run `instance` says at hello.

@@ -91,6 +91,7 @@ async fn agents_join_through_the_binaries_and_survive_a_coordinator_crash() {
                 cpu_millis: 1000,
                 memory_bytes: 1 << 30,
                 gpus: 0,
+                shared_volumes: false,
             },
             instance: 1,
             gossip: None,

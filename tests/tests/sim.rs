@@ -220,6 +220,7 @@ impl FakeAgent {
             cpu_millis: 8_000,
             memory_bytes: 64 << 30,
             gpus: GPUS_PER_NODE,
+            shared_volumes: false,
         };
         let n = self.session as u32;
         NodeStatus {

@@ -25,6 +25,7 @@ use crate::runtime::{
     BindMount, ContainerRequest, ContainerState, ExitReason, ExitRecord, NetworkMode, Runtime,
     RuntimeError,
 };
+use crate::volumes::Volumes;
 
 /// Exited attempts whose output is kept on the node.
 const KEEP_EXITED: usize = 100;
@@ -53,6 +54,8 @@ pub(super) struct Attempts {
     early_stops: Mutex<HashMap<ContainerId, Duration>>,
     /// Function containers' runtime API servers.
     functions: Arc<Functions>,
+    /// Where the volumes containers mount are on this host.
+    volumes: Volumes,
 }
 
 impl Attempts {
@@ -63,6 +66,7 @@ impl Attempts {
         generations: Generations,
         gpus: Arc<GpuGuard>,
         functions: Arc<Functions>,
+        volumes: Volumes,
     ) -> Self {
         Self {
             runtime,
@@ -74,6 +78,7 @@ impl Attempts {
             gpus,
             early_stops: Mutex::default(),
             functions,
+            volumes,
         }
     }
 
@@ -326,6 +331,39 @@ impl Attempts {
         }
     }
 
+    /// Adds the mounts of the spec's volumes to `req` (a sized local volume's filesystem
+    /// is mounted on the host first if it is not); `Err` says which volume is missing.
+    async fn mount_volumes(
+        &self,
+        spec: &AttemptSpec,
+        req: &mut ContainerRequest,
+    ) -> Result<(), String> {
+        if spec.volumes.is_empty() {
+            return Ok(());
+        }
+        let (volumes, attaches) = (self.volumes.clone(), spec.volumes.clone());
+        let binds = tokio::task::spawn_blocking(move || {
+            attaches
+                .iter()
+                .map(|a| {
+                    let source = volumes
+                        .source(a)
+                        .map_err(|e| format!("volume `{}` at {}: {e}", a.name, a.path))?;
+                    Ok(BindMount {
+                        source,
+                        destination: a.path.to_string(),
+                        read_only: false,
+                        exec: true,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        req.binds.extend(binds);
+        Ok(())
+    }
+
     /// Whether a stop for `id` arrived before its start got that far (kept for the start).
     fn has_early_stop(&self, id: &ContainerId) -> bool {
         self.early_stops
@@ -384,6 +422,15 @@ impl Attempts {
             generation: spec.generation,
         };
         req.attempt = Some(attempt.clone());
+        if let Err(message) = self.mount_volumes(&spec, &mut req).await {
+            self.finish(Event::StartFailed {
+                owner: spec.owner,
+                generation: spec.generation,
+                message,
+                failure: StartFailure::Node,
+            });
+            return;
+        }
         let server = match &spec.function {
             Some(function) => match self.serve_function(&id, &attempt, function, &mut req) {
                 Ok(server) => Some(server),
@@ -473,6 +520,7 @@ impl Attempts {
             source: self.functions.invoke().dir(id),
             destination: invoke::CONTAINER_DIR.to_owned(),
             read_only: false,
+            exec: false,
         });
         Ok(server)
     }

@@ -30,6 +30,7 @@ use crate::gpu::inventory::Inventory;
 use crate::host::Host;
 use crate::invoke::{Invoke, InvokeConfig};
 use crate::store::StoreError;
+use crate::volumes::Volumes;
 
 mod attempts;
 mod functions;
@@ -74,7 +75,7 @@ pub async fn run(
     config: &AgentConfig,
     coordinator: SocketAddr,
     capacity: NodeCapacity,
-    host: &Host,
+    (host, volumes): (&Host, &Volumes),
     inventory: &Inventory,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
@@ -107,6 +108,7 @@ pub async fn run(
         Generations::open(store)?,
         gpus.clone(),
         functions.clone(),
+        volumes.clone(),
     ));
     gpus.restore_marks();
     attempts.resume();
@@ -152,6 +154,7 @@ pub async fn run(
         outbox,
         runtime: runtime.clone(),
         functions: functions.clone(),
+        volumes: volumes.clone(),
     };
     let link = Link {
         coordinator,

@@ -22,6 +22,7 @@ use crate::config::AgentConfig;
 use crate::control::{self, ControlError, HelloInfo, NodeIdentity, Session};
 use crate::gossip::Publisher;
 use crate::runtime::Runtime;
+use crate::volumes::{self, Volumes};
 
 /// Where a session's commands go, and where its events come from.
 #[derive(Clone)]
@@ -31,6 +32,7 @@ pub(super) struct Router {
     pub(super) outbox: Outbox,
     pub(super) runtime: Runtime,
     pub(super) functions: Arc<Functions>,
+    pub(super) volumes: Volumes,
 }
 
 /// Longest wait between reconnection attempts.
@@ -160,6 +162,20 @@ impl Router {
                 tokio::spawn(async move {
                     let (mut logs, mut web) = (None, None);
                     let reply = match control::read_frame::<Command>(&mut rx).await {
+                        Ok(Command::Volume { name, backend, op }) => {
+                            // Answered with its own reply (and bytes) on the stream.
+                            volumes::serve::serve(
+                                &router.volumes,
+                                name,
+                                backend,
+                                op,
+                                &mut rx,
+                                &mut tx,
+                            )
+                            .await;
+                            let _ = tx.finish();
+                            return;
+                        }
                         Ok(Command::Logs {
                             owner,
                             generation,
@@ -238,7 +254,8 @@ impl Router {
         }
     }
 
-    /// A command other than `Logs` (which streams on its own), to whom it concerns.
+    /// A command other than those that stream on their own (logs, web, volumes), to whom
+    /// it concerns.
     fn route(&self, cmd: Command) -> CommandReply {
         match cmd {
             Command::Ping => CommandReply::Accepted,
@@ -251,10 +268,12 @@ impl Router {
                 .attempts
                 .stop(&owner, generation, Duration::from_millis(grace_ms)),
             Command::Start(spec) => self.attempts.take_start(spec),
-            Command::Logs { .. } | Command::Web { .. } => CommandReply::Refused(Refusal::new(
-                RefusalCode::Unavailable,
-                "logs and web connections are served on their own stream",
-            )),
+            Command::Logs { .. } | Command::Web { .. } | Command::Volume { .. } => {
+                CommandReply::Refused(Refusal::new(
+                    RefusalCode::Unavailable,
+                    "logs, web connections and volumes are served on their own stream",
+                ))
+            }
             Command::Deliver {
                 owner,
                 generation,

@@ -84,6 +84,7 @@ impl SecretsDir {
                 source: dir,
                 destination: format!("{FILES_DIR}/{}", secret.name),
                 read_only: true,
+                exec: false,
             });
         }
         Ok(binds)

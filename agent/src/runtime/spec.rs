@@ -274,7 +274,11 @@ pub fn build(input: &SpecInput<'_>) -> Result<BuiltSpec, SpecError> {
     }
     for b in &req.binds {
         let mode = if b.read_only { "ro" } else { "rw" };
-        mounts.push(json!({"destination": b.destination, "type": "bind", "source": b.source, "options": ["rbind", mode, "nosuid", "nodev", "noexec"]}));
+        let mut options = vec!["rbind", mode, "nosuid", "nodev"];
+        if !b.exec {
+            options.push("noexec");
+        }
+        mounts.push(json!({"destination": b.destination, "type": "bind", "source": b.source, "options": options}));
     }
 
     let mut namespaces = vec![
@@ -526,6 +530,7 @@ mod tests {
             source: "/var/lib/gantry/invoke/w-1-g1".into(),
             destination: "/run/gantry".into(),
             read_only: false,
+            exec: false,
         });
         let v = to_json(
             &build_with(&image(), &r, &GpuInjection::default())

@@ -52,7 +52,7 @@ pub struct ContainerRequest {
     #[serde(default)]
     pub attempt: Option<gantry_shared::AttemptRef>,
     /// Host directories the agent itself mounts (a function container's runtime API
-    /// socket); never taken from a user, whose host mounts are refused.
+    /// socket, its volumes); never taken from a user, whose host mounts are refused.
     #[serde(default)]
     pub binds: Vec<BindMount>,
     /// Secrets, as environment variables or files under `/run/secrets/NAME/`: written to
@@ -62,13 +62,16 @@ pub struct ContainerRequest {
     pub secrets: Vec<gantry_shared::secrets::SecretDelivery>,
 }
 
-/// A host directory bind-mounted into a container, `nosuid,nodev,noexec`.
+/// A host directory bind-mounted into a container, `nosuid,nodev`, and `noexec` unless
+/// `exec` (a volume: programs and environments kept in it run).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindMount {
     pub source: PathBuf,
     /// Absolute path inside the container.
     pub destination: String,
     pub read_only: bool,
+    #[serde(default)]
+    pub exec: bool,
 }
 
 impl ContainerRequest {

@@ -1403,6 +1403,8 @@ fn request(
     gpus: u32,
     model: Option<String>,
 ) -> Request {
+    let (pin, shared_volumes) =
+        gantry_shared::volumes::placement_needs(&spec.volumes).unwrap_or_default();
     Request {
         nodes: 1,
         cpu_millis: spec.cpu.value().0,
@@ -1412,6 +1414,9 @@ fn request(
         min_gpu_memory_bytes: 0,
         selector: Default::default(),
         spot: true,
+        // Two local volumes on different nodes are refused at deploy.
+        pin,
+        shared_volumes,
     }
 }
 
@@ -1441,6 +1446,7 @@ fn start_spec(
         gpus: warm.gpus.clone(),
         timeout_ms: None,
         secrets: Vec::new(),
+        volumes: gantry_shared::volumes::attaches(&spec.volumes),
         function: Some(FunctionRuntime {
             // A web endpoint's container holds up to its `max_concurrency` requests.
             max_inputs: spec

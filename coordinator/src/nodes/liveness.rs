@@ -566,6 +566,7 @@ mod tests {
                 cpu_millis: 1000,
                 memory_bytes: 1 << 30,
                 gpus: 2,
+                shared_volumes: false,
             }),
             gossip: Some(gpus),
             gossip_error: None,

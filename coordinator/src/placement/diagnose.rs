@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use gantry_shared::JobId;
+use gantry_shared::{JobId, NodeId};
 
 use super::{Engine, NodeState, Request, model_matches};
 
@@ -43,7 +43,13 @@ pub enum Never {
     NoNodes,
     /// The gang is larger than the cluster.
     TooFewNodes { needed: u32, nodes: usize },
-    /// Too few nodes carry the selector's labels.
+    /// A gang mounts a local volume, which lives on one node only.
+    LocalVolumeGang { needed: u32 },
+    /// The node its local volumes live on is not in the cluster (the engine's nodes).
+    VolumeNode { node: NodeId },
+    /// It mounts a shared volume and no node declares shared volume storage.
+    SharedVolumes,
+    /// Too few nodes carry the selector's labels (and hold its volumes).
     Selector {
         /// `key=value` pairs, comma-separated.
         selector: String,
@@ -84,6 +90,21 @@ impl fmt::Display for Never {
                 f,
                 "the job needs {needed} nodes but the cluster has only {nodes} ready {}",
                 plural(*nodes, "node", "nodes")
+            ),
+            Self::LocalVolumeGang { needed } => write!(
+                f,
+                "the job runs on {needed} nodes but mounts a local volume, which lives on one \
+                 node; use a shared volume (`gantry volume create --shared`)"
+            ),
+            Self::VolumeNode { node } => write!(
+                f,
+                "it mounts a local volume on node {node}, which is not up and ready; bring \
+                 the node back, or use a volume on another node"
+            ),
+            Self::SharedVolumes => write!(
+                f,
+                "it mounts a shared volume but no node declares shared volume storage \
+                 (`[volumes] shared_path` in agent.toml)"
             ),
             Self::Selector {
                 selector,
@@ -165,12 +186,20 @@ pub struct Busy {
     pub held: usize,
     /// The job has a selector (the nodes counted are those matching it).
     pub selector: bool,
+    /// The node its local volumes live on, when that node is not up and ready.
+    pub volume_node_away: Option<NodeId>,
 }
 
 impl std::error::Error for Busy {}
 
 impl fmt::Display for Busy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(node) = &self.volume_node_away {
+            return write!(
+                f,
+                "node {node}, where its local volume lives, is not up and ready"
+            );
+        }
         let scope = if self.selector {
             "matching node"
         } else {
@@ -225,7 +254,19 @@ impl Engine {
         if self.nodes.is_empty() {
             return Some(Never::NoNodes);
         }
-        let has_selector = !req.selector.is_empty();
+        if let Some(node) = &req.pin {
+            if n > 1 {
+                return Some(Never::LocalVolumeGang { needed });
+            }
+            if self.position(node).is_none() {
+                return Some(Never::VolumeNode { node: node.clone() });
+            }
+        }
+        if req.shared_volumes && !self.nodes.iter().any(|nd| nd.shared_volumes) {
+            return Some(Never::SharedVolumes);
+        }
+        // The volumes narrow the nodes like a selector does.
+        let has_selector = req.narrowed();
         if !has_selector && self.nodes.len() < n {
             return Some(Never::TooFewNodes {
                 needed,
@@ -385,7 +426,8 @@ impl Engine {
             available,
             other_models,
             held,
-            selector: !req.selector.is_empty(),
+            selector: req.narrowed(),
+            volume_node_away: req.pin.clone().filter(|n| self.position(n).is_none()),
         }
     }
 
@@ -427,11 +469,24 @@ fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
 }
 
 fn selector_text(req: &Request) -> String {
-    req.selector
+    let mut text = req
+        .selector
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
-        .join(",")
+        .join(",");
+    for (on, what) in [
+        (req.pin.is_some(), "the node of its local volume"),
+        (req.shared_volumes, "shared volume storage"),
+    ] {
+        if on {
+            if !text.is_empty() {
+                text.push_str(" and ");
+            }
+            text.push_str(what);
+        }
+    }
+    text
 }
 
 /// `8 healthy H100 GPUs of ≥ 80 GiB`, or with `free`: `8 free healthy H100 GPUs`.

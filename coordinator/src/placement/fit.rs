@@ -112,7 +112,7 @@ impl Engine {
 
     /// The best node for a single-node job.
     fn best_one(&self, req: &Request, kinds: &[u32]) -> Option<Cand> {
-        if !req.selector.is_empty() {
+        if req.narrowed() {
             return self.scan(req, kinds).into_iter().min_by_key(|c| c.key);
         }
         let ok = self.mem_ok(req);
@@ -141,7 +141,7 @@ impl Engine {
 
     /// Every node that can take one member now, one candidate per node (its best kind).
     fn candidates(&self, req: &Request, kinds: &[u32]) -> Vec<Cand> {
-        if !req.selector.is_empty() {
+        if req.narrowed() {
             return self.scan(req, kinds);
         }
         let ok = self.mem_ok(req);

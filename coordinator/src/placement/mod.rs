@@ -78,6 +78,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Unhealthy ones are never chosen.
     pub gpus: Vec<GpuInfo>,
+    /// Declares shared volume storage: may run what mounts a shared volume.
+    pub shared_volumes: bool,
 }
 
 /// What a job asks for. Every gang member gets the per-node amounts.
@@ -97,6 +99,18 @@ pub struct Request {
     pub selector: BTreeMap<String, String>,
     /// May run on spot nodes (it survives preemption); other jobs never go there.
     pub spot: bool,
+    /// Must run on this node: where the local volumes it mounts live.
+    pub pin: Option<NodeId>,
+    /// Mounts a shared volume: only nodes with shared volume storage.
+    pub shared_volumes: bool,
+}
+
+impl Request {
+    /// Its nodes are found by a scan over the nodes it may use, not through the index (a
+    /// selector or a volume narrows them).
+    pub(crate) fn narrowed(&self) -> bool {
+        !self.selector.is_empty() || self.pin.is_some() || self.shared_volumes
+    }
 }
 
 impl Default for Request {
@@ -111,6 +125,8 @@ impl Default for Request {
             min_gpu_memory_bytes: 0,
             selector: BTreeMap::new(),
             spot: false,
+            pin: None,
+            shared_volumes: false,
         }
     }
 }
@@ -160,6 +176,7 @@ pub(crate) struct NodeState {
     pub id: NodeId,
     pub labels: BTreeMap<String, String>,
     pub spot: bool,
+    pub shared_volumes: bool,
     /// Position of the rack's name among all rack names, sorted.
     pub rack: Option<u32>,
     pub cpu: u64,
@@ -291,6 +308,7 @@ impl Engine {
             }
             states.push(NodeState {
                 spot: n.labels.get(SPOT_LABEL).is_some_and(|v| v == "true"),
+                shared_volumes: n.shared_volumes,
                 id: n.id,
                 labels: n.labels,
                 rack,
@@ -384,13 +402,17 @@ impl Engine {
         self.nodes.is_empty()
     }
 
-    /// Nodes whose labels match `req`'s selector, ascending. Without a selector, every
-    /// node; with one, only the shortest posting list of its pairs is walked.
+    /// Nodes whose labels match `req`'s selector and that can hold its volumes,
+    /// ascending. Pinned to a node by a local volume, that node alone; else without a
+    /// selector, every node; with one, only the shortest posting list of its pairs is
+    /// walked.
     pub(crate) fn matching<'a>(
         &'a self,
         req: &'a Request,
     ) -> impl Iterator<Item = (u32, &'a NodeState)> + 'a {
-        let list: Option<&[u32]> = if req.selector.is_empty() {
+        // A pin is its node's position alone (none if the engine lacks the node).
+        let pinned = req.pin.as_ref().map(|node| self.position(node));
+        let list: Option<&[u32]> = if pinned.is_some() || req.selector.is_empty() {
             None
         } else {
             Some(
@@ -405,12 +427,14 @@ impl Engine {
                     .unwrap_or_default(),
             )
         };
-        let all = list.is_none().then_some(0..self.nodes.len() as u32);
+        let all = (pinned.is_none() && list.is_none()).then_some(0..self.nodes.len() as u32);
         all.into_iter()
             .flatten()
+            .chain(pinned.flatten())
             .chain(list.into_iter().flatten().copied())
             .filter_map(|i| Some((i, self.nodes.get(i as usize)?)))
             .filter(|(_, n)| req.selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+            .filter(|(_, n)| !req.shared_volumes || n.shared_volumes)
     }
 
     /// Nodes `req` may use whatever their load: the selector matches, and spot nodes

@@ -79,7 +79,8 @@ prop_compose! {
             let (cpu_held, mem_held) = (cpu * u64::from(c % 5) / 5, mem * u64::from(m % 5) / 5);
             ledger.push((nid.clone(), cpu_held / 2, mem_held / 2, taken));
             ledger.push((nid.clone(), cpu_held - cpu_held / 2, mem_held - mem_held / 2, vec![]));
-            infos.push(NodeInfo { id: nid, cpu_millis: cpu, memory_bytes: mem, labels, gpus });
+            // Every third node declares shared volume storage.
+            infos.push(NodeInfo { id: nid, cpu_millis: cpu, memory_bytes: mem, labels, gpus, shared_volumes: i % 3 == 0 });
         }
         (infos, ledger)
     }
@@ -100,6 +101,9 @@ prop_compose! {
         ],
         spot in any::<bool>(),
         priority in -1i32..=1,
+        // A local volume's node (some beyond the cluster), a shared volume.
+        pin in prop_oneof![6 => Just(None), 1 => (0usize..48).prop_map(Some)],
+        shared_volumes in prop_oneof![5 => Just(false), 1 => Just(true)],
     ) -> (i32, Request) {
         (priority, Request {
             nodes,
@@ -110,6 +114,8 @@ prop_compose! {
             min_gpu_memory_bytes: min_mem * GIB,
             selector: selector.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             spot,
+            pin: pin.map(|i| id(&format!("node-{i:02}"))),
+            shared_volumes,
         })
     }
 }
@@ -143,6 +149,11 @@ fn check(
         for m in &a.members {
             let node = by_id[&m.node];
             prop_assert!(req.spot || node.labels.get("spot").is_none_or(|v| v != "true"));
+            prop_assert!(
+                req.pin.as_ref().is_none_or(|p| *p == m.node),
+                "on its volume's node"
+            );
+            prop_assert!(!req.shared_volumes || node.shared_volumes, "shared storage");
             for (k, v) in &req.selector {
                 prop_assert_eq!(node.labels.get(k), Some(v));
             }

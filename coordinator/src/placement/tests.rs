@@ -48,6 +48,7 @@ pub(super) fn node(name: &str, labels: &[(&str, &str)], gpus: Vec<GpuInfo>) -> N
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         gpus,
+        shared_volumes: false,
     }
 }
 
@@ -504,4 +505,65 @@ fn never_and_busy_messages_say_what_to_do() {
     );
     let mut empty = engine(vec![], vec![]);
     assert!(message(&mut empty, &req(1, &[])).starts_with("no node is up and ready"));
+}
+
+#[test]
+fn a_local_volume_pins_its_user_to_the_volume_node() {
+    let nodes = || {
+        vec![
+            node("a", &[], vec![]),
+            node("b", &[], vec![]),
+            node("c", &[], vec![]),
+        ]
+    };
+    let r = Request {
+        pin: Some(id("b")),
+        ..req(0, &[])
+    };
+    // Without the pin the CPU job would go to `a` (ties to the lower id).
+    assert_eq!(one(&mut engine(nodes(), vec![]), &req(0, &[])).0, "a");
+    assert_eq!(one(&mut engine(nodes(), vec![]), &r).0, "b");
+    // The node full: it waits for that node, it does not go elsewhere.
+    let full = (id("b"), 64_000, 0, Vec::new());
+    let err = engine(nodes(), vec![full]).place(&r).expect_err("waits");
+    assert!(!err.is_never(), "{err}");
+    // The node not in the cluster (down, or removed): never on this engine, and what
+    // waits for it names it.
+    let mut without_b = engine(vec![node("a", &[], vec![])], vec![]);
+    let err = without_b.place(&r).expect_err("no node b");
+    assert!(err.is_never());
+    assert!(err.to_string().contains("node b"), "{err}");
+    assert_eq!(
+        without_b.busy(&r).to_string(),
+        "node b, where its local volume lives, is not up and ready"
+    );
+    // A gang cannot share a local volume.
+    let gang = Request { nodes: 2, ..r };
+    let err = engine(nodes(), vec![]).place(&gang).expect_err("gang");
+    assert!(err.is_never());
+    assert!(err.to_string().contains("shared volume"), "{err}");
+}
+
+#[test]
+fn a_shared_volume_needs_nodes_with_shared_storage() {
+    let with_shared = |name: &str| NodeInfo {
+        shared_volumes: true,
+        ..node(name, &[], vec![])
+    };
+    let r = Request {
+        shared_volumes: true,
+        ..req(0, &[])
+    };
+    let mut none = engine(vec![node("a", &[], vec![])], vec![]);
+    let err = none.place(&r).expect_err("no shared storage");
+    assert!(err.is_never());
+    assert!(err.to_string().contains("shared_path"), "{err}");
+    let mut some = engine(vec![node("a", &[], vec![]), with_shared("z")], vec![]);
+    assert_eq!(one(&mut some, &r).0, "z");
+    // A gang of two on a cluster with one such node: never, saying why.
+    let err = some
+        .place(&Request { nodes: 2, ..r })
+        .expect_err("one node only");
+    assert!(err.is_never());
+    assert!(err.to_string().contains("shared volume storage"), "{err}");
 }

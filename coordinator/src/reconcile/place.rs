@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use gantry_shared::api::{Attempt, Job};
+use gantry_shared::volumes::placement_needs;
 use gantry_shared::{Generation, JobId, NodeId};
 
 use crate::jobs::ranks;
@@ -19,6 +20,7 @@ const FAULT_HOLD_MS: u64 = 30_000;
 /// What a job asks of each of its nodes.
 pub fn request(job: &Job) -> Request {
     let r = &job.spec.resources;
+    let (pin, shared_volumes) = placement_needs(&job.spec.volumes).unwrap_or_default();
     Request {
         nodes: job.spec.nodes,
         cpu_millis: r.cpu.value().0,
@@ -28,6 +30,9 @@ pub fn request(job: &Job) -> Request {
         min_gpu_memory_bytes: r.gpu_memory.as_ref().map_or(0, |m| m.value().0),
         selector: job.spec.selector.clone(),
         spot: job.spec.spot,
+        // Two local volumes on different nodes are refused at submit.
+        pin,
+        shared_volumes,
     }
 }
 
@@ -46,6 +51,7 @@ pub fn node_info(s: &NodeStatus) -> Option<NodeInfo> {
             .filter(|g| g.index < capacity.gpus)
             .cloned()
             .collect(),
+        shared_volumes: capacity.shared_volumes,
     })
 }
 

@@ -438,6 +438,7 @@ pub fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Comma
             .map(|t| t.value().as_millis() as u64),
         function: None,
         secrets: Vec::new(),
+        volumes: gantry_shared::volumes::attaches(&job.spec.volumes),
     })
 }
 

@@ -25,6 +25,7 @@ fn node(name: &str, gpus: u32) -> NodeStatus {
         cpu_millis: 8_000,
         memory_bytes: 64 << 30,
         gpus,
+        shared_volumes: false,
     };
     NodeStatus {
         id: id(name),

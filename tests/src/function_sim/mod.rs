@@ -562,6 +562,7 @@ fn status(a: &Agent, c: &SimConfig, now: u64) -> NodeStatus {
         cpu_millis: c.cpu_millis,
         memory_bytes: c.memory_bytes,
         gpus: c.gpus,
+        shared_volumes: false,
     };
     let n = a.session as u32;
     NodeStatus {
