@@ -7,6 +7,7 @@ use gantry_shared::calls::{
     AppendRequest, AppendView, CallRequest, CallView, OutputOrder, OutputsPage,
 };
 use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
+use gantry_shared::volumes::{CreateVolume, Volume, VolumeList, VolumeListing};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the coordinator: {0}")]
     Decode(reqwest::Error),
+    #[error("local file: {0}")]
+    Local(std::io::Error),
+    #[error("the coordinator address {base} is not a URL this client can use: {reason}")]
+    Address { base: String, reason: String },
 }
 
 impl ClientError {
@@ -204,6 +209,109 @@ impl ApiClient {
         self.send(self.http.delete(self.url(&format!("/v1/secrets/{name}"))))
             .await?;
         Ok(())
+    }
+
+    pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume, ClientError> {
+        self.post("/v1/volumes", req).await
+    }
+
+    pub async fn volumes(&self) -> Result<Vec<Volume>, ClientError> {
+        let list: VolumeList = self.get("/v1/volumes").await?;
+        Ok(list.volumes)
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.volume_url(name, &[])?))
+            .await?;
+        Ok(())
+    }
+
+    /// The entries under `path` (the root when empty) of volume `name`.
+    pub async fn volume_ls(
+        &self,
+        name: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<VolumeListing, ClientError> {
+        let req = self
+            .http
+            .get(self.volume_url(name, &["ls"])?)
+            .query(&[("path", path)])
+            .query(&[("recursive", recursive)]);
+        Self::decode(self.send(req).await?).await
+    }
+
+    /// Streams file `path` of volume `name` into `out`; returns its size.
+    pub async fn volume_get(
+        &self,
+        name: &str,
+        path: &str,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin + ?Sized),
+    ) -> Result<u64, ClientError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let url = self.volume_file_url(name, path)?;
+        let mut body = self.send(self.http.get(url)).await?.bytes_stream();
+        let mut n = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(ClientError::Decode)?;
+            out.write_all(&chunk).await.map_err(ClientError::Local)?;
+            n += chunk.len() as u64;
+        }
+        out.flush().await.map_err(ClientError::Local)?;
+        Ok(n)
+    }
+
+    /// Streams `file` into `path` of volume `name` (replacing what is there once all of
+    /// it arrived).
+    pub async fn volume_put(
+        &self,
+        name: &str,
+        path: &str,
+        file: tokio::fs::File,
+    ) -> Result<(), ClientError> {
+        let len = file.metadata().await.map_err(ClientError::Local)?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 << 10,
+        ));
+        let req = self
+            .http
+            .put(self.volume_file_url(name, path)?)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.send(req).await?;
+        Ok(())
+    }
+
+    /// Removes file or directory `path` of volume `name`.
+    pub async fn volume_rm(&self, name: &str, path: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.volume_file_url(name, path)?))
+            .await?;
+        Ok(())
+    }
+
+    /// `/v1/volumes/NAME/SEGMENTS…`, each percent-encoded.
+    fn volume_url(&self, name: &str, segments: &[&str]) -> Result<reqwest::Url, ClientError> {
+        let bad = |reason: String| ClientError::Address {
+            base: self.base.clone(),
+            reason,
+        };
+        let mut url =
+            reqwest::Url::parse(&self.url("/v1/volumes")).map_err(|e| bad(e.to_string()))?;
+        url.path_segments_mut()
+            .map_err(|()| bad("it cannot hold a path".into()))?
+            .push(name)
+            .extend(segments);
+        Ok(url)
+    }
+
+    fn volume_file_url(&self, name: &str, path: &str) -> Result<reqwest::Url, ClientError> {
+        let parts: Vec<&str> = std::iter::once("files")
+            .chain(path.split('/').filter(|p| !p.is_empty()))
+            .collect();
+        self.volume_url(name, &parts)
     }
 
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ClientError> {

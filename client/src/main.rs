@@ -140,6 +140,10 @@ enum Command {
     /// template's.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// Volumes: directories that outlive containers, mounted with `--volume NAME:/path`
+    /// or `volumes = { "/data" = "NAME" }`.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Deploy an app's functions from its manifest (a new immutable version).
     Deploy {
         /// The app manifest.
@@ -261,6 +265,50 @@ enum SchedulesCommand {
         job: PathBuf,
     },
     /// Delete a job template's schedule.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume: local to one node (picked for you, or --node), optionally of a
+    /// fixed --size, or --shared (on every node's shared path).
+    Create {
+        name: String,
+        #[arg(long)]
+        node: Option<String>,
+        /// The most it holds (`10G`); a writer past it gets "no space left on device".
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(long, conflicts_with_all = ["node", "size"])]
+        shared: bool,
+    },
+    /// List the volumes.
+    List,
+    /// Copy a local file, or a directory and everything in it, into a volume (REMOTE:
+    /// LOCAL's name at the root by default; ending in `/`, a directory to put it in).
+    Put {
+        name: String,
+        local: PathBuf,
+        remote: Option<String>,
+    },
+    /// Copy a file, or a directory and everything in it, out of a volume (LOCAL: REMOTE's
+    /// name here by default; `-` writes a file to standard output).
+    Get {
+        name: String,
+        remote: String,
+        local: Option<PathBuf>,
+    },
+    /// List what is in a volume (its root, or PATH).
+    Ls {
+        name: String,
+        path: Option<String>,
+        /// All the way down.
+        #[arg(long, short)]
+        recursive: bool,
+    },
+    /// Remove a file, or a directory and everything in it, from a volume.
+    Rm { name: String, path: String },
+    /// Delete a volume and its files (refused while a job or deployed function mounts it).
     Delete { name: String },
 }
 
@@ -591,6 +639,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Volume(cmd) => {
+            let client = CliConfig::load()?.client()?;
+            volume(&client, cmd, json).await?;
+            Ok(0)
+        }
         Command::Secret(cmd) => {
             let client = CliConfig::load()?.client()?;
             match cmd {
@@ -695,4 +748,77 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             functions::map(&client, &app, &function, &input_file, &content_type, order).await
         }
     }
+}
+
+/// `gantry volume …`.
+async fn volume(
+    client: &gantry_client::api::ApiClient,
+    cmd: VolumeCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    use gantry_client::volumes;
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            node,
+            size,
+            shared,
+        } => {
+            let req = gantry_shared::volumes::CreateVolume {
+                name: gantry_shared::volumes::VolumeName::new(name)?,
+                shared,
+                node: node.map(gantry_shared::NodeId::new).transpose()?,
+                size: size
+                    .map(|s| {
+                        gantry_shared::Parsed::try_from(s)
+                            .map_err(|e| anyhow::anyhow!("--size: {e}"))
+                    })
+                    .transpose()?,
+            };
+            let v = client.create_volume(&req).await?;
+            volumes::print_volumes(std::slice::from_ref(&v), json)?;
+        }
+        VolumeCommand::List => volumes::print_volumes(&client.volumes().await?, json)?,
+        VolumeCommand::Put {
+            name,
+            local,
+            remote,
+        } => {
+            let (files, bytes) = volumes::put(client, &name, &local, remote.as_deref()).await?;
+            eprintln!(
+                "put {files} file(s), {} into volume `{name}`",
+                gantry_shared::resources::bytes_text(bytes)
+            );
+        }
+        VolumeCommand::Get {
+            name,
+            remote,
+            local,
+        } => {
+            let (files, bytes) = volumes::get(client, &name, &remote, local.as_deref()).await?;
+            eprintln!(
+                "got {files} file(s), {} from volume `{name}`",
+                gantry_shared::resources::bytes_text(bytes)
+            );
+        }
+        VolumeCommand::Ls {
+            name,
+            path,
+            recursive,
+        } => {
+            let listing = client
+                .volume_ls(&name, path.as_deref().unwrap_or(""), recursive)
+                .await?;
+            volumes::print_listing(&listing, json)?;
+        }
+        VolumeCommand::Rm { name, path } => {
+            client.volume_rm(&name, &path).await?;
+            eprintln!("removed `{path}` from volume `{name}`");
+        }
+        VolumeCommand::Delete { name } => {
+            client.delete_volume(&name).await?;
+            println!("deleted volume `{name}`");
+        }
+    }
+    Ok(())
 }

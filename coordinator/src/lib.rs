@@ -20,7 +20,10 @@
 //!   container's start only.
 //! - `store/`: everything durable (sled), one module per kind of record: jobs and fences
 //!   (mod), API tokens and roles (`tokens`), join tokens and joined nodes (`joins`), node
-//!   drain/preempt state (`node_admin`). Nothing else opens a sled tree.
+//!   drain/preempt state (`node_admin`), the volumes' records (`volumes::VolumeStore`, over
+//!   a tree the store opens). Nothing else opens a sled tree.
+//! - `volumes/`: volumes recorded and resolved into the specs that mount them, made,
+//!   removed and their files streamed on the nodes that hold them.
 //! - `server`: assembles and runs all of it.
 
 pub mod api;
@@ -39,3 +42,4 @@ pub mod schedules;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod volumes;

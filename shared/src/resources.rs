@@ -224,6 +224,26 @@ pub enum ResourceError {
     BadMemory { value: String },
 }
 
+/// `80 GiB`, `1.5 GiB`, `512 MiB`, `100 bytes`.
+pub fn bytes_text(b: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    let unit = |u: u64, name: &str| {
+        if b.is_multiple_of(u) {
+            format!("{} {name}", b / u)
+        } else {
+            format!("{:.1} {name}", b as f64 / u as f64)
+        }
+    };
+    if b >= GIB {
+        unit(GIB, "GiB")
+    } else if b >= MIB {
+        unit(MIB, "MiB")
+    } else {
+        format!("{b} bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -227,6 +227,16 @@ pub struct Volume {
     #[serde(flatten)]
     pub backend: VolumeBackend,
     pub created_at_ms: u64,
+    /// Being deleted: nothing new may mount it (a delete interrupted by a coordinator
+    /// restart is finished by deleting it again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+}
+
+/// `GET /v1/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeList {
+    pub volumes: Vec<Volume>,
 }
 
 /// `POST /v1/volumes`.

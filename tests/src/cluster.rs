@@ -41,6 +41,10 @@ pub struct ClusterSpec {
     /// The coordinator's and agents' logs go to files under the cluster's directory
     /// (`logs/`), for a test to read, instead of the test's output.
     pub logs_to_files: bool,
+    /// Every agent declares the cluster directory's `shared/` as its shared volume
+    /// storage (`[volumes] shared_path`): one directory all of them see, as an NFS
+    /// mount would be.
+    pub shared_volumes: bool,
 }
 
 impl Default for ClusterSpec {
@@ -55,6 +59,7 @@ impl Default for ClusterSpec {
             ws_echo: false,
             api_tls: false,
             logs_to_files: false,
+            shared_volumes: false,
         }
     }
 }
@@ -137,6 +142,15 @@ impl TestCluster {
             let host = net.add_host(&node);
             let state = dir.path().join(&node);
             std::fs::create_dir_all(&state).expect("agent state dir");
+            if spec.shared_volumes {
+                let shared = dir.path().join("shared");
+                std::fs::create_dir_all(&shared).expect("shared volume storage");
+                std::fs::write(
+                    state.join("agent.toml"),
+                    format!("[volumes]\nshared_path = \"{}\"\n", shared.display()),
+                )
+                .expect("agent.toml");
+            }
             net.register_cleanup_dir(&state);
             net.register_cgroup(gantry_agent::runtime::cgroup::parent_for(&state));
             agents.push(TestAgent {

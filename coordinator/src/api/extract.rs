@@ -107,6 +107,15 @@ pub enum ApiError {
     /// A secret named at `field` does not exist.
     #[error("{message}")]
     SecretNotFound { field: String, message: String },
+    /// A volume named at `field` does not exist (or is being deleted).
+    #[error("{message}")]
+    VolumeNotFound { field: String, message: String },
+    /// 404, said in full.
+    #[error("{message}")]
+    Missing { message: String },
+    /// 507: the volume is full.
+    #[error("{message}")]
+    InsufficientStorage { message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -142,6 +151,55 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What a volume named at `field` being unusable means to a caller.
+    pub(super) fn volume(field: &str, e: crate::volumes::VolumeUseError) -> Self {
+        use crate::volumes::VolumeUseError as E;
+        match e {
+            e @ (E::Unknown { .. } | E::Deleting { .. }) => ApiError::VolumeNotFound {
+                field: field.to_owned(),
+                message: format!("{field}: {e}"),
+            },
+            e @ (E::TwoNodes(_) | E::Gang { .. }) => ApiError::BadRequest {
+                field: Some(field.to_owned()),
+                message: format!("{field}: {e}"),
+            },
+            E::Store(e) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::volumes::VolumeServiceError> for ApiError {
+    fn from(e: crate::volumes::VolumeServiceError) -> Self {
+        use crate::volumes::VolumeServiceError as E;
+        use gantry_shared::volumes::FailureKind as K;
+        match e {
+            E::Invalid { field, message } => ApiError::BadRequest {
+                field: Some(field.to_owned()),
+                message,
+            },
+            e @ E::NotFound { .. } => ApiError::Missing {
+                message: e.to_string(),
+            },
+            e @ (E::Exists { .. } | E::InUse { .. }) => ApiError::Conflict {
+                message: e.to_string(),
+            },
+            E::Unavailable { message } => ApiError::Unavailable { message },
+            E::Node(f) => match f.kind {
+                K::NotFound => ApiError::Missing { message: f.message },
+                K::BadPath | K::Unsupported => ApiError::BadRequest {
+                    field: Some("path".into()),
+                    message: f.message,
+                },
+                K::NoSpace => ApiError::InsufficientStorage { message: f.message },
+                K::Busy => ApiError::Conflict { message: f.message },
+                K::Io => ApiError::Internal(f.message),
+            },
+            E::Store(e) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<JobServiceError> for ApiError {
     fn from(e: JobServiceError) -> Self {
         match e {
@@ -152,6 +210,7 @@ impl From<JobServiceError> for ApiError {
             },
             JobServiceError::Unavailable { message } => ApiError::Unavailable { message },
             JobServiceError::Secret(e) => ApiError::secret("secrets", e),
+            JobServiceError::Volume(e) => ApiError::volume("volumes", e),
             JobServiceError::Store(e) => ApiError::Internal(e.to_string()),
             JobServiceError::Internal(e) => ApiError::Internal(e),
         }
@@ -219,6 +278,15 @@ impl IntoResponse for ApiError {
                 "secret_not_found",
                 Some(field.clone()),
             ),
+            ApiError::VolumeNotFound { field, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "volume_not_found",
+                Some(field.clone()),
+            ),
+            ApiError::Missing { .. } => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::InsufficientStorage { .. } => {
+                (StatusCode::INSUFFICIENT_STORAGE, "volume_full", None)
+            }
             ApiError::Internal(_) => {
                 tracing::error!(error = %self, "API request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)

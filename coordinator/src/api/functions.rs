@@ -51,6 +51,7 @@ impl From<FunctionServiceError> for ApiError {
                 }
             }
             FunctionServiceError::Secret { field, error } => ApiError::secret(&field, error),
+            FunctionServiceError::Volume { field, error } => ApiError::volume(&field, error),
             FunctionServiceError::Store(e) => ApiError::Internal(e.to_string()),
             FunctionServiceError::Internal(e) => ApiError::Internal(e),
         }

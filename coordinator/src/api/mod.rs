@@ -42,6 +42,7 @@ mod schedules;
 mod secrets;
 mod tls;
 mod tokens;
+mod volumes;
 
 pub use extract::{ApiError, Caller, Spec};
 use nodes::*;
@@ -86,6 +87,7 @@ pub struct ApiState {
     join: JoinTokens,
     secrets: crate::secrets::Secrets,
     schedules: crate::schedules::ScheduleService,
+    volumes: crate::volumes::VolumeService,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
@@ -110,6 +112,7 @@ impl ApiState {
         );
         Self {
             schedules,
+            volumes: jobs.volume_service(functions.clone()),
             secrets: jobs.secrets().clone(),
             jobs,
             functions,
@@ -196,7 +199,14 @@ impl Metrics {
         secrets::delete_secret,
         schedules::list_schedules,
         schedules::put_schedule,
-        schedules::delete_schedule
+        schedules::delete_schedule,
+        volumes::create_volume,
+        volumes::list_volumes,
+        volumes::delete_volume,
+        volumes::list_files,
+        volumes::get_file,
+        volumes::put_file,
+        volumes::remove_file
     ),
     components(schemas(
         JobSpec,
@@ -238,6 +248,20 @@ pub fn router(state: ApiState) -> Router {
             post(schedules::put_schedule).get(schedules::list_schedules),
         )
         .route("/v1/schedules/{name}", delete(schedules::delete_schedule))
+        .route(
+            "/v1/volumes",
+            post(volumes::create_volume).get(volumes::list_volumes),
+        )
+        .route("/v1/volumes/{name}", delete(volumes::delete_volume))
+        .route("/v1/volumes/{name}/ls", get(volumes::list_files))
+        .route(
+            "/v1/volumes/{name}/files/{*path}",
+            get(volumes::get_file)
+                .put(volumes::put_file)
+                .delete(volumes::remove_file)
+                // A file's size is bounded by its volume, not by the API.
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))

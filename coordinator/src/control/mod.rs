@@ -315,6 +315,26 @@ pub(crate) async fn command(
     Ok((reply, rx))
 }
 
+/// Opens a stream to a node and sends `command` on it; the halves come back for the
+/// caller to stream the rest (a volume's bytes) and read the reply.
+pub(crate) async fn open_command(
+    conn: &quinn::Connection,
+    command: &gantry_shared::protocol::Command,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut tx, rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    tx.write_all(&protocol::encode(command).map_err(|e| e.to_string())?)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((tx, rx))
+}
+
+/// Reads one reply frame of a stream [`open_command`] opened.
+pub(crate) async fn read_reply<T: serde::de::DeserializeOwned>(
+    rx: &mut quinn::RecvStream,
+) -> Result<T, String> {
+    read_frame(rx).await.map_err(|e| e.to_string())
+}
+
 /// Opens a connection to web endpoint container `owner`'s server through its node's
 /// session: after the node's `Accepted`, the stream's two halves are that connection.
 /// Any other answer comes back as the error.

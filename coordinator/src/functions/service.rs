@@ -83,6 +83,12 @@ pub enum FunctionServiceError {
         field: String,
         error: crate::secrets::SecretStoreError,
     },
+    /// A volume the manifest names, at `field`.
+    #[error("{field}: {error}")]
+    Volume {
+        field: String,
+        error: crate::volumes::VolumeUseError,
+    },
     #[error(transparent)]
     Store(StoreError),
     #[error("internal error: {0}")]
@@ -300,9 +306,29 @@ impl FunctionService {
 
     // ---- deployments ----
 
+    /// The function versions that mount volume `name`: the ones new calls go to, and
+    /// older ones that still have containers (`function app/fn (version 3)`).
+    pub fn volume_users(&self, name: &gantry_shared::volumes::VolumeName) -> Vec<String> {
+        let state = self.lock();
+        let live: std::collections::BTreeSet<&FunctionKey> = state.warm().map(|w| &w.key).collect();
+        state
+            .specs
+            .iter()
+            .filter(|(key, spec)| {
+                spec.volumes.values().any(|u| u.name == *name)
+                    && (state.active.get(&key.app) == Some(&Some(key.version))
+                        || live.contains(key))
+            })
+            .map(|(key, _)| format!("function {key}"))
+            .collect()
+    }
+
     /// Records a new immutable version of the app and points new calls at it. Inputs in
     /// flight finish on the version they started on; the old version's containers drain.
-    pub fn deploy(&self, manifest: AppManifest) -> Result<DeploymentView, FunctionServiceError> {
+    pub fn deploy(
+        &self,
+        mut manifest: AppManifest,
+    ) -> Result<DeploymentView, FunctionServiceError> {
         manifest.validate()?;
         for (name, f) in &manifest.functions {
             self.inner
@@ -311,6 +337,18 @@ impl FunctionService {
                 .check_exist(&f.secrets)
                 .map_err(|e| FunctionServiceError::Secret {
                     field: format!("functions.{name}.secrets"),
+                    error: e,
+                })?;
+        }
+        // Where each volume lives goes into the version, recorded while no volume can be
+        // deleted.
+        let volumes = self.inner.store.volumes();
+        let _uses = volumes.uses();
+        for (name, f) in manifest.functions.iter_mut() {
+            volumes
+                .resolve(&mut f.volumes)
+                .map_err(|e| FunctionServiceError::Volume {
+                    field: format!("functions.{name}.volumes"),
                     error: e,
                 })?;
         }

@@ -16,6 +16,7 @@ use crate::nodes::liveness::Cluster;
 use crate::placement::{Never, Unplaceable};
 use crate::reconcile;
 use crate::store::{JobFilter, Store, StoreError};
+use crate::volumes::VolumeUseError;
 
 /// The longest a long poll on a job waits.
 pub const MAX_JOB_WAIT: Duration = Duration::from_secs(60);
@@ -35,6 +36,10 @@ pub enum JobServiceError {
     /// A secret the job names (does not exist).
     #[error(transparent)]
     Secret(crate::secrets::SecretStoreError),
+    /// A volume the job names (does not exist, is being deleted, or two local volumes
+    /// on different nodes).
+    #[error(transparent)]
+    Volume(VolumeUseError),
     /// The store failed: not the caller's doing.
     #[error(transparent)]
     Store(StoreError),
@@ -85,6 +90,19 @@ impl JobService {
         &self.store
     }
 
+    /// A volume service over the same store, cluster and sessions.
+    pub fn volume_service(
+        &self,
+        functions: crate::functions::FunctionService,
+    ) -> crate::volumes::VolumeService {
+        crate::volumes::VolumeService::new(
+            self.store.clone(),
+            self.cluster.clone(),
+            self.nodes.clone(),
+            functions,
+        )
+    }
+
     /// The secrets jobs may name.
     pub fn secrets(&self) -> &crate::secrets::Secrets {
         self.store.secrets()
@@ -95,6 +113,41 @@ impl JobService {
         spec: JobSpec,
         idempotency_key: Option<String>,
     ) -> Result<(Job, bool), JobServiceError> {
+        let service = self.clone();
+        let (job, created) =
+            tokio::task::spawn_blocking(move || service.accept(spec, idempotency_key))
+                .await
+                .map_err(|e| JobServiceError::Internal(e.to_string()))??;
+        if created {
+            // Let the reconciler place it now rather than at its next pass.
+            self.nodes.changed.notify_one();
+        }
+        Ok((job, created))
+    }
+
+    /// [`JobService::submit`]'s checks and write: the volumes it names are resolved (where
+    /// each lives goes into the spec) and the job recorded while no volume can be deleted.
+    fn accept(
+        &self,
+        mut spec: JobSpec,
+        idempotency_key: Option<String>,
+    ) -> Result<(Job, bool), JobServiceError> {
+        let volumes = self.store.volumes();
+        let _uses = volumes.uses();
+        volumes
+            .resolve(&mut spec.volumes)
+            .map_err(JobServiceError::Volume)?;
+        if spec.nodes > 1
+            && let Some(local) = spec
+                .volumes
+                .values()
+                .find(|u| u.backend.as_ref().is_some_and(|b| b.node().is_some()))
+        {
+            return Err(JobServiceError::Volume(VolumeUseError::Gang {
+                name: local.name.clone(),
+                nodes: spec.nodes,
+            }));
+        }
         self.check_fits(&spec)?;
         self.store
             .secrets()
@@ -104,22 +157,11 @@ impl JobService {
         let canonical = hex::encode(Sha256::digest(
             serde_json::to_vec(&spec).map_err(|e| JobServiceError::Internal(e.to_string()))?,
         ));
-        let now = now_ms();
-        let store = self.store.clone();
-        let (job, created) = tokio::task::spawn_blocking(move || {
-            store.create_job(
-                spec,
-                now,
-                idempotency_key.as_deref().map(|k| (k, canonical.as_str())),
-            )
-        })
-        .await
-        .map_err(|e| JobServiceError::Internal(e.to_string()))??;
-        if created {
-            // Let the reconciler place it now rather than at its next pass.
-            self.nodes.changed.notify_one();
-        }
-        Ok((job, created))
+        Ok(self.store.create_job(
+            spec,
+            now_ms(),
+            idempotency_key.as_deref().map(|k| (k, canonical.as_str())),
+        )?)
     }
 
     /// Larger than every known node even when empty: it would never run. Only judged when

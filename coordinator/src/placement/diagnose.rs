@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use gantry_shared::resources::bytes_text;
 use gantry_shared::{JobId, NodeId};
 
 use super::{Engine, NodeState, Request, model_matches};
@@ -542,25 +543,5 @@ pub(crate) fn cpu_text(millis: u64) -> String {
         format!("{} cpu", millis / 1000)
     } else {
         format!("{millis}m cpu")
-    }
-}
-
-/// `80 GiB`, `1.5 GiB`, `512 MiB`, `100 bytes`.
-pub(crate) fn bytes_text(b: u64) -> String {
-    const GIB: u64 = 1 << 30;
-    const MIB: u64 = 1 << 20;
-    let unit = |u: u64, name: &str| {
-        if b.is_multiple_of(u) {
-            format!("{} {name}", b / u)
-        } else {
-            format!("{:.1} {name}", b as f64 / u as f64)
-        }
-    };
-    if b >= GIB {
-        unit(GIB, "GiB")
-    } else if b >= MIB {
-        unit(MIB, "MiB")
-    } else {
-        format!("{b} bytes")
     }
 }

@@ -65,6 +65,11 @@ pub struct FunctionStore {
 }
 
 impl FunctionStore {
+    /// The volumes function containers may mount.
+    pub fn volumes(&self) -> &crate::volumes::VolumeStore {
+        self.store.volumes()
+    }
+
     /// The secrets function containers may name.
     pub fn secrets(&self) -> &crate::secrets::Secrets {
         self.store.secrets()

@@ -80,6 +80,8 @@ pub struct Store {
     commits: std::sync::Arc<GroupCommit>,
     /// The secrets, once opened with their key ([`Store::open_secrets`]).
     secrets: crate::secrets::Secrets,
+    /// The volumes jobs and functions may mount.
+    volumes: crate::volumes::VolumeStore,
     /// Woken after every commit: long polls (`GET /v1/jobs/{id}?changed_since=`) wait on it.
     changed: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -205,6 +207,7 @@ impl Store {
             fences: db.open_tree("fences")?,
             commits: Default::default(),
             secrets: Default::default(),
+            volumes: crate::volumes::VolumeStore::new(db.open_tree("volumes")?),
             changed: Default::default(),
             db,
         };
@@ -351,6 +354,11 @@ impl Store {
         )?;
         self.secrets.set(store);
         Ok(())
+    }
+
+    /// The volumes jobs and functions may mount.
+    pub fn volumes(&self) -> &crate::volumes::VolumeStore {
+        &self.volumes
     }
 
     /// The secrets (usable once [`Store::open_secrets`] succeeded).

@@ -14,8 +14,9 @@
 //! One connection per request, with `Connection: close`: the response ends at EOF, so the
 //! client needs no keep-alive bookkeeping. The echo behaviour, chosen by the input's text:
 //! `fail:MSG` answers an error, `sleep:MS` sleeps then answers `slept MS`, `exit:N` exits the
-//! process with code N (a crash), `env:NAME` answers that variable, `whoami` answers the
-//! host name (the container id); anything else is echoed back with its content type.
+//! process with code N (a crash), `env:NAME` answers that variable, `file:PATH` answers
+//! that file's bytes, `whoami` answers the host name (the container id); anything else is
+//! echoed back with its content type.
 //! `ECHO_INIT_ERROR=MESSAGE` makes the setup fail with that message.
 //!
 //! A web request (an input of kind `http`, from a `via = "runtime_api"` endpoint) gets the
@@ -240,6 +241,11 @@ fn run_input(content_type: &str, body: &[u8]) -> Answer {
         match env::var(name.trim()) {
             Ok(value) => plain(value),
             Err(_) => Answer::Error(format!("environment variable {} is not set", name.trim())),
+        }
+    } else if let Some(path) = text.strip_prefix("file:") {
+        match fs::read(path.trim()) {
+            Ok(bytes) => Answer::Output("application/octet-stream".to_owned(), bytes),
+            Err(e) => Answer::Error(format!("reading {}: {e}", path.trim())),
         }
     } else if text == "whoami" {
         let from_file = fs::read_to_string("/etc/hostname")
