@@ -37,6 +37,9 @@ pub enum ScheduleServiceError {
     /// A secret the job template names.
     #[error(transparent)]
     Secret(crate::secrets::SecretStoreError),
+    /// A volume the job template names.
+    #[error(transparent)]
+    Volume(crate::volumes::VolumeUseError),
     #[error("schedule `{name}` not found")]
     NotFound { name: String },
     #[error("schedules store: {0}")]
@@ -117,7 +120,8 @@ impl ScheduleService {
             .map_err(|e| ScheduleServiceError::Store(e.to_string()))
     }
 
-    /// Creates or replaces a job schedule (its template naming only secrets that exist);
+    /// Creates or replaces a job schedule (its template naming only secrets and volumes
+    /// that exist);
     /// its first run is its first tick from `now`.
     pub fn put_job(
         &self,
@@ -132,6 +136,11 @@ impl ScheduleService {
             .secrets()
             .check_exist(&req.job.secrets)
             .map_err(ScheduleServiceError::Secret)?;
+        // Checked now; each run's job finds where its volumes are as it is submitted.
+        self.store
+            .volumes()
+            .resolve(&mut req.job.volumes.clone())
+            .map_err(ScheduleServiceError::Volume)?;
         let key = job_key(&req.name);
         let last_run = self.get(&key)?.and_then(|r| r.last_run);
         // (A replaced schedule starts over: runs of the old one do not hold it back.)

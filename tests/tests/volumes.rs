@@ -128,6 +128,36 @@ volumes = { "/data" = "data" }
     );
     let out = c.gantry(&["volume", "rm", "data", "big"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // A put past the size is refused as a whole: nothing of it is left behind.
+    let big = c.dir.path().join("big.bin");
+    std::fs::write(&big, vec![1u8; 24 << 20]).expect("write");
+    let out = c.gantry(&["volume", "put", "data", big.to_str().expect("utf-8")]);
+    assert!(!out.status.success(), "24 MiB into 16 MiB");
+    assert!(
+        stderr(&out).contains("the volume is full"),
+        "{}",
+        stderr(&out)
+    );
+    let ls = stdout(&c.gantry(&["volume", "ls", "data"]));
+    assert!(!ls.contains("big"), "{ls}");
+    // A gang cannot share a local volume.
+    let out = c.gantry(&[
+        "run",
+        "--image",
+        "busybox",
+        "--nodes",
+        "2",
+        "--volume",
+        "data:/data",
+        "--",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("local to one node"),
+        "{}",
+        stderr(&out)
+    );
 
     // Fetched through the coordinator: a file, and a whole directory.
     let fetched = c.dir.path().join("out.txt");

@@ -26,6 +26,7 @@ use crate::runtime::{
     RuntimeError,
 };
 use crate::volumes::Volumes;
+use gantry_shared::volumes::FailureKind;
 
 /// Exited attempts whose output is kept on the node.
 const KEEP_EXITED: usize = 100;
@@ -332,12 +333,14 @@ impl Attempts {
     }
 
     /// Adds the mounts of the spec's volumes to `req` (a sized local volume's filesystem
-    /// is mounted on the host first if it is not); `Err` says which volume is missing.
+    /// is mounted on the host first if it is not). A volume whose files are gone fails
+    /// the start for good (trying again here cannot help); trouble mounting it is the
+    /// node's.
     async fn mount_volumes(
         &self,
         spec: &AttemptSpec,
         req: &mut ContainerRequest,
-    ) -> Result<(), String> {
+    ) -> Result<(), (StartFailure, String)> {
         if spec.volumes.is_empty() {
             return Ok(());
         }
@@ -346,9 +349,13 @@ impl Attempts {
             attaches
                 .iter()
                 .map(|a| {
-                    let source = volumes
-                        .source(a)
-                        .map_err(|e| format!("volume `{}` at {}: {e}", a.name, a.path))?;
+                    let source = volumes.source(a).map_err(|e| {
+                        let failure = match e.kind {
+                            FailureKind::NotFound => StartFailure::Spec,
+                            _ => StartFailure::Node,
+                        };
+                        (failure, format!("volume `{}` at {}: {e}", a.name, a.path))
+                    })?;
                     Ok(BindMount {
                         source,
                         destination: a.path.to_string(),
@@ -356,10 +363,10 @@ impl Attempts {
                         exec: true,
                     })
                 })
-                .collect::<Result<Vec<_>, String>>()
+                .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| (StartFailure::Node, e.to_string()))??;
         req.binds.extend(binds);
         Ok(())
     }
@@ -422,12 +429,12 @@ impl Attempts {
             generation: spec.generation,
         };
         req.attempt = Some(attempt.clone());
-        if let Err(message) = self.mount_volumes(&spec, &mut req).await {
+        if let Err((failure, message)) = self.mount_volumes(&spec, &mut req).await {
             self.finish(Event::StartFailed {
                 owner: spec.owner,
                 generation: spec.generation,
                 message,
-                failure: StartFailure::Node,
+                failure,
             });
             return;
         }

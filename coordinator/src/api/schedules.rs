@@ -21,6 +21,7 @@ impl From<ScheduleServiceError> for ApiError {
                 ApiError::InvalidSpec { field, message }
             }
             ScheduleServiceError::Secret(e) => ApiError::secret("job.secrets", e),
+            ScheduleServiceError::Volume(e) => ApiError::volume("job.volumes", e),
             ScheduleServiceError::NotFound { name } => ApiError::NotFound {
                 what: format!("schedule `{name}`"),
             },

@@ -307,7 +307,8 @@ impl FunctionService {
     // ---- deployments ----
 
     /// The function versions that mount volume `name`: the ones new calls go to, and
-    /// older ones that still have containers (`function app/fn (version 3)`).
+    /// older ones that still have containers or inputs to run (`function app/fn (version
+    /// 3)`).
     pub fn volume_users(&self, name: &gantry_shared::volumes::VolumeName) -> Vec<String> {
         let state = self.lock();
         let live: std::collections::BTreeSet<&FunctionKey> = state.warm().map(|w| &w.key).collect();
@@ -317,7 +318,8 @@ impl FunctionService {
             .filter(|(key, spec)| {
                 spec.volumes.values().any(|u| u.name == *name)
                     && (state.active.get(&key.app) == Some(&Some(key.version))
-                        || live.contains(key))
+                        || live.contains(key)
+                        || state.queued(key) > 0)
             })
             .map(|(key, _)| format!("function {key}"))
             .collect()
@@ -401,6 +403,9 @@ impl FunctionService {
     ) -> Result<AppView, FunctionServiceError> {
         let store = &self.inner.store;
         {
+            // The version's volumes must still be where it recorded them.
+            let volumes = store.volumes();
+            let _uses = volumes.uses();
             let mut state = self.lock();
             let mut record = self.app_record(app)?;
             let target = match version {
@@ -420,10 +425,28 @@ impl FunctionService {
                         })?
                 }
             };
-            if record.deployment(target).is_none() {
+            let Some(deployment) = record.deployment(target) else {
                 return Err(FunctionServiceError::NotFound {
                     what: format!("version {target} of app `{app}`"),
                 });
+            };
+            for f in deployment.manifest.functions.values() {
+                for u in f.volumes.values() {
+                    let now = volumes.get(&u.name)?;
+                    if now
+                        .as_ref()
+                        .is_none_or(|v| v.deleting || Some(&v.backend) != u.backend.as_ref())
+                    {
+                        return Err(FunctionServiceError::Conflict {
+                            message: format!(
+                                "version {target} of app `{app}` mounts volume `{}`, which has \
+                                 been deleted (or made again elsewhere) since; deploy a new \
+                                 version instead",
+                                u.name
+                            ),
+                        });
+                    }
+                }
             }
             record.active = Some(target);
             store.put_app(&record)?;

@@ -58,6 +58,8 @@ pub struct VolumeService {
     cluster: Cluster,
     nodes: Nodes,
     functions: FunctionService,
+    /// One create at a time: two creates of one name never both make it on a node.
+    creating: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl VolumeService {
@@ -67,12 +69,14 @@ impl VolumeService {
             cluster,
             nodes,
             functions,
+            creating: Default::default(),
         }
     }
 
     /// Makes a volume on its node, then records it. A local volume without a node goes
     /// to the up, ready, connected node holding the fewest volumes (then the lowest id).
     pub async fn create(&self, req: CreateVolume) -> Result<Volume, VolumeServiceError> {
+        let _one = self.creating.lock().await;
         let volumes = self.store.volumes();
         if volumes.get(&req.name)?.is_some() {
             return Err(VolumeServiceError::Exists { name: req.name });
@@ -110,7 +114,6 @@ impl VolumeService {
         };
         self.simple(&volume, VolumeOp::Create).await?;
         if !volumes.insert_new(&volume)? {
-            // Made twice at once: the other create recorded it (and made the same thing).
             return Err(VolumeServiceError::Exists { name: volume.name });
         }
         tracing::info!(volume = %volume.name, backend = ?volume.backend, "volume created");
