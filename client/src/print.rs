@@ -32,6 +32,16 @@ pub fn print_job(job: &Job, json: bool) -> anyhow::Result<()> {
             .map(|m| format!(" with ≥ {m} each"))
             .unwrap_or_default()
     );
+    for (path, u) in &job.spec.volumes {
+        let place = match &u.backend {
+            Some(gantry_shared::volumes::VolumeBackend::Local { node, .. }) => {
+                format!(" (local to {node})")
+            }
+            Some(gantry_shared::volumes::VolumeBackend::Shared) => " (shared)".to_owned(),
+            None => String::new(),
+        };
+        println!("volume:  {} at {path}{place}", u.name);
+    }
     if job.attempts.is_empty() {
         return Ok(());
     }

@@ -383,33 +383,18 @@ impl Attempts {
         // The coordinator may not have heard yet (gossip lags) that a GPU failed.
         let bad = self.gpus.unhealthy_among(&spec.gpus);
         if !bad.is_empty() {
-            self.finish(Event::StartFailed {
-                owner: spec.owner,
-                generation: spec.generation,
-                message: bad.join(", "),
-                failure: StartFailure::Node,
-            });
+            self.start_failed(&spec, StartFailure::Node, bad.join(", "));
             return;
         }
         let (image, image_ms) = match self.resolve_image(&id, &spec).await {
             Ok(resolved) => resolved,
             Err((failure, message)) => {
-                self.finish(Event::StartFailed {
-                    owner: spec.owner,
-                    generation: spec.generation,
-                    message,
-                    failure,
-                });
+                self.start_failed(&spec, failure, message);
                 return;
             }
         };
         if self.early_stop(&id, None).is_some() {
-            self.finish(Event::StartFailed {
-                owner: spec.owner,
-                generation: spec.generation,
-                message: "stopped before it started".into(),
-                failure: StartFailure::Node,
-            });
+            self.start_failed(&spec, StartFailure::Node, "stopped before it started");
             return;
         }
         let mut req = ContainerRequest::new(image);
@@ -430,24 +415,14 @@ impl Attempts {
         };
         req.attempt = Some(attempt.clone());
         if let Err((failure, message)) = self.mount_volumes(&spec, &mut req).await {
-            self.finish(Event::StartFailed {
-                owner: spec.owner,
-                generation: spec.generation,
-                message,
-                failure,
-            });
+            self.start_failed(&spec, failure, message);
             return;
         }
         let server = match &spec.function {
             Some(function) => match self.serve_function(&id, &attempt, function, &mut req) {
                 Ok(server) => Some(server),
                 Err(message) => {
-                    self.finish(Event::StartFailed {
-                        owner: spec.owner,
-                        generation: spec.generation,
-                        message,
-                        failure: StartFailure::Node,
-                    });
+                    self.start_failed(&spec, StartFailure::Node, message);
                     return;
                 }
             },
@@ -493,12 +468,7 @@ impl Attempts {
                     RuntimeError::Image(_) => StartFailure::Image,
                     _ => StartFailure::Node,
                 };
-                self.finish(Event::StartFailed {
-                    owner: spec.owner,
-                    generation: spec.generation,
-                    message: e.to_string(),
-                    failure,
-                });
+                self.start_failed(&spec, failure, e.to_string());
             }
         }
     }
@@ -572,6 +542,16 @@ impl Attempts {
 
     /// Records the end of an attempt: its event goes to the outbox and its mark is done.
     /// False if the event could not be recorded (it is found again after a restart).
+    /// Reports that `spec` could not be started, and why.
+    fn start_failed(&self, spec: &AttemptSpec, failure: StartFailure, message: impl Into<String>) {
+        self.finish(Event::StartFailed {
+            owner: spec.owner.clone(),
+            generation: spec.generation,
+            message: message.into(),
+            failure,
+        });
+    }
+
     fn finish(&self, event: Event) -> bool {
         let (owner, generation) = (event.owner().clone(), event.generation());
         if let Err(e) = self.outbox.push(event) {

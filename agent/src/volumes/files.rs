@@ -6,6 +6,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cap_std::fs::Dir;
 use gantry_shared::volumes::{
@@ -197,11 +198,21 @@ impl Upload {
         if parent.symlink_metadata(&name).is_ok_and(|m| m.is_dir()) {
             return Err(at(path, io::Error::from_raw_os_error(libc::EISDIR)));
         }
+        // Unique per upload (two uploads of one file at once each write their own), and
+        // never an existing file.
+        static UPLOADS: AtomicU64 = AtomicU64::new(0);
         let temp = PathBuf::from(format!(
-            ".{name}.gantry-upload-{}",
-            gantry_shared::now_ms() ^ u64::from(std::process::id())
+            ".{name}.gantry-upload-{}-{}",
+            std::process::id(),
+            UPLOADS.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = parent.create(&temp).map_err(|e| at(path, e))?.into_std();
+        let file = parent
+            .open_with(
+                &temp,
+                cap_std::fs::OpenOptions::new().write(true).create_new(true),
+            )
+            .map_err(|e| at(path, e))?
+            .into_std();
         Ok(Self {
             parent,
             temp,
