@@ -314,6 +314,44 @@ impl ApiClient {
         self.volume_url(name, &parts)
     }
 
+    /// Starts an image build; its events come as they happen, one per line.
+    pub async fn build_image(
+        &self,
+        req: &gantry_shared::recipes::BuildRequest,
+    ) -> Result<
+        impl futures_util::Stream<Item = Result<gantry_shared::recipes::BuildEvent, ClientError>>
+        + use<>,
+        ClientError,
+    > {
+        use futures_util::StreamExt;
+        let resp = self
+            .send(self.http.post(self.url("/v1/images/builds")).json(req))
+            .await?;
+        let body = resp.bytes_stream();
+        Ok(futures_util::stream::unfold(
+            (body, Vec::new()),
+            |(mut body, mut buf)| async move {
+                loop {
+                    if let Some(n) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=n).collect();
+                        let event =
+                            serde_json::from_slice(&line[..n]).map_err(|e| ClientError::Api {
+                                status: 200,
+                                code: "bad_event".into(),
+                                message: format!("the build sent a line that is not an event: {e}"),
+                            });
+                        return Some((event, (body, buf)));
+                    }
+                    match body.next().await {
+                        Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                        Some(Err(e)) => return Some((Err(ClientError::Decode(e)), (body, buf))),
+                        None => return None,
+                    }
+                }
+            },
+        ))
+    }
+
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ClientError> {
         self.post("/v1/jobs", spec).await
     }

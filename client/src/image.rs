@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use sha2::Digest;
 
 use crate::api::ApiClient;
 use crate::config::CliConfig;
@@ -59,9 +60,7 @@ pub async fn import_image(
     }))?;
     let api = cfg.client()?;
     for (blob, d) in [(layer, &layer_digest), (config.clone(), &config_digest)] {
-        let url = api.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}"));
-        let r = api.send_raw(api.http().post(url).body(blob)).await?;
-        refused(r, "upload").await?;
+        upload_blob(&api, repo, blob, d).await?;
     }
     let put = api
         .http()
@@ -70,6 +69,136 @@ pub async fn import_image(
         .body(manifest.clone());
     refused(api.send_raw(put).await?, "manifest").await?;
     Ok(digest(&manifest))
+}
+
+/// Pushes one blob of `digest` to the registry (in one request).
+async fn upload_blob(
+    api: &ApiClient,
+    repo: &str,
+    blob: Vec<u8>,
+    digest: &str,
+) -> anyhow::Result<()> {
+    let url = api.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}"));
+    let r = api.send_raw(api.http().post(url).body(blob)).await?;
+    refused(r, "upload").await?;
+    Ok(())
+}
+
+/// Where `gantry image build` uploads local files (blobs are shared by every
+/// repository; the build finds them by digest).
+const UPLOADS_REPO: &str = "gantry-build-uploads";
+
+/// `gantry image build -f RECIPE [--name NAME]`: uploads the recipe's local files by
+/// their content's hash, starts the build and prints its progress; returns the exit code
+/// (0 when the image was built).
+pub async fn build(
+    cfg: &CliConfig,
+    recipe_file: &Path,
+    name: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    use futures_util::StreamExt;
+    use gantry_shared::recipes::{BuildEvent, BuildRequest, Recipe, Step};
+    let text = std::fs::read_to_string(recipe_file)
+        .with_context(|| format!("reading {}", recipe_file.display()))?;
+    let mut recipe: Recipe = if recipe_file.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).with_context(|| format!("{}", recipe_file.display()))?
+    } else {
+        gantry_shared::config::parse(recipe_file, &text)?
+    };
+    recipe
+        .validate(false)
+        .with_context(|| format!("{}", recipe_file.display()))?;
+    let api = cfg.client()?;
+    let here = recipe_file.parent().unwrap_or(Path::new("."));
+    for step in &mut recipe.steps {
+        if let Step::AddLocalFile(a) | Step::AddLocalDir(a) = step {
+            let local = here.join(&a.local);
+            let (local2, remote) = (local.clone(), a.remote.clone());
+            let archive = tokio::task::spawn_blocking(move || archive(&local2, &remote))
+                .await?
+                .with_context(|| format!("{}", local.display()))?;
+            let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&archive)));
+            upload_blob(&api, UPLOADS_REPO, archive, &digest).await?;
+            a.digest = Some(digest);
+        }
+    }
+    let mut events = Box::pin(api.build_image(&BuildRequest { recipe, name }).await?);
+    let mut code = 1;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        if json {
+            println!("{}", serde_json::to_string(&event)?);
+        }
+        match event {
+            BuildEvent::Step {
+                index,
+                total,
+                summary,
+                cached,
+                node,
+            } if !json => {
+                let how = match (cached, node) {
+                    (true, _) => "cached".to_owned(),
+                    (false, Some(n)) => format!("building on {n}"),
+                    (false, None) => "building".to_owned(),
+                };
+                eprintln!("[{index}/{total}] {summary}: {how}");
+            }
+            BuildEvent::Log { line } if !json => eprintln!("    {line}"),
+            BuildEvent::Done { image, digest } => {
+                if !json {
+                    println!("{image} {digest}");
+                }
+                code = 0;
+            }
+            BuildEvent::Failed {
+                step,
+                exit_code,
+                message,
+            } if !json => {
+                let at = step.map(|s| format!(" at step {s}")).unwrap_or_default();
+                let exit = exit_code
+                    .map(|c| format!(" (exit code {c})"))
+                    .unwrap_or_default();
+                eprintln!("build failed{at}: {message}{exit}");
+            }
+            _ => {}
+        }
+    }
+    Ok(code)
+}
+
+/// A tar of `local` (a file, or a directory and everything in it) placed at `remote`
+/// (absolute) in an image: entries sorted, owned by root, times zero, modes kept, so the
+/// same content is the same archive (and digest).
+fn archive(local: &Path, remote: &str) -> std::io::Result<Vec<u8>> {
+    let remote = remote.trim_start_matches('/').trim_end_matches('/');
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Deterministic);
+    let meta = std::fs::metadata(local)?;
+    if meta.is_dir() {
+        let mut pending = vec![(local.to_owned(), remote.to_owned())];
+        b.append_dir(remote, local)?;
+        while let Some((dir, at)) = pending.pop() {
+            let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                let inner = format!("{at}/{}", e.file_name().to_string_lossy());
+                let path = e.path();
+                if e.file_type()?.is_dir() {
+                    b.append_dir(&inner, &path)?;
+                    pending.push((path, inner));
+                } else {
+                    b.append_path_with_name(&path, &inner)?;
+                }
+            }
+        }
+    } else {
+        b.append_path_with_name(local, remote)?;
+    }
+    b.into_inner()
 }
 
 /// `gantry image list`: `repo:tag` for every image in the embedded registry.

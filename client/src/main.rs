@@ -359,6 +359,16 @@ enum ImageCommand {
         cmd: Vec<String>,
     },
     List,
+    /// Build an image from a recipe (TOML or JSON: a base and steps) inside the cluster;
+    /// unchanged steps come from the cache. Prints the image to run.
+    Build {
+        /// The recipe.
+        #[arg(long, short)]
+        file: PathBuf,
+        /// What to call it (`name` or `name:tag`); by default `recipe:<key>`.
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -552,6 +562,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{name} {digest}");
             }
             Ok(0)
+        }
+        Command::Image(ImageCommand::Build { file, name }) => {
+            image::build(&CliConfig::load()?, &file, name, json).await
         }
         Command::Image(ImageCommand::List) => {
             let images = image::list_images(&CliConfig::load()?).await?;

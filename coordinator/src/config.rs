@@ -43,7 +43,19 @@ pub struct CoordinatorSettings {
     pub liveness: LivenessSettings,
     /// `[secrets]`: where the key that encrypts secrets at rest is.
     pub secrets: SecretsSettings,
+    /// `[images]`: how images are built from recipes.
+    pub images: ImagesSettings,
     pub log: LogConfig,
+}
+
+/// `[images]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesSettings {
+    /// The Debian mirror `debian_slim` bases are made from (`http://deb.debian.org/debian`);
+    /// default: the building node's own apt sources.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub debian_mirror: Option<String>,
 }
 
 /// `[secrets]`.
@@ -69,6 +81,7 @@ impl Default for CoordinatorSettings {
             gossip: GossipSettings::default(),
             liveness: LivenessSettings::default(),
             secrets: SecretsSettings::default(),
+            images: ImagesSettings::default(),
             log: LogConfig::default(),
         }
     }
@@ -258,6 +271,7 @@ impl CoordinatorSettings {
         CoordinatorConfig {
             state_dir: self.state_dir.clone(),
             secrets_key_file: self.secrets.key_file.clone(),
+            debian_mirror: self.images.debian_mirror.clone(),
             api: ApiConfig {
                 listen: self.api_listen,
                 tls: self.api.tls.clone(),

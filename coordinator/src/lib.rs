@@ -2,6 +2,8 @@
 //!
 //! - `api/`: the HTTP API (axum): handlers that call the services, extractors, errors and
 //!   the OpenAPI document.
+//! - `builds`: images built from recipes into the embedded registry, step by step, with
+//!   a cache by step; the steps that run are work for agents.
 //! - `ca/`: the cluster CA; node certificates from join CSRs.
 //! - `config`: the coordinator's settings (`coordinator.toml`, flags laid over it).
 //! - `images`: whether a submitted job's or function's short image name is anywhere (the
@@ -27,6 +29,7 @@
 //! - `server`: assembles and runs all of it.
 
 pub mod api;
+pub mod builds;
 pub mod ca;
 pub mod config;
 pub mod control;

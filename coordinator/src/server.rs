@@ -26,6 +26,9 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     /// The key that encrypts secrets at rest; default `<state_dir>/secrets.key`.
     pub secrets_key_file: Option<PathBuf>,
+    /// The Debian mirror `debian_slim` bases come from; `None`: the building node's apt
+    /// sources.
+    pub debian_mirror: Option<String>,
     pub api: ApiConfig,
     pub control: ControlConfig,
     /// Web endpoints' HTTP ingress.
@@ -205,15 +208,24 @@ pub async fn run(
         crate::schedules::ScheduleService::new(store.clone(), functions.clone(), jobs.clone()),
         cancel.clone(),
     ));
-    let router = api::router(ApiState::new(
-        jobs,
-        functions.clone(),
-        NodeService::new(store.clone(), cluster.clone(), nodes.clone(), node_admin),
-        ImageCheck::new(registry.clone(), cluster.clone(), push_to),
-        tokens.clone(),
-        join,
-        cfg.api.clone(),
-    ))
+    let builds = crate::builds::BuildService::new(
+        Some(registry.clone()),
+        nodes.clone(),
+        cluster.clone(),
+        cfg.debian_mirror.clone(),
+    );
+    let router = api::router(
+        ApiState::new(
+            jobs,
+            functions.clone(),
+            NodeService::new(store.clone(), cluster.clone(), nodes.clone(), node_admin),
+            ImageCheck::new(registry.clone(), cluster.clone(), push_to),
+            tokens.clone(),
+            join,
+            cfg.api.clone(),
+        )
+        .with_builds(builds),
+    )
     .merge(crate::registry::router(registry));
     let ingress = crate::ingress::Ingress::new(
         functions.clone(),

@@ -12,6 +12,7 @@ pub mod gossip_key;
 pub mod ids;
 pub mod image_name;
 pub mod protocol;
+pub mod recipes;
 pub mod resources;
 pub mod schedules;
 pub mod secrets;

@@ -18,8 +18,8 @@ use crate::volumes::{VolumeBackend, VolumeName, VolumeOp};
 /// Bumped on any incompatible change to the messages below. 5: `joined` and `welcome`
 /// carry the cluster's gossip key. 7: web endpoints served through the runtime API. 8:
 /// secrets in `AttemptSpec`. 9: volumes (`Command::Volume`, `AttemptSpec.volumes`, a
-/// node's shared volume storage in its capacity).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// node's shared volume storage in its capacity). 10: image builds (`Command::Build`).
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -293,6 +293,9 @@ pub enum Command {
         backend: VolumeBackend,
         op: VolumeOp,
     },
+    /// Run one piece of an image build here; answered with
+    /// [`crate::recipes::BuildFrame`]s, not a `CommandReply`.
+    Build(crate::recipes::BuildWork),
 }
 
 /// Which stream a log chunk carries.

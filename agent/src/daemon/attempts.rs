@@ -252,6 +252,33 @@ impl Attempts {
     /// reached now (see [`ImageError::is_transient`]) is the platform's fault: the pull is
     /// tried again with backoff until the attempt's timeout or [`PULL_RETRY_FOR`], whichever
     /// comes first, and the history says what it waits for; a stop ends the wait.
+    pub(super) fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    /// Where to pull `name` from and how: a short name from the embedded registry, with
+    /// its scheme and token as the coordinator gave them last (`None` before it did).
+    pub(super) fn locate(&self, name: &str) -> Option<(String, RegistryAuth, Scheme)> {
+        if is_qualified(name) {
+            return Some((name.to_owned(), RegistryAuth::Anonymous, Scheme::Auto));
+        }
+        let (registry, token) = self
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        let scheme = if registry.tls {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
+        Some((
+            format!("{}/{name}", registry.address),
+            RegistryAuth::Basic("node".into(), token),
+            scheme,
+        ))
+    }
+
     async fn resolve_image(
         &self,
         id: &ContainerId,
@@ -269,29 +296,9 @@ impl Attempts {
         let mut delay = Duration::from_millis(250);
         let mut told = false;
         loop {
-            // The embedded registry, its scheme and token as the coordinator gave them
-            // last.
             let own_registry = !is_qualified(name);
-            let (reference, auth, scheme) = if own_registry {
-                let registry = self
-                    .registry
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                match registry {
-                    Some((registry, token)) => (
-                        format!("{}/{name}", registry.address),
-                        RegistryAuth::Basic("node".into(), token),
-                        if registry.tls {
-                            Scheme::Https
-                        } else {
-                            Scheme::Http
-                        },
-                    ),
-                    None => return Ok((name.to_owned(), 0)), // the start reports it missing
-                }
-            } else {
-                (name.to_owned(), RegistryAuth::Anonymous, Scheme::Auto)
+            let Some((reference, auth, scheme)) = self.locate(name) else {
+                return Ok((name.to_owned(), 0)); // the start reports it missing
             };
             if self.images.get(&reference).is_ok() {
                 return Ok((reference, 0));

@@ -11,9 +11,9 @@
 //! GPU guard: faults stop attempts, marks outlive restarts), `outbox` (events until
 //! acknowledged), `output` (attempts' logs streamed), `functions` (function containers'
 //! runtime API servers, the commands for them and their answers to the coordinator),
-//! `gossip_key` (the cluster's key for a node that joined without one, and a changed one)
-//! and `session` (the control session that routes commands to them). This file assembles
-//! them.
+//! `gossip_key` (the cluster's key for a node that joined without one, and a changed one),
+//! `build` (steps of image builds) and `session` (the control session that routes
+//! commands to them). This file assembles them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use crate::store::StoreError;
 use crate::volumes::Volumes;
 
 mod attempts;
+mod build;
 mod functions;
 mod generations;
 mod gossip_key;
@@ -155,6 +156,7 @@ pub async fn run(
         runtime: runtime.clone(),
         functions: functions.clone(),
         volumes: volumes.clone(),
+        build_dir: config.state_dir.join("builds"),
     };
     let link = Link {
         coordinator,

@@ -33,6 +33,8 @@ pub(super) struct Router {
     pub(super) runtime: Runtime,
     pub(super) functions: Arc<Functions>,
     pub(super) volumes: Volumes,
+    /// Where image builds keep their scratch files (a base's tarball).
+    pub(super) build_dir: std::path::PathBuf,
 }
 
 /// Longest wait between reconnection attempts.
@@ -162,6 +164,19 @@ impl Router {
                 tokio::spawn(async move {
                     let (mut logs, mut web) = (None, None);
                     let reply = match control::read_frame::<Command>(&mut rx).await {
+                        Ok(Command::Build(work)) => {
+                            // Answered with its own frames (and a layer) on the stream.
+                            super::build::serve(
+                                &router.attempts,
+                                &router.runtime,
+                                &router.build_dir,
+                                work,
+                                &mut tx,
+                            )
+                            .await;
+                            let _ = tx.finish();
+                            return;
+                        }
                         Ok(Command::Volume { name, backend, op }) => {
                             // Answered with its own reply (and bytes) on the stream.
                             volumes::serve::serve(
@@ -254,7 +269,7 @@ impl Router {
         }
     }
 
-    /// A command other than those that stream on their own (logs, web, volumes), to whom
+    /// A command other than those that stream on their own (logs, web, volumes, builds), to whom
     /// it concerns.
     fn route(&self, cmd: Command) -> CommandReply {
         match cmd {
@@ -268,12 +283,13 @@ impl Router {
                 .attempts
                 .stop(&owner, generation, Duration::from_millis(grace_ms)),
             Command::Start(spec) => self.attempts.take_start(spec),
-            Command::Logs { .. } | Command::Web { .. } | Command::Volume { .. } => {
-                CommandReply::Refused(Refusal::new(
-                    RefusalCode::Unavailable,
-                    "logs, web connections and volumes are served on their own stream",
-                ))
-            }
+            Command::Logs { .. }
+            | Command::Web { .. }
+            | Command::Volume { .. }
+            | Command::Build(_) => CommandReply::Refused(Refusal::new(
+                RefusalCode::Unavailable,
+                "logs, web connections, volumes and builds are served on their own stream",
+            )),
             Command::Deliver {
                 owner,
                 generation,

@@ -9,6 +9,7 @@
 //!
 //! Images are read-only: containers stack these directories as overlayfs lower layers.
 
+pub mod pack;
 mod pull;
 mod records;
 mod unpack;

@@ -247,6 +247,11 @@ impl Runtime {
         cgroup::container_path(&self.inner.cfg.cgroup_parent, id.as_str())
     }
 
+    /// What a container kept with `keep_upper` wrote (its overlay upper directory).
+    pub fn upper_dir(&self, id: &ContainerId) -> PathBuf {
+        self.container_dir(id).join(files::UPPER)
+    }
+
     fn container_dir(&self, id: &ContainerId) -> PathBuf {
         self.inner
             .cfg
@@ -362,6 +367,7 @@ impl Runtime {
             timeout: req.timeout,
             stop_grace: req.stop_grace,
             user: req.user.clone().or_else(|| image.config.user.clone()),
+            keep_upper: req.keep_upper,
         };
         let result = self
             .launch(&dir, &record, (&built.spec, spec_at.as_deref()), &shim_cfg)

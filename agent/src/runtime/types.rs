@@ -60,6 +60,10 @@ pub struct ContainerRequest {
     /// the container runs. Never serialized.
     #[serde(skip)]
     pub secrets: Vec<gantry_shared::secrets::SecretDelivery>,
+    /// Keep what the container wrote (its overlay upper directory) after it exits, until
+    /// it is removed: an image build's step packs it into a layer.
+    #[serde(default)]
+    pub keep_upper: bool,
 }
 
 /// A host directory bind-mounted into a container, `nosuid,nodev`, and `noexec` unless
@@ -95,6 +99,7 @@ impl ContainerRequest {
             attempt: None,
             binds: Vec::new(),
             secrets: Vec::new(),
+            keep_upper: false,
         }
     }
 }
@@ -172,6 +177,9 @@ pub struct ShimConfig {
     /// Unresolved user spec from the request or image, resolved by the shim against the
     /// image's /etc/passwd and /etc/group.
     pub user: Option<String>,
+    /// Leave the writable layer (`upper/`) at teardown: an image build packs it.
+    #[serde(default)]
+    pub keep_upper: bool,
 }
 
 /// What the shim writes to `shim.pid` once it has detached: enough to find it again and

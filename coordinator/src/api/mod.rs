@@ -35,6 +35,7 @@ use crate::nodes::service::{AdminMode, NodeService, NodeServiceError};
 use crate::store::joins::JoinTokens;
 use crate::store::tokens::{ApiTokens, Role};
 
+mod builds;
 mod extract;
 mod functions;
 mod nodes;
@@ -88,6 +89,8 @@ pub struct ApiState {
     secrets: crate::secrets::Secrets,
     schedules: crate::schedules::ScheduleService,
     volumes: crate::volumes::VolumeService,
+    /// Image builds (`None`: this coordinator does not build).
+    builds: Option<crate::builds::BuildService>,
     metrics: Arc<Metrics>,
     cfg: ApiConfig,
 }
@@ -113,6 +116,7 @@ impl ApiState {
         Self {
             schedules,
             volumes: jobs.volume_service(functions.clone()),
+            builds: None,
             secrets: jobs.secrets().clone(),
             jobs,
             functions,
@@ -122,6 +126,16 @@ impl ApiState {
             join,
             metrics: Arc::new(metrics),
             cfg,
+        }
+    }
+}
+
+impl ApiState {
+    /// Serves image builds with `builds`.
+    pub fn with_builds(self, builds: crate::builds::BuildService) -> Self {
+        Self {
+            builds: Some(builds),
+            ..self
         }
     }
 }
@@ -206,7 +220,8 @@ impl Metrics {
         volumes::list_files,
         volumes::get_file,
         volumes::put_file,
-        volumes::remove_file
+        volumes::remove_file,
+        builds::build_image
     ),
     components(schemas(
         JobSpec,
@@ -262,6 +277,7 @@ pub fn router(state: ApiState) -> Router {
                 // A file's size is bounded by its volume, not by the API.
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/images/builds", post(builds::build_image))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/drain", post(drain_node))

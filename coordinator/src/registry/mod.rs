@@ -68,6 +68,130 @@ impl RegistryState {
     }
 }
 
+/// The registry from inside the coordinator (image builds write here directly).
+impl RegistryState {
+    /// A manifest as stored under `repo` and `reference` (a tag or a digest): its bytes
+    /// and digest.
+    pub async fn manifest(&self, repo: &str, reference: &str) -> Option<(Vec<u8>, String)> {
+        if !valid_repo(repo) {
+            return None;
+        }
+        let digest = if reference.starts_with("sha256:") {
+            reference.to_owned()
+        } else if valid_tag(reference) {
+            tokio::fs::read_to_string(self.root.join("tags").join(repo).join(reference))
+                .await
+                .ok()?
+                .trim()
+                .to_owned()
+        } else {
+            return None;
+        };
+        let bytes = tokio::fs::read(self.blob(hex_of(&digest).ok()?))
+            .await
+            .ok()?;
+        Some((bytes, digest))
+    }
+
+    /// A blob's bytes (a config: small).
+    pub async fn read_blob(&self, digest: &str) -> std::io::Result<Vec<u8>> {
+        let hex = hex_of(digest).map_err(|e| std::io::Error::other(e.2))?;
+        tokio::fs::read(self.blob(hex)).await
+    }
+
+    /// Whether a blob is here.
+    pub fn has_blob(&self, digest: &str) -> bool {
+        hex_of(digest).is_ok_and(|hex| self.blob(hex).exists())
+    }
+
+    /// Stores `bytes` as a blob; returns its digest.
+    pub async fn put_blob(&self, bytes: &[u8]) -> std::io::Result<String> {
+        let mut w = self.blob_writer().await?;
+        w.write(bytes).await?;
+        Ok(w.finish().await?.0)
+    }
+
+    /// A blob written piece by piece, hashed as it goes; it appears in the store only at
+    /// [`BlobWriter::finish`], and an abandoned one leaves nothing.
+    pub async fn blob_writer(&self) -> std::io::Result<BlobWriter> {
+        let id = new_upload_id().map_err(|e| std::io::Error::other(e.2))?;
+        let path = self.root.join("uploads").join(format!("build-{id}"));
+        Ok(BlobWriter {
+            file: Some(tokio::fs::File::create(&path).await?),
+            path,
+            blobs: self.root.join("blobs/sha256"),
+            hash: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Stores an OCI image manifest (its blobs already here) and tags it `repo:tag`;
+    /// returns its digest.
+    pub async fn put_image_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        bytes: &[u8],
+    ) -> Result<String, String> {
+        if !valid_repo(repo) || !valid_tag(tag) {
+            return Err(format!("`{repo}:{tag}` is not a valid image name"));
+        }
+        store_manifest(self, repo, tag, bytes, OCI_MANIFEST)
+            .await
+            .map_err(|e| e.2)
+    }
+}
+
+/// The media type of the manifests builds write.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// See [`RegistryState::blob_writer`].
+pub struct BlobWriter {
+    file: Option<tokio::fs::File>,
+    path: PathBuf,
+    blobs: PathBuf,
+    hash: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the blob is finished"))?;
+        file.write_all(chunk).await?;
+        self.hash.update(chunk);
+        self.size += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Moves the blob into the store: its digest and size.
+    pub async fn finish(mut self) -> std::io::Result<(String, u64)> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("the blob is finished"))?;
+        file.flush().await?;
+        file.sync_all().await?;
+        drop(file);
+        let hex = hex::encode(std::mem::take(&mut self.hash).finalize());
+        if let Err(e) = tokio::fs::rename(&self.path, self.blobs.join(&hex)).await {
+            let _ = tokio::fs::remove_file(&self.path).await;
+            return Err(e);
+        }
+        Ok((format!("sha256:{hex}"), self.size))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// The registry's routes; blobs stream, so the API's body limit does not apply here.
 pub fn router(state: RegistryState) -> Router {
     Router::new()
@@ -575,7 +699,28 @@ async fn put_manifest(
             ));
         }
     }
-    let hex = hex::encode(Sha256::digest(&bytes));
+    let digest = store_manifest(state, repo, reference, &bytes, &media).await?;
+    let mut r = StatusCode::CREATED.into_response();
+    if let (Ok(loc), Ok(d)) = (
+        HeaderValue::from_str(&format!("/v2/{repo}/manifests/{digest}")),
+        HeaderValue::from_str(&digest),
+    ) {
+        r.headers_mut().insert(header::LOCATION, loc);
+        r.headers_mut().insert("docker-content-digest", d);
+    }
+    Ok(r)
+}
+
+/// Stores a manifest (its blobs already here) and, for a tag reference, points the tag
+/// at it; returns its digest.
+async fn store_manifest(
+    state: &RegistryState,
+    repo: &str,
+    reference: &str,
+    bytes: &[u8],
+    media: &str,
+) -> Result<String, OciError> {
+    let hex = hex::encode(Sha256::digest(bytes));
     let digest = format!("sha256:{hex}");
     if reference.starts_with("sha256:") && reference != digest {
         return Err(OciError(
@@ -585,7 +730,7 @@ async fn put_manifest(
         ));
     }
     let tmp = state.root.join("uploads").join(format!("manifest-{hex}"));
-    tokio::fs::write(&tmp, &bytes).await.map_err(io_error)?;
+    tokio::fs::write(&tmp, bytes).await.map_err(io_error)?;
     tokio::fs::write(state.root.join("media-types").join(&hex), media.as_bytes())
         .await
         .map_err(io_error)?;
@@ -610,15 +755,7 @@ async fn put_manifest(
             .await
             .map_err(io_error)?;
     }
-    let mut r = StatusCode::CREATED.into_response();
-    if let (Ok(loc), Ok(d)) = (
-        HeaderValue::from_str(&format!("/v2/{repo}/manifests/{digest}")),
-        HeaderValue::from_str(&digest),
-    ) {
-        r.headers_mut().insert(header::LOCATION, loc);
-        r.headers_mut().insert("docker-content-digest", d);
-    }
-    Ok(r)
+    Ok(digest)
 }
 
 /// `GET /v2/_catalog`: every repository with at least one tag.

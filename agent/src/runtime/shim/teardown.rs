@@ -47,7 +47,12 @@ pub(super) fn teardown(dir: &Path, container: Option<Container>) -> Result<(), S
     {
         errors.push(format!("unmounting {}: {e}", rootfs.display()));
     }
+    // An image build's step keeps what its container wrote, for the agent to pack.
+    let keep_upper = cfg.as_ref().is_some_and(|c| c.keep_upper);
     for d in [files::ROOTFS, files::UPPER, files::WORK] {
+        if d == files::UPPER && keep_upper {
+            continue;
+        }
         if let Err(e) = fsutil::remove_dir_all_if_exists(&dir.join(d)) {
             errors.push(format!("removing {d}: {e}"));
         }

@@ -1,0 +1,192 @@
+//! Images built from recipes inside the cluster, end to end with real processes and
+//! containers, offline (the base is busybox pushed to the embedded registry): a recipe
+//! with a step that runs (writing a file, deleting one, replacing a directory), `env`, an
+//! uploaded local file, `workdir` and `cmd` builds and a job runs on it; building again
+//! takes every step from the cache, and changing the last step rebuilds only that one; a
+//! failing step reports its output and exit code and leaves no image; two identical
+//! builds at once build their step once.
+
+use std::path::Path;
+
+use gantry_tests::cluster::{ClusterSpec, TestCluster};
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn build(c: &TestCluster, recipe: &Path, name: &str) -> std::process::Output {
+    c.gantry(&[
+        "image",
+        "build",
+        "-f",
+        recipe.to_str().expect("utf-8"),
+        "--name",
+        name,
+    ])
+}
+
+/// The progress lines of a build that say a step was built (not cached).
+fn built_steps(out: &std::process::Output) -> Vec<String> {
+    stderr(out)
+        .lines()
+        .filter(|l| l.starts_with('[') && l.contains(": building"))
+        .map(str::to_owned)
+        .collect()
+}
+
+const RECIPE: &str = r#"
+base = { image = "base" }
+[[steps]]
+run_commands = [
+  "echo built > /built.txt",
+  "rm /bin/vi",
+  "rm -rf /home/user && mkdir -p /home/user && echo x > /home/user/new",
+  "echo step done",
+]
+[[steps]]
+env = { MODE = "prod" }
+[[steps]]
+add_local_file = { local = "hello.txt", remote = "/app/hello.txt" }
+[[steps]]
+workdir = "/app"
+[[steps]]
+cmd = ["cat", "hello.txt"]
+"#;
+
+#[test]
+fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
+    let c = TestCluster::start(ClusterSpec {
+        agents: 1,
+        busybox: true,
+        ..ClusterSpec::default()
+    });
+    let rootfs = c.dir.path().join("rootfs");
+    let out = c.gantry(&[
+        "image",
+        "import",
+        rootfs.to_str().expect("utf-8"),
+        "--name",
+        "base",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = c.dir.path().join("app");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("hello.txt"), "hello from a local file\n").expect("write");
+    let recipe = dir.join("recipe.toml");
+    std::fs::write(&recipe, RECIPE).expect("recipe");
+
+    // The first build builds every step; the step that runs says what it printed.
+    let out = build(&c, &recipe, "app:v1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("app:v1 sha256:"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains("step done"), "{}", stderr(&out));
+    assert_eq!(built_steps(&out).len(), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("[1/5] run_commands"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A job runs on it: the step's file, the deletion, the replaced directory, the
+    // variable, the uploaded file and the working directory are all there.
+    let out = c.gantry(&[
+        "run",
+        "--image",
+        "app:v1",
+        "--memory",
+        "64M",
+        "--",
+        "sh",
+        "-c",
+        "cat /built.txt; echo $MODE; pwd; cat hello.txt; test -e /bin/vi && echo vi || echo no-vi; ls /home/user",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "built\nprod\n/app\nhello from a local file\nno-vi\nnew\n"
+    );
+    // Its command is the recipe's.
+    let out = c.gantry(&["run", "--image", "app:v1", "--memory", "64M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello from a local file\n");
+
+    // Again: everything from the cache.
+    let out = build(&c, &recipe, "app:v1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(built_steps(&out).is_empty(), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).matches(": cached").count(),
+        6,
+        "{}",
+        stderr(&out)
+    );
+
+    // Only the last step changed: only it is built.
+    std::fs::write(
+        &recipe,
+        RECIPE.replace("cmd = [\"cat\", \"hello.txt\"]", "cmd = [\"pwd\"]"),
+    )
+    .expect("recipe");
+    let out = build(&c, &recipe, "app:v2");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(built_steps(&out).len(), 1, "{}", stderr(&out));
+    assert!(
+        built_steps(&out)[0].starts_with("[5/5] cmd pwd"),
+        "{}",
+        stderr(&out)
+    );
+    let out = c.gantry(&["run", "--image", "app:v2", "--memory", "64M"]);
+    assert_eq!(stdout(&out), "/app\n", "{}", stderr(&out));
+
+    // A failing step: its output and exit code, and no image.
+    let broken = dir.join("broken.toml");
+    std::fs::write(
+        &broken,
+        "base = { image = \"base\" }\n[[steps]]\nrun_commands = [\"echo oops-from-the-step\", \"exit 3\"]\n",
+    )
+    .expect("recipe");
+    let out = build(&c, &broken, "broken:v1");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("oops-from-the-step"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("exit code 3"), "{}", stderr(&out));
+    let images = stdout(&c.gantry(&["image", "list"]));
+    assert!(!images.contains("broken"), "{images}");
+
+    // Two identical builds at once build their step once.
+    let concurrent = dir.join("concurrent.toml");
+    std::fs::write(
+        &concurrent,
+        "base = { image = \"base\" }\n[[steps]]\nrun_commands = [\"sleep 1\", \"date > /when\"]\n",
+    )
+    .expect("recipe");
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| build(&c, &concurrent, "twice:a"));
+        let b = s.spawn(|| build(&c, &concurrent, "twice:b"));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}{}",
+        stderr(&a),
+        stderr(&b)
+    );
+    assert_eq!(
+        built_steps(&a).len() + built_steps(&b).len(),
+        1,
+        "{}\n{}",
+        stderr(&a),
+        stderr(&b)
+    );
+}
