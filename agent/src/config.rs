@@ -52,6 +52,7 @@ pub struct AgentConfig {
     pub spot_notice: SpotNoticeConfig,
     pub registry: RegistrySettings,
     pub volumes: VolumeSettings,
+    pub builds: BuildSettings,
     /// On a clean stop (SIGTERM), how long the coordinator keeps this node's work in place
     /// waiting for the agent to come back ("0s": re-place it as soon as the node is down).
     #[serde(with = "duration_text")]
@@ -74,6 +75,7 @@ impl Default for AgentConfig {
             spot_notice: SpotNoticeConfig::default(),
             registry: RegistrySettings::default(),
             volumes: VolumeSettings::default(),
+            builds: BuildSettings::default(),
             restart_hold: Duration::from_secs(15),
             log: LogConfig::default(),
         }
@@ -143,6 +145,25 @@ pub struct VolumeSettings {
     pub shared_path: Option<PathBuf>,
 }
 
+/// `[builds]`: how steps of image builds run on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildSettings {
+    /// CA certificates (PEM) a build step's container trusts for HTTPS (pip, curl, git):
+    /// mounted read-only while the step runs, never part of the image. By default the
+    /// host's bundle, so steps reach what the host reaches through a TLS-inspecting proxy
+    /// or a private mirror; `""` for none (the image's own certificates only).
+    pub ca_file: PathBuf,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        Self {
+            ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
+        }
+    }
+}
+
 impl AgentConfig {
     /// Reads and checks `file`; a missing file is the defaults unless `required`.
     pub fn load(file: &Path, required: bool) -> Result<Self, ConfigError> {
@@ -170,6 +191,13 @@ impl AgentConfig {
                 ("gpu.lib_dirs", gpu.lib_dirs.as_slice()),
                 ("gpu.bin_dirs", gpu.bin_dirs.as_slice()),
             ]);
+        let ca = &self.builds.ca_file;
+        if !ca.as_os_str().is_empty() && !ca.is_absolute() {
+            return Err(bad(
+                "builds.ca_file",
+                format!("`{}` is not an absolute path", ca.display()),
+            ));
+        }
         if let Some(p) = self
             .volumes
             .shared_path

@@ -37,6 +37,8 @@ pub const DEBIAN_REPO: &str = "gantry/debian-slim";
 const TRIES: usize = 3;
 /// Longest one step may run.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Longest a build waits for a node to run a step on.
+const NODE_WAIT: Duration = Duration::from_secs(60);
 /// Longest a `debian_slim` base may take to make.
 const BASE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -359,10 +361,13 @@ impl BuildService {
             BuildWork::Step { .. } => STEP_TIMEOUT,
             BuildWork::DebianBase { .. } => BASE_TIMEOUT,
         } + Duration::from_secs(60);
-        let mut last = StepFailed::new("no node is up, ready and connected to build on");
+        let mut last = StepFailed::new(format!(
+            "no node was up, ready and connected to build on within {NODE_WAIT:?}"
+        ));
         let mut avoid: Vec<NodeId> = Vec::new();
         for _ in 0..TRIES {
-            let Some((id, session)) = self.pick(node.as_ref(), &avoid) else {
+            let Some((id, session)) = self.wait_for_node(node.as_ref(), &avoid, events).await
+            else {
                 break;
             };
             *node = Some(id.clone());
@@ -393,6 +398,35 @@ impl BuildService {
             }
         }
         Err(last)
+    }
+
+    /// [`BuildService::pick`], waiting up to [`NODE_WAIT`] for a node (a cluster that is
+    /// starting, or whose nodes are all away for a moment), saying so once.
+    async fn wait_for_node(
+        &self,
+        prefer: Option<&NodeId>,
+        avoid: &[NodeId],
+        events: &mpsc::Sender<BuildEvent>,
+    ) -> Option<(NodeId, crate::nodes::Session)> {
+        let until = tokio::time::Instant::now() + NODE_WAIT;
+        let mut told = false;
+        loop {
+            if let Some(found) = self.pick(prefer, avoid) {
+                return Some(found);
+            }
+            if tokio::time::Instant::now() >= until {
+                return None;
+            }
+            if !told {
+                told = true;
+                let _ = events
+                    .send(BuildEvent::Log {
+                        line: "gantry: waiting for a node that is up, ready and connected".into(),
+                    })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// A connected, ready node: `prefer` if it is one, else the lowest other one not in

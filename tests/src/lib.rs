@@ -5,6 +5,7 @@
 //! layer against fake agents in one process on a virtual clock.
 
 pub mod cluster;
+pub mod dev;
 pub mod function_sim;
 pub mod functions_fixture;
 pub mod netns;

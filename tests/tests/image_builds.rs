@@ -190,3 +190,57 @@ fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
         stderr(&b)
     );
 }
+
+/// A `debian_slim` base made with mmdebstrap, `apt_install` from Debian's mirror and
+/// `pip_install` from PyPI (the builder containers are on the host's network, so this
+/// test runs on `gantry dev`, whose agent is on this machine's), an uploaded file, then a
+/// job on the image; a second build with only the last step changed rebuilds only it.
+#[test]
+fn a_debian_slim_recipe_installs_from_apt_and_pypi() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = gantry_tests::dev::DevCluster::start(dir.path(), "builder");
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(&app).expect("mkdir");
+    std::fs::write(
+        app.join("main.py"),
+        "import subprocess, six\nprint('six', six.__version__ != '')\nprint(subprocess.run(['jq', '--version'], capture_output=True, text=True).stdout.strip().startswith('jq-'))\n",
+    )
+    .expect("main.py");
+    let recipe = |last: &str| {
+        format!(
+            "base = {{ debian_slim = \"3.11\" }}\n[[steps]]\napt_install = [\"jq\"]\n[[steps]]\npip_install = [\"six\"]\n[[steps]]\nadd_local_file = {{ local = \"main.py\", remote = \"/app/main.py\" }}\n[[steps]]\n{last}\n"
+        )
+    };
+    let file = app.join("recipe.toml");
+    std::fs::write(&file, recipe("cmd = [\"python3\", \"/app/main.py\"]")).expect("recipe");
+    let build = |name: &str| {
+        dev.gantry(&[
+            "image",
+            "build",
+            "-f",
+            file.to_str().expect("utf-8"),
+            "--name",
+            name,
+        ])
+    };
+    let out = build("pyapp:v1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("[0/4] debian_slim 3.11 (bookworm, mmdebstrap): building"),
+        "{}",
+        stderr(&out)
+    );
+    let run = dev.gantry(&["run", "--image", "pyapp:v1", "--memory", "256M"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(stdout(&run), "six True\nTrue\n");
+
+    std::fs::write(&file, recipe("env = { READY = \"1\" }")).expect("recipe");
+    let out = build("pyapp:v2");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(built_steps(&out).len(), 1, "{}", stderr(&out));
+    assert!(
+        built_steps(&out)[0].starts_with("[4/4] env READY"),
+        "{}",
+        stderr(&out)
+    );
+}

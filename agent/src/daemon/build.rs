@@ -16,7 +16,30 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use super::attempts::Attempts;
-use crate::runtime::{ContainerRequest, ExitReason, Runtime, Stream};
+use crate::runtime::{BindMount, ContainerRequest, ExitReason, Runtime, Stream};
+
+/// How this node runs its share of builds.
+#[derive(Debug, Clone)]
+pub(super) struct BuildConfig {
+    /// Scratch files (a base's tarball).
+    pub scratch: std::path::PathBuf,
+    /// CA certificates steps trust for HTTPS (mounted while they run), if the file is
+    /// there.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// Where a step's container finds [`BuildConfig::ca_file`]; removed from its layer.
+const STEP_CA_DIR: &str = "/run/gantry-build";
+const STEP_CA: &str = "/run/gantry-build/ca.pem";
+/// The variables that point HTTPS clients (Python's ssl, pip, requests, curl, git) at it.
+const CA_VARIABLES: [&str; 6] = [
+    "SSL_CERT_FILE",
+    "PIP_CERT",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+];
 
 /// What a step's container may use (it is not placed: it runs beside the node's work).
 const STEP_CPU: CpuMillis = CpuMillis(2000);
@@ -26,7 +49,7 @@ const STEP_MEMORY: u64 = 4 << 30;
 pub(super) async fn serve(
     attempts: &Arc<Attempts>,
     runtime: &Runtime,
-    scratch: &Path,
+    config: &BuildConfig,
     work: BuildWork,
     tx: &mut quinn::SendStream,
 ) {
@@ -37,9 +60,12 @@ pub(super) async fn serve(
                 image,
                 script,
                 timeout_ms,
-            } => step(attempts, runtime, &image, &script, timeout_ms, log_tx).await,
+            } => {
+                let ca = config.ca_file.as_deref().filter(|p| p.is_file());
+                step(attempts, runtime, &image, &script, timeout_ms, ca, log_tx).await
+            }
             BuildWork::DebianBase { release, mirror } => {
-                debian_base(scratch, &release, mirror.as_deref(), log_tx).await
+                debian_base(&config.scratch, &release, mirror.as_deref(), log_tx).await
             }
         }
     };
@@ -105,6 +131,7 @@ async fn step(
     image: &str,
     script: &str,
     timeout_ms: u64,
+    ca_file: Option<&Path>,
     logs: mpsc::Sender<String>,
 ) -> Result<Layer, Failure> {
     let fail = |m: String| (None, m);
@@ -122,6 +149,16 @@ async fn step(
     };
     req.timeout = Some(Duration::from_millis(timeout_ms));
     req.keep_upper = true;
+    if let Some(ca) = ca_file {
+        req.binds.push(BindMount {
+            source: ca.to_owned(),
+            destination: STEP_CA.into(),
+            read_only: true,
+            exec: false,
+        });
+        req.env
+            .extend(CA_VARIABLES.map(|v| (v.to_owned(), STEP_CA.to_owned())));
+    }
     runtime
         .start(req)
         .await
@@ -176,6 +213,8 @@ async fn step(
         return Err((exit.exit_code, format!("the step {how}")));
     }
     let upper = runtime.upper_dir(&id);
+    // The CA's mount point is the build's, not the image's.
+    let _ = std::fs::remove_dir_all(upper.join(STEP_CA_DIR.trim_start_matches('/')));
     let path = upper.with_extension("tar");
     let packed = {
         let (upper, path) = (upper.clone(), path.clone());

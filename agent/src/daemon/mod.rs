@@ -156,7 +156,10 @@ pub async fn run(
         runtime: runtime.clone(),
         functions: functions.clone(),
         volumes: volumes.clone(),
-        build_dir: config.state_dir.join("builds"),
+        builds: build::BuildConfig {
+            scratch: config.state_dir.join("builds"),
+            ca_file: Some(config.builds.ca_file.clone()).filter(|p| !p.as_os_str().is_empty()),
+        },
     };
     let link = Link {
         coordinator,

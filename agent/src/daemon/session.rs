@@ -33,8 +33,8 @@ pub(super) struct Router {
     pub(super) runtime: Runtime,
     pub(super) functions: Arc<Functions>,
     pub(super) volumes: Volumes,
-    /// Where image builds keep their scratch files (a base's tarball).
-    pub(super) build_dir: std::path::PathBuf,
+    /// How this node runs its share of image builds.
+    pub(super) builds: super::build::BuildConfig,
 }
 
 /// Longest wait between reconnection attempts.
@@ -169,7 +169,7 @@ impl Router {
                             super::build::serve(
                                 &router.attempts,
                                 &router.runtime,
-                                &router.build_dir,
+                                &router.builds,
                                 work,
                                 &mut tx,
                             )
