@@ -52,6 +52,8 @@ env = { MODE = "prod" }
 [[steps]]
 add_local_file = { local = "hello.txt", remote = "/app/hello.txt" }
 [[steps]]
+add_local_dir = { local = "conf", remote = "/etc/app" }
+[[steps]]
 workdir = "/app"
 [[steps]]
 cmd = ["cat", "hello.txt"]
@@ -76,6 +78,8 @@ fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
     let dir = c.dir.path().join("app");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("hello.txt"), "hello from a local file\n").expect("write");
+    std::fs::create_dir_all(dir.join("conf/sub")).expect("mkdir");
+    std::fs::write(dir.join("conf/sub/a.conf"), "a=1\n").expect("write");
     let recipe = dir.join("recipe.toml");
     std::fs::write(&recipe, RECIPE).expect("recipe");
 
@@ -88,9 +92,9 @@ fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
         stdout(&out)
     );
     assert!(stderr(&out).contains("step done"), "{}", stderr(&out));
-    assert_eq!(built_steps(&out).len(), 5, "{}", stderr(&out));
+    assert_eq!(built_steps(&out).len(), 6, "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("[1/5] run_commands"),
+        stderr(&out).contains("[1/6] run_commands"),
         "{}",
         stderr(&out)
     );
@@ -106,12 +110,12 @@ fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
         "--",
         "sh",
         "-c",
-        "cat /built.txt; echo $MODE; pwd; cat hello.txt; test -e /bin/vi && echo vi || echo no-vi; ls /home/user",
+        "cat /built.txt; echo $MODE; pwd; cat hello.txt; test -e /bin/vi && echo vi || echo no-vi; ls /home/user; cat /etc/app/sub/a.conf",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        "built\nprod\n/app\nhello from a local file\nno-vi\nnew\n"
+        "built\nprod\n/app\nhello from a local file\nno-vi\nnew\na=1\n"
     );
     // Its command is the recipe's.
     let out = c.gantry(&["run", "--image", "app:v1", "--memory", "64M"]);
@@ -124,7 +128,7 @@ fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
     assert!(built_steps(&out).is_empty(), "{}", stderr(&out));
     assert_eq!(
         stderr(&out).matches(": cached").count(),
-        6,
+        7,
         "{}",
         stderr(&out)
     );
@@ -139,7 +143,7 @@ fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(built_steps(&out).len(), 1, "{}", stderr(&out));
     assert!(
-        built_steps(&out)[0].starts_with("[5/5] cmd pwd"),
+        built_steps(&out)[0].starts_with("[6/6] cmd pwd"),
         "{}",
         stderr(&out)
     );
@@ -243,4 +247,59 @@ fn a_debian_slim_recipe_installs_from_apt_and_pypi() {
         "{}",
         stderr(&out)
     );
+}
+
+/// A node that dies in the middle of a step: the step is built again on the other node
+/// and the build succeeds; nothing of the interrupted step was kept.
+#[test]
+fn a_step_whose_node_dies_is_built_again_elsewhere() {
+    let mut c = TestCluster::start(ClusterSpec {
+        agents: 2,
+        busybox: true,
+        ..ClusterSpec::default()
+    });
+    let rootfs = c.dir.path().join("rootfs");
+    let out = c.gantry(&[
+        "image",
+        "import",
+        rootfs.to_str().expect("utf-8"),
+        "--name",
+        "base",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recipe = c.dir.path().join("slow.toml");
+    std::fs::write(
+        &recipe,
+        "base = { image = \"base\" }\n[[steps]]\nrun_commands = [\"sleep 4\", \"echo done > /done\"]\n",
+    )
+    .expect("recipe");
+    let (out, busy) = std::thread::scope(|s| {
+        let build = s.spawn(|| build(&c, &recipe, "slow:v1"));
+        // The step's container appears on one node: that host dies.
+        let busy = gantry_tests::netns::wait_until(
+            "a build step running",
+            std::time::Duration::from_secs(30),
+            || {
+                (0..2).find(|i| {
+                    std::fs::read_dir(c.agents[*i].state.join("containers"))
+                        .is_ok_and(|mut d| d.next().is_some())
+                })
+            },
+        );
+        c.agents[busy].host.kill();
+        (build.join().expect("build"), busy)
+    });
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("trying again"), "{}", stderr(&out));
+    let other = format!("node-{}", 1 - busy);
+    assert!(
+        stderr(&out).contains(&format!("building on {other}")),
+        "{}",
+        stderr(&out)
+    );
+    c.kill_host(busy);
+    let run = c.gantry(&[
+        "run", "--image", "slow:v1", "--memory", "64M", "--", "cat", "/done",
+    ]);
+    assert_eq!(stdout(&run), "done\n", "{}", stderr(&run));
 }
