@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+mod builds;
 mod cpu;
 mod footprint;
 mod function_sim;
@@ -258,6 +259,21 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Image builds from recipes on `gantry dev`: the first build of a `debian_slim`
+    /// recipe, the same recipe cached, and one with its last step changed.
+    Builds {
+        /// The `gantry` CLI.
+        #[arg(long)]
+        cli: PathBuf,
+        /// Rebuilds timed per kind.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[arg(long, default_value = "/tmp/gantry-bench-builds")]
+        work: PathBuf,
+        /// Also write the results as JSON here (for BENCHMARKS.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Resource footprint: agent RSS idle and with N containers, shim RSS (one agent on
     /// loopback); the coordinator's in-process state with many nodes and jobs.
     Footprint {
@@ -466,6 +482,17 @@ fn main() -> anyhow::Result<()> {
                 json.as_deref(),
             ))
         }
+        Cmd::Builds {
+            cli,
+            rounds,
+            work,
+            json,
+        } => builds::run(builds::BuildsBench {
+            cli: &cli,
+            work,
+            rounds,
+            json,
+        }),
         Cmd::Footprint {
             coordinator,
             agent,
