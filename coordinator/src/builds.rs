@@ -6,8 +6,9 @@
 //! what follows it) is built. Steps that change the configuration only (`env`,
 //! `workdir`, `entrypoint`, `cmd`) and uploaded files (`add_local_*`, an archive the CLI
 //! pushed by its digest) are assembled here; steps that run (`run_commands`,
-//! `apt_install`, `pip_install`) and a `debian_slim` base (mmdebstrap) are work for an
-//! agent (`Command::Build`), which streams back the log and the layer. A layer enters the
+//! `apt_install`, `pip_install`), a `debian_slim` base (mmdebstrap) and a base from
+//! another registry (pulled, its layers sent back) are work for an agent
+//! (`Command::Build`), which streams back the log and the layers. A layer enters the
 //! registry only once complete, and a step's image is tagged only after it: a failed or
 //! interrupted step leaves nothing (an agent that goes away mid-step has the step tried
 //! again on a node, up to [`TRIES`]). Steps are built one at a time per key: two builds
@@ -210,10 +211,9 @@ impl BuildService {
                             node: Some(n.to_string()),
                         })
                         .await;
-                    match layer {
-                        Ok((digest, size)) => with_layer(&image, &digest, size, &step.summary()),
-                        Err(f) => Err(f),
-                    }
+                    layer.and_then(Received::layer).and_then(|(digest, size)| {
+                        with_layer(&image, &digest, size, &step.summary())
+                    })
                 }
             }
             .map_err(|f| (Some(index), f))?;
@@ -249,11 +249,7 @@ impl BuildService {
         match base {
             Base::Image(name) => {
                 if gantry_shared::image_name::is_qualified(name) {
-                    return Err(StepFailed::new(format!(
-                        "base image `{name}` is in another registry; builds start from the \
-                         cluster's registry: copy it there first (skopeo copy \
-                         docker://{name} docker://<coordinator>/NAME), then use its short name"
-                    )));
+                    return self.imported(registry, name, total, node, events).await;
                 }
                 let (repo, tag) = gantry_shared::image_name::registry_path(name);
                 let (bytes, digest) = registry.manifest(repo, tag).await.ok_or_else(|| {
@@ -313,7 +309,8 @@ impl BuildService {
                         cached: false,
                         node: Some(n.to_string()),
                     })
-                    .await?;
+                    .await?
+                    .layer()?;
                 let config = json!({
                     "architecture": "amd64",
                     "os": "linux",
@@ -333,6 +330,56 @@ impl BuildService {
                 Ok((key, image, format!("{DEBIAN_REPO}:{tag}")))
             }
         }
+    }
+
+    /// A base from another registry, copied into the cluster's once (keyed by its
+    /// reference: pin a digest, `name@sha256:…`, to follow a moving tag): a node pulls it
+    /// and sends its configuration and layers back.
+    async fn imported(
+        &self,
+        registry: &RegistryState,
+        name: &str,
+        total: usize,
+        node: &mut Option<NodeId>,
+        events: &mpsc::Sender<BuildEvent>,
+    ) -> Result<(String, ImageDoc, String), StepFailed> {
+        let key = base_key(&format!("image {name}"));
+        let reference = format!("{CACHE_REPO}:{key}");
+        let lock = self.lock_for(&key);
+        let _one = lock.lock().await;
+        let summary = format!("image {name} (copied into the cluster's registry)");
+        if let Some(found) = load(registry, CACHE_REPO, &key).await {
+            let _ = events
+                .send(BuildEvent::Step {
+                    index: 0,
+                    total,
+                    summary,
+                    cached: true,
+                    node: None,
+                })
+                .await;
+            return Ok((key, found, reference));
+        }
+        let work = BuildWork::Import {
+            reference: name.to_owned(),
+        };
+        let image = match self
+            .on_a_node(registry, work, node, events, |n| BuildEvent::Step {
+                index: 0,
+                total,
+                summary: summary.clone(),
+                cached: false,
+                node: Some(n.to_string()),
+            })
+            .await?
+        {
+            Received::Image(image) => image,
+            Received::Layer(..) => {
+                return Err(StepFailed::new("the node sent a layer, not an image"));
+            }
+        };
+        store(registry, CACHE_REPO, &key, &image).await?;
+        Ok((key, image, reference))
     }
 
     /// The lock one key's build holds.
@@ -356,10 +403,10 @@ impl BuildService {
         node: &mut Option<NodeId>,
         events: &mpsc::Sender<BuildEvent>,
         starting: impl Fn(&NodeId) -> BuildEvent,
-    ) -> Result<(String, u64), StepFailed> {
+    ) -> Result<Received, StepFailed> {
         let timeout = match work {
             BuildWork::Step { .. } => STEP_TIMEOUT,
-            BuildWork::DebianBase { .. } => BASE_TIMEOUT,
+            BuildWork::DebianBase { .. } | BuildWork::Import { .. } => BASE_TIMEOUT,
         } + Duration::from_secs(60);
         let mut last = StepFailed::new(format!(
             "no node was up, ready and connected to build on within {NODE_WAIT:?}"
@@ -380,7 +427,7 @@ impl BuildService {
                 ))),
             };
             match result {
-                Ok(layer) => return Ok(layer),
+                Ok(received) => return Ok(received),
                 Err(f) if f.retry => {
                     tracing::warn!(node = %id, error = %f.message, "a build step lost its node; trying again");
                     let _ = events
@@ -454,14 +501,31 @@ impl BuildService {
     }
 }
 
-/// One `Command::Build` on its own stream: the log to `events`, the layer into the
-/// registry (its digest and size).
+/// What a node's share of a build brought back, in the registry already.
+enum Received {
+    /// One layer: its digest and size.
+    Layer(String, u64),
+    /// A whole image (an import).
+    Image(ImageDoc),
+}
+
+impl Received {
+    fn layer(self) -> Result<(String, u64), StepFailed> {
+        match self {
+            Received::Layer(digest, size) => Ok((digest, size)),
+            Received::Image(_) => Err(StepFailed::new("the node sent an image, not a layer")),
+        }
+    }
+}
+
+/// One `Command::Build` on its own stream: the log to `events`, the layers into the
+/// registry.
 async fn exchange(
     registry: &RegistryState,
     conn: &quinn::Connection,
     work: &BuildWork,
     events: &mpsc::Sender<BuildEvent>,
-) -> Result<(String, u64), StepFailed> {
+) -> Result<Received, StepFailed> {
     let broke = |e: String| StepFailed {
         exit_code: None,
         message: e,
@@ -487,6 +551,44 @@ async fn exchange(
                 });
             }
             BuildFrame::Layer => break,
+            BuildFrame::Image {
+                entrypoint,
+                cmd,
+                env,
+                workdir,
+                user,
+                layers,
+            } => {
+                let mut image = ImageDoc {
+                    manifest: json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}),
+                    config: json!({
+                        "architecture": "amd64",
+                        "os": "linux",
+                        "config": {"Env": env, "Cmd": cmd, "Entrypoint": entrypoint,
+                                   "WorkingDir": workdir.unwrap_or_default(),
+                                   "User": user.unwrap_or_default()},
+                        "rootfs": {"type": "layers", "diff_ids": []},
+                        "history": [],
+                    }),
+                };
+                for i in 0..layers {
+                    let bytes = match crate::control::read_reply::<BuildFrame>(&mut rx)
+                        .await
+                        .map_err(broke)?
+                    {
+                        BuildFrame::Sized { bytes } => bytes,
+                        other => {
+                            return Err(broke(format!("layer {i} of the import: {other:?}")));
+                        }
+                    };
+                    let (digest, size) = sized_blob(registry, &mut rx, bytes).await?;
+                    image = with_layer(&image, &digest, size, &format!("imported layer {i}"))?;
+                }
+                return Ok(Received::Image(image));
+            }
+            BuildFrame::Sized { .. } => {
+                return Err(broke("the node sent a layer's size out of turn".into()));
+            }
         }
     }
     let mut blob = registry
@@ -506,7 +608,41 @@ async fn exchange(
     }
     blob.finish()
         .await
+        .map(|(digest, size)| Received::Layer(digest, size))
         .map_err(|e| StepFailed::new(format!("the registry cannot take the layer: {e}")))
+}
+
+/// Exactly `bytes` bytes of `rx` as a blob of the registry.
+async fn sized_blob(
+    registry: &RegistryState,
+    rx: &mut quinn::RecvStream,
+    bytes: u64,
+) -> Result<(String, u64), StepFailed> {
+    let store_err =
+        |e: std::io::Error| StepFailed::new(format!("the registry cannot take the layer: {e}"));
+    let broke = |message: String| StepFailed {
+        exit_code: None,
+        message,
+        retry: true,
+    };
+    let mut blob = registry.blob_writer().await.map_err(store_err)?;
+    let mut left = bytes;
+    while left > 0 {
+        let want = usize::try_from(left.min(256 << 10)).unwrap_or(256 << 10);
+        match rx.read_chunk(want, true).await {
+            Ok(Some(chunk)) => {
+                left = left.saturating_sub(chunk.bytes.len() as u64);
+                blob.write(&chunk.bytes).await.map_err(store_err)?;
+            }
+            Ok(None) => {
+                return Err(broke(format!(
+                    "the node stopped {left} bytes short of a layer"
+                )));
+            }
+            Err(e) => return Err(broke(e.to_string())),
+        }
+    }
+    blob.finish().await.map_err(store_err)
 }
 
 /// An image of the registry, by `repo:tag`, with its config.

@@ -383,11 +383,15 @@ pub enum BuildWork {
         release: String,
         mirror: Option<String>,
     },
+    /// Pull `reference` from its registry and send its configuration and its layers back
+    /// (a base from another registry, copied into the cluster's).
+    Import { reference: String },
 }
 
 /// What an agent sends back for a [`BuildWork`], as frames: any number of `Log`, then
 /// `Layer` followed by the layer's bytes (an uncompressed tar) to the end of the stream,
-/// or `Failed`.
+/// or `Failed`. An import answers `Image`, then for each layer (bottom first) `Sized`
+/// followed by exactly that many bytes of its tar.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum BuildFrame {
@@ -395,6 +399,17 @@ pub enum BuildFrame {
         line: String,
     },
     Layer,
+    Image {
+        entrypoint: Vec<String>,
+        cmd: Vec<String>,
+        env: Vec<String>,
+        workdir: Option<String>,
+        user: Option<String>,
+        layers: u32,
+    },
+    Sized {
+        bytes: u64,
+    },
     Failed {
         exit_code: Option<i32>,
         message: String,

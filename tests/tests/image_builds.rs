@@ -303,3 +303,118 @@ fn a_step_whose_node_dies_is_built_again_elsewhere() {
     ]);
     assert_eq!(stdout(&run), "done\n", "{}", stderr(&run));
 }
+
+/// A base from another registry (Debian's `docker-registry` on loopback, anonymous): a
+/// node pulls it and copies it into the cluster's registry once; steps build on it.
+#[test]
+fn a_base_from_another_registry_is_copied_in_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = gantry_tests::dev::DevCluster::start(dir.path(), "importer");
+    let rootfs = dir.path().join("rootfs");
+    gantry_tests::busybox_rootfs(&rootfs);
+    let out = dev.gantry(&[
+        "image",
+        "import",
+        rootfs.to_str().expect("utf-8"),
+        "--name",
+        "base",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Another registry, holding a copy of that image.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let config = dir.path().join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("registry").display()
+        ),
+    )
+    .expect("config");
+    let mut other = gantry_tests::Proc::spawn({
+        let mut c = std::process::Command::new("docker-registry");
+        c.arg("serve")
+            .arg(&config)
+            .stderr(std::process::Stdio::null());
+        c
+    });
+    gantry_tests::netns::wait_until(
+        "the other registry up",
+        std::time::Duration::from_secs(10),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(drop)
+        },
+    );
+    let cli: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dev.home.join(".config/gantry/config.json")).expect("the CLI's config"),
+    )
+    .expect("json");
+    let (addr, token) = (
+        cli["addr"]
+            .as_str()
+            .expect("addr")
+            .trim_start_matches("http://"),
+        cli["token"].as_str().expect("token"),
+    );
+    let copied = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--src-creds",
+        ])
+        .arg(format!("gantry:{token}"))
+        .arg(format!("docker://{addr}/base:latest"))
+        .arg(format!("docker://127.0.0.1:{port}/tools/busybox:1"))
+        .output()
+        .expect("skopeo");
+    assert!(copied.status.success(), "{}", stderr(&copied));
+
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "base = {{ image = \"127.0.0.1:{port}/tools/busybox:1\" }}\n[[steps]]\nrun_commands = [\"echo from-elsewhere > /x\"]\n"
+        ),
+    )
+    .expect("recipe");
+    let build = || {
+        dev.gantry(&[
+            "image",
+            "build",
+            "-f",
+            recipe.to_str().expect("utf-8"),
+            "--name",
+            "elsewhere:v1",
+        ])
+    };
+    let out = build();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("copied into the cluster's registry): building on importer"),
+        "{}",
+        stderr(&out)
+    );
+    let run = dev.gantry(&[
+        "run",
+        "--image",
+        "elsewhere:v1",
+        "--memory",
+        "64M",
+        "--",
+        "cat",
+        "/x",
+    ]);
+    assert_eq!(stdout(&run), "from-elsewhere\n", "{}", stderr(&run));
+    // The copy is kept: the other registry is not needed again.
+    other.kill9();
+    let out = build();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(built_steps(&out).is_empty(), "{}", stderr(&out));
+}

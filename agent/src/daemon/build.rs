@@ -53,6 +53,10 @@ pub(super) async fn serve(
     work: BuildWork,
     tx: &mut quinn::SendStream,
 ) {
+    if let BuildWork::Import { reference } = &work {
+        import(attempts, config, reference, tx).await;
+        return;
+    }
     let (log_tx, mut log_rx) = mpsc::channel::<String>(256);
     let work_done = async {
         match work {
@@ -67,6 +71,7 @@ pub(super) async fn serve(
             BuildWork::DebianBase { release, mirror } => {
                 debian_base(&config.scratch, &release, mirror.as_deref(), log_tx).await
             }
+            BuildWork::Import { .. } => Err((None, "an import is served on its own".into())),
         }
     };
     tokio::pin!(work_done);
@@ -256,6 +261,80 @@ async fn pull(attempts: &Attempts, image: &str) -> Result<String, String> {
         .await
         .map_err(|e| format!("pulling {image}: {e}"))?;
     Ok(reference)
+}
+
+/// An image of another registry: pulled here, its configuration, then each layer (as
+/// unpacked, packed again) with its size.
+async fn import(
+    attempts: &Arc<Attempts>,
+    config: &BuildConfig,
+    reference: &str,
+    tx: &mut quinn::SendStream,
+) {
+    let pulled = async {
+        let name = pull(attempts, reference).await?;
+        let images = attempts.images();
+        let record = images.get(&name).map_err(|e| e.to_string())?;
+        let dirs = images.layer_dirs(&record).map_err(|e| e.to_string())?;
+        Ok::<_, String>((record, dirs))
+    };
+    let (record, dirs) = match pulled.await {
+        Ok(found) => found,
+        Err(message) => {
+            send(
+                tx,
+                &BuildFrame::Failed {
+                    exit_code: None,
+                    message,
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let c = record.config;
+    let image = BuildFrame::Image {
+        entrypoint: c.entrypoint,
+        cmd: c.cmd,
+        env: c.env,
+        workdir: c.workdir,
+        user: c.user,
+        layers: dirs.len() as u32,
+    };
+    if !send(tx, &image).await {
+        return;
+    }
+    if let Err(e) = tokio::fs::create_dir_all(&config.scratch).await {
+        tracing::warn!(error = %e, "no scratch directory for an import");
+        let _ = tx.reset(1u32.into());
+        return;
+    }
+    for dir in dirs {
+        let tar = config
+            .scratch
+            .join(format!("import-{}.tar", ContainerId::generate()));
+        let sent = async {
+            let (d, t) = (dir.clone(), tar.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::image::pack::pack_upper(&d, std::fs::File::create(&t)?)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            let mut file = tokio::fs::File::open(&tar).await?;
+            let bytes = file.metadata().await?.len();
+            if !send(tx, &BuildFrame::Sized { bytes }).await {
+                return Err(std::io::Error::other("the coordinator went away"));
+            }
+            tokio::io::copy(&mut file, tx).await.map(drop)
+        };
+        let result = sent.await;
+        let _ = tokio::fs::remove_file(&tar).await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "sending an imported layer failed");
+            let _ = tx.reset(1u32.into());
+            return;
+        }
+    }
 }
 
 /// mmdebstrap into a tarball under `scratch`, its output as log lines.
