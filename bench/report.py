@@ -369,7 +369,7 @@ def main():
         w("")
         w("| build | wall time | goal |")
         w("|---|---|---|")
-        w(f"| first: `debian_slim` 3.11 base (mmdebstrap from this machine's apt sources) + one step that runs Python | {first:.1} s | |")
+        w(f"| first: `debian_slim` 3.11 base (mmdebstrap from this machine's apt sources) + one step that runs Python | {first:.1f} s | |")
         w(f"| the same recipe again, every step cached (median of {n}) | {cached:.0f} ms | ≤ 1 s: {goal(cached, 1000)} |")
         w(f"| only the last step (a configuration step) changed (median of {n}) | {changed:.0f} ms | |")
     else:
