@@ -285,16 +285,9 @@ impl BuildService {
                 let lock = self.lock_for(&key);
                 let _one = lock.lock().await;
                 let summary = format!("debian_slim {py} ({release}, mmdebstrap)");
-                if let Some(found) = load(registry, DEBIAN_REPO, &tag).await {
-                    let _ = events
-                        .send(BuildEvent::Step {
-                            index: 0,
-                            total,
-                            summary,
-                            cached: true,
-                            node: None,
-                        })
-                        .await;
+                if let Some(found) =
+                    cached_base(registry, (DEBIAN_REPO, &tag), total, &summary, events).await
+                {
                     return Ok((key, found, format!("{DEBIAN_REPO}:{tag}")));
                 }
                 let work = BuildWork::DebianBase {
@@ -348,16 +341,9 @@ impl BuildService {
         let lock = self.lock_for(&key);
         let _one = lock.lock().await;
         let summary = format!("image {name} (copied into the cluster's registry)");
-        if let Some(found) = load(registry, CACHE_REPO, &key).await {
-            let _ = events
-                .send(BuildEvent::Step {
-                    index: 0,
-                    total,
-                    summary,
-                    cached: true,
-                    node: None,
-                })
-                .await;
+        if let Some(found) =
+            cached_base(registry, (CACHE_REPO, &key), total, &summary, events).await
+        {
             return Ok((key, found, reference));
         }
         let work = BuildWork::Import {
@@ -643,6 +629,27 @@ async fn sized_blob(
         }
     }
     blob.finish().await.map_err(store_err)
+}
+
+/// A base already made (`repo:tag` in the registry), said to be cached.
+async fn cached_base(
+    registry: &RegistryState,
+    (repo, tag): (&str, &str),
+    total: usize,
+    summary: &str,
+    events: &mpsc::Sender<BuildEvent>,
+) -> Option<ImageDoc> {
+    let found = load(registry, repo, tag).await?;
+    let _ = events
+        .send(BuildEvent::Step {
+            index: 0,
+            total,
+            summary: summary.to_owned(),
+            cached: true,
+            node: None,
+        })
+        .await;
+    Some(found)
 }
 
 /// An image of the registry, by `repo:tag`, with its config.

@@ -38,6 +38,25 @@ fn built_steps(out: &std::process::Output) -> Vec<String> {
         .collect()
 }
 
+/// A cluster of `agents` nodes with busybox pushed to its registry as `base`.
+fn with_base(agents: usize) -> TestCluster {
+    let c = TestCluster::start(ClusterSpec {
+        agents,
+        busybox: true,
+        ..ClusterSpec::default()
+    });
+    let rootfs = c.dir.path().join("rootfs");
+    let out = c.gantry(&[
+        "image",
+        "import",
+        rootfs.to_str().expect("utf-8"),
+        "--name",
+        "base",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c
+}
+
 const RECIPE: &str = r#"
 base = { image = "base" }
 [[steps]]
@@ -61,20 +80,7 @@ cmd = ["cat", "hello.txt"]
 
 #[test]
 fn recipes_build_in_the_cluster_and_rebuild_only_what_changed() {
-    let c = TestCluster::start(ClusterSpec {
-        agents: 1,
-        busybox: true,
-        ..ClusterSpec::default()
-    });
-    let rootfs = c.dir.path().join("rootfs");
-    let out = c.gantry(&[
-        "image",
-        "import",
-        rootfs.to_str().expect("utf-8"),
-        "--name",
-        "base",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let c = with_base(1);
     let dir = c.dir.path().join("app");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("hello.txt"), "hello from a local file\n").expect("write");
@@ -253,20 +259,7 @@ fn a_debian_slim_recipe_installs_from_apt_and_pypi() {
 /// and the build succeeds; nothing of the interrupted step was kept.
 #[test]
 fn a_step_whose_node_dies_is_built_again_elsewhere() {
-    let mut c = TestCluster::start(ClusterSpec {
-        agents: 2,
-        busybox: true,
-        ..ClusterSpec::default()
-    });
-    let rootfs = c.dir.path().join("rootfs");
-    let out = c.gantry(&[
-        "image",
-        "import",
-        rootfs.to_str().expect("utf-8"),
-        "--name",
-        "base",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = with_base(2);
     let recipe = c.dir.path().join("slow.toml");
     std::fs::write(
         &recipe,
