@@ -418,7 +418,14 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Dev { .. }) {
         exit_quietly_on_closed_pipe();
     }
-    let rt = match tokio::runtime::Runtime::new() {
+    // Sockets are written on the runtime's threads: a server that closes a connection
+    // while a body is still being sent must give an error there, not kill the CLI with
+    // the SIGPIPE that stdout's readers may.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(ignore_sigpipe_on_this_thread)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gantry: cannot start the async runtime: {e}");
@@ -443,6 +450,18 @@ fn exit_quietly_on_closed_pipe() {
     // default disposition has no other effect on this process.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Blocks SIGPIPE on the calling thread: a write to a closed socket there fails with
+/// EPIPE instead.
+fn ignore_sigpipe_on_this_thread() {
+    // SAFETY: changes only this thread's signal mask, with a set built here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

@@ -23,6 +23,8 @@ use crate::store::{Store, StoreError};
 /// Longest a node may take to make, remove, list or remove from a volume (an ext4
 /// filesystem for a large volume takes a few seconds; a big tree takes a while to remove).
 const OP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most of a refused upload's body read and dropped before the answer is sent.
+const DRAIN_LIMIT: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeServiceError {
@@ -300,7 +302,18 @@ impl VolumeService {
                     message: format!("the upload broke off: {why}; nothing was written"),
                 });
             }
-            Err(None) => {}
+            Err(None) => {
+                // The node refused the rest (the volume is full): take what the client
+                // still sends, up to a bound, so it gets the answer instead of a
+                // connection closed under its upload.
+                let mut drained = 0u64;
+                while drained < DRAIN_LIMIT {
+                    match body.next().await {
+                        Some(Ok(bytes)) => drained += bytes.len() as u64,
+                        Some(Err(_)) | None => break,
+                    }
+                }
+            }
         }
         self.reply(&mut rx).await.map(drop)
     }
