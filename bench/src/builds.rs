@@ -1,5 +1,5 @@
 //! `gantry-bench builds`: image builds from recipes on `gantry dev` (a coordinator and one
-//! agent on this machine, as a user runs it). Times, wall clock around `gantry image
+//! agent on this machine, as a user runs it; `gantry_tests::dev`). Times, wall clock around `gantry image
 //! build` (the CLI included):
 //! - the first build of a `debian_slim` recipe (the base made with mmdebstrap from this
 //!   machine's apt sources, then one step that runs Python), from an empty cluster;
@@ -7,14 +7,12 @@
 //! - the recipe with only its last step changed (a configuration step, so it is built on
 //!   the coordinator without a container).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
-pub struct BuildsBench<'a> {
-    pub cli: &'a Path,
+pub struct BuildsBench {
     pub work: PathBuf,
     pub rounds: usize,
     pub json: Option<PathBuf>,
@@ -22,76 +20,23 @@ pub struct BuildsBench<'a> {
 
 const RECIPE: &str = "base = { debian_slim = \"3.11\" }\n[[steps]]\nrun_commands = [\"python3 -c 'import sys; print(sys.version)' > /python-version\"]\n[[steps]]\n";
 
-pub fn run(b: BuildsBench<'_>) -> anyhow::Result<()> {
+pub fn run(b: BuildsBench) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&b.work);
     std::fs::create_dir_all(&b.work)?;
-    let home = b.work.join("home");
-    let (api, control) = free_ports()?;
-    let mut dev = Command::new(b.cli)
-        .env("HOME", &home)
-        .env_remove("XDG_CONFIG_HOME")
-        .env_remove("GANTRY_CONFIG")
-        .args([
-            "dev",
-            "--node",
-            "bench",
-            "--api-listen",
-            &api,
-            "--control-listen",
-            &control,
-        ])
-        .arg("--state-dir")
-        .arg(b.work.join("dev"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(b.work.join("dev.log"))?)
-        .spawn()
-        .context("starting gantry dev")?;
-    let result = measure(&b, &home);
-    // SIGTERM, as Ctrl-C: gantry dev stops its coordinator and agent.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dev.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = dev.wait();
-    result
-}
-
-fn measure(b: &BuildsBench<'_>, home: &Path) -> anyhow::Result<()> {
-    let gantry = |args: &[&str]| {
-        Command::new(b.cli)
-            .env("HOME", home)
-            .env_remove("XDG_CONFIG_HOME")
-            .env_remove("GANTRY_ADDR")
-            .env_remove("GANTRY_TOKEN")
-            .args(args)
-            .output()
-    };
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = gantry(&["nodes", "list"])?;
-        if String::from_utf8_lossy(&out.stdout).contains("ready") {
-            break;
-        }
-        if Instant::now() > until {
-            bail!(
-                "gantry dev's node did not get ready; see {}",
-                b.work.join("dev.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // gantry dev from this build's target directory, stopped when dropped.
+    let dev = gantry_tests::dev::DevCluster::start(&b.work, "bench");
     let recipe = b.work.join("recipe.toml");
     let build = |last: &str| -> anyhow::Result<f64> {
         std::fs::write(&recipe, format!("{RECIPE}{last}\n"))?;
         let start = Instant::now();
-        let out = gantry(&[
+        let out = dev.gantry(&[
             "image",
             "build",
             "-f",
             recipe.to_str().unwrap_or_default(),
             "--name",
             "bench:latest",
-        ])?;
+        ]);
         let took = start.elapsed().as_secs_f64();
         if !out.status.success() {
             bail!("the build failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -150,11 +95,4 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
-}
-
-/// A free loopback TCP port (the API) and UDP port (QUIC control).
-fn free_ports() -> anyhow::Result<(String, String)> {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-    Ok((tcp.to_string(), udp.to_string()))
 }

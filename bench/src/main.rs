@@ -259,12 +259,10 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Image builds from recipes on `gantry dev`: the first build of a `debian_slim`
-    /// recipe, the same recipe cached, and one with its last step changed.
+    /// Image builds from recipes on `gantry dev` (the `gantry` beside this binary): the
+    /// first build of a `debian_slim` recipe, the same recipe cached, and one with its
+    /// last step changed.
     Builds {
-        /// The `gantry` CLI.
-        #[arg(long)]
-        cli: PathBuf,
         /// Rebuilds timed per kind.
         #[arg(long, default_value_t = 10)]
         rounds: usize,
@@ -482,17 +480,9 @@ fn main() -> anyhow::Result<()> {
                 json.as_deref(),
             ))
         }
-        Cmd::Builds {
-            cli,
-            rounds,
-            work,
-            json,
-        } => builds::run(builds::BuildsBench {
-            cli: &cli,
-            work,
-            rounds,
-            json,
-        }),
+        Cmd::Builds { rounds, work, json } => {
+            builds::run(builds::BuildsBench { work, rounds, json })
+        }
         Cmd::Footprint {
             coordinator,
             agent,

@@ -47,8 +47,6 @@ const BASE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub enum BuildError {
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
-    #[error("image builds need the embedded registry, which this coordinator does not run")]
-    NoRegistry,
 }
 
 /// Why a step failed: said to the client, with the command's exit code when it ran.
@@ -76,9 +74,25 @@ struct ImageDoc {
     config: Value,
 }
 
+impl ImageDoc {
+    /// An image with no layers yet and `run` as its run configuration (`Env`, `Cmd`, …).
+    fn without_layers(run: Value) -> Self {
+        Self {
+            manifest: json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}),
+            config: json!({
+                "architecture": "amd64",
+                "os": "linux",
+                "config": run,
+                "rootfs": {"type": "layers", "diff_ids": []},
+                "history": [],
+            }),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct BuildService {
-    registry: Option<RegistryState>,
+    registry: RegistryState,
     nodes: Nodes,
     cluster: Cluster,
     /// The Debian mirror `debian_slim` bases come from (`None`: the agent host's apt
@@ -90,7 +104,7 @@ pub struct BuildService {
 
 impl BuildService {
     pub fn new(
-        registry: Option<RegistryState>,
+        registry: RegistryState,
         nodes: Nodes,
         cluster: Cluster,
         debian_mirror: Option<String>,
@@ -107,7 +121,6 @@ impl BuildService {
     /// Checks the request and starts the build; its progress comes on the receiver (the
     /// build goes on if nobody listens: its steps stay in the cache).
     pub fn start(&self, req: BuildRequest) -> Result<mpsc::Receiver<BuildEvent>, BuildError> {
-        let registry = self.registry.clone().ok_or(BuildError::NoRegistry)?;
         req.recipe.validate(true).map_err(|e| BuildError::Invalid {
             field: format!("recipe.{}", e.field),
             message: e.message,
@@ -131,7 +144,7 @@ impl BuildService {
         let (tx, rx) = mpsc::channel(1024);
         let service = self.clone();
         tokio::spawn(async move {
-            let result = service.build(&registry, &req, &tx).await;
+            let result = service.build(&req, &tx).await;
             let event = match result {
                 Ok((image, digest)) => BuildEvent::Done { image, digest },
                 Err((step, f)) => BuildEvent::Failed {
@@ -147,10 +160,10 @@ impl BuildService {
 
     async fn build(
         &self,
-        registry: &RegistryState,
         req: &BuildRequest,
         events: &mpsc::Sender<BuildEvent>,
     ) -> Result<(String, String), (Option<usize>, StepFailed)> {
+        let registry = &self.registry;
         let total = req.recipe.steps.len();
         let say = |e: BuildEvent| {
             let events = events.clone();
@@ -162,7 +175,7 @@ impl BuildService {
         // The image so far: its key, manifest and config, and the reference a node pulls
         // it by.
         let (mut key, mut image, mut reference) = self
-            .base(registry, &req.recipe.base, total, &mut node, events)
+            .base(&req.recipe.base, total, &mut node, events)
             .await
             .map_err(|f| (Some(0), f))?;
         for (i, step) in req.recipe.steps.iter().enumerate() {
@@ -203,13 +216,7 @@ impl BuildService {
                     };
                     let summary = step.summary();
                     let layer = self
-                        .on_a_node(registry, work, &mut node, events, |n| BuildEvent::Step {
-                            index,
-                            total,
-                            summary: summary.clone(),
-                            cached: false,
-                            node: Some(n.to_string()),
-                        })
+                        .on_a_node(work, &mut node, events, building(index, total, &summary))
                         .await;
                     layer.and_then(Received::layer).and_then(|(digest, size)| {
                         with_layer(&image, &digest, size, &step.summary())
@@ -240,16 +247,16 @@ impl BuildService {
     /// base, made on a node the first time.
     async fn base(
         &self,
-        registry: &RegistryState,
         base: &Base,
         total: usize,
         node: &mut Option<NodeId>,
         events: &mpsc::Sender<BuildEvent>,
     ) -> Result<(String, ImageDoc, String), StepFailed> {
+        let registry = &self.registry;
         match base {
             Base::Image(name) => {
                 if gantry_shared::image_name::is_qualified(name) {
-                    return self.imported(registry, name, total, node, events).await;
+                    return self.imported(name, total, node, events).await;
                 }
                 let (repo, tag) = gantry_shared::image_name::registry_path(name);
                 let (bytes, digest) = registry.manifest(repo, tag).await.ok_or_else(|| {
@@ -295,29 +302,13 @@ impl BuildService {
                     mirror: self.debian_mirror.clone(),
                 };
                 let (digest, size) = self
-                    .on_a_node(registry, work, node, events, |n| BuildEvent::Step {
-                        index: 0,
-                        total,
-                        summary: summary.clone(),
-                        cached: false,
-                        node: Some(n.to_string()),
-                    })
+                    .on_a_node(work, node, events, building(0, total, &summary))
                     .await?
                     .layer()?;
-                let config = json!({
-                    "architecture": "amd64",
-                    "os": "linux",
-                    "config": {
-                        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                        "Cmd": ["python3"],
-                    },
-                    "rootfs": {"type": "layers", "diff_ids": []},
-                    "history": [],
-                });
-                let empty = ImageDoc {
-                    manifest: json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}),
-                    config,
-                };
+                let empty = ImageDoc::without_layers(json!({
+                    "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                    "Cmd": ["python3"],
+                }));
                 let image = with_layer(&empty, &digest, size, &summary)?;
                 store(registry, DEBIAN_REPO, &tag, &image).await?;
                 Ok((key, image, format!("{DEBIAN_REPO}:{tag}")))
@@ -330,12 +321,12 @@ impl BuildService {
     /// and sends its configuration and layers back.
     async fn imported(
         &self,
-        registry: &RegistryState,
         name: &str,
         total: usize,
         node: &mut Option<NodeId>,
         events: &mpsc::Sender<BuildEvent>,
     ) -> Result<(String, ImageDoc, String), StepFailed> {
+        let registry = &self.registry;
         let key = base_key(&format!("image {name}"));
         let reference = format!("{CACHE_REPO}:{key}");
         let lock = self.lock_for(&key);
@@ -350,13 +341,7 @@ impl BuildService {
             reference: name.to_owned(),
         };
         let image = match self
-            .on_a_node(registry, work, node, events, |n| BuildEvent::Step {
-                index: 0,
-                total,
-                summary: summary.clone(),
-                cached: false,
-                node: Some(n.to_string()),
-            })
+            .on_a_node(work, node, events, building(0, total, &summary))
             .await?
         {
             Received::Image(image) => image,
@@ -384,12 +369,12 @@ impl BuildService {
     /// log, and stores the layer it sends back; another node is tried when one goes away.
     async fn on_a_node(
         &self,
-        registry: &RegistryState,
         work: BuildWork,
         node: &mut Option<NodeId>,
         events: &mpsc::Sender<BuildEvent>,
         starting: impl Fn(&NodeId) -> BuildEvent,
     ) -> Result<Received, StepFailed> {
+        let registry = &self.registry;
         let timeout = match work {
             BuildWork::Step { .. } => STEP_TIMEOUT,
             BuildWork::DebianBase { .. } | BuildWork::Import { .. } => BASE_TIMEOUT,
@@ -487,6 +472,17 @@ impl BuildService {
     }
 }
 
+/// The event a step (`index`; 0 is the base) built on a node starts with.
+fn building(index: usize, total: usize, summary: &str) -> impl Fn(&NodeId) -> BuildEvent + '_ {
+    move |n| BuildEvent::Step {
+        index,
+        total,
+        summary: summary.to_owned(),
+        cached: false,
+        node: Some(n.to_string()),
+    }
+}
+
 /// What a node's share of a build brought back, in the registry already.
 enum Received {
     /// One layer: its digest and size.
@@ -545,18 +541,11 @@ async fn exchange(
                 user,
                 layers,
             } => {
-                let mut image = ImageDoc {
-                    manifest: json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}),
-                    config: json!({
-                        "architecture": "amd64",
-                        "os": "linux",
-                        "config": {"Env": env, "Cmd": cmd, "Entrypoint": entrypoint,
-                                   "WorkingDir": workdir.unwrap_or_default(),
-                                   "User": user.unwrap_or_default()},
-                        "rootfs": {"type": "layers", "diff_ids": []},
-                        "history": [],
-                    }),
-                };
+                let mut image = ImageDoc::without_layers(json!({
+                    "Env": env, "Cmd": cmd, "Entrypoint": entrypoint,
+                    "WorkingDir": workdir.unwrap_or_default(),
+                    "User": user.unwrap_or_default(),
+                }));
                 for i in 0..layers {
                     let bytes = match crate::control::read_reply::<BuildFrame>(&mut rx)
                         .await

@@ -209,7 +209,7 @@ pub async fn run(
         cancel.clone(),
     ));
     let builds = crate::builds::BuildService::new(
-        Some(registry.clone()),
+        registry.clone(),
         nodes.clone(),
         cluster.clone(),
         cfg.debian_mirror.clone(),

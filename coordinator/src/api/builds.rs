@@ -29,9 +29,6 @@ pub(super) async fn build_image(
             field: Some(field),
             message,
         },
-        e @ crate::builds::BuildError::NoRegistry => ApiError::Unavailable {
-            message: e.to_string(),
-        },
     })?;
     let lines = futures_util::stream::unfold(events, |mut events| async move {
         let event = events.recv().await?;
