@@ -729,7 +729,13 @@ async fn store_manifest(
             format!("the manifest is {digest}, not {reference}"),
         ));
     }
-    let tmp = state.root.join("uploads").join(format!("manifest-{hex}"));
+    // Unique per write: two writers of one manifest (two builds of one recipe, two
+    // pushes) must not rename each other's file away.
+    let id = new_upload_id()?;
+    let tmp = state
+        .root
+        .join("uploads")
+        .join(format!("manifest-{hex}-{id}"));
     tokio::fs::write(&tmp, bytes).await.map_err(io_error)?;
     tokio::fs::write(state.root.join("media-types").join(&hex), media.as_bytes())
         .await
@@ -747,7 +753,7 @@ async fn store_manifest(
         }
         let dir = state.root.join("tags").join(repo);
         tokio::fs::create_dir_all(&dir).await.map_err(io_error)?;
-        let tmp = dir.join(format!(".{reference}.tmp"));
+        let tmp = dir.join(format!(".{reference}.{id}.tmp"));
         tokio::fs::write(&tmp, digest.as_bytes())
             .await
             .map_err(io_error)?;
