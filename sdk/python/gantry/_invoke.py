@@ -1,0 +1,213 @@
+"""Calls to a deployed function through the coordinator's API: one input (`remote`,
+`spawn`), or many streamed into one open map (`map`, `starmap`, `for_each`) with outputs
+read in pages as they end (docs/functions.md, "Streamed maps")."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import _http, _serialization
+from .exception import FunctionTimeoutError, InvalidError, TimeoutError
+
+#: Inputs one append carries, and the most a map holds outstanding (the API's limits).
+CHUNK = 1000
+#: The longest one long poll asks for.
+LONG_POLL = 55.0
+
+
+def call_path(app: str, function: str) -> str:
+    return f"/v1/apps/{app}/functions/{function}/calls"
+
+
+def result_of(view: Dict[str, Any]) -> Any:
+    """An ended input's value, or the exception it raised (returned, not raised)."""
+    if view.get("error"):
+        return _serialization.exception_of(view["error"])
+    out = view.get("output")
+    if out is None:
+        return None
+    value = _serialization.from_payload(out)
+    return unwrap(value)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def unwrap(value: Any) -> Any:
+    """The runtime's envelope: `{"v": value}` or `{"g": [items]}`, with `"o"`, what the
+    input printed, shown here as it arrives."""
+    if isinstance(value, dict) and ("v" in value or "g" in value):
+        printed = value.get("o")
+        if printed:
+            import sys
+
+            sys.stdout.write(printed)
+            sys.stdout.flush()
+        return value["g"] if "g" in value else value["v"]
+    return value
+
+
+def wait_call(call_id: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Waits for every input of the call to end; returns its view. `timeout` (seconds)
+    raises `TimeoutError` when it passes first."""
+    client = _http.client()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = LONG_POLL
+        if deadline is not None:
+            wait = max(0.0, min(LONG_POLL, deadline - time.monotonic()))
+        ms = int(wait * 1000)
+        _, view = client.request("GET", f"/v1/calls/{call_id}?wait={ms}ms")
+        if view["state"] != "running":
+            return view
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"call {call_id} has not finished within {timeout} s")
+
+
+def single(app: str, function: str, envelope: Any) -> Any:
+    """`.remote()`: one input, waited for; the value, or its exception raised."""
+    client = _http.client()
+    status, view = client.request(
+        "POST", call_path(app, function), {"input": _serialization.payload(envelope), "wait": True}
+    )
+    if status == 202 or view["state"] == "running":
+        view = wait_call(view["id"])
+    return raise_or_value(view["results"][0])
+
+
+def raise_or_value(result: Dict[str, Any]) -> Any:
+    value = result_of(result)
+    if isinstance(value, BaseException) and result.get("error"):
+        raise value
+    return value
+
+
+def spawn(app: str, function: str, envelope: Any) -> str:
+    client = _http.client()
+    _, view = client.request(
+        "POST", call_path(app, function), {"input": _serialization.payload(envelope), "wait": False}
+    )
+    return view["id"]
+
+
+def mapped(app: str, function: str, envelopes: Iterable[Any], order_outputs: bool,
+           return_exceptions: bool) -> Iterator[Any]:
+    """Streams `envelopes` into one open map and yields each output as it ends, in input
+    order or in completion order. An input's exception is raised (the map is cancelled),
+    or yielded with `return_exceptions`."""
+    client = _http.client()
+    _, view = client.request(
+        "POST", call_path(app, function), {"inputs": [], "open": True, "wait": False}
+    )
+    call_id = view["id"]
+    failure: List[BaseException] = []
+    sent = [0]
+    closed = threading.Event()
+
+    def feed() -> None:
+        try:
+            batch: List[Dict[str, str]] = []
+            for env in envelopes:
+                batch.append(_serialization.payload(env))
+                if len(batch) == CHUNK:
+                    append(batch, False)
+                    batch = []
+            append(batch, True)
+        except BaseException as e:  # surfaced by the reader
+            failure.append(e)
+            try:
+                client.request("POST", f"/v1/calls/{call_id}/cancel")
+            except Exception:
+                pass
+        finally:
+            closed.set()
+
+    def append(batch: List[Dict[str, str]], close: bool) -> None:
+        while True:
+            status, answer = client.request(
+                "POST",
+                f"/v1/calls/{call_id}/inputs",
+                {"start": sent[0], "inputs": batch, "close": close},
+                ok=(200, 429),
+            )
+            if status == 200:
+                sent[0] = answer["inputs"]
+                return
+            time.sleep(0.05)
+
+    feeder = threading.Thread(target=feed, name="gantry-map-feed", daemon=True)
+    feeder.start()
+    order = "input" if order_outputs else "completion"
+    cursor = 0
+    try:
+        while True:
+            _, page = client.request(
+                "GET",
+                f"/v1/calls/{call_id}/outputs?from={cursor}&order={order}&limit={CHUNK}&wait=30s",
+            )
+            if failure:
+                raise failure[0]
+            for r in page["results"]:
+                value = result_of(r)
+                if r.get("error") and not return_exceptions:
+                    raise value
+                yield value
+            cursor = page["next"]
+            if page["done"]:
+                break
+    except BaseException:
+        try:
+            client.request("POST", f"/v1/calls/{call_id}/cancel")
+        except Exception:
+            pass
+        raise
+    finally:
+        feeder.join(timeout=1)
+    if failure:
+        raise failure[0]
+
+
+class FunctionCall:
+    """A spawned call: `get(timeout)` waits for its value, `cancel()` ends it."""
+
+    def __init__(self, object_id: str):
+        self.object_id = object_id
+
+    @staticmethod
+    def from_id(function_call_id: str) -> "FunctionCall":
+        if not isinstance(function_call_id, str) or not function_call_id:
+            raise InvalidError(f"not a call id: {function_call_id!r}")
+        return FunctionCall(function_call_id)
+
+    def get(self, timeout: Optional[float] = None) -> Any:
+        view = wait_call(self.object_id, timeout)
+        results = view["results"]
+        if len(results) == 1:
+            return raise_or_value(results[0])
+        return [raise_or_value(r) for r in results]
+
+    def get_gen(self) -> Iterator[Any]:
+        yield from self.get()
+
+    def cancel(self, terminate_containers: bool = False) -> None:
+        _http.client().request("POST", f"/v1/calls/{self.object_id}/cancel")
+
+    def get_call_graph(self) -> list:
+        return []
+
+    def __repr__(self) -> str:
+        return f"FunctionCall({self.object_id!r})"
+
+
+def envelopes_for(iterables: Tuple[Iterable[Any], ...], kwargs: Dict[str, Any],
+                  wrap) -> Iterator[Any]:
+    for args in zip(*iterables):
+        yield wrap(args, kwargs)
+
+
+def timeout_error(message: str) -> FunctionTimeoutError:
+    return FunctionTimeoutError(message)

@@ -1,0 +1,112 @@
+"""Functions the SDK's tests deploy: written as a Modal user would, with `import gantry
+as modal`."""
+
+import os
+import time
+
+import gantry as modal
+
+app = modal.App("sdk-basics")
+volume = modal.Volume.from_name("sdk-tests", create_if_missing=True)
+secret = modal.Secret.from_dict({"SDK_SECRET": "s3cret"})
+
+
+class Custom(Exception):
+    pass
+
+
+@app.function()
+def square(x):
+    return x * x
+
+
+@app.function()
+def shout(text, suffix="!"):
+    print(f"shouting {text}")
+    return text.upper() + suffix
+
+
+@app.function()
+def fail(kind):
+    if kind == "value":
+        raise ValueError("bad value")
+    raise Custom("custom failure")
+
+
+@app.function()
+def count(n):
+    for i in range(n):
+        yield i
+
+
+@app.function()
+@modal.batched(max_batch_size=4, wait_ms=200)
+def double_all(xs):
+    return [(x * 2, len(xs)) for x in xs]
+
+
+@app.function()
+@modal.concurrent(max_inputs=3)
+def slow(x):
+    time.sleep(0.3)
+    return x
+
+
+@app.function()
+def where():
+    return {"local": modal.is_local(), "cwd": os.getcwd()}
+
+
+@app.function(retries=modal.Retries(max_retries=2, initial_delay=0.0, max_delay=1.0),
+              volumes={"/data": volume})
+def flaky(marker):
+    # Fails on the first try of each input, succeeds on the retry: the marker lives in a
+    # volume so that the retry (maybe in another container) sees it.
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("first try fails")
+    return "second try"
+
+
+@app.function(volumes={"/data": volume}, secrets=[secret])
+def volume_and_secret(name, text):
+    with open(f"/data/{name}", "w") as f:
+        f.write(text + " " + os.environ["SDK_SECRET"])
+    volume.commit()
+    return sorted(os.listdir("/data"))
+
+
+@app.cls()
+class Counter:
+    start: int = modal.parameter(default=0)
+
+    @modal.enter()
+    def setup(self):
+        self.calls = 0
+        self.entered = time.time()
+
+    @modal.method()
+    def bump(self):
+        self.calls += 1
+        return self.start + self.calls
+
+    @modal.exit()
+    def bye(self):
+        print("bye")
+
+
+def hello_wsgi(environ, start_response):
+    body = f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']} {environ['QUERY_STRING']}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-Gantry-Test", "yes")])
+    return [body]
+
+
+@app.function()
+@modal.wsgi_app()
+def web():
+    return hello_wsgi
+
+
+@app.local_entrypoint()
+def main(x: int = 3, name: str = "world"):
+    print(f"square {square.remote(x)} {shout.remote(name)}")

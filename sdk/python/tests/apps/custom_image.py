@@ -1,0 +1,31 @@
+"""An image built in the cluster from steps written in Python."""
+
+import os
+
+import gantry as modal
+
+image = (
+    modal.Image.debian_slim()
+    .run_commands("echo built > /built.txt")
+    .pip_install("six")
+    .env({"GREETING": "hi"})
+    .add_local_file(os.path.join(os.path.dirname(__file__), "data.txt"), "/opt/data.txt")
+    .add_local_python_source("sdk_helper")
+)
+app = modal.App("sdk-image", image=image)
+
+
+@app.function()
+def inspect_image():
+    import six  # installed by pip_install
+
+    import sdk_helper
+
+    with open("/built.txt") as a, open("/opt/data.txt") as b:
+        return {
+            "built": a.read().strip(),
+            "data": b.read().strip(),
+            "greeting": os.environ["GREETING"],
+            "six": six.__name__,
+            "helper": sdk_helper.greet("image"),
+        }
