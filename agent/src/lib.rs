@@ -3,8 +3,10 @@
 //! the event outbox), [`join`] joins a cluster, [`local`] holds the one-shot operator
 //! commands. Below them: images (pull, import, content-addressed layer cache), the
 //! container runtime (shims that run containers through libcontainer and outlive the
-//! agent), GPU discovery and device injection, gossip, the local store and volumes.
+//! agent), GPU discovery and device injection, gossip, the local store, volumes and code
+//! mounts (trees of registry blobs, cached by content).
 
+pub mod code;
 pub mod config;
 pub mod control;
 pub mod daemon;

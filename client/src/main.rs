@@ -14,7 +14,11 @@ use gantry_shared::calls::OutputOrder;
 #[command(
     name = "gantry",
     version,
-    about = "Gantry: run jobs on your own GPU hosts"
+    about = "Gantry: run jobs on your own GPU hosts",
+    after_help = "Python apps (the Python SDK, run as `$GANTRY_PYTHON -m gantry`, python3 by default):\n  \
+        gantry run FILE.py[::FUNCTION] [ARGS...]   run an ephemeral app until the command ends\n  \
+        gantry deploy FILE.py [ARGS...]            deploy a persistent app\n  \
+        gantry serve FILE.py [ARGS...]             deploy, and redeploy when its files change"
 )]
 struct Cli {
     /// Print data as JSON.
@@ -414,7 +418,13 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(args) = gantry_client::python::handoff(&argv) {
+        let python = std::env::var_os(gantry_client::python::PYTHON_VAR);
+        eprintln!("gantry: {}", gantry_client::python::exec(python, args));
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse_from(argv);
     if !matches!(cli.command, Command::Dev { .. }) {
         exit_quietly_on_closed_pipe();
     }

@@ -1,6 +1,7 @@
 //! Whether the image a job or a function names can be found anywhere, judged when it is
 //! submitted, so a short name that exists nowhere is refused with how to push it instead of
-//! failing later on a node with advice for that node's operator.
+//! failing later on a node with advice for that node's operator. Likewise for the blobs a
+//! function's code mounts name: each must be in the embedded registry at deploy.
 //!
 //! A qualified name (`registry.example.com/x`) is pulled from its own registry and not
 //! judged here. A short one (`busybox`, `team/x:v1`) resolves on a node to an image in the
@@ -12,6 +13,7 @@
 //! block work that runs.
 
 use gantry_shared::NodeId;
+use gantry_shared::code::CodeMount;
 use gantry_shared::image_name::{is_qualified, registry_path};
 
 use crate::nodes::liveness::{Cluster, Liveness, NodeStatus};
@@ -59,6 +61,21 @@ pub fn on_nodes(image: &str, nodes: &[NodeStatus]) -> OnNodes {
 )]
 pub struct ImageNotFound {
     pub image: String,
+    pub registry: PushTo,
+}
+
+/// A code mount's file whose blob is not in the cluster's registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "file `{path}` ({digest}) is not in the cluster's registry; upload it first: `POST \
+     {scheme}://{addr}/v2/gantry-code/blobs/uploads/?digest={digest}` with the file as the \
+     body and a submitter token (`Authorization: Bearer $GANTRY_TOKEN`), then deploy again",
+    addr = .registry.address,
+    scheme = if .registry.tls { "https" } else { "http" }
+)]
+pub struct CodeMissing {
+    pub path: String,
+    pub digest: String,
     pub registry: PushTo,
 }
 
@@ -114,6 +131,36 @@ impl ImageCheck {
             image: image.to_owned(),
             registry: self.push_to.clone(),
         })
+    }
+
+    /// Refuses code mounts that name a blob the registry lacks (the first such file).
+    pub async fn require_code(&self, mounts: &[CodeMount]) -> Result<(), CodeMissing> {
+        let files: Vec<(String, String)> = mounts
+            .iter()
+            .flat_map(|m| &m.files)
+            .map(|f| (f.path.to_string(), f.digest.to_string()))
+            .collect();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let registry = self.registry.clone();
+        // Up to 20,000 files a function: their checks are file-system calls.
+        let missing = tokio::task::spawn_blocking(move || {
+            let mut seen = std::collections::HashSet::new();
+            files
+                .into_iter()
+                .find(|(_, digest)| seen.insert(digest.clone()) && !registry.has_blob(digest))
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match missing {
+            None => Ok(()),
+            Some((path, digest)) => Err(CodeMissing {
+                path,
+                digest,
+                registry: self.push_to.clone(),
+            }),
+        }
     }
 }
 

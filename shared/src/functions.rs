@@ -87,6 +87,10 @@ pub struct FunctionSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(value_type = BTreeMap<String, String>)]
     pub volumes: crate::volumes::VolumeMounts,
+    /// Files mounted read-only into each container, by the digest of blobs already in the
+    /// cluster's registry: `[[functions.NAME.mounts]]` with a `path` and its `files`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::code::CodeMount>,
     /// Called with an empty input on a cron expression or every period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<crate::schedules::ScheduleSpec>,
@@ -465,6 +469,9 @@ impl FunctionSpec {
         if let Err(e) = crate::volumes::check_mounts(&self.volumes) {
             return err("volumes", e.to_string());
         }
+        if let Err(e) = crate::code::check_mounts(&self.mounts, &self.volumes) {
+            return err("mounts", e.to_string());
+        }
         if let Some(schedule) = &self.schedule {
             if self.web.is_some() {
                 return err(
@@ -764,6 +771,41 @@ mod tests {
 
     fn manifest(toml_text: &str) -> AppManifest {
         toml::from_str(toml_text).expect("manifest parses")
+    }
+
+    #[test]
+    fn code_mounts_parse_from_toml_and_their_mistakes_name_the_field() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let text = |mounts: &str| {
+            format!(
+                "app = \"a\"\n[functions.f]\nimage = \"x\"\nvolumes = {{ \"/data\" = \"v\" }}\n{mounts}"
+            )
+        };
+        let ok = manifest(&text(&format!(
+            "[[functions.f.mounts]]\npath = \"/root\"\nfiles = [{{ path = \"app.py\", digest = \"{a}\" }}]\n\
+             [[functions.f.mounts]]\npath = \"/opt/code\"\nfiles = [{{ path = \"bin/run\", digest = \"{a}\", executable = true }}]\n"
+        )));
+        ok.validate().expect("valid");
+        let f = &ok.functions[&FunctionName::new("f").expect("name")];
+        assert_eq!(f.mounts.len(), 2);
+        assert!(f.mounts[1].files[0].executable);
+        let e = manifest(&text(&format!(
+            "[[functions.f.mounts]]\npath = \"/data\"\nfiles = [{{ path = \"a\", digest = \"{a}\" }}]\n"
+        )))
+        .validate()
+        .expect_err("on a volume")
+        .to_string();
+        assert!(e.starts_with("functions.f.mounts: "), "{e}");
+        let bad = toml::from_str::<AppManifest>(&text(&format!(
+            "[[functions.f.mounts]]\npath = \"/root\"\nfiles = [{{ path = \"../x\", digest = \"{a}\" }}]\n"
+        )))
+        .expect_err("bad path")
+        .to_string();
+        assert!(bad.contains("`../x`"), "{bad}");
+        // None is written back as none.
+        let plain = manifest(&text(""));
+        let json = serde_json::to_value(&plain).expect("json");
+        assert!(json["functions"]["f"].get("mounts").is_none(), "{json}");
     }
 
     #[test]

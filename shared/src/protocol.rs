@@ -18,8 +18,9 @@ use crate::volumes::{VolumeBackend, VolumeName, VolumeOp};
 /// Bumped on any incompatible change to the messages below. 5: `joined` and `welcome`
 /// carry the cluster's gossip key. 7: web endpoints served through the runtime API. 8:
 /// secrets in `AttemptSpec`. 9: volumes (`Command::Volume`, `AttemptSpec.volumes`, a
-/// node's shared volume storage in its capacity). 10: image builds (`Command::Build`).
-pub const PROTOCOL_VERSION: u32 = 10;
+/// node's shared volume storage in its capacity). 10: image builds (`Command::Build`). 11:
+/// code mounts (`AttemptSpec.code`).
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -334,6 +335,9 @@ pub struct AttemptSpec {
     /// The volumes mounted into the container.
     #[serde(default)]
     pub volumes: Vec<crate::volumes::VolumeAttach>,
+    /// The code mounts the agent assembles from registry blobs and mounts read-only.
+    #[serde(default)]
+    pub code: Vec<crate::code::CodeMount>,
 }
 
 /// How a function container is served its inputs.

@@ -380,3 +380,54 @@ fn gantry_dev_on_a_terminal_shows_only_its_childrens_warnings_as_text() {
         "--verbose shows the children's info lines as text:\n{verbose}"
     );
 }
+
+/// `gantry run FILE.py…` (and `deploy`, `serve`) replace the CLI with the Python SDK:
+/// `$GANTRY_PYTHON -m gantry run FILE.py… ARGS…`, its exit status the command's.
+#[test]
+fn python_apps_are_handed_to_the_sdk() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let python = dir.path().join("python");
+    std::fs::write(&python, "#!/bin/sh\necho \"python $*\"\nexit 3\n").expect("script");
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sdk = |args: &[&str], python: &Path| {
+        Command::new(binary("gantry"))
+            .env("HOME", dir.path())
+            .env("GANTRY_PYTHON", python)
+            .args(args)
+            .output()
+            .expect("gantry")
+    };
+    let out = sdk(&["run", "app.py::f", "x", "--flag"], &python);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "python -m gantry run app.py::f x --flag\n"
+    );
+    assert_eq!(out.status.code(), Some(3), "the SDK's exit status");
+    for (args, want) in [
+        (
+            &["deploy", "app.py"][..],
+            "python -m gantry deploy app.py\n",
+        ),
+        (
+            &["serve", "dir/app.py"][..],
+            "python -m gantry serve dir/app.py\n",
+        ),
+    ] {
+        assert_eq!(String::from_utf8_lossy(&sdk(args, &python).stdout), want);
+    }
+    // A missing interpreter is named.
+    let out = sdk(&["run", "app.py"], &dir.path().join("no-such-python"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("GANTRY_PYTHON") && err.contains("no-such-python"),
+        "{err}"
+    );
+    // The CLI's own commands are untouched.
+    let out = sdk(&["deploy", "-f", "missing.toml"], &python);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("python"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    let help = sdk(&["--help"], &python);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("gantry run FILE.py[::FUNCTION]"));
+}

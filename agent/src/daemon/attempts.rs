@@ -1,5 +1,5 @@
 //! Attempts on this node: taking a start (fencing stale generations), starting (GPU health,
-//! image resolution, early stops), stopping, watching, reporting each end through the
+//! image resolution, volumes and code mounts, early stops), stopping, watching, reporting each end through the
 //! outbox, resuming after an agent restart, and collecting old exited containers.
 
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ use super::functions::Functions;
 use super::generations::Generations;
 use super::gpus::GpuGuard;
 use super::outbox::Outbox;
+use crate::code::{CODE_REPO, CodeCache, RegistryBlobs};
 use crate::control::ClusterRegistry;
 use crate::image::{ImageStore, RegistryAuth, Scheme};
 use crate::invoke::{self, FunctionServer};
@@ -57,6 +58,8 @@ pub(super) struct Attempts {
     functions: Arc<Functions>,
     /// Where the volumes containers mount are on this host.
     volumes: Volumes,
+    /// Code mounts' trees, assembled from registry blobs.
+    code: CodeCache,
 }
 
 impl Attempts {
@@ -67,7 +70,7 @@ impl Attempts {
         generations: Generations,
         gpus: Arc<GpuGuard>,
         functions: Arc<Functions>,
-        volumes: Volumes,
+        (volumes, code): (Volumes, CodeCache),
     ) -> Self {
         Self {
             runtime,
@@ -80,6 +83,7 @@ impl Attempts {
             early_stops: Mutex::default(),
             functions,
             volumes,
+            code,
         }
     }
 
@@ -378,6 +382,40 @@ impl Attempts {
         Ok(())
     }
 
+    /// Adds read-only mounts of the spec's code trees to `req`, assembling on this node the
+    /// ones it lacks from the cluster registry's blobs; returns how long that took in ms.
+    /// A blob the registry does not have fails the start for good; an unreachable
+    /// registry is [`StartFailure::Registry`] (placed again).
+    async fn mount_code(
+        &self,
+        spec: &AttemptSpec,
+        req: &mut ContainerRequest,
+    ) -> Result<u64, (StartFailure, String)> {
+        if spec.code.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let source = RegistryBlobs {
+            images: self.images.clone(),
+            place: self.locate(CODE_REPO),
+        };
+        for mount in &spec.code {
+            let tree = self.code.tree(mount, &source).await.map_err(|e| {
+                (
+                    e.failure(),
+                    format!("code mount at {}: {e}", mount.path.as_str()),
+                )
+            })?;
+            req.binds.push(BindMount {
+                source: tree,
+                destination: mount.path.as_str().to_owned(),
+                read_only: true,
+                exec: true,
+            });
+        }
+        Ok(started.elapsed().as_millis() as u64)
+    }
+
     /// Whether a stop for `id` arrived before its start got that far (kept for the start).
     fn has_early_stop(&self, id: &ContainerId) -> bool {
         self.early_stops
@@ -393,7 +431,7 @@ impl Attempts {
             self.start_failed(&spec, StartFailure::Node, bad.join(", "));
             return;
         }
-        let (image, image_ms) = match self.resolve_image(&id, &spec).await {
+        let (image, mut image_ms) = match self.resolve_image(&id, &spec).await {
             Ok(resolved) => resolved,
             Err((failure, message)) => {
                 self.start_failed(&spec, failure, message);
@@ -424,6 +462,14 @@ impl Attempts {
         if let Err((failure, message)) = self.mount_volumes(&spec, &mut req).await {
             self.start_failed(&spec, failure, message);
             return;
+        }
+        // Fetching code counts as getting the image.
+        match self.mount_code(&spec, &mut req).await {
+            Ok(ms) => image_ms += ms,
+            Err((failure, message)) => {
+                self.start_failed(&spec, failure, message);
+                return;
+            }
         }
         let server = match &spec.function {
             Some(function) => match self.serve_function(&id, &attempt, function, &mut req) {

@@ -23,6 +23,7 @@ use gantry_shared::now_ms;
 use gantry_shared::protocol::NodeCapacity;
 use tokio_util::sync::CancellationToken;
 
+use crate::code::{CodeCache, CodeError};
 use crate::config::AgentConfig;
 use crate::control::{ControlError, HelloInfo, NodeIdentity};
 use crate::gossip::{GossipSettings, Publisher};
@@ -58,6 +59,8 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Code(#[from] CodeError),
     #[error("gossip: {0}")]
     Gossip(#[from] gantry_membership::MembershipError),
     #[error(
@@ -109,7 +112,10 @@ pub async fn run(
         Generations::open(store)?,
         gpus.clone(),
         functions.clone(),
-        volumes.clone(),
+        (
+            volumes.clone(),
+            CodeCache::open(config.state_dir.join("code"))?,
+        ),
     ));
     gpus.restore_marks();
     attempts.resume();

@@ -65,6 +65,8 @@ pub enum ImageError {
         "image `{name}` is not on this host; pull it (`gantry-agent image pull REF`) or import it (`gantry-agent image import DIR --name NAME`)"
     )]
     NotFound { name: String },
+    #[error("blob {digest} is not in the registry of `{reference}`")]
+    BlobNotFound { reference: String, digest: String },
     #[error(
         "`{reference}` is not a valid image reference ({reason}); use e.g. `registry.example.com/team/train:v1`"
     )]

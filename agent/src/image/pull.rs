@@ -240,6 +240,54 @@ impl ImageStore {
         Ok(rec)
     }
 
+    /// Streams blob `digest` from the registry and repository `reference` names
+    /// (`host:port/repo`; every repository of the embedded registry reaches every blob)
+    /// into `out`; the client checks the bytes against the digest as they come. A blob the
+    /// registry does not have is [`ImageError::BlobNotFound`].
+    pub async fn pull_blob_from<W: tokio::io::AsyncWrite + Send>(
+        &self,
+        reference: &str,
+        auth: &RegistryAuth,
+        scheme: Scheme,
+        digest: &str,
+        out: W,
+    ) -> Result<(), ImageError> {
+        let image: Reference =
+            reference
+                .parse()
+                .map_err(|e: oci_client::ParseError| ImageError::BadReference {
+                    reference: reference.to_owned(),
+                    reason: e.to_string(),
+                })?;
+        let client = self.client(image.resolve_registry(), scheme);
+        client
+            .auth(&image, auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| registry_error(reference, e))?;
+        client
+            .pull_blob(&image, digest, out)
+            .await
+            .map_err(|e| match e {
+                OciDistributionError::RegistryError { ref envelope, .. }
+                    if has_code(envelope, &[OciErrorCode::BlobUnknown]) =>
+                {
+                    ImageError::BlobNotFound {
+                        reference: reference.to_owned(),
+                        digest: digest.to_owned(),
+                    }
+                }
+                OciDistributionError::DigestError(DigestError::VerificationError {
+                    actual,
+                    ..
+                }) => ImageError::DigestMismatch {
+                    reference: reference.to_owned(),
+                    digest: digest.to_owned(),
+                    actual,
+                },
+                e => registry_error(reference, e),
+            })
+    }
+
     async fn fetch_layer(
         &self,
         client: &Client,

@@ -104,6 +104,9 @@ pub enum ApiError {
     /// A short image name that is nowhere (`crate::images`); `field` names where it was.
     #[error("{message}")]
     ImageNotFound { field: String, message: String },
+    /// A code mount at `field` names a blob the registry lacks.
+    #[error("{message}")]
+    CodeMissing { field: String, message: String },
     /// A secret named at `field` does not exist.
     #[error("{message}")]
     SecretNotFound { field: String, message: String },
@@ -131,6 +134,14 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// A code mount at `field` names a blob the registry lacks.
+    pub(super) fn code_missing(field: String, e: crate::images::CodeMissing) -> Self {
+        ApiError::CodeMissing {
+            message: format!("{field}: {e}"),
+            field,
+        }
+    }
+
     /// What a secrets error means to a caller; `field` names where the secret was named.
     pub(super) fn secret(field: &str, e: crate::secrets::SecretStoreError) -> Self {
         use crate::secrets::SecretStoreError as E;
@@ -271,6 +282,11 @@ impl IntoResponse for ApiError {
             ApiError::ImageNotFound { field, .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "image_not_found",
+                Some(field.clone()),
+            ),
+            ApiError::CodeMissing { field, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "code_missing",
                 Some(field.clone()),
             ),
             ApiError::SecretNotFound { field, .. } => (

@@ -81,11 +81,13 @@ fn call_id(raw: String) -> Result<CallId, ApiError> {
 
 /// Deploy a new immutable version of an app (its manifest: `gantry.toml` as JSON). New
 /// calls go to it; inputs in flight finish on the version they started on. A function whose
-/// short image name is neither in the cluster's registry nor on any node is 422.
+/// short image name is neither in the cluster's registry nor on any node is 422
+/// `image_not_found`; one whose code mounts name a blob the registry lacks, 422
+/// `code_missing`.
 #[utoipa::path(post, path = "/v1/apps/{app}/deployments", params(("app" = String, Path)),
     request_body = AppManifest,
     responses((status = 201, body = DeploymentView), (status = 400, body = gantry_shared::api::ErrorBody),
-        (status = 422, body = gantry_shared::api::ErrorBody)))]
+        (status = 422, description = "`image_not_found`, `code_missing` (a code mount's blob is not in the registry), `secret_not_found` or `volume_not_found`", body = gantry_shared::api::ErrorBody)))]
 pub(super) async fn deploy(
     State(state): State<ApiState>,
     caller: Caller,
@@ -112,6 +114,11 @@ pub(super) async fn deploy(
             .require(&function.image)
             .await
             .map_err(|e| ApiError::image_not_found(format!("functions.{name}.image"), e))?;
+        state
+            .images
+            .require_code(&function.mounts)
+            .await
+            .map_err(|e| ApiError::code_missing(format!("functions.{name}.mounts"), e))?;
     }
     let deployment = state.functions.deploy(manifest)?;
     Ok((StatusCode::CREATED, Json(deployment)).into_response())

@@ -1508,6 +1508,7 @@ fn start_spec(
         timeout_ms: None,
         secrets: Vec::new(),
         volumes: gantry_shared::volumes::attaches(&spec.volumes),
+        code: spec.mounts.clone(),
         function: Some(FunctionRuntime {
             // A web endpoint's container holds up to its `max_concurrency` requests.
             max_inputs: spec

@@ -439,6 +439,7 @@ pub fn start_command(job: &Job, members: &[&Attempt], member: &Attempt) -> Comma
         function: None,
         secrets: Vec::new(),
         volumes: gantry_shared::volumes::attaches(&job.spec.volumes),
+        code: Vec::new(),
     })
 }
 
