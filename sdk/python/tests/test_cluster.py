@@ -148,10 +148,11 @@ def test_cli_run_hands_over_to_the_sdk(cluster):
     text = out.stdout.decode()
     assert "shouting you" in text  # printed in the container, shown here
     assert "square 16 YOU!" in text
-    # A function named after `::` is called with options from its signature.
+    # A function named after `::` is called with options from its signature (strings,
+    # without annotations, as Modal's CLI does).
     out = subprocess.run(
         [__import__("conftest").gantry_bin(), "run",
-         os.path.join(here, "apps", "basics.py") + "::square", "--x", "5"],
+         os.path.join(here, "apps", "basics.py") + "::shout", "--text", "cli"],
         env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()
-    assert out.stdout.decode().strip().endswith("25")
+    assert out.stdout.decode().strip().endswith("CLI!")
