@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use crate::volumes::{MountPath, VolumeMounts};
+use crate::volumes::{MountPath, VolumeMounts, string_newtype};
 
 /// Code mounts one function has at most.
 pub const MAX_MOUNTS: usize = 8;
@@ -76,24 +76,7 @@ impl BlobDigest {
     }
 }
 
-impl TryFrom<String> for BlobDigest {
-    type Error = CodeError;
-    fn try_from(s: String) -> Result<Self, CodeError> {
-        Self::new(s)
-    }
-}
-
-impl From<BlobDigest> for String {
-    fn from(d: BlobDigest) -> String {
-        d.0
-    }
-}
-
-impl std::fmt::Display for BlobDigest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_newtype!(BlobDigest, CodeError);
 
 /// A file's path inside its mount: relative, plain non-empty components joined by `/`
 /// (no `.`, no `..`, no NUL), at most [`MAX_PATH_BYTES`].
@@ -138,24 +121,7 @@ impl CodePath {
     }
 }
 
-impl TryFrom<String> for CodePath {
-    type Error = CodeError;
-    fn try_from(s: String) -> Result<Self, CodeError> {
-        Self::new(s)
-    }
-}
-
-impl From<CodePath> for String {
-    fn from(p: CodePath) -> String {
-        p.0
-    }
-}
-
-impl std::fmt::Display for CodePath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_newtype!(CodePath, CodeError);
 
 /// One file of a code mount: where it goes and the blob that holds its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -168,10 +168,12 @@ impl VolumePath {
     }
 }
 
+/// `TryFrom<String>` (through `new`, whose error is `$e`), `Into<String>` and `Display` for
+/// a checked string newtype: serde reads it with `try_from = "String"`.
 macro_rules! string_newtype {
-    ($t:ty) => {
+    ($t:ty, $e:ty) => {
         impl TryFrom<String> for $t {
-            type Error = VolumeError;
+            type Error = $e;
             fn try_from(s: String) -> Result<Self, Self::Error> {
                 Self::new(s)
             }
@@ -188,9 +190,10 @@ macro_rules! string_newtype {
         }
     };
 }
-string_newtype!(VolumeName);
-string_newtype!(MountPath);
-string_newtype!(VolumePath);
+pub(crate) use string_newtype;
+string_newtype!(VolumeName, VolumeError);
+string_newtype!(MountPath, VolumeError);
+string_newtype!(VolumePath, VolumeError);
 
 /// Where a volume's files live.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]

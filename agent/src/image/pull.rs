@@ -162,6 +162,23 @@ impl ImageStore {
         })
     }
 
+    /// `reference` parsed, and a client for its registry.
+    fn client_for(
+        &self,
+        reference: &str,
+        scheme: Scheme,
+    ) -> Result<(Reference, Client), ImageError> {
+        let image: Reference =
+            reference
+                .parse()
+                .map_err(|e: oci_client::ParseError| ImageError::BadReference {
+                    reference: reference.to_owned(),
+                    reason: e.to_string(),
+                })?;
+        let client = self.client(image.resolve_registry(), scheme);
+        Ok((image, client))
+    }
+
     /// Pulls `reference` and records it under its full name (`registry/repo:tag`).
     pub async fn pull(
         &self,
@@ -179,14 +196,7 @@ impl ImageStore {
         auth: &RegistryAuth,
         scheme: Scheme,
     ) -> Result<ImageRecord, ImageError> {
-        let image: Reference =
-            reference
-                .parse()
-                .map_err(|e: oci_client::ParseError| ImageError::BadReference {
-                    reference: reference.to_owned(),
-                    reason: e.to_string(),
-                })?;
-        let client = self.client(image.resolve_registry(), scheme);
+        let (image, client) = self.client_for(reference, scheme)?;
         let registry_err = |e: OciDistributionError| registry_error(reference, e);
         let (manifest, digest, config) = client
             .pull_manifest_and_config(&image, auth)
@@ -252,14 +262,7 @@ impl ImageStore {
         digest: &str,
         out: W,
     ) -> Result<(), ImageError> {
-        let image: Reference =
-            reference
-                .parse()
-                .map_err(|e: oci_client::ParseError| ImageError::BadReference {
-                    reference: reference.to_owned(),
-                    reason: e.to_string(),
-                })?;
-        let client = self.client(image.resolve_registry(), scheme);
+        let (image, client) = self.client_for(reference, scheme)?;
         client
             .auth(&image, auth, oci_client::RegistryOperation::Pull)
             .await
