@@ -376,6 +376,35 @@ def main():
         w("Not measured in this run.")
     w("")
 
+    # The Python SDK.
+    w("## Python SDK, against Ray")
+    w("")
+    sdk = load(os.path.join(results, "sdk.json"))
+    ray_sdk = load(os.path.join(results, "ray-sdk.json")) or {}
+    if sdk:
+        rv = ray_sdk.get("version", "")
+        w("`bench/python_sdk.py` on `gantry dev`: `echo.remote(i)` and `list(echo.map(range(N)))` "
+          "from Python through the SDK (pickled arguments, HTTP to the coordinator, a durable "
+          "input, QUIC to the agent, the Python runtime in 4 warm containers of 8 inputs each); "
+          "Ray's `ray.get(echo.remote(i))` and `ray.get([echo.remote(i) for i in range(N)])` "
+          "on a local Ray with 4 CPUs. The method is in bench/README.md (\"Python SDK\").")
+        w("")
+        w(f"| metric | Gantry SDK | Ray {rv} | Gantry vs Ray | goal |")
+        w("|---|---|---|---|---|")
+        p50, rp50 = sdk.get("remote_p50_ms"), ray_sdk.get("remote_p50_ms")
+        w(f"| `.remote()` round trip to a warm function, p50 ({sdk.get('calls')} sequential calls) | "
+          f"{ms(p50)} | {ms(rp50)} | {ratio(p50, rp50)} | ≤ 3 ms: {goal(p50, 3)} |")
+        p99, rp99 = sdk.get("remote_p99_ms"), ray_sdk.get("remote_p99_ms")
+        w(f"| … p99 | {ms(p99)} | {ms(rp99)} | {ratio(p99, rp99)} | |")
+        rate, rrate = sdk.get("map_per_s"), ray_sdk.get("map_per_s")
+        rcell = f"{rrate:,.0f}/s" if rrate else "—"
+        w(f"| `.map` over {sdk.get('map_inputs'):,} inputs, inputs/s (median of 3) | {rate:,.0f}/s | "
+          f"{rcell} | {ratio(rate, rrate, lower_is_better=False)} | ≥ 3,000/s: "
+          f"{goal(rate, 3000, lower_is_better=False)} |")
+    else:
+        w("Not measured in this run.")
+    w("")
+
     # Functions on the in-process simulation.
     w("## Functions scale-up, in the in-process simulation")
     w("")
@@ -460,6 +489,7 @@ SECTION_INPUTS = {
     "## Web endpoints": ["web.json", "ray-web.json"],
     "## Functions scale-up, in the in-process simulation": ["functions-sim.json"],
     "## Image builds from recipes": ["builds.json"],
+    "## Python SDK, against Ray": ["sdk.json", "ray-sdk.json"],
     "## Resource footprint": ["footprint.json", "schedule.json"],
 }
 

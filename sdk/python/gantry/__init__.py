@@ -9,7 +9,7 @@ from . import exception
 from ._app import App
 from ._functions import Cls, Function
 from ._image import Image
-from ._invoke import FunctionCall
+from ._invoke import FunctionCall, enable_output
 from ._objects import Secret, Volume
 from ._partial import (
     asgi_app,
@@ -53,6 +53,7 @@ __all__ = [
     "asgi_app",
     "batched",
     "concurrent",
+    "enable_output",
     "enter",
     "exception",
     "exit",

@@ -40,6 +40,10 @@ BOOT = (
 )
 
 
+#: The cores a function reserves unless it says otherwise (Modal's default).
+DEFAULT_CPU = "0.125"
+
+
 def app_name_of(raw: str) -> str:
     """An app name the coordinator takes (a DNS label): lowercase, `_` and other
     characters as `-`."""
@@ -273,6 +277,12 @@ class App:
                 image = _default_image()
             for source in image._python_sources:
                 app_files += _code.source_files(source)
+            if image.python_version and image.python_version != _image.local_python():
+                raise InvalidError(
+                    f"`{obj._target.tag}`'s image has Python {image.python_version} but this is "
+                    f"Python {_image.local_python()}: arguments and results are pickled, which "
+                    f"needs equal minor versions; use Image.debian_slim() (the local version) "
+                    f"or deploy from Python {image.python_version}")
             if id(image) not in images:
                 images[id(image)] = (image, "")
         root_mount, root_local = _code.mount(_code.APP_MOUNT, app_files)
@@ -326,8 +336,9 @@ class App:
         env = dict(o.get("env") or {})
         if env:
             m["env"] = {str(k): str(v) for k, v in env.items()}
-        if o.get("cpu") is not None:
-            m["cpu"] = _cpu_text(o["cpu"])
+        # Modal reserves 0.125 cores unless told more; so does a function here, so that
+        # idle warm containers do not hold whole cores.
+        m["cpu"] = _cpu_text(o["cpu"]) if o.get("cpu") is not None else DEFAULT_CPU
         if o.get("memory") is not None:
             m["memory"] = _memory_text(o["memory"])
         gpu = _gpu_manifest(o.get("gpu"))

@@ -19,6 +19,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _app, _code, _http
+from ._invoke import enable_output
 from ._functions import Cls, Function
 from .exception import Error, InvalidError
 
@@ -106,6 +107,11 @@ def _choose(app: _app.App, name: Optional[str]) -> Tuple[str, Any]:
 
 
 def cmd_run(argv: List[str]) -> int:
+    with enable_output():
+        return _run(argv)
+
+
+def _run(argv: List[str]) -> int:
     pre = argparse.ArgumentParser(prog="gantry run", usage="gantry run [-q] FILE.py[::NAME] [ARGS...]",
                                   allow_abbrev=False)
     pre.add_argument("-q", "--quiet", action="store_true")

@@ -29,18 +29,48 @@ IN_CONTAINER = False
 PICKLE = "application/x-gantry-pickle"
 
 
+#: What a function prints, as streamed chunks (the SDK shows them as they come).
+LOG_TYPE = "text/x-gantry-log; charset=utf-8"
+#: At most this much of an input's printed text also travels in its answer.
+MAX_PRINTED = 64 * 1024
+
+
+class _Stream:
+    """One running input's streamed chunks: what it prints (sent every 0.1 s by the
+    flusher, and at its end) and a generator's items. The lock keeps chunks in order."""
+
+    def __init__(self, input_id: str):
+        self.input_id = input_id
+        self.lock = threading.Lock()
+        self.pending: List[str] = []
+        self.printed: List[str] = []
+        self.size = 0
+        #: False once the agent refused a chunk (too many, or no stream endpoint).
+        self.ok = True
+
+    def add(self, text: str) -> None:
+        with self.lock:
+            self.pending.append(text)
+            if self.size < MAX_PRINTED:
+                self.printed.append(text)
+                self.size += len(text)
+
+    def text(self) -> str:
+        return "".join(self.printed)[-MAX_PRINTED:]
+
+
 class _Capture(io.TextIOBase):
-    """sys.stdout/sys.stderr: text written while a thread runs an input is kept for that
-    input's answer; all of it also goes to the real stream (the container's log)."""
+    """sys.stdout/sys.stderr: text written while a thread runs an input goes to that
+    input's stream; all of it also goes to the real stream (the container's log)."""
 
     def __init__(self, real: Any, local: threading.local):
         self._real = real
         self._local = local
 
     def write(self, s: str) -> int:
-        buf = getattr(self._local, "buf", None)
-        if buf is not None:
-            buf.append(s)
+        stream = getattr(self._local, "stream", None)
+        if stream is not None:
+            stream.add(s)
         try:
             self._real.write(s)
         except Exception:
@@ -147,6 +177,55 @@ class Runtime:
         self.web_app: Any = None
         self.web_kind: Optional[str] = None
         self.draining = threading.Event()
+        self.streams: Dict[str, _Stream] = {}
+        self.streams_lock = threading.Lock()
+
+    # Streams.
+
+    def send_chunk(self, stream: _Stream, body: bytes, content_type: str) -> bool:
+        """Posts one chunk (the caller holds the stream's lock); False once refused."""
+        if not stream.ok:
+            return False
+        status, _, _ = self.api.request("POST", f"/v1/inputs/{stream.input_id}/stream", body,
+                                        [("Content-Type", content_type)])
+        stream.ok = status == 202
+        return stream.ok
+
+    def flush(self, stream: _Stream) -> None:
+        with stream.lock:
+            self.flush_locked(stream)
+
+    def flush_locked(self, stream: _Stream) -> None:
+        text, stream.pending = "".join(stream.pending), []
+        if text:
+            self.send_chunk(stream, text.encode("utf-8", "replace"), LOG_TYPE)
+
+    def flusher(self) -> None:
+        while True:
+            time.sleep(0.1)
+            with self.streams_lock:
+                streams = list(self.streams.values())
+            for stream in streams:
+                if stream.pending:
+                    try:
+                        self.flush(stream)
+                    except Exception:
+                        stream.ok = False
+
+    def begin(self, input_id: str) -> _Stream:
+        stream = _Stream(input_id)
+        with self.streams_lock:
+            self.streams[input_id] = stream
+        self.local.stream = stream
+        return stream
+
+    def end(self, stream: _Stream) -> str:
+        """Stops capturing, sends what is left; returns what the input printed."""
+        self.local.stream = None
+        with self.streams_lock:
+            self.streams.pop(stream.input_id, None)
+        self.flush(stream)
+        return stream.text()
 
     # Setup.
 
@@ -249,16 +328,28 @@ class Runtime:
                     self.call(getattr(inst, name), (), {})
             return inst
 
-    def call(self, f: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
+    def call(self, f: Callable, args: tuple, kwargs: Dict[str, Any],
+             on_item: Optional[Callable[[Any], None]] = None) -> Any:
+        """Calls `f`; a generator's items go to `on_item` as it yields them (or, without
+        one, are returned as a list)."""
         if inspect.iscoroutinefunction(f):
             return self.run_async(f(*args, **kwargs))
         if inspect.isasyncgenfunction(f):
             async def collect() -> List[Any]:
                 return [x async for x in f(*args, **kwargs)]
-            return self.run_async(collect())
+            items = self.run_async(collect())
+            if on_item is None:
+                return items
+            for item in items:
+                on_item(item)
+            return None
         result = f(*args, **kwargs)
         if inspect.isgenerator(result):
-            return list(result)
+            if on_item is None:
+                return list(result)
+            for item in result:
+                on_item(item)
+            return None
         return result
 
     def target(self, envelope: Dict[str, Any]) -> Tuple[Callable, bool]:
@@ -284,6 +375,7 @@ class Runtime:
         if status not in (200, 202, 204):
             sys.stderr.write(f"gantry: POST /v1/ready answered {status}\n")
             os._exit(1)
+        threading.Thread(target=self.flusher, name="gantry-flush", daemon=True).start()
         workers: List[threading.Thread] = []
         if self.batched:
             size, wait_ms = self.batched
@@ -355,28 +447,49 @@ class Runtime:
     def answer_call(self, inp: _Input) -> None:
         from . import _serialization
 
-        self.local.buf = []
+        stream = self.begin(inp.id)
         pickled = True
         try:
             envelope, pickled = self.decode(inp)
             f, generator = self.target(envelope)
-            value = self.call(f, tuple(envelope.get("a", ())), dict(envelope.get("k", {})))
-            out = "".join(self.local.buf)
-            self.local.buf = None
-            self.respond(inp.id, value, out, pickled, generator)
+            args, kwargs = tuple(envelope.get("a", ())), dict(envelope.get("k", {}))
+            if generator and pickled:
+                # Items stream as they are yielded; those the agent refused come with the
+                # answer, after the count of those streamed.
+                left: List[Any] = []
+                streamed = [0]
+
+                def on_item(item: Any) -> None:
+                    body = _serialization.dumps(item)
+                    with stream.lock:
+                        # What it printed before yielding goes first.
+                        self.flush_locked(stream)
+                        if left or not self.send_chunk(stream, body, _serialization.CONTENT_TYPE):
+                            left.append(item)
+                        else:
+                            streamed[0] += 1
+
+                self.call(f, args, kwargs, on_item)
+                value: Any = {"g": left, "s": streamed[0]}
+            else:
+                value = self.call(f, args, kwargs)
+            out = self.end(stream)
+            self.respond(inp.id, value, out, pickled, generator and pickled)
         except BaseException as e:
-            out = "".join(self.local.buf or [])
-            self.local.buf = None
+            out = self.end(stream)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 e = RuntimeError(f"the function raised {type(e).__name__}")
             self.api.post_json(f"/v1/inputs/{inp.id}/error", _serialization.error_body(e, out))
 
     def respond(self, input_id: str, value: Any, out: str, pickled: bool,
                 generator: bool = False) -> None:
+        """Answers an input: for the SDK, the pickled envelope (`{"v": value}`, a
+        generator's `{"g": items left, "s": items streamed}`, and `"o"`, what it printed);
+        for other callers, JSON."""
         from . import _serialization
 
         if pickled:
-            envelope: Dict[str, Any] = {"g": value} if generator else {"v": value}
+            envelope: Dict[str, Any] = dict(value) if generator else {"v": value}
             if out:
                 envelope["o"] = out
             body = _serialization.dumps(envelope)
@@ -427,7 +540,7 @@ class Runtime:
                     batch.append(work.get(timeout=left))
                 except queue.Empty:
                     break
-            self.local.buf = []
+            stream = self.begin(batch[0].id)
             decoded = []
             try:
                 decoded = [self.decode(i) for i in batch]
@@ -442,14 +555,12 @@ class Runtime:
                         f"a @batched function returns a list as long as its inputs "
                         f"({len(batch)}); it returned {type(results).__name__}"
                         + (f" of {len(results)}" if isinstance(results, list) else ""))
-                out = "".join(self.local.buf)
-                self.local.buf = None
+                out = self.end(stream)
                 for inp, value, (_, pickled) in zip(batch, results, decoded):
                     self.respond(inp.id, value, out, pickled)
                     out = ""
             except BaseException as e:
-                out = "".join(self.local.buf or [])
-                self.local.buf = None
+                out = self.end(stream)
                 for inp in batch:
                     self.api.post_json(f"/v1/inputs/{inp.id}/error", _serialization.error_body(e, out))
             finally:

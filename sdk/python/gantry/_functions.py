@@ -47,9 +47,8 @@ class _Invocable:
         return _invoke.single(self._target.resolve(), self._target.tag, self._envelope(args, kwargs))
 
     def remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        """A generator function's items (they arrive when the input ends)."""
-        items = _invoke.single(self._target.resolve(), self._target.tag, self._envelope(args, kwargs))
-        yield from items
+        """A generator function's items, as it yields them."""
+        return _invoke.generator(self._target.resolve(), self._target.tag, self._envelope(args, kwargs))
 
     def spawn(self, *args: Any, **kwargs: Any) -> _invoke.FunctionCall:
         return _invoke.FunctionCall(

@@ -9,7 +9,6 @@ import json
 import socket
 import ssl
 import threading
-import time
 from typing import Any, Dict, Iterator, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -188,11 +187,3 @@ def client() -> Client:
         if _client is None:
             _client = Client(_config.load())
         return _client
-
-
-def retry_after(status: int, attempt: int) -> float:
-    return min(1.0, 0.05 * (2**attempt))
-
-
-def sleep_backoff(attempt: int) -> None:
-    time.sleep(min(1.0, 0.05 * (2**attempt)))

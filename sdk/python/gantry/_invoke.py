@@ -4,12 +4,15 @@ read in pages as they end (docs/functions.md, "Streamed maps")."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import sys
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from . import _http, _serialization
-from .exception import FunctionTimeoutError, InvalidError, TimeoutError
+from .exception import InvalidError, TimeoutError
 
 #: Inputs one append carries, and the most a map holds outstanding (the API's limits).
 CHUNK = 1000
@@ -17,36 +20,77 @@ CHUNK = 1000
 LONG_POLL = 55.0
 
 
+#: How many `enable_output()` blocks are open (`gantry run` opens one).
+_OUTPUT = [0]
+#: The content type of what a function printed, as the runtime streams it.
+LOG_TYPE = "text/x-gantry-log"
+
+
+@contextlib.contextmanager
+def enable_output(show_progress: bool = True) -> Iterator[None]:
+    """Within the block, what remote functions print is shown here as they print it."""
+    _OUTPUT[0] += 1
+    try:
+        yield
+    finally:
+        _OUTPUT[0] -= 1
+
+
+def output_enabled() -> bool:
+    return _OUTPUT[0] > 0
+
+
+def show(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def follow(call_id: str, on_item: Optional[Callable[[Any], None]] = None, index: int = 0) -> bool:
+    """Reads the chunks input `index` of the call streams while it runs (docs/functions.md,
+    "Streamed chunks"): what it prints is shown (with output enabled), a generator's items
+    go to `on_item`. Returns once the input ended and every chunk was read; False when
+    the coordinator keeps no chunks for it."""
+    client = _http.client()
+    seq = 0
+    while True:
+        status, page = client.request(
+            "GET", f"/v1/calls/{call_id}/stream?index={index}&from={seq}&wait=30s", ok=(200, 404))
+        if status == 404:
+            return False
+        for chunk in page["chunks"]:
+            ct = chunk.get("content_type", "")
+            if ct.startswith(LOG_TYPE):
+                if output_enabled():
+                    show(_serialization.payload_bytes(chunk).decode("utf-8", "replace"))
+            elif on_item is not None:
+                on_item(_serialization.from_payload(chunk))
+        seq = page["next"]
+        if page["done"]:
+            return True
+
+
 def call_path(app: str, function: str) -> str:
     return f"/v1/apps/{app}/functions/{function}/calls"
 
 
-def result_of(view: Dict[str, Any]) -> Any:
-    """An ended input's value, or the exception it raised (returned, not raised)."""
+def result_of(view: Dict[str, Any], followed: bool = False) -> Any:
+    """An ended input's value, or the exception it raised (returned, not raised). What
+    the input printed is shown here (with output enabled) unless it was `followed`."""
     if view.get("error"):
         return _serialization.exception_of(view["error"])
     out = view.get("output")
     if out is None:
         return None
-    value = _serialization.from_payload(out)
-    return unwrap(value)
+    return unwrap(_serialization.from_payload(out), followed)
 
 
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-def unwrap(value: Any) -> Any:
-    """The runtime's envelope: `{"v": value}` or `{"g": [items]}`, with `"o"`, what the
-    input printed, shown here as it arrives."""
+def unwrap(value: Any, followed: bool = False) -> Any:
+    """The runtime's envelope: `{"v": value}`, or for a generator `{"g": [items not
+    streamed], "s": items streamed}`; `"o"` is what the input printed."""
     if isinstance(value, dict) and ("v" in value or "g" in value):
         printed = value.get("o")
-        if printed:
-            import sys
-
-            sys.stdout.write(printed)
-            sys.stdout.flush()
+        if printed and output_enabled() and not followed:
+            show(printed)
         return value["g"] if "g" in value else value["v"]
     return value
 
@@ -69,8 +113,13 @@ def wait_call(call_id: str, timeout: Optional[float] = None) -> Dict[str, Any]:
 
 
 def single(app: str, function: str, envelope: Any) -> Any:
-    """`.remote()`: one input, waited for; the value, or its exception raised."""
+    """`.remote()`: one input, waited for; the value, or its exception raised. With
+    output enabled, what it prints is shown while it runs."""
     client = _http.client()
+    if output_enabled():
+        call_id = spawn(app, function, envelope)
+        followed = follow(call_id)
+        return raise_or_value(wait_call(call_id)["results"][0], followed)
     status, view = client.request(
         "POST", call_path(app, function), {"input": _serialization.payload(envelope), "wait": True}
     )
@@ -79,8 +128,40 @@ def single(app: str, function: str, envelope: Any) -> Any:
     return raise_or_value(view["results"][0])
 
 
-def raise_or_value(result: Dict[str, Any]) -> Any:
-    value = result_of(result)
+def generator(app: str, function: str, envelope: Any) -> Iterator[Any]:
+    """`.remote_gen()`: a generator function's items, as it yields them."""
+    call_id = spawn(app, function, envelope)
+    items: "queue.Queue[Any]" = queue.Queue()
+    done = object()
+    failure: List[BaseException] = []
+    followed: List[bool] = []
+
+    def read() -> None:
+        try:
+            followed.append(follow(call_id, items.put))
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            items.put(done)
+
+    threading.Thread(target=read, name="gantry-stream", daemon=True).start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                break
+            yield item
+    except GeneratorExit:
+        _http.client().request("POST", f"/v1/calls/{call_id}/cancel")
+        raise
+    if failure:
+        raise failure[0]
+    # Items the runtime could not stream come with the answer.
+    yield from raise_or_value(wait_call(call_id)["results"][0], bool(followed and followed[0]))
+
+
+def raise_or_value(result: Dict[str, Any], followed: bool = False) -> Any:
+    value = result_of(result, followed)
     if isinstance(value, BaseException) and result.get("error"):
         raise value
     return value
@@ -201,13 +282,3 @@ class FunctionCall:
 
     def __repr__(self) -> str:
         return f"FunctionCall({self.object_id!r})"
-
-
-def envelopes_for(iterables: Tuple[Iterable[Any], ...], kwargs: Dict[str, Any],
-                  wrap) -> Iterator[Any]:
-    for args in zip(*iterables):
-        yield wrap(args, kwargs)
-
-
-def timeout_error(message: str) -> FunctionTimeoutError:
-    return FunctionTimeoutError(message)

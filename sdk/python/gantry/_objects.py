@@ -28,9 +28,7 @@ class Secret:
                   required_keys: Optional[list] = None) -> "Secret":
         if not isinstance(name, str) or not name:
             raise InvalidError(f"a secret name must be a non-empty string, not {name!r}")
-        s = Secret(name)
-        s._required = list(required_keys or [])
-        return s
+        return Secret(name)
 
     @staticmethod
     def from_dict(env_dict: Dict[str, Optional[str]]) -> "Secret":

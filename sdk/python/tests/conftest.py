@@ -6,7 +6,6 @@ in the cluster, about 30 s; later deploys take it from the registry.
 GANTRY_BIN names the `gantry` binary (default: the workspace's target/debug/gantry)."""
 
 import os
-import re
 import shutil
 import socket
 import subprocess

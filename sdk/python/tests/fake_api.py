@@ -19,6 +19,9 @@ class FakeRuntimeApi:
         self.path = path
         self.inputs: "queue.Queue[Optional[Tuple[str, Dict[str, str], bytes]]]" = queue.Queue()
         self.answers: Dict[str, Tuple[str, Dict[str, str], bytes]] = {}
+        #: Streamed chunks per input: (content type, bytes); more than `max_chunks` get 429.
+        self.chunks: Dict[str, List[Tuple[str, bytes]]] = {}
+        self.max_chunks = 10000
         self.answered = threading.Condition()
         self.ready = threading.Event()
         self.init_error: Optional[dict] = None
@@ -53,6 +56,13 @@ class FakeRuntimeApi:
                     api.init_failed.set()
                     return self.reply(202)
                 parts = self.path.split("/")
+                if len(parts) == 5 and parts[2] == "inputs" and parts[4] == "stream":
+                    with api.answered:
+                        chunks = api.chunks.setdefault(parts[3], [])
+                        if len(chunks) >= api.max_chunks:
+                            return self.reply(429)
+                        chunks.append((self.headers.get("Content-Type", ""), data))
+                    return self.reply(202)
                 if len(parts) == 5 and parts[2] == "inputs":
                     headers = {k: v for k, v in self.headers.items()}
                     headers["_all_http_headers"] = json.dumps(self.headers.get_all("Gantry-Http-Header") or [])

@@ -55,6 +55,19 @@ def test_generators_and_batches_and_where(basics):
     assert modal.is_local()
 
 
+def test_generator_items_and_prints_stream_while_it_runs(basics, capsys):
+    b, _ = basics
+    with modal.enable_output():
+        seen = []
+        for item in b.ticks.remote_gen(3, 1.0):
+            seen.append((item, time.monotonic(), capsys.readouterr().out))
+    assert [s[0] for s in seen] == [0, 1, 2]
+    # Each item arrived as it was yielded, a second apart, not all at the end.
+    assert seen[2][1] - seen[0][1] >= 1.5
+    # What it printed before yielding was shown before the item.
+    assert "tick 0" in seen[0][2] and "tick 1" in seen[1][2]
+
+
 def test_class_enter_state_persists(basics):
     b, _ = basics
     counter = b.Counter()
@@ -82,6 +95,16 @@ def test_web_endpoint(basics, cluster):
         assert r.status == 200
         assert r.headers["X-Gantry-Test"] == "yes"
         assert r.read() == b"GET /hello q=1"
+
+
+def test_asgi_endpoint(basics, cluster):
+    b, _ = basics
+    url = b.asgi.get_web_url()
+    assert url.endswith("/asgi-echo")
+    req = urllib.request.Request(url + "/p", data=b"body", method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 201
+        assert r.read() == b"POST /p  body"
 
 
 def test_deployed_lookups_and_options(cluster):

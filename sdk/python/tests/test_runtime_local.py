@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SDK = os.path.dirname(HERE)
@@ -82,18 +81,29 @@ def test_error_names_its_type_and_keeps_output(tmp_path):
     stop(api, proc)
 
 
-def test_prints_come_back_with_the_output(tmp_path):
+def test_prints_stream_and_come_back_with_the_output(tmp_path):
     api, proc = start(tmp_path, "shout")
     assert api.ready.wait(20)
-    out = value(api.wait(call(api, {"a": ("hi",), "k": {"suffix": "?"}})))
+    rid = call(api, {"a": ("hi",), "k": {"suffix": "?"}})
+    out = value(api.wait(rid))
     assert out == {"v": "HI?", "o": "shouting hi\n"}
+    # Streamed before the answer, as text the SDK shows as it comes.
+    assert [(ct.split(";")[0], data) for ct, data in api.chunks[rid]] == [
+        ("text/x-gantry-log", b"shouting hi\n")]
     stop(api, proc)
 
 
-def test_generator_items(tmp_path):
+def test_generator_items_stream_and_the_rest_comes_with_the_answer(tmp_path):
     api, proc = start(tmp_path, "count")
     assert api.ready.wait(20)
-    assert value(api.wait(call(api, {"a": (3,), "k": {}}))) == {"g": [0, 1, 2]}
+    rid = call(api, {"a": (3,), "k": {}})
+    assert value(api.wait(rid)) == {"g": [], "s": 3}
+    assert [_serialization.loads(data) for _, data in api.chunks[rid]] == [0, 1, 2]
+    # Once the agent refuses a chunk (429: too many), the items left travel in the answer.
+    api.max_chunks = 5
+    rid = call(api, {"a": (8,), "k": {}})
+    assert value(api.wait(rid)) == {"g": [5, 6, 7], "s": 5}
+    assert [_serialization.loads(data) for _, data in api.chunks[rid]] == [0, 1, 2, 3, 4]
     stop(api, proc)
 
 
@@ -141,6 +151,19 @@ def test_wsgi_request(tmp_path):
     assert headers["Gantry-Http-Status"] == "200"
     assert body == b"GET /a b q=1"
     assert "X-Gantry-Test: yes" in json.loads(headers["_all_http_headers"])
+    stop(api, proc)
+
+
+def test_asgi_request(tmp_path):
+    api, proc = start(tmp_path, "asgi", max_inputs=4)
+    assert api.ready.wait(20)
+    rid = api.send(b"payload", {"Gantry-Input-Kind": "http", "Gantry-Http-Method": "POST",
+                                "Gantry-Http-Path": "/x", "Content-Type": "text/plain"})
+    kind, headers, body = api.wait(rid)
+    assert kind == "response"
+    assert headers["Gantry-Http-Status"] == "201"
+    assert body == b"POST /x  payload"
+    assert headers["Content-Type"] == "text/plain"
     stop(api, proc)
 
 

@@ -40,6 +40,14 @@ def count(n):
 
 
 @app.function()
+def ticks(n, delay):
+    for i in range(n):
+        print(f"tick {i}")
+        yield i
+        time.sleep(delay)
+
+
+@app.function()
 @modal.batched(max_batch_size=4, wait_ms=200)
 def double_all(xs):
     return [(x * 2, len(xs)) for x in xs]
@@ -105,6 +113,29 @@ def hello_wsgi(environ, start_response):
 @modal.wsgi_app()
 def web():
     return hello_wsgi
+
+
+async def hello_asgi(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = (await receive())["body"]
+    text = f"{scope['method']} {scope['path']} {scope['query_string'].decode()} {body.decode()}"
+    await send({"type": "http.response.start", "status": 201,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": text.encode()})
+
+
+@app.function()
+@modal.concurrent(max_inputs=4)
+@modal.asgi_app(label="asgi-echo")
+def asgi():
+    return hello_asgi
 
 
 @app.local_entrypoint()
