@@ -9,6 +9,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from . import _http, _serialization
@@ -73,6 +74,13 @@ def call_path(app: str, function: str) -> str:
     return f"/v1/apps/{app}/functions/{function}/calls"
 
 
+def new_call(app: str, function: str, body: Dict[str, Any]) -> Any:
+    """Creates a call. Its `Idempotency-Key` makes the client's one resend (a keep-alive
+    connection the server had closed) return the same call instead of a second one."""
+    return _http.client().request("POST", call_path(app, function), body,
+                                  headers={"Idempotency-Key": uuid.uuid4().hex})
+
+
 def result_of(view: Dict[str, Any], followed: bool = False) -> Any:
     """An ended input's value, or the exception it raised (returned, not raised). What
     the input printed is shown here (with output enabled) unless it was `followed`."""
@@ -115,14 +123,11 @@ def wait_call(call_id: str, timeout: Optional[float] = None) -> Dict[str, Any]:
 def single(app: str, function: str, envelope: Any) -> Any:
     """`.remote()`: one input, waited for; the value, or its exception raised. With
     output enabled, what it prints is shown while it runs."""
-    client = _http.client()
     if output_enabled():
         call_id = spawn(app, function, envelope)
         followed = follow(call_id)
         return raise_or_value(wait_call(call_id)["results"][0], followed)
-    status, view = client.request(
-        "POST", call_path(app, function), {"input": _serialization.payload(envelope), "wait": True}
-    )
+    status, view = new_call(app, function, {"input": _serialization.payload(envelope), "wait": True})
     if status == 202 or view["state"] == "running":
         view = wait_call(view["id"])
     return raise_or_value(view["results"][0])
@@ -168,10 +173,7 @@ def raise_or_value(result: Dict[str, Any], followed: bool = False) -> Any:
 
 
 def spawn(app: str, function: str, envelope: Any) -> str:
-    client = _http.client()
-    _, view = client.request(
-        "POST", call_path(app, function), {"input": _serialization.payload(envelope), "wait": False}
-    )
+    _, view = new_call(app, function, {"input": _serialization.payload(envelope), "wait": False})
     return view["id"]
 
 
@@ -181,9 +183,7 @@ def mapped(app: str, function: str, envelopes: Iterable[Any], order_outputs: boo
     order or in completion order. An input's exception is raised (the map is cancelled),
     or yielded with `return_exceptions`."""
     client = _http.client()
-    _, view = client.request(
-        "POST", call_path(app, function), {"inputs": [], "open": True, "wait": False}
-    )
+    _, view = new_call(app, function, {"inputs": [], "open": True, "wait": False})
     call_id = view["id"]
     failure: List[BaseException] = []
     sent = [0]
