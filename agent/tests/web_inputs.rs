@@ -267,3 +267,18 @@ async fn a_request_the_container_never_took_is_answered_503_by_a_drain() {
         resp.text()
     );
 }
+
+#[tokio::test]
+async fn a_web_requests_input_streams_no_chunks() {
+    let f = web_fixture(1, 60_000).await;
+    let client = spawn_send(&f, Request::get("/x").body(Body::empty()).expect("request"));
+    let next = get(&f.sock, "/v1/inputs/next").await;
+    assert_eq!(header(&next, "gantry-input-kind"), "http");
+    let id = header(&next, "gantry-input-id").to_owned();
+    let a = post_input(&f.sock, &id, "stream", "x").await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.text().contains("web request"), "{}", a.text());
+    let a = post_input(&f.sock, &id, "response", "ok").await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    assert_eq!(answer_of(client).await.status, StatusCode::OK);
+}

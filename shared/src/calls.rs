@@ -53,6 +53,20 @@ impl Payload {
     }
 }
 
+impl Payload {
+    /// Its bytes as JSON carries them: `(Some(text), None)` for UTF-8, else
+    /// `(None, Some(base64))`.
+    pub fn text_or_base64(&self) -> (Option<String>, Option<String>) {
+        match std::str::from_utf8(&self.bytes) {
+            Ok(t) => (Some(t.to_owned()), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&self.bytes)),
+            ),
+        }
+    }
+}
+
 impl std::fmt::Debug for Payload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -91,13 +105,7 @@ struct PayloadJson {
 
 impl Serialize for Payload {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (text, base64) = match std::str::from_utf8(&self.bytes) {
-            Ok(t) => (Some(t.to_owned()), None),
-            Err(_) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&self.bytes)),
-            ),
-        };
+        let (text, base64) = self.text_or_base64();
         PayloadJson {
             content_type: Some(self.content_type.clone()),
             text,

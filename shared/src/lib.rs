@@ -5,6 +5,7 @@
 pub mod api;
 pub mod attempt;
 pub mod calls;
+pub mod chunks;
 pub mod code;
 pub mod config;
 pub mod functions;

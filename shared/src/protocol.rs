@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::attempt::{EndCause, Generation, Owner, StartFailure};
-use crate::calls::{InputResult, LeasedInput};
+use crate::calls::{InputResult, LeasedInput, Payload};
 use crate::gossip_key::GossipKey;
 use crate::ids::{ClusterId, InputId, NodeId};
 use crate::volumes::{VolumeBackend, VolumeName, VolumeOp};
@@ -19,8 +19,9 @@ use crate::volumes::{VolumeBackend, VolumeName, VolumeOp};
 /// carry the cluster's gossip key. 7: web endpoints served through the runtime API. 8:
 /// secrets in `AttemptSpec`. 9: volumes (`Command::Volume`, `AttemptSpec.volumes`, a
 /// node's shared volume storage in its capacity). 10: image builds (`Command::Build`). 11:
-/// code mounts (`AttemptSpec.code`).
-pub const PROTOCOL_VERSION: u32 = 11;
+/// code mounts (`AttemptSpec.code`). 12: streamed chunks of running inputs
+/// (`Request::Outputs.chunks`).
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// TLS application protocol name of the control plane.
 pub const ALPN: &[u8] = b"gantry-control/3";
@@ -115,7 +116,36 @@ pub enum Request {
     /// The coordinator records the first answer for an input's current lease and ignores
     /// any other, so a resend after a lost reply does no harm. `Noted` covers every answer
     /// of the batch; a refusal covers none.
-    Outputs { outputs: Vec<OutputItem> },
+    ///
+    /// `chunks` are streamed chunks of running inputs (protocol 12), oldest first, applied
+    /// before the batch's answers: the agent queues a chunk before its input's answer on
+    /// the same ordered path, so the coordinator holds every chunk of an input before it
+    /// records the input's end. Chunks live in the coordinator's memory only.
+    Outputs {
+        outputs: Vec<OutputItem>,
+        #[serde(default)]
+        chunks: Vec<ChunkItem>,
+    },
+}
+
+/// One streamed chunk of input `input` (try `attempt`), from its function container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkItem {
+    pub owner: Owner,
+    pub generation: Generation,
+    pub input: InputId,
+    pub attempt: u32,
+    /// Its number among the chunks of this attempt of the input: 0, 1, 2… in the order the
+    /// container posted them (a resent one is known by it and kept once).
+    pub seq: u64,
+    pub payload: Payload,
+}
+
+impl ChunkItem {
+    /// The payload bytes it carries, for [`batches`].
+    pub fn payload_bytes(&self) -> usize {
+        self.payload.bytes.len()
+    }
 }
 
 /// One function container's answer to input `input` (try `attempt`).
@@ -603,7 +633,6 @@ impl std::fmt::Display for JoinToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calls::Payload;
     use crate::{CallId, InputId, WarmId};
 
     fn output(bytes: usize) -> OutputItem {
@@ -644,7 +673,11 @@ mod tests {
             ],
             OutputItem::payload_bytes,
         ) {
-            let frame = encode(&Request::Outputs { outputs: batch }).expect("fits a frame");
+            let frame = encode(&Request::Outputs {
+                outputs: batch,
+                chunks: Vec::new(),
+            })
+            .expect("fits a frame");
             assert!(frame.len() <= MAX_FRAME + 4);
         }
     }

@@ -397,7 +397,10 @@ impl RealApi {
             let all: Vec<_> = (self.invoke.outputs())
                 .pending(&std::collections::HashSet::new(), 100)
                 .into_iter()
-                .map(|(_, r)| r)
+                .filter_map(|(_, r)| match r {
+                    gantry_agent::invoke::Report::Output(o) => Some(o),
+                    gantry_agent::invoke::Report::Chunk(_) => None,
+                })
                 .collect();
             if all.len() >= n || tokio::time::Instant::now() > deadline {
                 return all;

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::outbox::Outbox;
 use crate::control::Session;
 use crate::invoke::{
-    Container, FunctionServer, Invoke, InvokeError, StopReason, WebConnection, WebRequest,
+    Container, FunctionServer, Invoke, InvokeError, Report, StopReason, WebConnection, WebRequest,
 };
 use crate::runtime::Runtime;
 
@@ -192,7 +192,7 @@ impl Functions {
         }
     }
 
-    /// Sends the containers' answers on `session`, in batches (one request and one commit
+    /// Sends the containers' answers and streamed chunks on `session`, in batches (one request and one commit
     /// for all the answers waiting), until each is noted (or refused, which is logged and
     /// drops it). Returns when the session fails; unsent answers stay for the next session.
     pub(super) async fn send_outputs(&self, session: &Session) {
@@ -204,15 +204,21 @@ impl Functions {
             if sends.len() < MAX_BATCHES_IN_FLIGHT {
                 let waiting = outputs.pending(&in_flight, usize::MAX);
                 let free = MAX_BATCHES_IN_FLIGHT - sends.len();
-                for batch in batches(waiting, |(_, r)| r.result.size())
-                    .into_iter()
-                    .take(free)
-                {
+                for batch in batches(waiting, |(_, r)| r.size()).into_iter().take(free) {
                     let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
                     in_flight.extend(seqs.iter().copied());
-                    let request = Request::Outputs {
-                        outputs: batch.iter().map(|(_, r)| r.to_item()).collect(),
-                    };
+                    // The coordinator applies a batch's chunks before its answers, which
+                    // keeps each input's chunks before its answer (a chunk is never
+                    // queued after its input's answer).
+                    let mut outputs = Vec::new();
+                    let mut chunks = Vec::new();
+                    for (_, r) in &batch {
+                        match r {
+                            Report::Output(o) => outputs.push(o.to_item()),
+                            Report::Chunk(c) => chunks.push(c.to_item()),
+                        }
+                    }
+                    let request = Request::Outputs { outputs, chunks };
                     sends.push(async move { (seqs, session.request(&request).await) });
                 }
             }

@@ -12,10 +12,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use gantry_shared::calls::{FailureCause, InputFailure, InputResult, LeasedInput, Payload};
+use gantry_shared::chunks::MAX_CHUNK_BYTES;
 use gantry_shared::now_ms;
 use serde::Deserialize;
 
 use super::http_input::{AnswerHead, INPUT_KIND};
+use super::outputs::Report;
 use super::server::Shared;
 use super::state::{InboxError, Next};
 
@@ -31,6 +33,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/inputs/next", get(next))
         .route("/v1/inputs/{id}/response", post(response))
         .route("/v1/inputs/{id}/error", post(error))
+        .route("/v1/inputs/{id}/stream", post(stream))
         .route("/v1/events", get(events))
         // Bodies are read with the payload limit, and a refusal that says so.
         .layer(DefaultBodyLimit::disable())
@@ -47,6 +50,8 @@ enum ApiError {
          volume and return its path)"
     )]
     TooLarge { max: usize },
+    #[error("the chunk is over {max} bytes; split it into chunks of at most {max} bytes")]
+    ChunkTooLarge { max: usize },
     #[error("{0}")]
     BadBody(String),
     #[error("cannot read the request body: {0}")]
@@ -61,13 +66,17 @@ impl IntoResponse for ApiError {
             ApiError::Inbox(InboxError::TooMany { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Inbox(InboxError::Draining) => StatusCode::GONE,
             ApiError::Inbox(InboxError::NotHeld { .. }) => StatusCode::NOT_FOUND,
+            ApiError::Inbox(InboxError::StreamFull { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Inbox(InboxError::NotCall { .. }) => StatusCode::BAD_REQUEST,
             ApiError::Inbox(
                 InboxError::SetupFailed
                 | InboxError::AlreadyReady
                 | InboxError::NotReady
                 | InboxError::NotWeb,
             ) => StatusCode::CONFLICT,
-            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge { .. } | ApiError::ChunkTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::BadBody(_) | ApiError::Read(_) => StatusCode::BAD_REQUEST,
             ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -187,18 +196,7 @@ async fn response(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let bytes = read_body(&headers, body).await?;
-    let content_type = match headers.get(header::CONTENT_TYPE) {
-        None => Payload::DEFAULT_CONTENT_TYPE.to_owned(),
-        Some(v) => v
-            .to_str()
-            .map_err(|_| ApiError::BadBody("Content-Type must be printable ASCII".into()))?
-            .to_owned(),
-    };
-    let payload = Payload::new(content_type, bytes);
-    payload
-        .check()
-        .map_err(|e| ApiError::BadBody(e.to_string()))?;
+    let payload = payload(&headers, read_body(&headers, body).await?)?;
     // A web request's input: its answer's status and headers travel with it.
     if let Ok(input) = gantry_shared::InputId::new(id.as_str())
         && s.pending().contains(&input)
@@ -210,6 +208,49 @@ async fn response(
         .inbox()
         .answer(&id, InputResult::Output(payload), now_ms())?;
     s.apply(actions).await;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// The body's bytes with the request's `Content-Type` (default
+/// `application/octet-stream`), checked as any payload.
+fn payload(headers: &HeaderMap, bytes: Vec<u8>) -> Result<Payload, ApiError> {
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        None => Payload::DEFAULT_CONTENT_TYPE.to_owned(),
+        Some(v) => v
+            .to_str()
+            .map_err(|_| ApiError::BadBody("Content-Type must be printable ASCII".into()))?
+            .to_owned(),
+    };
+    let payload = Payload::new(content_type, bytes);
+    payload
+        .check()
+        .map_err(|e| ApiError::BadBody(e.to_string()))?;
+    Ok(payload)
+}
+
+/// `POST /v1/inputs/{id}/stream`: one chunk the input streams while it runs (a call's
+/// input only). It is queued for the coordinator on the answers' path, before any answer
+/// decided after it, so the input's chunks all arrive before its answer.
+async fn stream(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let bytes = read_limited(&headers, body, MAX_CHUNK_BYTES)
+        .await
+        .map_err(|e| match e {
+            ApiError::TooLarge { max } => ApiError::ChunkTooLarge { max },
+            e => e,
+        })?;
+    let payload = payload(&headers, bytes)?;
+    // Room first (waiting while the coordinator is away), then the decision and the
+    // queueing together under the inbox's lock: chunks are queued in their order, and
+    // before an answer decided after them.
+    let place = s.outputs.reserve().await.ok_or(ApiError::Stopping)?;
+    let mut inbox = s.inbox();
+    let chunk = inbox.stream(&id, payload)?;
+    place.push(Report::Chunk(chunk));
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -280,7 +321,11 @@ fn error_body(bytes: &[u8]) -> Result<ErrorBody, ApiError> {
 
 /// Reads a body of at most [`Payload::MAX_BYTES`].
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
-    let max = Payload::MAX_BYTES;
+    read_limited(headers, body, Payload::MAX_BYTES).await
+}
+
+/// Reads a body of at most `max` bytes.
+async fn read_limited(headers: &HeaderMap, body: Body, max: usize) -> Result<Vec<u8>, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -18,6 +18,11 @@
 //! - `POST /v1/inputs/{id}/response` (body and `Content-Type`) → 202;
 //!   `POST /v1/inputs/{id}/error` `{"type","message","traceback"}` → 202; 404 for an input
 //!   the container does not hold, 413 over [`Payload::MAX_BYTES`], 400 for a bad body.
+//! - `POST /v1/inputs/{id}/stream` (body and `Content-Type`) → 202: one chunk a call's
+//!   input streams while it runs, numbered from 0 per input and queued for the coordinator
+//!   before the input's answer; 404 for an input not held, 413 over 1 MiB, 429 once the
+//!   input streamed 10,000 chunks or 64 MiB, 400 for a bad content type or a web request's
+//!   input.
 //! - `GET /v1/events` → 200 with `[{"type":"cancel","input":ID}, {"type":"drain"}]`, or 204
 //!   after 30 s without any.
 //!
@@ -39,9 +44,11 @@ use gantry_shared::protocol::FunctionRuntime;
 use gantry_shared::{AttemptRef, ContainerId};
 use tokio_util::sync::CancellationToken;
 
-pub use outputs::Outputs;
+pub use outputs::{Outputs, Report};
 pub use server::{Container, FunctionServer, WebConnection, WebError, WebRequest};
-pub use state::{Action, Inbox, InboxError, Next, OutputReport, RuntimeEvent, StopReason};
+pub use state::{
+    Action, ChunkReport, Inbox, InboxError, Next, OutputReport, RuntimeEvent, StopReason,
+};
 
 /// Where the runtime API's directory is mounted in a function container.
 pub const CONTAINER_DIR: &str = "/run/gantry";

@@ -1,19 +1,61 @@
-//! Answers for inputs on their way to the coordinator: kept in memory, in order, until the
-//! control session has them `Noted` (or refused), so an answer outlives a reconnect of the
-//! session. Bounded: a container that answers while the coordinator is away waits for room.
-//! They do not outlive the agent: an input whose answer is lost so is leased again by the
-//! coordinator when its container ends or its lease expires.
+//! Answers for inputs, and the chunks inputs stream before them, on their way to the
+//! coordinator: kept in memory, in order (one queue for both, so an input's chunks always
+//! go before its answer), until the control session has them `Noted` (or refused), so they
+//! outlive a reconnect of the session. Bounded: a container that answers or streams while
+//! the coordinator is away waits for room. They do not outlive the agent: an input whose
+//! answer is lost so is leased again by the coordinator when its container ends or its
+//! lease expires; lost chunks are lost (chunks are not durable).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gantry_shared::AttemptRef;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
-use super::state::OutputReport;
+use super::state::{ChunkReport, OutputReport};
 
-/// Answers kept at most (each up to 2 MiB).
+/// Answers and chunks kept at most (each up to 2 MiB).
 pub const DEFAULT_CAPACITY: usize = 256;
+
+/// One thing on its way to the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    Output(OutputReport),
+    Chunk(ChunkReport),
+}
+
+impl Report {
+    pub fn attempt_ref(&self) -> &AttemptRef {
+        match self {
+            Report::Output(o) => &o.attempt_ref,
+            Report::Chunk(c) => &c.attempt_ref,
+        }
+    }
+
+    /// The payload bytes it carries (for batching).
+    pub fn size(&self) -> usize {
+        match self {
+            Report::Output(o) => o.result.size(),
+            Report::Chunk(c) => c.payload.bytes.len(),
+        }
+    }
+}
+
+/// A place in the queue, taken before a decision so that what was decided is queued
+/// without waiting (see [`Outputs::reserve`]). Dropped unused, the place is given back.
+pub struct Place<'a> {
+    outputs: &'a Outputs,
+    permit: SemaphorePermit<'a>,
+}
+
+impl Place<'_> {
+    /// Queues `report` in this place.
+    pub fn push(self, report: Report) {
+        // Given back by `done`.
+        self.permit.forget();
+        self.outputs.insert(report);
+    }
+}
 
 /// The answers not yet taken by the coordinator. Clones share them.
 #[derive(Clone)]
@@ -34,7 +76,7 @@ struct Inner {
 #[derive(Default)]
 struct Pending {
     next_seq: u64,
-    reports: BTreeMap<u64, OutputReport>,
+    reports: BTreeMap<u64, Report>,
 }
 
 impl Outputs {
@@ -62,6 +104,20 @@ impl Outputs {
             // Given back by `done`.
             permit.forget();
         }
+        self.insert(Report::Output(report));
+    }
+
+    /// Waits for room and takes a place, to fill with [`Place::push`] (or give back by
+    /// dropping it). `None` only if the queue was closed, which it never is.
+    pub async fn reserve(&self) -> Option<Place<'_>> {
+        let permit = self.inner.room.acquire().await.ok()?;
+        Some(Place {
+            outputs: self,
+            permit,
+        })
+    }
+
+    fn insert(&self, report: Report) {
         let mut pending = self.lock();
         let seq = pending.next_seq;
         pending.next_seq += 1;
@@ -70,8 +126,9 @@ impl Outputs {
         self.inner.pushed.notify_one();
     }
 
-    /// Up to `max` answers, oldest first, leaving out those in `skip` (in flight).
-    pub fn pending(&self, skip: &HashSet<u64>, max: usize) -> Vec<(u64, OutputReport)> {
+    /// Up to `max` answers and chunks, oldest first, leaving out those in `skip` (in
+    /// flight).
+    pub fn pending(&self, skip: &HashSet<u64>, max: usize) -> Vec<(u64, Report)> {
         self.lock()
             .reports
             .iter()
@@ -113,7 +170,7 @@ impl Outputs {
                 .lock()
                 .reports
                 .values()
-                .any(|r| &r.attempt_ref == attempt);
+                .any(|r| r.attempt_ref() == attempt);
             if !waiting {
                 return;
             }
@@ -148,6 +205,9 @@ mod tests {
     #[tokio::test]
     async fn answers_wait_for_room_and_stay_until_done() {
         let outputs = Outputs::new(2);
+        // A place taken and dropped unused is given back.
+        drop(outputs.reserve().await.expect("a place"));
+        drop(outputs.reserve().await.expect("a place"));
         outputs.push(report(0)).await;
         outputs.push(report(1)).await;
         let third = {

@@ -52,7 +52,7 @@ pub(super) struct Shared {
     pub(super) cancel: CancellationToken,
     pub(super) config: InvokeConfig,
     container: Arc<dyn Container>,
-    outputs: Outputs,
+    pub(super) outputs: Outputs,
     /// A web endpoint's server, once the container runs (`via = "port"`).
     web: std::sync::OnceLock<WebTarget>,
     /// A web endpoint whose requests become inputs (`via = "runtime_api"`).

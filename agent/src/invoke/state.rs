@@ -6,8 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use gantry_shared::calls::{FailureCause, InputFailure, InputResult, LeasedInput};
-use gantry_shared::protocol::{Event, FunctionRuntime, OutputItem};
+use gantry_shared::calls::{FailureCause, InputFailure, InputResult, LeasedInput, Payload};
+use gantry_shared::chunks::{MAX_CHUNK_BYTES_PER_INPUT, MAX_CHUNKS_PER_INPUT};
+use gantry_shared::protocol::{ChunkItem, Event, FunctionRuntime, OutputItem};
 use gantry_shared::{AttemptRef, CallId, InputId};
 use serde::Serialize;
 
@@ -50,6 +51,32 @@ impl OutputReport {
             attempt: self.attempt,
             result: self.result.clone(),
             at_ms: self.at_ms,
+        }
+    }
+}
+
+/// A streamed chunk of an input, on its way to the coordinator (before the input's answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkReport {
+    pub attempt_ref: AttemptRef,
+    pub input: InputId,
+    /// The input's try (from its lease).
+    pub attempt: u32,
+    /// Its number among this attempt's chunks, from 0.
+    pub seq: u64,
+    pub payload: Payload,
+}
+
+impl ChunkReport {
+    /// This chunk as an item of the request that carries it to the coordinator.
+    pub fn to_item(&self) -> ChunkItem {
+        ChunkItem {
+            owner: self.attempt_ref.owner.clone(),
+            generation: self.attempt_ref.generation,
+            input: self.input.clone(),
+            attempt: self.attempt,
+            seq: self.seq,
+            payload: self.payload.clone(),
         }
     }
 }
@@ -119,6 +146,23 @@ pub enum InboxError {
     NotReady,
     #[error("the container is not a web endpoint")]
     NotWeb,
+    #[error(
+        "input {input} is a web request (`Gantry-Input-Kind: http`); only a call's inputs \
+         stream chunks: answer the request with its whole body"
+    )]
+    NotCall { input: String },
+    #[error(
+        "input {input} already streamed {chunks} chunk(s) of {bytes} bytes (at most \
+         {max_chunks} and {max_bytes} bytes per input); stop streaming, its answer still \
+         works"
+    )]
+    StreamFull {
+        input: String,
+        chunks: u32,
+        bytes: u64,
+        max_chunks: u32,
+        max_bytes: u64,
+    },
 }
 
 /// An input handed out and not answered yet.
@@ -130,6 +174,9 @@ struct Held {
     /// Set once its call was cancelled: the container is stopped if it still holds the
     /// input at this time (unix ms).
     cancelled_stop_ms: Option<u64>,
+    /// Chunks it streamed so far, and their bytes (bounded per input).
+    chunks: u32,
+    chunk_bytes: u64,
 }
 
 /// Where the container's setup stands.
@@ -434,6 +481,8 @@ impl Inbox {
                 attempt: input.attempt,
                 deadline_ms: input.deadline_ms,
                 cancelled_stop_ms: None,
+                chunks: 0,
+                chunk_bytes: 0,
             },
         );
         Ok(Next::Input(input))
@@ -469,6 +518,49 @@ impl Inbox {
             at_ms: now,
         };
         Ok(vec![self.answer_of(report)])
+    }
+
+    /// `POST /v1/inputs/{input}/stream`: the container streams `payload` while it works on
+    /// `input` (a call's, held and not cancelled). Numbered from 0 per input; refused once
+    /// the input streamed [`MAX_CHUNKS_PER_INPUT`] chunks or [`MAX_CHUNK_BYTES_PER_INPUT`]
+    /// bytes. The caller queues the chunk before it lets go of the inbox, so chunks and
+    /// answers reach the coordinator in the order they were decided.
+    pub fn stream(&mut self, input: &str, payload: Payload) -> Result<ChunkReport, InboxError> {
+        let not_held = || InboxError::NotHeld {
+            input: input.to_owned(),
+        };
+        let id = InputId::new(input).map_err(|_| not_held())?;
+        if self.web_inputs.contains(&id) {
+            return Err(InboxError::NotCall {
+                input: input.to_owned(),
+            });
+        }
+        let held = self.held.get_mut(&id).ok_or_else(not_held)?;
+        if held.cancelled_stop_ms.is_some() {
+            return Err(not_held());
+        }
+        let bytes = payload.bytes.len() as u64;
+        if held.chunks >= MAX_CHUNKS_PER_INPUT
+            || held.chunk_bytes.saturating_add(bytes) > MAX_CHUNK_BYTES_PER_INPUT
+        {
+            return Err(InboxError::StreamFull {
+                input: input.to_owned(),
+                chunks: held.chunks,
+                bytes: held.chunk_bytes,
+                max_chunks: MAX_CHUNKS_PER_INPUT,
+                max_bytes: MAX_CHUNK_BYTES_PER_INPUT,
+            });
+        }
+        let seq = u64::from(held.chunks);
+        held.chunks += 1;
+        held.chunk_bytes += bytes;
+        Ok(ChunkReport {
+            attempt_ref: self.attempt.clone(),
+            input: id,
+            attempt: held.attempt,
+            seq,
+            payload,
+        })
     }
 
     /// `Command::CancelInput`: a queued input is dropped; a held one gets a cancel event
@@ -664,7 +756,6 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gantry_shared::calls::Payload;
     use gantry_shared::{Generation, Owner, WarmId};
 
     fn attempt() -> AttemptRef {
@@ -911,6 +1002,81 @@ mod tests {
             ]
         );
         assert_eq!(b.next_wake(), Some(100));
+    }
+
+    #[test]
+    fn chunks_are_numbered_per_input_bounded_and_only_for_held_calls() {
+        let mut b = inbox(2);
+        b.deliver(input(0, u64::MAX)).expect("deliver");
+        b.begin_next().expect("next");
+        let Ok(Next::Input(held)) = b.take_next() else {
+            panic!("an input");
+        };
+        let id = held.id.as_str();
+        for n in 0..3 {
+            let c = b.stream(id, Payload::text("c")).expect("streamed");
+            assert_eq!((c.seq, c.attempt), (n, 1));
+        }
+        assert!(matches!(
+            b.stream("fc-nope", Payload::text("c")),
+            Err(InboxError::NotHeld { .. })
+        ));
+        // The count bound, then the bytes bound.
+        b.held.get_mut(&held.id).expect("held").chunks = MAX_CHUNKS_PER_INPUT;
+        assert!(matches!(
+            b.stream(id, Payload::text("c")),
+            Err(InboxError::StreamFull { .. })
+        ));
+        let h = b.held.get_mut(&held.id).expect("held");
+        h.chunks = 3;
+        h.chunk_bytes = MAX_CHUNK_BYTES_PER_INPUT - 1;
+        assert!(matches!(
+            b.stream(id, Payload::text("cc")),
+            Err(InboxError::StreamFull { .. })
+        ));
+        assert_eq!(b.stream(id, Payload::text("c")).expect("fits").seq, 3);
+        // Answered (or cancelled): no more chunks.
+        b.answer(id, InputResult::Output(Payload::text("y")), 1)
+            .expect("answer");
+        assert!(matches!(
+            b.stream(id, Payload::text("c")),
+            Err(InboxError::NotHeld { .. })
+        ));
+        let mut b = inbox(1);
+        b.deliver(input(1, u64::MAX)).expect("deliver");
+        b.begin_next().expect("next");
+        let Ok(Next::Input(held)) = b.take_next() else {
+            panic!("an input");
+        };
+        b.cancel(&held.id, 100, 0);
+        assert!(matches!(
+            b.stream(held.id.as_str(), Payload::text("c")),
+            Err(InboxError::NotHeld { .. })
+        ));
+    }
+
+    #[test]
+    fn a_web_request_streams_no_chunks() {
+        let mut web = Inbox::new(
+            attempt(),
+            &FunctionRuntime {
+                max_inputs: 1,
+                startup_timeout_ms: 1_000,
+                timeout_ms: 60_000,
+                web: Some(gantry_shared::protocol::WebRuntime::RuntimeApi),
+            },
+        );
+        web.started(1);
+        web.ready(2).expect("ready");
+        web.deliver_web(input(0, u64::MAX)).expect("deliver");
+        web.begin_next().expect("next");
+        let Ok(Next::Input(held)) = web.take_next() else {
+            panic!("an input");
+        };
+        assert!(matches!(
+            web.stream(held.id.as_str(), Payload::text("c")),
+            Err(InboxError::NotCall { .. })
+        ));
     }
 
     #[test]

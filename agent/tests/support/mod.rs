@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use gantry_agent::invoke::{
-    Container, FunctionServer, Invoke, InvokeConfig, OutputReport, StopReason,
+    Container, FunctionServer, Invoke, InvokeConfig, OutputReport, Report, StopReason,
 };
 use gantry_shared::calls::{LeasedInput, Payload};
 use gantry_shared::protocol::{Event, FunctionRuntime};
@@ -106,19 +106,41 @@ impl Fixture {
 
     /// The answers queued for the coordinator, waiting up to 5 s for `n` of them.
     pub async fn outputs(&self, n: usize) -> Vec<OutputReport> {
-        let outputs = self.invoke.outputs();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let all: Vec<OutputReport> = outputs
-                .pending(&HashSet::new(), 100)
+            let all: Vec<OutputReport> = self
+                .reports()
                 .into_iter()
-                .map(|(_, r)| r)
+                .filter_map(|r| match r {
+                    Report::Output(o) => Some(o),
+                    Report::Chunk(_) => None,
+                })
                 .collect();
             if all.len() >= n || tokio::time::Instant::now() > deadline {
                 return all;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Everything queued for the coordinator now (answers and chunks), in order.
+    pub fn reports(&self) -> Vec<Report> {
+        self.invoke
+            .outputs()
+            .pending(&HashSet::new(), usize::MAX)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Takes everything queued for the coordinator, as the control session would.
+    pub fn take_reports(&self) -> Vec<Report> {
+        let outputs = self.invoke.outputs();
+        let all = outputs.pending(&HashSet::new(), usize::MAX);
+        for (seq, _) in &all {
+            outputs.done(*seq);
+        }
+        all.into_iter().map(|(_, r)| r).collect()
     }
 }
 
@@ -196,6 +218,11 @@ pub async fn post(sock: &Path, path: &str, content_type: &str, body: &str) -> An
         body.as_bytes().to_vec(),
     )
     .await
+}
+
+/// `POST /v1/inputs/{id}/{what}` (`response`, `stream`) with a `text/plain` body.
+pub async fn post_input(sock: &Path, id: &str, what: &str, body: &str) -> Answer {
+    post(sock, &format!("/v1/inputs/{id}/{what}"), "text/plain", body).await
 }
 
 pub fn header<'a>(a: &'a Answer, name: &str) -> &'a str {

@@ -10,6 +10,7 @@ use gantry_shared::calls::{
     AppendRequest, AppendView, CallRequest, CallRequestError, CallState, CallView, OutputOrder,
     OutputsPage, PayloadError,
 };
+use gantry_shared::chunks::StreamPage;
 use gantry_shared::functions::{AppManifest, AppView, DeploymentView};
 use gantry_shared::{AppName, CallId, FunctionName};
 use serde::Deserialize;
@@ -310,10 +311,7 @@ pub(super) async fn call_outputs(
     caller.require(Role::Reader)?;
     let q = query_params(query)?;
     let id = call_id(id)?;
-    let wait = match q.wait {
-        Some(w) => wait_param(&w)?,
-        None => std::time::Duration::ZERO,
-    };
+    let wait = optional_wait(q.wait.as_deref())?;
     let limit = q.limit.unwrap_or(OUTPUTS_PAGE).clamp(1, OUTPUTS_PAGE);
     Ok(Json(
         state
@@ -327,6 +325,47 @@ pub(super) async fn call_outputs(
             )
             .await?,
     ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamQuery {
+    /// The input's index in the call (default 0).
+    index: Option<u32>,
+    /// The first place to read (the previous page's `next`; default 0).
+    from: Option<u64>,
+    /// Wait up to this long (at most 55s) for a chunk or the input's end.
+    wait: Option<String>,
+}
+
+/// Read the chunks an input streams while it runs (`POST /v1/inputs/{id}/stream` in its
+/// container), page by page from `from`; `done` once the input ended and every chunk was
+/// returned. Chunks live in the coordinator's memory only, for 10 minutes after the input
+/// ended (a restart loses them).
+#[utoipa::path(get, path = "/v1/calls/{id}/stream", params(("id" = String, Path), StreamQuery),
+    responses((status = 200, body = StreamPage), (status = 400, body = gantry_shared::api::ErrorBody),
+        (status = 404, description = "no such call, or no such input in it", body = gantry_shared::api::ErrorBody)))]
+pub(super) async fn call_stream(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<StreamPage>, ApiError> {
+    caller.require(Role::Reader)?;
+    let q = query_params(query)?;
+    let id = call_id(id)?;
+    let wait = optional_wait(q.wait.as_deref())?;
+    Ok(Json(
+        state
+            .functions
+            .stream(&id, q.index.unwrap_or(0), q.from.unwrap_or(0), wait)
+            .await?,
+    ))
+}
+
+/// A long poll's `wait` parameter; none is no wait.
+fn optional_wait(wait: Option<&str>) -> Result<std::time::Duration, ApiError> {
+    wait.map_or(Ok(std::time::Duration::ZERO), wait_param)
 }
 
 /// The most results one page of `GET /v1/calls/{id}/outputs` holds.

@@ -208,6 +208,7 @@ impl Metrics {
         functions::cancel_call,
         functions::append_inputs,
         functions::call_outputs,
+        functions::call_stream,
         secrets::create_secret,
         secrets::list_secrets,
         secrets::delete_secret,
@@ -300,6 +301,7 @@ pub fn router(state: ApiState) -> Router {
             post(functions::append_inputs).layer(DefaultBodyLimit::max(functions::MAX_CALL_BODY)),
         )
         .route("/v1/calls/{id}/outputs", get(functions::call_outputs))
+        .route("/v1/calls/{id}/stream", get(functions::call_stream))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -397,7 +397,7 @@ impl State {
 
     fn decide(&self, request: Request, peer: &Peer) -> Result<Response, Refusal> {
         match request {
-            Request::Outputs { outputs } => {
+            Request::Outputs { outputs, chunks } => {
                 let node = peer.node().ok_or_else(|| {
                     Refusal::new(RefusalCode::NoSession, "say hello before sending outputs")
                 })?;
@@ -407,6 +407,8 @@ impl State {
                         "this coordinator serves no functions",
                     )
                 })?;
+                // The chunks first: an input's chunks are all kept before its end.
+                functions.on_chunks(&node, chunks);
                 functions.on_outputs(&node, outputs).map_err(|e| {
                     tracing::error!(%node, error = %e, "cannot record outputs");
                     Refusal::new(

@@ -5,6 +5,7 @@
 //!
 //! - [`state`]: the queues, leases and containers, and their transitions (pure);
 //! - [`autoscale`]: how many containers a version wants (pure);
+//! - [`chunks`]: inputs' streamed chunks, bounded, in memory (pure);
 //! - [`clock`]: where the service reads the time (the simulation's is virtual);
 //! - [`metrics`]: phase histograms for `/metrics` and each version's recent latencies;
 //! - [`service`]: what the API does (deploy, call, read, cancel), what node events and
@@ -16,6 +17,7 @@
 //! [`Owner::Function`]: gantry_shared::Owner::Function
 
 pub mod autoscale;
+pub mod chunks;
 pub mod clock;
 pub mod metrics;
 pub mod service;

@@ -14,13 +14,14 @@ use gantry_shared::calls::{
     AppendRequest, AppendView, CallRequest, CallRequestError, CallState, CallView, InputResult,
     InputState, InputView, LeasedInput, MAX_OUTSTANDING, OutputOrder, OutputsPage, PhaseTimings,
 };
+use gantry_shared::chunks::StreamPage;
 use gantry_shared::functions::{
     AppManifest, AppView, DeploymentView, FunctionSpec, FunctionView, ManifestValidationError,
     VersionSummary, WebSpec, WebVia,
 };
 use gantry_shared::protocol::{
-    AttemptSpec, Command, CommandReply, Event, FunctionRuntime, OutputItem, Readiness, WebRuntime,
-    batches,
+    AttemptSpec, ChunkItem, Command, CommandReply, Event, FunctionRuntime, OutputItem, Readiness,
+    WebRuntime, batches,
 };
 use gantry_shared::secrets::SecretUse;
 use gantry_shared::{AppName, CallId, FunctionName, Generation, InputId, NodeId, Owner, WarmId};
@@ -31,6 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use super::FunctionKey;
 use super::autoscale::{self, Observed};
+use super::chunks::{Chunks, Pushed};
 use super::clock::{Clock, SystemClock};
 use super::metrics::InputMetrics;
 use super::state::{Changes, Delivery, InputRecord, State, WarmPhase, WarmRecord};
@@ -150,6 +152,10 @@ struct Inner {
     reconcile: Arc<Notify>,
     /// Bumped whenever an input of some call ends: long polls wait on it.
     calls: watch::Sender<u64>,
+    /// Inputs' streamed chunks, in memory only (locked after `state` when both are).
+    chunks: Mutex<Chunks>,
+    /// Bumped whenever a chunk is kept: stream readers wait on it (and on `calls`).
+    streamed: watch::Sender<u64>,
     /// Wakes web requests waiting for a container: one became ready or went, or a request
     /// ended.
     web_changed: Notify,
@@ -185,6 +191,7 @@ impl FunctionService {
         shutdown: CancellationToken,
         clock: Arc<dyn Clock>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Outbound>), FunctionServiceError> {
+        let limits = super::chunks::ChunkLimits::default();
         let mut specs = BTreeMap::new();
         let mut active = BTreeMap::new();
         for app in store.apps()? {
@@ -213,6 +220,8 @@ impl FunctionService {
                     outbound: tx,
                     reconcile,
                     calls: watch::channel(0).0,
+                    chunks: Mutex::new(Chunks::new(limits)),
+                    streamed: watch::channel(0).0,
                     web_changed: Notify::new(),
                     resent: Mutex::default(),
                     done: Mutex::default(),
@@ -239,6 +248,10 @@ impl FunctionService {
         self.inner.clock.now_ms()
     }
 
+    fn chunks(&self) -> std::sync::MutexGuard<'_, Chunks> {
+        self.inner.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Writes a transition's changes and sends what it hands to nodes. Called with the
     /// state locked, so records reach the store in the order the state changed.
     fn apply(&self, mut changes: Changes) -> Result<(), FunctionServiceError> {
@@ -258,8 +271,12 @@ impl FunctionService {
         for (call, seq, index) in done {
             store.put_done(&call, seq, index)?;
         }
+        let now = self.now();
         for i in changes.inputs.iter().filter(|i| i.state.is_terminal()) {
             self.inner.metrics.ended(i);
+            // Its stream takes no more chunks: it had them all (they travel before the
+            // answer).
+            self.chunks().end(&i.id, now);
         }
         store.put_warm(changes.warm.iter())?;
         for id in &changes.warm_gone {
@@ -970,6 +987,47 @@ impl FunctionService {
         self.call_view(id)
     }
 
+    /// A page of the chunks input `index` of call `id` streamed, from place `from` on,
+    /// waiting up to `wait` (at most [`MAX_CALL_WAIT`]) for a first chunk or the input's end.
+    pub async fn stream(
+        &self,
+        id: &CallId,
+        index: u32,
+        from: u64,
+        wait: Duration,
+    ) -> Result<StreamPage, FunctionServiceError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_CALL_WAIT);
+        let mut ended_rx = self.inner.calls.subscribe();
+        let mut streamed_rx = self.inner.streamed.subscribe();
+        let call = self.call_record(id)?;
+        if index >= call.inputs {
+            return Err(FunctionServiceError::NotFound {
+                what: format!("input {index} of call `{id}` (it has {})", call.inputs),
+            });
+        }
+        let input = InputId::of(id, index);
+        loop {
+            ended_rx.borrow_and_update();
+            streamed_rx.borrow_and_update();
+            // Its end first, then its chunks: an input that ended had every chunk here.
+            let ended = self
+                .inner
+                .store
+                .input(id, index)?
+                .is_some_and(|i| i.state.is_terminal());
+            let page = self.chunks().read(&input, from, ended);
+            if !page.chunks.is_empty() || page.done {
+                return Ok(page);
+            }
+            tokio::select! {
+                r = ended_rx.changed() => if r.is_err() { return Ok(page) },
+                r = streamed_rx.changed() => if r.is_err() { return Ok(page) },
+                _ = tokio::time::sleep_until(deadline) => return Ok(page),
+                _ = self.inner.shutdown.cancelled() => return Ok(page),
+            }
+        }
+    }
+
     /// Cancels a call: queued inputs are dropped, running ones are told through their
     /// container's events and stopped after a grace.
     /// An open map is closed too.
@@ -1071,6 +1129,38 @@ impl FunctionService {
         Ok(self.inner.store.commit()?)
     }
 
+    /// Chunks that running inputs streamed, from `node`, in order: kept (in memory) when
+    /// they come from the input's current lease, dropped otherwise. Called before the
+    /// same batch's answers.
+    pub fn on_chunks(&self, node: &NodeId, chunks: Vec<ChunkItem>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let mut kept = false;
+        {
+            // Under the state's lock: an input that ends meanwhile (a timeout, its
+            // container lost) ends its stream first, and takes no chunk after.
+            let state = self.lock();
+            let mut streams = self.chunks();
+            for c in chunks {
+                let current = c.owner.warm().is_some_and(|warm| {
+                    state
+                        .input(&c.input)
+                        .and_then(|i| i.lease.as_ref())
+                        .is_some_and(|l| {
+                            &l.node == node && &l.warm == warm && l.attempt == c.attempt
+                        })
+                });
+                if current {
+                    kept |= streams.push(&c.input, c.attempt, c.seq, c.payload) == Pushed::Kept;
+                }
+            }
+        }
+        if kept {
+            self.inner.streamed.send_modify(|v| *v += 1);
+        }
+    }
+
     /// Containers' answers to inputs from `node`, in order (each recorded once; a stale
     /// answer is ignored), durable together before this returns: one commit per batch.
     pub fn on_outputs(
@@ -1168,6 +1258,7 @@ impl FunctionService {
         now: u64,
     ) -> Result<(), FunctionServiceError> {
         let store = &self.inner.store;
+        self.chunks().expire(now);
         let mut state = self.lock();
         let status = |node: &NodeId| statuses.iter().find(|s| &s.id == node);
         // Containers on nodes that are down, or given up on.

@@ -15,8 +15,10 @@
 //! client needs no keep-alive bookkeeping. The echo behaviour, chosen by the input's text:
 //! `fail:MSG` answers an error, `sleep:MS` sleeps then answers `slept MS`, `exit:N` exits the
 //! process with code N (a crash), `env:NAME` answers that variable, `file:PATH` answers
-//! that file's bytes, `whoami` answers the host name (the container id); anything else is
-//! echoed back with its content type.
+//! that file's bytes, `whoami` answers the host name (the container id), `stream:N` streams
+//! N chunks `chunk-0`…`chunk-{N-1}` (`text/plain`, `POST /v1/inputs/{id}/stream`) and then
+//! answers `streamed N` (fewer once the agent says the input streamed its most, 429);
+//! anything else is echoed back with its content type.
 //! `ECHO_INIT_ERROR=MESSAGE` makes the setup fail with that message.
 //!
 //! A web request (an input of kind `http`, from a `via = "runtime_api"` endpoint) gets the
@@ -260,6 +262,35 @@ fn run_input(content_type: &str, body: &[u8]) -> Answer {
     }
 }
 
+/// `stream:N`: posts chunks `chunk-0`…`chunk-{N-1}` of input `id` in order, each once the
+/// previous one was accepted, then answers how many went. A 429 (the input streamed its
+/// most) ends the stream; its answer still works.
+fn stream_chunks(api: &Api, id: &str, n: &str) -> io::Result<Answer> {
+    let Ok(n) = n.trim().parse::<u64>() else {
+        return Ok(Answer::Error(format!("stream:{n}: not a number of chunks")));
+    };
+    let path = format!("/v1/inputs/{id}/stream");
+    let mut sent = 0;
+    for i in 0..n {
+        let chunk = format!("chunk-{i}");
+        let resp = api.request("POST", &path, Some(("text/plain", chunk.as_bytes())))?;
+        match resp.status {
+            202 => sent += 1,
+            429 => break,
+            s => {
+                return Ok(Answer::Error(format!(
+                    "POST {path}: {s} {}",
+                    String::from_utf8_lossy(&resp.body).trim()
+                )));
+            }
+        }
+    }
+    Ok(Answer::Output(
+        "text/plain".to_owned(),
+        format!("streamed {sent}").into_bytes(),
+    ))
+}
+
 /// The status and headers answering a web request's input: what the request was.
 fn http_answer(input: &Response) -> Vec<String> {
     let path = input.header("Gantry-Http-Path").unwrap_or_default();
@@ -316,7 +347,12 @@ fn worker(api: Api) -> io::Result<()> {
         let content_type = input
             .header("Content-Type")
             .unwrap_or("application/octet-stream");
-        let (path, resp) = match run_input(content_type, &input.body) {
+        let text = String::from_utf8_lossy(&input.body);
+        let answer = match text.strip_prefix("stream:") {
+            Some(n) => stream_chunks(&api, &id, n)?,
+            None => run_input(content_type, &input.body),
+        };
+        let (path, resp) = match answer {
             Answer::Output(ct, out) => {
                 let path = format!("/v1/inputs/{id}/response");
                 let http = if input.header("Gantry-Input-Kind") == Some("http") {
