@@ -27,12 +27,22 @@ fn the_python_sdk_passes_its_tests() {
          or set GANTRY_TEST_PYTHON to an interpreter that has it"
     );
     let status = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--durations=5",
+        ])
         .arg(repo.join("sdk/python/tests"))
         .current_dir(&repo)
         .env("GANTRY_BIN", binary("gantry"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .status()
         .expect("running pytest");
-    assert!(status.success(), "the Python SDK's tests failed (output above)");
+    assert!(
+        status.success(),
+        "the Python SDK's tests failed (output above)"
+    );
 }
