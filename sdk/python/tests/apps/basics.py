@@ -9,37 +9,40 @@ import gantry as modal
 app = modal.App("sdk-basics")
 volume = modal.Volume.from_name("sdk-tests", create_if_missing=True)
 secret = modal.Secret.from_dict({"SDK_SECRET": "s3cret"})
+# Idle containers go after 2 s: the test node has 2 cores, and a map's containers would
+# otherwise hold them for the default minute while the next test's functions wait.
+quick = {"scaledown_window": 2}
 
 
 class Custom(Exception):
     pass
 
 
-@app.function()
+@app.function(**quick)
 def square(x):
     return x * x
 
 
-@app.function()
+@app.function(**quick)
 def shout(text, suffix="!"):
     print(f"shouting {text}")
     return text.upper() + suffix
 
 
-@app.function()
+@app.function(**quick)
 def fail(kind):
     if kind == "value":
         raise ValueError("bad value")
     raise Custom("custom failure")
 
 
-@app.function()
+@app.function(**quick)
 def count(n):
     for i in range(n):
         yield i
 
 
-@app.function()
+@app.function(**quick)
 def ticks(n, delay):
     for i in range(n):
         print(f"tick {i}")
@@ -47,26 +50,26 @@ def ticks(n, delay):
         time.sleep(delay)
 
 
-@app.function()
+@app.function(**quick)
 @modal.batched(max_batch_size=4, wait_ms=200)
 def double_all(xs):
     return [(x * 2, len(xs)) for x in xs]
 
 
-@app.function()
+@app.function(**quick)
 @modal.concurrent(max_inputs=3)
 def slow(x):
     time.sleep(0.3)
     return x
 
 
-@app.function()
+@app.function(**quick)
 def where():
     return {"local": modal.is_local(), "cwd": os.getcwd()}
 
 
 @app.function(retries=modal.Retries(max_retries=2, initial_delay=0.0, max_delay=1.0),
-              volumes={"/data": volume})
+              volumes={"/data": volume}, **quick)
 def flaky(marker):
     # Fails on the first try of each input, succeeds on the retry: the marker lives in a
     # volume so that the retry (maybe in another container) sees it.
@@ -76,7 +79,7 @@ def flaky(marker):
     return "second try"
 
 
-@app.function(volumes={"/data": volume}, secrets=[secret])
+@app.function(volumes={"/data": volume}, secrets=[secret], **quick)
 def volume_and_secret(name, text):
     with open(f"/data/{name}", "w") as f:
         f.write(text + " " + os.environ["SDK_SECRET"])
@@ -84,7 +87,7 @@ def volume_and_secret(name, text):
     return sorted(os.listdir("/data"))
 
 
-@app.cls()
+@app.cls(**quick)
 class Counter:
     start: int = modal.parameter(default=0)
 
@@ -109,7 +112,7 @@ def hello_wsgi(environ, start_response):
     return [body]
 
 
-@app.function()
+@app.function(**quick)
 @modal.wsgi_app()
 def web():
     return hello_wsgi
@@ -131,7 +134,7 @@ async def hello_asgi(scope, receive, send):
     await send({"type": "http.response.body", "body": text.encode()})
 
 
-@app.function()
+@app.function(**quick)
 @modal.concurrent(max_inputs=4)
 @modal.asgi_app(label="asgi-echo")
 def asgi():
