@@ -1,6 +1,7 @@
 """The SDK against a real cluster (`gantry dev`, real containers): calls, maps, spawns,
 classes, retries, errors, web endpoints, schedules, volumes, secrets, images, the CLI."""
 
+import json
 import os
 import subprocess
 import time
@@ -179,3 +180,61 @@ def test_cli_run_hands_over_to_the_sdk(cluster):
         env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().strip().endswith("CLI!")
+
+
+SERVED = '''
+import gantry as modal
+
+app = modal.App("served")
+
+
+@app.function(scaledown_window=2)
+def answer():
+    return {answer}
+'''
+
+
+def test_serve_deploys_again_when_a_file_changes(cluster, tmp_path):
+    import signal
+    import threading
+
+    from conftest import gantry_bin
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    app_file = tmp_path / "served.py"
+    app_file.write_text(SERVED.format(answer=1))
+    env = dict(cluster.env, PYTHONPATH=os.path.dirname(here))
+    proc = subprocess.Popen([gantry_bin(), "serve", str(app_file), "--timeout", "120"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+
+    def served_name():
+        for line in lines:
+            if line.startswith(b"serving "):
+                return line.split()[1].rstrip(b";").decode()
+        return None
+
+    def answer_is(name, value):
+        try:
+            return modal.Function.from_name(name, "answer").remote() == value
+        except NotFoundError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 120
+        while served_name() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        name = served_name()
+        assert name and name.startswith("served-serve-"), lines
+        assert answer_is(name, 1)
+        app_file.write_text(SERVED.format(answer=2))
+        while not answer_is(name, 2):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    # Ctrl-C stopped the ephemeral app.
+    out = cluster.gantry("--output", "json", "apps", "show", name)
+    assert json.loads(out.stdout)["active_version"] is None
