@@ -98,6 +98,12 @@ def test_web_endpoint(basics, cluster):
         assert r.read() == b"GET /hello q=1"
 
 
+def test_web_server_endpoint(basics):
+    b, _ = basics
+    with urllib.request.urlopen(b.files.get_web_url() + "/data.txt", timeout=120) as r:
+        assert r.read() == b"data from the client\n"
+
+
 def test_asgi_endpoint(basics, cluster):
     b, _ = basics
     url = b.asgi.get_web_url()
@@ -155,10 +161,16 @@ def test_image_from_the_builder(cluster):
         assert custom_image.inspect_image.remote() == {
             "built": "built",
             "data": "data from the client",
+            "asset": "an asset",
             "greeting": "hi",
             "six": "six",
             "helper": "hello image",
         }
+        # A FastAPI endpoint (FastAPI from the image's pip_install).
+        req = urllib.request.Request(custom_image.square.get_web_url(), data=b'{"x": 7}',
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.loads(r.read()) == {"square": 49}
 
 
 def test_cli_run_hands_over_to_the_sdk(cluster):

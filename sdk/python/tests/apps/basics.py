@@ -141,6 +141,14 @@ def asgi():
     return hello_asgi
 
 
+@app.function(**quick)
+@modal.web_server(8000, startup_timeout=10)
+def files():
+    import subprocess
+
+    subprocess.Popen(["python3", "-m", "http.server", "8000", "--directory", "/root/apps"])
+
+
 @app.local_entrypoint()
 def main(x: int = 3, name: str = "world"):
     print(f"square {square.remote(x)} {shout.remote(name)}")
