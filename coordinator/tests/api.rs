@@ -133,6 +133,8 @@ async fn health_and_openapi_need_no_token() {
     let (s, _, doc) = api.call("GET", "/v1/openapi.json", None, None, &[]).await;
     assert_eq!(s, StatusCode::OK);
     assert!(doc["paths"]["/v1/jobs"]["post"].is_object(), "{doc}");
+    assert!(doc["paths"]["/v1/calls/{id}/stream"]["get"].is_object());
+    assert!(doc["components"]["schemas"]["StreamPage"].is_object());
     assert!(doc["components"]["schemas"]["JobSpec"].is_object());
 }
 
@@ -845,6 +847,22 @@ async fn an_open_map_takes_inputs_in_order_holds_back_beyond_its_bound_and_reads
         !waiting.is_finished(),
         "an append beyond the bound waits for room"
     );
+    // No input streamed anything yet: its stream is empty and not done, at once and after
+    // a short wait; an index past the call's inputs is 404, a bad wait 400.
+    let empty = serde_json::json!({"chunks": [], "next": 0, "done": false});
+    for (query, status) in [
+        ("index=3", StatusCode::OK),
+        ("index=3&from=0&wait=200ms", StatusCode::OK),
+        ("index=1000", StatusCode::NOT_FOUND),
+        ("wait=soon", StatusCode::BAD_REQUEST),
+    ] {
+        let path = format!("/v1/calls/{id}/stream?{query}");
+        let (s, _, v) = api.call("GET", &path, Some(&api.reader), None, &[]).await;
+        assert_eq!(s, status, "{query}: {v}");
+        if s == StatusCode::OK {
+            assert_eq!(v, empty);
+        }
+    }
     // Nothing has ended yet: reading outputs from the start finds none, without waiting.
     let (s, _, v) = api
         .call(

@@ -490,6 +490,52 @@ async fn echo_runtime_against_the_agents_runtime_api() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_runtime_streams_chunks_before_its_answer() {
+    use gantry_agent::invoke::Report;
+    use gantry_shared::calls::{InputResult, LeasedInput, Payload};
+    use gantry_shared::{CallId, InputId};
+
+    let mut api = RealApi::open(1).await;
+    let mut child = api.spawn(&[]);
+    assert!(matches!(api.next_seen().await, Seen::Event(_)), "ready");
+    let call = CallId::new("fc-3").expect("call id");
+    let input = LeasedInput {
+        id: InputId::of(&call, 0),
+        call: call.clone(),
+        attempt: 1,
+        deadline_ms: gantry_shared::now_ms() + 60_000,
+        payload: Payload::text("stream:3"),
+    };
+    api.server.deliver(vec![input]).expect("deliver");
+    api.outputs(1).await;
+    let reports: Vec<Report> = (api.invoke.outputs())
+        .pending(&std::collections::HashSet::new(), 100)
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let chunks: Vec<(u64, Payload)> = reports
+        .iter()
+        .filter_map(|r| match r {
+            Report::Chunk(c) => Some((c.seq, c.payload.clone())),
+            Report::Output(_) => None,
+        })
+        .collect();
+    let want: Vec<(u64, Payload)> = (0..3)
+        .map(|n| (n, Payload::text(&format!("chunk-{n}"))))
+        .collect();
+    assert_eq!(chunks, want);
+    match reports.last() {
+        Some(Report::Output(o)) => {
+            assert_eq!(o.result, InputResult::Output(Payload::text("streamed 3")))
+        }
+        other => panic!("the answer comes last: {other:?}"),
+    }
+    api.server.drain(Duration::from_secs(30));
+    assert_eq!(exit_code(&mut child).await, Some(0));
+    api.server.shutdown(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_runtime_init_error_against_the_agents_runtime_api() {
     use gantry_shared::protocol::Event;
 

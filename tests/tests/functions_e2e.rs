@@ -334,3 +334,68 @@ env = {{ GREETING = "{greeting}" }}
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped"));
 }
+
+#[test]
+fn a_running_input_streams_chunks_read_in_order_with_done_after_the_answer() {
+    let c = cluster(1);
+    c.deploy(
+        r#"
+app = "streams"
+[functions.echo]
+image = "echo"
+command = ["/app/runtime"]
+cpu = "0.25"
+memory = "64M"
+"#,
+    );
+    let call = post(
+        &c,
+        "/v1/apps/streams/functions/echo/calls",
+        json!({"input": {"text": "stream:5"}, "wait": false}),
+    );
+    let id = call["id"].as_str().expect("id").to_owned();
+    // Read as a client does: from the previous page's `next`, long-polling, until done.
+    let mut texts = Vec::new();
+    let mut from = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "no end of the stream: {texts:?}");
+        let page = get(&c, &format!("/v1/calls/{id}/stream?from={from}&wait=30s"));
+        for chunk in page["chunks"].as_array().expect("chunks") {
+            assert_eq!(chunk["seq"], json!(from), "{page}");
+            assert_eq!(
+                (&chunk["attempt"], &chunk["content_type"]),
+                (&json!(1), &json!("text/plain")),
+                "{page}"
+            );
+            texts.push(chunk["text"].as_str().expect("text").to_owned());
+            from += 1;
+        }
+        assert_eq!(page["next"], json!(from), "{page}");
+        if page["done"] == json!(true) {
+            break;
+        }
+    }
+    let want: Vec<String> = (0..5).map(|n| format!("chunk-{n}")).collect();
+    assert_eq!(texts, want);
+    // Done means the input ended: its answer is there.
+    let view = get(&c, &format!("/v1/calls/{id}"));
+    assert_eq!(view["results"][0]["output"]["text"], "streamed 5", "{view}");
+    // Read again from the start: all of it at once, done.
+    let page = get(&c, &format!("/v1/calls/{id}/stream"));
+    assert_eq!(page["chunks"].as_array().map(Vec::len), Some(5), "{page}");
+    assert_eq!((&page["next"], &page["done"]), (&json!(5), &json!(true)));
+    // No such input, no such call.
+    for path in [
+        format!("/v1/calls/{id}/stream?index=1"),
+        "/v1/calls/fc-00000000deadbeef/stream".to_owned(),
+    ] {
+        let r = c
+            .http()
+            .get(format!("http://{}{path}", c.api))
+            .bearer_auth(&c.admin)
+            .send()
+            .expect("get");
+        assert_eq!(r.status(), 404, "{path}");
+    }
+}
