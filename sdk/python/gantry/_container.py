@@ -47,6 +47,8 @@ class _Stream:
         self.size = 0
         #: False once the agent refused a chunk (too many, or no stream endpoint).
         self.ok = True
+        #: The agent no longer holds the input (cancelled): a generator stops.
+        self.gone = False
 
     def add(self, text: str) -> None:
         with self.lock:
@@ -189,6 +191,7 @@ class Runtime:
         status, _, _ = self.api.request("POST", f"/v1/inputs/{stream.input_id}/stream", body,
                                         [("Content-Type", content_type)])
         stream.ok = status == 202
+        stream.gone = status == 404
         return stream.ok
 
     def flush(self, stream: _Stream) -> None:
@@ -446,6 +449,7 @@ class Runtime:
 
     def answer_call(self, inp: _Input) -> None:
         from . import _serialization
+        from .exception import InputCancellation
 
         stream = self.begin(inp.id)
         pickled = True
@@ -465,6 +469,8 @@ class Runtime:
                         # What it printed before yielding goes first.
                         self.flush_locked(stream)
                         if left or not self.send_chunk(stream, body, _serialization.CONTENT_TYPE):
+                            if stream.gone:
+                                raise InputCancellation("the input is no longer held: cancelled")
                             left.append(item)
                         else:
                             streamed[0] += 1

@@ -22,6 +22,8 @@ class FakeRuntimeApi:
         #: Streamed chunks per input: (content type, bytes); more than `max_chunks` get 429.
         self.chunks: Dict[str, List[Tuple[str, bytes]]] = {}
         self.max_chunks = 10000
+        #: Inputs whose chunks get 404, as a cancelled input's do.
+        self.gone: set = set()
         self.answered = threading.Condition()
         self.ready = threading.Event()
         self.init_error: Optional[dict] = None
@@ -57,6 +59,8 @@ class FakeRuntimeApi:
                     return self.reply(202)
                 parts = self.path.split("/")
                 if len(parts) == 5 and parts[2] == "inputs" and parts[4] == "stream":
+                    if parts[3] in api.gone:
+                        return self.reply(404)
                     with api.answered:
                         chunks = api.chunks.setdefault(parts[3], [])
                         if len(chunks) >= api.max_chunks:

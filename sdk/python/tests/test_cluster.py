@@ -34,6 +34,15 @@ def test_remote_map_starmap_spawn(basics):
     b.square.for_each(range(5))
 
 
+def test_a_spawned_call_is_cancelled(basics):
+    b, _ = basics
+    call = b.ticks.spawn(30, 1.0)
+    time.sleep(1)
+    call.cancel()
+    with pytest.raises(modal.exception.InputCancellation):
+        call.get(timeout=60)
+
+
 def test_remote_errors_keep_their_type(basics):
     b, _ = basics
     with pytest.raises(ValueError, match="bad value") as e:
@@ -192,6 +201,11 @@ def test_cli_run_hands_over_to_the_sdk(cluster):
         env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().strip().endswith("CLI!")
+    # Both runs' ephemeral apps were stopped when they ended; only the fixture's runs.
+    listed = json.loads(cluster.gantry("--output", "json", "apps", "list").stdout)
+    running = [a["app"] for a in listed
+               if a["app"].startswith("sdk-basics-run-") and a.get("active_version")]
+    assert len(running) == 1, listed
 
 
 SERVED = '''

@@ -104,6 +104,12 @@ def test_generator_items_stream_and_the_rest_comes_with_the_answer(tmp_path):
     rid = call(api, {"a": (8,), "k": {}})
     assert value(api.wait(rid)) == {"g": [5, 6, 7], "s": 5}
     assert [_serialization.loads(data) for _, data in api.chunks[rid]] == [0, 1, 2, 3, 4]
+    # A chunk refused with 404 (the input was cancelled) stops the generator.
+    api.max_chunks = 10000
+    api.gone.add("cancelled-input")
+    api.inputs.put(("cancelled-input", PICKLE, _serialization.dumps({"a": (1000,), "k": {}})))
+    kind, _, body = api.wait("cancelled-input")
+    assert kind == "error" and json.loads(body)["type"] == "gantry.exception.InputCancellation"
     stop(api, proc)
 
 
