@@ -13,7 +13,7 @@ import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from . import _http, _serialization
-from .exception import InvalidError, TimeoutError
+from .exception import InputCancellation, InvalidError, TimeoutError
 
 #: Inputs one append carries, and the most a map holds outstanding (the API's limits).
 CHUNK = 1000
@@ -86,6 +86,8 @@ def result_of(view: Dict[str, Any], followed: bool = False) -> Any:
     the input printed is shown here (with output enabled) unless it was `followed`."""
     if view.get("error"):
         return _serialization.exception_of(view["error"])
+    if view.get("state") == "cancelled":
+        return InputCancellation(f"input {view.get('index', 0)} of the call was cancelled")
     out = view.get("output")
     if out is None:
         return None
@@ -165,9 +167,13 @@ def generator(app: str, function: str, envelope: Any) -> Iterator[Any]:
     yield from raise_or_value(wait_call(call_id)["results"][0], bool(followed and followed[0]))
 
 
+def failed(result: Dict[str, Any]) -> bool:
+    return bool(result.get("error")) or result.get("state") == "cancelled"
+
+
 def raise_or_value(result: Dict[str, Any], followed: bool = False) -> Any:
     value = result_of(result, followed)
-    if isinstance(value, BaseException) and result.get("error"):
+    if failed(result):
         raise value
     return value
 
@@ -234,7 +240,7 @@ def mapped(app: str, function: str, envelopes: Iterable[Any], order_outputs: boo
                 raise failure[0]
             for r in page["results"]:
                 value = result_of(r)
-                if r.get("error") and not return_exceptions:
+                if failed(r) and not return_exceptions:
                     raise value
                 yield value
             cursor = page["next"]
