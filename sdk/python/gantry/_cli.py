@@ -53,11 +53,13 @@ def load(ref: str) -> Tuple[_app.App, Optional[str], str]:
     module, _ = _import_file(path)
     apps = [v for v in vars(module).values() if isinstance(v, _app.App)]
     if name and "." in name:
-        app_var, _, name = name.partition(".")
+        # `::app.NAME` names the App; `::Class.method` a class's method.
+        app_var, _, rest = name.partition(".")
         chosen = getattr(module, app_var, None)
-        if not isinstance(chosen, _app.App):
-            raise InvalidError(f"{path} has no App named `{app_var}`")
-        apps = [chosen]
+        if isinstance(chosen, _app.App):
+            apps, name = [chosen], rest
+        elif not isinstance(chosen, Cls):
+            raise InvalidError(f"{path} has no App or class named `{app_var}`")
     if not apps:
         raise InvalidError(f"{path} defines no gantry.App (`app = gantry.App(...)`)")
     if len(apps) > 1:
@@ -71,7 +73,7 @@ def load(ref: str) -> Tuple[_app.App, Optional[str], str]:
 def _arg_parser(prog: str, f: Callable) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     for p in inspect.signature(f).parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "self":
             continue
         flag = "--" + p.name.replace("_", "-")
         ann = p.annotation
@@ -96,6 +98,13 @@ def _choose(app: _app.App, name: Optional[str]) -> Tuple[str, Any]:
             return "entrypoint", entrypoints[name]
         if name in objects:
             return "function", objects[name]
+        cls_tag, _, method = name.partition(".")
+        obj = objects.get(cls_tag)
+        if isinstance(obj, Cls) and method:
+            if method not in (obj._methods or {}):
+                raise InvalidError(f"`{cls_tag}` has no @method `{method}`; it has: "
+                                   f"{', '.join(sorted(obj._methods or {}))}")
+            return "method", (obj, method)
         choices = sorted(set(entrypoints) | set(objects))
         raise InvalidError(f"no local entrypoint or function `{name}`; choose one of: {', '.join(choices)}")
     if len(entrypoints) == 1:
@@ -129,18 +138,32 @@ def _run(argv: List[str]) -> int:
 
                 asyncio.run(result)
         return 0
+    if kind == "method":
+        # `::Class.method`: the class with its parameters' defaults, the method's options.
+        cls, method = target
+        args = vars(_arg_parser(f"gantry run {opts.ref}",
+                                getattr(cls._user_cls, method)).parse_args(rest))
+        with app.run(log=log):
+            _call_and_print(getattr(cls(), method), args)
+        return 0
     if isinstance(target, Cls):
-        raise InvalidError(f"`{target.tag}` is a class: run a local entrypoint that calls it")
+        raise InvalidError(f"`{target.tag}` is a class: run FILE.py::{target.tag}.METHOD, "
+                           f"or a local entrypoint that calls it")
     args = vars(_arg_parser(f"gantry run {opts.ref}", target.raw_f).parse_args(rest))
     with app.run(log=log):
-        if target._generator:
-            for item in target.remote_gen(**args):
-                print(item)
-        else:
-            result = target.remote(**args)
-            if result is not None:
-                print(result)
+        _call_and_print(target, args)
     return 0
+
+
+def _call_and_print(target: Any, args: Dict[str, Any]) -> None:
+    """Calls a function or method remotely and prints what it returns (or yields)."""
+    if target._generator:
+        for item in target.remote_gen(**args):
+            print(item)
+        return
+    result = target.remote(**args)
+    if result is not None:
+        print(result)
 
 
 def _print_urls(app: _app.App) -> None:

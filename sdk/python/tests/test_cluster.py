@@ -185,6 +185,7 @@ def test_image_from_the_builder(cluster):
 def test_cli_run_hands_over_to_the_sdk(cluster):
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(cluster.env, PYTHONPATH=os.path.dirname(here) + os.pathsep + here)
+    before = {a["app"] for a in _apps(cluster)}
     out = subprocess.run(
         [os.environ.get("GANTRY_BIN") or __import__("conftest").gantry_bin(), "run",
          os.path.join(here, "apps", "basics.py"), "--x", "4", "--name", "you"],
@@ -201,11 +202,21 @@ def test_cli_run_hands_over_to_the_sdk(cluster):
         env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().strip().endswith("CLI!")
-    # Both runs' ephemeral apps were stopped when they ended; only the fixture's runs.
-    listed = json.loads(cluster.gantry("--output", "json", "apps", "list").stdout)
-    running = [a["app"] for a in listed
-               if a["app"].startswith("sdk-basics-run-") and a.get("active_version")]
-    assert len(running) == 1, listed
+    # `::Class.method`: the class with its parameters' defaults.
+    out = subprocess.run(
+        [__import__("conftest").gantry_bin(), "run",
+         os.path.join(here, "apps", "basics.py") + "::Counter.bump"],
+        env=env, capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip().endswith("1")
+    # Each run deployed its own ephemeral app and stopped it when it ended.
+    made = [a for a in _apps(cluster) if a["app"] not in before]
+    assert len(made) == 3 and all(a["app"].startswith("sdk-basics-run-") for a in made), made
+    assert all(a["active_version"] is None for a in made), made
+
+
+def _apps(cluster):
+    return json.loads(cluster.gantry("--output", "json", "apps", "list").stdout)
 
 
 SERVED = '''
