@@ -235,7 +235,7 @@ class App:
             variant = Function(self, tag, obj.raw_f, merged, obj._flags)
         self._variants[tag] = (variant, {"object": base_tag})
         if self._running_name and tag not in self._deployed_variants:
-            self._deploy_as(self._running_name, quiet=True)
+            self._deploy_as(self._running_name)
         return variant
 
     # Deploying.
@@ -250,7 +250,7 @@ class App:
             return app_name_of(_code.module_name_of(mod).split(".")[-1])
         raise InvalidError("the app has no name and no functions")
 
-    def _deploy_as(self, app_name: str, quiet: bool = False,
+    def _deploy_as(self, app_name: str,
                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
         client = _http.client()
         manifest = self._manifest(client, app_name, log)
@@ -314,11 +314,11 @@ class App:
                 else:
                     check_exists(client, v)
             functions[tag] = self._function_manifest(
-                obj, object_tag, ref, image, secrets, volumes, [root_mount, sdk_mount])
+                obj, object_tag, ref, secrets, volumes, [root_mount, sdk_mount])
         return {"app": app_name, "functions": functions}
 
     def _function_manifest(self, obj: Union[Function, Cls], object_tag: str, image_ref: str,
-                           image: Image, secrets: List[Secret], volumes: Dict[str, Volume],
+                           secrets: List[Secret], volumes: Dict[str, Volume],
                            mounts: List[Dict[str, Any]]) -> Dict[str, Any]:
         o = obj._options
         flags = obj._flags
@@ -327,7 +327,6 @@ class App:
             "module": module,
             "object": object_tag,
             "python": _image.local_python(),
-            "image_python": image.python_version,
         }
         m: Dict[str, Any] = {
             "image": image_ref,

@@ -68,10 +68,8 @@ def lonely_plain():
     pass
 
 
-def manifest_of(app, tag, image=None):
-    obj = app._objects[tag]
-    image = image or modal.Image.debian_slim()
-    return app._function_manifest(obj, tag, "img:1", image, [], {}, [])
+def manifest_of(app, tag):
+    return app._function_manifest(app._objects[tag], tag, "img:1", [], {}, [])
 
 
 def test_function_options_become_the_manifest():
