@@ -4,8 +4,8 @@
 Usage: python_sdk.py gantry --json OUT [--gantry BIN] [--calls 2000] [--map-inputs 10000]
        python_sdk.py ray --json OUT [--calls 2000] [--map-inputs 10000] [--temp-dir DIR]
 
-- gantry: starts `gantry dev` (a coordinator and an agent on loopback, its own HOME and
-  state directory), deploys bench/sdk_app.py with `app.run()` (four warm containers of the
+- gantry: starts `gantry dev` as the SDK's tests do (sdk/python/tests/devcluster.py: a
+  coordinator and an agent on loopback, its own HOME and state directory), deploys bench/sdk_app.py with `app.run()` (four warm containers of the
   Python runtime, eight inputs each), then times `echo.remote(i)` one after another (p50,
   p99, after 200 warm-up calls) and `list(echo.map(range(N)))` (inputs per second, the
   median of 3 maps, after one warm-up map).
@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SDK = os.path.join(os.path.dirname(HERE), "sdk", "python")
 
 
 def pct(values, p):
@@ -53,55 +51,16 @@ def timed_map(run_map, n, trials=3):
     return statistics.median(rates), rates
 
 
-def free_port(pair=False):
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not pair:
-            return port
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
 def bench_gantry(args):
+    sys.path[:0] = [SDK, os.path.join(SDK, "tests"), HERE]
+    from devcluster import Dev
+
     root = tempfile.mkdtemp(prefix="gantry-sdk-bench-")
-    home = os.path.join(root, "home")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GANTRY_ADDR", "GANTRY_TOKEN", "GANTRY_CA", "XDG_CONFIG_HOME")}
-    env["HOME"] = home
-    api = f"127.0.0.1:{free_port(pair=True)}"
-    log = open(os.path.join(root, "dev.log"), "wb")
-    dev = subprocess.Popen(
-        [args.gantry, "dev", "--node", "bench-node", "--api-listen", api,
-         "--control-listen", f"127.0.0.1:{free_port()}", "--state-dir", os.path.join(root, "dev")],
-        env=env, stdout=subprocess.PIPE, stderr=log)
-    running = threading.Event()
-
-    def pump():
-        for line in dev.stdout:
-            log.write(line)
-            if b"gantry dev is running" in line:
-                running.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    dev = Dev(root, args.gantry)
     try:
-        if not running.wait(120):
-            raise RuntimeError(f"gantry dev did not start; see {root}/dev.log")
-        for _ in range(200):
-            out = subprocess.run([args.gantry, "nodes", "list"], env=env, capture_output=True)
-            if b"ready" in out.stdout:
-                break
-            time.sleep(0.3)
-        os.environ.update(HOME=home)
+        os.environ.update(HOME=dev.home)
         for k in ("GANTRY_ADDR", "GANTRY_TOKEN", "GANTRY_CA", "XDG_CONFIG_HOME"):
             os.environ.pop(k, None)
-        sys.path[:0] = [os.path.join(os.path.dirname(HERE), "sdk", "python"), HERE]
         import sdk_app
 
         t = time.perf_counter()
@@ -118,11 +77,7 @@ def bench_gantry(args):
             "map_inputs": args.map_inputs, "map_per_s": rate, "map_trials_per_s": rates,
         }
     finally:
-        dev.terminate()
-        try:
-            dev.wait(60)
-        except subprocess.TimeoutExpired:
-            dev.kill()
+        dev.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

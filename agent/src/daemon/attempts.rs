@@ -1,6 +1,7 @@
 //! Attempts on this node: taking a start (fencing stale generations), starting (GPU health,
-//! image resolution, volumes and code mounts, early stops), stopping, watching, reporting each end through the
-//! outbox, resuming after an agent restart, and collecting old exited containers.
+//! image resolution, volumes and code mounts, early stops), stopping, watching, reporting
+//! each end through the outbox, resuming after an agent restart, and collecting old exited
+//! containers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

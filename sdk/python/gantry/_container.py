@@ -167,11 +167,12 @@ def _init_error(api: RuntimeApi, kind: str, message: str, tb: str = "") -> None:
 
 
 class Runtime:
-    def __init__(self, spec: Dict[str, Any]):
+    def __init__(self, spec: Dict[str, Any], local: threading.local):
         self.spec = spec
         self.api = RuntimeApi(os.environ.get("GANTRY_RUNTIME_API", ""))
         self.max_inputs = max(1, int(os.environ.get("GANTRY_MAX_INPUTS", "1") or 1))
-        self.local = threading.local()
+        #: Per thread: the stream of the input it runs (what `_Capture` writes to).
+        self.local = local
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.instances: Dict[str, Any] = {}
         self.instances_lock = threading.Lock()
@@ -727,8 +728,7 @@ def main(spec_json: str) -> None:
     local = threading.local()
     sys.stdout = _Capture(sys.stdout, local)
     sys.stderr = _Capture(sys.stderr, local)
-    rt = Runtime(spec)
-    rt.local = local
+    rt = Runtime(spec, local)
     if not rt.api.path or not os.path.exists(rt.api.path):
         print("gantry: GANTRY_RUNTIME_API is not set or its socket is missing; "
               "this runtime runs in a Gantry function container", file=sys.__stderr__)

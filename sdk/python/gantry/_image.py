@@ -64,6 +64,10 @@ class Image:
     @staticmethod
     def from_registry(tag: str, *, add_python: Optional[str] = None, setup_dockerfile_commands=(),
                       secret=None, force_build: bool = False) -> "Image":
+        if setup_dockerfile_commands:
+            raise InvalidError(
+                "from_registry(setup_dockerfile_commands=…) is not supported: use run_commands"
+            )
         if add_python:
             raise InvalidError(
                 "from_registry(add_python=…) is not supported: use an image with python3 in it"
@@ -94,7 +98,7 @@ class Image:
         return self._with({"pip_install": step})
 
     def uv_pip_install(self, *packages: Any, **kw: Any) -> "Image":
-        return self.pip_install(*packages, index_url=kw.get("index_url"))
+        return self.pip_install(*packages, **kw)
 
     def run_commands(self, *commands: Any, secrets=(), gpu=None, force_build: bool = False) -> "Image":
         cmds = _flatten(commands)

@@ -283,8 +283,5 @@ class FunctionCall:
     def cancel(self, terminate_containers: bool = False) -> None:
         _http.client().request("POST", f"/v1/calls/{self.object_id}/cancel")
 
-    def get_call_graph(self) -> list:
-        return []
-
     def __repr__(self) -> str:
         return f"FunctionCall({self.object_id!r})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import urllib.parse
 from typing import Dict, Optional
 
 from . import _http
@@ -95,7 +96,8 @@ class Volume:
         """Nothing to do: other containers' writes are visible already."""
 
     def read_file(self, path: str) -> bytes:
-        resp = _http.client().raw("GET", f"/v1/volumes/{self.name}/files/{path.lstrip('/')}")
+        resp = _http.client().raw(
+            "GET", f"/v1/volumes/{self.name}/files/{urllib.parse.quote(path.lstrip('/'))}")
         data = resp.read()
         if resp.status != 200:
             raise _http.error_of(resp.status, data)
@@ -103,7 +105,8 @@ class Volume:
 
     def listdir(self, path: str = "/", recursive: bool = False) -> list:
         q = "&recursive=true" if recursive else ""
-        _, body = _http.client().request("GET", f"/v1/volumes/{self.name}/ls?path={path}{q}")
+        _, body = _http.client().request(
+            "GET", f"/v1/volumes/{self.name}/ls?path={urllib.parse.quote(path)}{q}")
         return body.get("entries", []) if isinstance(body, dict) else body
 
     def __repr__(self) -> str:

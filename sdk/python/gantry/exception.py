@@ -39,16 +39,8 @@ class InputCancellation(Error):
     """The input's call was cancelled."""
 
 
-class OutputExpiredError(Error):
-    pass
-
-
 class TimeoutError(Error):  # noqa: A001 (Modal's name)
     """`FunctionCall.get(timeout=…)` passed before the output arrived."""
-
-
-class DeprecationError(Error):
-    pass
 
 
 class RemoteTraceback(Exception):

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 import gantry as modal
+from devcluster import gantry_bin
 from gantry.exception import InvalidError, NotFoundError
 
 
@@ -187,7 +188,7 @@ def test_cli_run_hands_over_to_the_sdk(cluster):
     env = dict(cluster.env, PYTHONPATH=os.path.dirname(here) + os.pathsep + here)
     before = {a["app"] for a in _apps(cluster)}
     out = subprocess.run(
-        [os.environ.get("GANTRY_BIN") or __import__("conftest").gantry_bin(), "run",
+        [gantry_bin(), "run",
          os.path.join(here, "apps", "basics.py"), "--x", "4", "--name", "you"],
         env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()
@@ -197,14 +198,14 @@ def test_cli_run_hands_over_to_the_sdk(cluster):
     # A function named after `::` is called with options from its signature (strings,
     # without annotations, as Modal's CLI does).
     out = subprocess.run(
-        [__import__("conftest").gantry_bin(), "run",
+        [gantry_bin(), "run",
          os.path.join(here, "apps", "basics.py") + "::shout", "--text", "cli"],
         env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().strip().endswith("CLI!")
     # `::Class.method`: the class with its parameters' defaults.
     out = subprocess.run(
-        [__import__("conftest").gantry_bin(), "run",
+        [gantry_bin(), "run",
          os.path.join(here, "apps", "basics.py") + "::Counter.bump"],
         env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()
@@ -234,8 +235,6 @@ def answer():
 def test_serve_deploys_again_when_a_file_changes(cluster, tmp_path):
     import signal
     import threading
-
-    from conftest import gantry_bin
 
     here = os.path.dirname(os.path.abspath(__file__))
     app_file = tmp_path / "served.py"
